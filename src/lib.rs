@@ -1,0 +1,3 @@
+//! elder: lifelong model editing (ELDER) on a frozen language model.
+pub mod model;
+pub mod tensor;

@@ -1,0 +1,5 @@
+//! Everything about the frozen base model: config, weights, tokenizer, checkpoint formats.
+pub mod checkpoint;
+pub mod config;
+
+pub use config::{Arch, ModelConfig};
