@@ -1,0 +1,214 @@
+//! CPU reference of the ELDER-specific ops: per-sequence routing and the mixture of LoRA experts.
+//!
+//! Shapes (one MoLoRA layer):
+//! - query `q [B, d_in]`, router `w_r [E, d_in]`, `b_r [E]`
+//! - experts `a [E, d_in, r]`, `b [E, r, d_out]` (both `[in, out]` row-major)
+//! - selection `experts [B, k]` (expert indices) and `gates [B, k]` (mixture weights)
+//! - activations `x [B, T, d_in]`, output `out [B, T, d_out]`
+
+use super::ops::{gemm_strided, softmax_inplace, topk};
+
+/// The routing decision of one layer for a batch of sequences.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Routing {
+    /// Router probabilities `[B, E]`.
+    pub probs: Vec<f32>,
+    /// Selected experts `[B, k]`, highest probability first.
+    pub experts: Vec<u32>,
+    /// Mixture weight of each selected expert `[B, k]`.
+    pub gates: Vec<f32>,
+    pub num_experts: usize,
+    pub k: usize,
+}
+
+/// Router of one layer: `p = softmax(q W_r^T + b_r)`, top-k, gates = p of the chosen experts
+/// (renormalised over the chosen ones when `renormalize`).
+pub fn route(q: &[f32], w_r: &[f32], b_r: &[f32], k: usize, renormalize: bool) -> Routing {
+    let e = b_r.len();
+    let d_in = w_r.len() / e;
+    let batch = q.len() / d_in;
+    let mut probs = vec![0.0f32; batch * e];
+    // logits[B, E] = q [B, d_in] . W_r^T, W_r stored [E, d_in]
+    gemm_strided(batch, e, d_in, q, (d_in as isize, 1), w_r, (1, d_in as isize), &mut probs, false);
+    let mut experts = Vec::with_capacity(batch * k);
+    let mut gates = Vec::with_capacity(batch * k);
+    for row in probs.chunks_mut(e) {
+        for (p, b) in row.iter_mut().zip(b_r) {
+            *p += b;
+        }
+        softmax_inplace(row);
+        let chosen = topk(row, k);
+        let total: f32 = chosen.iter().map(|&i| row[i]).sum();
+        for &i in &chosen {
+            experts.push(i as u32);
+            gates.push(if renormalize { row[i] / total } else { row[i] });
+        }
+    }
+    Routing { probs, experts, gates, num_experts: e, k }
+}
+
+/// Gradient of the router logits of one layer, from the gradient of the gates and the guided loss.
+///
+/// `dgates [B, k]` is dL/dgate of each selected expert. `guide` lists, per sequence, the preset experts
+/// whose log-probability is pushed up with weight `guide_weight` (the guided loss
+/// `-(w/B) sum_b sum_{i in preset} log p[b, i]`). Returns dL/dlogits `[B, E]`.
+pub fn route_backward(
+    r: &Routing,
+    dgates: &[f32],
+    renormalize: bool,
+    guide: Option<(&[u32], f32)>,
+) -> Vec<f32> {
+    let (e, k) = (r.num_experts, r.k);
+    let batch = r.probs.len() / e;
+    let mut dlogits = vec![0.0f32; batch * e];
+    for b in 0..batch {
+        let p = &r.probs[b * e..][..e];
+        let mut dp = vec![0.0f32; e];
+        let sel = &r.experts[b * k..][..k];
+        let dg = &dgates[b * k..][..k];
+        if renormalize {
+            // gate_j = p_j / S, S = sum_sel p  =>  dp_i = (dg_i - sum_j dg_j gate_j) / S
+            let total: f32 = sel.iter().map(|&i| p[i as usize]).sum();
+            let g = &r.gates[b * k..][..k];
+            let mix: f32 = dg.iter().zip(g).map(|(a, b)| a * b).sum();
+            for (j, &i) in sel.iter().enumerate() {
+                dp[i as usize] += (dg[j] - mix) / total;
+            }
+        } else {
+            for (j, &i) in sel.iter().enumerate() {
+                dp[i as usize] += dg[j];
+            }
+        }
+        if let Some((preset, weight)) = guide {
+            let per_seq = preset.len() / batch;
+            for &i in &preset[b * per_seq..][..per_seq] {
+                dp[i as usize] -= weight / batch as f32 / p[i as usize];
+            }
+        }
+        let dot: f32 = p.iter().zip(&dp).map(|(a, b)| a * b).sum();
+        for i in 0..e {
+            dlogits[b * e + i] = p[i] * (dp[i] - dot);
+        }
+    }
+    dlogits
+}
+
+/// Guided loss of one layer: `-(1/B) sum_b sum_{i in preset(b)} log p[b, i]`.
+pub fn guided_loss(r: &Routing, preset: &[u32]) -> f32 {
+    let e = r.num_experts;
+    let batch = r.probs.len() / e;
+    let per_seq = preset.len() / batch;
+    let mut loss = 0.0;
+    for b in 0..batch {
+        for &i in &preset[b * per_seq..][..per_seq] {
+            loss -= r.probs[b * e + i as usize].max(f32::MIN_POSITIVE).ln();
+        }
+    }
+    loss / batch as f32
+}
+
+/// Shapes of one MoLoRA mixture call.
+#[derive(Debug, Clone, Copy)]
+pub struct MixShape {
+    pub batch: usize,
+    pub seq: usize,
+    pub d_in: usize,
+    pub d_out: usize,
+    pub rank: usize,
+    pub k: usize,
+    /// LoRA scaling `alpha / r`.
+    pub scale: f32,
+}
+
+/// `out[b] += in_scope[b] * sum_j gates[b,j] * scale * (x[b] A_e) B_e` over the k selected experts
+/// `e = experts[b,j]`. Only the selected experts are computed. When `shrink` is given it receives
+/// `x[b] A_e` as `[B, k, T, r]` for the backward pass.
+#[allow(clippy::too_many_arguments)]
+pub fn molora_forward(
+    s: MixShape,
+    x: &[f32],
+    a: &[f32],
+    b_mat: &[f32],
+    experts: &[u32],
+    gates: &[f32],
+    in_scope: &[bool],
+    out: &mut [f32],
+    mut shrink: Option<&mut [f32]>,
+) {
+    let (t, r) = (s.seq, s.rank);
+    let mut h = vec![0.0f32; t * r];
+    for b in 0..s.batch {
+        if !in_scope[b] {
+            continue;
+        }
+        let xb = &x[b * t * s.d_in..][..t * s.d_in];
+        let ob = &mut out[b * t * s.d_out..][..t * s.d_out];
+        for j in 0..s.k {
+            let e = experts[b * s.k + j] as usize;
+            let ae = &a[e * s.d_in * r..][..s.d_in * r];
+            let be = &b_mat[e * r * s.d_out..][..r * s.d_out];
+            gemm_strided(t, r, s.d_in, xb, (s.d_in as isize, 1), ae, (r as isize, 1), &mut h, false);
+            if let Some(saved) = shrink.as_deref_mut() {
+                saved[(b * s.k + j) * t * r..][..t * r].copy_from_slice(&h);
+            }
+            let g = gates[b * s.k + j] * s.scale;
+            h.iter_mut().for_each(|v| *v *= g);
+            gemm_strided(t, s.d_out, r, &h, (r as isize, 1), be, (s.d_out as isize, 1), ob, true);
+        }
+    }
+}
+
+/// Gradients of [`molora_forward`]: accumulates into `da [E, d_in, r]`, `db [E, r, d_out]` and
+/// `dx [B, T, d_in]`, and writes `dgates [B, k]`. `shrink` is what the forward saved.
+#[allow(clippy::too_many_arguments)]
+pub fn molora_backward(
+    s: MixShape,
+    x: &[f32],
+    a: &[f32],
+    b_mat: &[f32],
+    experts: &[u32],
+    gates: &[f32],
+    in_scope: &[bool],
+    shrink: &[f32],
+    dout: &[f32],
+    da: &mut [f32],
+    db: &mut [f32],
+    dgates: &mut [f32],
+    mut dx: Option<&mut [f32]>,
+) {
+    let (t, r) = (s.seq, s.rank);
+    let mut dh = vec![0.0f32; t * r];
+    let mut h_scaled = vec![0.0f32; t * r];
+    for b in 0..s.batch {
+        if !in_scope[b] {
+            dgates[b * s.k..][..s.k].fill(0.0);
+            continue;
+        }
+        let xb = &x[b * t * s.d_in..][..t * s.d_in];
+        let dob = &dout[b * t * s.d_out..][..t * s.d_out];
+        for j in 0..s.k {
+            let e = experts[b * s.k + j] as usize;
+            let ae = &a[e * s.d_in * r..][..s.d_in * r];
+            let be = &b_mat[e * r * s.d_out..][..r * s.d_out];
+            let h = &shrink[(b * s.k + j) * t * r..][..t * r];
+            let g = gates[b * s.k + j] * s.scale;
+            // dh_raw[T, r] = dout_b [T, d_out] B_e^T
+            gemm_strided(t, r, s.d_out, dob, (s.d_out as isize, 1), be, (1, s.d_out as isize), &mut dh, false);
+            dgates[b * s.k + j] = s.scale * h.iter().zip(&dh).map(|(a, b)| a * b).sum::<f32>();
+            // dB_e[r, d_out] += (g h)^T dout_b
+            for (hs, hv) in h_scaled.iter_mut().zip(h) {
+                *hs = hv * g;
+            }
+            let dbe = &mut db[e * r * s.d_out..][..r * s.d_out];
+            gemm_strided(r, s.d_out, t, &h_scaled, (1, r as isize), dob, (s.d_out as isize, 1), dbe, true);
+            // dh = g * dh_raw; dA_e[d_in, r] += x_b^T dh; dx_b += dh A_e^T
+            dh.iter_mut().for_each(|v| *v *= g);
+            let dae = &mut da[e * s.d_in * r..][..s.d_in * r];
+            gemm_strided(s.d_in, r, t, xb, (1, s.d_in as isize), &dh, (r as isize, 1), dae, true);
+            if let Some(dx) = dx.as_deref_mut() {
+                let dxb = &mut dx[b * t * s.d_in..][..t * s.d_in];
+                gemm_strided(t, s.d_in, r, &dh, (r as isize, 1), ae, (1, r as isize), dxb, true);
+            }
+        }
+    }
+}

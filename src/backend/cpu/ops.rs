@@ -1,0 +1,644 @@
+//! The CPU reference of every op: plain f32 loops (threaded with rayon over rows) and the `gemm`
+//! crate for matrix products. Each function is the "CPU twin" that the CUDA kernels are checked
+//! against, so each stays simple and obviously right.
+//!
+//! Conventions: row-major; a "row" is one token; `d` is the row width. Matrices of frozen linear
+//! layers are described by [`MatRef`], which knows whether the weight is stored `[in, out]` (GPT-2
+//! Conv1D) or `[out, in]` (nn.Linear), so no weight is ever transposed in memory.
+
+use rayon::prelude::*;
+
+/// Storage order of a weight matrix used as `y = x W`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// `[in, out]` row-major (GPT-2 Conv1D, LoRA A and B).
+    InOut,
+    /// `[out, in]` row-major (torch nn.Linear, embedding tables used as the lm_head).
+    OutIn,
+}
+
+/// A borrowed weight matrix with its logical shape `in_dim x out_dim`.
+#[derive(Debug, Clone, Copy)]
+pub struct MatRef<'a> {
+    pub data: &'a [f32],
+    pub in_dim: usize,
+    pub out_dim: usize,
+    pub layout: Layout,
+}
+
+impl MatRef<'_> {
+    /// (row stride, column stride) of the logical `[in, out]` view.
+    fn strides(&self) -> (isize, isize) {
+        match self.layout {
+            Layout::InOut => (self.out_dim as isize, 1),
+            Layout::OutIn => (1, self.in_dim as isize),
+        }
+    }
+}
+
+/// Rows per rayon task: enough work per task that scheduling costs nothing.
+fn rows_per_task(d: usize) -> usize {
+    (16384 / d.max(1)).max(1)
+}
+
+fn gemm_parallelism(flops: usize) -> gemm::Parallelism {
+    // Threading a tiny product costs more than it saves.
+    if flops < 1 << 18 {
+        gemm::Parallelism::None
+    } else {
+        gemm::Parallelism::Rayon(0)
+    }
+}
+
+/// General product `C[m,n] (+)= A[m,k] B[k,n]` on strided views.
+/// `a_strides`/`b_strides` are (row stride, column stride) in elements; C is dense row-major.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_strided(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    a_strides: (isize, isize),
+    b: &[f32],
+    b_strides: (isize, isize),
+    c: &mut [f32],
+    accumulate: bool,
+) {
+    assert_eq!(c.len(), m * n, "gemm: output has {} elements, expected {m}x{n}", c.len());
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            c.fill(0.0);
+        }
+        return;
+    }
+    let max_index = |rows: usize, cols: usize, (rs, cs): (isize, isize)| {
+        (rows as isize - 1) * rs + (cols as isize - 1) * cs
+    };
+    assert!(max_index(m, k, a_strides) < a.len() as isize, "gemm: A too small");
+    assert!(max_index(k, n, b_strides) < b.len() as isize, "gemm: B too small");
+    // SAFETY: the asserts above keep every index of A, B and C inside their slices; C does not
+    // alias A or B (it is a distinct &mut borrow).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            a.as_ptr(),
+            a_strides.1,
+            a_strides.0,
+            b.as_ptr(),
+            b_strides.1,
+            b_strides.0,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm_parallelism(m * n * k),
+        );
+    }
+}
+
+/// `out[m, out_dim] (+)= x[m, in_dim] W`.
+pub fn matmul(x: &[f32], m: usize, w: MatRef, out: &mut [f32], accumulate: bool) {
+    assert_eq!(x.len(), m * w.in_dim);
+    gemm_strided(
+        m,
+        w.out_dim,
+        w.in_dim,
+        x,
+        (w.in_dim as isize, 1),
+        w.data,
+        w.strides(),
+        out,
+        accumulate,
+    );
+}
+
+/// Gradient through a frozen linear layer: `dx[m, in_dim] (+)= dy[m, out_dim] W^T`.
+pub fn matmul_input_grad(dy: &[f32], m: usize, w: MatRef, dx: &mut [f32], accumulate: bool) {
+    assert_eq!(dy.len(), m * w.out_dim);
+    let (rs, cs) = w.strides();
+    gemm_strided(
+        m,
+        w.in_dim,
+        w.out_dim,
+        dy,
+        (w.out_dim as isize, 1),
+        w.data,
+        (cs, rs),
+        dx,
+        accumulate,
+    );
+}
+
+/// Weight gradient of `y = x W` with W stored `[in, out]`: `dw[in, out] (+)= x^T dy`.
+pub fn matmul_weight_grad(
+    x: &[f32],
+    dy: &[f32],
+    m: usize,
+    in_dim: usize,
+    out_dim: usize,
+    dw: &mut [f32],
+    accumulate: bool,
+) {
+    assert_eq!(x.len(), m * in_dim);
+    assert_eq!(dy.len(), m * out_dim);
+    gemm_strided(
+        in_dim,
+        out_dim,
+        m,
+        x,
+        (1, in_dim as isize),
+        dy,
+        (out_dim as isize, 1),
+        dw,
+        accumulate,
+    );
+}
+
+/// `out[r, :] += bias` for every row.
+pub fn add_bias(out: &mut [f32], bias: &[f32]) {
+    let d = bias.len();
+    out.par_chunks_mut(d * rows_per_task(d)).for_each(|chunk| {
+        for row in chunk.chunks_mut(d) {
+            for (o, b) in row.iter_mut().zip(bias) {
+                *o += b;
+            }
+        }
+    });
+}
+
+/// `acc += x`, elementwise.
+pub fn add_inplace(acc: &mut [f32], x: &[f32]) {
+    assert_eq!(acc.len(), x.len());
+    acc.par_chunks_mut(16384)
+        .zip(x.par_chunks(16384))
+        .for_each(|(a, b)| a.iter_mut().zip(b).for_each(|(a, b)| *a += b));
+}
+
+/// Embedding gather: `out[i, :] = table[ids[i], :]` for a `[vocab, d]` table.
+pub fn embedding(ids: &[u32], table: &[f32], d: usize, out: &mut [f32]) {
+    assert_eq!(out.len(), ids.len() * d);
+    out.par_chunks_mut(d).zip(ids.par_iter()).for_each(|(row, &id)| {
+        let start = id as usize * d;
+        row.copy_from_slice(&table[start..start + d]);
+    });
+}
+
+/// Embedding gradient: `dtable[ids[i], :] += dout[i, :]` (sequential: ids may repeat).
+pub fn embedding_grad(ids: &[u32], dout: &[f32], d: usize, dtable: &mut [f32]) {
+    for (row, &id) in dout.chunks(d).zip(ids) {
+        let start = id as usize * d;
+        for (t, g) in dtable[start..start + d].iter_mut().zip(row) {
+            *t += g;
+        }
+    }
+}
+
+/// LayerNorm over rows of width `d`: `out = (x - mean) * rstd * w + b`.
+/// Saves `mean` and `rstd` per row for the backward pass.
+pub fn layernorm(
+    x: &[f32],
+    w: &[f32],
+    b: &[f32],
+    eps: f32,
+    out: &mut [f32],
+    mean: &mut [f32],
+    rstd: &mut [f32],
+) {
+    let d = w.len();
+    out.par_chunks_mut(d)
+        .zip(x.par_chunks(d))
+        .zip(mean.par_iter_mut().zip(rstd.par_iter_mut()))
+        .for_each(|((o, x), (mu, rs))| {
+            let m = x.iter().sum::<f32>() / d as f32;
+            let var = x.iter().map(|v| (v - m) * (v - m)).sum::<f32>() / d as f32;
+            let r = 1.0 / (var + eps).sqrt();
+            for i in 0..d {
+                o[i] = (x[i] - m) * r * w[i] + b[i];
+            }
+            *mu = m;
+            *rs = r;
+        });
+}
+
+/// Input gradient of LayerNorm (weights frozen): `dx (+)= rstd * (g - mean(g) - xhat * mean(g * xhat))`
+/// with `g = dout * w`.
+pub fn layernorm_backward(
+    x: &[f32],
+    w: &[f32],
+    mean: &[f32],
+    rstd: &[f32],
+    dout: &[f32],
+    dx: &mut [f32],
+    accumulate: bool,
+) {
+    let d = w.len();
+    dx.par_chunks_mut(d)
+        .zip(x.par_chunks(d).zip(dout.par_chunks(d)))
+        .zip(mean.par_iter().zip(rstd.par_iter()))
+        .for_each(|((dx, (x, dy)), (&m, &r))| {
+            let mut sum_g = 0.0;
+            let mut sum_gx = 0.0;
+            for i in 0..d {
+                let g = dy[i] * w[i];
+                sum_g += g;
+                sum_gx += g * (x[i] - m) * r;
+            }
+            let (mg, mgx) = (sum_g / d as f32, sum_gx / d as f32);
+            for i in 0..d {
+                let xhat = (x[i] - m) * r;
+                let v = r * (dy[i] * w[i] - mg - xhat * mgx);
+                dx[i] = if accumulate { dx[i] + v } else { v };
+            }
+        });
+}
+
+/// RMSNorm over rows of width `d`: `out = x * rstd * w`, `rstd = 1/sqrt(mean(x^2) + eps)`.
+pub fn rmsnorm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32], rstd: &mut [f32]) {
+    let d = w.len();
+    out.par_chunks_mut(d)
+        .zip(x.par_chunks(d))
+        .zip(rstd.par_iter_mut())
+        .for_each(|((o, x), rs)| {
+            let ms = x.iter().map(|v| v * v).sum::<f32>() / d as f32;
+            let r = 1.0 / (ms + eps).sqrt();
+            for i in 0..d {
+                o[i] = x[i] * r * w[i];
+            }
+            *rs = r;
+        });
+}
+
+/// Input gradient of RMSNorm: `dx (+)= rstd * (g - x * rstd^2 * mean(g * x))` with `g = dout * w`.
+pub fn rmsnorm_backward(
+    x: &[f32],
+    w: &[f32],
+    rstd: &[f32],
+    dout: &[f32],
+    dx: &mut [f32],
+    accumulate: bool,
+) {
+    let d = w.len();
+    dx.par_chunks_mut(d)
+        .zip(x.par_chunks(d).zip(dout.par_chunks(d)))
+        .zip(rstd.par_iter())
+        .for_each(|((dx, (x, dy)), &r)| {
+            let dot = (0..d).map(|i| dy[i] * w[i] * x[i]).sum::<f32>() / d as f32;
+            for i in 0..d {
+                let v = r * (dy[i] * w[i] - x[i] * r * r * dot);
+                dx[i] = if accumulate { dx[i] + v } else { v };
+            }
+        });
+}
+
+const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+const GELU_C: f32 = 0.044_715;
+
+/// GPT-2's tanh approximation of GELU (`gelu_new`), in place.
+pub fn gelu_new(x: &mut [f32]) {
+    x.par_chunks_mut(16384).for_each(|c| {
+        for v in c {
+            let u = SQRT_2_OVER_PI * (*v + GELU_C * *v * *v * *v);
+            *v = 0.5 * *v * (1.0 + u.tanh());
+        }
+    });
+}
+
+/// `dx = dout * gelu_new'(x)` where `x` is the pre-activation.
+pub fn gelu_new_backward(x: &[f32], dout: &[f32], dx: &mut [f32]) {
+    dx.par_iter_mut()
+        .zip(x.par_iter().zip(dout.par_iter()))
+        .for_each(|(dx, (&x, &dy))| {
+            let u = SQRT_2_OVER_PI * (x + GELU_C * x * x * x);
+            let t = u.tanh();
+            let du = SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_C * x * x);
+            *dx = dy * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du);
+        });
+}
+
+fn silu(x: f32) -> f32 {
+    x / (1.0 + (-x).exp())
+}
+
+/// Llama's gated MLP activation: `out = silu(gate) * up`.
+pub fn silu_mul(gate: &[f32], up: &[f32], out: &mut [f32]) {
+    out.par_iter_mut()
+        .zip(gate.par_iter().zip(up.par_iter()))
+        .for_each(|(o, (&g, &u))| *o = silu(g) * u);
+}
+
+/// Gradients of `silu(gate) * up` with respect to gate and up.
+pub fn silu_mul_backward(gate: &[f32], up: &[f32], dout: &[f32], dgate: &mut [f32], dup: &mut [f32]) {
+    dgate
+        .par_iter_mut()
+        .zip(dup.par_iter_mut())
+        .enumerate()
+        .for_each(|(i, (dg, du))| {
+            let g = gate[i];
+            let s = 1.0 / (1.0 + (-g).exp());
+            *du = dout[i] * g * s;
+            *dg = dout[i] * up[i] * s * (1.0 + g * (1.0 - s));
+        });
+}
+
+/// Rotary embedding exactly as transformers' Llama applies it (`rotate_half`: the pair of element `i`
+/// is element `i + head_dim/2`), in place on rows `[n_heads * head_dim]`, row `r` at `positions[r]`.
+/// `inverse` rotates by the negative angle, which is the backward pass (rotation is orthogonal).
+pub fn rope(
+    x: &mut [f32],
+    positions: &[u32],
+    n_heads: usize,
+    head_dim: usize,
+    theta: f32,
+    inverse: bool,
+) {
+    let half = head_dim / 2;
+    // Frequencies computed as transformers does: theta^(-2i/d) in f32 (inv_freq), angle = pos * inv_freq.
+    let inv_freq: Vec<f32> = (0..half)
+        .map(|i| 1.0 / theta.powf((2 * i) as f32 / head_dim as f32))
+        .collect();
+    let width = n_heads * head_dim;
+    x.par_chunks_mut(width).zip(positions.par_iter()).for_each(|(row, &pos)| {
+        for (i, &f) in inv_freq.iter().enumerate() {
+            let angle = pos as f32 * f;
+            let (sin, cos) = angle.sin_cos();
+            let sin = if inverse { -sin } else { sin };
+            for h in 0..n_heads {
+                let base = h * head_dim;
+                let a = row[base + i];
+                let b = row[base + i + half];
+                row[base + i] = a * cos - b * sin;
+                row[base + i + half] = b * cos + a * sin;
+            }
+        }
+    });
+}
+
+/// Shape of a causal attention call over a padded batch with a key/value cache.
+///
+/// Queries: `[batch, q_len, n_heads * head_dim]`; keys/values: `[batch, kv_capacity, n_kv_heads * head_dim]`.
+/// Query `i` of sequence `b` sits at absolute position `q_start[b] + i` and sees keys `0..=q_start[b] + i`.
+/// Queries at `i >= q_valid[b]` are padding: their output is zero.
+#[derive(Debug, Clone)]
+pub struct AttnShape<'a> {
+    pub batch: usize,
+    pub q_len: usize,
+    pub kv_capacity: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub q_start: &'a [usize],
+    pub q_valid: &'a [usize],
+}
+
+impl AttnShape<'_> {
+    fn q_width(&self) -> usize {
+        self.n_heads * self.head_dim
+    }
+    fn kv_width(&self) -> usize {
+        self.n_kv_heads * self.head_dim
+    }
+    /// Number of keys query `i` of sequence `b` attends to.
+    fn keys_seen(&self, b: usize, i: usize) -> usize {
+        self.q_start[b] + i + 1
+    }
+}
+
+/// Causal softmax attention. `probs` (if given) receives the attention weights,
+/// `[batch, n_heads, q_len, kv_capacity]`, for the backward pass.
+pub fn attention(
+    s: &AttnShape,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    out: &mut [f32],
+    mut probs: Option<&mut [f32]>,
+) {
+    let (qw, kvw, dh) = (s.q_width(), s.kv_width(), s.head_dim);
+    let group = s.n_heads / s.n_kv_heads;
+    let scale = 1.0 / (dh as f32).sqrt();
+    let probs_stride = s.n_heads * s.q_len * s.kv_capacity;
+    if let Some(p) = probs.as_deref_mut() {
+        p.fill(0.0);
+    }
+    // One task per (sequence, query row): each writes its own output row.
+    let rows: Vec<(usize, usize)> =
+        (0..s.batch).flat_map(|b| (0..s.q_len).map(move |i| (b, i))).collect();
+    let prob_rows: Vec<Vec<f32>> = rows
+        .par_iter()
+        .zip(out.par_chunks_mut(qw))
+        .map(|(&(b, i), o)| {
+            o.fill(0.0);
+            let mut saved = vec![0.0f32; s.n_heads * s.kv_capacity];
+            if i >= s.q_valid[b] {
+                return saved;
+            }
+            let n_keys = s.keys_seen(b, i);
+            let qrow = &q[(b * s.q_len + i) * qw..][..qw];
+            let mut scores = vec![0.0f32; n_keys];
+            for h in 0..s.n_heads {
+                let kvh = h / group;
+                let qh = &qrow[h * dh..][..dh];
+                let mut max = f32::NEG_INFINITY;
+                for (j, sc) in scores.iter_mut().enumerate() {
+                    let kj = &k[(b * s.kv_capacity + j) * kvw + kvh * dh..][..dh];
+                    *sc = qh.iter().zip(kj).map(|(a, b)| a * b).sum::<f32>() * scale;
+                    max = max.max(*sc);
+                }
+                let mut sum = 0.0;
+                for sc in scores.iter_mut() {
+                    *sc = (*sc - max).exp();
+                    sum += *sc;
+                }
+                let oh = &mut o[h * dh..][..dh];
+                for (j, sc) in scores.iter_mut().enumerate() {
+                    *sc /= sum;
+                    let vj = &v[(b * s.kv_capacity + j) * kvw + kvh * dh..][..dh];
+                    for (ov, vv) in oh.iter_mut().zip(vj) {
+                        *ov += *sc * vv;
+                    }
+                }
+                saved[h * s.kv_capacity..][..n_keys].copy_from_slice(&scores);
+            }
+            saved
+        })
+        .collect();
+    if let Some(p) = probs {
+        for (&(b, i), saved) in rows.iter().zip(prob_rows) {
+            for h in 0..s.n_heads {
+                let dst = b * probs_stride + (h * s.q_len + i) * s.kv_capacity;
+                p[dst..dst + s.kv_capacity].copy_from_slice(&saved[h * s.kv_capacity..][..s.kv_capacity]);
+            }
+        }
+    }
+}
+
+/// Backward of [`attention`] given the saved `probs`: accumulates into `dq`, `dk`, `dv`
+/// (which must be zeroed by the caller when not accumulating across calls).
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward(
+    s: &AttnShape,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    probs: &[f32],
+    dout: &[f32],
+    dq: &mut [f32],
+    dk: &mut [f32],
+    dv: &mut [f32],
+) {
+    let (qw, kvw, dh) = (s.q_width(), s.kv_width(), s.head_dim);
+    let group = s.n_heads / s.n_kv_heads;
+    let scale = 1.0 / (dh as f32).sqrt();
+    let probs_stride = s.n_heads * s.q_len * s.kv_capacity;
+    // Parallel over sequences: each sequence owns its slices of dq, dk, dv.
+    dq.par_chunks_mut(s.q_len * qw)
+        .zip(dk.par_chunks_mut(s.kv_capacity * kvw))
+        .zip(dv.par_chunks_mut(s.kv_capacity * kvw))
+        .enumerate()
+        .for_each(|(b, ((dq, dk), dv))| {
+            let mut dp = vec![0.0f32; s.kv_capacity];
+            for i in 0..s.q_valid[b] {
+                let n_keys = s.keys_seen(b, i);
+                let qrow = &q[(b * s.q_len + i) * qw..][..qw];
+                let dorow = &dout[(b * s.q_len + i) * qw..][..qw];
+                for h in 0..s.n_heads {
+                    let kvh = h / group;
+                    let p = &probs[b * probs_stride + (h * s.q_len + i) * s.kv_capacity..][..n_keys];
+                    let doh = &dorow[h * dh..][..dh];
+                    // dP = dO V^T ; dV += P^T dO
+                    let mut dot_pdp = 0.0;
+                    for j in 0..n_keys {
+                        let off = j * kvw + kvh * dh;
+                        let vj = &v[b * s.kv_capacity * kvw + off..][..dh];
+                        dp[j] = doh.iter().zip(vj).map(|(a, b)| a * b).sum();
+                        dot_pdp += p[j] * dp[j];
+                        for (dvv, g) in dv[off..off + dh].iter_mut().zip(doh) {
+                            *dvv += p[j] * g;
+                        }
+                    }
+                    // dS = P * (dP - sum(P dP)); dQ += dS K * scale; dK += dS^T Q * scale
+                    let qh = &qrow[h * dh..][..dh];
+                    let dqh = &mut dq[i * qw + h * dh..][..dh];
+                    for j in 0..n_keys {
+                        let ds = p[j] * (dp[j] - dot_pdp) * scale;
+                        let off = j * kvw + kvh * dh;
+                        let kj = &k[b * s.kv_capacity * kvw + off..][..dh];
+                        for t in 0..dh {
+                            dqh[t] += ds * kj[t];
+                        }
+                        for (dkv, qv) in dk[off..off + dh].iter_mut().zip(qh) {
+                            *dkv += ds * qv;
+                        }
+                    }
+                }
+            }
+        });
+}
+
+/// Log-softmax of one row, returned as (max, log-sum-exp) so callers can form log-probs cheaply.
+pub fn logsumexp(row: &[f32]) -> f32 {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f32 = row.iter().map(|v| (v - max).exp()).sum();
+    max + sum.ln()
+}
+
+/// Index of the largest element (the first one on ties, as torch.argmax does).
+pub fn argmax(row: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &v) in row.iter().enumerate() {
+        if v > row[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+/// Softmax cross-entropy over rows of `logits [n, vocab]` against `targets`; rows whose target is
+/// `None` are ignored. Returns the summed loss; writes `dlogits = (softmax - onehot) * weight`
+/// (zero for ignored rows).
+pub fn cross_entropy(
+    logits: &[f32],
+    vocab: usize,
+    targets: &[Option<u32>],
+    weight: f32,
+    dlogits: &mut [f32],
+) -> f32 {
+    dlogits
+        .par_chunks_mut(vocab)
+        .zip(logits.par_chunks(vocab))
+        .zip(targets.par_iter())
+        .map(|((dl, row), t)| match t {
+            None => {
+                dl.fill(0.0);
+                0.0
+            }
+            Some(t) => {
+                let lse = logsumexp(row);
+                for (d, &x) in dl.iter_mut().zip(row) {
+                    *d = (x - lse).exp() * weight;
+                }
+                dl[*t as usize] -= weight;
+                lse - row[*t as usize]
+            }
+        })
+        .sum()
+}
+
+/// Softmax of a short vector, in place (router probabilities).
+pub fn softmax_inplace(x: &mut [f32]) {
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0;
+    for v in x.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    for v in x.iter_mut() {
+        *v /= sum;
+    }
+}
+
+/// Indices of the `k` largest entries, largest first; ties go to the lower index (as torch.topk on CPU).
+pub fn topk(x: &[f32], k: usize) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..x.len()).collect();
+    idx.sort_by(|&a, &b| x[b].total_cmp(&x[a]).then(a.cmp(&b)));
+    idx.truncate(k);
+    idx
+}
+
+/// Adam hyperparameters for one step.
+#[derive(Debug, Clone, Copy)]
+pub struct AdamStep {
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    /// 1-based step count, for bias correction.
+    pub t: u32,
+}
+
+/// One Adam update (torch.optim.Adam semantics, no weight decay).
+pub fn adam(param: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32], s: AdamStep) {
+    let bc1 = 1.0 - s.beta1.powi(s.t as i32);
+    let bc2 = 1.0 - s.beta2.powi(s.t as i32);
+    let step = s.lr / bc1;
+    let bc2_sqrt = bc2.sqrt();
+    param
+        .par_iter_mut()
+        .zip(grad.par_iter())
+        .zip(m.par_iter_mut().zip(v.par_iter_mut()))
+        .for_each(|((p, &g), (m, v))| {
+            *m = s.beta1 * *m + (1.0 - s.beta1) * g;
+            *v = s.beta2 * *v + (1.0 - s.beta2) * g * g;
+            *p -= step * *m / ((*v).sqrt() / bc2_sqrt + s.eps);
+        });
+}

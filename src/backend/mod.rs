@@ -1,0 +1,2 @@
+//! Compute backends: the CPU reference and (when built with nvcc) CUDA.
+pub mod cpu;
