@@ -1,4 +1,4 @@
 //! elder: lifelong model editing (ELDER) on a frozen language model.
+pub mod backend;
 pub mod model;
 pub mod tensor;
-pub mod backend;

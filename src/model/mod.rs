@@ -1,5 +1,12 @@
-//! Everything about the frozen base model: config, weights, tokenizer, checkpoint formats.
+//! Everything about the frozen base model: config, weights, tokenizer, checkpoint formats, and the
+//! one description of the transformer that every backend runs.
 pub mod checkpoint;
 pub mod config;
+pub mod layers;
+pub mod loader;
+pub mod names;
+pub mod runner;
+pub mod transformer;
 
 pub use config::{Arch, ModelConfig};
+pub use transformer::{Adapter, BatchShape, KvCache, Model, NoAdapter};

@@ -29,7 +29,17 @@ pub fn route(q: &[f32], w_r: &[f32], b_r: &[f32], k: usize, renormalize: bool) -
     let batch = q.len() / d_in;
     let mut probs = vec![0.0f32; batch * e];
     // logits[B, E] = q [B, d_in] . W_r^T, W_r stored [E, d_in]
-    gemm_strided(batch, e, d_in, q, (d_in as isize, 1), w_r, (1, d_in as isize), &mut probs, false);
+    gemm_strided(
+        batch,
+        e,
+        d_in,
+        q,
+        (d_in as isize, 1),
+        w_r,
+        (1, d_in as isize),
+        &mut probs,
+        false,
+    );
     let mut experts = Vec::with_capacity(batch * k);
     let mut gates = Vec::with_capacity(batch * k);
     for row in probs.chunks_mut(e) {
@@ -44,7 +54,13 @@ pub fn route(q: &[f32], w_r: &[f32], b_r: &[f32], k: usize, renormalize: bool) -
             gates.push(if renormalize { row[i] / total } else { row[i] });
         }
     }
-    Routing { probs, experts, gates, num_experts: e, k }
+    Routing {
+        probs,
+        experts,
+        gates,
+        num_experts: e,
+        k,
+    }
 }
 
 /// Gradient of the router logits of one layer, from the gradient of the gates and the guided loss.
@@ -147,13 +163,33 @@ pub fn molora_forward(
             let e = experts[b * s.k + j] as usize;
             let ae = &a[e * s.d_in * r..][..s.d_in * r];
             let be = &b_mat[e * r * s.d_out..][..r * s.d_out];
-            gemm_strided(t, r, s.d_in, xb, (s.d_in as isize, 1), ae, (r as isize, 1), &mut h, false);
+            gemm_strided(
+                t,
+                r,
+                s.d_in,
+                xb,
+                (s.d_in as isize, 1),
+                ae,
+                (r as isize, 1),
+                &mut h,
+                false,
+            );
             if let Some(saved) = shrink.as_deref_mut() {
                 saved[(b * s.k + j) * t * r..][..t * r].copy_from_slice(&h);
             }
             let g = gates[b * s.k + j] * s.scale;
             h.iter_mut().for_each(|v| *v *= g);
-            gemm_strided(t, s.d_out, r, &h, (r as isize, 1), be, (s.d_out as isize, 1), ob, true);
+            gemm_strided(
+                t,
+                s.d_out,
+                r,
+                &h,
+                (r as isize, 1),
+                be,
+                (s.d_out as isize, 1),
+                ob,
+                true,
+            );
         }
     }
 }
@@ -193,21 +229,61 @@ pub fn molora_backward(
             let h = &shrink[(b * s.k + j) * t * r..][..t * r];
             let g = gates[b * s.k + j] * s.scale;
             // dh_raw[T, r] = dout_b [T, d_out] B_e^T
-            gemm_strided(t, r, s.d_out, dob, (s.d_out as isize, 1), be, (1, s.d_out as isize), &mut dh, false);
+            gemm_strided(
+                t,
+                r,
+                s.d_out,
+                dob,
+                (s.d_out as isize, 1),
+                be,
+                (1, s.d_out as isize),
+                &mut dh,
+                false,
+            );
             dgates[b * s.k + j] = s.scale * h.iter().zip(&dh).map(|(a, b)| a * b).sum::<f32>();
             // dB_e[r, d_out] += (g h)^T dout_b
             for (hs, hv) in h_scaled.iter_mut().zip(h) {
                 *hs = hv * g;
             }
             let dbe = &mut db[e * r * s.d_out..][..r * s.d_out];
-            gemm_strided(r, s.d_out, t, &h_scaled, (1, r as isize), dob, (s.d_out as isize, 1), dbe, true);
+            gemm_strided(
+                r,
+                s.d_out,
+                t,
+                &h_scaled,
+                (1, r as isize),
+                dob,
+                (s.d_out as isize, 1),
+                dbe,
+                true,
+            );
             // dh = g * dh_raw; dA_e[d_in, r] += x_b^T dh; dx_b += dh A_e^T
             dh.iter_mut().for_each(|v| *v *= g);
             let dae = &mut da[e * s.d_in * r..][..s.d_in * r];
-            gemm_strided(s.d_in, r, t, xb, (1, s.d_in as isize), &dh, (r as isize, 1), dae, true);
+            gemm_strided(
+                s.d_in,
+                r,
+                t,
+                xb,
+                (1, s.d_in as isize),
+                &dh,
+                (r as isize, 1),
+                dae,
+                true,
+            );
             if let Some(dx) = dx.as_deref_mut() {
                 let dxb = &mut dx[b * t * s.d_in..][..t * s.d_in];
-                gemm_strided(t, s.d_in, r, &dh, (r as isize, 1), ae, (1, r as isize), dxb, true);
+                gemm_strided(
+                    t,
+                    s.d_in,
+                    r,
+                    &dh,
+                    (r as isize, 1),
+                    ae,
+                    (1, r as isize),
+                    dxb,
+                    true,
+                );
             }
         }
     }

@@ -64,7 +64,12 @@ pub fn gemm_strided(
     c: &mut [f32],
     accumulate: bool,
 ) {
-    assert_eq!(c.len(), m * n, "gemm: output has {} elements, expected {m}x{n}", c.len());
+    assert_eq!(
+        c.len(),
+        m * n,
+        "gemm: output has {} elements, expected {m}x{n}",
+        c.len()
+    );
     if m == 0 || n == 0 {
         return;
     }
@@ -77,8 +82,14 @@ pub fn gemm_strided(
     let max_index = |rows: usize, cols: usize, (rs, cs): (isize, isize)| {
         (rows as isize - 1) * rs + (cols as isize - 1) * cs
     };
-    assert!(max_index(m, k, a_strides) < a.len() as isize, "gemm: A too small");
-    assert!(max_index(k, n, b_strides) < b.len() as isize, "gemm: B too small");
+    assert!(
+        max_index(m, k, a_strides) < a.len() as isize,
+        "gemm: A too small"
+    );
+    assert!(
+        max_index(k, n, b_strides) < b.len() as isize,
+        "gemm: B too small"
+    );
     // SAFETY: the asserts above keep every index of A, B and C inside their slices; C does not
     // alias A or B (it is a distinct &mut borrow).
     unsafe {
@@ -187,10 +198,12 @@ pub fn add_inplace(acc: &mut [f32], x: &[f32]) {
 /// Embedding gather: `out[i, :] = table[ids[i], :]` for a `[vocab, d]` table.
 pub fn embedding(ids: &[u32], table: &[f32], d: usize, out: &mut [f32]) {
     assert_eq!(out.len(), ids.len() * d);
-    out.par_chunks_mut(d).zip(ids.par_iter()).for_each(|(row, &id)| {
-        let start = id as usize * d;
-        row.copy_from_slice(&table[start..start + d]);
-    });
+    out.par_chunks_mut(d)
+        .zip(ids.par_iter())
+        .for_each(|(row, &id)| {
+            let start = id as usize * d;
+            row.copy_from_slice(&table[start..start + d]);
+        });
 }
 
 /// Embedding gradient: `dtable[ids[i], :] += dout[i, :]` (sequential: ids may repeat).
@@ -337,7 +350,13 @@ pub fn silu_mul(gate: &[f32], up: &[f32], out: &mut [f32]) {
 }
 
 /// Gradients of `silu(gate) * up` with respect to gate and up.
-pub fn silu_mul_backward(gate: &[f32], up: &[f32], dout: &[f32], dgate: &mut [f32], dup: &mut [f32]) {
+pub fn silu_mul_backward(
+    gate: &[f32],
+    up: &[f32],
+    dout: &[f32],
+    dgate: &mut [f32],
+    dup: &mut [f32],
+) {
     dgate
         .par_iter_mut()
         .zip(dup.par_iter_mut())
@@ -367,20 +386,22 @@ pub fn rope(
         .map(|i| 1.0 / theta.powf((2 * i) as f32 / head_dim as f32))
         .collect();
     let width = n_heads * head_dim;
-    x.par_chunks_mut(width).zip(positions.par_iter()).for_each(|(row, &pos)| {
-        for (i, &f) in inv_freq.iter().enumerate() {
-            let angle = pos as f32 * f;
-            let (sin, cos) = angle.sin_cos();
-            let sin = if inverse { -sin } else { sin };
-            for h in 0..n_heads {
-                let base = h * head_dim;
-                let a = row[base + i];
-                let b = row[base + i + half];
-                row[base + i] = a * cos - b * sin;
-                row[base + i + half] = b * cos + a * sin;
+    x.par_chunks_mut(width)
+        .zip(positions.par_iter())
+        .for_each(|(row, &pos)| {
+            for (i, &f) in inv_freq.iter().enumerate() {
+                let angle = pos as f32 * f;
+                let (sin, cos) = angle.sin_cos();
+                let sin = if inverse { -sin } else { sin };
+                for h in 0..n_heads {
+                    let base = h * head_dim;
+                    let a = row[base + i];
+                    let b = row[base + i + half];
+                    row[base + i] = a * cos - b * sin;
+                    row[base + i + half] = b * cos + a * sin;
+                }
             }
-        }
-    });
+        });
 }
 
 /// Shape of a causal attention call over a padded batch with a key/value cache.
@@ -431,8 +452,9 @@ pub fn attention(
         p.fill(0.0);
     }
     // One task per (sequence, query row): each writes its own output row.
-    let rows: Vec<(usize, usize)> =
-        (0..s.batch).flat_map(|b| (0..s.q_len).map(move |i| (b, i))).collect();
+    let rows: Vec<(usize, usize)> = (0..s.batch)
+        .flat_map(|b| (0..s.q_len).map(move |i| (b, i)))
+        .collect();
     let prob_rows: Vec<Vec<f32>> = rows
         .par_iter()
         .zip(out.par_chunks_mut(qw))
@@ -476,7 +498,8 @@ pub fn attention(
         for (&(b, i), saved) in rows.iter().zip(prob_rows) {
             for h in 0..s.n_heads {
                 let dst = b * probs_stride + (h * s.q_len + i) * s.kv_capacity;
-                p[dst..dst + s.kv_capacity].copy_from_slice(&saved[h * s.kv_capacity..][..s.kv_capacity]);
+                p[dst..dst + s.kv_capacity]
+                    .copy_from_slice(&saved[h * s.kv_capacity..][..s.kv_capacity]);
             }
         }
     }
@@ -513,7 +536,8 @@ pub fn attention_backward(
                 let dorow = &dout[(b * s.q_len + i) * qw..][..qw];
                 for h in 0..s.n_heads {
                     let kvh = h / group;
-                    let p = &probs[b * probs_stride + (h * s.q_len + i) * s.kv_capacity..][..n_keys];
+                    let p =
+                        &probs[b * probs_stride + (h * s.q_len + i) * s.kv_capacity..][..n_keys];
                     let doh = &dorow[h * dh..][..dh];
                     // dP = dO V^T ; dV += P^T dO
                     let mut dot_pdp = 0.0;

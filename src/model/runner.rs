@@ -1,0 +1,127 @@
+//! Running the model: padded batches, scoring a continuation, greedy generation with a KV cache.
+
+use crate::backend::cpu::ops;
+
+use super::transformer::{Adapter, BatchShape, KvCache, Model};
+
+/// Right-pads sequences to one length. Padding rows use token 0 and are masked everywhere.
+pub fn pad_batch(seqs: &[Vec<u32>], start: &[usize]) -> (Vec<u32>, BatchShape) {
+    let seq = seqs.iter().map(Vec::len).max().unwrap_or(0).max(1);
+    let mut ids = Vec::with_capacity(seqs.len() * seq);
+    for s in seqs {
+        ids.extend_from_slice(s);
+        ids.extend(std::iter::repeat_n(0, seq - s.len()));
+    }
+    let shape = BatchShape {
+        batch: seqs.len(),
+        seq,
+        valid: seqs.iter().map(Vec::len).collect(),
+        start: start.to_vec(),
+    };
+    (ids, shape)
+}
+
+impl Model {
+    /// Runs new tokens through every block, continuing `cache`; returns the last hidden states
+    /// `[rows, d]` (before the final norm).
+    pub fn forward_hidden(
+        &self,
+        ids: &[u32],
+        shape: &BatchShape,
+        cache: &mut KvCache,
+        adapter: &mut dyn Adapter,
+    ) -> Vec<f32> {
+        let mut h = self.embed(ids, shape);
+        for l in 0..self.blocks.len() {
+            self.attn_half(l, &mut h, shape, cache, None);
+            self.mlp_half(l, &mut h, shape, adapter, None);
+        }
+        for (len, (start, valid)) in cache
+            .lens
+            .iter_mut()
+            .zip(shape.start.iter().zip(&shape.valid))
+        {
+            *len = start + valid;
+        }
+        h
+    }
+
+    /// Logits `[B, T, vocab]` of every row of a padded batch (padding rows included) — what
+    /// transformers returns for `model(input_ids, attention_mask)`.
+    pub fn logits(&self, seqs: &[Vec<u32>], adapter: &mut dyn Adapter) -> (Vec<f32>, BatchShape) {
+        let (ids, shape) = pad_batch(seqs, &vec![0; seqs.len()]);
+        let mut cache = KvCache::new(&self.cfg, shape.batch, shape.seq);
+        let h = self.forward_hidden(&ids, &shape, &mut cache, adapter);
+        let rows: Vec<usize> = (0..shape.rows()).collect();
+        (self.head(&h, &rows).0, shape)
+    }
+
+    /// Log-probability and argmax of each target token given the prompt and the targets before it
+    /// (teacher forcing), in one forward pass over `prompt + target`.
+    pub fn score(&self, prompt: &[u32], target: &[u32], adapter: &mut dyn Adapter) -> Scored {
+        let mut seq = prompt.to_vec();
+        seq.extend_from_slice(target);
+        let (ids, shape) = pad_batch(&[seq], &[0]);
+        let mut cache = KvCache::new(&self.cfg, 1, shape.seq);
+        let h = self.forward_hidden(&ids, &shape, &mut cache, adapter);
+        // Row p-1+i predicts target token i.
+        let rows: Vec<usize> = (0..target.len()).map(|i| prompt.len() - 1 + i).collect();
+        let (logits, _) = self.head(&h, &rows);
+        let vocab = self.cfg.vocab_size;
+        let mut out = Scored {
+            logprobs: Vec::new(),
+            argmax: Vec::new(),
+        };
+        for (row, &t) in logits.chunks(vocab).zip(target) {
+            out.logprobs.push(row[t as usize] - ops::logsumexp(row));
+            out.argmax.push(ops::argmax(row) as u32);
+        }
+        out
+    }
+
+    /// Greedy continuation of each prompt (batched, with a KV cache). A sequence stops at `eos`.
+    pub fn generate(
+        &self,
+        prompts: &[Vec<u32>],
+        max_new_tokens: usize,
+        eos: Option<u32>,
+        adapter: &mut dyn Adapter,
+    ) -> Vec<Vec<u32>> {
+        let batch = prompts.len();
+        let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+        let mut cache = KvCache::new(&self.cfg, batch, longest + max_new_tokens);
+        let mut out = vec![Vec::new(); batch];
+        let mut done = vec![false; batch];
+        let (mut ids, mut shape) = pad_batch(prompts, &vec![0; batch]);
+        for _ in 0..max_new_tokens {
+            let h = self.forward_hidden(&ids, &shape, &mut cache, adapter);
+            let rows: Vec<usize> = (0..batch)
+                .map(|b| b * shape.seq + shape.valid[b] - 1)
+                .collect();
+            let (logits, _) = self.head(&h, &rows);
+            let mut next = Vec::with_capacity(batch);
+            for (b, row) in logits.chunks(self.cfg.vocab_size).enumerate() {
+                let tok = ops::argmax(row) as u32;
+                if !done[b] {
+                    out[b].push(tok);
+                    done[b] = Some(tok) == eos;
+                }
+                next.push(vec![tok]);
+            }
+            if done.iter().all(|&d| d) || cache.lens.iter().any(|&l| l >= self.cfg.max_positions) {
+                break;
+            }
+            (ids, shape) = pad_batch(&next, &cache.lens);
+        }
+        out
+    }
+}
+
+/// Per-token results of [`Model::score`].
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Scored {
+    /// log p(target_i | prompt, target_<i).
+    pub logprobs: Vec<f32>,
+    /// The model's most likely token at each of those positions.
+    pub argmax: Vec<u32>,
+}

@@ -1,0 +1,542 @@
+//! The one description of a decoder-only transformer (GPT-2 and Llama), on the CPU reference ops:
+//! the forward pass over a padded batch with a KV cache, and the backward pass the ELDER trainer runs
+//! from the loss down to its first adapted layer.
+//!
+//! Rows are tokens: a batch of `B` sequences padded to `T` is `B*T` rows, row `b*T + i` is token `i`
+//! of sequence `b`. Padding rows are computed (it is simpler than compacting) but masked out of
+//! attention and never read.
+
+use crate::backend::cpu::ops::{self, AttnShape};
+
+use super::config::{Arch, ModelConfig};
+use super::layers::{Linear, Mlp, MlpProj, Norm, NormSaved, Site};
+
+/// Q/K/V projections: GPT-2 fuses them into one `c_attn`, Llama keeps three.
+#[derive(Debug, Clone)]
+pub enum QkvProj {
+    Fused(Linear),
+    Split { q: Linear, k: Linear, v: Linear },
+}
+
+#[derive(Debug, Clone)]
+pub struct Block {
+    pub norm1: Norm,
+    pub qkv: QkvProj,
+    pub o_proj: Linear,
+    pub norm2: Norm,
+    pub mlp: Mlp,
+}
+
+/// A loaded base model. Frozen: nothing here changes after loading.
+#[derive(Debug, Clone)]
+pub struct Model {
+    pub cfg: ModelConfig,
+    /// Token embeddings `[vocab, d]`.
+    pub embed: Vec<f32>,
+    /// Learned positions `[max_positions, d]` (GPT-2 only).
+    pub pos_embed: Option<Vec<f32>>,
+    pub blocks: Vec<Block>,
+    pub final_norm: Norm,
+    /// `None` when the head is tied to the embeddings.
+    pub lm_head: Option<Linear>,
+}
+
+/// Layout of the rows of one forward call: a padded batch continuing from a KV cache.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchShape {
+    pub batch: usize,
+    /// Padded length `T` of this call's new tokens.
+    pub seq: usize,
+    /// Real (non-padding) new tokens per sequence.
+    pub valid: Vec<usize>,
+    /// Absolute position of each sequence's first new token (= its cache length before the call).
+    pub start: Vec<usize>,
+}
+
+impl BatchShape {
+    pub fn rows(&self) -> usize {
+        self.batch * self.seq
+    }
+
+    /// Absolute position of every row; padding rows repeat the last valid position so they stay in
+    /// range of learned position tables.
+    pub fn positions(&self) -> Vec<u32> {
+        let mut pos = Vec::with_capacity(self.rows());
+        for b in 0..self.batch {
+            for i in 0..self.seq {
+                let i = i.min(self.valid[b].saturating_sub(1));
+                pos.push((self.start[b] + i) as u32);
+            }
+        }
+        pos
+    }
+}
+
+/// Keys and values of every layer for a batch of sequences, `[B, capacity, kv_dim]` per layer.
+#[derive(Debug, Clone)]
+pub struct KvCache {
+    pub k: Vec<Vec<f32>>,
+    pub v: Vec<Vec<f32>>,
+    pub batch: usize,
+    pub capacity: usize,
+    pub kv_dim: usize,
+    /// Tokens stored per sequence.
+    pub lens: Vec<usize>,
+}
+
+impl KvCache {
+    pub fn new(cfg: &ModelConfig, batch: usize, capacity: usize) -> Self {
+        let size = batch * capacity * cfg.kv_dim();
+        KvCache {
+            k: vec![vec![0.0; size]; cfg.num_layers],
+            v: vec![vec![0.0; size]; cfg.num_layers],
+            batch,
+            capacity,
+            kv_dim: cfg.kv_dim(),
+            lens: vec![0; batch],
+        }
+    }
+
+    /// Copies the valid rows of this call's `k`/`v` ([B*T, kv_dim]) into the cache of layer `layer`.
+    fn store(&mut self, layer: usize, shape: &BatchShape, k: &[f32], v: &[f32]) {
+        let w = self.kv_dim;
+        for b in 0..shape.batch {
+            for i in 0..shape.valid[b] {
+                let src = (b * shape.seq + i) * w;
+                let dst = (b * self.capacity + shape.start[b] + i) * w;
+                self.k[layer][dst..dst + w].copy_from_slice(&k[src..src + w]);
+                self.v[layer][dst..dst + w].copy_from_slice(&v[src..src + w]);
+            }
+        }
+    }
+}
+
+/// A hook on the MLP projections: ELDER's mixture of LoRA experts plugs in here.
+pub trait Adapter {
+    /// Called right after the frozen projection at `site`; `x` is its input `[rows, in]` and `out` its
+    /// output `[rows, out]`, which the adapter may add to.
+    fn after_linear(&mut self, site: Site, shape: &BatchShape, x: &[f32], out: &mut [f32]);
+
+    /// Backward of what `after_linear` added at `site`, given the gradient of the projection's output:
+    /// accumulate the adapter's own gradients and, when `dx` is given, add the gradient of `x` to it.
+    fn backward_linear(
+        &mut self,
+        site: Site,
+        shape: &BatchShape,
+        x: &[f32],
+        dout: &[f32],
+        dx: Option<&mut [f32]>,
+    );
+}
+
+/// The unedited model.
+pub struct NoAdapter;
+
+impl Adapter for NoAdapter {
+    fn after_linear(&mut self, _: Site, _: &BatchShape, _: &[f32], _: &mut [f32]) {}
+    fn backward_linear(
+        &mut self,
+        _: Site,
+        _: &BatchShape,
+        _: &[f32],
+        _: &[f32],
+        _: Option<&mut [f32]>,
+    ) {
+    }
+}
+
+/// What the attention half of a block saves for the backward pass (weights are frozen, so only
+/// what the input gradient needs).
+#[derive(Debug, Clone, Default)]
+pub struct AttnTape {
+    x: Vec<f32>,
+    norm: NormSaved,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    probs: Vec<f32>,
+}
+
+/// What the MLP half of a block saves for the backward pass.
+#[derive(Debug, Clone, Default)]
+pub struct MlpTape {
+    x: Vec<f32>,
+    normed: Vec<f32>,
+    norm: NormSaved,
+    /// GPT-2: pre-activation of gelu; Llama: gate projection output.
+    pre: Vec<f32>,
+    /// Llama: up projection output.
+    up: Vec<f32>,
+    /// Input of the output projection (gelu(pre) or silu(gate)*up).
+    act: Vec<f32>,
+}
+
+impl Model {
+    pub fn arch(&self) -> Arch {
+        self.cfg.arch
+    }
+
+    /// The input width of an MLP projection, or `None` if this family has no such projection.
+    pub fn site_in_dim(&self, proj: MlpProj) -> Option<usize> {
+        self.blocks.first()?.mlp.linear(proj).map(|l| l.in_dim)
+    }
+
+    pub fn site_out_dim(&self, proj: MlpProj) -> Option<usize> {
+        self.blocks.first()?.mlp.linear(proj).map(|l| l.out_dim)
+    }
+
+    /// Token (and, for GPT-2, position) embeddings of every row: `[rows, d]`.
+    pub fn embed(&self, ids: &[u32], shape: &BatchShape) -> Vec<f32> {
+        let d = self.cfg.hidden_size;
+        let mut h = vec![0.0f32; ids.len() * d];
+        ops::embedding(ids, &self.embed, d, &mut h);
+        if let Some(pos) = &self.pos_embed {
+            let mut p = vec![0.0f32; ids.len() * d];
+            ops::embedding(&shape.positions(), pos, d, &mut p);
+            ops::add_inplace(&mut h, &p);
+        }
+        h
+    }
+
+    /// `h += attention(norm1(h))` for block `l`, storing this call's keys and values in `cache`.
+    pub fn attn_half(
+        &self,
+        l: usize,
+        h: &mut [f32],
+        shape: &BatchShape,
+        cache: &mut KvCache,
+        tape: Option<&mut AttnTape>,
+    ) {
+        let cfg = &self.cfg;
+        let blk = &self.blocks[l];
+        let rows = shape.rows();
+        let (normed, norm_saved) = blk.norm1.forward(h);
+        let (mut q, mut k, v) = match &blk.qkv {
+            QkvProj::Fused(lin) => split_fused_qkv(&lin.forward(&normed, rows), cfg.hidden_size),
+            QkvProj::Split { q, k, v } => (
+                q.forward(&normed, rows),
+                k.forward(&normed, rows),
+                v.forward(&normed, rows),
+            ),
+        };
+        if cfg.arch == Arch::Llama {
+            let pos = shape.positions();
+            ops::rope(
+                &mut q,
+                &pos,
+                cfg.num_heads,
+                cfg.head_dim,
+                cfg.rope_theta,
+                false,
+            );
+            ops::rope(
+                &mut k,
+                &pos,
+                cfg.num_kv_heads,
+                cfg.head_dim,
+                cfg.rope_theta,
+                false,
+            );
+        }
+        cache.store(l, shape, &k, &v);
+        let attn_shape = AttnShape {
+            batch: shape.batch,
+            q_len: shape.seq,
+            kv_capacity: cache.capacity,
+            n_heads: cfg.num_heads,
+            n_kv_heads: cfg.num_kv_heads,
+            head_dim: cfg.head_dim,
+            q_start: &shape.start,
+            q_valid: &shape.valid,
+        };
+        let mut att = vec![0.0f32; rows * cfg.q_dim()];
+        let mut probs = tape
+            .as_ref()
+            .map(|_| vec![0.0f32; shape.batch * cfg.num_heads * shape.seq * cache.capacity]);
+        ops::attention(
+            &attn_shape,
+            &q,
+            &cache.k[l],
+            &cache.v[l],
+            &mut att,
+            probs.as_deref_mut(),
+        );
+        let out = blk.o_proj.forward(&att, rows);
+        if let Some(t) = tape {
+            *t = AttnTape {
+                x: h.to_vec(),
+                norm: norm_saved,
+                q,
+                k: cache.k[l].clone(),
+                v: cache.v[l].clone(),
+                probs: probs.unwrap_or_default(),
+            };
+        }
+        ops::add_inplace(h, &out);
+    }
+
+    /// `h += mlp(norm2(h))` for block `l`, with the adapter applied after every projection.
+    pub fn mlp_half(
+        &self,
+        l: usize,
+        h: &mut [f32],
+        shape: &BatchShape,
+        adapter: &mut dyn Adapter,
+        tape: Option<&mut MlpTape>,
+    ) {
+        let blk = &self.blocks[l];
+        let rows = shape.rows();
+        let (normed, norm_saved) = blk.norm2.forward(h);
+        let site = |proj| Site { block: l, proj };
+        let (pre, up, act, out) = match &blk.mlp {
+            Mlp::Gpt2 { c_fc, c_proj } => {
+                let mut pre = c_fc.forward(&normed, rows);
+                adapter.after_linear(site(MlpProj::CFc), shape, &normed, &mut pre);
+                let mut act = pre.clone();
+                ops::gelu_new(&mut act);
+                let mut out = c_proj.forward(&act, rows);
+                adapter.after_linear(site(MlpProj::CProj), shape, &act, &mut out);
+                (pre, Vec::new(), act, out)
+            }
+            Mlp::Llama { gate, up, down } => {
+                let mut g = gate.forward(&normed, rows);
+                adapter.after_linear(site(MlpProj::GateProj), shape, &normed, &mut g);
+                let mut u = up.forward(&normed, rows);
+                adapter.after_linear(site(MlpProj::UpProj), shape, &normed, &mut u);
+                let mut act = vec![0.0f32; g.len()];
+                ops::silu_mul(&g, &u, &mut act);
+                let mut out = down.forward(&act, rows);
+                adapter.after_linear(site(MlpProj::DownProj), shape, &act, &mut out);
+                (g, u, act, out)
+            }
+        };
+        if let Some(t) = tape {
+            *t = MlpTape {
+                x: h.to_vec(),
+                normed,
+                norm: norm_saved,
+                pre,
+                up,
+                act,
+            };
+        }
+        ops::add_inplace(h, &out);
+    }
+
+    /// Final norm and lm_head for the chosen rows only: `[rows.len(), vocab]`.
+    pub fn head(&self, h: &[f32], rows: &[usize]) -> (Vec<f32>, HeadTape) {
+        let d = self.cfg.hidden_size;
+        let picked: Vec<f32> = rows
+            .iter()
+            .flat_map(|&r| h[r * d..(r + 1) * d].iter().copied())
+            .collect();
+        let (normed, norm) = self.final_norm.forward(&picked);
+        let mut logits = vec![0.0f32; rows.len() * self.cfg.vocab_size];
+        ops::matmul(&normed, rows.len(), self.lm_head_mat(), &mut logits, false);
+        (
+            logits,
+            HeadTape {
+                rows: rows.to_vec(),
+                x: picked,
+                norm,
+            },
+        )
+    }
+
+    /// Gradient of `head` with respect to `h` (accumulated into `dh`, scattered back to the rows).
+    pub fn head_backward(&self, tape: &HeadTape, dlogits: &[f32], dh: &mut [f32]) {
+        let d = self.cfg.hidden_size;
+        let n = tape.rows.len();
+        let mut dnormed = vec![0.0f32; n * d];
+        ops::matmul_input_grad(dlogits, n, self.lm_head_mat(), &mut dnormed, false);
+        let mut dx = vec![0.0f32; n * d];
+        self.final_norm
+            .backward_accumulate(&tape.x, &tape.norm, &dnormed, &mut dx);
+        for (i, &r) in tape.rows.iter().enumerate() {
+            for (a, b) in dh[r * d..(r + 1) * d]
+                .iter_mut()
+                .zip(&dx[i * d..(i + 1) * d])
+            {
+                *a += b;
+            }
+        }
+    }
+
+    /// The output projection; a tied head reads the embedding table as an `[out, in]` matrix.
+    fn lm_head_mat(&self) -> ops::MatRef<'_> {
+        match &self.lm_head {
+            Some(l) => l.mat(),
+            None => ops::MatRef {
+                data: &self.embed,
+                in_dim: self.cfg.hidden_size,
+                out_dim: self.cfg.vocab_size,
+                layout: ops::Layout::OutIn,
+            },
+        }
+    }
+}
+
+/// Saved state of [`Model::head`].
+#[derive(Debug, Clone, Default)]
+pub struct HeadTape {
+    rows: Vec<usize>,
+    x: Vec<f32>,
+    norm: NormSaved,
+}
+
+/// Splits GPT-2's fused `c_attn` output `[rows, 3d]` into q, k, v `[rows, d]` each.
+fn split_fused_qkv(qkv: &[f32], d: usize) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let rows = qkv.len() / (3 * d);
+    let mut q = Vec::with_capacity(rows * d);
+    let mut k = Vec::with_capacity(rows * d);
+    let mut v = Vec::with_capacity(rows * d);
+    for r in qkv.chunks(3 * d) {
+        q.extend_from_slice(&r[..d]);
+        k.extend_from_slice(&r[d..2 * d]);
+        v.extend_from_slice(&r[2 * d..]);
+    }
+    (q, k, v)
+}
+
+impl Model {
+    /// Backward of [`Model::mlp_half`]: `dh` holds dL/d(block output) and becomes dL/d(mlp input
+    /// residual). With `need_input_grad == false` only the adapter gradients are produced (the trainer
+    /// stops there at its first adapted block).
+    pub fn mlp_backward(
+        &self,
+        l: usize,
+        tape: &MlpTape,
+        shape: &BatchShape,
+        adapter: &mut dyn Adapter,
+        dh: &mut [f32],
+        need_input_grad: bool,
+    ) {
+        let blk = &self.blocks[l];
+        let rows = shape.rows();
+        let site = |proj| Site { block: l, proj };
+        let d = self.cfg.hidden_size;
+        let mut dnormed = vec![0.0f32; rows * d];
+        match &blk.mlp {
+            Mlp::Gpt2 { c_fc, c_proj } => {
+                let mut dact = vec![0.0f32; tape.act.len()];
+                c_proj.backward_input(dh, rows, &mut dact, false);
+                adapter.backward_linear(
+                    site(MlpProj::CProj),
+                    shape,
+                    &tape.act,
+                    dh,
+                    Some(&mut dact),
+                );
+                let mut dpre = vec![0.0f32; tape.pre.len()];
+                ops::gelu_new_backward(&tape.pre, &dact, &mut dpre);
+                let dx = need_input_grad.then_some(&mut dnormed[..]);
+                adapter.backward_linear(site(MlpProj::CFc), shape, &tape.normed, &dpre, dx);
+                if need_input_grad {
+                    c_fc.backward_input(&dpre, rows, &mut dnormed, true);
+                }
+            }
+            Mlp::Llama { gate, up, down } => {
+                let mut dact = vec![0.0f32; tape.act.len()];
+                down.backward_input(dh, rows, &mut dact, false);
+                adapter.backward_linear(
+                    site(MlpProj::DownProj),
+                    shape,
+                    &tape.act,
+                    dh,
+                    Some(&mut dact),
+                );
+                let mut dgate = vec![0.0f32; dact.len()];
+                let mut dup = vec![0.0f32; dact.len()];
+                ops::silu_mul_backward(&tape.pre, &tape.up, &dact, &mut dgate, &mut dup);
+                let dx = need_input_grad.then_some(&mut dnormed[..]);
+                adapter.backward_linear(site(MlpProj::UpProj), shape, &tape.normed, &dup, dx);
+                let dx = need_input_grad.then_some(&mut dnormed[..]);
+                adapter.backward_linear(site(MlpProj::GateProj), shape, &tape.normed, &dgate, dx);
+                if need_input_grad {
+                    up.backward_input(&dup, rows, &mut dnormed, true);
+                    gate.backward_input(&dgate, rows, &mut dnormed, true);
+                }
+            }
+        }
+        if need_input_grad {
+            blk.norm2
+                .backward_accumulate(&tape.x, &tape.norm, &dnormed, dh);
+        }
+    }
+
+    /// Backward of [`Model::attn_half`] (training shape: no earlier cache, capacity = T):
+    /// `dh` holds dL/d(attention output residual) and becomes dL/d(block input).
+    pub fn attn_backward(&self, l: usize, tape: &AttnTape, shape: &BatchShape, dh: &mut [f32]) {
+        let cfg = &self.cfg;
+        let blk = &self.blocks[l];
+        let rows = shape.rows();
+        let mut datt = vec![0.0f32; rows * cfg.q_dim()];
+        blk.o_proj.backward_input(dh, rows, &mut datt, false);
+        let capacity = tape.k.len() / (shape.batch * cfg.kv_dim());
+        let attn_shape = AttnShape {
+            batch: shape.batch,
+            q_len: shape.seq,
+            kv_capacity: capacity,
+            n_heads: cfg.num_heads,
+            n_kv_heads: cfg.num_kv_heads,
+            head_dim: cfg.head_dim,
+            q_start: &shape.start,
+            q_valid: &shape.valid,
+        };
+        let mut dq = vec![0.0f32; tape.q.len()];
+        let mut dk = vec![0.0f32; tape.k.len()];
+        let mut dv = vec![0.0f32; tape.v.len()];
+        ops::attention_backward(
+            &attn_shape,
+            &tape.q,
+            &tape.k,
+            &tape.v,
+            &tape.probs,
+            &datt,
+            &mut dq,
+            &mut dk,
+            &mut dv,
+        );
+        // The cache rows of this call are rows of the batch when the cache started empty.
+        debug_assert!(shape.start.iter().all(|&s| s == 0) && capacity == shape.seq);
+        if cfg.arch == Arch::Llama {
+            let pos = shape.positions();
+            ops::rope(
+                &mut dq,
+                &pos,
+                cfg.num_heads,
+                cfg.head_dim,
+                cfg.rope_theta,
+                true,
+            );
+            ops::rope(
+                &mut dk,
+                &pos,
+                cfg.num_kv_heads,
+                cfg.head_dim,
+                cfg.rope_theta,
+                true,
+            );
+        }
+        let mut dnormed = vec![0.0f32; rows * cfg.hidden_size];
+        match &blk.qkv {
+            QkvProj::Fused(lin) => {
+                let d = cfg.hidden_size;
+                let mut dqkv = Vec::with_capacity(rows * 3 * d);
+                for r in 0..rows {
+                    dqkv.extend_from_slice(&dq[r * d..(r + 1) * d]);
+                    dqkv.extend_from_slice(&dk[r * d..(r + 1) * d]);
+                    dqkv.extend_from_slice(&dv[r * d..(r + 1) * d]);
+                }
+                lin.backward_input(&dqkv, rows, &mut dnormed, false);
+            }
+            QkvProj::Split { q, k, v } => {
+                q.backward_input(&dq, rows, &mut dnormed, false);
+                k.backward_input(&dk, rows, &mut dnormed, true);
+                v.backward_input(&dv, rows, &mut dnormed, true);
+            }
+        }
+        blk.norm1
+            .backward_accumulate(&tape.x, &tape.norm, &dnormed, dh);
+    }
+}
