@@ -1,4 +1,5 @@
 //! elder: lifelong model editing (ELDER) on a frozen language model.
 pub mod backend;
+pub mod elder;
 pub mod model;
 pub mod tensor;

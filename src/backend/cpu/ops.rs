@@ -666,3 +666,229 @@ pub fn adam(param: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32], s: Ad
             *p -= step * *m / ((*v).sqrt() / bc2_sqrt + s.eps);
         });
 }
+
+#[cfg(test)]
+mod tests {
+    //! Every backward op against central finite differences of `sum(forward(x) * w)`.
+    use super::*;
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    fn random(n: usize, seed: u64) -> Vec<f32> {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        (0..n).map(|_| rng.gen_range(-1.0..1.0)).collect()
+    }
+
+    /// Checks `grad` against finite differences of `f` at `x` on every coordinate.
+    fn fd_check(name: &str, x: &[f32], grad: &[f32], f: impl Fn(&[f32]) -> f32) {
+        let eps = 1e-3;
+        let mut x = x.to_vec();
+        for i in 0..x.len() {
+            let orig = x[i];
+            x[i] = orig + eps;
+            let plus = f(&x) as f64;
+            x[i] = orig - eps;
+            let minus = f(&x) as f64;
+            x[i] = orig;
+            let fd = ((plus - minus) / (2.0 * eps as f64)) as f32;
+            assert!(
+                (fd - grad[i]).abs() <= 2e-3 + 1e-2 * grad[i].abs(),
+                "{name}: d/dx[{i}] finite difference {fd} vs analytic {}",
+                grad[i]
+            );
+        }
+    }
+
+    fn dot(a: &[f32], b: &[f32]) -> f32 {
+        a.iter().zip(b).map(|(a, b)| a * b).sum()
+    }
+
+    #[test]
+    fn layernorm_backward_matches_finite_differences() {
+        let (rows, d) = (3, 8);
+        let (x, w, b, dy) = (
+            random(rows * d, 1),
+            random(d, 2),
+            random(d, 3),
+            random(rows * d, 4),
+        );
+        let f = |x: &[f32]| {
+            let (mut o, mut m, mut r) = (vec![0.0; rows * d], vec![0.0; rows], vec![0.0; rows]);
+            layernorm(x, &w, &b, 1e-5, &mut o, &mut m, &mut r);
+            dot(&o, &dy)
+        };
+        let (mut o, mut m, mut r) = (vec![0.0; rows * d], vec![0.0; rows], vec![0.0; rows]);
+        layernorm(&x, &w, &b, 1e-5, &mut o, &mut m, &mut r);
+        let mut dx = vec![0.0; rows * d];
+        layernorm_backward(&x, &w, &m, &r, &dy, &mut dx, false);
+        fd_check("layernorm", &x, &dx, f);
+    }
+
+    #[test]
+    fn rmsnorm_backward_matches_finite_differences() {
+        let (rows, d) = (3, 8);
+        let (x, w, dy) = (random(rows * d, 5), random(d, 6), random(rows * d, 7));
+        let f = |x: &[f32]| {
+            let (mut o, mut r) = (vec![0.0; rows * d], vec![0.0; rows]);
+            rmsnorm(x, &w, 1e-6, &mut o, &mut r);
+            dot(&o, &dy)
+        };
+        let (mut o, mut r) = (vec![0.0; rows * d], vec![0.0; rows]);
+        rmsnorm(&x, &w, 1e-6, &mut o, &mut r);
+        let mut dx = vec![0.0; rows * d];
+        rmsnorm_backward(&x, &w, &r, &dy, &mut dx, false);
+        fd_check("rmsnorm", &x, &dx, f);
+    }
+
+    #[test]
+    fn activation_backwards_match_finite_differences() {
+        let n = 20;
+        let (x, dy, up) = (random(n, 8), random(n, 9), random(n, 10));
+        let mut dx = vec![0.0; n];
+        gelu_new_backward(&x, &dy, &mut dx);
+        fd_check("gelu_new", &x, &dx, |x| {
+            let mut y = x.to_vec();
+            gelu_new(&mut y);
+            dot(&y, &dy)
+        });
+        let (mut dg, mut du) = (vec![0.0; n], vec![0.0; n]);
+        silu_mul_backward(&x, &up, &dy, &mut dg, &mut du);
+        fd_check("silu_mul gate", &x, &dg, |g| {
+            let mut y = vec![0.0; n];
+            silu_mul(g, &up, &mut y);
+            dot(&y, &dy)
+        });
+        fd_check("silu_mul up", &up, &du, |u| {
+            let mut y = vec![0.0; n];
+            silu_mul(&x, u, &mut y);
+            dot(&y, &dy)
+        });
+    }
+
+    #[test]
+    fn rope_inverse_is_the_transpose() {
+        let (heads, dh) = (2, 8);
+        let pos = [0u32, 3, 17];
+        let (x, dy) = (random(3 * heads * dh, 11), random(3 * heads * dh, 12));
+        let mut dx = dy.clone();
+        rope(&mut dx, &pos, heads, dh, 10000.0, true);
+        fd_check("rope", &x, &dx, |x| {
+            let mut y = x.to_vec();
+            rope(&mut y, &pos, heads, dh, 10000.0, false);
+            dot(&y, &dy)
+        });
+    }
+
+    #[test]
+    fn attention_backward_matches_finite_differences() {
+        let (b, t, h, hkv, dh) = (2, 4, 4, 2, 3);
+        let (start, valid) = ([0usize, 0], [4usize, 2]);
+        let s = AttnShape {
+            batch: b,
+            q_len: t,
+            kv_capacity: t,
+            n_heads: h,
+            n_kv_heads: hkv,
+            head_dim: dh,
+            q_start: &start,
+            q_valid: &valid,
+        };
+        let q = random(b * t * h * dh, 13);
+        let k = random(b * t * hkv * dh, 14);
+        let v = random(b * t * hkv * dh, 15);
+        let dy = random(b * t * h * dh, 16);
+        let run = |q: &[f32], k: &[f32], v: &[f32]| {
+            let mut o = vec![0.0; q.len()];
+            attention(&s, q, k, v, &mut o, None);
+            dot(&o, &dy)
+        };
+        let mut o = vec![0.0; q.len()];
+        let mut p = vec![0.0; b * h * t * t];
+        attention(&s, &q, &k, &v, &mut o, Some(&mut p));
+        let (mut dq, mut dk, mut dv) = (vec![0.0; q.len()], vec![0.0; k.len()], vec![0.0; v.len()]);
+        attention_backward(&s, &q, &k, &v, &p, &dy, &mut dq, &mut dk, &mut dv);
+        fd_check("attention dq", &q, &dq, |q| run(q, &k, &v));
+        fd_check("attention dk", &k, &dk, |k| run(&q, k, &v));
+        fd_check("attention dv", &v, &dv, |v| run(&q, &k, v));
+    }
+
+    #[test]
+    fn cross_entropy_gradient_matches_finite_differences() {
+        let vocab = 7;
+        let logits = random(3 * vocab, 17);
+        let targets = [Some(2), None, Some(6)];
+        let mut dl = vec![0.0; logits.len()];
+        let loss = cross_entropy(&logits, vocab, &targets, 0.5, &mut dl);
+        assert!(loss > 0.0);
+        assert!(
+            dl[vocab..2 * vocab].iter().all(|&g| g == 0.0),
+            "ignored row has a gradient"
+        );
+        fd_check("cross_entropy", &logits, &dl, |x| {
+            0.5 * cross_entropy(x, vocab, &targets, 0.5, &mut vec![0.0; x.len()])
+        });
+    }
+
+    #[test]
+    fn adam_matches_torch_first_step() {
+        // torch.optim.Adam's first step moves each parameter by lr * sign(grad) (up to eps).
+        let (mut p, g) = (vec![1.0f32, -2.0, 0.5], vec![0.3f32, -4.0, 1e-3]);
+        let (mut m, mut v) = (vec![0.0; 3], vec![0.0; 3]);
+        adam(
+            &mut p,
+            &g,
+            &mut m,
+            &mut v,
+            AdamStep {
+                lr: 0.1,
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+                t: 1,
+            },
+        );
+        let expect = [0.9f32, -1.9, 0.4];
+        for (a, b) in p.iter().zip(expect) {
+            assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+        }
+    }
+
+    #[test]
+    fn matmul_layouts_agree_with_a_naive_product() {
+        let (m, k, n) = (5, 7, 3);
+        let x = random(m * k, 18);
+        let w_in_out = random(k * n, 19);
+        // The same matrix stored [out, in].
+        let mut w_out_in = vec![0.0; k * n];
+        for i in 0..k {
+            for j in 0..n {
+                w_out_in[j * k + i] = w_in_out[i * n + j];
+            }
+        }
+        let naive: Vec<f32> = (0..m)
+            .flat_map(|r| (0..n).map(move |c| (r, c)))
+            .map(|(r, c)| (0..k).map(|i| x[r * k + i] * w_in_out[i * n + c]).sum())
+            .collect();
+        for (data, layout) in [(&w_in_out, Layout::InOut), (&w_out_in, Layout::OutIn)] {
+            let w = MatRef {
+                data,
+                in_dim: k,
+                out_dim: n,
+                layout,
+            };
+            let mut out = vec![f32::NAN; m * n];
+            matmul(&x, m, w, &mut out, false);
+            for (a, b) in out.iter().zip(&naive) {
+                assert!((a - b).abs() < 1e-5);
+            }
+            let dy = random(m * n, 20);
+            let mut dx = vec![f32::NAN; m * k];
+            matmul_input_grad(&dy, m, w, &mut dx, false);
+            fd_check("matmul", &x, &dx, |x| {
+                let mut o = vec![0.0; m * n];
+                matmul(x, m, w, &mut o, false);
+                dot(&o, &dy)
+            });
+        }
+    }
+}

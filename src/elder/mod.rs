@@ -1,0 +1,5 @@
+//! ELDER: mixture-of-LoRA experts with per-sequence routers, guided loss and a deferral codebook.
+pub mod codebook;
+pub mod config;
+pub mod molora;
+pub mod trainer;

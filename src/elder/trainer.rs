@@ -1,0 +1,347 @@
+//! Editing: trains the experts and routers on a batch of edits (target-only cross-entropy plus the
+//! guided loss, a fresh Adam per batch), then appends each edit's allocation code to the codebook.
+//!
+//! Nothing below the first MoLoRA block changes while editing, so the residual stream entering the
+//! first MoLoRA block's MLP (and the query) is computed once per batch and reused by every iteration.
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::backend::cpu::ops::{self, AdamStep};
+use crate::model::runner::pad_batch;
+use crate::model::transformer::{AttnTape, MlpTape};
+use crate::model::{KvCache, Model};
+
+use super::config::{AllocationMode, ElderConfig};
+use super::molora::{Elder, ElderAdapter, MoloraLayer};
+
+/// One edit, tokenized: the model should continue `prompt` with `target`.
+#[derive(Debug, Clone)]
+pub struct EditExample {
+    pub prompt: Vec<u32>,
+    pub target: Vec<u32>,
+    /// An edit and its rephrasings share one knowledge id, and so one preset allocation.
+    pub knowledge_id: String,
+}
+
+/// What one edit batch did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EditReport {
+    /// Mean target cross-entropy at the first and at the last iteration.
+    pub first_loss: f32,
+    pub last_loss: f32,
+    /// Guided loss (summed over layers, unweighted) at the last iteration.
+    pub guide_loss: f32,
+    pub iterations: usize,
+}
+
+/// FNV-1a, so that a knowledge id maps to the same seed on every machine and every run.
+fn stable_hash(s: &str) -> u64 {
+    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// The preset allocation of a knowledge id: `k` distinct experts for every MoLoRA layer, drawn from a
+/// seed derived from the id.
+pub fn preset_allocation(cfg: &ElderConfig, knowledge_id: &str) -> Vec<Vec<u32>> {
+    let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed ^ stable_hash(knowledge_id));
+    (0..cfg.molora_blocks.len())
+        .map(|_| {
+            let mut pool: Vec<u32> = (0..cfg.num_experts as u32).collect();
+            for i in 0..cfg.top_k {
+                let j = rng.gen_range(i..pool.len());
+                pool.swap(i, j);
+            }
+            pool.truncate(cfg.top_k);
+            pool
+        })
+        .collect()
+}
+
+/// Adam state for every MoLoRA parameter, created fresh for each edit batch.
+struct Adam {
+    m: Vec<MoloraLayer>,
+    v: Vec<MoloraLayer>,
+    t: u32,
+}
+
+impl Adam {
+    fn new(layers: &[MoloraLayer]) -> Self {
+        Adam {
+            m: layers.iter().map(MoloraLayer::zeros_like).collect(),
+            v: layers.iter().map(MoloraLayer::zeros_like).collect(),
+            t: 0,
+        }
+    }
+
+    fn step(
+        &mut self,
+        cfg: &ElderConfig,
+        lr: f32,
+        params: &mut [MoloraLayer],
+        grads: &mut [MoloraLayer],
+    ) {
+        self.t += 1;
+        let step = AdamStep {
+            lr,
+            beta1: cfg.adam_beta1,
+            beta2: cfg.adam_beta2,
+            eps: cfg.adam_eps,
+            t: self.t,
+        };
+        for (((p, g), m), v) in params
+            .iter_mut()
+            .zip(grads.iter_mut())
+            .zip(&mut self.m)
+            .zip(&mut self.v)
+        {
+            for (((p, g), m), v) in p
+                .tensors_mut()
+                .into_iter()
+                .zip(g.tensors_mut())
+                .zip(m.tensors_mut())
+                .zip(v.tensors_mut())
+            {
+                ops::adam(p, g, m, v, step);
+            }
+        }
+    }
+}
+
+fn learning_rate(cfg: &ElderConfig, iteration: usize) -> f32 {
+    if cfg.lr_decay_every == 0 {
+        return cfg.learning_rate;
+    }
+    cfg.learning_rate
+        * cfg
+            .lr_decay_factor
+            .powi((iteration / cfg.lr_decay_every) as i32)
+}
+
+/// An edit batch made ready for training: padded tokens, supervised rows, and the frozen prefix.
+pub struct PreparedBatch {
+    shape: crate::model::BatchShape,
+    target_rows: Vec<usize>,
+    targets: Vec<Option<u32>>,
+    /// Residual stream after the first MoLoRA block's attention `[rows, d]`.
+    prefix: Vec<f32>,
+    /// Query vectors `[B, d_in]`.
+    pub query: Vec<f32>,
+    cache: KvCache,
+    attn_tapes: Vec<AttnTape>,
+    mlp_tapes: Vec<MlpTape>,
+}
+
+/// Loss and gradients of one forward/backward pass.
+pub struct LossAndGrads {
+    /// Mean target cross-entropy.
+    pub ce: f32,
+    /// Guided loss summed over layers (unweighted).
+    pub guide: f32,
+    pub grads: Vec<MoloraLayer>,
+    /// The routers' top-k experts per layer `[L][B * k]` in this pass.
+    pub chosen: Vec<Vec<u32>>,
+}
+
+impl LossAndGrads {
+    /// The objective the gradients belong to.
+    pub fn total(&self, cfg: &ElderConfig) -> f32 {
+        self.ce + cfg.guide_weight * self.guide
+    }
+}
+
+impl PreparedBatch {
+    /// Tokenized edits -> padded batch; runs the frozen prefix once.
+    pub fn new(model: &Model, elder: &Elder, batch: &[EditExample]) -> anyhow::Result<Self> {
+        anyhow::ensure!(!batch.is_empty(), "empty edit batch");
+        for (i, ex) in batch.iter().enumerate() {
+            anyhow::ensure!(
+                !ex.prompt.is_empty() && !ex.target.is_empty(),
+                "edit {i} has an empty prompt or target"
+            );
+            let len = ex.prompt.len() + ex.target.len();
+            anyhow::ensure!(
+                len <= model.cfg.max_positions,
+                "edit {i} is {len} tokens, longer than the model's {} positions",
+                model.cfg.max_positions
+            );
+        }
+        let seqs: Vec<Vec<u32>> = batch
+            .iter()
+            .map(|ex| [ex.prompt.as_slice(), &ex.target].concat())
+            .collect();
+        let (ids, shape) = pad_batch(&seqs, &vec![0; batch.len()]);
+        // Row b*T + p - 1 + i predicts target token i of sequence b.
+        let mut target_rows = Vec::new();
+        let mut targets = Vec::new();
+        for (b, ex) in batch.iter().enumerate() {
+            for (i, &t) in ex.target.iter().enumerate() {
+                target_rows.push(b * shape.seq + ex.prompt.len() - 1 + i);
+                targets.push(Some(t));
+            }
+        }
+        let query_rows: Vec<usize> = batch
+            .iter()
+            .enumerate()
+            .map(|(b, ex)| b * shape.seq + ex.prompt.len() - 1)
+            .collect();
+
+        let first = elder.cfg.molora_blocks[0];
+        let mut cache = KvCache::new(&model.cfg, shape.batch, shape.seq);
+        let mut prefix = model.embed(&ids, &shape);
+        let mut capture = ElderAdapter::inference(elder, query_rows);
+        for l in 0..first {
+            model.attn_half(l, &mut prefix, &shape, &mut cache, None);
+            model.mlp_half(l, &mut prefix, &shape, &mut capture, None);
+        }
+        let query = capture
+            .query
+            .take()
+            .ok_or_else(|| anyhow::anyhow!("the query site was not reached below block {first}"))?;
+        model.attn_half(first, &mut prefix, &shape, &mut cache, None);
+        let n = model.cfg.num_layers;
+        Ok(PreparedBatch {
+            shape,
+            target_rows,
+            targets,
+            prefix,
+            query,
+            cache,
+            attn_tapes: vec![AttnTape::default(); n],
+            mlp_tapes: vec![MlpTape::default(); n],
+        })
+    }
+
+    /// One forward and backward pass from the first MoLoRA block up. `presets` (`[L][B * k]`) are the
+    /// guided loss's targets; `None` uses the routers' own choice of this pass.
+    pub fn loss_and_grads(
+        &mut self,
+        model: &Model,
+        elder: &Elder,
+        presets: Option<&[Vec<u32>]>,
+    ) -> LossAndGrads {
+        let first = elder.cfg.molora_blocks[0];
+        let n_layers = model.cfg.num_layers;
+        let shape = &self.shape;
+        let mut adapter = ElderAdapter::training(elder, self.query.clone());
+        let mut h = self.prefix.clone();
+        model.mlp_half(
+            first,
+            &mut h,
+            shape,
+            &mut adapter,
+            Some(&mut self.mlp_tapes[first]),
+        );
+        for l in first + 1..n_layers {
+            model.attn_half(
+                l,
+                &mut h,
+                shape,
+                &mut self.cache,
+                Some(&mut self.attn_tapes[l]),
+            );
+            model.mlp_half(l, &mut h, shape, &mut adapter, Some(&mut self.mlp_tapes[l]));
+        }
+        let (logits, head_tape) = model.head(&h, &self.target_rows);
+        let weight = 1.0 / self.targets.len() as f32;
+        let mut dlogits = vec![0.0f32; logits.len()];
+        let ce = ops::cross_entropy(
+            &logits,
+            model.cfg.vocab_size,
+            &self.targets,
+            weight,
+            &mut dlogits,
+        ) * weight;
+
+        let mut dh = vec![0.0f32; h.len()];
+        model.head_backward(&head_tape, &dlogits, &mut dh);
+        for l in (first + 1..n_layers).rev() {
+            model.mlp_backward(l, &self.mlp_tapes[l], shape, &mut adapter, &mut dh, true);
+            model.attn_backward(l, &self.attn_tapes[l], shape, &mut dh);
+        }
+        model.mlp_backward(
+            first,
+            &self.mlp_tapes[first],
+            shape,
+            &mut adapter,
+            &mut dh,
+            false,
+        );
+        let chosen: Vec<Vec<u32>> = adapter
+            .routing
+            .as_ref()
+            .map(|r| r.iter().map(|r| r.experts.clone()).collect())
+            .unwrap_or_default();
+        let guide = adapter.router_backward(presets.unwrap_or(&chosen));
+        LossAndGrads {
+            ce,
+            guide,
+            grads: std::mem::take(&mut adapter.grads),
+            chosen,
+        }
+    }
+}
+
+/// The guided loss's targets for a batch under the configured allocation mode; `None` when they
+/// come from the routers at the first iteration.
+fn batch_presets(cfg: &ElderConfig, batch: &[EditExample]) -> Option<Vec<Vec<u32>>> {
+    match cfg.allocation {
+        AllocationMode::KnowledgeSeed => {
+            let per_edit: Vec<Vec<Vec<u32>>> = batch
+                .iter()
+                .map(|ex| preset_allocation(cfg, &ex.knowledge_id))
+                .collect();
+            Some(
+                (0..cfg.molora_blocks.len())
+                    .map(|l| per_edit.iter().flat_map(|p| p[l].iter().copied()).collect())
+                    .collect(),
+            )
+        }
+        AllocationMode::RouterFirstIteration => None,
+    }
+}
+
+/// Trains `elder` on one batch of edits and appends their codes to the codebook.
+/// `on_iteration(i, loss)` is called after every iteration (for progress display).
+pub fn apply_edit_batch(
+    model: &Model,
+    elder: &mut Elder,
+    batch: &[EditExample],
+    mut on_iteration: impl FnMut(usize, f32),
+) -> anyhow::Result<EditReport> {
+    let cfg = elder.cfg.clone();
+    let mut prepared = PreparedBatch::new(model, elder, batch)?;
+    let mut presets = batch_presets(&cfg, batch);
+    let mut adam = Adam::new(&elder.layers);
+    let mut report = EditReport {
+        first_loss: 0.0,
+        last_loss: 0.0,
+        guide_loss: 0.0,
+        iterations: cfg.iterations,
+    };
+    for it in 0..cfg.iterations {
+        let mut step = prepared.loss_and_grads(model, elder, presets.as_deref());
+        if presets.is_none() {
+            presets = Some(step.chosen.clone());
+        }
+        adam.step(
+            &cfg,
+            learning_rate(&cfg, it),
+            &mut elder.layers,
+            &mut step.grads,
+        );
+        if it == 0 {
+            report.first_loss = step.ce;
+        }
+        report.last_loss = step.ce;
+        report.guide_loss = step.guide;
+        on_iteration(it, step.ce);
+    }
+    // Codebook entries for the edits just learned, from the routers as they are now.
+    let routing = elder.route_all(&prepared.query);
+    for code in elder.codes(&routing) {
+        elder.codebook.push(&code);
+    }
+    Ok(report)
+}
