@@ -159,6 +159,12 @@ impl ModelConfig {
                 self.num_kv_heads
             );
         }
+        if self.arch == Arch::Gpt2 && self.num_kv_heads != self.num_heads {
+            bail!(
+                "GPT-2 has no grouped-query attention: num_kv_heads must equal n_head ({})",
+                self.num_heads
+            );
+        }
         if self.arch == Arch::Gpt2 && self.head_dim * self.num_heads != self.hidden_size {
             bail!(
                 "n_embd ({}) is not divisible by n_head ({})",

@@ -60,6 +60,7 @@ impl TensorSource for RandomSource {
 
 /// Loads every tensor of `cfg`'s family (in parallel) and assembles the model.
 pub fn build_model(cfg: &ModelConfig, source: &dyn TensorSource) -> Result<Model> {
+    cfg.validate()?;
     let specs = tensor_specs(cfg);
     let loaded: Vec<(String, Vec<f32>)> = specs
         .par_iter()

@@ -1,0 +1,267 @@
+//! Metrics of the method (elder-method.md section 5): reliability, generalization, locality and the
+//! in-scope rates, scored with teacher forcing on token ids.
+
+use serde::Serialize;
+
+use crate::backend::cpu::ops;
+use crate::elder::molora::{Elder, ElderAdapter};
+use crate::model::runner::pad_batch;
+use crate::model::{KvCache, Model, NoAdapter};
+
+/// An edit record, tokenized.
+#[derive(Debug, Clone)]
+pub struct TokenizedEdit {
+    pub id: String,
+    pub knowledge_id: String,
+    pub prompt: Vec<u32>,
+    pub target: Vec<u32>,
+    pub rephrases: Vec<Vec<u32>>,
+    /// Unrelated prompts with their answers.
+    pub locality: Vec<(Vec<u32>, Vec<u32>)>,
+}
+
+/// When the metrics are taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// On the final model, after all edits (the paper's protocol).
+    Final,
+    /// Each edit scored right after it was applied.
+    Each,
+}
+
+/// Teacher-forced result of one (prompt, continuation) pair.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Scored {
+    /// The model's argmax at each continuation position.
+    pub argmax: Vec<u32>,
+    /// Whether the deferral codebook put the sequence in scope.
+    pub in_scope: bool,
+}
+
+/// Sequences scored per forward pass.
+const EVAL_BATCH: usize = 16;
+
+/// Scores `(prompt, continuation)` pairs in batches, with ELDER (`Some`) or the base model.
+pub fn score_pairs(
+    model: &Model,
+    elder: Option<&Elder>,
+    pairs: &[(&[u32], &[u32])],
+) -> Vec<Scored> {
+    let mut out = Vec::with_capacity(pairs.len());
+    for chunk in pairs.chunks(EVAL_BATCH) {
+        let seqs: Vec<Vec<u32>> = chunk.iter().map(|(p, c)| [*p, *c].concat()).collect();
+        let (ids, shape) = pad_batch(&seqs, &vec![0; seqs.len()]);
+        let mut cache = KvCache::new(&model.cfg, shape.batch, shape.seq);
+        let query_rows: Vec<usize> = chunk
+            .iter()
+            .enumerate()
+            .map(|(b, (p, _))| b * shape.seq + p.len() - 1)
+            .collect();
+        let (h, in_scope) = match elder {
+            Some(e) => {
+                let mut adapter = ElderAdapter::inference(e, query_rows);
+                let h = model.forward_hidden(&ids, &shape, &mut cache, &mut adapter);
+                let scope = if adapter.in_scope.is_empty() {
+                    vec![false; chunk.len()]
+                } else {
+                    adapter.in_scope
+                };
+                (h, scope)
+            }
+            None => (
+                model.forward_hidden(&ids, &shape, &mut cache, &mut NoAdapter),
+                vec![false; chunk.len()],
+            ),
+        };
+        let rows: Vec<usize> = chunk
+            .iter()
+            .enumerate()
+            .flat_map(|(b, (p, c))| (0..c.len()).map(move |i| b * shape.seq + p.len() - 1 + i))
+            .collect();
+        let (logits, _) = model.head(&h, &rows);
+        let mut rows_iter = logits.chunks(model.cfg.vocab_size);
+        for ((_, c), scope) in chunk.iter().zip(in_scope) {
+            let argmax = rows_iter
+                .by_ref()
+                .take(c.len())
+                .map(|r| ops::argmax(r) as u32)
+                .collect();
+            out.push(Scored {
+                argmax,
+                in_scope: scope,
+            });
+        }
+    }
+    out
+}
+
+fn token_accuracy(argmax: &[u32], target: &[u32]) -> f64 {
+    if target.is_empty() {
+        return 1.0;
+    }
+    argmax.iter().zip(target).filter(|(a, b)| a == b).count() as f64 / target.len() as f64
+}
+
+/// Running sums of one metric.
+#[derive(Debug, Clone, Copy, Default)]
+struct Mean {
+    sum: f64,
+    exact: f64,
+    in_scope: f64,
+    n: usize,
+}
+
+impl Mean {
+    fn add(&mut self, accuracy: f64, in_scope: bool) {
+        self.sum += accuracy;
+        self.exact += (accuracy == 1.0) as u8 as f64;
+        self.in_scope += in_scope as u8 as f64;
+        self.n += 1;
+    }
+    fn value(&self) -> f64 {
+        if self.n == 0 {
+            f64::NAN
+        } else {
+            self.sum / self.n as f64
+        }
+    }
+    fn exact(&self) -> f64 {
+        if self.n == 0 {
+            f64::NAN
+        } else {
+            self.exact / self.n as f64
+        }
+    }
+    fn scope(&self) -> f64 {
+        if self.n == 0 {
+            f64::NAN
+        } else {
+            self.in_scope / self.n as f64
+        }
+    }
+}
+
+/// The report of one evaluation. Fractions in [0, 1]; NaN (null in JSON) when nothing was scored.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Metrics {
+    pub protocol: Protocol,
+    pub edits: usize,
+    pub rephrases: usize,
+    pub locality_probes: usize,
+    /// Mean over edits of the fraction of target tokens predicted (argmax, teacher forcing).
+    pub reliability: f64,
+    pub reliability_exact: f64,
+    /// The same over every rephrased prompt.
+    pub generalization: f64,
+    pub generalization_exact: f64,
+    /// Mean over locality probes of the fraction of positions whose argmax is unchanged by editing.
+    pub locality: f64,
+    pub locality_exact: f64,
+    pub in_scope_edits: f64,
+    pub in_scope_rephrases: f64,
+    pub in_scope_locality: f64,
+}
+
+/// Accumulates scores of edits, possibly across several calls (the `each` protocol).
+#[derive(Debug, Default)]
+pub struct Evaluator {
+    rel: Mean,
+    generalization: Mean,
+    loc: Mean,
+}
+
+impl Evaluator {
+    /// Scores `edits` on the edited model (`elder`) and, for locality, against the base model.
+    pub fn add(&mut self, model: &Model, elder: &Elder, edits: &[TokenizedEdit]) {
+        let edit_pairs: Vec<(&[u32], &[u32])> = edits
+            .iter()
+            .map(|e| (&e.prompt[..], &e.target[..]))
+            .collect();
+        for (s, e) in score_pairs(model, Some(elder), &edit_pairs)
+            .iter()
+            .zip(edits)
+        {
+            self.rel
+                .add(token_accuracy(&s.argmax, &e.target), s.in_scope);
+        }
+        let reph_pairs: Vec<(&[u32], &[u32])> = edits
+            .iter()
+            .flat_map(|e| e.rephrases.iter().map(|r| (&r[..], &e.target[..])))
+            .collect();
+        let reph_targets: Vec<&[u32]> = reph_pairs.iter().map(|p| p.1).collect();
+        for (s, t) in score_pairs(model, Some(elder), &reph_pairs)
+            .iter()
+            .zip(reph_targets)
+        {
+            self.generalization
+                .add(token_accuracy(&s.argmax, t), s.in_scope);
+        }
+        let loc_pairs: Vec<(&[u32], &[u32])> = edits
+            .iter()
+            .flat_map(|e| e.locality.iter().map(|(p, a)| (&p[..], &a[..])))
+            .collect();
+        let edited = score_pairs(model, Some(elder), &loc_pairs);
+        let base = score_pairs(model, None, &loc_pairs);
+        for (e, b) in edited.iter().zip(&base) {
+            self.loc
+                .add(token_accuracy(&e.argmax, &b.argmax), e.in_scope);
+        }
+    }
+
+    pub fn metrics(&self, protocol: Protocol) -> Metrics {
+        Metrics {
+            protocol,
+            edits: self.rel.n,
+            rephrases: self.generalization.n,
+            locality_probes: self.loc.n,
+            reliability: self.rel.value(),
+            reliability_exact: self.rel.exact(),
+            generalization: self.generalization.value(),
+            generalization_exact: self.generalization.exact(),
+            locality: self.loc.value(),
+            locality_exact: self.loc.exact(),
+            in_scope_edits: self.rel.scope(),
+            in_scope_rephrases: self.generalization.scope(),
+            in_scope_locality: self.loc.scope(),
+        }
+    }
+}
+
+impl Metrics {
+    /// A plain-text table for terminals.
+    pub fn table(&self) -> String {
+        let pct = |v: f64| {
+            if v.is_nan() {
+                "    -".to_string()
+            } else {
+                format!("{:5.1}", 100.0 * v)
+            }
+        };
+        let mut s = String::new();
+        s.push_str(&format!(
+            "protocol: {:?}   edits: {}   rephrases: {}   locality probes: {}\n",
+            self.protocol, self.edits, self.rephrases, self.locality_probes
+        ));
+        s.push_str("metric           token %  exact %  in scope %\n");
+        s.push_str(&format!(
+            "reliability        {}    {}      {}\n",
+            pct(self.reliability),
+            pct(self.reliability_exact),
+            pct(self.in_scope_edits)
+        ));
+        s.push_str(&format!(
+            "generalization     {}    {}      {}\n",
+            pct(self.generalization),
+            pct(self.generalization_exact),
+            pct(self.in_scope_rephrases)
+        ));
+        s.push_str(&format!(
+            "locality           {}    {}      {}\n",
+            pct(self.locality),
+            pct(self.locality_exact),
+            pct(self.in_scope_locality)
+        ));
+        s
+    }
+}
