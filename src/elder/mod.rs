@@ -1,0 +1,3 @@
+//! ELDER itself: codebook and deferral, the persistent edit state.
+pub mod codebook;
+pub mod state;
