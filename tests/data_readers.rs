@@ -65,14 +65,10 @@ fn lenient_jsonl_keeps_good_records_and_lists_bad_ones() {
     assert_eq!(read.errors[0].location, RecordLocation::Line(2));
     assert!(errors[1].starts_with("line 4: invalid JSON"), "{errors:#?}");
     assert_eq!(
-        errors[2],
-        "line 5: duplicate id \"ok1\" (first at line 1)",
+        errors[2], "line 5: duplicate id \"ok1\" (first at line 1)",
         "duplicates name both lines"
     );
-    assert_eq!(
-        errors[3],
-        "line 7: field \"locality[0].answer\": missing"
-    );
+    assert_eq!(errors[3], "line 7: field \"locality[0].answer\": missing");
 }
 
 #[test]
@@ -102,8 +98,7 @@ fn zsre_maps_fields_like_the_rome_lineage() {
         }]
     );
     assert_eq!(
-        records[1].locality[0].prompt,
-        "nq question: types of skiing in the winter olympics 2018?",
+        records[1].locality[0].prompt, "nq question: types of skiing in the winter olympics 2018?",
         "an existing question mark is not doubled"
     );
     assert_eq!(records[1].target_true.as_deref(), Some("Lecanorales"));
@@ -141,8 +136,14 @@ fn counterfact_fills_subject_and_uses_true_target_for_neighbours() {
     assert_eq!(first.rephrases.len(), 2);
     assert_eq!(first.locality.len(), 2);
     assert!(first.locality.iter().all(|p| p.answer == "French"));
-    assert_eq!(first.locality[0].prompt, "The mother tongue of L\u{e9}on Blum is");
-    assert_eq!(records[1].prompt, "Danielle Island is located in the continent of");
+    assert_eq!(
+        first.locality[0].prompt,
+        "The mother tongue of L\u{e9}on Blum is"
+    );
+    assert_eq!(
+        records[1].prompt,
+        "Danielle Island is located in the continent of"
+    );
     assert_eq!(
         records[1].locality,
         [LocalityProbe {
@@ -165,8 +166,14 @@ fn counterfact_errors_name_nested_fields_and_duplicates() {
     let read = read_edits_lenient(&path, DataFormat::Auto).unwrap();
     assert_eq!(read.records.len(), 1);
     let errors: Vec<String> = read.errors.iter().map(|e| e.to_string()).collect();
-    assert!(errors[1].starts_with("record 2: field \"requested_rewrite.prompt\": expected a \"{}\""), "{errors:#?}");
-    assert_eq!(errors[2], "record 3: duplicate id \"0\" (first at record 0)");
+    assert!(
+        errors[1].starts_with("record 2: field \"requested_rewrite.prompt\": expected a \"{}\""),
+        "{errors:#?}"
+    );
+    assert_eq!(
+        errors[2],
+        "record 3: duplicate id \"0\" (first at record 0)"
+    );
 }
 
 #[test]
@@ -178,7 +185,10 @@ fn detection_handles_other_extensions_and_refuses_unknown_arrays() {
     assert!(text.contains("question"), "lists the keys it saw: {text}");
     // Forcing the wrong format gives a field error, not a panic.
     let text = error_text(&fixture("zsre.json"), DataFormat::CounterFact);
-    assert!(text.contains("record 0: field \"case_id\": missing"), "{text}");
+    assert!(
+        text.contains("record 0: field \"case_id\": missing"),
+        "{text}"
+    );
     let text = error_text(&fixture("edits.jsonl"), DataFormat::Zsre);
     assert!(text.contains("expected a JSON array"), "{text}");
     let text = error_text(&fixture("no_such_file.jsonl"), DataFormat::Auto);
@@ -201,11 +211,17 @@ fn format_names_parse() {
 
 #[test]
 fn written_jsonl_reads_back_identically() {
-    let mut records: Vec<EditRecord> = read_edits(&fixture("counterfact.json"), DataFormat::Auto).unwrap();
-    records.extend(read_edits(&fixture("zsre.json"), DataFormat::Auto).unwrap().into_iter().map(|mut r| {
-        r.id = format!("zsre-{}", r.id);
-        r
-    }));
+    let mut records: Vec<EditRecord> =
+        read_edits(&fixture("counterfact.json"), DataFormat::Auto).unwrap();
+    records.extend(
+        read_edits(&fixture("zsre.json"), DataFormat::Auto)
+            .unwrap()
+            .into_iter()
+            .map(|mut r| {
+                r.id = format!("zsre-{}", r.id);
+                r
+            }),
+    );
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("converted.jsonl");
     write_edits_jsonl(&out, &records).unwrap();
@@ -218,12 +234,23 @@ fn committed_geo_dataset_is_valid_and_well_formed() {
     let records = read_edits(&path, DataFormat::Auto).unwrap();
     assert!(records.len() >= 1000, "{} records", records.len());
     for record in &records {
-        let true_answer = record.target_true.as_deref().expect("geo records know the truth");
+        let true_answer = record
+            .target_true
+            .as_deref()
+            .expect("geo records know the truth");
         assert_ne!(record.target_new, true_answer, "{}", record.id);
         assert!(record.rephrases.len() >= 2, "{}", record.id);
         assert!(record.locality.len() >= 5, "{}", record.id);
-        assert!(record.target_new.split_whitespace().count() <= 2, "{}", record.id);
-        assert!(!record.prompt.ends_with(' '), "{}: the engine adds the space", record.id);
+        assert!(
+            record.target_new.split_whitespace().count() <= 2,
+            "{}",
+            record.id
+        );
+        assert!(
+            !record.prompt.ends_with(' '),
+            "{}: the engine adds the space",
+            record.id
+        );
     }
     // The first 100 records mix every relation.
     let relations: std::collections::BTreeSet<&str> = records[..100]

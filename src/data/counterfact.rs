@@ -13,7 +13,7 @@
 
 use serde_json::Value;
 
-use super::fields::{as_object, Fields, FieldResult};
+use super::fields::{as_object, FieldResult, Fields};
 use super::record::{EditRecord, LocalityProbe};
 
 pub(crate) fn parse_record(value: &Value) -> FieldResult<EditRecord> {

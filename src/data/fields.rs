@@ -135,7 +135,12 @@ impl<'a> Fields<'a> {
     }
 
     /// Element `index` of array `field` viewed as an object.
-    pub(crate) fn element(&self, field: &str, index: usize, item: &'a Value) -> FieldResult<Fields<'a>> {
+    pub(crate) fn element(
+        &self,
+        field: &str,
+        index: usize,
+        item: &'a Value,
+    ) -> FieldResult<Fields<'a>> {
         match item {
             Value::Object(object) => Ok(Fields {
                 object,

@@ -15,7 +15,7 @@ use std::path::Path;
 use anyhow::Result;
 use serde_json::Value;
 
-use super::fields::{as_object, Fields, FieldResult};
+use super::fields::{as_object, FieldResult, Fields};
 use super::record::{EditRecord, LocalityProbe};
 use super::RecordLocation;
 use crate::util::atomic::write_atomic_with;
@@ -40,7 +40,9 @@ pub(crate) fn parse_record(value: &Value) -> FieldResult<EditRecord> {
         Some(id) => id,
         None => return Err("field \"id\": missing".to_string()),
     };
-    let knowledge_id = fields.optional_id("knowledge_id")?.unwrap_or_else(|| id.clone());
+    let knowledge_id = fields
+        .optional_id("knowledge_id")?
+        .unwrap_or_else(|| id.clone());
     let locality = fields
         .array("locality")?
         .iter()

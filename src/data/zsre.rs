@@ -13,12 +13,14 @@
 
 use serde_json::Value;
 
-use super::fields::{as_object, Fields, FieldResult};
+use super::fields::{as_object, FieldResult, Fields};
 use super::record::{EditRecord, LocalityProbe};
 
 pub(crate) fn parse_record(value: &Value, index: usize) -> FieldResult<EditRecord> {
     let fields = Fields::root(as_object(value, "record")?);
-    let id = fields.optional_id("case_id")?.unwrap_or_else(|| index.to_string());
+    let id = fields
+        .optional_id("case_id")?
+        .unwrap_or_else(|| index.to_string());
     let target_true = match fields.get("answers") {
         Some(Value::String(_)) => fields.optional_string("answers")?,
         Some(_) => fields.string_list("answers")?.into_iter().next(),

@@ -69,9 +69,7 @@ impl Codebook {
     }
 
     pub fn entry(&self, index: usize) -> Option<&[u64]> {
-        self.entries
-            .chunks_exact(self.words_per_code)
-            .nth(index)
+        self.entries.chunks_exact(self.words_per_code).nth(index)
     }
 
     /// Packs a bool vector of exactly `bits_per_code` bits into words.

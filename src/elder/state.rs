@@ -137,7 +137,12 @@ impl EditState {
         }
         if &manifest.method_config != expected_config {
             let mut differences = Vec::new();
-            config_differences("", &manifest.method_config, expected_config, &mut differences);
+            config_differences(
+                "",
+                &manifest.method_config,
+                expected_config,
+                &mut differences,
+            );
             bail!(
                 "edit state {} was made with an incompatible method config:\n  {}",
                 dir.display(),
@@ -240,7 +245,10 @@ impl EditState {
     ) -> Result<()> {
         let mut names = HashSet::new();
         for tensor in tensors {
-            ensure!(!tensor.name.is_empty(), "commit: a tensor has an empty name");
+            ensure!(
+                !tensor.name.is_empty(),
+                "commit: a tensor has an empty name"
+            );
             ensure!(
                 names.insert(tensor.name.as_str()),
                 "commit: tensor {:?} given twice",
@@ -377,9 +385,8 @@ fn deserialize_tensors(bytes: &[u8]) -> Result<Vec<NamedTensor>> {
 
 fn read_verified(dir: &Path, name: &str, expected_sha256: &str) -> Result<Vec<u8>> {
     let path = dir.join(name);
-    let bytes = fs::read(&path).with_context(|| {
-        format!("reading {} (named by {MANIFEST_FILE})", path.display())
-    })?;
+    let bytes = fs::read(&path)
+        .with_context(|| format!("reading {} (named by {MANIFEST_FILE})", path.display()))?;
     let found = sha256_hex(&bytes);
     ensure!(
         found == expected_sha256,
@@ -398,8 +405,8 @@ fn read_manifest(dir: &Path) -> Result<Manifest> {
             path.display()
         )
     })?;
-    let value: Value = serde_json::from_str(&text)
-        .with_context(|| format!("{}: invalid JSON", path.display()))?;
+    let value: Value =
+        serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", path.display()))?;
     // Check the version before the shape, so a newer layout gets a clear message.
     let version = value.get("format_version").and_then(Value::as_u64);
     ensure!(
@@ -450,7 +457,9 @@ fn config_differences(path: &str, stored: &Value, requested: &Value, out: &mut V
                 };
                 match (a.get(key), b.get(key)) {
                     (Some(x), Some(y)) => config_differences(&child, x, y, out),
-                    (Some(x), None) => out.push(format!("{child}: state has {x}, requested has none")),
+                    (Some(x), None) => {
+                        out.push(format!("{child}: state has {x}, requested has none"))
+                    }
                     (None, Some(y)) => out.push(format!("{child}: state has none, requested {y}")),
                     (None, None) => {}
                 }
@@ -458,7 +467,9 @@ fn config_differences(path: &str, stored: &Value, requested: &Value, out: &mut V
         }
         _ if stored != requested => {
             let shown = if path.is_empty() { "config" } else { path };
-            out.push(format!("{shown}: state has {stored}, requested {requested}"));
+            out.push(format!(
+                "{shown}: state has {stored}, requested {requested}"
+            ));
         }
         _ => {}
     }
@@ -506,8 +517,13 @@ mod tests {
         let old = vec![tensor("a", &[2, 3], 1.0)];
         state.commit(&old, &codebook(&[5]), &["e1".into()]).unwrap();
 
-        write_generation_files(dir.path(), 2, &[tensor("a", &[2, 3], 9.0)], &codebook(&[5, 6]))
-            .unwrap();
+        write_generation_files(
+            dir.path(),
+            2,
+            &[tensor("a", &[2, 3], 9.0)],
+            &codebook(&[5, 6]),
+        )
+        .unwrap();
 
         let reopened = EditState::open(dir.path(), &config, "fp").unwrap();
         assert_eq!(reopened.generation(), 1);
@@ -517,7 +533,9 @@ mod tests {
 
         let mut resumed = reopened;
         let new = vec![tensor("a", &[2, 3], 7.0)];
-        resumed.commit(&new, &codebook(&[5, 7]), &["e2".into()]).unwrap();
+        resumed
+            .commit(&new, &codebook(&[5, 7]), &["e2".into()])
+            .unwrap();
         let again = EditState::open(dir.path(), &config, "fp").unwrap();
         assert_eq!(again.tensors(), new.as_slice());
         assert_eq!(again.codebook().unwrap().entries(), &[5, 7]);

@@ -84,13 +84,8 @@ where
     file.sync_all()
         .with_context(|| format!("fsync of {}", temp_path.display()))?;
     drop(file);
-    fs::rename(temp_path, path).with_context(|| {
-        format!(
-            "renaming {} to {}",
-            temp_path.display(),
-            path.display()
-        )
-    })
+    fs::rename(temp_path, path)
+        .with_context(|| format!("renaming {} to {}", temp_path.display(), path.display()))
 }
 
 fn parent_dir(path: &Path) -> PathBuf {
