@@ -114,6 +114,10 @@ impl EditState {
             updated_unix_s: now,
         };
         write_manifest(dir, &manifest)?;
+        // The directory itself may be new: make its entry in the parent durable too.
+        if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+            sync_dir(parent)?;
+        }
         Ok(EditState {
             dir: dir.to_path_buf(),
             manifest,
