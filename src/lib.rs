@@ -1,6 +1,12 @@
 //! elder: lifelong model editing (ELDER) on a frozen language model.
+//!
+//! - [`model`]: the frozen base model (config, weights, tokenizer, the transformer description).
+//! - [`backend`]: the ops every backend implements (CPU reference; CUDA kernels when built with nvcc).
+//! - [`elder`]: MoLoRA layers, routers, codebook and deferral, the trainer, the durable edit state.
+//! - [`data`]: edit records and dataset readers; [`eval`]: metrics and protocols.
 pub mod backend;
+pub mod data;
 pub mod elder;
 pub mod eval;
 pub mod model;
-pub mod tensor;
+pub mod util;

@@ -128,7 +128,7 @@ fn out_of_scope_sequences_get_exactly_the_base_logits() {
     assert_eq!(base, with, "out-of-scope logits differ from the base model");
     // Empty codebook: nothing in scope either.
     elder.cfg.threshold = 100;
-    elder.codebook = elder::elder::codebook::Codebook::new(elder.cfg.code_bits());
+    elder.codebook = elder::elder::codebook::Codebook::new(elder.cfg.code_bits()).unwrap();
     let mut adapter = ElderAdapter::inference(&elder, vec![prompt.len() - 1]);
     let (with, _) = model.logits(std::slice::from_ref(&seq), &mut adapter);
     assert_eq!(base, with);

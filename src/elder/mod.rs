@@ -2,4 +2,5 @@
 pub mod codebook;
 pub mod config;
 pub mod molora;
+pub mod state;
 pub mod trainer;

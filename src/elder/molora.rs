@@ -88,7 +88,7 @@ impl Elder {
         let layers = (0..cfg.molora_blocks.len())
             .map(|_| MoloraLayer::init(&cfg, d_in, d_out, &mut rng))
             .collect();
-        let codebook = Codebook::new(cfg.code_bits());
+        let codebook = Codebook::new(cfg.code_bits())?;
         Ok(Elder {
             cfg,
             layers,

@@ -341,7 +341,7 @@ pub fn apply_edit_batch(
     // Codebook entries for the edits just learned, from the routers as they are now.
     let routing = elder.route_all(&prepared.query);
     for code in elder.codes(&routing) {
-        elder.codebook.push(&code);
+        elder.codebook.push_words(&code)?;
     }
     Ok(report)
 }

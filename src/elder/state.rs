@@ -1,0 +1,566 @@
+//! Durable edit state: everything `elder edit` has learned, in one directory.
+//!
+//! ```text
+//! state/
+//!   manifest.json                 the commit point: config, base-model fingerprint, applied ids,
+//!                                 and the names + SHA-256 of the current generation's files
+//!   experts-000042.safetensors    caller-named f32 tensors (experts' A/B, routers' W_r/b_r)
+//!   codebook-000042.bin           the deferral codebook (see `Codebook::to_bytes`)
+//! ```
+//!
+//! A commit writes generation N+1's files under new names (each atomically, fsynced), then
+//! atomically replaces `manifest.json` to point at them, then deletes older generations. A crash
+//! before the manifest rename leaves the old manifest pointing at intact old files; a crash after
+//! it leaves the new state plus some garbage that the next commit removes. Readers therefore see
+//! the old or the new state, never a mix. The SHA-256 in the manifest catches files damaged
+//! later (disk errors, manual edits).
+//!
+//! Optimiser state is not stored: ELDER uses a fresh Adam per edit batch.
+//! One writer at a time: two processes committing to the same directory are not coordinated.
+
+use std::collections::{HashMap, HashSet};
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, ensure, Context, Result};
+use safetensors::{Dtype, SafeTensors};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use super::codebook::Codebook;
+use crate::util::atomic::{is_atomic_temp_file, sync_dir, write_atomic};
+
+/// Bumped whenever the layout of the directory or the manifest changes incompatibly.
+pub const STATE_FORMAT_VERSION: u32 = 1;
+const MANIFEST_FILE: &str = "manifest.json";
+const EXPERTS_PREFIX: &str = "experts-";
+const EXPERTS_SUFFIX: &str = ".safetensors";
+const CODEBOOK_PREFIX: &str = "codebook-";
+const CODEBOOK_SUFFIX: &str = ".bin";
+
+/// One named f32 tensor; `data` is row-major with `shape.iter().product()` elements.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NamedTensor {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub data: Vec<f32>,
+}
+
+/// The contents of `manifest.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format_version: u32,
+    /// 0 for a freshly created state with no commit yet; +1 per commit.
+    pub generation: u64,
+    /// The method's configuration, opaque here; `open` refuses a different one.
+    pub method_config: Value,
+    /// Identifies the frozen base model; `open` refuses a different one.
+    pub base_model_fingerprint: String,
+    /// Ids of the applied edits, in the order they were applied.
+    pub applied_edit_ids: Vec<String>,
+    pub codebook_entries: usize,
+    /// `None` until the first commit fixes it.
+    pub codebook_bits_per_code: Option<usize>,
+    /// `None` until the first commit.
+    pub files: Option<GenerationFiles>,
+    pub created_unix_s: u64,
+    pub updated_unix_s: u64,
+}
+
+/// The data files of one generation, relative to the state directory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GenerationFiles {
+    pub experts: String,
+    pub experts_sha256: String,
+    pub codebook: String,
+    pub codebook_sha256: String,
+}
+
+/// An open edit-state directory and the last committed state, loaded in memory.
+#[derive(Debug)]
+pub struct EditState {
+    dir: PathBuf,
+    manifest: Manifest,
+    /// Sorted by name.
+    tensors: Vec<NamedTensor>,
+    codebook: Option<Codebook>,
+}
+
+impl EditState {
+    /// Makes a new, empty state in `dir` (created if missing). Fails if `dir` already holds one.
+    pub fn create(dir: &Path, method_config: Value, base_model_fingerprint: &str) -> Result<Self> {
+        let manifest_path = dir.join(MANIFEST_FILE);
+        ensure!(
+            !manifest_path.exists(),
+            "edit state {} already exists ({} present); open it instead of creating it",
+            dir.display(),
+            MANIFEST_FILE
+        );
+        fs::create_dir_all(dir)
+            .with_context(|| format!("creating edit state directory {}", dir.display()))?;
+        let now = unix_now();
+        let manifest = Manifest {
+            format_version: STATE_FORMAT_VERSION,
+            generation: 0,
+            method_config,
+            base_model_fingerprint: base_model_fingerprint.to_string(),
+            applied_edit_ids: Vec::new(),
+            codebook_entries: 0,
+            codebook_bits_per_code: None,
+            files: None,
+            created_unix_s: now,
+            updated_unix_s: now,
+        };
+        write_manifest(dir, &manifest)?;
+        // The directory itself may be new: make its entry in the parent durable too.
+        if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+            sync_dir(parent)?;
+        }
+        Ok(EditState {
+            dir: dir.to_path_buf(),
+            manifest,
+            tensors: Vec::new(),
+            codebook: None,
+        })
+    }
+
+    /// Opens the last committed state in `dir`, refusing one made for another base model or with
+    /// a different method config.
+    pub fn open(dir: &Path, expected_config: &Value, expected_fingerprint: &str) -> Result<Self> {
+        let manifest = read_manifest(dir)?;
+        if manifest.base_model_fingerprint != expected_fingerprint {
+            bail!(
+                "edit state {} was made for another base model: its fingerprint is {:?}, \
+                 the loaded model's is {:?}",
+                dir.display(),
+                manifest.base_model_fingerprint,
+                expected_fingerprint
+            );
+        }
+        if &manifest.method_config != expected_config {
+            let mut differences = Vec::new();
+            config_differences(
+                "",
+                &manifest.method_config,
+                expected_config,
+                &mut differences,
+            );
+            bail!(
+                "edit state {} was made with an incompatible method config:\n  {}",
+                dir.display(),
+                differences.join("\n  ")
+            );
+        }
+        let (tensors, codebook) = match &manifest.files {
+            None => (Vec::new(), None),
+            Some(files) => load_generation(dir, &manifest, files)?,
+        };
+        Ok(EditState {
+            dir: dir.to_path_buf(),
+            manifest,
+            tensors,
+            codebook,
+        })
+    }
+
+    /// `open` if `dir` holds a state, `create` otherwise.
+    pub fn open_or_create(dir: &Path, config: &Value, fingerprint: &str) -> Result<Self> {
+        if dir.join(MANIFEST_FILE).exists() {
+            EditState::open(dir, config, fingerprint)
+        } else {
+            EditState::create(dir, config.clone(), fingerprint)
+        }
+    }
+
+    /// Makes `tensors` and `codebook` the new state, with `new_edit_ids` appended to the applied
+    /// ids, durably and atomically (see the module docs). `codebook` must extend the current one:
+    /// entries are never rewritten.
+    pub fn commit(
+        &mut self,
+        tensors: &[NamedTensor],
+        codebook: &Codebook,
+        new_edit_ids: &[String],
+    ) -> Result<()> {
+        self.check_commit(tensors, codebook, new_edit_ids)?;
+        let generation = self.manifest.generation + 1;
+        let files = write_generation_files(&self.dir, generation, tensors, codebook)?;
+
+        let mut manifest = self.manifest.clone();
+        manifest.generation = generation;
+        manifest.applied_edit_ids.extend_from_slice(new_edit_ids);
+        manifest.codebook_entries = codebook.len();
+        manifest.codebook_bits_per_code = Some(codebook.bits_per_code());
+        manifest.files = Some(files);
+        manifest.updated_unix_s = unix_now();
+        write_manifest(&self.dir, &manifest)?; // the commit point
+
+        let mut sorted = tensors.to_vec();
+        sorted.sort_by(|a, b| a.name.cmp(&b.name));
+        self.manifest = manifest;
+        self.tensors = sorted;
+        self.codebook = Some(codebook.clone());
+        // The new state is already durable; leftovers only waste disk, so a failed cleanup is
+        // not an error (the next commit retries).
+        let _ = remove_stale_files(&self.dir, generation);
+        Ok(())
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.manifest.generation
+    }
+
+    /// Ids of the edits already applied, in order; an interrupted `elder edit` resumes after them.
+    pub fn applied_ids(&self) -> &[String] {
+        &self.manifest.applied_edit_ids
+    }
+
+    /// The committed tensors, sorted by name (empty before the first commit).
+    pub fn tensors(&self) -> &[NamedTensor] {
+        &self.tensors
+    }
+
+    pub fn tensor(&self, name: &str) -> Option<&NamedTensor> {
+        self.tensors
+            .binary_search_by(|t| t.name.as_str().cmp(name))
+            .ok()
+            .map(|i| &self.tensors[i])
+    }
+
+    /// The committed codebook; `None` before the first commit.
+    pub fn codebook(&self) -> Option<&Codebook> {
+        self.codebook.as_ref()
+    }
+
+    fn check_commit(
+        &self,
+        tensors: &[NamedTensor],
+        codebook: &Codebook,
+        new_edit_ids: &[String],
+    ) -> Result<()> {
+        let mut names = HashSet::new();
+        for tensor in tensors {
+            ensure!(
+                !tensor.name.is_empty(),
+                "commit: a tensor has an empty name"
+            );
+            ensure!(
+                names.insert(tensor.name.as_str()),
+                "commit: tensor {:?} given twice",
+                tensor.name
+            );
+            let elements: usize = tensor.shape.iter().product();
+            ensure!(
+                elements == tensor.data.len(),
+                "commit: tensor {:?} has shape {:?} ({} elements) but {} values",
+                tensor.name,
+                tensor.shape,
+                elements,
+                tensor.data.len()
+            );
+        }
+        if let Some(current) = &self.codebook {
+            ensure!(
+                codebook.extends(current),
+                "commit: the new codebook ({} codes of {} bits) does not extend the committed one \
+                 ({} codes of {} bits); codebook entries are append-only",
+                codebook.len(),
+                codebook.bits_per_code(),
+                current.len(),
+                current.bits_per_code()
+            );
+        }
+        let mut seen: HashSet<&str> = self.applied_ids().iter().map(String::as_str).collect();
+        for id in new_edit_ids {
+            ensure!(
+                seen.insert(id.as_str()),
+                "commit: edit id {id:?} is already applied (or repeated in this commit)"
+            );
+        }
+        Ok(())
+    }
+}
+
+fn generation_file_names(generation: u64) -> (String, String) {
+    (
+        format!("{EXPERTS_PREFIX}{generation:06}{EXPERTS_SUFFIX}"),
+        format!("{CODEBOOK_PREFIX}{generation:06}{CODEBOOK_SUFFIX}"),
+    )
+}
+
+/// Step 1 of a commit: the new generation's data files, durable but not yet referenced.
+fn write_generation_files(
+    dir: &Path,
+    generation: u64,
+    tensors: &[NamedTensor],
+    codebook: &Codebook,
+) -> Result<GenerationFiles> {
+    let (experts, codebook_name) = generation_file_names(generation);
+    let experts_bytes = serialize_tensors(tensors, generation)?;
+    write_atomic(&dir.join(&experts), &experts_bytes)?;
+    let codebook_bytes = codebook.to_bytes();
+    write_atomic(&dir.join(&codebook_name), &codebook_bytes)?;
+    Ok(GenerationFiles {
+        experts,
+        experts_sha256: sha256_hex(&experts_bytes),
+        codebook: codebook_name,
+        codebook_sha256: sha256_hex(&codebook_bytes),
+    })
+}
+
+fn serialize_tensors(tensors: &[NamedTensor], generation: u64) -> Result<Vec<u8>> {
+    let bytes: Vec<(&str, Vec<u8>, &[usize])> = tensors
+        .iter()
+        .map(|t| {
+            let raw = t.data.iter().flat_map(|v| v.to_le_bytes()).collect();
+            (t.name.as_str(), raw, t.shape.as_slice())
+        })
+        .collect();
+    let mut views = Vec::with_capacity(bytes.len());
+    for (name, raw, shape) in &bytes {
+        let view = safetensors::tensor::TensorView::new(Dtype::F32, shape.to_vec(), raw)
+            .with_context(|| format!("tensor {name:?} with shape {shape:?}"))?;
+        views.push((*name, view));
+    }
+    let metadata = HashMap::from([
+        ("format".to_string(), "elder-edit-state".to_string()),
+        ("generation".to_string(), generation.to_string()),
+    ]);
+    safetensors::tensor::serialize(views, Some(metadata)).context("serialising expert tensors")
+}
+
+fn load_generation(
+    dir: &Path,
+    manifest: &Manifest,
+    files: &GenerationFiles,
+) -> Result<(Vec<NamedTensor>, Option<Codebook>)> {
+    let experts_bytes = read_verified(dir, &files.experts, &files.experts_sha256)?;
+    let tensors = deserialize_tensors(&experts_bytes)
+        .with_context(|| format!("reading {}", dir.join(&files.experts).display()))?;
+    let codebook_bytes = read_verified(dir, &files.codebook, &files.codebook_sha256)?;
+    let codebook = Codebook::from_bytes(&codebook_bytes)
+        .with_context(|| format!("reading {}", dir.join(&files.codebook).display()))?;
+    ensure!(
+        codebook.len() == manifest.codebook_entries
+            && Some(codebook.bits_per_code()) == manifest.codebook_bits_per_code,
+        "edit state {}: {} holds {} codes of {} bits but the manifest says {} codes of {:?} bits",
+        dir.display(),
+        files.codebook,
+        codebook.len(),
+        codebook.bits_per_code(),
+        manifest.codebook_entries,
+        manifest.codebook_bits_per_code
+    );
+    Ok((tensors, Some(codebook)))
+}
+
+fn deserialize_tensors(bytes: &[u8]) -> Result<Vec<NamedTensor>> {
+    let file = SafeTensors::deserialize(bytes).context("not a valid safetensors file")?;
+    let mut tensors = Vec::new();
+    for (name, view) in file.tensors() {
+        ensure!(
+            view.dtype() == Dtype::F32,
+            "tensor {name:?}: expected dtype F32, found {:?}",
+            view.dtype()
+        );
+        let data = view
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        tensors.push(NamedTensor {
+            name,
+            shape: view.shape().to_vec(),
+            data,
+        });
+    }
+    tensors.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(tensors)
+}
+
+fn read_verified(dir: &Path, name: &str, expected_sha256: &str) -> Result<Vec<u8>> {
+    let path = dir.join(name);
+    let bytes = fs::read(&path)
+        .with_context(|| format!("reading {} (named by {MANIFEST_FILE})", path.display()))?;
+    let found = sha256_hex(&bytes);
+    ensure!(
+        found == expected_sha256,
+        "{} is damaged: SHA-256 {found}, the manifest expects {expected_sha256}",
+        path.display()
+    );
+    Ok(bytes)
+}
+
+fn read_manifest(dir: &Path) -> Result<Manifest> {
+    let path = dir.join(MANIFEST_FILE);
+    let text = fs::read_to_string(&path).with_context(|| {
+        format!(
+            "no edit state in {}: cannot read {}",
+            dir.display(),
+            path.display()
+        )
+    })?;
+    let value: Value =
+        serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", path.display()))?;
+    // Check the version before the shape, so a newer layout gets a clear message.
+    let version = value.get("format_version").and_then(Value::as_u64);
+    ensure!(
+        version == Some(u64::from(STATE_FORMAT_VERSION)),
+        "{}: format_version {:?}, this build reads version {STATE_FORMAT_VERSION}",
+        path.display(),
+        version
+    );
+    serde_json::from_value(value).with_context(|| format!("{}: malformed manifest", path.display()))
+}
+
+fn write_manifest(dir: &Path, manifest: &Manifest) -> Result<()> {
+    let mut text = serde_json::to_string_pretty(manifest).context("serialising manifest")?;
+    text.push('\n');
+    write_atomic(&dir.join(MANIFEST_FILE), text.as_bytes())
+}
+
+/// Deletes data files of generations other than `current` and temp files of interrupted writes.
+fn remove_stale_files(dir: &Path, current: u64) -> Result<()> {
+    let (keep_experts, keep_codebook) = generation_file_names(current);
+    for entry in fs::read_dir(dir)? {
+        let name = entry?.file_name().to_string_lossy().into_owned();
+        let is_generation_file = (name.starts_with(EXPERTS_PREFIX)
+            && name.ends_with(EXPERTS_SUFFIX))
+            || (name.starts_with(CODEBOOK_PREFIX) && name.ends_with(CODEBOOK_SUFFIX));
+        let stale = (is_generation_file && name != keep_experts && name != keep_codebook)
+            || is_atomic_temp_file(&name);
+        if stale {
+            fs::remove_file(dir.join(&name))?;
+        }
+    }
+    sync_dir(dir)
+}
+
+/// Lists where two configs differ as "path: state has X, requested Y" (objects are compared key
+/// by key; anything else as a whole).
+fn config_differences(path: &str, stored: &Value, requested: &Value, out: &mut Vec<String>) {
+    match (stored, requested) {
+        (Value::Object(a), Value::Object(b)) => {
+            let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
+            keys.sort();
+            keys.dedup();
+            for key in keys {
+                let child = if path.is_empty() {
+                    key.clone()
+                } else {
+                    format!("{path}.{key}")
+                };
+                match (a.get(key), b.get(key)) {
+                    (Some(x), Some(y)) => config_differences(&child, x, y, out),
+                    (Some(x), None) => {
+                        out.push(format!("{child}: state has {x}, requested has none"))
+                    }
+                    (None, Some(y)) => out.push(format!("{child}: state has none, requested {y}")),
+                    (None, None) => {}
+                }
+            }
+        }
+        _ if stored != requested => {
+            let shown = if path.is_empty() { "config" } else { path };
+            out.push(format!(
+                "{shown}: state has {stored}, requested {requested}"
+            ));
+        }
+        _ => {}
+    }
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn tensor(name: &str, shape: &[usize], seed: f32) -> NamedTensor {
+        let n = shape.iter().product();
+        NamedTensor {
+            name: name.to_string(),
+            shape: shape.to_vec(),
+            data: (0..n).map(|i| seed + i as f32 * 0.25).collect(),
+        }
+    }
+
+    fn codebook(codes: &[u64]) -> Codebook {
+        Codebook::from_words(24, codes.to_vec()).unwrap()
+    }
+
+    /// A crash after step 1 (new data files written, manifest not yet replaced) must leave the
+    /// old state visible, and the next commit must succeed over the leftovers.
+    #[test]
+    fn crash_before_manifest_keeps_old_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = json!({"experts": 4});
+        let mut state = EditState::create(dir.path(), config.clone(), "fp").unwrap();
+        let old = vec![tensor("a", &[2, 3], 1.0)];
+        state.commit(&old, &codebook(&[5]), &["e1".into()]).unwrap();
+
+        write_generation_files(
+            dir.path(),
+            2,
+            &[tensor("a", &[2, 3], 9.0)],
+            &codebook(&[5, 6]),
+        )
+        .unwrap();
+
+        let reopened = EditState::open(dir.path(), &config, "fp").unwrap();
+        assert_eq!(reopened.generation(), 1);
+        assert_eq!(reopened.tensors(), old.as_slice());
+        assert_eq!(reopened.codebook().unwrap().len(), 1);
+        assert_eq!(reopened.applied_ids(), ["e1".to_string()]);
+
+        let mut resumed = reopened;
+        let new = vec![tensor("a", &[2, 3], 7.0)];
+        resumed
+            .commit(&new, &codebook(&[5, 7]), &["e2".into()])
+            .unwrap();
+        let again = EditState::open(dir.path(), &config, "fp").unwrap();
+        assert_eq!(again.tensors(), new.as_slice());
+        assert_eq!(again.codebook().unwrap().entries(), &[5, 7]);
+    }
+
+    #[test]
+    fn config_differences_name_the_keys() {
+        let mut out = Vec::new();
+        config_differences(
+            "",
+            &json!({"a": 1, "b": {"c": 2, "d": 3}, "e": 1}),
+            &json!({"a": 1, "b": {"c": 4, "d": 3}, "f": 1}),
+            &mut out,
+        );
+        assert_eq!(
+            out,
+            vec![
+                "b.c: state has 2, requested 4".to_string(),
+                "e: state has 1, requested has none".to_string(),
+                "f: state has none, requested 1".to_string(),
+            ]
+        );
+    }
+}

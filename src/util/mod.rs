@@ -1,0 +1,2 @@
+//! Small helpers shared by several modules.
+pub mod atomic;

@@ -1,0 +1,284 @@
+//! The durable edit state through its public API: round trips, refusals, crash leftovers.
+
+use std::fs;
+use std::path::Path;
+
+use elder::elder::codebook::Codebook;
+use elder::elder::state::{EditState, NamedTensor};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde_json::{json, Value};
+
+fn config() -> Value {
+    json!({"experts": 4, "top_k": 2, "rank": 8, "layers": [10, 11, 12], "threshold": 12})
+}
+
+fn random_tensors(rng: &mut ChaCha8Rng) -> Vec<NamedTensor> {
+    [
+        ("layer10.router.w", vec![4, 16]),
+        ("layer10.expert0.a", vec![8, 16]),
+        ("layer10.router.b", vec![4]),
+    ]
+    .into_iter()
+    .map(|(name, shape)| {
+        let n = shape.iter().product();
+        NamedTensor {
+            name: name.to_string(),
+            shape,
+            data: (0..n).map(|_| rng.gen_range(-1.0f32..1.0)).collect(),
+        }
+    })
+    .collect()
+}
+
+fn random_codebook(rng: &mut ChaCha8Rng, base: Option<&Codebook>, extra: usize) -> Codebook {
+    let mut book = base.cloned().unwrap_or_else(|| Codebook::new(100).unwrap());
+    for _ in 0..extra {
+        let bits: Vec<bool> = (0..100).map(|_| rng.gen_bool(0.2)).collect();
+        book.push_bits(&bits).unwrap();
+    }
+    book
+}
+
+fn ids(names: &[&str]) -> Vec<String> {
+    names.iter().map(|s| s.to_string()).collect()
+}
+
+fn file_names(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+fn sorted(mut tensors: Vec<NamedTensor>) -> Vec<NamedTensor> {
+    tensors.sort_by(|a, b| a.name.cmp(&b.name));
+    tensors
+}
+
+#[test]
+fn commits_round_trip_and_resume_after_applied_ids() {
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    let dir = tempfile::tempdir().unwrap();
+    let state_dir = dir.path().join("state");
+    let mut state = EditState::create(&state_dir, config(), "gpt2:abc").unwrap();
+    assert!(state.applied_ids().is_empty() && state.codebook().is_none());
+
+    let fresh = EditState::open(&state_dir, &config(), "gpt2:abc").unwrap();
+    assert_eq!(fresh.generation(), 0);
+    assert!(fresh.tensors().is_empty());
+
+    let tensors1 = random_tensors(&mut rng);
+    let book1 = random_codebook(&mut rng, None, 2);
+    state.commit(&tensors1, &book1, &ids(&["a", "b"])).unwrap();
+    let tensors2 = random_tensors(&mut rng);
+    let book2 = random_codebook(&mut rng, Some(&book1), 1);
+    state.commit(&tensors2, &book2, &ids(&["c"])).unwrap();
+
+    let reopened = EditState::open(&state_dir, &config(), "gpt2:abc").unwrap();
+    assert_eq!(reopened.generation(), 2);
+    assert_eq!(reopened.applied_ids(), ids(&["a", "b", "c"]).as_slice());
+    assert_eq!(reopened.tensors(), sorted(tensors2.clone()).as_slice());
+    assert_eq!(
+        reopened.tensor("layer10.router.b"),
+        tensors2.iter().find(|t| t.name == "layer10.router.b")
+    );
+    assert_eq!(reopened.codebook(), Some(&book2));
+    assert_eq!(reopened.manifest().codebook_entries, 3);
+    assert_eq!(reopened.manifest().method_config, config());
+    assert!(reopened.manifest().updated_unix_s >= reopened.manifest().created_unix_s);
+
+    // Only the current generation's files remain.
+    assert_eq!(
+        file_names(&state_dir),
+        [
+            "codebook-000002.bin",
+            "experts-000002.safetensors",
+            "manifest.json"
+        ]
+    );
+}
+
+#[test]
+fn refuses_another_base_model_or_config() {
+    let dir = tempfile::tempdir().unwrap();
+    EditState::create(dir.path(), config(), "gpt2:abc").unwrap();
+
+    let err = format!(
+        "{:#}",
+        EditState::open(dir.path(), &config(), "llama:xyz").unwrap_err()
+    );
+    assert!(err.contains("another base model"), "{err}");
+    assert!(
+        err.contains("gpt2:abc") && err.contains("llama:xyz"),
+        "{err}"
+    );
+
+    let mut other = config();
+    other["rank"] = json!(16);
+    let err = format!(
+        "{:#}",
+        EditState::open(dir.path(), &other, "gpt2:abc").unwrap_err()
+    );
+    assert!(err.contains("incompatible method config"), "{err}");
+    assert!(err.contains("rank: state has 8, requested 16"), "{err}");
+
+    let err = format!(
+        "{:#}",
+        EditState::create(dir.path(), config(), "gpt2:abc").unwrap_err()
+    );
+    assert!(err.contains("already exists"), "{err}");
+
+    let empty = tempfile::tempdir().unwrap();
+    let err = format!(
+        "{:#}",
+        EditState::open(empty.path(), &config(), "gpt2:abc").unwrap_err()
+    );
+    assert!(err.contains("no edit state"), "{err}");
+}
+
+#[test]
+fn crash_leftovers_do_not_change_the_committed_state() {
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    let dir = tempfile::tempdir().unwrap();
+    let mut state = EditState::create(dir.path(), config(), "fp").unwrap();
+    let tensors = random_tensors(&mut rng);
+    let book = random_codebook(&mut rng, None, 1);
+    state.commit(&tensors, &book, &ids(&["e1"])).unwrap();
+
+    // What a crash mid-commit can leave: the next generation's files, possibly truncated, and a
+    // temp file of an unfinished manifest write.
+    fs::write(dir.path().join("experts-000002.safetensors"), b"truncated").unwrap();
+    fs::write(dir.path().join("codebook-000002.bin"), b"ELDCODE1").unwrap();
+    fs::write(
+        dir.path().join(".tmp-999-0-manifest.json"),
+        b"{\"format_ver",
+    )
+    .unwrap();
+
+    let mut reopened = EditState::open(dir.path(), &config(), "fp").unwrap();
+    assert_eq!(reopened.generation(), 1);
+    assert_eq!(reopened.applied_ids(), ids(&["e1"]).as_slice());
+    assert_eq!(reopened.tensors(), sorted(tensors).as_slice());
+    assert_eq!(reopened.codebook(), Some(&book));
+
+    // Resuming commits over the leftovers and cleans them up.
+    let tensors2 = random_tensors(&mut rng);
+    let book2 = random_codebook(&mut rng, Some(&book), 1);
+    reopened.commit(&tensors2, &book2, &ids(&["e2"])).unwrap();
+    assert_eq!(
+        file_names(dir.path()),
+        [
+            "codebook-000002.bin",
+            "experts-000002.safetensors",
+            "manifest.json"
+        ]
+    );
+    let last = EditState::open(dir.path(), &config(), "fp").unwrap();
+    assert_eq!(last.tensors(), sorted(tensors2).as_slice());
+    assert_eq!(last.applied_ids(), ids(&["e1", "e2"]).as_slice());
+}
+
+#[test]
+fn damaged_files_are_detected() {
+    let mut rng = ChaCha8Rng::seed_from_u64(9);
+    let dir = tempfile::tempdir().unwrap();
+    let mut state = EditState::create(dir.path(), config(), "fp").unwrap();
+    state
+        .commit(
+            &random_tensors(&mut rng),
+            &random_codebook(&mut rng, None, 2),
+            &ids(&["x"]),
+        )
+        .unwrap();
+    let experts = dir.path().join("experts-000001.safetensors");
+    let mut bytes = fs::read(&experts).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x40;
+    fs::write(&experts, &bytes).unwrap();
+    let err = format!(
+        "{:#}",
+        EditState::open(dir.path(), &config(), "fp").unwrap_err()
+    );
+    assert!(
+        err.contains("experts-000001.safetensors is damaged"),
+        "{err}"
+    );
+
+    fs::remove_file(&experts).unwrap();
+    let err = format!(
+        "{:#}",
+        EditState::open(dir.path(), &config(), "fp").unwrap_err()
+    );
+    assert!(err.contains("experts-000001.safetensors"), "{err}");
+
+    fs::write(
+        dir.path().join("manifest.json"),
+        b"{\"format_version\": 99}",
+    )
+    .unwrap();
+    let err = format!(
+        "{:#}",
+        EditState::open(dir.path(), &config(), "fp").unwrap_err()
+    );
+    assert!(err.contains("format_version Some(99)"), "{err}");
+}
+
+#[test]
+fn bad_commits_are_refused_and_change_nothing() {
+    let mut rng = ChaCha8Rng::seed_from_u64(2);
+    let dir = tempfile::tempdir().unwrap();
+    let mut state = EditState::create(dir.path(), config(), "fp").unwrap();
+    let tensors = random_tensors(&mut rng);
+    let book = random_codebook(&mut rng, None, 2);
+    state.commit(&tensors, &book, &ids(&["a"])).unwrap();
+
+    let err = format!(
+        "{:#}",
+        state.commit(&tensors, &book, &ids(&["a"])).unwrap_err()
+    );
+    assert!(err.contains("\"a\" is already applied"), "{err}");
+    let err = format!(
+        "{:#}",
+        state
+            .commit(&tensors, &book, &ids(&["b", "b"]))
+            .unwrap_err()
+    );
+    assert!(err.contains("\"b\""), "{err}");
+
+    let rewritten = random_codebook(&mut rng, None, 3);
+    let err = format!(
+        "{:#}",
+        state
+            .commit(&tensors, &rewritten, &ids(&["b"]))
+            .unwrap_err()
+    );
+    assert!(err.contains("append-only"), "{err}");
+
+    let mut wrong_shape = tensors.clone();
+    wrong_shape[0].shape = vec![3, 3];
+    let err = format!(
+        "{:#}",
+        state.commit(&wrong_shape, &book, &ids(&["b"])).unwrap_err()
+    );
+    assert!(
+        err.contains("layer10.router.w") && err.contains("[3, 3]"),
+        "{err}"
+    );
+
+    let reopened = EditState::open(dir.path(), &config(), "fp").unwrap();
+    assert_eq!(reopened.generation(), 1);
+    assert_eq!(reopened.applied_ids(), ids(&["a"]).as_slice());
+}
+
+#[test]
+fn open_or_create_creates_then_opens() {
+    let dir = tempfile::tempdir().unwrap();
+    let created = EditState::open_or_create(dir.path(), &config(), "fp").unwrap();
+    assert_eq!(created.generation(), 0);
+    let opened = EditState::open_or_create(dir.path(), &config(), "fp").unwrap();
+    assert_eq!(opened.manifest(), created.manifest());
+    assert!(EditState::open_or_create(dir.path(), &config(), "other").is_err());
+}
