@@ -25,7 +25,9 @@ fn random_tensors(seed: u64) -> Vec<NamedTensor> {
                 name: name.to_string(),
                 shape,
                 // Wide range so f16 rounding, subnormals and large values all occur.
-                data: (0..n).map(|_| rng.gen_range(-300.0f32..300.0) * rng.gen::<f32>().powi(8)).collect(),
+                data: (0..n)
+                    .map(|_| rng.gen_range(-300.0f32..300.0) * rng.gen::<f32>().powi(8))
+                    .collect(),
             }
         })
         .collect()
@@ -61,10 +63,19 @@ fn round_trip_is_bit_exact_in_f32_and_rounds_in_half_types() {
             let got = w.load_f32(name, shape).unwrap();
             let want: Vec<f32> = match dtype {
                 StoreDtype::F32 => data.clone(),
-                StoreDtype::F16 => data.iter().map(|&x| half::f16::from_f32(x).to_f32()).collect(),
-                StoreDtype::Bf16 => data.iter().map(|&x| half::bf16::from_f32(x).to_f32()).collect(),
+                StoreDtype::F16 => data
+                    .iter()
+                    .map(|&x| half::f16::from_f32(x).to_f32())
+                    .collect(),
+                StoreDtype::Bf16 => data
+                    .iter()
+                    .map(|&x| half::bf16::from_f32(x).to_f32())
+                    .collect(),
             };
-            let same_bits = got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits());
+            let same_bits = got
+                .iter()
+                .zip(&want)
+                .all(|(a, b)| a.to_bits() == b.to_bits());
             assert!(same_bits && got.len() == want.len(), "{dtype:?} {name}");
         }
         // No temporary files are left behind.
@@ -80,16 +91,33 @@ fn round_trip_is_bit_exact_in_f32_and_rounds_in_half_types() {
 #[test]
 fn shape_mismatch_and_missing_names_are_reported_in_full() {
     let dir = tempfile::tempdir().unwrap();
-    write_hf_dir(dir.path(), &config(), random_tensors(2), None, StoreDtype::F32).unwrap();
+    write_hf_dir(
+        dir.path(),
+        &config(),
+        random_tensors(2),
+        None,
+        StoreDtype::F32,
+    )
+    .unwrap();
     let w = Weights::open(dir.path()).unwrap();
     let e = err_text(w.load_f32("transformer.wte.weight", &[16, 37]));
-    for part in ["model.safetensors", "transformer.wte.weight", "[37, 16]", "[16, 37]"] {
+    for part in [
+        "model.safetensors",
+        "transformer.wte.weight",
+        "[37, 16]",
+        "[16, 37]",
+    ] {
         assert!(e.contains(part), "{part:?} missing in: {e}");
     }
     let e = err_text(w.load_f32_any(&["wte.weight", "transformer.wte.bias"], &[37, 16]));
-    assert!(e.contains("wte.weight") && e.contains("transformer.wte.bias"), "{e}");
+    assert!(
+        e.contains("wte.weight") && e.contains("transformer.wte.bias"),
+        "{e}"
+    );
     // The alternative that exists is found.
-    let a = w.load_f32_any(&["wte.weight", "transformer.wte.weight"], &[37, 16]).unwrap();
+    let a = w
+        .load_f32_any(&["wte.weight", "transformer.wte.weight"], &[37, 16])
+        .unwrap();
     assert_eq!(a, w.load_f32("transformer.wte.weight", &[37, 16]).unwrap());
     assert!(w.contains("big") && !w.contains("nope"));
     let names: Vec<&str> = w.names().collect();
@@ -99,7 +127,7 @@ fn shape_mismatch_and_missing_names_are_reported_in_full() {
 fn write_raw(path: &Path, header: &str, data_len: usize) {
     let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
     bytes.extend_from_slice(header.as_bytes());
-    bytes.extend(std::iter::repeat(7u8).take(data_len));
+    bytes.extend(std::iter::repeat_n(7u8, data_len));
     std::fs::write(path, bytes).unwrap();
 }
 
@@ -134,13 +162,24 @@ fn broken_files_are_errors_naming_the_file() {
         (
             "data offsets beyond the file",
             Box::new(|p| {
-                write_raw(p, r#"{"a":{"dtype":"F32","shape":[100],"data_offsets":[0,400]}}"#, 16)
+                write_raw(
+                    p,
+                    r#"{"a":{"dtype":"F32","shape":[100],"data_offsets":[0,400]}}"#,
+                    16,
+                )
             }),
         ),
         ("truncated data", Box::new(move |p| write_raw(p, good, 12))),
-        ("offsets disagree with shape", Box::new(|p| {
-            write_raw(p, r#"{"a":{"dtype":"F32","shape":[3],"data_offsets":[0,16]}}"#, 16)
-        })),
+        (
+            "offsets disagree with shape",
+            Box::new(|p| {
+                write_raw(
+                    p,
+                    r#"{"a":{"dtype":"F32","shape":[3],"data_offsets":[0,16]}}"#,
+                    16,
+                )
+            }),
+        ),
     ];
     for (what, make) in cases {
         let dir = tempfile::tempdir().unwrap();
@@ -157,13 +196,21 @@ fn broken_files_are_errors_naming_the_file() {
 
 fn write_shards(dir: &Path) -> Vec<(String, Vec<f32>)> {
     let mut all = Vec::new();
-    for (k, names) in [["a.weight", "a.bias"], ["b.weight", "b.bias"]].iter().enumerate() {
+    for (k, names) in [["a.weight", "a.bias"], ["b.weight", "b.bias"]]
+        .iter()
+        .enumerate()
+    {
         let specs: Vec<TensorSpec> = names.iter().map(|n| TensorSpec::new(*n, &[3, 5])).collect();
         let datas: Vec<Vec<f32>> = (0..2)
-            .map(|i| (0..15).map(|j| (k * 100 + i * 10 + j) as f32 * 0.5).collect())
+            .map(|i| {
+                (0..15)
+                    .map(|j| (k * 100 + i * 10 + j) as f32 * 0.5)
+                    .collect()
+            })
             .collect();
         let file = dir.join(format!("model-0000{}-of-00002.safetensors", k + 1));
-        write_safetensors_streaming(&file, &specs, StoreDtype::F32, |i| Ok(datas[i].clone())).unwrap();
+        write_safetensors_streaming(&file, &specs, StoreDtype::F32, |i| Ok(datas[i].clone()))
+            .unwrap();
         for (n, d) in names.iter().zip(datas) {
             all.push((n.to_string(), d));
         }
@@ -194,12 +241,21 @@ fn sharded_checkpoints_load_and_bad_indexes_are_named() {
     assert!(w.info("b.bias").unwrap().file.ends_with(s2));
 
     // Index naming a shard that is not there.
-    write_index(dir.path(), serde_json::json!({"a.weight": s1, "c.weight": "model-00003-of-00003.safetensors"}));
+    write_index(
+        dir.path(),
+        serde_json::json!({"a.weight": s1, "c.weight": "model-00003-of-00003.safetensors"}),
+    );
     let e = err_text(Weights::open(dir.path()));
-    assert!(e.contains("model-00003-of-00003.safetensors") && e.contains("index"), "{e}");
+    assert!(
+        e.contains("model-00003-of-00003.safetensors") && e.contains("index"),
+        "{e}"
+    );
 
     // Index placing a tensor in the wrong shard.
-    write_index(dir.path(), serde_json::json!({"a.weight": s2, "b.weight": s2}));
+    write_index(
+        dir.path(),
+        serde_json::json!({"a.weight": s2, "b.weight": s2}),
+    );
     let e = err_text(Weights::open(dir.path()));
     assert!(e.contains("a.weight") && e.contains(s2), "{e}");
 
@@ -219,15 +275,30 @@ fn streaming_writer_rejects_wrong_sizes_and_leaves_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("model.safetensors");
     let specs = [TensorSpec::new("x", &[2, 3])];
-    let e = err_text(write_safetensors_streaming(&path, &specs, StoreDtype::F16, |_| Ok(vec![1.0; 5])));
-    assert!(e.contains("\"x\"") && e.contains('5') && e.contains('6'), "{e}");
+    let e = err_text(write_safetensors_streaming(
+        &path,
+        &specs,
+        StoreDtype::F16,
+        |_| Ok(vec![1.0; 5]),
+    ));
+    assert!(
+        e.contains("\"x\"") && e.contains('5') && e.contains('6'),
+        "{e}"
+    );
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
 }
 
 #[test]
 fn fingerprint_is_stable_and_sensitive() {
     let dir = tempfile::tempdir().unwrap();
-    write_hf_dir(dir.path(), &config(), random_tensors(3), None, StoreDtype::F32).unwrap();
+    write_hf_dir(
+        dir.path(),
+        &config(),
+        random_tensors(3),
+        None,
+        StoreDtype::F32,
+    )
+    .unwrap();
     let fp = Weights::open(dir.path()).unwrap().fingerprint();
     assert_eq!(fp.len(), 64);
     assert_eq!(fp, Weights::open(dir.path()).unwrap().fingerprint());
@@ -246,6 +317,13 @@ fn fingerprint_is_stable_and_sensitive() {
 
     // Different weights (first bytes of data differ) change it.
     let other = tempfile::tempdir().unwrap();
-    write_hf_dir(other.path(), &config(), random_tensors(4), None, StoreDtype::F32).unwrap();
+    write_hf_dir(
+        other.path(),
+        &config(),
+        random_tensors(4),
+        None,
+        StoreDtype::F32,
+    )
+    .unwrap();
     assert_ne!(fp, Weights::open(other.path()).unwrap().fingerprint());
 }

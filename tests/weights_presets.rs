@@ -52,9 +52,20 @@ fn key_names_match_transformers() {
     assert!(!gpt2.iter().any(|n| n.contains("lm_head")));
     let llama = preset(Arch::Llama, "tiny").unwrap();
     let specs = hf_tensor_specs(&llama);
-    let shape = |k: &str| specs.iter().find(|(s, _)| s.name == k).map(|(s, _)| s.shape.clone());
-    assert_eq!(shape("model.layers.1.self_attn.k_proj.weight"), Some(vec![32, 64]));
-    assert_eq!(shape("model.layers.0.mlp.down_proj.weight"), Some(vec![64, 128]));
+    let shape = |k: &str| {
+        specs
+            .iter()
+            .find(|(s, _)| s.name == k)
+            .map(|(s, _)| s.shape.clone())
+    };
+    assert_eq!(
+        shape("model.layers.1.self_attn.k_proj.weight"),
+        Some(vec![32, 64])
+    );
+    assert_eq!(
+        shape("model.layers.0.mlp.down_proj.weight"),
+        Some(vec![64, 128])
+    );
     assert_eq!(shape("lm_head.weight"), Some(vec![512, 64]));
     let tied = hf_tensor_specs(&preset(Arch::Llama, "smollm2-135m").unwrap());
     assert!(!tied.iter().any(|(s, _)| s.name == "lm_head.weight"));
@@ -78,7 +89,10 @@ fn same_seed_same_bytes_other_seed_other_bytes_and_half_dtypes_round() {
     assert_ne!(fa, Weights::open(c.path()).unwrap().fingerprint());
 
     let h = write(9, StoreDtype::Bf16);
-    let (wa, wh) = (Weights::open(a.path()).unwrap(), Weights::open(h.path()).unwrap());
+    let (wa, wh) = (
+        Weights::open(a.path()).unwrap(),
+        Weights::open(h.path()).unwrap(),
+    );
     let name = "model.layers.0.self_attn.q_proj.weight";
     let full = wa.load_f32(name, &[64, 64]).unwrap();
     let half = wh.load_f32(name, &[64, 64]).unwrap();
@@ -86,7 +100,8 @@ fn same_seed_same_bytes_other_seed_other_bytes_and_half_dtypes_round() {
         assert_eq!(*h, half::bf16::from_f32(*f).to_f32());
     }
     let cfg_json: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(h.path().join("config.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(h.path().join("config.json")).unwrap())
+            .unwrap();
     assert_eq!(cfg_json["torch_dtype"], "bfloat16");
 }
 

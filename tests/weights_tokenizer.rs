@@ -26,10 +26,16 @@ fn from_dir_falls_back_to_gpt2_only_for_gpt2() {
     let dir = tempfile::tempdir().unwrap();
     let t = Tokenizer::from_dir(dir.path(), Arch::Gpt2).unwrap();
     assert_eq!(t.encode("Hello world").unwrap(), vec![15496, 995]);
-    let e = format!("{:#}", Tokenizer::from_dir(dir.path(), Arch::Llama).unwrap_err());
+    let e = format!(
+        "{:#}",
+        Tokenizer::from_dir(dir.path(), Arch::Llama).unwrap_err()
+    );
     assert!(e.contains("tokenizer.json"), "{e}");
     std::fs::write(dir.path().join("tokenizer.json"), "{broken").unwrap();
-    let e = format!("{:#}", Tokenizer::from_dir(dir.path(), Arch::Gpt2).unwrap_err());
+    let e = format!(
+        "{:#}",
+        Tokenizer::from_dir(dir.path(), Arch::Gpt2).unwrap_err()
+    );
     assert!(e.contains("tokenizer.json"), "{e}");
 }
 
@@ -74,7 +80,11 @@ fn small_tokenizers_are_deterministic_and_refuse_tiny_vocabularies() {
     assert!(small_bpe_tokenizer_json(Arch::Llama, 258).is_err());
     assert!(small_bpe_tokenizer_json(Arch::Gpt2, 256).is_err());
     // Exactly the minimum: bytes plus specials, no merges.
-    let t = Tokenizer::from_json(&small_bpe_tokenizer_json(Arch::Gpt2, 257).unwrap(), Arch::Gpt2).unwrap();
+    let t = Tokenizer::from_json(
+        &small_bpe_tokenizer_json(Arch::Gpt2, 257).unwrap(),
+        Arch::Gpt2,
+    )
+    .unwrap();
     assert_eq!(t.encode("ab").unwrap().len(), 2);
     assert_eq!(t.eos_id(), Some(256));
 }

@@ -120,8 +120,8 @@ pub fn write_hf_dir_streaming(
 ) -> Result<()> {
     std::fs::create_dir_all(out)
         .with_context(|| format!("cannot create model directory {}", out.display()))?;
-    let config_text = serde_json::to_string_pretty(config_json)
-        .context("cannot serialize config.json")?;
+    let config_text =
+        serde_json::to_string_pretty(config_json).context("cannot serialize config.json")?;
     write_atomic(&out.join("config.json"), config_text.as_bytes())?;
     if let Some(tok) = tokenizer_json {
         write_atomic(&out.join("tokenizer.json"), tok.as_bytes())?;
@@ -156,9 +156,8 @@ pub fn with_atomic_file(
             .map_err(|e| anyhow::anyhow!("cannot flush {}: {}", tmp.display(), e.error()))?;
         file.sync_all()
             .with_context(|| format!("cannot fsync {}", tmp.display()))?;
-        std::fs::rename(&tmp, path).with_context(|| {
-            format!("cannot rename {} to {}", tmp.display(), path.display())
-        })
+        std::fs::rename(&tmp, path)
+            .with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
@@ -224,12 +223,14 @@ pub fn write_safetensors_streaming(
     let header = safetensors_header(specs, dtype)?;
     with_atomic_file(path, |w| {
         let io = |e: std::io::Error| anyhow::anyhow!("cannot write {}: {e}", path.display());
-        w.write_all(&(header.len() as u64).to_le_bytes()).map_err(io)?;
+        w.write_all(&(header.len() as u64).to_le_bytes())
+            .map_err(io)?;
         w.write_all(&header).map_err(io)?;
         let mut buf: Vec<u8> = Vec::new();
         for (i, spec) in specs.iter().enumerate() {
-            let data = produce(i)
-                .with_context(|| format!("producing tensor {:?} for {}", spec.name, path.display()))?;
+            let data = produce(i).with_context(|| {
+                format!("producing tensor {:?} for {}", spec.name, path.display())
+            })?;
             if data.len() != spec.numel() {
                 bail!(
                     "tensor {:?} for {}: produced {} values, shape {:?} needs {}",
@@ -256,11 +257,11 @@ pub fn encode_into(data: &[f32], dtype: StoreDtype, buf: &mut Vec<u8>) {
         StoreDtype::F32 => data
             .iter()
             .for_each(|v| buf.extend_from_slice(&v.to_le_bytes())),
-        StoreDtype::F16 => data.iter().for_each(|v| {
-            buf.extend_from_slice(&half::f16::from_f32(*v).to_bits().to_le_bytes())
-        }),
-        StoreDtype::Bf16 => data.iter().for_each(|v| {
-            buf.extend_from_slice(&half::bf16::from_f32(*v).to_bits().to_le_bytes())
-        }),
+        StoreDtype::F16 => data
+            .iter()
+            .for_each(|v| buf.extend_from_slice(&half::f16::from_f32(*v).to_bits().to_le_bytes())),
+        StoreDtype::Bf16 => data
+            .iter()
+            .for_each(|v| buf.extend_from_slice(&half::bf16::from_f32(*v).to_bits().to_le_bytes())),
     }
 }

@@ -35,7 +35,13 @@ const GPT2_EOS: u32 = 50256;
 const LLAMA_BOS: u32 = 1;
 const LLAMA_EOS: u32 = 2;
 
-fn gpt2_shape(vocab: usize, d: usize, layers: usize, heads: usize, positions: usize) -> ModelConfig {
+fn gpt2_shape(
+    vocab: usize,
+    d: usize,
+    layers: usize,
+    heads: usize,
+    positions: usize,
+) -> ModelConfig {
     // The synthetic tokenizer of small vocabularies puts <|endoftext|> last, as GPT-2 does.
     let eos = if vocab > GPT2_EOS as usize {
         GPT2_EOS
@@ -167,7 +173,11 @@ pub fn hf_tensor_specs(cfg: &ModelConfig) -> Vec<(TensorSpec, Init)> {
     match cfg.arch {
         Arch::Gpt2 => {
             push("transformer.wte.weight".into(), &[v, d], Init::Matrix);
-            push("transformer.wpe.weight".into(), &[cfg.max_positions, d], Init::Matrix);
+            push(
+                "transformer.wpe.weight".into(),
+                &[cfg.max_positions, d],
+                Init::Matrix,
+            );
             for i in 0..cfg.num_layers {
                 let p = format!("transformer.h.{i}");
                 // GPT-2 uses Conv1D: weights are stored [in, out].
@@ -193,15 +203,47 @@ pub fn hf_tensor_specs(cfg: &ModelConfig) -> Vec<(TensorSpec, Init)> {
             for i in 0..cfg.num_layers {
                 let p = format!("model.layers.{i}");
                 // nn.Linear: weights are stored [out, in].
-                push(format!("{p}.input_layernorm.weight"), &[d], Init::NormWeight);
-                push(format!("{p}.self_attn.q_proj.weight"), &[q, d], Init::Matrix);
-                push(format!("{p}.self_attn.k_proj.weight"), &[kv, d], Init::Matrix);
-                push(format!("{p}.self_attn.v_proj.weight"), &[kv, d], Init::Matrix);
-                push(format!("{p}.self_attn.o_proj.weight"), &[d, q], Init::Matrix);
-                push(format!("{p}.post_attention_layernorm.weight"), &[d], Init::NormWeight);
-                push(format!("{p}.mlp.gate_proj.weight"), &[inter, d], Init::Matrix);
+                push(
+                    format!("{p}.input_layernorm.weight"),
+                    &[d],
+                    Init::NormWeight,
+                );
+                push(
+                    format!("{p}.self_attn.q_proj.weight"),
+                    &[q, d],
+                    Init::Matrix,
+                );
+                push(
+                    format!("{p}.self_attn.k_proj.weight"),
+                    &[kv, d],
+                    Init::Matrix,
+                );
+                push(
+                    format!("{p}.self_attn.v_proj.weight"),
+                    &[kv, d],
+                    Init::Matrix,
+                );
+                push(
+                    format!("{p}.self_attn.o_proj.weight"),
+                    &[d, q],
+                    Init::Matrix,
+                );
+                push(
+                    format!("{p}.post_attention_layernorm.weight"),
+                    &[d],
+                    Init::NormWeight,
+                );
+                push(
+                    format!("{p}.mlp.gate_proj.weight"),
+                    &[inter, d],
+                    Init::Matrix,
+                );
                 push(format!("{p}.mlp.up_proj.weight"), &[inter, d], Init::Matrix);
-                push(format!("{p}.mlp.down_proj.weight"), &[d, inter], Init::Matrix);
+                push(
+                    format!("{p}.mlp.down_proj.weight"),
+                    &[d, inter],
+                    Init::Matrix,
+                );
             }
             push("model.norm.weight".into(), &[d], Init::NormWeight);
             if !cfg.tie_word_embeddings {

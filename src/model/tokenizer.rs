@@ -134,8 +134,8 @@ fn eos_from_tokenizer_config(dir: &Path, tok: &tokenizers::Tokenizer) -> Result<
     if !path.is_file() {
         return Ok(None);
     }
-    let text =
-        std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
     let v: serde_json::Value = serde_json::from_str(&text)
         .with_context(|| format!("{} is not valid JSON", path.display()))?;
     let content = match v.get("eos_token") {
@@ -156,7 +156,8 @@ const MERGE_CORPUS: &str = include_str!("../../assets/tiny_bpe_corpus.txt");
 /// GPT-2's reversible byte -> printable char mapping: printable Latin-1 bytes map to themselves,
 /// the rest to U+0100 and up, so every byte string becomes a string without spaces or controls.
 pub fn byte_to_char_table() -> [char; 256] {
-    let printable = |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+    let printable =
+        |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
     let mut table = ['\0'; 256];
     let mut next_extra = 256u32;
     for b in 0..256u32 {
@@ -274,8 +275,10 @@ pub fn small_bpe_tokenizer_json(arch: Arch, vocab_size: usize) -> Result<String>
     let mut added = Vec::new();
     for (tok, id) in &specials {
         vocab.insert(tok.to_string(), json!(id));
-        added.push(json!({"id": id, "content": tok, "single_word": false, "lstrip": false,
-            "rstrip": false, "normalized": false, "special": true}));
+        added.push(
+            json!({"id": id, "content": tok, "single_word": false, "lstrip": false,
+            "rstrip": false, "normalized": false, "special": true}),
+        );
     }
     let byte_level = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true,
         "use_regex": true});

@@ -280,12 +280,8 @@ impl Weights {
             );
         }
         let bytes = &self.files[entry.file_idx].map[entry.bytes.clone()];
-        convert_to_f32(bytes, entry.info.dtype).with_context(|| {
-            format!(
-                "{}: cannot load tensor {name:?} as f32",
-                file.display()
-            )
-        })
+        convert_to_f32(bytes, entry.info.dtype)
+            .with_context(|| format!("{}: cannot load tensor {name:?} as f32", file.display()))
     }
 
     /// Like [`Weights::load_f32`], trying each name in turn; the error lists every name tried.
