@@ -11,6 +11,7 @@ use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
+use rayon::prelude::*;
 
 /// Storage dtype of a written checkpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -249,19 +250,33 @@ pub fn write_safetensors_streaming(
     })
 }
 
-/// Little-endian encoding of `data` in `dtype` (round to nearest even for f16/bf16).
+/// Elements per parallel work item when encoding; small tensors are encoded on one thread.
+const ENCODE_CHUNK: usize = 1 << 15;
+
+/// Little-endian encoding of `data` in `dtype` (round to nearest even for f16/bf16) into `buf`,
+/// which is cleared first.
 pub fn encode_into(data: &[f32], dtype: StoreDtype, buf: &mut Vec<u8>) {
+    let size = dtype.size_bytes();
     buf.clear();
-    buf.reserve(data.len() * dtype.size_bytes());
-    match dtype {
-        StoreDtype::F32 => data
-            .iter()
-            .for_each(|v| buf.extend_from_slice(&v.to_le_bytes())),
-        StoreDtype::F16 => data
-            .iter()
-            .for_each(|v| buf.extend_from_slice(&half::f16::from_f32(*v).to_bits().to_le_bytes())),
-        StoreDtype::Bf16 => data
-            .iter()
-            .for_each(|v| buf.extend_from_slice(&half::bf16::from_f32(*v).to_bits().to_le_bytes())),
+    buf.resize(data.len() * size, 0);
+    let encode = |src: &[f32], dst: &mut [u8]| {
+        for (v, out) in src.iter().zip(dst.chunks_exact_mut(size)) {
+            match dtype {
+                StoreDtype::F32 => out.copy_from_slice(&v.to_le_bytes()),
+                StoreDtype::F16 => {
+                    out.copy_from_slice(&half::f16::from_f32(*v).to_bits().to_le_bytes())
+                }
+                StoreDtype::Bf16 => {
+                    out.copy_from_slice(&half::bf16::from_f32(*v).to_bits().to_le_bytes())
+                }
+            }
+        }
+    };
+    if data.len() <= ENCODE_CHUNK {
+        encode(data, buf);
+    } else {
+        buf.par_chunks_mut(ENCODE_CHUNK * size)
+            .zip(data.par_chunks(ENCODE_CHUNK))
+            .for_each(|(dst, src)| encode(src, dst));
     }
 }

@@ -161,9 +161,10 @@ impl Weights {
         // what any safetensors reader can defend against (transformers and candle map the same way).
         let map = unsafe { Mmap::map(&file) }
             .with_context(|| format!("cannot memory-map {}", path.display()))?;
+        check_header_length(path, &map)?;
         let (header_len, metadata) = SafeTensors::read_metadata(&map).map_err(|e| {
             anyhow::anyhow!(
-                "{} is not a valid safetensors file ({} bytes): {e}",
+                "{} is not a valid safetensors file ({} bytes; truncated or corrupt?): {e}",
                 path.display(),
                 map.len()
             )
@@ -337,6 +338,29 @@ impl Weights {
             .map(|b| format!("{b:02x}"))
             .collect::<String>()
     }
+}
+
+/// Checks the 8-byte header length against the file size, so a truncated file gets a message
+/// that says what is wrong in numbers rather than a bare "invalid header length".
+fn check_header_length(path: &Path, map: &[u8]) -> Result<()> {
+    let Some(prefix) = map.get(..8) else {
+        bail!(
+            "{} is {} bytes long, too short for a safetensors file (truncated?)",
+            path.display(),
+            map.len()
+        );
+    };
+    let mut len_bytes = [0u8; 8];
+    len_bytes.copy_from_slice(prefix);
+    let header_len = u64::from_le_bytes(len_bytes);
+    if header_len > (map.len() as u64).saturating_sub(8) {
+        bail!(
+            "{}: header length {header_len} runs past the end of the file ({} bytes; truncated or not a safetensors file)",
+            path.display(),
+            map.len()
+        );
+    }
+    Ok(())
 }
 
 /// Bytes per element of the dtypes the loader converts.
