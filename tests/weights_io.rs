@@ -327,3 +327,42 @@ fn fingerprint_is_stable_and_sensitive() {
     .unwrap();
     assert_ne!(fp, Weights::open(other.path()).unwrap().fingerprint());
 }
+
+#[test]
+fn bad_names_and_failing_producers_leave_no_model_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("model.safetensors");
+    let dup = [TensorSpec::new("x", &[2]), TensorSpec::new("x", &[3])];
+    let e = err_text(write_safetensors_streaming(
+        &path,
+        &dup,
+        StoreDtype::F32,
+        |_| Ok(vec![0.5; 2]),
+    ));
+    assert!(e.contains("\"x\""), "{e}");
+    let reserved = [TensorSpec::new("__metadata__", &[2])];
+    assert!(
+        write_safetensors_streaming(&path, &reserved, StoreDtype::F32, |_| Ok(vec![0.5; 2]))
+            .is_err()
+    );
+
+    // A producer failing on the second tensor: no weights, no config.json, no temp files.
+    let out = dir.path().join("model");
+    let specs = [TensorSpec::new("a", &[2]), TensorSpec::new("b", &[2])];
+    let e = err_text(elder::model::checkpoint::write_hf_dir_streaming(
+        &out,
+        &config(),
+        &specs,
+        Some("{}"),
+        StoreDtype::F32,
+        |i| {
+            if i == 0 {
+                Ok(vec![1.0, 2.0])
+            } else {
+                anyhow::bail!("generator broke")
+            }
+        },
+    ));
+    assert!(e.contains("generator broke") && e.contains("\"b\""), "{e}");
+    assert_eq!(std::fs::read_dir(&out).unwrap().count(), 0);
+}

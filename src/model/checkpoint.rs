@@ -123,11 +123,12 @@ pub fn write_hf_dir_streaming(
         .with_context(|| format!("cannot create model directory {}", out.display()))?;
     let config_text =
         serde_json::to_string_pretty(config_json).context("cannot serialize config.json")?;
-    write_atomic(&out.join("config.json"), config_text.as_bytes())?;
+    // Weights first and config.json last: a directory with a config.json is complete.
+    write_safetensors_streaming(&out.join("model.safetensors"), specs, dtype, produce)?;
     if let Some(tok) = tokenizer_json {
         write_atomic(&out.join("tokenizer.json"), tok.as_bytes())?;
     }
-    write_safetensors_streaming(&out.join("model.safetensors"), specs, dtype, produce)?;
+    write_atomic(&out.join("config.json"), config_text.as_bytes())?;
     sync_dir(out);
     Ok(())
 }
@@ -201,10 +202,15 @@ fn safetensors_header(specs: &[TensorSpec], dtype: StoreDtype) -> Result<Vec<u8>
             "shape": spec.shape,
             "data_offsets": [offset, offset + size],
         });
-        if map.insert(spec.name.clone(), entry).is_some() || spec.name == "__metadata__" {
+        if spec.name == "__metadata__" {
+            bail!("\"__metadata__\" is reserved by safetensors and cannot name a tensor");
+        }
+        if map.insert(spec.name.clone(), entry).is_some() {
             bail!("tensor name {:?} is used twice", spec.name);
         }
-        offset += size;
+        offset = offset
+            .checked_add(size)
+            .context("total checkpoint size overflows")?;
     }
     let mut header = serde_json::to_vec(&map).context("cannot serialize safetensors header")?;
     while header.len() % 8 != 0 {
