@@ -366,3 +366,19 @@ fn bad_names_and_failing_producers_leave_no_model_behind() {
     assert!(e.contains("generator broke") && e.contains("\"b\""), "{e}");
     assert_eq!(std::fs::read_dir(&out).unwrap().count(), 0);
 }
+
+#[test]
+fn a_file_path_opens_that_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("custom.safetensors");
+    let specs = [TensorSpec::new("w", &[2, 2])];
+    write_safetensors_streaming(&file, &specs, StoreDtype::Bf16, |_| {
+        Ok(vec![1.0, -2.0, 0.5, 3.0])
+    })
+    .unwrap();
+    let w = Weights::open(&file).unwrap();
+    assert_eq!(w.load_f32("w", &[2, 2]).unwrap(), vec![1.0, -2.0, 0.5, 3.0]);
+    assert_eq!(w.info("w").unwrap().dtype, Dtype::BF16);
+    let (raw, _) = w.raw_bytes("w").unwrap();
+    assert_eq!(raw.len(), 8);
+}

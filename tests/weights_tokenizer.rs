@@ -89,3 +89,22 @@ fn small_tokenizers_are_deterministic_and_refuse_tiny_vocabularies() {
     assert_eq!(t.encode("ab").unwrap().len(), 2);
     assert_eq!(t.eos_id(), Some(256));
 }
+
+#[test]
+fn big_vocabularies_stop_when_the_corpus_runs_out() {
+    let t0 = std::time::Instant::now();
+    let json = small_bpe_tokenizer_json(Arch::Llama, 32000).unwrap();
+    let t = Tokenizer::from_json(&json, Arch::Llama).unwrap();
+    assert!(
+        t.vocab_size() > 512 && t.vocab_size() < 32000,
+        "{}",
+        t.vocab_size()
+    );
+    let ids = t.encode("The capital of France is Paris.").unwrap();
+    assert_eq!(t.decode(&ids).unwrap(), "The capital of France is Paris.");
+    // A gpt2-shaped vocabulary keeps <|endoftext|> as the last id, past the unused gap.
+    let json = small_bpe_tokenizer_json(Arch::Gpt2, 5000).unwrap();
+    let g = Tokenizer::from_json(&json, Arch::Gpt2).unwrap();
+    assert_eq!((g.vocab_size(), g.eos_id()), (5000, Some(4999)));
+    assert!(t0.elapsed().as_secs() < 30, "{:?}", t0.elapsed());
+}

@@ -73,7 +73,11 @@ impl std::fmt::Debug for Weights {
 
 impl Weights {
     /// Opens `dir/model.safetensors`, or the shards named by `dir/model.safetensors.index.json`.
+    /// A path to a single `.safetensors` file is accepted too.
     pub fn open(dir: &Path) -> Result<Weights> {
+        if dir.is_file() {
+            return Self::open_file(dir);
+        }
         let single = dir.join(SINGLE_FILE);
         let index = dir.join(INDEX_FILE);
         let mut weights = Weights {
