@@ -5,57 +5,57 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 
 use anyhow::{Context, Result};
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
+use rand::Rng;
 use rayon::prelude::*;
 
 use crate::backend::cpu::ops::Layout;
 
 use super::config::{Arch, ModelConfig};
 use super::layers::{Linear, Mlp, Norm};
-use super::names::{tensor_specs, TensorRole, TensorSpec};
+use super::names::{tensor_specs, TensorSpec};
+use super::presets::random_tensor;
 use super::transformer::{Block, Model, QkvProj};
+use super::weights::Weights;
 
 /// Something that yields a model's tensors as f32, checked against the expected shape.
 pub trait TensorSource: Sync {
     fn load(&self, spec: &TensorSpec) -> Result<Vec<f32>>;
 }
 
-/// Seeded random tensors, reproducible per (seed, tensor name) whatever the load order.
-/// Matrices ~ N(0, 0.02); norm weights ~ 1 + N(0, 0.1) and biases ~ N(0, 0.02), so that a forward
-/// pass that forgot a norm weight or a bias disagrees with one that did not.
+/// Seeded random tensors, reproducible per (seed, tensor name) whatever the load order: the same
+/// values `elder init-random` writes to disk.
 pub struct RandomSource {
     pub seed: u64,
 }
 
-impl RandomSource {
-    pub fn values(&self, spec: &TensorSpec) -> Vec<f32> {
-        let n: usize = spec.shape.iter().product();
-        let name_hash = spec.name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-            (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
-        });
-        let mut rng = ChaCha8Rng::seed_from_u64(self.seed ^ name_hash);
-        let (mean, std) = match spec.role {
-            TensorRole::NormWeight => (1.0, 0.1),
-            TensorRole::Embedding | TensorRole::Matrix | TensorRole::Bias => (0.0, 0.02),
-        };
-        (0..n)
-            .map(|_| mean + std * standard_normal(&mut rng))
-            .collect()
+impl TensorSource for RandomSource {
+    fn load(&self, spec: &TensorSpec) -> Result<Vec<f32>> {
+        let n = spec.shape.iter().product();
+        Ok(random_tensor(self.seed, &spec.name, n, spec.role))
     }
 }
 
-/// Box-Muller: one N(0,1) sample.
+/// Box-Muller: one N(0,1) sample (for tests and initialisers that need single draws).
 pub fn standard_normal(rng: &mut impl Rng) -> f32 {
     let u1: f32 = rng.gen_range(f32::MIN_POSITIVE..1.0);
     let u2: f32 = rng.gen();
     (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
 }
 
-impl TensorSource for RandomSource {
+impl TensorSource for Weights {
+    /// Loads one tensor as f32, trying its aliases (GPT-2 keys without `transformer.`).
     fn load(&self, spec: &TensorSpec) -> Result<Vec<f32>> {
-        Ok(self.values(spec))
+        let mut names: Vec<&str> = vec![&spec.name];
+        names.extend(spec.aliases.iter().map(String::as_str));
+        self.load_f32_any(&names, &spec.shape)
     }
+}
+
+/// Opens a model directory in the Hugging Face layout: `config.json` and the safetensors weights.
+pub fn load_model_dir(dir: &std::path::Path) -> Result<Model> {
+    let cfg = ModelConfig::from_dir(dir)?;
+    let weights = Weights::open(dir)?;
+    build_model(&cfg, &weights).with_context(|| format!("loading model from {}", dir.display()))
 }
 
 /// Loads every tensor of `cfg`'s family (in parallel) and assembles the model.

@@ -5,8 +5,11 @@ pub mod config;
 pub mod layers;
 pub mod loader;
 pub mod names;
+pub mod presets;
 pub mod runner;
+pub mod tokenizer;
 pub mod transformer;
+pub mod weights;
 
 pub use config::{Arch, ModelConfig};
 pub use transformer::{Adapter, BatchShape, KvCache, Model, NoAdapter};
