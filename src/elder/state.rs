@@ -165,6 +165,14 @@ impl EditState {
         })
     }
 
+    /// The method config a state in `dir` was made with, or `None` when `dir` holds no state yet.
+    pub fn stored_config(dir: &Path) -> Result<Option<Value>> {
+        if !dir.join(MANIFEST_FILE).exists() {
+            return Ok(None);
+        }
+        Ok(Some(read_manifest(dir)?.method_config))
+    }
+
     /// `open` if `dir` holds a state, `create` otherwise.
     pub fn open_or_create(dir: &Path, config: &Value, fingerprint: &str) -> Result<Self> {
         if dir.join(MANIFEST_FILE).exists() {

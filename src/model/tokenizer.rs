@@ -87,6 +87,16 @@ impl Tokenizer {
         Ok(enc.get_ids().to_vec())
     }
 
+    /// Tokens of a continuation appended to a prompt: never adds special tokens (no second BOS in
+    /// the middle of a sequence).
+    pub fn encode_continuation(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| anyhow!("cannot tokenize {text:?}: {e}"))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
     /// Decodes ids to text, dropping special tokens. Ids the tokenizer does not know are skipped:
     /// a model's embedding table may be larger than its tokenizer (padded vocabularies, random
     /// presets), and sampling can land there.

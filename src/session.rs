@@ -1,0 +1,270 @@
+//! The engine's high-level operations, shared by the command line and tests: open a base model,
+//! open or create an edit state, apply an edit stream durably, evaluate.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+
+use crate::data::EditRecord;
+use crate::elder::config::ElderConfig;
+use crate::elder::molora::Elder;
+use crate::elder::state::EditState;
+use crate::elder::trainer::{apply_edit_batch, EditExample};
+use crate::eval::{Evaluator, Metrics, Protocol, TokenizedEdit};
+use crate::model::loader::build_model;
+use crate::model::tokenizer::Tokenizer;
+use crate::model::weights::Weights;
+use crate::model::{Model, ModelConfig};
+
+/// A frozen base model with its tokenizer and fingerprint.
+pub struct BaseModel {
+    pub dir: PathBuf,
+    pub model: Model,
+    pub tokenizer: Tokenizer,
+    /// Identifies the weights; an edit state records it and refuses other models.
+    pub fingerprint: String,
+}
+
+impl BaseModel {
+    pub fn open(dir: &Path) -> Result<Self> {
+        let cfg = ModelConfig::from_dir(dir)?;
+        let weights = Weights::open(dir)?;
+        let model = build_model(&cfg, &weights)
+            .with_context(|| format!("loading model from {}", dir.display()))?;
+        let tokenizer = Tokenizer::from_dir(dir, cfg.arch)?;
+        Ok(BaseModel {
+            dir: dir.to_path_buf(),
+            model,
+            tokenizer,
+            fingerprint: weights.fingerprint(),
+        })
+    }
+
+    /// `prompt` -> ids; `target` -> ids of `" " + target` (the engine adds the separating space).
+    pub fn encode_pair(&self, prompt: &str, target: &str) -> Result<(Vec<u32>, Vec<u32>)> {
+        let p = self.tokenizer.encode(prompt)?;
+        let t = self.tokenizer.encode_continuation(&format!(" {target}"))?;
+        anyhow::ensure!(!p.is_empty(), "prompt {prompt:?} has no tokens");
+        anyhow::ensure!(!t.is_empty(), "target {target:?} has no tokens");
+        Ok((p, t))
+    }
+
+    pub fn tokenize_edit(&self, r: &EditRecord) -> Result<TokenizedEdit> {
+        let (prompt, target) = self
+            .encode_pair(&r.prompt, &r.target_new)
+            .with_context(|| format!("edit {:?}", r.id))?;
+        let rephrases = r
+            .rephrases
+            .iter()
+            .map(|p| self.tokenizer.encode(p))
+            .collect::<Result<Vec<_>>>()
+            .with_context(|| format!("edit {:?}: rephrases", r.id))?;
+        let locality = r
+            .locality
+            .iter()
+            .map(|l| self.encode_pair(&l.prompt, &l.answer))
+            .collect::<Result<Vec<_>>>()
+            .with_context(|| format!("edit {:?}: locality", r.id))?;
+        Ok(TokenizedEdit {
+            id: r.id.clone(),
+            knowledge_id: r.knowledge_id.clone(),
+            prompt,
+            target,
+            rephrases,
+            locality,
+        })
+    }
+}
+
+/// ELDER's trainable state and where it is kept on disk.
+pub struct EditSession {
+    pub elder: Elder,
+    pub state: EditState,
+}
+
+impl EditSession {
+    /// Opens the state in `dir` (creating it with `config`, or the model's preset, if absent).
+    /// An existing state keeps the config it was made with: a different `config` is refused.
+    pub fn open(base: &BaseModel, dir: &Path, config: Option<ElderConfig>) -> Result<Self> {
+        let (cfg, cfg_json) = match EditState::stored_config(dir)? {
+            Some(stored_json) => {
+                let stored: ElderConfig = serde_json::from_value(stored_json.clone())
+                    .with_context(|| {
+                        format!(
+                            "edit state {} has an unreadable method config",
+                            dir.display()
+                        )
+                    })?;
+                if let Some(requested) = config {
+                    refuse_config_change(dir, &stored, &requested)?;
+                }
+                (stored, stored_json)
+            }
+            None => {
+                let cfg = config.unwrap_or_else(|| ElderConfig::preset_for(&base.model.cfg));
+                let json = serde_json::to_value(&cfg)?;
+                (cfg, json)
+            }
+        };
+        let state = EditState::open_or_create(dir, &cfg_json, &base.fingerprint)?;
+        let elder = Elder::from_state(cfg, &base.model, &state)?;
+        Ok(EditSession { elder, state })
+    }
+}
+
+/// A state keeps the config it was made with; a different one is an error naming each difference.
+fn refuse_config_change(dir: &Path, stored: &ElderConfig, requested: &ElderConfig) -> Result<()> {
+    if stored == requested {
+        return Ok(());
+    }
+    let (a, b) = (
+        serde_json::to_value(stored)?,
+        serde_json::to_value(requested)?,
+    );
+    let differences: Vec<String> = a
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter(|(k, v)| b.get(k.as_str()) != Some(v))
+        .map(|(k, v)| {
+            format!(
+                "{k}: state has {v}, requested {}",
+                b.get(k.as_str()).unwrap_or(&serde_json::Value::Null)
+            )
+        })
+        .collect();
+    anyhow::bail!(
+        "edit state {} was made with a different method config (a state keeps its config; use a new --state):\n  {}",
+        dir.display(),
+        differences.join("\n  ")
+    )
+}
+
+/// What `apply_stream` did.
+#[derive(Debug, Clone, Serialize)]
+pub struct StreamSummary {
+    pub applied: usize,
+    pub already_applied: usize,
+    pub total_applied: usize,
+    pub seconds: f64,
+    pub seconds_per_edit: f64,
+    pub mean_first_loss: f64,
+    pub mean_last_loss: f64,
+}
+
+/// Applies `records` in order, in batches of the config's batch size, committing the state after
+/// every batch; records already in the state are skipped (so an interrupted run resumes). With
+/// `each`, every batch is scored right after it is applied.
+pub fn apply_stream(
+    base: &BaseModel,
+    session: &mut EditSession,
+    records: &[EditRecord],
+    show_progress: bool,
+    mut each: Option<&mut Evaluator>,
+) -> Result<StreamSummary> {
+    let done: std::collections::HashSet<&str> = session
+        .state
+        .applied_ids()
+        .iter()
+        .map(String::as_str)
+        .collect();
+    let todo: Vec<&EditRecord> = records
+        .iter()
+        .filter(|r| !done.contains(r.id.as_str()))
+        .collect();
+    let already = records.len() - todo.len();
+    let bar = progress_bar(todo.len() as u64, show_progress);
+    let start = Instant::now();
+    let (mut first_sum, mut last_sum, mut batches) = (0.0f64, 0.0f64, 0usize);
+    for chunk in todo.chunks(session.elder.cfg.batch_size.max(1)) {
+        let tokenized = chunk
+            .iter()
+            .map(|r| base.tokenize_edit(r))
+            .collect::<Result<Vec<_>>>()?;
+        let examples: Vec<EditExample> = tokenized
+            .iter()
+            .map(|t| EditExample {
+                prompt: t.prompt.clone(),
+                target: t.target.clone(),
+                knowledge_id: t.knowledge_id.clone(),
+            })
+            .collect();
+        let report = apply_edit_batch(&base.model, &mut session.elder, &examples, |_, loss| {
+            bar.set_message(format!("loss {loss:.3}"));
+        })?;
+        let ids: Vec<String> = chunk.iter().map(|r| r.id.clone()).collect();
+        session
+            .state
+            .commit(
+                &session.elder.named_tensors(),
+                &session.elder.codebook,
+                &ids,
+            )
+            .with_context(|| format!("committing edits {ids:?}"))?;
+        if let Some(ev) = each.as_deref_mut() {
+            ev.add(&base.model, &session.elder, &tokenized);
+        }
+        first_sum += report.first_loss as f64;
+        last_sum += report.last_loss as f64;
+        batches += 1;
+        bar.inc(chunk.len() as u64);
+    }
+    bar.finish_and_clear();
+    let seconds = start.elapsed().as_secs_f64();
+    let n = todo.len();
+    Ok(StreamSummary {
+        applied: n,
+        already_applied: already,
+        total_applied: session.state.applied_ids().len(),
+        seconds,
+        seconds_per_edit: if n == 0 { 0.0 } else { seconds / n as f64 },
+        mean_first_loss: if batches == 0 {
+            f64::NAN
+        } else {
+            first_sum / batches as f64
+        },
+        mean_last_loss: if batches == 0 {
+            f64::NAN
+        } else {
+            last_sum / batches as f64
+        },
+    })
+}
+
+/// Scores the final model on `records` (the paper's protocol).
+pub fn evaluate_final(
+    base: &BaseModel,
+    elder: &Elder,
+    records: &[EditRecord],
+    show_progress: bool,
+) -> Result<Metrics> {
+    let mut ev = Evaluator::default();
+    let bar = progress_bar(records.len() as u64, show_progress);
+    bar.set_message("evaluating");
+    for chunk in records.chunks(8) {
+        let tokenized = chunk
+            .iter()
+            .map(|r| base.tokenize_edit(r))
+            .collect::<Result<Vec<_>>>()?;
+        ev.add(&base.model, elder, &tokenized);
+        bar.inc(chunk.len() as u64);
+    }
+    bar.finish_and_clear();
+    Ok(ev.metrics(Protocol::Final))
+}
+
+fn progress_bar(len: u64, show: bool) -> indicatif::ProgressBar {
+    if !show {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(len);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} edits  {per_sec}  {msg}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar
+}
