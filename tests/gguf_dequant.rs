@@ -25,7 +25,10 @@ fn quantize_symmetric(x: &[f32], levels: f32, offset: i32, bits: u32) -> (Vec<u8
         let amax = b.iter().fold(0f32, |m, v| m.max(v.abs()));
         let d = f16::from_f32(amax / levels).to_f32();
         let inv = if d == 0.0 { 0.0 } else { 1.0 / d };
-        let codes: Vec<i32> = b.iter().map(|v| (v * inv).round() as i32 + offset).collect();
+        let codes: Vec<i32> = b
+            .iter()
+            .map(|v| (v * inv).round() as i32 + offset)
+            .collect();
         out.extend(f16_bytes(d));
         match bits {
             8 => out.extend(codes.iter().map(|&c| c as i8 as u8)),
@@ -33,7 +36,9 @@ fn quantize_symmetric(x: &[f32], levels: f32, offset: i32, bits: u32) -> (Vec<u8
             5 => {
                 let qh: u32 = (0..32).map(|j| (((codes[j] >> 4) & 1) as u32) << j).sum();
                 out.extend(qh.to_le_bytes());
-                out.extend((0..16).map(|j| (codes[j] as u8 & 15) | ((codes[j + 16] as u8 & 15) << 4)));
+                out.extend(
+                    (0..16).map(|j| (codes[j] as u8 & 15) | ((codes[j + 16] as u8 & 15) << 4)),
+                );
             }
             _ => unreachable!(),
         }
@@ -52,8 +57,10 @@ fn quantize_affine(x: &[f32], max_code: f32, bits: u32) -> (Vec<u8>, Vec<f32>) {
         let m = f16::from_f32(lo).to_f32();
         let d = f16::from_f32((hi - lo) / max_code).to_f32();
         let inv = if d == 0.0 { 0.0 } else { 1.0 / d };
-        let codes: Vec<u32> =
-            b.iter().map(|v| ((v - m) * inv).round().clamp(0.0, max_code) as u32).collect();
+        let codes: Vec<u32> = b
+            .iter()
+            .map(|v| ((v - m) * inv).round().clamp(0.0, max_code) as u32)
+            .collect();
         out.extend(f16_bytes(d));
         out.extend(f16_bytes(m));
         if bits == 5 {
@@ -72,7 +79,10 @@ fn assert_within_half_step(ty: GgmlType, x: &[f32], raw: &[u8], steps: &[f32], e
         let d = steps[i / 32];
         // Half a step, plus rounding slack for f16 scales/mins (`extra` steps).
         let tol = d * (0.5 + extra) + 1e-6;
-        assert!((a - b).abs() <= tol, "{ty:?} element {i}: {a} vs {b}, step {d}");
+        assert!(
+            (a - b).abs() <= tol,
+            "{ty:?} element {i}: {a} vs {b}, step {d}"
+        );
     }
 }
 
@@ -118,12 +128,18 @@ fn float_types_round_trip() {
     let f32_raw: Vec<u8> = x.iter().flat_map(|v| v.to_le_bytes()).collect();
     assert_eq!(dequantize(GgmlType::F32, &f32_raw, 100).unwrap(), x);
     let f16_raw: Vec<u8> = x.iter().flat_map(|&v| f16_bytes(v)).collect();
-    let bf_raw: Vec<u8> = x.iter().flat_map(|&v| bf16::from_f32(v).to_le_bytes()).collect();
+    let bf_raw: Vec<u8> = x
+        .iter()
+        .flat_map(|&v| bf16::from_f32(v).to_le_bytes())
+        .collect();
     let y16 = dequantize(GgmlType::F16, &f16_raw, 100).unwrap();
     let ybf = dequantize(GgmlType::Bf16, &bf_raw, 100).unwrap();
     for i in 0..100 {
         assert!((x[i] - y16[i]).abs() <= 1e-3 * x[i].abs() + 1e-7, "f16 {i}");
-        assert!((x[i] - ybf[i]).abs() <= 8e-3 * x[i].abs() + 1e-30, "bf16 {i}");
+        assert!(
+            (x[i] - ybf[i]).abs() <= 8e-3 * x[i].abs() + 1e-30,
+            "bf16 {i}"
+        );
     }
 }
 
@@ -138,7 +154,10 @@ fn hand_computed_q4_0_block() {
     let y = dequantize(GgmlType::Q4_0, &b, 32).unwrap();
     assert_eq!(y[0], 3.5);
     assert_eq!(y[16], -3.5);
-    assert!(y.iter().enumerate().all(|(i, &v)| i == 0 || i == 16 || v == 0.0));
+    assert!(y
+        .iter()
+        .enumerate()
+        .all(|(i, &v)| i == 0 || i == 16 || v == 0.0));
 }
 
 #[test]

@@ -30,12 +30,22 @@ fn smollm2_imports_with_a_working_tokenizer() {
     let summary = import_gguf(&gguf, &out).unwrap();
     println!("{summary}");
     let c = &summary.config;
-    assert_eq!((c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads), (30, 576, 9, 3));
-    assert_eq!((c.head_dim, c.intermediate_size, c.vocab_size), (64, 1536, 49152));
+    assert_eq!(
+        (c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads),
+        (30, 576, 9, 3)
+    );
+    assert_eq!(
+        (c.head_dim, c.intermediate_size, c.vocab_size),
+        (64, 1536, 49152)
+    );
     assert!(c.tie_word_embeddings, "SmolLM2 has no output.weight");
     // 30 layers x 9 tensors + embedding + final norm.
     assert_eq!(summary.tensors, 30 * 9 + 2);
-    assert!(summary.params > 130_000_000 && summary.params < 140_000_000, "{}", summary.params);
+    assert!(
+        summary.params > 130_000_000 && summary.params < 140_000_000,
+        "{}",
+        summary.params
+    );
     assert!(summary.warnings.is_empty(), "{:?}", summary.warnings);
 
     let written = elder::model::ModelConfig::from_dir(&out).unwrap();
@@ -49,8 +59,16 @@ fn smollm2_imports_with_a_working_tokenizer() {
     // Digits are split one by one (SmolLM's Digits pre-tokenizer), and decoding round-trips.
     let enc = tok.encode("In 2024, <|im_start|>user\nhi", false).unwrap();
     let toks = enc.get_tokens();
-    assert!(toks.windows(4).any(|w| w == ["Ġ", "2", "0", "2"] || w == ["2", "0", "2", "4"]), "{toks:?}");
-    assert_eq!(enc.get_ids().iter().filter(|&&i| i == 1).count(), 1, "<|im_start|> is id 1");
+    assert!(
+        toks.windows(4)
+            .any(|w| w == ["Ġ", "2", "0", "2"] || w == ["2", "0", "2", "4"]),
+        "{toks:?}"
+    );
+    assert_eq!(
+        enc.get_ids().iter().filter(|&&i| i == 1).count(),
+        1,
+        "<|im_start|> is id 1"
+    );
     let text = tok.decode(enc.get_ids(), false).unwrap();
     assert_eq!(text, "In 2024, <|im_start|>user\nhi");
 }

@@ -45,7 +45,11 @@ impl std::fmt::Display for ImportSummary {
             self.params,
             self.params as f64 / 1e6
         )?;
-        let dtypes: Vec<String> = self.dtypes.iter().map(|(k, v)| format!("{k} x{v}")).collect();
+        let dtypes: Vec<String> = self
+            .dtypes
+            .iter()
+            .map(|(k, v)| format!("{k} x{v}"))
+            .collect();
         writeln!(f, "gguf storage types: {}", dtypes.join(", "))?;
         writeln!(
             f,
@@ -101,7 +105,10 @@ pub fn convert(g: &GgufFile) -> Result<(Vec<NamedTensor>, ImportSummary, String)
             if info.name == "rope_freqs.weight" {
                 continue;
             }
-            bail!("{file}: tensor {:?} has no Hugging Face Llama counterpart", info.name);
+            bail!(
+                "{file}: tensor {:?} has no Hugging Face Llama counterpart",
+                info.name
+            );
         };
         let shape = info.hf_shape();
         let mut data = g.tensor_f32(info)?;
@@ -112,7 +119,8 @@ pub fn convert(g: &GgufFile) -> Result<(Vec<NamedTensor>, ImportSummary, String)
             unpermute_rows(&mut data, &shape, config.num_kv_heads)
                 .with_context(|| format!("{file}: tensor {:?}", info.name))?;
         }
-        check_shape(&config, &hf_name, &shape).with_context(|| format!("{file}: {:?}", info.name))?;
+        check_shape(&config, &hf_name, &shape)
+            .with_context(|| format!("{file}: {:?}", info.name))?;
         *dtypes.entry(info.dtype.name()).or_insert(0) += 1;
         params += data.len() as u64;
         tensors.push(NamedTensor {
@@ -142,7 +150,11 @@ pub fn llama_config(g: &GgufFile, vocab_size: usize) -> Result<ModelConfig> {
     let u = |key: &str| -> Result<usize> { Ok(g.get_u64(&format!("llama.{key}"))? as usize) };
     let hidden = u("embedding_length")?;
     let heads = u("attention.head_count")?;
-    ensure!(heads > 0, "{}: llama.attention.head_count is 0", g.path().display());
+    ensure!(
+        heads > 0,
+        "{}: llama.attention.head_count is 0",
+        g.path().display()
+    );
     let kv_heads = match g.get("llama.attention.head_count_kv") {
         Some(_) => u("attention.head_count_kv")?,
         None => heads,
@@ -282,7 +294,10 @@ mod tests {
             hf_tensor_name("blk.0.ffn_norm.weight").as_deref(),
             Some("model.layers.0.post_attention_layernorm.weight")
         );
-        assert_eq!(hf_tensor_name("output.weight").as_deref(), Some("lm_head.weight"));
+        assert_eq!(
+            hf_tensor_name("output.weight").as_deref(),
+            Some("lm_head.weight")
+        );
         assert_eq!(hf_tensor_name("blk.x.attn_k.weight"), None);
         assert_eq!(hf_tensor_name("blk.0.mystery.weight"), None);
     }

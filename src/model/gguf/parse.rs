@@ -302,7 +302,10 @@ struct Header {
 fn parse_header(bytes: &[u8]) -> Result<Header> {
     let mut r = Reader { bytes, pos: 0 };
     let magic = r.take(4).context("reading the magic number")?;
-    ensure!(magic == MAGIC, "bad magic: expected \"GGUF\", found {magic:?}");
+    ensure!(
+        magic == MAGIC,
+        "bad magic: expected \"GGUF\", found {magic:?}"
+    );
     let version = r.u32().context("reading the version")?;
     ensure!(
         version == 2 || version == 3,
@@ -326,7 +329,10 @@ fn parse_header(bytes: &[u8]) -> Result<Header> {
         None => DEFAULT_ALIGNMENT,
         Some(v) => {
             let a = v.as_u64().with_context(|| {
-                format!("general.alignment should be an integer, found {}", v.type_name())
+                format!(
+                    "general.alignment should be an integer, found {}",
+                    v.type_name()
+                )
             })?;
             ensure!(
                 a > 0 && a.is_power_of_two(),
@@ -447,7 +453,10 @@ impl<'a> Reader<'a> {
             },
             8 => MetaValue::Str(self.string()?),
             9 => {
-                ensure!(depth < MAX_ARRAY_DEPTH, "arrays nested deeper than {MAX_ARRAY_DEPTH}");
+                ensure!(
+                    depth < MAX_ARRAY_DEPTH,
+                    "arrays nested deeper than {MAX_ARRAY_DEPTH}"
+                );
                 let elem = self.u32()?;
                 let n = self.count(min_value_size(elem), "array")?;
                 let mut items = Vec::with_capacity(n);
@@ -479,7 +488,10 @@ impl<'a> Reader<'a> {
             ne.push(self.u64().map_err(with_name)?);
         }
         let n = ne.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d));
-        ensure!(n.is_some(), "tensor {name:?}: element count of ne {ne:?} overflows");
+        ensure!(
+            n.is_some(),
+            "tensor {name:?}: element count of ne {ne:?} overflows"
+        );
         let type_id = self.u32().map_err(with_name)?;
         let dtype = GgmlType::from_id(type_id).with_context(|| format!("tensor {name:?}"))?;
         let offset = self.u64().map_err(with_name)?;
