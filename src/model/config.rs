@@ -160,17 +160,10 @@ impl ModelConfig {
             );
         }
         if self.arch == Arch::Gpt2 && self.head_dim * self.num_heads != self.hidden_size {
-            bail!(
-                "n_embd ({}) is not divisible by n_head ({})",
-                self.hidden_size,
-                self.num_heads
-            );
+            bail!("n_embd ({}) is not divisible by n_head ({})", self.hidden_size, self.num_heads);
         }
         if self.head_dim % 2 != 0 && self.arch == Arch::Llama {
-            bail!(
-                "head_dim ({}) must be even for rotary embeddings",
-                self.head_dim
-            );
+            bail!("head_dim ({}) must be even for rotary embeddings", self.head_dim);
         }
         Ok(())
     }
