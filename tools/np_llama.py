@@ -41,7 +41,7 @@ def silu(x):
 
 
 def forward(cfg, w, ids):
-    """Logits of the last position for the whole sequence `ids` (no KV cache: simple, slow)."""
+    """Logits [T, vocab] for every position of `ids` (no KV cache: simple, slow)."""
     T = len(ids)
     H, KV, hd = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
     eps, theta = cfg["rms_norm_eps"], cfg["rope_theta"]
@@ -64,9 +64,9 @@ def forward(cfg, w, ids):
         h = rms_norm(x, w[p + "post_attention_layernorm.weight"], eps)
         g = silu(h @ w[p + "mlp.gate_proj.weight"].T) * (h @ w[p + "mlp.up_proj.weight"].T)
         x = x + g @ w[p + "mlp.down_proj.weight"].T
-    x = rms_norm(x[-1], w["model.norm.weight"], eps)
+    x = rms_norm(x, w["model.norm.weight"], eps)
     head = w.get("lm_head.weight", w["model.embed_tokens.weight"])
-    return head @ x
+    return x @ head.T
 
 
 def main():
@@ -74,16 +74,26 @@ def main():
     ap.add_argument("model_dir")
     ap.add_argument("prompt", nargs="?", default="The capital of France is")
     ap.add_argument("--tokens", type=int, default=8)
+    ap.add_argument("--score", metavar="TEXT",
+                    help="also print the mean next-token NLL of TEXT (lower is better); this is "
+                         "what tells a right q/k un-permutation from a wrong one, since a short "
+                         "greedy continuation can survive a wrong rotary pairing")
     args = ap.parse_args()
     cfg = json.load(open(os.path.join(args.model_dir, "config.json")))
     w = load_file(os.path.join(args.model_dir, "model.safetensors"))
     w = {k: v.astype(np.float32) for k, v in w.items()}
     tok = Tokenizer.from_file(os.path.join(args.model_dir, "tokenizer.json"))
+    if args.score:
+        sids = tok.encode(args.score, add_special_tokens=False).ids
+        logits = forward(cfg, w, sids)[:-1].astype(np.float64)
+        m = logits.max(-1, keepdims=True)
+        logp = logits - m - np.log(np.exp(logits - m).sum(-1, keepdims=True))
+        nll = -logp[np.arange(len(sids) - 1), sids[1:]].mean()
+        print(f"score: {len(sids)} tokens, mean NLL {nll:.4f} nats, perplexity {np.exp(nll):.2f}")
     ids = tok.encode(args.prompt, add_special_tokens=False).ids
     print("prompt ids:", ids)
     for _ in range(args.tokens):
-        logits = forward(cfg, w, ids)
-        nxt = int(np.argmax(logits))
+        nxt = int(np.argmax(forward(cfg, w, ids)[-1]))
         ids.append(nxt)
         if nxt == cfg.get("eos_token_id"):
             break
