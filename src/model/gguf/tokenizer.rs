@@ -43,12 +43,8 @@ pub fn build_tokenizer_json(g: &GgufFile) -> Result<BuiltTokenizer> {
             .iter()
             .enumerate()
             .map(|(i, v)| {
-                // token_type is an i32 array in practice; accept any integer.
+                // token_type is an i32 array in practice; as_u64 accepts any non-negative integer.
                 v.as_u64()
-                    .or_else(|| match v {
-                        super::parse::MetaValue::I32(x) => u64::try_from(*x).ok(),
-                        _ => None,
-                    })
                     .with_context(|| format!("{file}: tokenizer.ggml.token_type[{i}] is {v}"))
             })
             .collect::<Result<_>>()?,
