@@ -200,7 +200,63 @@ fn hand_computed_q5_0_block() {
 fn wrong_sizes_and_unsupported_types_are_errors() {
     assert!(dequantize(GgmlType::Q4_0, &[0u8; 17], 32).is_err());
     assert!(dequantize(GgmlType::Q4_0, &[0u8; 18], 31).is_err());
-    let err = dequantize(GgmlType::from_id(14).unwrap(), &[0u8; 210], 256).unwrap_err();
+    let err = dequantize(GgmlType::from_id(10).unwrap(), &[0u8; 84], 256).unwrap_err();
     assert!(format!("{err:#}").contains("not supported"), "{err:#}");
     assert!(GgmlType::from_id(999).is_err());
+}
+
+/// k-quant blocks of random bytes, dequantized by gguf-py (tools/make_kquant_fixtures.py).
+#[test]
+fn k_quants_match_the_gguf_py_reference() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gguf");
+    for (name, ty) in [
+        ("q4_k", GgmlType::Q4K),
+        ("q5_k", GgmlType::Q5K),
+        ("q6_k", GgmlType::Q6K),
+    ] {
+        let raw = std::fs::read(dir.join(format!("{name}.raw"))).unwrap();
+        let want: Vec<f32> = std::fs::read(dir.join(format!("{name}.f32")))
+            .unwrap()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        let got = dequantize(ty, &raw, want.len()).unwrap();
+        let mut distinct = want.clone();
+        distinct.sort_by(f32::total_cmp);
+        distinct.dedup();
+        assert!(
+            distinct.len() > 100,
+            "{name}: fixture too uniform to test anything"
+        );
+        for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+            assert!(
+                (a - b).abs() <= 1e-5 * b.abs() + 1e-7,
+                "{name} element {i}: {a} vs {b}"
+            );
+        }
+    }
+}
+
+#[test]
+fn hand_computed_q6_k_and_q8_k() {
+    // Q6_K: element 0 uses ql[0] low nibble, qh[0] bits 0-1, scale 0; element 200 is in the
+    // second half (128 + 72): ql[64 + 8] high nibble, qh[32 + 8] bits 4-5, scale 8 + 4.
+    let mut b = vec![0u8; 210];
+    b[0] = 0x05;
+    b[128] = 0b10; // q = 5 | (2 << 4) = 37 -> 37 - 32 = 5
+    b[192] = 3; // scale 0
+    b[64 + 8] = 0x70;
+    b[128 + 32 + 8] = 0b01 << 4; // q = 7 | (1 << 4) = 23 -> -9
+    b[192 + 12] = (-2i8) as u8;
+    b[208..210].copy_from_slice(&f16_bytes(0.5));
+    let y = dequantize(GgmlType::Q6K, &b, 256).unwrap();
+    assert_eq!(y[0], 0.5 * 3.0 * 5.0);
+    assert_eq!(y[200], 0.5 * -2.0 * -9.0);
+    assert_eq!(y[1], 0.5 * 3.0 * -32.0);
+
+    let mut b = vec![0u8; 292];
+    b[..4].copy_from_slice(&0.125f32.to_le_bytes());
+    b[4 + 255] = (-8i8) as u8;
+    let y = dequantize(GgmlType::Q8K, &b, 256).unwrap();
+    assert_eq!((y[255], y[0]), (-1.0, 0.0));
 }
