@@ -384,3 +384,48 @@ fn metadata_shape_mismatch_is_reported() {
         "{e}"
     );
 }
+
+#[test]
+fn sentencepiece_vocabulary_becomes_a_working_tokenizer() {
+    // Llama-2 style: merges come from scores; "c" is only reachable through byte fallback.
+    let toks = [
+        "<unk>",
+        "<s>",
+        "</s>",
+        "<0x63>",
+        "\u{2581}",
+        "a",
+        "b",
+        "ab",
+        "\u{2581}ab",
+        "ba",
+    ];
+    let types = [2, 3, 3, 6, 1, 1, 1, 1, 1, 1];
+    let scores = [0.0, 0.0, 0.0, 0.0, -1.0, -2.0, -3.0, -4.0, -5.0, -9.0];
+    let mut w = Writer::default();
+    w.kv("tokenizer.ggml.model", s("llama"))
+        .kv(
+            "tokenizer.ggml.tokens",
+            MetaValue::Array(toks.iter().map(|t| s(t)).collect()),
+        )
+        .kv(
+            "tokenizer.ggml.token_type",
+            MetaValue::Array(types.iter().map(|&t| MetaValue::I32(t)).collect()),
+        )
+        .kv(
+            "tokenizer.ggml.scores",
+            MetaValue::Array(scores.iter().map(|&x| MetaValue::F32(x)).collect()),
+        )
+        .kv("tokenizer.ggml.bos_token_id", MetaValue::U32(1))
+        .kv("tokenizer.ggml.unknown_token_id", MetaValue::U32(0));
+    let g = GgufFile::from_bytes("spm.gguf", w.bytes(3)).unwrap();
+    let built = elder::model::gguf::tokenizer::build_tokenizer_json(&g).unwrap();
+    let tok = tokenizers::Tokenizer::from_str(&built.json).unwrap();
+    let enc = tok.encode("ab abc", true).unwrap();
+    assert_eq!(enc.get_ids(), &[1, 8, 8, 3], "{:?}", enc.get_tokens());
+    assert_eq!(tok.decode(enc.get_ids(), true).unwrap(), "ab abc");
+    // "ba" must win over "b" + "a" only through its merge; "bab" -> "ba" + "b" or "b" + "ab":
+    // "ab" has the higher score (-4 > -9), so the merge "a b" applies first.
+    let enc = tok.encode("bab", false).unwrap();
+    assert_eq!(enc.get_tokens(), &["\u{2581}", "b", "ab"]);
+}

@@ -1,15 +1,21 @@
 //! Rebuilds a Hugging Face `tokenizer.json` from GGUF tokenizer metadata.
 //!
-//! Only byte-level BPE (`tokenizer.ggml.model == "gpt2"`) is supported: the GGUF vocabulary and
-//! merges are already in byte-level form ("Ġ" for space), so they go into a BPE model unchanged.
-//! The pre-tokenizer is chosen from `tokenizer.ggml.pre`, mirroring llama.cpp's regex table.
+//! - `tokenizer.ggml.model == "gpt2"` (byte-level BPE): the GGUF vocabulary and merges are already
+//!   in byte-level form ("Ġ" for space), so they go into a BPE model unchanged; the pre-tokenizer
+//!   is chosen from `tokenizer.ggml.pre`, mirroring llama.cpp's regex table.
+//! - `"llama"` (SentencePiece BPE, Llama 1/2 style): merges are rebuilt from token scores and the
+//!   result matches HF's `LlamaTokenizerFast` layout ("▁" for space, byte fallback).
 
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::{json, Map, Value};
 
 use super::parse::GgufFile;
 
-/// ggml token types (llama.cpp `llama_token_type`): these are matched as whole special tokens.
+/// ggml token types (llama.cpp `llama_token_type`). Unknown, control and user-defined tokens
+/// become HF added tokens (matched whole); byte tokens (6, "<0x41>") serve SentencePiece's byte
+/// fallback; only normal tokens take part in reconstructed SentencePiece merges.
+const TOKEN_TYPE_NORMAL: u64 = 1;
+const TOKEN_TYPE_UNKNOWN: u64 = 2;
 const TOKEN_TYPE_CONTROL: u64 = 3;
 const TOKEN_TYPE_USER_DEFINED: u64 = 4;
 
@@ -28,16 +34,15 @@ pub struct BuiltTokenizer {
 pub fn build_tokenizer_json(g: &GgufFile) -> Result<BuiltTokenizer> {
     let file = g.path().display().to_string();
     let model = g.get_str("tokenizer.ggml.model")?;
-    if model != "gpt2" {
+    if model != "gpt2" && model != "llama" {
         bail!(
-            "{file}: tokenizer.ggml.model is {model:?}; only \"gpt2\" (byte-level BPE) can be \
-             converted to tokenizer.json (SentencePiece \"llama\" vocabularies are not supported yet)"
+            "{file}: tokenizer.ggml.model is {model:?}; only \"gpt2\" (byte-level BPE) and \
+             \"llama\" (SentencePiece BPE) can be converted to tokenizer.json"
         );
     }
     let tokens = string_array(g, "tokenizer.ggml.tokens")?;
-    let merges = string_array(g, "tokenizer.ggml.merges")?;
     let types: Vec<u64> = match g.get("tokenizer.ggml.token_type") {
-        None => vec![1; tokens.len()],
+        None => vec![TOKEN_TYPE_NORMAL; tokens.len()],
         Some(_) => g
             .get_array("tokenizer.ggml.token_type")?
             .iter()
@@ -64,48 +69,97 @@ pub fn build_tokenizer_json(g: &GgufFile) -> Result<BuiltTokenizer> {
             vocab.insert(tok.to_string(), json!(id)).is_none(),
             "{file}: token {tok:?} appears twice in tokenizer.ggml.tokens (second at id {id})"
         );
-        if ty == TOKEN_TYPE_CONTROL || ty == TOKEN_TYPE_USER_DEFINED {
+        if matches!(
+            ty,
+            TOKEN_TYPE_UNKNOWN | TOKEN_TYPE_CONTROL | TOKEN_TYPE_USER_DEFINED
+        ) {
             added.push(json!({
                 "id": id, "content": tok, "single_word": false, "lstrip": false,
-                "rstrip": false, "normalized": false, "special": ty == TOKEN_TYPE_CONTROL,
+                "rstrip": false, "normalized": false, "special": ty != TOKEN_TYPE_USER_DEFINED,
             }));
         }
     }
-    let unk = g
-        .get("tokenizer.ggml.unknown_token_id")
-        .and_then(|v| v.as_u64())
-        .and_then(|id| tokens.get(id as usize))
-        .map(|s| json!(s))
-        .unwrap_or(Value::Null);
+    let token_at = |key: &str| -> Option<(u64, &str)> {
+        let id = g.get(key)?.as_u64()?;
+        Some((id, *tokens.get(id as usize)?))
+    };
+    let unk = token_at("tokenizer.ggml.unknown_token_id").map(|(_, t)| t);
+    let bos = token_at("tokenizer.ggml.bos_token_id");
+    let flag = |key: &str, default: bool| g.get(key).and_then(|v| v.as_bool()).unwrap_or(default);
+    // llama.cpp's defaults: SentencePiece vocabularies add BOS and a leading space, GPT-2 ones not.
+    let spm = model == "llama";
+    let add_bos = flag("tokenizer.ggml.add_bos_token", spm);
+    let post_processor = match bos {
+        Some((id, tok)) if add_bos => json!({
+            "type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": tok, "type_id": 0}},
+                       {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [{"SpecialToken": {"id": tok, "type_id": 0}},
+                     {"Sequence": {"id": "A", "type_id": 0}},
+                     {"SpecialToken": {"id": tok, "type_id": 1}},
+                     {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {tok: {"id": tok, "ids": [id], "tokens": [tok]}},
+        }),
+        _ => Value::Null,
+    };
 
-    let pre = g
-        .get("tokenizer.ggml.pre")
-        .and_then(|v| v.as_str())
-        .unwrap_or("default");
-    let (pre_tokenizer, byte_level_regex, warning) = pre_tokenizer_for(pre);
+    let mut warning = None;
+    let (normalizer, pre_tokenizer, decoder, merges, byte_fallback) = if spm {
+        let scores = float_array(g, "tokenizer.ggml.scores", tokens.len())?;
+        let merges = spm_merges(&tokens, &types, &scores);
+        let space_prefix = flag("tokenizer.ggml.add_space_prefix", true);
+        let mut norm =
+            vec![json!({"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"})];
+        let mut dec = vec![
+            json!({"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "}),
+            json!({"type": "ByteFallback"}),
+            json!({"type": "Fuse"}),
+        ];
+        if space_prefix {
+            norm.insert(0, json!({"type": "Prepend", "prepend": "\u{2581}"}));
+            dec.push(json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
+        }
+        (
+            json!({"type": "Sequence", "normalizers": norm}),
+            Value::Null,
+            json!({"type": "Sequence", "decoders": dec}),
+            merges,
+            true,
+        )
+    } else {
+        let merges = string_array(g, "tokenizer.ggml.merges")?
+            .into_iter()
+            .map(str::to_string)
+            .collect();
+        let pre = g
+            .get("tokenizer.ggml.pre")
+            .and_then(|v| v.as_str())
+            .unwrap_or("default");
+        let (pre_tokenizer, byte_level_regex, w) = pre_tokenizer_for(pre);
+        warning = w;
+        let decoder = json!({
+            "type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true,
+            "use_regex": byte_level_regex,
+        });
+        (Value::Null, pre_tokenizer, decoder, merges, false)
+    };
     let doc = json!({
         "version": "1.0",
         "truncation": null,
         "padding": null,
         "added_tokens": added,
-        "normalizer": null,
+        "normalizer": normalizer,
         "pre_tokenizer": pre_tokenizer,
-        "post_processor": {
-            "type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false,
-            "use_regex": byte_level_regex,
-        },
-        "decoder": {
-            "type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true,
-            "use_regex": byte_level_regex,
-        },
+        "post_processor": post_processor,
+        "decoder": decoder,
         "model": {
             "type": "BPE",
             "dropout": null,
             "unk_token": unk,
             "continuing_subword_prefix": null,
             "end_of_word_suffix": null,
-            "fuse_unk": false,
-            "byte_fallback": false,
+            "fuse_unk": spm,
+            "byte_fallback": byte_fallback,
             "ignore_merges": false,
             "vocab": vocab,
             "merges": merges,
@@ -117,6 +171,55 @@ pub fn build_tokenizer_json(g: &GgufFile) -> Result<BuiltTokenizer> {
         vocab_size: tokens.len(),
         warning,
     })
+}
+
+/// SentencePiece GGUF vocabularies carry scores instead of merges. As HF's converter does, every
+/// split of a normal token into two normal tokens is a merge, ranked by the merged token's score
+/// (higher first), ties broken by the merged token's id and then by the ids of the two halves.
+fn spm_merges(tokens: &[&str], types: &[u64], scores: &[f32]) -> Vec<String> {
+    let normal: std::collections::HashMap<&str, usize> = tokens
+        .iter()
+        .zip(types)
+        .enumerate()
+        .filter(|(_, (_, &ty))| ty == TOKEN_TYPE_NORMAL)
+        .map(|(id, (&t, _))| (t, id))
+        .collect();
+    // (score of merged, merged id, left id, right id, text)
+    let mut merges: Vec<(f32, usize, usize, usize, String)> = Vec::new();
+    for (&piece, &id) in &normal {
+        for (cut, _) in piece.char_indices().skip(1) {
+            let (l, r) = piece.split_at(cut);
+            if let (Some(&li), Some(&ri)) = (normal.get(l), normal.get(r)) {
+                merges.push((scores[id], id, li, ri, format!("{l} {r}")));
+            }
+        }
+    }
+    merges.sort_by(|a, b| {
+        b.0.total_cmp(&a.0)
+            .then(a.1.cmp(&b.1))
+            .then(a.2.cmp(&b.2))
+            .then(a.3.cmp(&b.3))
+    });
+    merges.into_iter().map(|m| m.4).collect()
+}
+
+fn float_array(g: &GgufFile, key: &str, len: usize) -> Result<Vec<f32>> {
+    let file = g.path().display();
+    let values = g.get_array(key)?;
+    ensure!(
+        values.len() == len,
+        "{file}: {key} has {} entries, expected one per token ({len})",
+        values.len()
+    );
+    values
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            v.as_f64()
+                .map(|x| x as f32)
+                .with_context(|| format!("{file}: {key}[{i}] should be a number, found {v}"))
+        })
+        .collect()
 }
 
 /// (pre_tokenizer JSON, whether ByteLevel applies the GPT-2 regex itself, warning).
