@@ -1,3 +1,1 @@
-fn main() {
-    println!("cargo:rerun-if-changed=build.rs");
-}
+fn main() { println!("cargo:rerun-if-changed=build.rs"); }
