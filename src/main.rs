@@ -387,8 +387,9 @@ fn score(model: &Path, prompt: &str, target: &str, state: Option<&Path>, json: b
 }
 
 fn import_gguf(gguf: &Path, out: &Path) -> Result<()> {
-    let _ = (gguf, out);
-    bail!("import-gguf is not available in this build")
+    let summary = elder::model::gguf::import_gguf(gguf, out)?;
+    print!("{summary}");
+    Ok(())
 }
 
 fn eval(
@@ -560,7 +561,7 @@ fn fetch_default_model(model: &Path) -> Result<()> {
     let status = std::process::Command::new("bash")
         .arg(script)
         .env("ELDER_BIN", exe)
-        .env("ELDER_MODEL_DIR", model)
+        .env("ELDER_MODEL_DIR", std::env::current_dir()?.join(model))
         .status()
         .context("running tools/fetch_smollm2.sh")?;
     if !status.success() {

@@ -2,6 +2,7 @@
 //! one description of the transformer that every backend runs.
 pub mod checkpoint;
 pub mod config;
+pub mod gguf;
 pub mod layers;
 pub mod loader;
 pub mod names;
