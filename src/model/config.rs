@@ -71,6 +71,44 @@ fn get_token_id(v: &Value, key: &str) -> Option<u32> {
     }
 }
 
+/// Options the forward pass does not implement: refused by name rather than silently ignored.
+fn refuse_unsupported(arch: Arch, v: &Value) -> Result<()> {
+    let is_true = |k: &str| v.get(k).and_then(Value::as_bool) == Some(true);
+    match arch {
+        Arch::Gpt2 => {
+            if let Some(act) = v.get("activation_function").and_then(Value::as_str) {
+                if act != "gelu_new" && act != "gelu_pytorch_tanh" {
+                    bail!("activation_function {act:?} is not supported (only gelu_new)");
+                }
+            }
+        }
+        Arch::Llama => {
+            for key in ["attention_bias", "mlp_bias"] {
+                if is_true(key) {
+                    bail!("{key} = true is not supported (Llama projections without bias only)");
+                }
+            }
+            let scaling = v.get("rope_scaling").filter(|s| !s.is_null());
+            let nested = v
+                .get("rope_parameters")
+                .and_then(|r| r.get("rope_type"))
+                .and_then(Value::as_str);
+            if scaling.is_some() || nested.is_some_and(|t| t != "default") {
+                bail!(
+                    "rope scaling ({}) is not supported: only plain rotary embeddings",
+                    scaling.or(v.get("rope_parameters")).unwrap_or(&Value::Null)
+                );
+            }
+            if let Some(act) = v.get("hidden_act").and_then(Value::as_str) {
+                if act != "silu" {
+                    bail!("hidden_act {act:?} is not supported (only silu)");
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 impl ModelConfig {
     /// Reads `config.json` from a model directory.
     pub fn from_dir(dir: &Path) -> Result<Self> {
@@ -94,6 +132,7 @@ impl ModelConfig {
         let need = |key: &str| -> Result<usize> {
             get_usize(v, key).with_context(|| format!("missing or non-integer field {key:?}"))
         };
+        refuse_unsupported(arch, v)?;
         let cfg = match arch {
             Arch::Gpt2 => {
                 let d = need("n_embd")?;
@@ -132,7 +171,13 @@ impl ModelConfig {
                     intermediate_size: need("intermediate_size")?,
                     max_positions: get_usize(v, "max_position_embeddings").unwrap_or(2048),
                     norm_eps: get_f32(v, "rms_norm_eps").unwrap_or(1e-6),
-                    rope_theta: get_f32(v, "rope_theta").unwrap_or(10000.0),
+                    // transformers >= 5 nests it in `rope_parameters`.
+                    rope_theta: get_f32(v, "rope_theta")
+                        .or_else(|| {
+                            v.get("rope_parameters")
+                                .and_then(|r| get_f32(r, "rope_theta"))
+                        })
+                        .unwrap_or(10000.0),
                     tie_word_embeddings: v
                         .get("tie_word_embeddings")
                         .and_then(Value::as_bool)
