@@ -134,15 +134,19 @@ impl Elder {
         codes
     }
 
-    /// Deferral: a sequence is in scope when its code is closer than the threshold to some entry.
-    pub fn in_scope(&self, codes: &[Vec<u64>]) -> Vec<bool> {
+    /// Hamming distance of each code to its nearest codebook entry (`None` with an empty codebook).
+    pub fn distances(&self, codes: &[Vec<u64>]) -> Vec<Option<u32>> {
         codes
             .iter()
-            .map(|c| {
-                self.codebook
-                    .min_distance(c)
-                    .is_some_and(|d| d < self.cfg.threshold)
-            })
+            .map(|c| self.codebook.min_distance(c))
+            .collect()
+    }
+
+    /// Deferral: a sequence is in scope when its code is closer than the threshold to some entry.
+    pub fn in_scope(&self, distances: &[Option<u32>]) -> Vec<bool> {
+        distances
+            .iter()
+            .map(|d| d.is_some_and(|d| d < self.cfg.threshold))
             .collect()
     }
 }
@@ -169,6 +173,8 @@ pub struct ElderAdapter<'a> {
     pub query: Option<Vec<f32>>,
     pub routing: Option<Vec<Routing>>,
     pub in_scope: Vec<bool>,
+    /// Distance of each sequence's code to the nearest codebook entry (inference only).
+    pub distances: Vec<Option<u32>>,
     /// Saved `x A_e` per layer, when training.
     pub shrink: Vec<Vec<f32>>,
     pub training: bool,
@@ -198,6 +204,7 @@ impl<'a> ElderAdapter<'a> {
             query: None,
             routing: None,
             in_scope: Vec::new(),
+            distances: Vec::new(),
             shrink: vec![Vec::new(); n],
             training,
             dgates: vec![Vec::new(); n],
@@ -223,7 +230,10 @@ impl<'a> ElderAdapter<'a> {
         let batch = q.len() / self.elder.layers[0].d_in.max(1);
         self.in_scope = match self.scope {
             Scope::All => vec![true; batch],
-            Scope::Codebook => self.elder.in_scope(&self.elder.codes(&routing)),
+            Scope::Codebook => {
+                self.distances = self.elder.distances(&self.elder.codes(&routing));
+                self.elder.in_scope(&self.distances)
+            }
         };
         self.routing = Some(routing);
     }

@@ -37,6 +37,8 @@ pub struct Scored {
     pub argmax: Vec<u32>,
     /// Whether the deferral codebook put the sequence in scope.
     pub in_scope: bool,
+    /// Hamming distance of its code to the nearest codebook entry.
+    pub distance: Option<u32>,
 }
 
 /// Sequences scored per forward pass.
@@ -58,21 +60,26 @@ pub fn score_pairs(
             .enumerate()
             .map(|(b, (p, _))| b * shape.seq + p.len() - 1)
             .collect();
-        let (h, in_scope) = match elder {
+        let n = chunk.len();
+        let (h, in_scope, distances) = match elder {
             Some(e) => {
                 let mut adapter = ElderAdapter::inference(e, query_rows);
                 let h = model.forward_hidden(&ids, &shape, &mut cache, &mut adapter);
-                let scope = if adapter.in_scope.is_empty() {
-                    vec![false; chunk.len()]
+                // An adapter that never reached its query site leaves these empty.
+                let scope = std::mem::take(&mut adapter.in_scope);
+                let dist = std::mem::take(&mut adapter.distances);
+                let scope = if scope.len() == n {
+                    scope
                 } else {
-                    adapter.in_scope
+                    vec![false; n]
                 };
-                (h, scope)
+                let dist = if dist.len() == n { dist } else { vec![None; n] };
+                (h, scope, dist)
             }
-            None => (
-                model.forward_hidden(&ids, &shape, &mut cache, &mut NoAdapter),
-                vec![false; chunk.len()],
-            ),
+            None => {
+                let h = model.forward_hidden(&ids, &shape, &mut cache, &mut NoAdapter);
+                (h, vec![false; n], vec![None; n])
+            }
         };
         let rows: Vec<usize> = chunk
             .iter()
@@ -81,7 +88,7 @@ pub fn score_pairs(
             .collect();
         let (logits, _) = model.head(&h, &rows);
         let mut rows_iter = logits.chunks(model.cfg.vocab_size);
-        for ((_, c), scope) in chunk.iter().zip(in_scope) {
+        for (((_, c), in_scope), distance) in chunk.iter().zip(in_scope).zip(distances) {
             let argmax = rows_iter
                 .by_ref()
                 .take(c.len())
@@ -89,7 +96,8 @@ pub fn score_pairs(
                 .collect();
             out.push(Scored {
                 argmax,
-                in_scope: scope,
+                in_scope,
+                distance,
             });
         }
     }
@@ -109,11 +117,14 @@ struct Mean {
     sum: f64,
     exact: f64,
     in_scope: f64,
+    distance: f64,
     n: usize,
 }
 
 impl Mean {
-    fn add(&mut self, accuracy: f64, in_scope: bool) {
+    fn add(&mut self, accuracy: f64, s: &Scored) {
+        let in_scope = s.in_scope;
+        self.distance += s.distance.map_or(f64::NAN, f64::from);
         self.sum += accuracy;
         self.exact += (accuracy == 1.0) as u8 as f64;
         self.in_scope += in_scope as u8 as f64;
@@ -131,6 +142,13 @@ impl Mean {
             f64::NAN
         } else {
             self.exact / self.n as f64
+        }
+    }
+    fn distance(&self) -> f64 {
+        if self.n == 0 {
+            f64::NAN
+        } else {
+            self.distance / self.n as f64
         }
     }
     fn scope(&self) -> f64 {
@@ -161,6 +179,10 @@ pub struct Metrics {
     pub in_scope_edits: f64,
     pub in_scope_rephrases: f64,
     pub in_scope_locality: f64,
+    /// Mean Hamming distance to the nearest codebook entry (diagnostic for the threshold).
+    pub mean_distance_edits: f64,
+    pub mean_distance_rephrases: f64,
+    pub mean_distance_locality: f64,
 }
 
 /// Accumulates scores of edits, possibly across several calls (the `each` protocol).
@@ -182,8 +204,7 @@ impl Evaluator {
             .iter()
             .zip(edits)
         {
-            self.rel
-                .add(token_accuracy(&s.argmax, &e.target), s.in_scope);
+            self.rel.add(token_accuracy(&s.argmax, &e.target), s);
         }
         let reph_pairs: Vec<(&[u32], &[u32])> = edits
             .iter()
@@ -194,8 +215,7 @@ impl Evaluator {
             .iter()
             .zip(reph_targets)
         {
-            self.generalization
-                .add(token_accuracy(&s.argmax, t), s.in_scope);
+            self.generalization.add(token_accuracy(&s.argmax, t), s);
         }
         let loc_pairs: Vec<(&[u32], &[u32])> = edits
             .iter()
@@ -204,8 +224,7 @@ impl Evaluator {
         let edited = score_pairs(model, Some(elder), &loc_pairs);
         let base = score_pairs(model, None, &loc_pairs);
         for (e, b) in edited.iter().zip(&base) {
-            self.loc
-                .add(token_accuracy(&e.argmax, &b.argmax), e.in_scope);
+            self.loc.add(token_accuracy(&e.argmax, &b.argmax), e);
         }
     }
 
@@ -224,6 +243,9 @@ impl Evaluator {
             in_scope_edits: self.rel.scope(),
             in_scope_rephrases: self.generalization.scope(),
             in_scope_locality: self.loc.scope(),
+            mean_distance_edits: self.rel.distance(),
+            mean_distance_rephrases: self.generalization.distance(),
+            mean_distance_locality: self.loc.distance(),
         }
     }
 }
@@ -243,24 +265,27 @@ impl Metrics {
             "protocol: {:?}   edits: {}   rephrases: {}   locality probes: {}\n",
             self.protocol, self.edits, self.rephrases, self.locality_probes
         ));
-        s.push_str("metric           token %  exact %  in scope %\n");
+        s.push_str("metric           token %  exact %  in scope %  mean distance\n");
         s.push_str(&format!(
-            "reliability        {}    {}      {}\n",
+            "reliability        {}    {}      {}      {:5.1}\n",
             pct(self.reliability),
             pct(self.reliability_exact),
-            pct(self.in_scope_edits)
+            pct(self.in_scope_edits),
+            self.mean_distance_edits
         ));
         s.push_str(&format!(
-            "generalization     {}    {}      {}\n",
+            "generalization     {}    {}      {}      {:5.1}\n",
             pct(self.generalization),
             pct(self.generalization_exact),
-            pct(self.in_scope_rephrases)
+            pct(self.in_scope_rephrases),
+            self.mean_distance_rephrases
         ));
         s.push_str(&format!(
-            "locality           {}    {}      {}\n",
+            "locality           {}    {}      {}      {:5.1}\n",
             pct(self.locality),
             pct(self.locality_exact),
-            pct(self.in_scope_locality)
+            pct(self.in_scope_locality),
+            self.mean_distance_locality
         ));
         s
     }
