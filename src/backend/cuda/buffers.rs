@@ -4,13 +4,17 @@
 use std::collections::HashMap;
 
 use anyhow::{bail, Context, Result};
-use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, SyncOnDrop, ValidAsZeroBits};
+use cudarc::driver::{
+    CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, SyncOnDrop, ValidAsZeroBits,
+};
 use half::{bf16, f16};
 
 use super::device::{GpuDevice, KArg};
 
 /// An element type with kernels instantiated for it (`{op}_{SUFFIX}`). Math is always f32.
-pub trait KernelDtype: DeviceRepr + ValidAsZeroBits + Copy + Default + Send + Sync + 'static {
+pub trait KernelDtype:
+    DeviceRepr + ValidAsZeroBits + Copy + Default + Send + Sync + 'static
+{
     const SUFFIX: &'static str;
     fn from_f32(v: f32) -> Self;
     fn to_f32(self) -> f32;
@@ -49,7 +53,9 @@ impl KernelDtype for bf16 {
 impl GpuDevice {
     /// Copies `host` to a new device buffer.
     pub fn upload<T: DeviceRepr>(&self, host: &[T]) -> Result<CudaSlice<T>> {
-        self.stream().clone_htod(host).with_context(|| format!("uploading {} elements", host.len()))
+        self.stream()
+            .clone_htod(host)
+            .with_context(|| format!("uploading {} elements", host.len()))
     }
 
     /// Converts f32 host data to `T` and uploads it.
@@ -65,12 +71,19 @@ impl GpuDevice {
 
     pub fn zeros<T: DeviceRepr + ValidAsZeroBits>(&self, len: usize) -> Result<CudaSlice<T>> {
         // cuMemAlloc rejects 0 bytes; a 1-element buffer stands in for an empty one.
-        self.stream().alloc_zeros(len.max(1)).with_context(|| format!("allocating {len} zeroed elements"))
+        self.stream()
+            .alloc_zeros(len.max(1))
+            .with_context(|| format!("allocating {len} zeroed elements"))
     }
 
     /// Copies a device buffer back (waits for the stream).
-    pub fn download<T: DeviceRepr + Default + Clone, S: DevicePtr<T>>(&self, dev: &S) -> Result<Vec<T>> {
-        self.stream().clone_dtoh(dev).context("downloading a device buffer")
+    pub fn download<T: DeviceRepr + Default + Clone, S: DevicePtr<T>>(
+        &self,
+        dev: &S,
+    ) -> Result<Vec<T>> {
+        self.stream()
+            .clone_dtoh(dev)
+            .context("downloading a device buffer")
     }
 
     /// Copies a device buffer back as f32.
@@ -155,13 +168,20 @@ impl Workspace {
     }
 
     /// A buffer of at least `len` f32 under `name` (contents unspecified).
-    pub fn f32(&mut self, dev: &GpuDevice, name: &'static str, len: usize) -> Result<&mut CudaSlice<f32>> {
+    pub fn f32(
+        &mut self,
+        dev: &GpuDevice,
+        name: &'static str,
+        len: usize,
+    ) -> Result<&mut CudaSlice<f32>> {
         let too_small = self.f32_buffers.get(name).is_none_or(|b| b.len() < len);
         if too_small {
             // Grow by 1.5x so a slowly growing shape does not reallocate every call.
             let cap = (len + len / 2).max(1);
             self.f32_buffers.insert(name, dev.zeros::<f32>(cap)?);
         }
-        self.f32_buffers.get_mut(name).context("workspace buffer vanished")
+        self.f32_buffers
+            .get_mut(name)
+            .context("workspace buffer vanished")
     }
 }

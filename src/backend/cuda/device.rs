@@ -6,7 +6,9 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use anyhow::{anyhow, bail, Context, Result};
 use cudarc::cublas::CudaBlas;
-use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, LaunchConfig, PushKernelArg};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaStream, LaunchConfig, PushKernelArg,
+};
 
 use super::{cuda_available, embedded, BUILT_WITH_KERNELS, NO_KERNELS_MSG};
 
@@ -31,7 +33,10 @@ pub struct GpuDevice {
 
 impl std::fmt::Debug for GpuDevice {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("GpuDevice").field("ordinal", &self.ctx.ordinal()).field("sm_count", &self.sm_count).finish()
+        f.debug_struct("GpuDevice")
+            .field("ordinal", &self.ctx.ordinal())
+            .field("sm_count", &self.sm_count)
+            .finish()
     }
 }
 
@@ -44,17 +49,24 @@ impl GpuDevice {
         if !cuda_available() {
             bail!("the CUDA driver library (libcuda) could not be loaded");
         }
-        let ctx = CudaContext::new(ordinal).with_context(|| format!("creating a CUDA context on device {ordinal}"))?;
+        let ctx = CudaContext::new(ordinal)
+            .with_context(|| format!("creating a CUDA context on device {ordinal}"))?;
         let stream = ctx.default_stream();
         let mut modules = HashMap::new();
         for (stem, fatbin) in embedded::KERNEL_FATBINS {
             let module = ctx
                 .load_module(cudarc::nvrtc::Ptx::from_binary(fatbin.to_vec()))
-                .with_context(|| format!("loading the kernels of kernels/{stem}.cu (sm_90 cubin / compute_80 PTX)"))?;
+                .with_context(|| {
+                    format!(
+                        "loading the kernels of kernels/{stem}.cu (sm_90 cubin / compute_80 PTX)"
+                    )
+                })?;
             modules.insert(*stem, module);
         }
         let sm_count = ctx
-            .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .attribute(
+                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+            )
             .context("querying the SM count")? as u32;
         Ok(Arc::new(Self {
             ctx,
@@ -80,7 +92,9 @@ impl GpuDevice {
 
     /// Waits for all work queued on the stream.
     pub fn synchronize(&self) -> Result<()> {
-        self.stream.synchronize().context("synchronizing the CUDA stream")
+        self.stream
+            .synchronize()
+            .context("synchronizing the CUDA stream")
     }
 
     /// The cuBLAS handle bound to this device's stream (created on first use).
@@ -88,13 +102,17 @@ impl GpuDevice {
         if let Some(b) = self.blas.get() {
             return Ok(b);
         }
-        let b = CudaBlas::new(self.stream.clone()).map_err(|e| anyhow!("creating the cuBLAS handle: {e:?}"))?;
+        let b = CudaBlas::new(self.stream.clone())
+            .map_err(|e| anyhow!("creating the cuBLAS handle: {e:?}"))?;
         Ok(self.blas.get_or_init(|| b))
     }
 
     /// Kernel `name` from `kernels/{family}.cu`, looked up once and cached.
     pub fn function(&self, family: &str, name: &str) -> Result<CudaFunction> {
-        let mut cache = self.functions.lock().map_err(|_| anyhow!("kernel cache lock poisoned"))?;
+        let mut cache = self
+            .functions
+            .lock()
+            .map_err(|_| anyhow!("kernel cache lock poisoned"))?;
         if let Some(f) = cache.get(name) {
             return Ok(f.clone());
         }
@@ -121,7 +139,13 @@ impl GpuDevice {
     /// `args` must match the kernel's parameter list in count, order and type, and every pointer must
     /// reference live device memory large enough for what the kernel touches with these arguments
     /// (each launcher checks the buffer lengths before calling this).
-    pub(crate) unsafe fn launch(&self, family: &str, name: &str, cfg: LaunchConfig, args: &[KArg]) -> Result<()> {
+    pub(crate) unsafe fn launch(
+        &self,
+        family: &str,
+        name: &str,
+        cfg: LaunchConfig,
+        args: &[KArg],
+    ) -> Result<()> {
         let f = self.function(family, name)?;
         let mut builder = self.stream.launch_builder(&f);
         for a in args {

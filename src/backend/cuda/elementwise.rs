@@ -11,7 +11,11 @@ const FAMILY: &str = "elementwise";
 const BLOCK: u32 = 256;
 
 fn grid_stride(dev: &GpuDevice, n: usize) -> LaunchConfig {
-    LaunchConfig { grid_dim: (dev.grid_for(n, BLOCK), 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 }
+    LaunchConfig {
+        grid_dim: (dev.grid_for(n, BLOCK), 1, 1),
+        block_dim: (BLOCK, 1, 1),
+        shared_mem_bytes: 0,
+    }
 }
 
 /// `out[i, :] = table[ids[i], :]` for `n = ids.len()` rows of width `d`; ids outside the table give NaN rows.
@@ -28,9 +32,23 @@ pub fn embedding<T: KernelDtype>(
     let (pi, _gi) = input(s, "embedding ids", ids, n)?;
     let (pt, _gt) = input(s, "embedding table [vocab, d]", table, vocab * d)?;
     let (po, _go) = output(s, "embedding out [n, d]", out, n * d)?;
-    let args = [pi, pt, po, KArg::I32(as_i32("n", n)?), KArg::I32(as_i32("d", d)?), KArg::I32(as_i32("vocab", vocab)?)];
+    let args = [
+        pi,
+        pt,
+        po,
+        KArg::I32(as_i32("n", n)?),
+        KArg::I32(as_i32("d", d)?),
+        KArg::I32(as_i32("vocab", vocab)?),
+    ];
     // SAFETY: buffer lengths checked above; argument list matches embedding_{T}.
-    unsafe { dev.launch(FAMILY, &format!("embedding_{}", T::SUFFIX), grid_stride(dev, n * d), &args) }
+    unsafe {
+        dev.launch(
+            FAMILY,
+            &format!("embedding_{}", T::SUFFIX),
+            grid_stride(dev, n * d),
+            &args,
+        )
+    }
 }
 
 /// `dtable[ids[i], :] += dout[i, :]` (f32 atomics; ids may repeat).
@@ -47,9 +65,23 @@ pub fn embedding_grad<T: KernelDtype>(
     let (pi, _gi) = input(s, "embedding ids", ids, n)?;
     let (pd, _gd) = input(s, "embedding dout [n, d]", dout, n * d)?;
     let (pt, _gt) = output(s, "embedding dtable [vocab, d]", dtable, vocab * d)?;
-    let args = [pi, pd, pt, KArg::I32(as_i32("n", n)?), KArg::I32(as_i32("d", d)?), KArg::I32(as_i32("vocab", vocab)?)];
+    let args = [
+        pi,
+        pd,
+        pt,
+        KArg::I32(as_i32("n", n)?),
+        KArg::I32(as_i32("d", d)?),
+        KArg::I32(as_i32("vocab", vocab)?),
+    ];
     // SAFETY: buffer lengths checked above; argument list matches embedding_grad_{T}.
-    unsafe { dev.launch(FAMILY, &format!("embedding_grad_{}", T::SUFFIX), grid_stride(dev, n * d), &args) }
+    unsafe {
+        dev.launch(
+            FAMILY,
+            &format!("embedding_grad_{}", T::SUFFIX),
+            grid_stride(dev, n * d),
+            &args,
+        )
+    }
 }
 
 /// `pre = x + bias` (saved when `pre` is given), `out = gelu_new(pre)`, rows `[n, d]`.
@@ -68,9 +100,23 @@ pub fn bias_gelu<T: KernelDtype, X: DevicePtr<T>, P: DevicePtrMut<T>>(
     let (pb, _gb) = opt_input(s, "bias_gelu bias [d]", bias, d)?;
     let (pp, _gp) = opt_output(s, "bias_gelu pre [n, d]", pre, n * d)?;
     let (po, _go) = output(s, "bias_gelu out [n, d]", out, n * d)?;
-    let args = [px, pb, pp, po, KArg::I32(as_i32("n", n)?), KArg::I32(as_i32("d", d)?)];
+    let args = [
+        px,
+        pb,
+        pp,
+        po,
+        KArg::I32(as_i32("n", n)?),
+        KArg::I32(as_i32("d", d)?),
+    ];
     // SAFETY: buffer lengths checked above; argument list matches bias_gelu_{T}.
-    unsafe { dev.launch(FAMILY, &format!("bias_gelu_{}", T::SUFFIX), grid_stride(dev, n * d), &args) }
+    unsafe {
+        dev.launch(
+            FAMILY,
+            &format!("bias_gelu_{}", T::SUFFIX),
+            grid_stride(dev, n * d),
+            &args,
+        )
+    }
 }
 
 /// `dx = dout * gelu_new'(pre)` over `count` elements.
@@ -87,7 +133,14 @@ pub fn gelu_backward<T: KernelDtype>(
     let (px, _gx) = output(s, "gelu_backward dx", dx, count)?;
     let args = [pp, pd, px, KArg::U64(count as u64)];
     // SAFETY: buffer lengths checked above; argument list matches gelu_backward_{T}.
-    unsafe { dev.launch(FAMILY, &format!("gelu_backward_{}", T::SUFFIX), grid_stride(dev, count), &args) }
+    unsafe {
+        dev.launch(
+            FAMILY,
+            &format!("gelu_backward_{}", T::SUFFIX),
+            grid_stride(dev, count),
+            &args,
+        )
+    }
 }
 
 /// `out = silu(gate) * up` over `count` elements.
@@ -104,7 +157,14 @@ pub fn silu_mul<T: KernelDtype>(
     let (po, _go) = output(s, "silu_mul out", out, count)?;
     let args = [pg, pu, po, KArg::U64(count as u64)];
     // SAFETY: buffer lengths checked above; argument list matches silu_mul_{T}.
-    unsafe { dev.launch(FAMILY, &format!("silu_mul_{}", T::SUFFIX), grid_stride(dev, count), &args) }
+    unsafe {
+        dev.launch(
+            FAMILY,
+            &format!("silu_mul_{}", T::SUFFIX),
+            grid_stride(dev, count),
+            &args,
+        )
+    }
 }
 
 /// Gradients of `silu(gate) * up` with respect to gate and up.
@@ -125,7 +185,14 @@ pub fn silu_mul_backward<T: KernelDtype, G: DevicePtrMut<T>>(
     let (pdu, _gdu) = output(s, "silu_mul_backward dup", dup, count)?;
     let args = [pg, pu, pd, pdg, pdu, KArg::U64(count as u64)];
     // SAFETY: buffer lengths checked above; argument list matches silu_mul_backward_{T}.
-    unsafe { dev.launch(FAMILY, &format!("silu_mul_backward_{}", T::SUFFIX), grid_stride(dev, count), &args) }
+    unsafe {
+        dev.launch(
+            FAMILY,
+            &format!("silu_mul_backward_{}", T::SUFFIX),
+            grid_stride(dev, count),
+            &args,
+        )
+    }
 }
 
 /// `acc += x` over `count` elements.
@@ -140,7 +207,14 @@ pub fn residual_add<T: KernelDtype>(
     let (px, _gx) = input(s, "residual_add x", x, count)?;
     let args = [pa, px, KArg::U64(count as u64)];
     // SAFETY: buffer lengths checked above; argument list matches residual_add_{T}.
-    unsafe { dev.launch(FAMILY, &format!("residual_add_{}", T::SUFFIX), grid_stride(dev, count), &args) }
+    unsafe {
+        dev.launch(
+            FAMILY,
+            &format!("residual_add_{}", T::SUFFIX),
+            grid_stride(dev, count),
+            &args,
+        )
+    }
 }
 
 /// Rotary embedding in place on `n` rows of `[n_heads * head_dim]` (HF rotate_half); `inverse`

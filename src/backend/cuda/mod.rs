@@ -31,7 +31,8 @@ pub(crate) mod embedded {
 pub const BUILT_WITH_KERNELS: bool = cfg!(elder_cuda_kernels);
 
 /// The error a kernel-less build gives for any GPU request.
-pub const NO_KERNELS_MSG: &str = "this elder binary was built without CUDA kernels (nvcc not found at build time)";
+pub const NO_KERNELS_MSG: &str =
+    "this elder binary was built without CUDA kernels (nvcc not found at build time)";
 
 /// True when the CUDA driver library can be loaded. Checked before any context is created, because
 /// cudarc panics (instead of returning an error) when the library is missing.
