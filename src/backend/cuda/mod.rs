@@ -54,7 +54,11 @@ pub fn gpu_or_skip(test_name: &str) -> Option<Arc<GpuDevice>> {
             Err(e) => format!("no usable CUDA device: {e:#}"),
         }
     };
-    println!("SKIP {test_name}: {reason}");
-    eprintln!("SKIP {test_name}: {reason}");
+    let line = format!("SKIP {test_name}: {reason}\n");
+    print!("{line}");
+    // The test harness captures print!/eprint!; a direct write to the stderr handle is not captured,
+    // so the SKIP shows in a plain `cargo test` run too.
+    use std::io::Write;
+    let _ = std::io::stderr().lock().write_all(line.as_bytes());
     None
 }
