@@ -100,7 +100,7 @@ __device__ void residual_add(T* acc, const T* x, size_t count) {
 
 // In place on rows [n, n_heads * head_dim]; one thread per (row, head, i < head_dim/2) pair, which
 // owns elements i and i + head_dim/2 of that head, so no two threads touch the same element.
-// inv_freq is computed as transformers does: 1 / theta^(2i/head_dim) in f32.
+// inv_freq is computed as transformers does: 1 / theta^(2i/head_dim) in f32 (see below).
 template <typename T>
 __device__ void rope(T* x, const uint32_t* positions, int n, int n_heads, int head_dim, float theta, int inverse) {
     const int half = head_dim / 2;
@@ -110,7 +110,10 @@ __device__ void rope(T* x, const uint32_t* positions, int n, int n_heads, int he
         const size_t row_head = idx / half;
         const int h = (int)(row_head % n_heads);
         const size_t row = row_head / n_heads;
-        const float inv_freq = 1.0f / powf(theta, (float)(2 * i) / (float)head_dim);
+        // theta^e in double, rounded once to f32: the correctly rounded powf the CPU's libm gives.
+        // CUDA's powf may be a few ulp off, which at position ~2k moves the angle by ~1e-4 rad.
+        const float exponent = (float)(2 * i) / (float)head_dim;
+        const float inv_freq = 1.0f / (float)pow((double)theta, (double)exponent);
         const float angle = (float)positions[row] * inv_freq;
         float s, c;
         sincosf(angle, &s, &c);

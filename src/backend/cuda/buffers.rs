@@ -66,7 +66,8 @@ impl GpuDevice {
 
     /// A device buffer of `len` copies of `value` (NaN poisoning in tests, constant fills).
     pub fn filled<T: KernelDtype>(&self, len: usize, value: f32) -> Result<CudaSlice<T>> {
-        self.upload(&vec![T::from_f32(value); len.max(1)][..len.max(1)])
+        // At least one element: cuMemAlloc rejects 0 bytes.
+        self.upload(&vec![T::from_f32(value); len.max(1)])
     }
 
     pub fn zeros<T: DeviceRepr + ValidAsZeroBits>(&self, len: usize) -> Result<CudaSlice<T>> {
