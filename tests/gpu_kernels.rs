@@ -285,12 +285,19 @@ for_dtypes!(gpu_rope_matches_cpu, check_rope);
 
 fn check_layernorm<T: KernelDtype>(dev: &Dev, name: &str) {
     let mut rng = rng_for(name);
-    let (n, d, eps) = (13, 1600, 1e-5);
+    // 1600 takes the vectorised forward path, 1601 the scalar one.
+    for d in [1600, 1601] {
+        check_layernorm_width::<T>(dev, &mut rng, d);
+    }
+}
+
+fn check_layernorm_width<T: KernelDtype>(dev: &Dev, rng: &mut ChaCha8Rng, d: usize) {
+    let (n, eps) = (13, 1e-5);
     let rows = norm::NormRows { n, d, eps };
-    let x = quant::<T>(&rand_vec(&mut rng, n * d, -2.0, 2.0));
-    let res = quant::<T>(&rand_vec(&mut rng, n * d, -2.0, 2.0));
-    let w = quant::<T>(&rand_vec(&mut rng, d, 0.5, 1.5));
-    let b = quant::<T>(&rand_vec(&mut rng, d, -0.5, 0.5));
+    let x = quant::<T>(&rand_vec(rng, n * d, -2.0, 2.0));
+    let res = quant::<T>(&rand_vec(rng, n * d, -2.0, 2.0));
+    let w = quant::<T>(&rand_vec(rng, d, 0.5, 1.5));
+    let b = quant::<T>(&rand_vec(rng, d, -0.5, 0.5));
     let mut sum = x.clone();
     ops::add_inplace(&mut sum, &res);
     let sum = quant::<T>(&sum);
@@ -318,7 +325,7 @@ fn check_layernorm<T: KernelDtype>(dev: &Dev, name: &str) {
         &mut qd,
     )
     .unwrap();
-    let sfx = T::SUFFIX;
+    let sfx = format!("{} d={d}", T::SUFFIX);
     assert_close(
         &format!("layernorm sum {sfx}"),
         &down(dev, &sd),
@@ -344,8 +351,8 @@ fn check_layernorm<T: KernelDtype>(dev: &Dev, name: &str) {
         (1e-5, 1e-5),
     );
 
-    let dout = quant::<T>(&rand_vec(&mut rng, n * d, -1.0, 1.0));
-    let dx0 = quant::<T>(&rand_vec(&mut rng, n * d, -1.0, 1.0));
+    let dout = quant::<T>(&rand_vec(rng, n * d, -1.0, 1.0));
+    let dx0 = quant::<T>(&rand_vec(rng, n * d, -1.0, 1.0));
     for accumulate in [false, true] {
         let mut want = dx0.clone();
         ops::layernorm_backward(&sum, &w, &mean, &rstd, &dout, &mut want, accumulate);
@@ -378,10 +385,17 @@ for_dtypes!(gpu_residual_layernorm_matches_cpu, check_layernorm);
 
 fn check_rmsnorm<T: KernelDtype>(dev: &Dev, name: &str) {
     let mut rng = rng_for(name);
-    let (n, d, eps) = (11, 4096 + 7, 1e-6);
+    // 4096 takes the vectorised forward path, 4103 the scalar one.
+    for d in [4096, 4096 + 7] {
+        check_rmsnorm_width::<T>(dev, &mut rng, d);
+    }
+}
+
+fn check_rmsnorm_width<T: KernelDtype>(dev: &Dev, rng: &mut ChaCha8Rng, d: usize) {
+    let (n, eps) = (11, 1e-6);
     let rows = norm::NormRows { n, d, eps };
-    let x = quant::<T>(&rand_vec(&mut rng, n * d, -2.0, 2.0));
-    let w = quant::<T>(&rand_vec(&mut rng, d, 0.5, 1.5));
+    let x = quant::<T>(&rand_vec(rng, n * d, -2.0, 2.0));
+    let w = quant::<T>(&rand_vec(rng, d, 0.5, 1.5));
     // No residual here: the plain-norm path.
     let (mut want, mut rstd) = (vec![0.0; n * d], vec![0.0; n]);
     ops::rmsnorm(&x, &w, eps, &mut want, &mut rstd);
@@ -390,7 +404,7 @@ fn check_rmsnorm<T: KernelDtype>(dev: &Dev, name: &str) {
     let mut qd = poison::<f32>(dev, n);
     norm::residual_rmsnorm::<T, _, CudaSlice<T>>(dev, rows, &xd, None, None, &wd, &mut od, &mut qd)
         .unwrap();
-    let sfx = T::SUFFIX;
+    let sfx = format!("{} d={d}", T::SUFFIX);
     assert_close(
         &format!("rmsnorm out {sfx}"),
         &down(dev, &od),
@@ -404,7 +418,7 @@ fn check_rmsnorm<T: KernelDtype>(dev: &Dev, name: &str) {
         (1e-5, 1e-5),
     );
 
-    let dout = quant::<T>(&rand_vec(&mut rng, n * d, -1.0, 1.0));
+    let dout = quant::<T>(&rand_vec(rng, n * d, -1.0, 1.0));
     let mut want = vec![0.0; n * d];
     ops::rmsnorm_backward(&x, &w, &rstd, &dout, &mut want, false);
     let mut dxd = poison::<T>(dev, n * d);
