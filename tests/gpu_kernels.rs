@@ -12,7 +12,8 @@ use std::sync::Arc;
 use cudarc::driver::CudaSlice;
 use elder::backend::cpu::{molora, ops};
 use elder::backend::cuda::{
-    adam, attention, elementwise, gpu_or_skip, lora, loss, norm, router, GpuDevice, KernelDtype,
+    adam, attention, elementwise, gemm, gpu_or_skip, lora, loss, norm, router, GpuDevice,
+    KernelDtype,
 };
 use half::{bf16, f16};
 use rand::seq::SliceRandom;
@@ -280,6 +281,56 @@ fn check_rope<T: KernelDtype>(dev: &Dev, name: &str) {
     }
 }
 for_dtypes!(gpu_rope_matches_cpu, check_rope);
+
+// ---------------------------------------------------------------- dense GEMM (cuBLAS)
+
+fn check_matmul<T: KernelDtype>(dev: &Dev, name: &str)
+where
+    cudarc::cublas::CudaBlas: cudarc::cublas::Gemm<T>,
+{
+    let mut rng = rng_for(name);
+    let (m, k, n) = (23, 96, 40);
+    let x = quant::<T>(&rand_vec(&mut rng, m * k, -1.0, 1.0));
+    let w = quant::<T>(&rand_vec(&mut rng, k * n, -1.0, 1.0));
+    let base = quant::<T>(&rand_vec(&mut rng, m * n, -1.0, 1.0));
+    for layout in [ops::Layout::InOut, ops::Layout::OutIn] {
+        for accumulate in [false, true] {
+            let mut want = base.clone();
+            let wr = ops::MatRef {
+                data: &w,
+                in_dim: k,
+                out_dim: n,
+                layout,
+            };
+            ops::matmul(&x, m, wr, &mut want, accumulate);
+            let mut out = if accumulate {
+                up::<T>(dev, &base)
+            } else {
+                poison::<T>(dev, m * n)
+            };
+            gemm::matmul::<T>(
+                dev,
+                &up::<T>(dev, &x),
+                m,
+                &up::<T>(dev, &w),
+                k,
+                n,
+                layout,
+                &mut out,
+                accumulate,
+            )
+            .unwrap();
+            let t = if T::SUFFIX == "f32" {
+                (1e-4, 1e-4)
+            } else {
+                tol::<T>()
+            };
+            let what = format!("matmul {layout:?} acc={accumulate} {}", T::SUFFIX);
+            assert_close(&what, &down(dev, &out), &want, t);
+        }
+    }
+}
+for_dtypes!(gpu_matmul_matches_cpu, check_matmul);
 
 // ---------------------------------------------------------------- norms
 

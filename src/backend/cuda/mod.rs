@@ -12,6 +12,7 @@ pub mod attention;
 pub mod buffers;
 pub mod device;
 pub mod elementwise;
+pub mod gemm;
 pub mod lora;
 pub mod loss;
 pub mod norm;
