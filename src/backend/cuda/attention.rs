@@ -228,3 +228,38 @@ pub fn attention_backward<T: KernelDtype, X: DevicePtr<T>, G: DevicePtrMut<f32>>
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dims(n_heads: usize, n_kv_heads: usize, head_dim: usize) -> AttnDims {
+        AttnDims {
+            batch: 2,
+            q_len: 3,
+            kv_capacity: 8,
+            n_heads,
+            n_kv_heads,
+            head_dim,
+        }
+    }
+
+    #[test]
+    fn unsupported_shapes_are_rejected_on_the_host() {
+        assert!(dims(8, 2, 64).validate().is_ok());
+        assert!(dims(8, 2, 40).validate().is_ok(), "generic head_dim");
+        assert!(
+            dims(8, 3, 64).validate().is_err(),
+            "heads not a multiple of kv heads"
+        );
+        assert!(dims(8, 2, MAX_HEAD_DIM + 32).validate().is_err());
+    }
+
+    #[test]
+    fn one_warp_per_query_row() {
+        let d = dims(8, 2, 64);
+        // 2 * 3 * 8 = 48 warps in blocks of 4.
+        assert_eq!(d.cfg().grid_dim, (12, 1, 1));
+        assert_eq!(d.cfg().block_dim, (128, 1, 1));
+    }
+}

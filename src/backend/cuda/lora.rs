@@ -256,3 +256,46 @@ pub fn lora_backward<T: KernelDtype, G: DevicePtrMut<f32>, X: DevicePtrMut<T>>(
 fn pdx_is_set(p: &KArg) -> bool {
     !matches!(p, KArg::Ptr(0))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn site(rank: usize, k: usize, n_experts: usize) -> LoraSite {
+        let shape = MixShape {
+            batch: 2,
+            seq: 3,
+            d_in: 16,
+            d_out: 8,
+            rank,
+            k,
+            scale: 1.0,
+        };
+        LoraSite { shape, n_experts }
+    }
+
+    #[test]
+    fn limits_compiled_into_the_kernels_are_enforced() {
+        assert!(site(8, 2, 4).validate().is_ok());
+        assert!(site(MAX_RANK, MAX_K, 64).validate().is_ok());
+        assert!(site(MAX_RANK + 1, 2, 4)
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("rank"));
+        assert!(site(8, MAX_K + 1, 64).validate().is_err());
+        assert!(
+            site(8, 3, 2).validate().is_err(),
+            "k larger than the expert count"
+        );
+    }
+
+    #[test]
+    fn launch_grids_cover_every_token_and_column() {
+        let s = site(8, 2, 4);
+        let cfg = s.per_token_cfg();
+        assert_eq!(cfg.grid_dim, (4, 1, 1)); // B*k blocks, ceil(3 / 8) token tiles
+        let cfg = s.per_column_cfg(6, 600);
+        assert_eq!(cfg.grid_dim, (6, 3, 1)); // ceil(600 / 256) = 3
+    }
+}

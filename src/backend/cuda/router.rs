@@ -147,3 +147,40 @@ pub fn router_fused<T: KernelDtype>(
     // SAFETY: shapes validated and buffer lengths checked above; argument list matches router_fused_{T}.
     unsafe { dev.launch("router", &format!("router_fused_{}", T::SUFFIX), cfg, &args) }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shape(experts: usize, k: usize, layers: usize) -> RouterShape {
+        RouterShape {
+            batch: 2,
+            layers,
+            experts,
+            d_in: 8,
+            k,
+            renormalize: false,
+            threshold: 1,
+        }
+    }
+
+    #[test]
+    fn code_words_round_up_to_whole_u64() {
+        assert_eq!(code_words(6, 4), 1); // the paper's 24 bits
+        assert_eq!(code_words(1, 64), 1);
+        assert_eq!(code_words(6, 64), 6);
+        assert_eq!(code_words(5, 13), 2);
+    }
+
+    #[test]
+    fn shapes_the_kernel_cannot_run_are_rejected_on_the_host() {
+        assert!(shape(64, 2, 6).validate().is_ok());
+        let e = shape(65, 2, 6).validate().unwrap_err().to_string();
+        assert!(e.contains("experts per layer"), "{e}");
+        assert!(shape(8, 9, 6).validate().is_err());
+        assert!(shape(8, 0, 6).validate().is_err());
+        // 4000 layers x 64 experts of logits exceed the 48 kB of shared memory.
+        let e = shape(64, 2, 4000).validate().unwrap_err().to_string();
+        assert!(e.contains("shared memory"), "{e}");
+    }
+}
