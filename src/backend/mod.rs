@@ -1,2 +1,3 @@
 //! Compute backends: the CPU reference and (when built with nvcc) CUDA.
 pub mod cpu;
+pub mod cuda;

@@ -1,0 +1,275 @@
+//! Achieved bandwidth of each CUDA kernel family at the shapes that matter (GPT2-XL widths).
+//! Criterion reports bytes/s from the minimum bytes each kernel must move (see the kernel headers);
+//! compare with the measured copy ceiling in docs/gpu.md (3.0 TB/s H100, 4.3 TB/s H200).
+//! Without a GPU (or without compiled kernels) it prints one SKIP line and exits successfully.
+//!
+//! Timing: launches queued back to back, one stream synchronisation per batch of iterations.
+
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use criterion::{Criterion, Throughput};
+use cudarc::driver::CudaSlice;
+use elder::backend::cpu::molora::MixShape;
+use elder::backend::cuda::{
+    adam, attention, elementwise, gpu_or_skip, lora, loss, norm, router, GpuDevice, KernelDtype,
+};
+use half::bf16;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+fn random<T: KernelDtype>(
+    dev: &GpuDevice,
+    rng: &mut ChaCha8Rng,
+    n: usize,
+    scale: f32,
+) -> CudaSlice<T> {
+    let v: Vec<f32> = (0..n).map(|_| rng.gen_range(-scale..scale)).collect();
+    dev.upload_as::<T>(&v).expect("upload")
+}
+
+/// Times `iters` launches of `f` with one synchronisation at the end.
+fn timed(dev: &GpuDevice, iters: u64, mut f: impl FnMut()) -> Duration {
+    dev.synchronize().expect("sync");
+    let start = Instant::now();
+    for _ in 0..iters {
+        f();
+    }
+    dev.synchronize().expect("sync");
+    start.elapsed()
+}
+
+fn bench_norm(c: &mut Criterion, dev: &GpuDevice, rng: &mut ChaCha8Rng) {
+    let (n, d) = (8192, 1600);
+    let rows = norm::NormRows { n, d, eps: 1e-5 };
+    let x = random::<bf16>(dev, rng, n * d, 2.0);
+    let r = random::<bf16>(dev, rng, n * d, 2.0);
+    let w = random::<bf16>(dev, rng, d, 1.0);
+    let b = random::<bf16>(dev, rng, d, 1.0);
+    let mut sum = dev.zeros::<bf16>(n * d).unwrap();
+    let mut out = dev.zeros::<bf16>(n * d).unwrap();
+    let mut mean = dev.zeros::<f32>(n).unwrap();
+    let mut rstd = dev.zeros::<f32>(n).unwrap();
+    let mut g = c.benchmark_group("norm");
+    g.throughput(Throughput::Bytes((4 * n * d * 2 + 8 * n) as u64));
+    g.bench_function("residual_layernorm_bf16 8192x1600", |bch| {
+        bch.iter_custom(|iters| {
+            timed(dev, iters, || {
+                norm::residual_layernorm::<bf16, _, _>(
+                    dev,
+                    rows,
+                    &x,
+                    Some(&r),
+                    Some(&mut sum),
+                    &w,
+                    Some(&b),
+                    &mut out,
+                    &mut mean,
+                    &mut rstd,
+                )
+                .expect("launch")
+            })
+        })
+    });
+    g.finish();
+}
+
+fn bench_elementwise(c: &mut Criterion, dev: &GpuDevice, rng: &mut ChaCha8Rng) {
+    let (n, d) = (8192, 6400);
+    let x = random::<bf16>(dev, rng, n * d, 3.0);
+    let b = random::<bf16>(dev, rng, d, 1.0);
+    let mut out = dev.zeros::<bf16>(n * d).unwrap();
+    let mut g = c.benchmark_group("elementwise");
+    g.throughput(Throughput::Bytes((2 * n * d * 2) as u64));
+    g.bench_function("bias_gelu_bf16 8192x6400", |bch| {
+        bch.iter_custom(|iters| {
+            timed(dev, iters, || {
+                elementwise::bias_gelu::<bf16, _, CudaSlice<bf16>>(
+                    dev,
+                    &x,
+                    Some(&b),
+                    None,
+                    &mut out,
+                    n,
+                    d,
+                )
+                .expect("launch")
+            })
+        })
+    });
+    g.finish();
+}
+
+fn bench_lora(c: &mut Criterion, dev: &GpuDevice, rng: &mut ChaCha8Rng) {
+    // Decode-shaped site: 64 sequences x 1 token, GPT2-XL c_fc (1600 -> 6400), E = 64, k = 2, r = 8.
+    let (batch, seq, d_in, d_out, rank, k, n_experts) = (64, 1, 1600, 6400, 8, 2, 64);
+    let site = lora::LoraSite {
+        shape: MixShape {
+            batch,
+            seq,
+            d_in,
+            d_out,
+            rank,
+            k,
+            scale: 1.0,
+        },
+        n_experts,
+    };
+    let x = random::<bf16>(dev, rng, batch * seq * d_in, 1.0);
+    let a = random::<f32>(dev, rng, n_experts * d_in * rank, 0.3);
+    let bm = random::<f32>(dev, rng, n_experts * rank * d_out, 0.3);
+    let experts: Vec<u32> = (0..batch * k)
+        .map(|i| ((i * 7 + i / k) % n_experts) as u32)
+        .collect();
+    let experts = dev.upload(&experts).unwrap();
+    let gates = random::<f32>(dev, rng, batch * k, 1.0);
+    let scope: Vec<u8> = (0..batch).map(|b| (b % 2) as u8).collect();
+    let scope = dev.upload(&scope).unwrap();
+    let mut shrink = dev.zeros::<f32>(batch * k * seq * rank).unwrap();
+    let mut out = random::<bf16>(dev, rng, batch * seq * d_out, 1.0);
+    let bytes = batch * seq * (d_in + 2 * d_out) * 2 + batch * k * rank * (d_in + d_out) * 4;
+    let mut g = c.benchmark_group("lora");
+    g.throughput(Throughput::Bytes(bytes as u64));
+    g.bench_function("lora_forward_bf16 B64 T1 E64 k2 r8", |bch| {
+        bch.iter_custom(|iters| {
+            timed(dev, iters, || {
+                lora::lora_forward::<bf16>(
+                    dev,
+                    site,
+                    &x,
+                    &a,
+                    &bm,
+                    &experts,
+                    &gates,
+                    Some(&scope),
+                    &mut shrink,
+                    &mut out,
+                )
+                .expect("launch")
+            })
+        })
+    });
+    g.finish();
+}
+
+fn bench_router(c: &mut Criterion, dev: &GpuDevice, rng: &mut ChaCha8Rng) {
+    let shape = router::RouterShape {
+        batch: 64,
+        layers: 6,
+        experts: 4,
+        d_in: 6400,
+        k: 2,
+        renormalize: false,
+        threshold: 12,
+    };
+    let n_codes = 100_000;
+    let q = random::<bf16>(dev, rng, shape.batch * shape.d_in, 1.0);
+    let w = random::<f32>(dev, rng, shape.layers * shape.experts * shape.d_in, 0.1);
+    let b = random::<f32>(dev, rng, shape.layers * shape.experts, 0.1);
+    let codes: Vec<u64> = (0..n_codes * shape.words()).map(|_| rng.gen()).collect();
+    let codebook = dev.upload(&codes).unwrap();
+    let mut out = router::RouterOutputs::alloc(dev, &shape).unwrap();
+    let bytes = shape.batch * (shape.d_in * 2 + n_codes * shape.words() * 8)
+        + shape.layers * shape.experts * shape.d_in * 4;
+    let mut g = c.benchmark_group("router");
+    g.throughput(Throughput::Bytes(bytes as u64));
+    g.bench_function("router_fused_bf16 B64 L6 E4 1e5 codes", |bch| {
+        bch.iter_custom(|iters| {
+            timed(dev, iters, || {
+                router::router_fused::<bf16>(dev, &shape, &q, &w, &b, &codebook, n_codes, &mut out)
+                    .expect("launch")
+            })
+        })
+    });
+    g.finish();
+}
+
+fn bench_attention_decode(c: &mut Criterion, dev: &GpuDevice, rng: &mut ChaCha8Rng) {
+    let (batch, cap, heads, hd) = (16, 1024, 25, 64);
+    let dims = attention::AttnDims {
+        batch,
+        q_len: 1,
+        kv_capacity: cap,
+        n_heads: heads,
+        n_kv_heads: heads,
+        head_dim: hd,
+    };
+    let starts = dev.upload(&vec![(cap - 1) as i32; batch]).unwrap();
+    let valid = dev.upload(&vec![1i32; batch]).unwrap();
+    let q = random::<bf16>(dev, rng, batch * heads * hd, 1.0);
+    let k = random::<bf16>(dev, rng, batch * cap * heads * hd, 1.0);
+    let v = random::<bf16>(dev, rng, batch * cap * heads * hd, 1.0);
+    let mut out = dev.zeros::<bf16>(batch * heads * hd).unwrap();
+    let mut g = c.benchmark_group("attention");
+    g.throughput(Throughput::Bytes((2 * batch * cap * heads * hd * 2) as u64));
+    g.bench_function("attention_decode_bf16 B16 L1024 H25 D64", |bch| {
+        bch.iter_custom(|iters| {
+            timed(dev, iters, || {
+                attention::attention_decode::<bf16>(
+                    dev, dims, &starts, &valid, &q, &k, &v, &mut out,
+                )
+                .expect("launch")
+            })
+        })
+    });
+    g.finish();
+}
+
+fn bench_loss_and_adam(c: &mut Criterion, dev: &GpuDevice, rng: &mut ChaCha8Rng) {
+    let (n, vocab) = (64, 50257);
+    let logits = random::<bf16>(dev, rng, n * vocab, 8.0);
+    let targets: Vec<i32> = (0..n).map(|_| rng.gen_range(0..vocab as i32)).collect();
+    let targets = dev.upload(&targets).unwrap();
+    let mut dl = dev.zeros::<bf16>(n * vocab).unwrap();
+    let mut rl = dev.zeros::<f32>(n).unwrap();
+    let mut g = c.benchmark_group("loss");
+    g.throughput(Throughput::Bytes((2 * n * vocab * 2) as u64));
+    g.bench_function("cross_entropy_bf16 64x50257", |bch| {
+        bch.iter_custom(|iters| {
+            timed(dev, iters, || {
+                loss::cross_entropy::<bf16>(dev, &logits, &targets, n, vocab, 1.0, &mut dl, &mut rl)
+                    .expect("launch")
+            })
+        })
+    });
+    g.finish();
+
+    let p = 6 * 64 * 8 * (1600 + 6400);
+    let mut param = random::<f32>(dev, rng, p, 1.0);
+    let grad = random::<f32>(dev, rng, p, 1.0);
+    let mut m = random::<f32>(dev, rng, p, 0.1);
+    let mut v = dev.filled::<f32>(p, 0.01).unwrap();
+    let step = elder::backend::cpu::ops::AdamStep {
+        lr: 1e-3,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        t: 1,
+    };
+    let mut g = c.benchmark_group("adam");
+    g.throughput(Throughput::Bytes((7 * 4 * p) as u64));
+    g.bench_function("adam_f32 ELDER trainables (24.6M)", |bch| {
+        bch.iter_custom(|iters| {
+            timed(dev, iters, || {
+                adam::adam(dev, &mut param, &grad, &mut m, &mut v, p, step).expect("launch")
+            })
+        })
+    });
+    g.finish();
+}
+
+fn main() {
+    let Some(dev) = gpu_or_skip("kernels_gpu benches") else {
+        return;
+    };
+    let mut c = Criterion::default().configure_from_args();
+    let mut rng = ChaCha8Rng::seed_from_u64(7);
+    bench_norm(&mut c, &dev, &mut rng);
+    bench_elementwise(&mut c, &dev, &mut rng);
+    bench_lora(&mut c, &dev, &mut rng);
+    bench_router(&mut c, &dev, &mut rng);
+    bench_attention_decode(&mut c, &dev, &mut rng);
+    bench_loss_and_adam(&mut c, &dev, &mut rng);
+    black_box(&dev);
+    c.final_summary();
+}

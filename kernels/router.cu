@@ -1,0 +1,139 @@
+// Fused routing for ALL MoLoRA layers of a batch in one launch, with no host round trip:
+//   logits[l, b, :] = q[b] W_r[l]^T + b_r[l]        W_r [L, E, d_in] f32, b_r [L, E] f32, q [B, d_in] T
+//   probs = softmax(logits)                          [L, B, E] f32
+//   experts, gates = top-k of probs                  [L, B, k] u32 / f32 (gates renormalised on request)
+//   code[b] = k-hot bits of every layer's choice     [B, words] u64, bit (l * E + e) lives in
+//                                                    word (bit / 64), position (bit % 64)
+//   min_dist[b] = min_n popcount(code[b] ^ codebook[n])   codebook [N, words] u64; INT_MAX when N == 0
+//   in_scope[b] = N > 0 && min_dist[b] < threshold   [B] u8
+// Launch: one block of 256 threads per sequence (grid = B); dynamic shared memory holds the code
+//   words and the L*E logits: words * 8 + L * E * 4 bytes. Warps take (layer, expert) dot products
+//   round-robin, then one warp per layer does softmax + top-k (E <= 64: two entries per lane), then
+//   every thread scans a strided share of the codebook and the block reduces the minimum.
+// Bound: launch latency at ELDER sizes. Bytes: L*E*d_in*4 router weights (L1/L2 shared across the
+//   B blocks) + N * words * 8 codebook bytes per sequence (10^5 codes x 1 word = 0.8 MB).
+#include <limits.h>
+
+#include "common.cuh"
+
+using namespace elder;
+
+namespace {
+
+constexpr int ROUTER_THREADS = 256;
+
+// Warp-wide arg-max; ties go to the lower index (torch.topk / the CPU twin).
+__device__ __forceinline__ void warp_argmax(float& v, int& idx) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        const float ov = __shfl_xor_sync(0xffffffffu, v, o);
+        const int oi = __shfl_xor_sync(0xffffffffu, idx, o);
+        if (ov > v || (ov == v && oi < idx)) {
+            v = ov;
+            idx = oi;
+        }
+    }
+}
+
+template <typename T>
+__device__ void router_fused(const T* q, const float* w_r, const float* b_r, int batch, int layers, int experts,
+                             int d_in, int k, int renormalize, const uint64_t* codebook, int n_codes, int words,
+                             int threshold, float* probs, uint32_t* sel, float* gates, uint64_t* codes,
+                             int* min_dist, uint8_t* in_scope) {
+    extern __shared__ unsigned long long shared_words[];
+    unsigned long long* code = shared_words;          // [words]
+    float* logits = (float*)(shared_words + words);   // [layers * experts]
+    __shared__ int warp_min[ROUTER_THREADS / 32];
+
+    const int b = blockIdx.x;
+    if (b >= batch) return;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    const T* qb = q + (size_t)b * d_in;
+
+    for (int w = threadIdx.x; w < words; w += blockDim.x) code[w] = 0ull;
+
+    // 1. Router logits: one warp per (layer, expert) row of W_r.
+    for (int le = warp; le < layers * experts; le += nwarps) {
+        const float* wrow = w_r + (size_t)le * d_in;
+        float acc = 0.0f;
+        for (int i = lane; i < d_in; i += 32) acc += to_f32(qb[i]) * wrow[i];
+        acc = warp_sum(acc);
+        if (lane == 0) logits[le] = acc + b_r[le];
+    }
+    __syncthreads();
+
+    // 2. Softmax + top-k + code bits: one warp per layer.
+    for (int l = warp; l < layers; l += nwarps) {
+        const float* lg = logits + l * experts;
+        const int e0 = lane, e1 = lane + 32;
+        const float x0 = e0 < experts ? lg[e0] : -INFINITY;
+        const float x1 = e1 < experts ? lg[e1] : -INFINITY;
+        const float mx = warp_max(fmaxf(x0, x1));
+        const float p0 = e0 < experts ? expf(x0 - mx) : 0.0f;
+        const float p1 = e1 < experts ? expf(x1 - mx) : 0.0f;
+        const float inv = 1.0f / warp_sum(p0 + p1);
+        const float q0 = p0 * inv, q1 = p1 * inv;
+        float* pout = probs + ((size_t)l * batch + b) * experts;
+        if (e0 < experts) pout[e0] = q0;
+        if (e1 < experts) pout[e1] = q1;
+
+        bool taken0 = false, taken1 = false;
+        float chosen_sum = 0.0f;
+        const size_t out_base = ((size_t)l * batch + b) * k;
+        for (int j = 0; j < k; ++j) {
+            // Candidate of this lane: the better of its two untaken entries.
+            float v = -INFINITY;
+            int idx = INT_MAX;
+            if (e0 < experts && !taken0) { v = q0; idx = e0; }
+            if (e1 < experts && !taken1 && (q1 > v || idx == INT_MAX)) { v = q1; idx = e1; }
+            warp_argmax(v, idx);
+            if (idx == e0) taken0 = true;
+            if (idx == e1) taken1 = true;
+            chosen_sum += v;  // summed in selection order, as the CPU twin does
+            if (lane == 0) {
+                sel[out_base + j] = (uint32_t)idx;
+                gates[out_base + j] = v;
+                const int bit = l * experts + idx;
+                atomicOr(&code[bit >> 6], 1ull << (bit & 63));
+            }
+        }
+        if (renormalize && lane == 0)
+            for (int j = 0; j < k; ++j) gates[out_base + j] = gates[out_base + j] / chosen_sum;
+    }
+    __syncthreads();
+
+    for (int w = threadIdx.x; w < words; w += blockDim.x) codes[(size_t)b * words + w] = code[w];
+
+    // 3. Minimum Hamming distance to the codebook.
+    int best = INT_MAX;
+    for (int n = threadIdx.x; n < n_codes; n += blockDim.x) {
+        const uint64_t* entry = codebook + (size_t)n * words;
+        int dist = 0;
+        for (int w = 0; w < words; ++w) dist += __popcll(code[w] ^ entry[w]);
+        best = min(best, dist);
+    }
+    best = warp_min_int(best);
+    if (lane == 0) warp_min[warp] = best;
+    __syncthreads();
+    if (warp == 0) {
+        int m = lane < nwarps ? warp_min[lane] : INT_MAX;
+        m = warp_min_int(m);
+        if (lane == 0) {
+            min_dist[b] = m;
+            in_scope[b] = (n_codes > 0 && m < threshold) ? 1 : 0;
+        }
+    }
+}
+
+}  // namespace
+
+#define ROUTER_ENTRY_POINTS(S, T)                                                                             \
+    extern "C" __global__ void __launch_bounds__(ROUTER_THREADS) router_fused_##S(                             \
+        const T* q, const float* w_r, const float* b_r, int batch, int layers, int experts, int d_in, int k,  \
+        int renormalize, const uint64_t* codebook, int n_codes, int words, int threshold, float* probs,        \
+        uint32_t* sel, float* gates, uint64_t* codes, int* min_dist, uint8_t* in_scope) {                      \
+        router_fused<T>(q, w_r, b_r, batch, layers, experts, d_in, k, renormalize, codebook, n_codes, words,  \
+                        threshold, probs, sel, gates, codes, min_dist, in_scope);                              \
+    }
+
+ELDER_FOR_DTYPES(ROUTER_ENTRY_POINTS)

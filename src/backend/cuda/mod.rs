@@ -1,0 +1,65 @@
+//! The CUDA backend: device/context/module management, typed buffers and one safe launcher module
+//! per kernel family in `kernels/`. Every launcher validates shapes on the host and returns `Result`.
+//!
+//! The kernels are compiled by `build.rs` and embedded in the binary. A binary built without nvcc
+//! still compiles this module; [`GpuDevice::new`] then fails with [`NO_KERNELS_MSG`].
+//!
+//! Nothing here has run on a GPU yet (developed on machines without one): treat every kernel as
+//! compiled, not verified, until `tests/gpu_kernels.rs` has passed on real hardware.
+
+pub mod adam;
+pub mod attention;
+pub mod buffers;
+pub mod device;
+pub mod elementwise;
+pub mod gemm;
+pub mod lora;
+pub mod loss;
+pub mod norm;
+pub mod router;
+
+use std::sync::Arc;
+
+pub use buffers::{KernelDtype, Workspace};
+pub use device::GpuDevice;
+
+/// The fatbins `build.rs` produced, one per `kernels/*.cu` file (empty without nvcc).
+pub(crate) mod embedded {
+    include!(concat!(env!("OUT_DIR"), "/cuda_kernels.rs"));
+}
+
+/// True when this binary carries compiled CUDA kernels.
+pub const BUILT_WITH_KERNELS: bool = cfg!(elder_cuda_kernels);
+
+/// The error a kernel-less build gives for any GPU request.
+pub const NO_KERNELS_MSG: &str =
+    "this elder binary was built without CUDA kernels (nvcc not found at build time)";
+
+/// True when the CUDA driver library can be loaded. Checked before any context is created, because
+/// cudarc panics (instead of returning an error) when the library is missing.
+pub fn cuda_available() -> bool {
+    // SAFETY: only tries to dlopen the driver library; no CUDA call is made.
+    unsafe { cudarc::driver::sys::is_culib_present() }
+}
+
+/// The device for a GPU test, or `None` after printing a visible SKIP line on stdout and stderr
+/// (so a skipped test never reads as a passing one).
+pub fn gpu_or_skip(test_name: &str) -> Option<Arc<GpuDevice>> {
+    let reason = if !BUILT_WITH_KERNELS {
+        NO_KERNELS_MSG.to_string()
+    } else if !cuda_available() {
+        "no CUDA driver".to_string()
+    } else {
+        match GpuDevice::new(0) {
+            Ok(dev) => return Some(dev),
+            Err(e) => format!("no usable CUDA device: {e:#}"),
+        }
+    };
+    let line = format!("SKIP {test_name}: {reason}\n");
+    print!("{line}");
+    // The test harness captures print!/eprint!; a direct write to the stderr handle is not captured,
+    // so the SKIP shows in a plain `cargo test` run too.
+    use std::io::Write;
+    let _ = std::io::stderr().lock().write_all(line.as_bytes());
+    None
+}

@@ -1,0 +1,186 @@
+//! Launcher for `kernels/router.cu`: routing of every MoLoRA layer, allocation codes, the minimum
+//! Hamming distance to the codebook and the in-scope mask, in one launch with no host round trip.
+//! CPU twin: `molora::route` per layer plus the code / distance rule of elder-method.md section 4.
+
+use anyhow::{bail, Result};
+use cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig};
+
+use super::buffers::{as_i32, input, output, KernelDtype};
+use super::device::{GpuDevice, KArg};
+
+/// Must match ROUTER_THREADS in router.cu.
+const THREADS: u32 = 256;
+const MAX_EXPERTS: usize = 64;
+/// Shared memory stays under the 48 kB a launch gets without opting in.
+const MAX_SHARED_BYTES: usize = 48 * 1024;
+
+/// u64 words of one allocation code: bit `l * E + e` is word `bit / 64`, position `bit % 64`.
+pub fn code_words(layers: usize, experts: usize) -> usize {
+    (layers * experts).div_ceil(64)
+}
+
+/// Shapes and options of a fused routing call.
+#[derive(Debug, Clone, Copy)]
+pub struct RouterShape {
+    pub batch: usize,
+    pub layers: usize,
+    pub experts: usize,
+    pub d_in: usize,
+    pub k: usize,
+    pub renormalize: bool,
+    /// A sequence is in scope when its minimum distance is `< threshold`.
+    pub threshold: u32,
+}
+
+impl RouterShape {
+    pub fn words(&self) -> usize {
+        code_words(self.layers, self.experts)
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.experts == 0 || self.experts > MAX_EXPERTS {
+            bail!(
+                "router: experts per layer must be in 1..={MAX_EXPERTS}, found {}",
+                self.experts
+            );
+        }
+        if self.k == 0 || self.k > self.experts {
+            bail!(
+                "router: top-k must be in 1..={} (experts), found {}",
+                self.experts,
+                self.k
+            );
+        }
+        if self.layers == 0 || self.batch == 0 || self.d_in == 0 {
+            bail!("router: layers, batch and d_in must be non-zero, found {self:?}");
+        }
+        if self.shared_bytes() > MAX_SHARED_BYTES {
+            bail!("router: {} layers x {} experts need {} B of shared memory (max {MAX_SHARED_BYTES})",
+                self.layers, self.experts, self.shared_bytes());
+        }
+        Ok(())
+    }
+
+    fn shared_bytes(&self) -> usize {
+        self.words() * 8 + self.layers * self.experts * 4
+    }
+}
+
+/// Everything the fused router writes. Layer-major: `probs [L, B, E]`, `experts`/`gates [L, B, k]`
+/// (layer `l`'s `[B, k]` block is what the LoRA launchers take), `codes [B, words]`,
+/// `min_dist [B]` (`i32::MAX` with an empty codebook), `in_scope [B]` (0/1).
+pub struct RouterOutputs {
+    pub probs: CudaSlice<f32>,
+    pub experts: CudaSlice<u32>,
+    pub gates: CudaSlice<f32>,
+    pub codes: CudaSlice<u64>,
+    pub min_dist: CudaSlice<i32>,
+    pub in_scope: CudaSlice<u8>,
+}
+
+impl RouterOutputs {
+    pub fn alloc(dev: &GpuDevice, s: &RouterShape) -> Result<Self> {
+        let (l, b, e, k) = (s.layers, s.batch, s.experts, s.k);
+        Ok(Self {
+            probs: dev.zeros(l * b * e)?,
+            experts: dev.zeros(l * b * k)?,
+            gates: dev.zeros(l * b * k)?,
+            codes: dev.zeros(b * s.words())?,
+            min_dist: dev.zeros(b)?,
+            in_scope: dev.zeros(b)?,
+        })
+    }
+}
+
+/// Routes `q [B, d_in]` through `w_r [L, E, d_in]` / `b_r [L, E]` (f32) and checks the codes against
+/// the first `n_codes` entries of `codebook [N, words]`.
+#[allow(clippy::too_many_arguments)]
+pub fn router_fused<T: KernelDtype>(
+    dev: &GpuDevice,
+    s: &RouterShape,
+    q: &impl DevicePtr<T>,
+    w_r: &impl DevicePtr<f32>,
+    b_r: &impl DevicePtr<f32>,
+    codebook: &impl DevicePtr<u64>,
+    n_codes: usize,
+    out: &mut RouterOutputs,
+) -> Result<()> {
+    s.validate()?;
+    let (l, b, e, k, words) = (s.layers, s.batch, s.experts, s.k, s.words());
+    let st = dev.stream();
+    let (pq, _g1) = input(st, "router query [B, d_in]", q, b * s.d_in)?;
+    let (pw, _g2) = input(st, "router W_r [L, E, d_in]", w_r, l * e * s.d_in)?;
+    let (pb, _g3) = input(st, "router b_r [L, E]", b_r, l * e)?;
+    let (pc, _g4) = input(st, "codebook [N, words]", codebook, n_codes * words)?;
+    let (pp, _g5) = output(st, "router probs [L, B, E]", &mut out.probs, l * b * e)?;
+    let (pe, _g6) = output(st, "router experts [L, B, k]", &mut out.experts, l * b * k)?;
+    let (pg, _g7) = output(st, "router gates [L, B, k]", &mut out.gates, l * b * k)?;
+    let (pcode, _g8) = output(st, "router codes [B, words]", &mut out.codes, b * words)?;
+    let (pd, _g9) = output(st, "router min_dist [B]", &mut out.min_dist, b)?;
+    let (ps, _g10) = output(st, "router in_scope [B]", &mut out.in_scope, b)?;
+    let args = [
+        pq,
+        pw,
+        pb,
+        KArg::I32(as_i32("batch", b)?),
+        KArg::I32(as_i32("layers", l)?),
+        KArg::I32(as_i32("experts", e)?),
+        KArg::I32(as_i32("d_in", s.d_in)?),
+        KArg::I32(as_i32("k", k)?),
+        KArg::I32(s.renormalize as i32),
+        pc,
+        KArg::I32(as_i32("n_codes", n_codes)?),
+        KArg::I32(as_i32("words", words)?),
+        KArg::I32(as_i32("threshold", s.threshold as usize)?),
+        pp,
+        pe,
+        pg,
+        pcode,
+        pd,
+        ps,
+    ];
+    let cfg = LaunchConfig {
+        grid_dim: (b as u32, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: s.shared_bytes() as u32,
+    };
+    // SAFETY: shapes validated and buffer lengths checked above; argument list matches router_fused_{T}.
+    unsafe { dev.launch("router", &format!("router_fused_{}", T::SUFFIX), cfg, &args) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shape(experts: usize, k: usize, layers: usize) -> RouterShape {
+        RouterShape {
+            batch: 2,
+            layers,
+            experts,
+            d_in: 8,
+            k,
+            renormalize: false,
+            threshold: 1,
+        }
+    }
+
+    #[test]
+    fn code_words_round_up_to_whole_u64() {
+        assert_eq!(code_words(6, 4), 1); // the paper's 24 bits
+        assert_eq!(code_words(1, 64), 1);
+        assert_eq!(code_words(6, 64), 6);
+        assert_eq!(code_words(5, 13), 2);
+    }
+
+    #[test]
+    fn shapes_the_kernel_cannot_run_are_rejected_on_the_host() {
+        assert!(shape(64, 2, 6).validate().is_ok());
+        let e = shape(65, 2, 6).validate().unwrap_err().to_string();
+        assert!(e.contains("experts per layer"), "{e}");
+        assert!(shape(8, 9, 6).validate().is_err());
+        assert!(shape(8, 0, 6).validate().is_err());
+        // 4000 layers x 64 experts of logits exceed the 48 kB of shared memory.
+        let e = shape(64, 2, 4000).validate().unwrap_err().to_string();
+        assert!(e.contains("shared memory"), "{e}");
+    }
+}

@@ -1,0 +1,1219 @@
+//! Every CUDA kernel against its CPU twin on fresh random inputs (never zeros), with outputs poisoned
+//! with NaN before the launch so an element the kernel forgets to write fails the comparison.
+//! Tolerance: |gpu - cpu| <= atol + rtol * |cpu|, f32 1e-5/1e-5 (attention 1e-4), f16/bf16 2e-2/2e-2.
+//! Inputs of the CPU reference are first rounded through the GPU dtype so both sides see the same
+//! numbers. Without a CUDA driver (or a binary built without nvcc) each test prints
+//! `SKIP <test>: <reason>` and returns.
+//!
+//! Seeds are fixed per test (reproducible); set ELDER_TEST_SEED to draw different inputs.
+
+use std::sync::Arc;
+
+use cudarc::driver::CudaSlice;
+use elder::backend::cpu::{molora, ops};
+use elder::backend::cuda::{
+    adam, attention, elementwise, gemm, gpu_or_skip, lora, loss, norm, router, GpuDevice,
+    KernelDtype,
+};
+use half::{bf16, f16};
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+type Dev = Arc<GpuDevice>;
+
+fn rng_for(test: &str) -> ChaCha8Rng {
+    let base: u64 = std::env::var("ELDER_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0x5eed);
+    let h = test.bytes().fold(base, |h, b| {
+        h.wrapping_mul(1099511628211).wrapping_add(b as u64)
+    });
+    ChaCha8Rng::seed_from_u64(h)
+}
+
+/// Uniform in [lo, hi), nudged away from exact zero.
+fn rand_vec(rng: &mut ChaCha8Rng, n: usize, lo: f32, hi: f32) -> Vec<f32> {
+    (0..n)
+        .map(|_| {
+            let v: f32 = rng.gen_range(lo..hi);
+            if v == 0.0 {
+                1e-3
+            } else {
+                v
+            }
+        })
+        .collect()
+}
+
+/// Values as a `T` buffer would hold them.
+fn quant<T: KernelDtype>(v: &[f32]) -> Vec<f32> {
+    v.iter().map(|&x| T::from_f32(x).to_f32()).collect()
+}
+
+fn tol<T: KernelDtype>() -> (f32, f32) {
+    if T::SUFFIX == "f32" {
+        (1e-5, 1e-5)
+    } else {
+        (2e-2, 2e-2)
+    }
+}
+
+#[track_caller]
+fn assert_close(what: &str, gpu: &[f32], cpu: &[f32], (atol, rtol): (f32, f32)) {
+    assert_eq!(gpu.len(), cpu.len(), "{what}: length differs");
+    let mut bad = Vec::new();
+    for (i, (&g, &c)) in gpu.iter().zip(cpu).enumerate() {
+        let ok = (g - c).abs() <= atol + rtol * c.abs(); // NaN fails here
+        if !ok {
+            bad.push((i, g, c));
+        }
+    }
+    assert!(
+        bad.is_empty(),
+        "{what}: {} of {} elements off (atol {atol}, rtol {rtol}); first: {:?}",
+        bad.len(),
+        cpu.len(),
+        &bad[..bad.len().min(8)]
+    );
+}
+
+fn poison<T: KernelDtype>(dev: &GpuDevice, n: usize) -> CudaSlice<T> {
+    dev.filled::<T>(n, f32::NAN)
+        .expect("allocating a poisoned buffer")
+}
+
+fn up<T: KernelDtype>(dev: &GpuDevice, v: &[f32]) -> CudaSlice<T> {
+    dev.upload_as::<T>(v).expect("upload")
+}
+
+fn down<T: KernelDtype>(dev: &GpuDevice, s: &CudaSlice<T>) -> Vec<f32> {
+    dev.download_f32::<T, _>(s).expect("download")
+}
+
+macro_rules! for_dtypes {
+    ($name:ident, $body:ident) => {
+        #[test]
+        fn $name() {
+            let Some(dev) = gpu_or_skip(stringify!($name)) else {
+                return;
+            };
+            $body::<f32>(&dev, stringify!($name));
+            $body::<f16>(&dev, stringify!($name));
+            $body::<bf16>(&dev, stringify!($name));
+        }
+    };
+}
+
+// ---------------------------------------------------------------- elementwise
+
+fn check_embedding<T: KernelDtype>(dev: &Dev, name: &str) {
+    let mut rng = rng_for(name);
+    let (vocab, d, n) = (97, 72, 41);
+    let table = quant::<T>(&rand_vec(&mut rng, vocab * d, -1.0, 1.0));
+    // Repeated ids on purpose: the gradient must accumulate them.
+    let ids: Vec<u32> = (0..n)
+        .map(|i| {
+            if i % 7 == 0 {
+                3
+            } else {
+                rng.gen_range(0..vocab as u32)
+            }
+        })
+        .collect();
+    let mut want = vec![0.0; n * d];
+    ops::embedding(&ids, &table, d, &mut want);
+    let ids_dev = dev.upload(&ids).unwrap();
+    let mut out = poison::<T>(dev, n * d);
+    elementwise::embedding::<T>(dev, &ids_dev, n, &up::<T>(dev, &table), vocab, d, &mut out)
+        .unwrap();
+    assert_close(
+        &format!("embedding_{}", T::SUFFIX),
+        &down(dev, &out),
+        &want,
+        (0.0, 0.0),
+    );
+
+    let dout = quant::<T>(&rand_vec(&mut rng, n * d, -1.0, 1.0));
+    let init = rand_vec(&mut rng, vocab * d, -0.5, 0.5);
+    let mut want = init.clone();
+    ops::embedding_grad(&ids, &dout, d, &mut want);
+    let mut dtable = up::<f32>(dev, &init);
+    elementwise::embedding_grad::<T>(
+        dev,
+        &ids_dev,
+        n,
+        &up::<T>(dev, &dout),
+        vocab,
+        d,
+        &mut dtable,
+    )
+    .unwrap();
+    assert_close(
+        &format!("embedding_grad_{}", T::SUFFIX),
+        &down(dev, &dtable),
+        &want,
+        (1e-5, 1e-5),
+    );
+}
+for_dtypes!(gpu_embedding_matches_cpu, check_embedding);
+
+fn check_bias_gelu<T: KernelDtype>(dev: &Dev, name: &str) {
+    let mut rng = rng_for(name);
+    let (n, d) = (37, 200);
+    let x = quant::<T>(&rand_vec(&mut rng, n * d, -4.0, 4.0));
+    let bias = quant::<T>(&rand_vec(&mut rng, d, -1.0, 1.0));
+    let mut pre_ref = x.clone();
+    ops::add_bias(&mut pre_ref, &bias);
+    let pre_ref = quant::<T>(&pre_ref);
+    let mut want = pre_ref.clone();
+    ops::gelu_new(&mut want);
+    let (xd, bd) = (up::<T>(dev, &x), up::<T>(dev, &bias));
+    let mut pre = poison::<T>(dev, n * d);
+    let mut out = poison::<T>(dev, n * d);
+    elementwise::bias_gelu::<T, _, _>(dev, &xd, Some(&bd), Some(&mut pre), &mut out, n, d).unwrap();
+    assert_close(
+        &format!("bias_gelu pre {}", T::SUFFIX),
+        &down(dev, &pre),
+        &pre_ref,
+        tol::<T>(),
+    );
+    assert_close(
+        &format!("bias_gelu out {}", T::SUFFIX),
+        &down(dev, &out),
+        &want,
+        tol::<T>(),
+    );
+
+    let dout = quant::<T>(&rand_vec(&mut rng, n * d, -1.0, 1.0));
+    let mut want = vec![0.0; n * d];
+    ops::gelu_new_backward(&pre_ref, &dout, &mut want);
+    let mut dx = poison::<T>(dev, n * d);
+    elementwise::gelu_backward::<T>(dev, &pre, &up::<T>(dev, &dout), &mut dx, n * d).unwrap();
+    assert_close(
+        &format!("gelu_backward {}", T::SUFFIX),
+        &down(dev, &dx),
+        &want,
+        tol::<T>(),
+    );
+}
+for_dtypes!(gpu_bias_gelu_matches_cpu, check_bias_gelu);
+
+fn check_silu<T: KernelDtype>(dev: &Dev, name: &str) {
+    let mut rng = rng_for(name);
+    let n = 3001;
+    let gate = quant::<T>(&rand_vec(&mut rng, n, -6.0, 6.0));
+    let upv = quant::<T>(&rand_vec(&mut rng, n, -2.0, 2.0));
+    let dout = quant::<T>(&rand_vec(&mut rng, n, -1.0, 1.0));
+    let mut want = vec![0.0; n];
+    ops::silu_mul(&gate, &upv, &mut want);
+    let (gd, ud, dd) = (up::<T>(dev, &gate), up::<T>(dev, &upv), up::<T>(dev, &dout));
+    let mut out = poison::<T>(dev, n);
+    elementwise::silu_mul::<T>(dev, &gd, &ud, &mut out, n).unwrap();
+    assert_close(
+        &format!("silu_mul {}", T::SUFFIX),
+        &down(dev, &out),
+        &want,
+        tol::<T>(),
+    );
+
+    let (mut wg, mut wu) = (vec![0.0; n], vec![0.0; n]);
+    ops::silu_mul_backward(&gate, &upv, &dout, &mut wg, &mut wu);
+    let (mut dg, mut du) = (poison::<T>(dev, n), poison::<T>(dev, n));
+    elementwise::silu_mul_backward::<T, _>(dev, &gd, &ud, &dd, &mut dg, &mut du, n).unwrap();
+    assert_close(
+        &format!("silu dgate {}", T::SUFFIX),
+        &down(dev, &dg),
+        &wg,
+        tol::<T>(),
+    );
+    assert_close(
+        &format!("silu dup {}", T::SUFFIX),
+        &down(dev, &du),
+        &wu,
+        tol::<T>(),
+    );
+}
+for_dtypes!(gpu_silu_mul_matches_cpu, check_silu);
+
+fn check_residual_add<T: KernelDtype>(dev: &Dev, name: &str) {
+    let mut rng = rng_for(name);
+    let n = 4099;
+    let acc = quant::<T>(&rand_vec(&mut rng, n, -3.0, 3.0));
+    let x = quant::<T>(&rand_vec(&mut rng, n, -3.0, 3.0));
+    let mut want = acc.clone();
+    ops::add_inplace(&mut want, &x);
+    let mut accd = up::<T>(dev, &acc);
+    elementwise::residual_add::<T>(dev, &mut accd, &up::<T>(dev, &x), n).unwrap();
+    assert_close(
+        &format!("residual_add {}", T::SUFFIX),
+        &down(dev, &accd),
+        &want,
+        tol::<T>(),
+    );
+}
+for_dtypes!(gpu_residual_add_matches_cpu, check_residual_add);
+
+fn check_rope<T: KernelDtype>(dev: &Dev, name: &str) {
+    let mut rng = rng_for(name);
+    let (n, heads, hd, theta) = (19, 3, 64, 10000.0);
+    let x = quant::<T>(&rand_vec(&mut rng, n * heads * hd, -2.0, 2.0));
+    let positions: Vec<u32> = (0..n).map(|_| rng.gen_range(0..2048)).collect();
+    let pd = dev.upload(&positions).unwrap();
+    for inverse in [false, true] {
+        let mut want = x.clone();
+        ops::rope(&mut want, &positions, heads, hd, theta, inverse);
+        let mut xd = up::<T>(dev, &x);
+        elementwise::rope::<T>(dev, &mut xd, &pd, n, heads, hd, theta, inverse).unwrap();
+        // Angles up to 2048 rad: sin/cos of large f32 arguments differ by a few ulp between libms.
+        let t = if T::SUFFIX == "f32" {
+            (1e-4, 1e-4)
+        } else {
+            tol::<T>()
+        };
+        assert_close(
+            &format!("rope inverse={inverse} {}", T::SUFFIX),
+            &down(dev, &xd),
+            &want,
+            t,
+        );
+    }
+}
+for_dtypes!(gpu_rope_matches_cpu, check_rope);
+
+// ---------------------------------------------------------------- dense GEMM (cuBLAS)
+
+fn check_matmul<T: KernelDtype>(dev: &Dev, name: &str)
+where
+    cudarc::cublas::CudaBlas: cudarc::cublas::Gemm<T>,
+{
+    let mut rng = rng_for(name);
+    let (m, k, n) = (23, 96, 40);
+    let x = quant::<T>(&rand_vec(&mut rng, m * k, -1.0, 1.0));
+    let w = quant::<T>(&rand_vec(&mut rng, k * n, -1.0, 1.0));
+    let base = quant::<T>(&rand_vec(&mut rng, m * n, -1.0, 1.0));
+    for layout in [ops::Layout::InOut, ops::Layout::OutIn] {
+        for accumulate in [false, true] {
+            let mut want = base.clone();
+            let wr = ops::MatRef {
+                data: &w,
+                in_dim: k,
+                out_dim: n,
+                layout,
+            };
+            ops::matmul(&x, m, wr, &mut want, accumulate);
+            let mut out = if accumulate {
+                up::<T>(dev, &base)
+            } else {
+                poison::<T>(dev, m * n)
+            };
+            gemm::matmul::<T>(
+                dev,
+                &up::<T>(dev, &x),
+                m,
+                &up::<T>(dev, &w),
+                k,
+                n,
+                layout,
+                &mut out,
+                accumulate,
+            )
+            .unwrap();
+            let t = if T::SUFFIX == "f32" {
+                (1e-4, 1e-4)
+            } else {
+                tol::<T>()
+            };
+            let what = format!("matmul {layout:?} acc={accumulate} {}", T::SUFFIX);
+            assert_close(&what, &down(dev, &out), &want, t);
+        }
+    }
+}
+for_dtypes!(gpu_matmul_matches_cpu, check_matmul);
+
+// ---------------------------------------------------------------- norms
+
+fn check_layernorm<T: KernelDtype>(dev: &Dev, name: &str) {
+    let mut rng = rng_for(name);
+    // 1600 takes the vectorised forward path, 1601 the scalar one.
+    for d in [1600, 1601] {
+        check_layernorm_width::<T>(dev, &mut rng, d);
+    }
+}
+
+fn check_layernorm_width<T: KernelDtype>(dev: &Dev, rng: &mut ChaCha8Rng, d: usize) {
+    let (n, eps) = (13, 1e-5);
+    let rows = norm::NormRows { n, d, eps };
+    let x = quant::<T>(&rand_vec(rng, n * d, -2.0, 2.0));
+    let res = quant::<T>(&rand_vec(rng, n * d, -2.0, 2.0));
+    let w = quant::<T>(&rand_vec(rng, d, 0.5, 1.5));
+    let b = quant::<T>(&rand_vec(rng, d, -0.5, 0.5));
+    let mut sum = x.clone();
+    ops::add_inplace(&mut sum, &res);
+    let sum = quant::<T>(&sum);
+    let (mut want, mut mean, mut rstd) = (vec![0.0; n * d], vec![0.0; n], vec![0.0; n]);
+    ops::layernorm(&sum, &w, &b, eps, &mut want, &mut mean, &mut rstd);
+
+    let (xd, rd, wd, bd) = (
+        up::<T>(dev, &x),
+        up::<T>(dev, &res),
+        up::<T>(dev, &w),
+        up::<T>(dev, &b),
+    );
+    let (mut sd, mut od) = (poison::<T>(dev, n * d), poison::<T>(dev, n * d));
+    let (mut md, mut qd) = (poison::<f32>(dev, n), poison::<f32>(dev, n));
+    norm::residual_layernorm::<T, _, _>(
+        dev,
+        rows,
+        &xd,
+        Some(&rd),
+        Some(&mut sd),
+        &wd,
+        Some(&bd),
+        &mut od,
+        &mut md,
+        &mut qd,
+    )
+    .unwrap();
+    let sfx = format!("{} d={d}", T::SUFFIX);
+    assert_close(
+        &format!("layernorm sum {sfx}"),
+        &down(dev, &sd),
+        &sum,
+        tol::<T>(),
+    );
+    assert_close(
+        &format!("layernorm out {sfx}"),
+        &down(dev, &od),
+        &want,
+        tol::<T>(),
+    );
+    assert_close(
+        &format!("layernorm mean {sfx}"),
+        &down(dev, &md),
+        &mean,
+        (1e-5, 1e-5),
+    );
+    assert_close(
+        &format!("layernorm rstd {sfx}"),
+        &down(dev, &qd),
+        &rstd,
+        (1e-5, 1e-5),
+    );
+
+    let dout = quant::<T>(&rand_vec(rng, n * d, -1.0, 1.0));
+    let dx0 = quant::<T>(&rand_vec(rng, n * d, -1.0, 1.0));
+    for accumulate in [false, true] {
+        let mut want = dx0.clone();
+        ops::layernorm_backward(&sum, &w, &mean, &rstd, &dout, &mut want, accumulate);
+        let mut dxd = if accumulate {
+            up::<T>(dev, &dx0)
+        } else {
+            poison::<T>(dev, n * d)
+        };
+        norm::layernorm_backward::<T, _>(
+            dev,
+            rows,
+            &sd,
+            &wd,
+            &md,
+            &qd,
+            &up::<T>(dev, &dout),
+            &mut dxd,
+            accumulate,
+        )
+        .unwrap();
+        assert_close(
+            &format!("layernorm_backward acc={accumulate} {sfx}"),
+            &down(dev, &dxd),
+            &want,
+            tol::<T>(),
+        );
+    }
+}
+for_dtypes!(gpu_residual_layernorm_matches_cpu, check_layernorm);
+
+fn check_rmsnorm<T: KernelDtype>(dev: &Dev, name: &str) {
+    let mut rng = rng_for(name);
+    // 4096 takes the vectorised forward path, 4103 the scalar one.
+    for d in [4096, 4096 + 7] {
+        check_rmsnorm_width::<T>(dev, &mut rng, d);
+    }
+}
+
+fn check_rmsnorm_width<T: KernelDtype>(dev: &Dev, rng: &mut ChaCha8Rng, d: usize) {
+    let (n, eps) = (11, 1e-6);
+    let rows = norm::NormRows { n, d, eps };
+    let x = quant::<T>(&rand_vec(rng, n * d, -2.0, 2.0));
+    let w = quant::<T>(&rand_vec(rng, d, 0.5, 1.5));
+    // No residual here: the plain-norm path.
+    let (mut want, mut rstd) = (vec![0.0; n * d], vec![0.0; n]);
+    ops::rmsnorm(&x, &w, eps, &mut want, &mut rstd);
+    let (xd, wd) = (up::<T>(dev, &x), up::<T>(dev, &w));
+    let mut od = poison::<T>(dev, n * d);
+    let mut qd = poison::<f32>(dev, n);
+    norm::residual_rmsnorm::<T, _, CudaSlice<T>>(dev, rows, &xd, None, None, &wd, &mut od, &mut qd)
+        .unwrap();
+    let sfx = format!("{} d={d}", T::SUFFIX);
+    assert_close(
+        &format!("rmsnorm out {sfx}"),
+        &down(dev, &od),
+        &want,
+        tol::<T>(),
+    );
+    assert_close(
+        &format!("rmsnorm rstd {sfx}"),
+        &down(dev, &qd),
+        &rstd,
+        (1e-5, 1e-5),
+    );
+
+    let dout = quant::<T>(&rand_vec(rng, n * d, -1.0, 1.0));
+    let mut want = vec![0.0; n * d];
+    ops::rmsnorm_backward(&x, &w, &rstd, &dout, &mut want, false);
+    let mut dxd = poison::<T>(dev, n * d);
+    norm::rmsnorm_backward::<T, _>(
+        dev,
+        rows,
+        &xd,
+        &wd,
+        &qd,
+        &up::<T>(dev, &dout),
+        &mut dxd,
+        false,
+    )
+    .unwrap();
+    assert_close(
+        &format!("rmsnorm_backward {sfx}"),
+        &down(dev, &dxd),
+        &want,
+        tol::<T>(),
+    );
+}
+for_dtypes!(gpu_residual_rmsnorm_matches_cpu, check_rmsnorm);
+
+// ---------------------------------------------------------------- router
+
+/// Reference allocation code: bit l*E + e for every chosen expert.
+fn code_of(routings: &[molora::Routing], b: usize, words: usize) -> Vec<u64> {
+    let mut code = vec![0u64; words];
+    for (l, r) in routings.iter().enumerate() {
+        for &e in &r.experts[b * r.k..][..r.k] {
+            let bit = l * r.num_experts + e as usize;
+            code[bit / 64] |= 1 << (bit % 64);
+        }
+    }
+    code
+}
+
+fn check_router<T: KernelDtype>(dev: &Dev, name: &str) {
+    let mut rng = rng_for(name);
+    let (batch, layers, experts, d_in, k, threshold) = (9, 6, 64, 160, 2, 3u32);
+    for renormalize in [false, true] {
+        let shape = router::RouterShape {
+            batch,
+            layers,
+            experts,
+            d_in,
+            k,
+            renormalize,
+            threshold,
+        };
+        let words = shape.words();
+        let q = quant::<T>(&rand_vec(&mut rng, batch * d_in, -1.0, 1.0));
+        let w_r = rand_vec(&mut rng, layers * experts * d_in, -0.3, 0.3);
+        let b_r = rand_vec(&mut rng, layers * experts, -0.5, 0.5);
+        let routings: Vec<molora::Routing> = (0..layers)
+            .map(|l| {
+                let w = &w_r[l * experts * d_in..][..experts * d_in];
+                molora::route(&q, w, &b_r[l * experts..][..experts], k, renormalize)
+            })
+            .collect();
+        // 10^5 random codes, then plant: seq 0 exact (d 0), seq 1 two bits off (d 2 < 3: in scope),
+        // seq 2 four bits off (d 4: out of scope); the rest match nothing (random codes are ~190 bits away).
+        let n_codes = 100_000;
+        let mut codebook: Vec<u64> = (0..n_codes * words).map(|_| rng.gen()).collect();
+        let mut plant = |b: usize, flips: &[usize], rng: &mut ChaCha8Rng| {
+            let mut c = code_of(&routings, b, words);
+            for &f in flips {
+                c[f / 64] ^= 1 << (f % 64);
+            }
+            let slot = rng.gen_range(0..n_codes);
+            codebook[slot * words..][..words].copy_from_slice(&c);
+        };
+        plant(0, &[], &mut rng);
+        plant(1, &[5, 70], &mut rng);
+        plant(2, &[1, 2, 3, 200], &mut rng);
+        let want_dist: Vec<i32> = (0..batch)
+            .map(|b| {
+                let c = code_of(&routings, b, words);
+                codebook
+                    .chunks(words)
+                    .map(|e| {
+                        e.iter()
+                            .zip(&c)
+                            .map(|(a, b)| (a ^ b).count_ones() as i32)
+                            .sum::<i32>()
+                    })
+                    .min()
+                    .unwrap()
+            })
+            .collect();
+        assert_eq!(&want_dist[..3], &[0, 2, 4], "planted distances");
+
+        let (qd, wd, bd) = (up::<T>(dev, &q), up::<f32>(dev, &w_r), up::<f32>(dev, &b_r));
+        let cbd = dev.upload(&codebook).unwrap();
+        let mut out = router::RouterOutputs::alloc(dev, &shape).unwrap();
+        out.probs = poison::<f32>(dev, layers * batch * experts);
+        out.gates = poison::<f32>(dev, layers * batch * k);
+        out.experts = dev.upload(&vec![u32::MAX; layers * batch * k]).unwrap();
+        out.min_dist = dev.upload(&vec![-7i32; batch]).unwrap();
+        out.in_scope = dev.upload(&vec![9u8; batch]).unwrap();
+        router::router_fused::<T>(dev, &shape, &qd, &wd, &bd, &cbd, n_codes, &mut out).unwrap();
+
+        let sfx = T::SUFFIX;
+        let probs: Vec<f32> = routings.iter().flat_map(|r| r.probs.clone()).collect();
+        let gates: Vec<f32> = routings.iter().flat_map(|r| r.gates.clone()).collect();
+        let sel: Vec<u32> = routings.iter().flat_map(|r| r.experts.clone()).collect();
+        assert_close(
+            &format!("router probs {sfx}"),
+            &dev.download(&out.probs).unwrap(),
+            &probs,
+            (1e-5, 1e-4),
+        );
+        assert_eq!(
+            dev.download(&out.experts).unwrap(),
+            sel,
+            "router experts {sfx}"
+        );
+        assert_close(
+            &format!("router gates {sfx}"),
+            &dev.download(&out.gates).unwrap(),
+            &gates,
+            (1e-5, 1e-4),
+        );
+        let codes: Vec<u64> = (0..batch)
+            .flat_map(|b| code_of(&routings, b, words))
+            .collect();
+        assert_eq!(
+            dev.download(&out.codes).unwrap(),
+            codes,
+            "router codes {sfx}"
+        );
+        assert_eq!(
+            dev.download(&out.min_dist).unwrap(),
+            want_dist,
+            "router min_dist {sfx}"
+        );
+        let scope: Vec<u8> = want_dist
+            .iter()
+            .map(|&d| (d < threshold as i32) as u8)
+            .collect();
+        assert_eq!(
+            dev.download(&out.in_scope).unwrap(),
+            scope,
+            "router in_scope {sfx}"
+        );
+        assert_eq!(&scope[..3], &[1, 1, 0]);
+
+        // Empty codebook: nothing is in scope.
+        router::router_fused::<T>(dev, &shape, &qd, &wd, &bd, &cbd, 0, &mut out).unwrap();
+        assert_eq!(
+            dev.download(&out.in_scope).unwrap(),
+            vec![0u8; batch],
+            "empty codebook {sfx}"
+        );
+        assert_eq!(dev.download(&out.min_dist).unwrap(), vec![i32::MAX; batch]);
+    }
+}
+for_dtypes!(gpu_router_fused_matches_cpu, check_router);
+
+// ---------------------------------------------------------------- MoLoRA
+
+fn check_lora<T: KernelDtype>(dev: &Dev, name: &str) {
+    let mut rng = rng_for(name);
+    let (batch, seq, d_in, d_out, rank, k, n_experts) = (6, 7, 96, 80, 8, 2, 64);
+    let shape = molora::MixShape {
+        batch,
+        seq,
+        d_in,
+        d_out,
+        rank,
+        k,
+        scale: 0.75,
+    };
+    let site = lora::LoraSite { shape, n_experts };
+    let x = quant::<T>(&rand_vec(&mut rng, batch * seq * d_in, -1.0, 1.0));
+    let a = rand_vec(&mut rng, n_experts * d_in * rank, -0.3, 0.3);
+    let b = rand_vec(&mut rng, n_experts * rank * d_out, -0.3, 0.3);
+    let mut experts = Vec::new();
+    for _ in 0..batch {
+        let mut all: Vec<u32> = (0..n_experts as u32).collect();
+        all.shuffle(&mut rng);
+        experts.extend_from_slice(&all[..k]);
+    }
+    // Two sequences share expert 5 so dA/dB accumulate across sequences.
+    experts[0] = 5;
+    experts[2 * k + 1] = 5;
+    let gates = rand_vec(&mut rng, batch * k, 0.05, 0.9);
+    let in_scope = [true, false, true, true, false, true];
+    let base = quant::<T>(&rand_vec(&mut rng, batch * seq * d_out, -1.0, 1.0));
+    let sfx = T::SUFFIX;
+
+    let mut want = base.clone();
+    let mut shrink_ref = vec![0.0; batch * k * seq * rank];
+    molora::molora_forward(
+        shape,
+        &x,
+        &a,
+        &b,
+        &experts,
+        &gates,
+        &in_scope,
+        &mut want,
+        Some(&mut shrink_ref),
+    );
+
+    let (xd, ad, bd) = (up::<T>(dev, &x), up::<f32>(dev, &a), up::<f32>(dev, &b));
+    let ed = dev.upload(&experts).unwrap();
+    let gd = up::<f32>(dev, &gates);
+    let scope_u8: Vec<u8> = in_scope.iter().map(|&s| s as u8).collect();
+    let sd = dev.upload(&scope_u8).unwrap();
+    let mut shrink = poison::<f32>(dev, batch * k * seq * rank);
+    let mut out = up::<T>(dev, &base);
+    lora::lora_forward::<T>(
+        dev,
+        site,
+        &xd,
+        &ad,
+        &bd,
+        &ed,
+        &gd,
+        Some(&sd),
+        &mut shrink,
+        &mut out,
+    )
+    .unwrap();
+    let got_out = down(dev, &out);
+    // In-scope rows against the CPU; out-of-scope rows must be bit-for-bit the base.
+    assert_close(&format!("lora out {sfx}"), &got_out, &want, tol::<T>());
+    for (bb, &s) in in_scope.iter().enumerate() {
+        if !s {
+            let r = bb * seq * d_out..(bb + 1) * seq * d_out;
+            assert_eq!(
+                &got_out[r.clone()],
+                &base[r],
+                "lora out-of-scope sequence {bb} touched ({sfx})"
+            );
+        }
+    }
+    let got_shrink = down(dev, &shrink);
+    let per_seq = k * seq * rank;
+    for (bb, &s) in in_scope.iter().enumerate() {
+        let r = bb * per_seq..(bb + 1) * per_seq;
+        let t = if T::SUFFIX == "f32" {
+            (1e-5, 1e-5)
+        } else {
+            (1e-2, 1e-2)
+        };
+        if s {
+            assert_close(
+                &format!("lora shrink seq {bb} {sfx}"),
+                &got_shrink[r.clone()],
+                &shrink_ref[r],
+                t,
+            );
+        } else {
+            assert!(
+                got_shrink[r].iter().all(|&v| v == 0.0),
+                "out-of-scope shrink must be zero"
+            );
+        }
+    }
+
+    // Backward, accumulating into random initial gradients.
+    let dout = quant::<T>(&rand_vec(&mut rng, batch * seq * d_out, -1.0, 1.0));
+    let da0 = rand_vec(&mut rng, n_experts * d_in * rank, -0.1, 0.1);
+    let db0 = rand_vec(&mut rng, n_experts * rank * d_out, -0.1, 0.1);
+    let dx0 = quant::<T>(&rand_vec(&mut rng, batch * seq * d_in, -0.1, 0.1));
+    let (mut da_ref, mut db_ref, mut dx_ref) = (da0.clone(), db0.clone(), dx0.clone());
+    let mut dg_ref = vec![0.0; batch * k];
+    molora::molora_backward(
+        shape,
+        &x,
+        &a,
+        &b,
+        &experts,
+        &gates,
+        &in_scope,
+        &shrink_ref,
+        &dout,
+        &mut da_ref,
+        &mut db_ref,
+        &mut dg_ref,
+        Some(&mut dx_ref),
+    );
+    let (mut da, mut db) = (up::<f32>(dev, &da0), up::<f32>(dev, &db0));
+    let mut dgates = poison::<f32>(dev, batch * k);
+    let mut dx = up::<T>(dev, &dx0);
+    let mut dh = poison::<f32>(dev, batch * k * seq * rank);
+    let grads = lora::LoraGrads {
+        da: &mut da,
+        db: &mut db,
+        dgates: &mut dgates,
+        dx: Some(&mut dx),
+    };
+    lora::lora_backward::<T, _, _>(
+        dev,
+        site,
+        &xd,
+        &ad,
+        &bd,
+        &ed,
+        &gd,
+        Some(&sd),
+        &shrink,
+        &up::<T>(dev, &dout),
+        &mut dh,
+        grads,
+    )
+    .unwrap();
+    let t32 = if T::SUFFIX == "f32" {
+        (1e-5, 1e-4)
+    } else {
+        tol::<T>()
+    };
+    assert_close(&format!("lora dA {sfx}"), &down(dev, &da), &da_ref, t32);
+    assert_close(&format!("lora dB {sfx}"), &down(dev, &db), &db_ref, t32);
+    assert_close(
+        &format!("lora dgates {sfx}"),
+        &down(dev, &dgates),
+        &dg_ref,
+        t32,
+    );
+    assert_close(
+        &format!("lora dx {sfx}"),
+        &down(dev, &dx),
+        &dx_ref,
+        tol::<T>(),
+    );
+
+    // Training mode: no scope mask means every sequence is in scope.
+    let all = [true; 6];
+    let mut want = base.clone();
+    molora::molora_forward(shape, &x, &a, &b, &experts, &gates, &all, &mut want, None);
+    let mut out = up::<T>(dev, &base);
+    lora::lora_forward::<T>(
+        dev,
+        site,
+        &xd,
+        &ad,
+        &bd,
+        &ed,
+        &gd,
+        None::<&CudaSlice<u8>>,
+        &mut shrink,
+        &mut out,
+    )
+    .unwrap();
+    assert_close(
+        &format!("lora out all-in-scope {sfx}"),
+        &down(dev, &out),
+        &want,
+        tol::<T>(),
+    );
+}
+for_dtypes!(gpu_lora_matches_cpu, check_lora);
+
+// ---------------------------------------------------------------- losses
+
+fn check_cross_entropy<T: KernelDtype>(dev: &Dev, name: &str) {
+    let mut rng = rng_for(name);
+    for vocab in [1000, 50257] {
+        let n = 6;
+        let logits = quant::<T>(&rand_vec(&mut rng, n * vocab, -8.0, 8.0));
+        let targets: Vec<Option<u32>> = (0..n)
+            .map(|i| {
+                if i == 2 {
+                    None
+                } else {
+                    Some(rng.gen_range(0..vocab as u32))
+                }
+            })
+            .collect();
+        let weight = 1.0 / 5.0;
+        let mut want = vec![0.0; n * vocab];
+        let want_loss = ops::cross_entropy(&logits, vocab, &targets, weight, &mut want);
+        let t_i32: Vec<i32> = targets.iter().map(|t| t.map_or(-1, |v| v as i32)).collect();
+        let mut dl = poison::<T>(dev, n * vocab);
+        let mut rl = poison::<f32>(dev, n);
+        loss::cross_entropy::<T>(
+            dev,
+            &up::<T>(dev, &logits),
+            &dev.upload(&t_i32).unwrap(),
+            n,
+            vocab,
+            weight,
+            &mut dl,
+            &mut rl,
+        )
+        .unwrap();
+        let sfx = T::SUFFIX;
+        let t = if T::SUFFIX == "f32" {
+            (1e-6, 1e-4)
+        } else {
+            (1e-4, 2e-2)
+        };
+        assert_close(
+            &format!("cross_entropy dlogits V={vocab} {sfx}"),
+            &down(dev, &dl),
+            &want,
+            t,
+        );
+        let got_loss: f32 = down(dev, &rl).iter().sum();
+        assert_close(
+            &format!("cross_entropy loss V={vocab} {sfx}"),
+            &[got_loss],
+            &[want_loss],
+            (1e-4, 1e-5),
+        );
+    }
+}
+for_dtypes!(gpu_cross_entropy_matches_cpu, check_cross_entropy);
+
+#[test]
+fn gpu_router_backward_matches_cpu() {
+    let Some(dev) = gpu_or_skip("gpu_router_backward_matches_cpu") else {
+        return;
+    };
+    let mut rng = rng_for("gpu_router_backward_matches_cpu");
+    let (layers, batch, experts, d_in, k, per_seq) = (3, 5, 48, 32, 2, 2);
+    for renormalize in [false, true] {
+        let routings: Vec<molora::Routing> = (0..layers)
+            .map(|_| {
+                let q = rand_vec(&mut rng, batch * d_in, -1.0, 1.0);
+                let w = rand_vec(&mut rng, experts * d_in, -0.5, 0.5);
+                let b = rand_vec(&mut rng, experts, -0.5, 0.5);
+                molora::route(&q, &w, &b, k, renormalize)
+            })
+            .collect();
+        let dgates = rand_vec(&mut rng, layers * batch * k, -1.0, 1.0);
+        let preset: Vec<u32> = (0..layers * batch * per_seq)
+            .map(|_| rng.gen_range(0..experts as u32))
+            .collect();
+        let weight = 1e-2;
+        let mut want = Vec::new();
+        let mut want_loss = 0.0;
+        for (l, r) in routings.iter().enumerate() {
+            let pl = &preset[l * batch * per_seq..][..batch * per_seq];
+            want.extend(molora::route_backward(
+                r,
+                &dgates[l * batch * k..][..batch * k],
+                renormalize,
+                Some((pl, weight)),
+            ));
+            want_loss += molora::guided_loss(r, pl);
+        }
+        let cat_f = |f: &dyn Fn(&molora::Routing) -> Vec<f32>| {
+            routings.iter().flat_map(f).collect::<Vec<f32>>()
+        };
+        let probs = up::<f32>(&dev, &cat_f(&|r| r.probs.clone()));
+        let gates = up::<f32>(&dev, &cat_f(&|r| r.gates.clone()));
+        let sel: Vec<u32> = routings.iter().flat_map(|r| r.experts.clone()).collect();
+        let shape = loss::RouterGradShape {
+            rows: layers * batch,
+            batch,
+            experts,
+            k,
+            renormalize,
+        };
+        let preset_d = dev.upload(&preset).unwrap();
+        let guide = loss::Guide {
+            preset: &preset_d,
+            per_seq,
+            weight,
+        };
+        let mut dl = poison::<f32>(&dev, layers * batch * experts);
+        let mut gl = poison::<f32>(&dev, layers * batch);
+        loss::router_backward(
+            &dev,
+            shape,
+            &probs,
+            &dev.upload(&sel).unwrap(),
+            &gates,
+            &up::<f32>(&dev, &dgates),
+            Some(guide),
+            &mut dl,
+            &mut gl,
+        )
+        .unwrap();
+        assert_close(
+            &format!("router_backward renorm={renormalize}"),
+            &down(&dev, &dl),
+            &want,
+            (1e-6, 1e-4),
+        );
+        let got_loss: f32 = down(&dev, &gl).iter().sum();
+        assert_close("guided loss", &[got_loss], &[want_loss], (1e-5, 1e-5));
+    }
+}
+
+#[test]
+fn gpu_adam_matches_cpu() {
+    let Some(dev) = gpu_or_skip("gpu_adam_matches_cpu") else {
+        return;
+    };
+    let mut rng = rng_for("gpu_adam_matches_cpu");
+    let n = 10_007;
+    let param = rand_vec(&mut rng, n, -1.0, 1.0);
+    let grad = rand_vec(&mut rng, n, -1.0, 1.0);
+    let m = rand_vec(&mut rng, n, -0.1, 0.1);
+    let v = rand_vec(&mut rng, n, 1e-4, 0.1);
+    let step = ops::AdamStep {
+        lr: 1e-3,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        t: 3,
+    };
+    let (mut wp, mut wm, mut wv) = (param.clone(), m.clone(), v.clone());
+    ops::adam(&mut wp, &grad, &mut wm, &mut wv, step);
+    let (mut pd, mut md, mut vd) = (
+        up::<f32>(&dev, &param),
+        up::<f32>(&dev, &m),
+        up::<f32>(&dev, &v),
+    );
+    adam::adam(
+        &dev,
+        &mut pd,
+        &up::<f32>(&dev, &grad),
+        &mut md,
+        &mut vd,
+        n,
+        step,
+    )
+    .unwrap();
+    assert_close("adam param", &down(&dev, &pd), &wp, (1e-6, 1e-5));
+    assert_close("adam m", &down(&dev, &md), &wm, (1e-6, 1e-5));
+    assert_close("adam v", &down(&dev, &vd), &wv, (1e-6, 1e-5));
+}
+
+// ---------------------------------------------------------------- attention
+
+struct AttnCase {
+    batch: usize,
+    q_len: usize,
+    kv_capacity: usize,
+    n_heads: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
+    q_start: Vec<usize>,
+    q_valid: Vec<usize>,
+}
+
+fn attn_cases() -> Vec<AttnCase> {
+    vec![
+        // Ragged prefill with a KV cache prefix and GQA (4 query heads per KV head), head_dim 64.
+        AttnCase {
+            batch: 3,
+            q_len: 9,
+            kv_capacity: 50,
+            n_heads: 8,
+            n_kv_heads: 2,
+            head_dim: 64,
+            q_start: vec![0, 13, 40],
+            q_valid: vec![9, 4, 1],
+        },
+        // head_dim 128, plain multi-head, one fully padded sequence.
+        AttnCase {
+            batch: 2,
+            q_len: 40,
+            kv_capacity: 70,
+            n_heads: 2,
+            n_kv_heads: 2,
+            head_dim: 128,
+            q_start: vec![0, 5],
+            q_valid: vec![40, 0],
+        },
+        // Generic head_dim (not a multiple of 32).
+        AttnCase {
+            batch: 2,
+            q_len: 5,
+            kv_capacity: 12,
+            n_heads: 3,
+            n_kv_heads: 1,
+            head_dim: 40,
+            q_start: vec![2, 0],
+            q_valid: vec![5, 3],
+        },
+    ]
+}
+
+fn check_attention<T: KernelDtype>(dev: &Dev, name: &str) {
+    let mut rng = rng_for(name);
+    let sfx = T::SUFFIX;
+    for c in attn_cases() {
+        let s = ops::AttnShape {
+            batch: c.batch,
+            q_len: c.q_len,
+            kv_capacity: c.kv_capacity,
+            n_heads: c.n_heads,
+            n_kv_heads: c.n_kv_heads,
+            head_dim: c.head_dim,
+            q_start: &c.q_start,
+            q_valid: &c.q_valid,
+        };
+        let qn = c.batch * c.q_len * c.n_heads * c.head_dim;
+        let kvn = c.batch * c.kv_capacity * c.n_kv_heads * c.head_dim;
+        let q = quant::<T>(&rand_vec(&mut rng, qn, -1.5, 1.5));
+        let k = quant::<T>(&rand_vec(&mut rng, kvn, -1.5, 1.5));
+        let v = quant::<T>(&rand_vec(&mut rng, kvn, -1.0, 1.0));
+        let mut want = vec![0.0; qn];
+        let mut probs = vec![0.0; c.batch * c.n_heads * c.q_len * c.kv_capacity];
+        ops::attention(&s, &q, &k, &v, &mut want, Some(&mut probs));
+
+        let (dims, qs, qv) = attention::upload_positions(dev, &s).unwrap();
+        let (qd, kd, vd) = (up::<T>(dev, &q), up::<T>(dev, &k), up::<T>(dev, &v));
+        let mut out = poison::<T>(dev, qn);
+        let mut lse = poison::<f32>(dev, c.batch * c.n_heads * c.q_len);
+        attention::attention_forward::<T, _>(
+            dev,
+            dims,
+            &qs,
+            &qv,
+            &qd,
+            &kd,
+            &vd,
+            &mut out,
+            Some(&mut lse),
+        )
+        .unwrap();
+        let t = if T::SUFFIX == "f32" {
+            (1e-4, 1e-4)
+        } else {
+            tol::<T>()
+        };
+        let what = format!("attention fwd D={} {sfx}", c.head_dim);
+        assert_close(&what, &down(dev, &out), &want, t);
+
+        let dout = quant::<T>(&rand_vec(&mut rng, qn, -1.0, 1.0));
+        let dq0 = rand_vec(&mut rng, qn, -0.1, 0.1);
+        let dk0 = rand_vec(&mut rng, kvn, -0.1, 0.1);
+        let dv0 = rand_vec(&mut rng, kvn, -0.1, 0.1);
+        let (mut wdq, mut wdk, mut wdv) = (dq0.clone(), dk0.clone(), dv0.clone());
+        ops::attention_backward(&s, &q, &k, &v, &probs, &dout, &mut wdq, &mut wdk, &mut wdv);
+        let (mut dq, mut dk, mut dv) = (
+            up::<f32>(dev, &dq0),
+            up::<f32>(dev, &dk0),
+            up::<f32>(dev, &dv0),
+        );
+        let grads = attention::AttnGrads {
+            dq: &mut dq,
+            dk: &mut dk,
+            dv: &mut dv,
+        };
+        attention::attention_backward::<T, _, _>(
+            dev,
+            dims,
+            &qs,
+            &qv,
+            &qd,
+            &kd,
+            &vd,
+            &out,
+            &up::<T>(dev, &dout),
+            &lse,
+            grads,
+        )
+        .unwrap();
+        // Low precision: the GPU's delta uses the rounded output, so allow a wider absolute band.
+        let tb = if T::SUFFIX == "f32" {
+            (1e-4, 1e-4)
+        } else {
+            (5e-2, 2e-2)
+        };
+        assert_close(
+            &format!("attention dq D={} {sfx}", c.head_dim),
+            &down(dev, &dq),
+            &wdq,
+            tb,
+        );
+        assert_close(
+            &format!("attention dk D={} {sfx}", c.head_dim),
+            &down(dev, &dk),
+            &wdk,
+            tb,
+        );
+        assert_close(
+            &format!("attention dv D={} {sfx}", c.head_dim),
+            &down(dev, &dv),
+            &wdv,
+            tb,
+        );
+    }
+}
+for_dtypes!(gpu_attention_matches_cpu, check_attention);
+
+fn check_decode<T: KernelDtype>(dev: &Dev, name: &str) {
+    let mut rng = rng_for(name);
+    // Decode: one new token per sequence at different cache lengths, GQA 32/8 heads of 128.
+    let (batch, cap, heads, kv_heads, hd) = (4, 300, 32, 8, 128);
+    let q_start = vec![0, 17, 150, 299];
+    let q_valid = vec![1; batch];
+    let s = ops::AttnShape {
+        batch,
+        q_len: 1,
+        kv_capacity: cap,
+        n_heads: heads,
+        n_kv_heads: kv_heads,
+        head_dim: hd,
+        q_start: &q_start,
+        q_valid: &q_valid,
+    };
+    let q = quant::<T>(&rand_vec(&mut rng, batch * heads * hd, -1.5, 1.5));
+    let k = quant::<T>(&rand_vec(&mut rng, batch * cap * kv_heads * hd, -1.5, 1.5));
+    let v = quant::<T>(&rand_vec(&mut rng, batch * cap * kv_heads * hd, -1.0, 1.0));
+    let mut want = vec![0.0; q.len()];
+    ops::attention(&s, &q, &k, &v, &mut want, None);
+    let (dims, qs, qv) = attention::upload_positions(dev, &s).unwrap();
+    let mut out = poison::<T>(dev, q.len());
+    attention::attention_decode::<T>(
+        dev,
+        dims,
+        &qs,
+        &qv,
+        &up::<T>(dev, &q),
+        &up::<T>(dev, &k),
+        &up::<T>(dev, &v),
+        &mut out,
+    )
+    .unwrap();
+    let t = if T::SUFFIX == "f32" {
+        (1e-4, 1e-4)
+    } else {
+        tol::<T>()
+    };
+    assert_close(
+        &format!("attention decode {}", T::SUFFIX),
+        &down(dev, &out),
+        &want,
+        t,
+    );
+}
+for_dtypes!(gpu_attention_decode_matches_cpu, check_decode);
+
+// ---------------------------------------------------------------- validation (runs without a GPU too)
+
+#[test]
+fn cuda_module_reports_missing_gpu_clearly() {
+    // Whatever this machine has, asking for a device either works or fails with a message.
+    match GpuDevice::new(0) {
+        Ok(_) => {}
+        Err(e) => assert!(!format!("{e:#}").is_empty()),
+    }
+    if !elder::backend::cuda::BUILT_WITH_KERNELS {
+        let e = GpuDevice::new(0).unwrap_err();
+        assert!(format!("{e}").contains("built without CUDA kernels"));
+    }
+}
