@@ -440,6 +440,8 @@ fn eval(
             if let Some(t) = threshold {
                 replay.elder.cfg.threshold = t;
             }
+            // The same calibration as the original stream, so the replay reproduces it.
+            replay.elder.query_mean = session.elder.query_mean.clone();
             let order: Vec<EditRecord> = session
                 .state
                 .applied_ids()

@@ -11,7 +11,7 @@ use crate::data::EditRecord;
 use crate::elder::config::ElderConfig;
 use crate::elder::molora::Elder;
 use crate::elder::state::EditState;
-use crate::elder::trainer::{apply_edit_batch, EditExample};
+use crate::elder::trainer::{apply_edit_batch, calibrate_query_mean, EditExample};
 use crate::eval::{Evaluator, Metrics, Protocol, TokenizedEdit};
 use crate::model::loader::build_model;
 use crate::model::tokenizer::Tokenizer;
@@ -175,6 +175,10 @@ pub fn apply_stream(
         .filter(|r| !done.contains(r.id.as_str()))
         .collect();
     let already = records.len() - todo.len();
+    if session.elder.cfg.query_centering && session.elder.query_mean.is_none() {
+        let prompts = calibration_prompts(base, records, session.elder.cfg.calibration_records)?;
+        calibrate_query_mean(&base.model, &mut session.elder, &prompts);
+    }
     let bar = progress_bar(todo.len() as u64, show_progress);
     let start = Instant::now();
     let (mut first_sum, mut last_sum, mut batches) = (0.0f64, 0.0f64, 0usize);
@@ -231,6 +235,27 @@ pub fn apply_stream(
             last_sum / batches as f64
         },
     })
+}
+
+/// Prompts of the first `n` records (edit prompts, rephrasings, locality prompts) for the mean query.
+fn calibration_prompts(
+    base: &BaseModel,
+    records: &[EditRecord],
+    n: usize,
+) -> Result<Vec<Vec<u32>>> {
+    let mut prompts = Vec::new();
+    for r in records.iter().take(n) {
+        prompts.push(base.tokenizer.encode(&r.prompt)?);
+        for p in r
+            .rephrases
+            .iter()
+            .chain(r.locality.iter().map(|l| &l.prompt))
+        {
+            prompts.push(base.tokenizer.encode(p)?);
+        }
+    }
+    prompts.retain(|p| !p.is_empty());
+    Ok(prompts)
 }
 
 /// Scores the final model on `records` (the paper's protocol).

@@ -53,6 +53,11 @@ pub struct ElderConfig {
     pub batch_size: usize,
     /// Seeds expert initialisation and preset allocations.
     pub seed: u64,
+    /// Route on the query minus the mean query of calibration prompts, at unit RMS (choice: not in
+    /// the paper; see `Elder::router_input`).
+    pub query_centering: bool,
+    /// Records of the edit stream whose prompts (edit, rephrasings, locality) calibrate the mean.
+    pub calibration_records: usize,
 }
 
 impl Default for ElderConfig {
@@ -80,6 +85,8 @@ impl Default for ElderConfig {
             adam_eps: 1e-8,
             batch_size: 1,
             seed: 0,
+            query_centering: false,
+            calibration_records: 64,
         }
     }
 }
@@ -194,7 +201,8 @@ impl ElderConfig {
         if self.rank == 0 || self.iterations == 0 || self.batch_size == 0 {
             bail!("rank, iterations and batch_size must be positive");
         }
-        if !(self.learning_rate > 0.0) || !(self.lr_decay_factor > 0.0) {
+        let positive = |x: f32| x.is_finite() && x > 0.0;
+        if !positive(self.learning_rate) || !positive(self.lr_decay_factor) {
             bail!("learning_rate and lr_decay_factor must be positive");
         }
         Ok(())

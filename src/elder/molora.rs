@@ -76,6 +76,9 @@ pub struct Elder {
     pub cfg: ElderConfig,
     pub layers: Vec<MoloraLayer>,
     pub codebook: Codebook,
+    /// Mean query of the calibration prompts, subtracted before routing when
+    /// `cfg.query_centering` is on. Fixed once computed, so stored codes stay valid.
+    pub query_mean: Option<Vec<f32>>,
 }
 
 impl Elder {
@@ -93,6 +96,7 @@ impl Elder {
             cfg,
             layers,
             codebook,
+            query_mean: None,
         })
     }
 
@@ -108,11 +112,29 @@ impl Elder {
         site.block == self.cfg.query_block && site.proj == self.cfg.query_proj
     }
 
+    /// What the routers see of a batch of queries `[B, d_in]`: the query itself, or (with
+    /// `query_centering` and a calibrated mean) the query minus the mean, scaled to unit RMS.
+    /// Hidden states share a large common component; without removing it every router learns
+    /// mostly that component and sends all prompts to the latest edit's experts.
+    pub fn router_input(&self, query: &[f32]) -> Vec<f32> {
+        let (true, Some(mean)) = (self.cfg.query_centering, &self.query_mean) else {
+            return query.to_vec();
+        };
+        let mut out = Vec::with_capacity(query.len());
+        for q in query.chunks(mean.len()) {
+            let centered: Vec<f32> = q.iter().zip(mean).map(|(a, m)| a - m).collect();
+            let rms = (centered.iter().map(|v| v * v).sum::<f32>() / centered.len() as f32).sqrt();
+            out.extend(centered.iter().map(|v| v / rms.max(1e-6)));
+        }
+        out
+    }
+
     /// Routes a batch of queries `[B, d_in]` through every layer's router.
     pub fn route_all(&self, query: &[f32]) -> Vec<Routing> {
+        let input = self.router_input(query);
         self.layers
             .iter()
-            .map(|l| ops::route(query, &l.w_r, &l.b_r, self.cfg.top_k, self.cfg.renormalize))
+            .map(|l| ops::route(&input, &l.w_r, &l.b_r, self.cfg.top_k, self.cfg.renormalize))
             .collect()
     }
 
@@ -338,7 +360,9 @@ impl ElderAdapter<'_> {
         let Some(routing) = &self.routing else {
             return 0.0;
         };
-        let q = self.query.as_deref().unwrap_or(&[]);
+        let q = self
+            .elder
+            .router_input(self.query.as_deref().unwrap_or(&[]));
         let cfg = &self.elder.cfg;
         let mut guide_total = 0.0;
         for (layer, r) in routing.iter().enumerate() {

@@ -9,6 +9,9 @@ use super::config::ElderConfig;
 use super::molora::{Elder, MoloraLayer};
 use super::state::{EditState, NamedTensor};
 
+/// Name of the calibrated mean query in the state.
+const QUERY_MEAN: &str = "query_mean";
+
 fn tensor_name(layer: usize, block: usize, part: &str) -> String {
     format!("molora.{layer}.block{block}.{part}")
 }
@@ -25,6 +28,13 @@ impl Elder {
                     data: data.clone(),
                 });
             }
+        }
+        if let Some(mean) = &self.query_mean {
+            out.push(NamedTensor {
+                name: QUERY_MEAN.into(),
+                shape: vec![mean.len()],
+                data: mean.clone(),
+            });
         }
         out
     }
@@ -62,6 +72,7 @@ impl Elder {
                 dst.clone_from(&t.data);
             }
         }
+        elder.query_mean = state.tensor(QUERY_MEAN).map(|t| t.data.clone());
         elder.codebook =
             Codebook::from_words(codebook.bits_per_code(), codebook.entries().to_vec())?;
         Ok(elder)

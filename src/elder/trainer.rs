@@ -345,3 +345,43 @@ pub fn apply_edit_batch(
     }
     Ok(report)
 }
+
+/// Query vectors `[n, d_in]` of prompts (the query layer's input at each prompt's last token),
+/// computed in batches through the frozen blocks up to the query block.
+pub fn queries(model: &Model, elder: &Elder, prompts: &[Vec<u32>]) -> Vec<f32> {
+    let mut out = Vec::new();
+    for chunk in prompts.chunks(16) {
+        let (ids, shape) = pad_batch(chunk, &vec![0; chunk.len()]);
+        let query_rows = chunk
+            .iter()
+            .enumerate()
+            .map(|(b, p)| b * shape.seq + p.len() - 1)
+            .collect();
+        let mut cache = KvCache::new(&model.cfg, shape.batch, shape.seq);
+        let mut h = model.embed(&ids, &shape);
+        let mut capture = ElderAdapter::inference(elder, query_rows);
+        for l in 0..=elder.cfg.query_block {
+            model.attn_half(l, &mut h, &shape, &mut cache, None);
+            model.mlp_half(l, &mut h, &shape, &mut capture, None);
+        }
+        out.extend(capture.query.take().unwrap_or_default());
+    }
+    out
+}
+
+/// Sets the mean query used by `query_centering` from calibration prompts (once: the mean never
+/// changes afterwards, so codes already in the codebook stay comparable).
+pub fn calibrate_query_mean(model: &Model, elder: &mut Elder, prompts: &[Vec<u32>]) {
+    if elder.query_mean.is_some() || prompts.is_empty() {
+        return;
+    }
+    let q = queries(model, elder, prompts);
+    let d = q.len() / prompts.len();
+    let mut mean = vec![0.0f32; d];
+    for row in q.chunks(d) {
+        for (m, v) in mean.iter_mut().zip(row) {
+            *m += v / prompts.len() as f32;
+        }
+    }
+    elder.query_mean = Some(mean);
+}
