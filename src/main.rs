@@ -22,8 +22,36 @@ use elder::session::{apply_stream, evaluate_final, BaseModel, EditSession};
     about = "Lifelong model editing (ELDER: mixture-of-LoRA experts with routers and deferral)"
 )]
 struct Cli {
+    /// Where the model runs: auto (currently the CPU), cpu, or cuda.
+    #[arg(long, global = true, value_enum, default_value = "auto")]
+    device: Device,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Device {
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+/// Refuses `--device cuda` with the reason, so nobody believes a CPU run was a GPU run.
+fn check_device(device: Device) -> Result<()> {
+    use elder::backend::cuda;
+    if device != Device::Cuda {
+        return Ok(());
+    }
+    if !cuda::BUILT_WITH_KERNELS {
+        bail!("--device cuda: {}", cuda::NO_KERNELS_MSG);
+    }
+    if !cuda::cuda_available() {
+        bail!("--device cuda: no CUDA driver found on this machine (libcuda could not be loaded)");
+    }
+    bail!(
+        "--device cuda: the CUDA kernels and launchers exist (see tests/gpu_kernels.rs), but the model \
+         forward and the edit trainer are not wired to them yet; use --device cpu"
+    )
 }
 
 #[derive(Subcommand)]
@@ -145,7 +173,7 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match dispatch(cli.command) {
+    match check_device(cli.device).and_then(|()| dispatch(cli.command)) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");

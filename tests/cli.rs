@@ -1,0 +1,220 @@
+//! The `elder` command line end to end on a tiny random checkpoint.
+
+use assert_cmd::Command;
+use serde_json::Value;
+
+fn elder() -> Command {
+    Command::cargo_bin("elder").unwrap()
+}
+
+fn json(out: &[u8]) -> Value {
+    serde_json::from_slice(out)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(out)))
+}
+
+#[test]
+fn init_generate_score_edit_eval() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("model");
+    let state = tmp.path().join("state");
+    elder()
+        .args([
+            "init-random",
+            "--arch",
+            "llama",
+            "--preset",
+            "tiny",
+            "--seed",
+            "3",
+            "--out",
+        ])
+        .arg(&model)
+        .assert()
+        .success();
+    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+        assert!(model.join(f).exists(), "{f} missing");
+    }
+
+    let out = elder()
+        .args([
+            "generate",
+            "--prompt",
+            "The capital of",
+            "--max-new-tokens",
+            "4",
+            "--json",
+            "--model",
+        ])
+        .arg(&model)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let g = json(&out.stdout);
+    assert!(g["tokens"].as_array().unwrap().len() <= 4);
+
+    let out = elder()
+        .args([
+            "score",
+            "--prompt",
+            "The capital of",
+            "--target",
+            " France",
+            "--json",
+            "--model",
+        ])
+        .arg(&model)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s = json(&out.stdout);
+    let n = s["target_tokens"].as_array().unwrap().len();
+    assert!(n > 0);
+    assert_eq!(s["logprobs"].as_array().unwrap().len(), n);
+    assert_eq!(s["argmax"].as_array().unwrap().len(), n);
+    assert!(s["logprobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|v| v.as_f64().unwrap() <= 0.0));
+    assert!(!s["prompt_tokens"].as_array().unwrap().is_empty());
+
+    // An edit file with one malformed line between two good ones.
+    let edits = tmp.path().join("edits.jsonl");
+    std::fs::write(
+        &edits,
+        concat!(
+            r#"{"id":"a","prompt":"The capital of France is","target_new":"Rome","rephrases":["France's capital is"],"locality":[{"prompt":"The sky is","answer":"blue"}]}"#, "\n",
+            r#"{"id":"b","prompt":"Water is","target_new":7}"#, "\n",
+            r#"{"id":"c","prompt":"The Eiffel Tower is in","target_new":"Berlin","rephrases":[],"locality":[]}"#, "\n",
+        ),
+    )
+    .unwrap();
+    let cfg = tmp.path().join("cfg.toml");
+    std::fs::write(&cfg, "iterations = 5\n").unwrap();
+    let out = elder()
+        .args(["edit", "--json", "--model"])
+        .arg(&model)
+        .arg("--edits")
+        .arg(&edits)
+        .arg("--state")
+        .arg(&state)
+        .arg("--config")
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "a malformed record must give exit code 2"
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("line 2") && stderr.contains("target_new"),
+        "{stderr}"
+    );
+    let summary = json(&out.stdout);
+    assert_eq!(
+        summary["applied"], 2,
+        "the good records around the bad one must be applied"
+    );
+
+    // Running it again resumes: nothing left to apply.
+    let out = elder()
+        .args(["edit", "--json", "--model"])
+        .arg(&model)
+        .arg("--edits")
+        .arg(&edits)
+        .arg("--state")
+        .arg(&state)
+        .output()
+        .unwrap();
+    assert_eq!(json(&out.stdout)["already_applied"], 2);
+
+    for protocol in ["final", "each"] {
+        let out = elder()
+            .args(["eval", "--json", "--protocol", protocol, "--model"])
+            .arg(&model)
+            .arg("--state")
+            .arg(&state)
+            .arg("--data")
+            .arg(&edits)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let m = json(&out.stdout);
+        assert_eq!(m["protocol"], protocol);
+        assert_eq!(m["edits"], 2);
+        for key in [
+            "reliability",
+            "reliability_exact",
+            "generalization",
+            "locality",
+            "in_scope_edits",
+            "in_scope_rephrases",
+            "in_scope_locality",
+        ] {
+            let v = m[key]
+                .as_f64()
+                .unwrap_or_else(|| panic!("{key} missing: {m}"));
+            assert!((0.0..=1.0).contains(&v), "{key} = {v}");
+        }
+    }
+
+    // Answering with the edited model reports the scope decision.
+    let out = elder()
+        .args([
+            "score",
+            "--prompt",
+            "The capital of France is",
+            "--target",
+            " Rome",
+            "--json",
+            "--model",
+        ])
+        .arg(&model)
+        .arg("--state")
+        .arg(&state)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(json(&out.stdout)["in_scope"].is_boolean());
+}
+
+#[test]
+fn bad_inputs_are_clear_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = elder()
+        .args(["generate", "--prompt", "x", "--model"])
+        .arg(tmp.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("config.json"));
+    let out = elder()
+        .args(["init-random", "--arch", "gpt2", "--preset", "nope", "--out"])
+        .arg(tmp.path().join("m"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("gpt2-xl"),
+        "should list valid presets"
+    );
+    if !elder::backend::cuda::cuda_available() {
+        let out = elder()
+            .args(["--device", "cuda", "generate", "--prompt", "x", "--model"])
+            .arg(tmp.path())
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        assert!(String::from_utf8_lossy(&out.stderr).contains("--device cuda"));
+    }
+}
