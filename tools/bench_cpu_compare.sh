@@ -22,7 +22,7 @@ median_ms() { # criterion's estimates.json -> median in ms
 cargo bench --quiet --bench cpu_forward -- --noplot gpt2-124m >/dev/null
 cargo bench --quiet --bench cpu_edit -- --noplot gpt2-124m >/dev/null
 elder_fwd=$(median_ms target/criterion/cpu_forward_32_tokens/gpt2-124m/new/estimates.json)
-elder_edit=$(median_ms "target/criterion/cpu_edit_50_iterations/gpt2-124m/new/estimates.json")
+elder_edit=$(median_ms "target/criterion/cpu_edit_50_iterations_gpt2-124m/new/estimates.json")
 
 "$py" tools/bench_torch_forward.py --model "$ckpt" --tokens 32 --threads "$threads" --attn eager --json target/torch_forward.json >/dev/null
 "$py" tools/bench_torch_edit.py --model "$ckpt" --site c_fc --threads "$threads" --random-tokens \
