@@ -354,7 +354,9 @@ fn generate(
     if ids.is_empty() {
         bail!("the prompt has no tokens");
     }
-    let eos = base.tokenizer.eos_id().or(base.model.cfg.eos_token_id);
+    // The model config's eos is what generation stops on (transformers' generate does the same);
+    // the tokenizer's may be a different special token (SmolLM2: <|endoftext|> vs <|im_end|>).
+    let eos = base.model.cfg.eos_token_id.or(base.tokenizer.eos_id());
     let (out, in_scope) = with_adapter(&base, state, ids.len() - 1, |a| {
         base.model
             .generate(std::slice::from_ref(&ids), max_new, eos, a)

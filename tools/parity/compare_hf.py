@@ -116,17 +116,14 @@ def run_bin(cmd: list[str], timeout: float) -> str:
 
 def elder_score(args, prompt: str, target: str) -> dict:
     cmd = [args.elder, "score", "--model", str(args.model_dir), "--prompt", prompt,
-           "--target", target, "--json"]  # fmt: skip
+           "--target", " " + target, "--json"]  # fmt: skip
     out = run_bin(cmd, args.timeout)
     try:
-        # Tolerate log lines before the JSON object: take the last line that parses.
-        for line in reversed(out.strip().splitlines()):
-            line = line.strip()
-            if line.startswith("{"):
-                data = json.loads(line)
-                break
-        else:
-            data = json.loads(out)
+        # Tolerate log lines before the JSON object (pretty-printed or one line): parse from the
+        # first line that opens an object.
+        lines = out.strip().splitlines()
+        start = next((i for i, l in enumerate(lines) if l.lstrip().startswith("{")), 0)
+        data = json.loads("\n".join(lines[start:]))
     except json.JSONDecodeError as e:
         raise ToolError(f"`elder score --json` printed no JSON object: {out[:500]!r}") from e
     missing = {"prompt_tokens", "target_tokens", "logprobs", "argmax"} - data.keys()
