@@ -455,12 +455,18 @@ pub fn attention(
     let rows: Vec<(usize, usize)> = (0..s.batch)
         .flat_map(|b| (0..s.q_len).map(move |i| (b, i)))
         .collect();
+    // Attention weights are kept only when the caller wants them (training), not while decoding.
+    let keep_probs = probs.is_some();
     let prob_rows: Vec<Vec<f32>> = rows
         .par_iter()
         .zip(out.par_chunks_mut(qw))
         .map(|(&(b, i), o)| {
             o.fill(0.0);
-            let mut saved = vec![0.0f32; s.n_heads * s.kv_capacity];
+            let mut saved = if keep_probs {
+                vec![0.0f32; s.n_heads * s.kv_capacity]
+            } else {
+                Vec::new()
+            };
             if i >= s.q_valid[b] {
                 return saved;
             }
@@ -489,7 +495,9 @@ pub fn attention(
                         *ov += *sc * vv;
                     }
                 }
-                saved[h * s.kv_capacity..][..n_keys].copy_from_slice(&scores);
+                if keep_probs {
+                    saved[h * s.kv_capacity..][..n_keys].copy_from_slice(&scores);
+                }
             }
             saved
         })
