@@ -40,13 +40,7 @@ const EXPERTS_SUFFIX: &str = ".safetensors";
 const CODEBOOK_PREFIX: &str = "codebook-";
 const CODEBOOK_SUFFIX: &str = ".bin";
 
-/// One named f32 tensor; `data` is row-major with `shape.iter().product()` elements.
-#[derive(Debug, Clone, PartialEq)]
-pub struct NamedTensor {
-    pub name: String,
-    pub shape: Vec<usize>,
-    pub data: Vec<f32>,
-}
+pub use crate::model::checkpoint::NamedTensor;
 
 /// The contents of `manifest.json`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -60,7 +60,9 @@ impl std::str::FromStr for StoreDtype {
     }
 }
 
-/// One named tensor to write, held in f32.
+/// One named f32 tensor; `data` is row-major with `shape.iter().product()` elements. Used for
+/// checkpoints and for the edit state alike.
+#[derive(Debug, Clone, PartialEq)]
 pub struct NamedTensor {
     pub name: String,
     pub shape: Vec<usize>,
