@@ -324,7 +324,7 @@ fn read_records(
 fn with_adapter<T>(
     base: &BaseModel,
     state: Option<&Path>,
-    query_row: usize,
+    prompt_len: usize,
     f: impl FnOnce(&mut dyn elder::model::Adapter) -> T,
 ) -> Result<(T, Option<bool>)> {
     match state {
@@ -334,7 +334,7 @@ fn with_adapter<T>(
                 bail!("{} is not an edit state (no manifest.json)", dir.display());
             }
             let session = EditSession::open(base, dir, None)?;
-            let mut adapter = ElderAdapter::inference(&session.elder, vec![query_row]);
+            let mut adapter = ElderAdapter::inference(&session.elder, vec![0..prompt_len]);
             let out = f(&mut adapter);
             let scope = adapter.in_scope.first().copied();
             Ok((out, scope))
@@ -357,7 +357,7 @@ fn generate(
     // The model config's eos is what generation stops on (transformers' generate does the same);
     // the tokenizer's may be a different special token (SmolLM2: <|endoftext|> vs <|im_end|>).
     let eos = base.model.cfg.eos_token_id.or(base.tokenizer.eos_id());
-    let (out, in_scope) = with_adapter(&base, state, ids.len() - 1, |a| {
+    let (out, in_scope) = with_adapter(&base, state, ids.len(), |a| {
         base.model
             .generate(std::slice::from_ref(&ids), max_new, eos, a)
     })?;
@@ -378,8 +378,7 @@ fn score(model: &Path, prompt: &str, target: &str, state: Option<&Path>, json: b
     if p.is_empty() || t.is_empty() {
         bail!("both the prompt and the target need at least one token");
     }
-    let (scored, in_scope) =
-        with_adapter(&base, state, p.len() - 1, |a| base.model.score(&p, &t, a))?;
+    let (scored, in_scope) = with_adapter(&base, state, p.len(), |a| base.model.score(&p, &t, a))?;
     let pieces: Vec<String> = t
         .iter()
         .map(|&id| base.tokenizer.decode(&[id]).unwrap_or_default())

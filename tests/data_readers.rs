@@ -252,6 +252,19 @@ fn committed_geo_dataset_is_valid_and_well_formed() {
             record.id
         );
     }
+    // Locality probes are about held-out subjects: no edit of the stream ever rewrites one.
+    let edited: std::collections::HashSet<&str> =
+        records.iter().map(|r| r.prompt.as_str()).collect();
+    for record in &records {
+        for probe in &record.locality {
+            assert!(
+                !edited.contains(probe.prompt.as_str()),
+                "{}: locality probe {:?} is an edit prompt",
+                record.id,
+                probe.prompt
+            );
+        }
+    }
     // The first 100 records mix every relation.
     let relations: std::collections::BTreeSet<&str> = records[..100]
         .iter()

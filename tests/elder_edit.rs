@@ -1,12 +1,13 @@
 //! ELDER end to end on a tiny random model: edits take, deferral leaves other sequences exactly at
 //! the base model, and training is reproducible bit for bit.
 
-use elder::elder::config::ElderConfig;
+use elder::elder::config::{ElderConfig, QueryPooling};
 use elder::elder::molora::{Elder, ElderAdapter};
 use elder::elder::trainer::{apply_edit_batch, EditExample};
 use elder::eval::{score_pairs, Evaluator, Protocol, TokenizedEdit};
 use elder::model::layers::MlpProj;
 use elder::model::loader::{build_model, RandomSource};
+use elder::model::runner::prompt_rows;
 use elder::model::{Arch, Model, ModelConfig, NoAdapter};
 
 fn tiny(arch: Arch) -> Model {
@@ -123,13 +124,13 @@ fn out_of_scope_sequences_get_exactly_the_base_logits() {
     assert!(!edited[0].in_scope);
     let seq = [prompt, cont].concat();
     let (base, _) = model.logits(std::slice::from_ref(&seq), &mut NoAdapter);
-    let mut adapter = ElderAdapter::inference(&elder, vec![prompt.len() - 1]);
+    let mut adapter = ElderAdapter::inference(&elder, vec![0..prompt.len()]);
     let (with, _) = model.logits(std::slice::from_ref(&seq), &mut adapter);
     assert_eq!(base, with, "out-of-scope logits differ from the base model");
     // Empty codebook: nothing in scope either.
     elder.cfg.threshold = 100;
     elder.codebook = elder::elder::codebook::Codebook::new(elder.cfg.code_bits()).unwrap();
-    let mut adapter = ElderAdapter::inference(&elder, vec![prompt.len() - 1]);
+    let mut adapter = ElderAdapter::inference(&elder, vec![0..prompt.len()]);
     let (with, _) = model.logits(std::slice::from_ref(&seq), &mut adapter);
     assert_eq!(base, with);
 }
@@ -140,11 +141,63 @@ fn generation_keeps_the_prompt_routing() {
     let mut elder = Elder::new(config(&model), &model).unwrap();
     let e = &edits()[2];
     apply_edit_batch(&model, &mut elder, std::slice::from_ref(e), |_, _| {}).unwrap();
-    let mut adapter = ElderAdapter::inference(&elder, vec![e.prompt.len() - 1]);
+    let mut adapter = ElderAdapter::inference(&elder, vec![0..e.prompt.len()]);
     let out = model.generate(std::slice::from_ref(&e.prompt), 3, None, &mut adapter);
     assert_eq!(adapter.in_scope, vec![true]);
     assert_eq!(
         out[0], e.target,
         "greedy generation with the KV cache must produce the edit"
     );
+}
+
+#[test]
+fn prompt_mean_pooling_averages_only_each_prompts_rows() {
+    let model = tiny(Arch::Gpt2);
+    let cfg = ElderConfig {
+        query_pooling: QueryPooling::PromptMean,
+        ..config(&model)
+    };
+    let elder = Elder::new(cfg, &model).unwrap();
+    // Two sequences padded to 4 rows each; prompts of 3 and 2 rows; the rest is padding/target.
+    let d = 5;
+    let x: Vec<f32> = (0..8 * d).map(|i| (i as f32 * 0.37).sin()).collect();
+    let rows = prompt_rows(4, [3, 2]);
+    assert_eq!(rows, vec![0..3, 4..6]);
+    let q = elder.pool_query(&x, d, &rows);
+    for (b, r) in rows.iter().enumerate() {
+        for j in 0..d {
+            let want: f32 = r.clone().map(|row| x[row * d + j]).sum::<f32>() / r.len() as f32;
+            assert!((q[b * d + j] - want).abs() < 1e-6, "seq {b} dim {j}");
+        }
+    }
+    // Last-token pooling reads exactly the last prompt row.
+    let last = Elder::new(config(&model), &model).unwrap();
+    let q = last.pool_query(&x, d, &rows);
+    assert_eq!(&q[..d], &x[2 * d..3 * d]);
+    assert_eq!(&q[d..], &x[5 * d..6 * d]);
+}
+
+#[test]
+fn edits_take_with_prompt_mean_pooling() {
+    let model = tiny(Arch::Llama);
+    let cfg = ElderConfig {
+        query_pooling: QueryPooling::PromptMean,
+        ..config(&model)
+    };
+    let mut elder = Elder::new(cfg, &model).unwrap();
+    for e in edits() {
+        apply_edit_batch(&model, &mut elder, std::slice::from_ref(&e), |_, _| {}).unwrap();
+    }
+    // The last edit, scored in a padded batch next to a longer unrelated sequence: the padding
+    // must not leak into its query, so it routes exactly as during training and keeps its target.
+    let e = &edits()[2];
+    let other: (&[u32], &[u32]) = (&[40, 41, 42, 43, 44, 45, 46], &[47]);
+    let scored = score_pairs(
+        &model,
+        Some(&elder),
+        &[(e.prompt.as_slice(), e.target.as_slice()), other],
+    );
+    assert!(scored[0].in_scope);
+    assert_eq!(scored[0].distance, Some(0), "{:?}", scored[0]);
+    assert_eq!(scored[0].argmax, e.target, "{:?}", scored[0]);
 }

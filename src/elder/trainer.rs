@@ -8,7 +8,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::backend::cpu::ops::{self, AdamStep};
-use crate::model::runner::pad_batch;
+use crate::model::runner::{pad_batch, prompt_rows};
 use crate::model::transformer::{AttnTape, MlpTape};
 use crate::model::{KvCache, Model};
 
@@ -181,11 +181,7 @@ impl PreparedBatch {
                 targets.push(Some(t));
             }
         }
-        let query_rows: Vec<usize> = batch
-            .iter()
-            .enumerate()
-            .map(|(b, ex)| b * shape.seq + ex.prompt.len() - 1)
-            .collect();
+        let query_rows = prompt_rows(shape.seq, batch.iter().map(|ex| ex.prompt.len()));
 
         let first = elder.cfg.molora_blocks[0];
         let mut cache = KvCache::new(&model.cfg, shape.batch, shape.seq);
@@ -352,11 +348,7 @@ pub fn queries(model: &Model, elder: &Elder, prompts: &[Vec<u32>]) -> Vec<f32> {
     let mut out = Vec::new();
     for chunk in prompts.chunks(16) {
         let (ids, shape) = pad_batch(chunk, &vec![0; chunk.len()]);
-        let query_rows = chunk
-            .iter()
-            .enumerate()
-            .map(|(b, p)| b * shape.seq + p.len() - 1)
-            .collect();
+        let query_rows = prompt_rows(shape.seq, chunk.iter().map(Vec::len));
         let mut cache = KvCache::new(&model.cfg, shape.batch, shape.seq);
         let mut h = model.embed(&ids, &shape);
         let mut capture = ElderAdapter::inference(elder, query_rows);

@@ -5,7 +5,7 @@ use serde::Serialize;
 
 use crate::backend::cpu::ops;
 use crate::elder::molora::{Elder, ElderAdapter};
-use crate::model::runner::pad_batch;
+use crate::model::runner::{pad_batch, prompt_rows};
 use crate::model::{KvCache, Model, NoAdapter};
 
 /// An edit record, tokenized.
@@ -55,11 +55,7 @@ pub fn score_pairs(
         let seqs: Vec<Vec<u32>> = chunk.iter().map(|(p, c)| [*p, *c].concat()).collect();
         let (ids, shape) = pad_batch(&seqs, &vec![0; seqs.len()]);
         let mut cache = KvCache::new(&model.cfg, shape.batch, shape.seq);
-        let query_rows: Vec<usize> = chunk
-            .iter()
-            .enumerate()
-            .map(|(b, (p, _))| b * shape.seq + p.len() - 1)
-            .collect();
+        let query_rows = prompt_rows(shape.seq, chunk.iter().map(|(p, _)| p.len()));
         let n = chunk.len();
         let (h, in_scope, distances) = match elder {
             Some(e) => {

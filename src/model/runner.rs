@@ -1,5 +1,7 @@
 //! Running the model: padded batches, scoring a continuation, greedy generation with a KV cache.
 
+use std::ops::Range;
+
 use crate::backend::cpu::ops;
 
 use super::transformer::{Adapter, BatchShape, KvCache, Model};
@@ -19,6 +21,16 @@ pub fn pad_batch(seqs: &[Vec<u32>], start: &[usize]) -> (Vec<u32>, BatchShape) {
         start: start.to_vec(),
     };
     (ids, shape)
+}
+
+/// Rows `[b*seq, b*seq + len)` of each sequence's prompt in a right-padded batch whose rows are
+/// `seq` apart: where an adapter reads a sequence's query.
+pub fn prompt_rows(seq: usize, prompt_lens: impl IntoIterator<Item = usize>) -> Vec<Range<usize>> {
+    prompt_lens
+        .into_iter()
+        .enumerate()
+        .map(|(b, len)| b * seq..b * seq + len)
+        .collect()
 }
 
 impl Model {
