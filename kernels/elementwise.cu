@@ -1,8 +1,10 @@
 // Elementwise kernels: embedding gather (+ its gradient), bias + GELU (gelu_new) forward/backward,
-// SiLU-gated product forward/backward, residual add, rotary embedding (HF rotate_half).
+// SiLU-gated product forward/backward, residual add, bias add, rotary embedding (HF rotate_half),
+// and the KV-cache append of a padded batch.
 //
 // Shapes: rows of width d, row-major. ids [n] u32; table [vocab, d]; x, out [n, d];
-//         rope rows [n, n_heads * head_dim] with positions [n].
+//         rope rows [n, n_heads * head_dim] with positions [n];
+//         kv_append src [B, T, w] -> cache [B, cap, w] at rows start[b] + i, i < valid[b] (i32 [B]).
 // Launch: 1-D grid-stride loops, 256 threads per block, any grid (the launcher picks ~4 waves).
 // Bound: memory. Each op reads and writes every element once (e.g. bias_gelu: 2 x n*d*sizeof(T)
 //        plus the bias, which stays in L1/L2); FLOPs are negligible. The embedding gradient is
@@ -98,6 +100,30 @@ __device__ void residual_add(T* acc, const T* x, size_t count) {
         acc[i] = from_f32<T>(to_f32(acc[i]) + to_f32(x[i]));
 }
 
+// x[i, :] += bias: the bias of a linear layer whose product came from cuBLAS.
+template <typename T>
+__device__ void bias_add(T* x, const T* bias, int n, int d) {
+    const size_t total = (size_t)n * d;
+    for (size_t idx = grid_start(); idx < total; idx += grid_stride())
+        x[idx] = from_f32<T>(to_f32(x[idx]) + to_f32(bias[idx % d]));
+}
+
+// Appends this call's keys (or values) to the cache: row i of sequence b goes to cache row
+// start[b] + i. Padding rows (i >= valid[b]) are not stored, and a row that would land past the
+// capacity is dropped (the host refuses such shapes; this only keeps a bad call in bounds).
+template <typename T>
+__device__ void kv_append(const T* src, T* cache, const int* start, const int* valid, int batch, int seq, int cap,
+                          int width) {
+    const size_t total = (size_t)batch * seq * width;
+    for (size_t idx = grid_start(); idx < total; idx += grid_stride()) {
+        const size_t row = idx / width, col = idx % width;
+        const int b = (int)(row / seq), i = (int)(row % seq);
+        const int dst = start[b] + i;
+        if (i >= valid[b] || dst >= cap) continue;
+        cache[((size_t)b * cap + dst) * width + col] = src[idx];
+    }
+}
+
 // In place on rows [n, n_heads * head_dim]; one thread per (row, head, i < head_dim/2) pair, which
 // owns elements i and i + head_dim/2 of that head, so no two threads touch the same element.
 // inv_freq is computed as transformers does: 1 / theta^(2i/head_dim) in f32 (see below).
@@ -151,6 +177,11 @@ __device__ void rope(T* x, const uint32_t* positions, int n, int n_heads, int he
     }                                                                                                      \
     extern "C" __global__ void residual_add_##S(T* acc, const T* x, size_t count) {                        \
         residual_add<T>(acc, x, count);                                                                    \
+    }                                                                                                      \
+    extern "C" __global__ void bias_add_##S(T* x, const T* bias, int n, int d) { bias_add<T>(x, bias, n, d); } \
+    extern "C" __global__ void kv_append_##S(const T* src, T* cache, const int* start, const int* valid,     \
+                                             int batch, int seq, int cap, int width) {                     \
+        kv_append<T>(src, cache, start, valid, batch, seq, cap, width);                                    \
     }                                                                                                      \
     extern "C" __global__ void rope_##S(T* x, const uint32_t* positions, int n, int n_heads, int head_dim, \
                                         float theta, int inverse) {                                        \

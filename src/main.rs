@@ -2,18 +2,22 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
+use elder::backend::cuda::model::{open_gpu_model, Capacity, GpuDtype, GpuRunner, GpuScorer};
+use elder::backend::cuda::GpuDevice;
+use elder::backend::select::{self, Availability, Backend, DeviceRequest};
 use elder::data::{read_edits_lenient, DataFormat, EditRecord};
 use elder::elder::config::ElderConfig;
 use elder::elder::molora::ElderAdapter;
-use elder::eval::{Evaluator, Metrics, Protocol};
+use elder::eval::{Evaluator, Metrics, Protocol, EVAL_BATCH};
 use elder::model::checkpoint::StoreDtype;
 use elder::model::presets::{default_dtype, preset, write_random_checkpoint};
 use elder::model::{Arch, NoAdapter};
-use elder::session::{apply_stream, evaluate_final, BaseModel, EditSession};
+use elder::session::{apply_stream, evaluate_final, evaluate_final_with, BaseModel, EditSession};
 
 #[derive(Parser)]
 #[command(
@@ -22,36 +26,45 @@ use elder::session::{apply_stream, evaluate_final, BaseModel, EditSession};
     about = "Lifelong model editing (ELDER: mixture-of-LoRA experts with routers and deferral)"
 )]
 struct Cli {
-    /// Where the model runs: auto (currently the CPU), cpu, or cuda.
+    /// Where the model runs: auto (CUDA for generate, score and eval when a CUDA driver is found,
+    /// else the CPU), cpu, or cuda. Editing (edit, run) runs on the CPU.
     #[arg(long, global = true, value_enum, default_value = "auto")]
-    device: Device,
+    device: DeviceRequest,
+    /// Weight and activation dtype on the GPU (matmuls accumulate in f32).
+    #[arg(long, global = true, value_enum, default_value = "bf16")]
+    gpu_dtype: GpuDtype,
     #[command(subcommand)]
     command: Command,
 }
 
-#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-enum Device {
-    Auto,
-    Cpu,
-    Cuda,
+/// Why the trainer commands have no CUDA path yet (the kernels exist; the loop is not wired).
+const TRAINER_NOT_ON_GPU: &str =
+    "the edit trainer is not on the GPU yet (only generate, score and eval run there)";
+
+/// The device choice of this invocation.
+#[derive(Clone, Copy)]
+struct Devices {
+    request: DeviceRequest,
+    dtype: GpuDtype,
 }
 
-/// Refuses `--device cuda` with the reason, so nobody believes a CPU run was a GPU run.
-fn check_device(device: Device) -> Result<()> {
-    use elder::backend::cuda;
-    if device != Device::Cuda {
-        return Ok(());
+impl Devices {
+    /// The GPU a command runs on, or `None` for the CPU. `gpu_path` is `Err(reason)` for commands
+    /// without a CUDA path. `auto` falls back to the CPU (with a note) when a driver loads but no
+    /// device opens.
+    fn open(&self, gpu_path: std::result::Result<(), &str>) -> Result<GpuRun> {
+        match select::choose(self.request, gpu_path, Availability::detect())? {
+            Backend::Cpu => Ok(None),
+            Backend::Cuda => match GpuDevice::new(0) {
+                Ok(dev) => Ok(Some((dev, self.dtype))),
+                Err(e) if self.request == DeviceRequest::Auto => {
+                    eprintln!("note: a CUDA driver is present but no device opened ({e:#}); running on the CPU");
+                    Ok(None)
+                }
+                Err(e) => Err(e.context("--device cuda")),
+            },
+        }
     }
-    if !cuda::BUILT_WITH_KERNELS {
-        bail!("--device cuda: {}", cuda::NO_KERNELS_MSG);
-    }
-    if !cuda::cuda_available() {
-        bail!("--device cuda: no CUDA driver found on this machine (libcuda could not be loaded)");
-    }
-    bail!(
-        "--device cuda: the CUDA kernels and launchers exist (see tests/gpu_kernels.rs), but the model \
-         forward and the edit trainer are not wired to them yet; use --device cpu"
-    )
 }
 
 #[derive(Subcommand)]
@@ -173,7 +186,11 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match check_device(cli.device).and_then(|()| dispatch(cli.command)) {
+    let devices = Devices {
+        request: cli.device,
+        dtype: cli.gpu_dtype,
+    };
+    match dispatch(cli.command, devices) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -182,7 +199,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn dispatch(cmd: Command) -> Result<ExitCode> {
+fn dispatch(cmd: Command, devices: Devices) -> Result<ExitCode> {
     match cmd {
         Command::Generate {
             model,
@@ -190,14 +207,20 @@ fn dispatch(cmd: Command) -> Result<ExitCode> {
             max_new_tokens,
             state,
             json,
-        } => generate(&model, &prompt, max_new_tokens, state.as_deref(), json)?,
+        } => {
+            let run = devices.open(Ok(()))?;
+            generate(run, &model, &prompt, max_new_tokens, state.as_deref(), json)?
+        }
         Command::Score {
             model,
             prompt,
             target,
             state,
             json,
-        } => score(&model, &prompt, &target, state.as_deref(), json)?,
+        } => {
+            let run = devices.open(Ok(()))?;
+            score(run, &model, &prompt, &target, state.as_deref(), json)?
+        }
         Command::InitRandom {
             arch,
             preset: name,
@@ -225,6 +248,7 @@ fn dispatch(cmd: Command) -> Result<ExitCode> {
             limit,
             json,
         } => {
+            devices.open(Err(TRAINER_NOT_ON_GPU))?;
             let base = BaseModel::open(&model)?;
             let (records, bad) = read_records(&edits, format, limit)?;
             let cfg = load_config(config.as_deref(), batch_size, &base)?;
@@ -258,9 +282,16 @@ fn dispatch(cmd: Command) -> Result<ExitCode> {
             threshold,
             json,
         } => {
+            let gpu_path = match protocol {
+                Protocol::Final => Ok(()),
+                Protocol::Each => Err(
+                    "--protocol each replays the edits with the trainer, which is not on the GPU yet",
+                ),
+            };
+            let run = devices.open(gpu_path)?;
             let base = BaseModel::open(&model)?;
             let (records, _) = read_records(&data, format, None)?;
-            let metrics = eval(&base, &state, &records, protocol, threshold, !json)?;
+            let metrics = eval(run, &base, &state, &records, protocol, threshold, !json)?;
             print_metrics(&metrics, json)?;
         }
         Command::Run {
@@ -271,15 +302,18 @@ fn dispatch(cmd: Command) -> Result<ExitCode> {
             state,
             config,
             json,
-        } => run(
-            &model,
-            &data,
-            edits,
-            protocol,
-            state,
-            config.as_deref(),
-            json,
-        )?,
+        } => {
+            devices.open(Err(TRAINER_NOT_ON_GPU))?;
+            run(
+                &model,
+                &data,
+                edits,
+                protocol,
+                state,
+                config.as_deref(),
+                json,
+            )?
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -320,6 +354,17 @@ fn read_records(
     Ok((records, read.errors.len()))
 }
 
+/// The GPU (and dtype) a command runs on; `None` is the CPU.
+type GpuRun = Option<(Arc<GpuDevice>, GpuDtype)>;
+
+/// The edit state in `dir`, refusing folders that are not one.
+fn open_state(base: &BaseModel, dir: &Path) -> Result<EditSession> {
+    if !dir.join("manifest.json").exists() {
+        bail!("{} is not an edit state (no manifest.json)", dir.display());
+    }
+    EditSession::open(base, dir, None)
+}
+
 /// The edited model if `state` is given, else the base model; returns the adapter to use.
 fn with_adapter<T>(
     base: &BaseModel,
@@ -330,10 +375,7 @@ fn with_adapter<T>(
     match state {
         None => Ok((f(&mut NoAdapter), None)),
         Some(dir) => {
-            if !dir.join("manifest.json").exists() {
-                bail!("{} is not an edit state (no manifest.json)", dir.display());
-            }
-            let session = EditSession::open(base, dir, None)?;
+            let session = open_state(base, dir)?;
             let mut adapter = ElderAdapter::inference(&session.elder, vec![0..prompt_len]);
             let out = f(&mut adapter);
             let scope = adapter.in_scope.first().copied();
@@ -342,7 +384,21 @@ fn with_adapter<T>(
     }
 }
 
+/// The base model on the GPU, with the edit state of `state` uploaded when given.
+fn gpu_model(
+    (dev, dtype): (Arc<GpuDevice>, GpuDtype),
+    base: &BaseModel,
+    state: Option<&Path>,
+    cap: Capacity,
+) -> Result<Box<dyn GpuRunner>> {
+    let session = state.map(|dir| open_state(base, dir)).transpose()?;
+    let mut gpu = open_gpu_model(dev, &base.model, dtype, cap)?;
+    gpu.set_elder(session.as_ref().map(|s| &s.elder))?;
+    Ok(gpu)
+}
+
 fn generate(
+    gpu: GpuRun,
     model: &Path,
     prompt: &str,
     max_new: usize,
@@ -357,10 +413,21 @@ fn generate(
     // The model config's eos is what generation stops on (transformers' generate does the same);
     // the tokenizer's may be a different special token (SmolLM2: <|endoftext|> vs <|im_end|>).
     let eos = base.model.cfg.eos_token_id.or(base.tokenizer.eos_id());
-    let (out, in_scope) = with_adapter(&base, state, ids.len(), |a| {
-        base.model
-            .generate(std::slice::from_ref(&ids), max_new, eos, a)
-    })?;
+    let prompts = std::slice::from_ref(&ids);
+    let (out, in_scope) = match gpu {
+        None => with_adapter(&base, state, ids.len(), |a| {
+            base.model.generate(prompts, max_new, eos, a)
+        })?,
+        Some(run) => {
+            let cap = Capacity {
+                batch: 1,
+                seq: ids.len() + max_new,
+            };
+            let mut g = gpu_model(run, &base, state, cap)?;
+            let (out, scope) = g.generate(prompts, max_new, eos, state.is_some())?;
+            (out, scope.first().copied())
+        }
+    };
     let text = base.tokenizer.decode(&out[0])?;
     if json {
         let v = serde_json::json!({"prompt": prompt, "prompt_tokens": ids, "tokens": out[0], "text": text, "in_scope": in_scope});
@@ -371,14 +438,30 @@ fn generate(
     Ok(())
 }
 
-fn score(model: &Path, prompt: &str, target: &str, state: Option<&Path>, json: bool) -> Result<()> {
+fn score(
+    gpu: GpuRun,
+    model: &Path,
+    prompt: &str,
+    target: &str,
+    state: Option<&Path>,
+    json: bool,
+) -> Result<()> {
     let base = BaseModel::open(model)?;
     let p = base.tokenizer.encode(prompt)?;
     let t = base.tokenizer.encode_continuation(target)?;
     if p.is_empty() || t.is_empty() {
         bail!("both the prompt and the target need at least one token");
     }
-    let (scored, in_scope) = with_adapter(&base, state, p.len(), |a| base.model.score(&p, &t, a))?;
+    let (scored, in_scope) = match gpu {
+        None => with_adapter(&base, state, p.len(), |a| base.model.score(&p, &t, a))?,
+        Some(run) => {
+            let cap = Capacity {
+                batch: 1,
+                seq: p.len() + t.len(),
+            };
+            gpu_model(run, &base, state, cap)?.score(&p, &t, state.is_some())?
+        }
+    };
     let pieces: Vec<String> = t
         .iter()
         .map(|&id| base.tokenizer.decode(&[id]).unwrap_or_default())
@@ -422,6 +505,7 @@ fn import_gguf(gguf: &Path, out: &Path) -> Result<()> {
 }
 
 fn eval(
+    gpu: GpuRun,
     base: &BaseModel,
     state: &Path,
     records: &[EditRecord],
@@ -459,7 +543,19 @@ fn eval(
             if let Some(t) = threshold {
                 session.elder.cfg.threshold = t;
             }
-            evaluate_final(base, &session.elder, &scored, progress)
+            match gpu {
+                None => evaluate_final(base, &session.elder, &scored, progress),
+                Some((dev, dtype)) => {
+                    // Buffers for one evaluation batch of short prompts; they grow on demand.
+                    let cap = Capacity {
+                        batch: EVAL_BATCH,
+                        seq: 64,
+                    };
+                    let mut g = open_gpu_model(dev, &base.model, dtype, cap)?;
+                    g.set_elder(Some(&session.elder))?;
+                    evaluate_final_with(base, &mut GpuScorer(g.as_mut()), &scored, progress)
+                }
+            }
         }
         Protocol::Each => {
             // Replays the applied edits in a scratch state (training is deterministic, so this

@@ -12,7 +12,7 @@ use crate::elder::config::ElderConfig;
 use crate::elder::molora::Elder;
 use crate::elder::state::EditState;
 use crate::elder::trainer::{apply_edit_batch, calibrate_query_mean, EditExample};
-use crate::eval::{Evaluator, Metrics, Protocol, TokenizedEdit};
+use crate::eval::{CpuScorer, Evaluator, Metrics, PairScorer, Protocol, TokenizedEdit};
 use crate::model::loader::build_model;
 use crate::model::tokenizer::Tokenizer;
 use crate::model::weights::Weights;
@@ -265,6 +265,20 @@ pub fn evaluate_final(
     records: &[EditRecord],
     show_progress: bool,
 ) -> Result<Metrics> {
+    let mut cpu = CpuScorer {
+        model: &base.model,
+        elder,
+    };
+    evaluate_final_with(base, &mut cpu, records, show_progress)
+}
+
+/// [`evaluate_final`] on any backend (the scorer holds the model and the ELDER state).
+pub fn evaluate_final_with(
+    base: &BaseModel,
+    scorer: &mut dyn PairScorer,
+    records: &[EditRecord],
+    show_progress: bool,
+) -> Result<Metrics> {
     let mut ev = Evaluator::default();
     let bar = progress_bar(records.len() as u64, show_progress);
     bar.set_message("evaluating");
@@ -273,7 +287,7 @@ pub fn evaluate_final(
             .iter()
             .map(|r| base.tokenize_edit(r))
             .collect::<Result<Vec<_>>>()?;
-        ev.add(&base.model, elder, &tokenized);
+        ev.add_with(scorer, &tokenized)?;
         bar.inc(chunk.len() as u64);
     }
     bar.finish_and_clear();

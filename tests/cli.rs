@@ -217,4 +217,18 @@ fn bad_inputs_are_clear_errors() {
         assert!(!out.status.success());
         assert!(String::from_utf8_lossy(&out.stderr).contains("--device cuda"));
     }
+    // The trainer has no CUDA path: asking for it says so on every machine, before any file is read.
+    let out = elder()
+        .args(["--device", "cuda", "edit", "--edits", "x.jsonl", "--state"])
+        .arg(tmp.path().join("s"))
+        .arg("--model")
+        .arg(tmp.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--device cuda") && err.contains("trainer"),
+        "{err}"
+    );
 }

@@ -255,6 +255,57 @@ fn check_residual_add<T: KernelDtype>(dev: &Dev, name: &str) {
 }
 for_dtypes!(gpu_residual_add_matches_cpu, check_residual_add);
 
+fn check_bias_add<T: KernelDtype>(dev: &Dev, name: &str) {
+    let mut rng = rng_for(name);
+    let (n, d) = (23, 130);
+    let x = quant::<T>(&rand_vec(&mut rng, n * d, -3.0, 3.0));
+    let bias = quant::<T>(&rand_vec(&mut rng, d, -1.0, 1.0));
+    let mut want = x.clone();
+    ops::add_bias(&mut want, &bias);
+    let mut xd = up::<T>(dev, &x);
+    elementwise::bias_add::<T>(dev, &mut xd, &up::<T>(dev, &bias), n, d).unwrap();
+    assert_close(
+        &format!("bias_add {}", T::SUFFIX),
+        &down(dev, &xd),
+        &want,
+        tol::<T>(),
+    );
+}
+for_dtypes!(gpu_bias_add_matches_cpu, check_bias_add);
+
+fn check_kv_append<T: KernelDtype>(dev: &Dev, name: &str) {
+    let mut rng = rng_for(name);
+    // Three sequences continuing caches of different lengths, one with padding rows.
+    let (batch, seq, cap, width) = (3, 4, 11, 24);
+    let start = [0usize, 5, 7];
+    let valid = [4usize, 2, 4];
+    let src = quant::<T>(&rand_vec(&mut rng, batch * seq * width, -2.0, 2.0));
+    let cache = quant::<T>(&rand_vec(&mut rng, batch * cap * width, -2.0, 2.0));
+    let mut want = cache.clone();
+    ops::kv_append(&src, &mut want, &start, &valid, seq, cap, width);
+    let to_i32 = |v: &[usize]| v.iter().map(|&x| x as i32).collect::<Vec<i32>>();
+    let (sd, vd) = (
+        dev.upload(&to_i32(&start)).unwrap(),
+        dev.upload(&to_i32(&valid)).unwrap(),
+    );
+    let mut cd = up::<T>(dev, &cache);
+    let shape = elementwise::KvAppend {
+        batch,
+        seq,
+        cap,
+        width,
+    };
+    elementwise::kv_append::<T>(dev, shape, &up::<T>(dev, &src), &sd, &vd, &mut cd).unwrap();
+    // A copy: exact, and rows outside [start, start + valid) keep their old values.
+    assert_close(
+        &format!("kv_append {}", T::SUFFIX),
+        &down(dev, &cd),
+        &want,
+        (0.0, 0.0),
+    );
+}
+for_dtypes!(gpu_kv_append_matches_cpu, check_kv_append);
+
 fn check_rope<T: KernelDtype>(dev: &Dev, name: &str) {
     let mut rng = rng_for(name);
     let (n, heads, hd, theta) = (19, 3, 64, 10000.0);

@@ -2,7 +2,7 @@
 # Build, on a development machine, everything the GPU machine runs (it has no Rust), and copy it into
 # gpu-bundle/ next to tools/gpu_check.sh:
 #
-#   tools/collect_gpu_bundle.sh            # -> gpu-bundle/{tests,benches}/..., gpu-bundle/gpu_check.sh
+#   tools/collect_gpu_bundle.sh   # -> gpu-bundle/{tests,benches}/..., elder, fixtures/, gpu_check.sh
 #   scp -r gpu-bundle gpu-host: && ssh gpu-host gpu-bundle/gpu_check.sh
 #
 # The executables embed the kernel fatbins (sm_90 + compute_80 PTX), so nvcc must be available here
@@ -37,5 +37,11 @@ for line in sys.stdin:
 }
 collect "$OUT/tests" test --release --no-run
 collect "$OUT/benches" bench --no-run
+# The command line (for the end-to-end CUDA smoke test) and the parity fixtures the GPU model tests
+# read (found through ELDER_FIXTURES_DIR there, since the source tree is not on the GPU machine).
+cargo build --release --bin elder
+cp target/release/elder "$OUT/"
+mkdir -p "$OUT/fixtures"
+cp -r tests/fixtures/parity "$OUT/fixtures/"
 cp tools/gpu_check.sh "$OUT/"
 echo "bundle ready: $OUT/ (run $OUT/gpu_check.sh on the GPU machine)"

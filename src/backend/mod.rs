@@ -1,3 +1,4 @@
 //! Compute backends: the CPU reference and (when built with nvcc) CUDA.
 pub mod cpu;
 pub mod cuda;
+pub mod select;

@@ -6,7 +6,7 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::model::layers::MlpProj;
+use crate::model::layers::{MlpProj, Site};
 use crate::model::{Arch, Model, ModelConfig};
 
 /// Which prompt rows of the query site's input make a sequence's query vector.
@@ -149,6 +149,19 @@ impl ElderConfig {
         }
         let merged: ElderConfig = base.try_into()?;
         Ok(merged)
+    }
+
+    /// Index of the MoLoRA layer at `site`, if there is one.
+    pub fn layer_at(&self, site: Site) -> Option<usize> {
+        if site.proj != self.molora_proj {
+            return None;
+        }
+        self.molora_blocks.iter().position(|&b| b == site.block)
+    }
+
+    /// Whether `site`'s input is the query every router reads.
+    pub fn is_query_site(&self, site: Site) -> bool {
+        site.block == self.query_block && site.proj == self.query_proj
     }
 
     pub fn scale(&self) -> f32 {

@@ -104,14 +104,11 @@ impl Elder {
 
     /// Index of the MoLoRA layer at `site`, if there is one.
     pub fn layer_at(&self, site: Site) -> Option<usize> {
-        if site.proj != self.cfg.molora_proj {
-            return None;
-        }
-        self.cfg.molora_blocks.iter().position(|&b| b == site.block)
+        self.cfg.layer_at(site)
     }
 
     pub fn is_query_site(&self, site: Site) -> bool {
-        site.block == self.cfg.query_block && site.proj == self.cfg.query_proj
+        self.cfg.is_query_site(site)
     }
 
     /// The query vectors `[B, d_in]` of a batch, read from the query site's input `x` `[rows, d_in]`
@@ -145,16 +142,10 @@ impl Elder {
     /// Hidden states share a large common component; without removing it every router learns
     /// mostly that component and sends all prompts to the latest edit's experts.
     pub fn router_input(&self, query: &[f32]) -> Vec<f32> {
-        let (true, Some(mean)) = (self.cfg.query_centering, &self.query_mean) else {
-            return query.to_vec();
-        };
-        let mut out = Vec::with_capacity(query.len());
-        for q in query.chunks(mean.len()) {
-            let centered: Vec<f32> = q.iter().zip(mean).map(|(a, m)| a - m).collect();
-            let rms = (centered.iter().map(|v| v * v).sum::<f32>() / centered.len() as f32).sqrt();
-            out.extend(centered.iter().map(|v| v / rms.max(1e-6)));
+        match (self.cfg.query_centering, &self.query_mean) {
+            (true, Some(mean)) => center_queries(query, mean),
+            _ => query.to_vec(),
         }
-        out
     }
 
     /// Routes a batch of queries `[B, d_in]` through every layer's router.
@@ -199,6 +190,18 @@ impl Elder {
             .map(|d| d.is_some_and(|d| d < self.cfg.threshold))
             .collect()
     }
+}
+
+/// Each query `[B, d_in]` minus `mean`, scaled to unit RMS: the centred router input of
+/// [`Elder::router_input`] (a free function so the CUDA runtime routes on exactly the same numbers).
+pub fn center_queries(query: &[f32], mean: &[f32]) -> Vec<f32> {
+    let mut out = Vec::with_capacity(query.len());
+    for q in query.chunks(mean.len()) {
+        let centered: Vec<f32> = q.iter().zip(mean).map(|(a, m)| a - m).collect();
+        let rms = (centered.iter().map(|v| v * v).sum::<f32>() / centered.len() as f32).sqrt();
+        out.extend(centered.iter().map(|v| v / rms.max(1e-6)));
+    }
+    out
 }
 
 /// Whether the adapter decides scope from the codebook or treats every sequence as in scope.

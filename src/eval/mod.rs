@@ -41,8 +41,34 @@ pub struct Scored {
     pub distance: Option<u32>,
 }
 
-/// Sequences scored per forward pass.
-const EVAL_BATCH: usize = 16;
+/// Sequences scored per forward pass (by every backend, so their padding is the same).
+pub const EVAL_BATCH: usize = 16;
+
+/// Something that scores `(prompt, continuation)` pairs with teacher forcing, on the edited model
+/// (`edited`) or the base model: the CPU forward here, or the CUDA one.
+pub trait PairScorer {
+    fn score_pairs(
+        &mut self,
+        edited: bool,
+        pairs: &[(&[u32], &[u32])],
+    ) -> anyhow::Result<Vec<Scored>>;
+}
+
+/// The CPU reference forward with an ELDER state.
+pub struct CpuScorer<'a> {
+    pub model: &'a Model,
+    pub elder: &'a Elder,
+}
+
+impl PairScorer for CpuScorer<'_> {
+    fn score_pairs(
+        &mut self,
+        edited: bool,
+        pairs: &[(&[u32], &[u32])],
+    ) -> anyhow::Result<Vec<Scored>> {
+        Ok(score_pairs(self.model, edited.then_some(self.elder), pairs))
+    }
+}
 
 /// Scores `(prompt, continuation)` pairs in batches, with ELDER (`Some`) or the base model.
 pub fn score_pairs(
@@ -192,14 +218,21 @@ pub struct Evaluator {
 impl Evaluator {
     /// Scores `edits` on the edited model (`elder`) and, for locality, against the base model.
     pub fn add(&mut self, model: &Model, elder: &Elder, edits: &[TokenizedEdit]) {
+        self.add_with(&mut CpuScorer { model, elder }, edits)
+            .expect("the CPU scorer does not fail");
+    }
+
+    /// [`Self::add`] with any backend's scorer.
+    pub fn add_with(
+        &mut self,
+        scorer: &mut dyn PairScorer,
+        edits: &[TokenizedEdit],
+    ) -> anyhow::Result<()> {
         let edit_pairs: Vec<(&[u32], &[u32])> = edits
             .iter()
             .map(|e| (&e.prompt[..], &e.target[..]))
             .collect();
-        for (s, e) in score_pairs(model, Some(elder), &edit_pairs)
-            .iter()
-            .zip(edits)
-        {
+        for (s, e) in scorer.score_pairs(true, &edit_pairs)?.iter().zip(edits) {
             self.rel.add(token_accuracy(&s.argmax, &e.target), s);
         }
         let reph_pairs: Vec<(&[u32], &[u32])> = edits
@@ -207,7 +240,8 @@ impl Evaluator {
             .flat_map(|e| e.rephrases.iter().map(|r| (&r[..], &e.target[..])))
             .collect();
         let reph_targets: Vec<&[u32]> = reph_pairs.iter().map(|p| p.1).collect();
-        for (s, t) in score_pairs(model, Some(elder), &reph_pairs)
+        for (s, t) in scorer
+            .score_pairs(true, &reph_pairs)?
             .iter()
             .zip(reph_targets)
         {
@@ -217,11 +251,12 @@ impl Evaluator {
             .iter()
             .flat_map(|e| e.locality.iter().map(|(p, a)| (&p[..], &a[..])))
             .collect();
-        let edited = score_pairs(model, Some(elder), &loc_pairs);
-        let base = score_pairs(model, None, &loc_pairs);
+        let edited = scorer.score_pairs(true, &loc_pairs)?;
+        let base = scorer.score_pairs(false, &loc_pairs)?;
         for (e, b) in edited.iter().zip(&base) {
             self.loc.add(token_accuracy(&e.argmax, &b.argmax), e);
         }
+        Ok(())
     }
 
     pub fn metrics(&self, protocol: Protocol) -> Metrics {

@@ -99,15 +99,10 @@ impl KvCache {
 
     /// Copies the valid rows of this call's `k`/`v` ([B*T, kv_dim]) into the cache of layer `layer`.
     fn store(&mut self, layer: usize, shape: &BatchShape, k: &[f32], v: &[f32]) {
-        let w = self.kv_dim;
-        for b in 0..shape.batch {
-            for i in 0..shape.valid[b] {
-                let src = (b * shape.seq + i) * w;
-                let dst = (b * self.capacity + shape.start[b] + i) * w;
-                self.k[layer][dst..dst + w].copy_from_slice(&k[src..src + w]);
-                self.v[layer][dst..dst + w].copy_from_slice(&v[src..src + w]);
-            }
-        }
+        let (seq, cap, w) = (shape.seq, self.capacity, self.kv_dim);
+        let (start, valid) = (&shape.start, &shape.valid);
+        ops::kv_append(k, &mut self.k[layer], start, valid, seq, cap, w);
+        ops::kv_append(v, &mut self.v[layer], start, valid, seq, cap, w);
     }
 }
 

@@ -195,6 +195,26 @@ pub fn add_inplace(acc: &mut [f32], x: &[f32]) {
         .for_each(|(a, b)| a.iter_mut().zip(b).for_each(|(a, b)| *a += b));
 }
 
+/// Appends a padded batch's new rows to a KV cache: `src [B, seq, width]` row `i < valid[b]` of
+/// sequence `b` goes to row `start[b] + i` of `cache [B, cap, width]`; padding rows are not stored.
+pub fn kv_append(
+    src: &[f32],
+    cache: &mut [f32],
+    start: &[usize],
+    valid: &[usize],
+    seq: usize,
+    cap: usize,
+    width: usize,
+) {
+    for (b, (&s0, &n)) in start.iter().zip(valid).enumerate() {
+        for i in 0..n {
+            let from = (b * seq + i) * width;
+            let to = (b * cap + s0 + i) * width;
+            cache[to..to + width].copy_from_slice(&src[from..from + width]);
+        }
+    }
+}
+
 /// Embedding gather: `out[i, :] = table[ids[i], :]` for a `[vocab, d]` table.
 pub fn embedding(ids: &[u32], table: &[f32], d: usize, out: &mut [f32]) {
     assert_eq!(out.len(), ids.len() * d);

@@ -1,5 +1,5 @@
 //! Launchers for `kernels/elementwise.cu`: embedding gather and gradient, bias + GELU, SiLU gate,
-//! residual add, rotary embedding. CPU twins: `backend::cpu::ops`.
+//! residual add, bias add, rotary embedding, KV-cache append. CPU twins: `backend::cpu::ops`.
 
 use anyhow::{bail, Result};
 use cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig};
@@ -248,4 +248,87 @@ pub fn rope<T: KernelDtype>(
     let cfg = grid_stride(dev, n * n_heads * head_dim / 2);
     // SAFETY: buffer lengths checked above; argument list matches rope_{T}.
     unsafe { dev.launch(FAMILY, &format!("rope_{}", T::SUFFIX), cfg, &args) }
+}
+
+/// `x[i, :] += bias` over `n` rows of width `d` (the bias of a cuBLAS product).
+pub fn bias_add<T: KernelDtype>(
+    dev: &GpuDevice,
+    x: &mut impl DevicePtrMut<T>,
+    bias: &impl DevicePtr<T>,
+    n: usize,
+    d: usize,
+) -> Result<()> {
+    let s = dev.stream();
+    let (px, _gx) = output(s, "bias_add x [n, d]", x, n * d)?;
+    let (pb, _gb) = input(s, "bias_add bias [d]", bias, d)?;
+    let args = [
+        px,
+        pb,
+        KArg::I32(as_i32("n", n)?),
+        KArg::I32(as_i32("d", d)?),
+    ];
+    // SAFETY: buffer lengths checked above; argument list matches bias_add_{T}.
+    unsafe {
+        dev.launch(
+            FAMILY,
+            &format!("bias_add_{}", T::SUFFIX),
+            grid_stride(dev, n * d),
+            &args,
+        )
+    }
+}
+
+/// Where a padded batch lands in a KV cache: `[batch, seq]` new rows of `width`, stored per
+/// sequence from its `start` (device i32 `[batch]`, with `valid`) into a `[batch, cap, width]` cache.
+#[derive(Debug, Clone, Copy)]
+pub struct KvAppend {
+    pub batch: usize,
+    pub seq: usize,
+    pub cap: usize,
+    pub width: usize,
+}
+
+/// `cache[b, start[b] + i, :] = src[b, i, :]` for `i < valid[b]`. CPU twin: `ops::kv_append`.
+/// The caller guarantees `start[b] + valid[b] <= cap` (the kernel drops rows past it).
+pub fn kv_append<T: KernelDtype>(
+    dev: &GpuDevice,
+    shape: KvAppend,
+    src: &impl DevicePtr<T>,
+    start: &impl DevicePtr<i32>,
+    valid: &impl DevicePtr<i32>,
+    cache: &mut impl DevicePtrMut<T>,
+) -> Result<()> {
+    let KvAppend {
+        batch,
+        seq,
+        cap,
+        width,
+    } = shape;
+    if seq > cap {
+        bail!("kv_append: {seq} new rows per sequence exceed the cache capacity {cap}");
+    }
+    let s = dev.stream();
+    let (ps, _g1) = input(s, "kv_append src [B, T, w]", src, batch * seq * width)?;
+    let (pst, _g2) = input(s, "kv_append start [B]", start, batch)?;
+    let (pv, _g3) = input(s, "kv_append valid [B]", valid, batch)?;
+    let (pc, _g4) = output(s, "kv_append cache [B, cap, w]", cache, batch * cap * width)?;
+    let args = [
+        ps,
+        pc,
+        pst,
+        pv,
+        KArg::I32(as_i32("batch", batch)?),
+        KArg::I32(as_i32("seq", seq)?),
+        KArg::I32(as_i32("cap", cap)?),
+        KArg::I32(as_i32("width", width)?),
+    ];
+    // SAFETY: buffer lengths checked above; argument list matches kv_append_{T}.
+    unsafe {
+        dev.launch(
+            FAMILY,
+            &format!("kv_append_{}", T::SUFFIX),
+            grid_stride(dev, batch * seq * width),
+            &args,
+        )
+    }
 }

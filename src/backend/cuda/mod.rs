@@ -15,6 +15,7 @@ pub mod elementwise;
 pub mod gemm;
 pub mod lora;
 pub mod loss;
+pub mod model;
 pub mod norm;
 pub mod router;
 

@@ -1,0 +1,431 @@
+//! The CUDA forward of a padded batch, block by block in the order of the CPU description
+//! (`Model::attn_half` / `Model::mlp_half` / `Model::head`), on the uploaded weights and the
+//! preallocated buffers. Differences from the CPU that do not change results:
+//! - the residual add is fused into the next norm (`h + delta` is materialised by the norm kernel),
+//!   and GPT-2's position embeddings ride on the first one;
+//! - biases are added after the cuBLAS product (GPT-2's c_fc bias inside bias + GELU), so ELDER's
+//!   mixture is added before the bias instead of after it: the same sum;
+//! - keys and values go through `kv_append` into a `[B, capacity, kv_dim]` cache per layer and the
+//!   attention always reads the cache (prefill and decode alike).
+
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use cudarc::cublas::{CudaBlas, Gemm};
+use cudarc::driver::CudaSlice;
+
+use crate::backend::cpu::ops::Layout;
+use crate::elder::molora::Elder;
+use crate::model::layers::{MlpProj, Site};
+use crate::model::{Arch, BatchShape, Model, ModelConfig};
+
+use super::super::attention::{self, AttnDims};
+use super::super::buffers::KernelDtype;
+use super::super::device::GpuDevice;
+use super::super::elementwise::{self, KvAppend};
+use super::super::gemm;
+use super::super::norm::{self, NormRows};
+use super::activations::{write, Activations};
+use super::elder::GpuElder;
+use super::plan::{check_shape, to_i32, to_u32, Capacity};
+use super::weights::{GpuBlock, GpuMlp, GpuNorm, GpuWeights};
+
+/// What ELDER does during one forward call.
+#[derive(Debug, Clone, Copy)]
+pub enum ElderStep<'a> {
+    /// The base model: no ELDER at all.
+    Off,
+    /// A prompt: read each sequence's query at these rows and route.
+    Prompt(&'a [usize]),
+    /// A later call of the same request (decode): keep the prompt's routing.
+    Continue,
+}
+
+/// A base model (and optionally an ELDER state) resident on one GPU, in activation dtype `T`.
+pub struct GpuModel<T: KernelDtype> {
+    pub(super) dev: Arc<GpuDevice>,
+    pub(super) cfg: ModelConfig,
+    weights: GpuWeights<T>,
+    pub(super) act: Activations<T>,
+    pub(super) elder: Option<GpuElder<T>>,
+    /// Rows of the last forward call (what the head may read).
+    last_rows: usize,
+}
+
+impl<T: KernelDtype> GpuModel<T>
+where
+    CudaBlas: Gemm<T>,
+{
+    /// Uploads `model` once and preallocates buffers for calls up to `cap`.
+    pub fn new(dev: Arc<GpuDevice>, model: &Model, cap: Capacity) -> Result<Self> {
+        let weights = GpuWeights::upload(&dev, model)?;
+        let act = Activations::new(&dev, &model.cfg, cap)?;
+        Ok(GpuModel {
+            dev,
+            cfg: model.cfg.clone(),
+            weights,
+            act,
+            elder: None,
+            last_rows: 0,
+        })
+    }
+
+    pub fn device(&self) -> &Arc<GpuDevice> {
+        &self.dev
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    pub fn capacity(&self) -> Capacity {
+        self.act.cap
+    }
+
+    /// Buffer (re)allocations so far: unchanged by calls within the reserved capacity.
+    pub fn allocations(&self) -> usize {
+        self.act.allocations
+    }
+
+    /// Uploads an ELDER state to edit the model with (`None` drops it).
+    pub fn set_elder(&mut self, elder: Option<&Elder>) -> Result<()> {
+        self.elder = match elder {
+            Some(e) => Some(GpuElder::upload(&self.dev, e, self.act.cap)?),
+            None => None,
+        };
+        Ok(())
+    }
+
+    pub fn has_elder(&self) -> bool {
+        self.elder.is_some()
+    }
+
+    /// Makes the buffers big enough for `cap` (grow-only; drops the KV cache when it grows).
+    pub fn reserve(&mut self, cap: Capacity) -> Result<()> {
+        self.act.reserve(&self.dev, &self.cfg, cap)?;
+        if let Some(e) = &mut self.elder {
+            e.reserve(&self.dev, cap)?;
+        }
+        Ok(())
+    }
+
+    /// Runs new tokens `ids [B * T]` through every block, continuing the KV cache, and leaves the
+    /// final-normed hidden state of every row in the device buffers for [`Self::head`].
+    pub fn forward(&mut self, ids: &[u32], shape: &BatchShape, elder: ElderStep) -> Result<()> {
+        check_shape(shape, self.act.cap, &self.cfg)?;
+        if ids.len() != shape.rows() {
+            bail!(
+                "{} token ids for a {} x {} batch",
+                ids.len(),
+                shape.batch,
+                shape.seq
+            );
+        }
+        let dev = &*self.dev;
+        let a = &mut self.act;
+        write(dev, &mut a.ids, ids, "token ids")?;
+        write(dev, &mut a.positions, &shape.positions(), "positions")?;
+        write(
+            dev,
+            &mut a.q_start,
+            &to_i32("start", &shape.start)?,
+            "q_start",
+        )?;
+        write(
+            dev,
+            &mut a.q_valid,
+            &to_i32("valid", &shape.valid)?,
+            "q_valid",
+        )?;
+        let mut elder = match (elder, self.elder.as_mut()) {
+            (ElderStep::Off, _) => None,
+            (ElderStep::Prompt(rows), Some(e)) => {
+                e.begin(dev, rows)?;
+                Some(e)
+            }
+            (ElderStep::Continue, Some(e)) => Some(e),
+            (_, None) => bail!("an edited forward was asked for, but no ELDER state is uploaded"),
+        };
+
+        let rows = shape.rows();
+        let cfg = &self.cfg;
+        let w = &self.weights;
+        elementwise::embedding(
+            dev,
+            &a.ids,
+            rows,
+            &w.embed,
+            cfg.vocab_size,
+            cfg.hidden_size,
+            &mut a.h,
+        )?;
+        // GPT-2's position rows go to `delta`: the first norm adds them to the token rows.
+        let mut pending = false;
+        if let Some(pos) = &w.pos_embed {
+            elementwise::embedding(
+                dev,
+                &a.positions,
+                rows,
+                pos,
+                cfg.max_positions,
+                cfg.hidden_size,
+                &mut a.delta,
+            )?;
+            pending = true;
+        }
+        for (l, blk) in w.blocks.iter().enumerate() {
+            add_and_norm(dev, &blk.norm1, rows, cfg.hidden_size, a, pending, true)?;
+            attn_half(dev, cfg, blk, l, a, shape)
+                .with_context(|| format!("block {l} attention"))?;
+            add_and_norm(dev, &blk.norm2, rows, cfg.hidden_size, a, true, true)?;
+            mlp_half(dev, blk, l, a, shape, elder.as_deref_mut())
+                .with_context(|| format!("block {l} MLP"))?;
+            pending = true;
+        }
+        add_and_norm(dev, &w.final_norm, rows, cfg.hidden_size, a, pending, false)?;
+        self.last_rows = rows;
+        Ok(())
+    }
+
+    /// Logits `[rows.len(), vocab]` (as f32) of the chosen rows of the last forward call.
+    pub fn head(&mut self, rows: &[usize]) -> Result<Vec<f32>> {
+        if let Some(&r) = rows.iter().find(|&&r| r >= self.last_rows) {
+            bail!(
+                "head row {r} is outside the last call's {} rows",
+                self.last_rows
+            );
+        }
+        let (dev, a, cfg) = (&*self.dev, &mut self.act, &self.cfg);
+        let (n, d, vocab) = (rows.len(), cfg.hidden_size, cfg.vocab_size);
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        write(
+            dev,
+            &mut a.head_rows,
+            &to_u32("head row", rows)?,
+            "head rows",
+        )?;
+        // Gather the rows (an embedding lookup into the normed activations), then one GEMM.
+        elementwise::embedding(
+            dev,
+            &a.head_rows,
+            n,
+            &a.normed,
+            self.last_rows,
+            d,
+            &mut a.head_in,
+        )?;
+        let (head_w, layout): (&CudaSlice<T>, Layout) = self.weights.head();
+        gemm::matmul(
+            dev,
+            &a.head_in,
+            n,
+            head_w,
+            d,
+            vocab,
+            layout,
+            &mut a.logits,
+            false,
+        )?;
+        dev.download_f32::<T, _>(&a.logits.slice(0..n * vocab))
+    }
+
+    /// In-scope flags and code distances of the current ELDER request (empty without one).
+    pub fn elder_scope(&self) -> Result<(Vec<bool>, Vec<Option<u32>>)> {
+        match &self.elder {
+            Some(e) => e.scope(&self.dev),
+            None => Ok((Vec::new(), Vec::new())),
+        }
+    }
+}
+
+/// The pre-norm of a sublayer, fused with the residual add of the previous one:
+/// with `pending`, `h <- h + delta` (into `h_next`, then swapped) and `normed = norm(h)`;
+/// without, `normed = norm(h)`. `keep_sum = false` skips writing the sum (the final norm).
+fn add_and_norm<T: KernelDtype>(
+    dev: &GpuDevice,
+    norm: &GpuNorm<T>,
+    rows: usize,
+    d: usize,
+    a: &mut Activations<T>,
+    pending: bool,
+    keep_sum: bool,
+) -> Result<()> {
+    let (x, residual) = if pending {
+        (&a.delta, Some(&a.h))
+    } else {
+        (&a.h, None)
+    };
+    let sum_out = (pending && keep_sum).then_some(&mut a.h_next);
+    match norm {
+        GpuNorm::Layer { w, b, eps } => norm::residual_layernorm(
+            dev,
+            NormRows {
+                n: rows,
+                d,
+                eps: *eps,
+            },
+            x,
+            residual,
+            sum_out,
+            w,
+            Some(b),
+            &mut a.normed,
+            &mut a.mean,
+            &mut a.rstd,
+        )?,
+        GpuNorm::Rms { w, eps } => norm::residual_rmsnorm(
+            dev,
+            NormRows {
+                n: rows,
+                d,
+                eps: *eps,
+            },
+            x,
+            residual,
+            sum_out,
+            w,
+            &mut a.normed,
+            &mut a.rstd,
+        )?,
+    }
+    if pending && keep_sum {
+        std::mem::swap(&mut a.h, &mut a.h_next);
+    }
+    Ok(())
+}
+
+/// `delta = o_proj(attention(rope(q), cache <- rope(k), v))` of `normed`, as `Model::attn_half`.
+fn attn_half<T: KernelDtype>(
+    dev: &GpuDevice,
+    cfg: &ModelConfig,
+    blk: &GpuBlock<T>,
+    l: usize,
+    a: &mut Activations<T>,
+    shape: &BatchShape,
+) -> Result<()>
+where
+    CudaBlas: Gemm<T>,
+{
+    let rows = shape.rows();
+    blk.q.forward(dev, &a.normed, rows, &mut a.q)?;
+    blk.k.forward(dev, &a.normed, rows, &mut a.k_new)?;
+    blk.v.forward(dev, &a.normed, rows, &mut a.v_new)?;
+    if cfg.arch == Arch::Llama {
+        let (hd, theta) = (cfg.head_dim, cfg.rope_theta);
+        elementwise::rope(
+            dev,
+            &mut a.q,
+            &a.positions,
+            rows,
+            cfg.num_heads,
+            hd,
+            theta,
+            false,
+        )?;
+        elementwise::rope(
+            dev,
+            &mut a.k_new,
+            &a.positions,
+            rows,
+            cfg.num_kv_heads,
+            hd,
+            theta,
+            false,
+        )?;
+    }
+    let append = KvAppend {
+        batch: shape.batch,
+        seq: shape.seq,
+        cap: a.cap.seq,
+        width: cfg.kv_dim(),
+    };
+    elementwise::kv_append(
+        dev,
+        append,
+        &a.k_new,
+        &a.q_start,
+        &a.q_valid,
+        &mut a.cache_k[l],
+    )?;
+    elementwise::kv_append(
+        dev,
+        append,
+        &a.v_new,
+        &a.q_start,
+        &a.q_valid,
+        &mut a.cache_v[l],
+    )?;
+    let dims = AttnDims {
+        batch: shape.batch,
+        q_len: shape.seq,
+        kv_capacity: a.cap.seq,
+        n_heads: cfg.num_heads,
+        n_kv_heads: cfg.num_kv_heads,
+        head_dim: cfg.head_dim,
+    };
+    attention::attention_forward::<T, CudaSlice<f32>>(
+        dev,
+        dims,
+        &a.q_start,
+        &a.q_valid,
+        &a.q,
+        &a.cache_k[l],
+        &a.cache_v[l],
+        &mut a.att,
+        None,
+    )?;
+    blk.o_proj.forward(dev, &a.att, rows, &mut a.delta)
+}
+
+/// `delta = mlp(normed)` with ELDER after every projection, as `Model::mlp_half`.
+fn mlp_half<T: KernelDtype>(
+    dev: &GpuDevice,
+    blk: &GpuBlock<T>,
+    l: usize,
+    a: &mut Activations<T>,
+    shape: &BatchShape,
+    mut elder: Option<&mut GpuElder<T>>,
+) -> Result<()>
+where
+    CudaBlas: Gemm<T>,
+{
+    let rows = shape.rows();
+    let site = |proj| Site { block: l, proj };
+    // ELDER's hook; a macro keeps the field borrows of `a` disjoint at each call.
+    macro_rules! adapt {
+        ($proj:expr, $x:expr, $out:expr) => {
+            if let Some(e) = elder.as_deref_mut() {
+                e.after_linear(dev, site($proj), shape, $x, $out)?;
+            }
+        };
+    }
+    match &blk.mlp {
+        GpuMlp::Gpt2 { c_fc, c_proj } => {
+            c_fc.product(dev, &a.normed, rows, &mut a.ffn_a)?;
+            adapt!(MlpProj::CFc, &a.normed, &mut a.ffn_a);
+            elementwise::bias_gelu(
+                dev,
+                &a.ffn_a,
+                c_fc.bias.as_ref(),
+                None::<&mut CudaSlice<T>>,
+                &mut a.act,
+                rows,
+                c_fc.out_dim,
+            )?;
+            c_proj.forward(dev, &a.act, rows, &mut a.delta)?;
+            adapt!(MlpProj::CProj, &a.act, &mut a.delta);
+        }
+        GpuMlp::Llama { gate, up, down } => {
+            gate.forward(dev, &a.normed, rows, &mut a.ffn_a)?;
+            adapt!(MlpProj::GateProj, &a.normed, &mut a.ffn_a);
+            up.forward(dev, &a.normed, rows, &mut a.ffn_b)?;
+            adapt!(MlpProj::UpProj, &a.normed, &mut a.ffn_b);
+            elementwise::silu_mul(dev, &a.ffn_a, &a.ffn_b, &mut a.act, rows * gate.out_dim)?;
+            down.forward(dev, &a.act, rows, &mut a.delta)?;
+            adapt!(MlpProj::DownProj, &a.act, &mut a.delta);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,162 @@
+//! The CUDA inference runtime: the CPU [`Model`] description uploaded once (weights in bf16, f16 or
+//! f32), preallocated activations and KV cache, a padded-batch forward on the kernels of this backend
+//! plus cuBLAS, and ELDER (fused router, MoLoRA gather/scatter) on top.
+//!
+//! - [`plan`]: buffer sizes and padded-batch row arithmetic (host only, unit-tested without a GPU);
+//! - [`weights`]: the uploaded model; [`activations`]: the preallocated buffers;
+//! - [`elder`]: the uploaded ELDER state and its per-request routing;
+//! - [`forward`]: the block-by-block forward and the head; [`requests`]: logits, score, eval scoring
+//!   and generation with the CPU runner's semantics.
+//!
+//! Compiled only: none of this has run on a GPU yet (`tests/gpu_model.rs` checks it against the CPU
+//! when one is available).
+
+pub mod activations;
+pub mod elder;
+pub mod forward;
+pub mod plan;
+pub mod requests;
+pub mod weights;
+
+use std::sync::Arc;
+
+use anyhow::Result;
+use half::{bf16, f16};
+
+use crate::elder::molora::Elder;
+use crate::eval::{self, PairScorer};
+use crate::model::runner::Scored;
+use crate::model::{BatchShape, Model};
+
+use super::device::GpuDevice;
+pub use forward::{ElderStep, GpuModel};
+pub use plan::Capacity;
+
+/// Storage and activation dtype of the CUDA forward (matmuls accumulate in f32 in every case).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum GpuDtype {
+    #[default]
+    Bf16,
+    F16,
+    F32,
+}
+
+impl GpuDtype {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GpuDtype::Bf16 => "bf16",
+            GpuDtype::F16 => "f16",
+            GpuDtype::F32 => "f32",
+        }
+    }
+}
+
+/// A [`GpuModel`] of any dtype, for callers that pick the dtype at run time (the command line).
+pub trait GpuRunner {
+    fn dtype(&self) -> GpuDtype;
+    /// Uploads the ELDER state that `edited` requests use (`None` drops it).
+    fn set_elder(&mut self, elder: Option<&Elder>) -> Result<()>;
+    fn logits(
+        &mut self,
+        seqs: &[Vec<u32>],
+        query_rows: Option<&[usize]>,
+    ) -> Result<(Vec<f32>, BatchShape)>;
+    fn score(
+        &mut self,
+        prompt: &[u32],
+        target: &[u32],
+        edited: bool,
+    ) -> Result<(Scored, Option<bool>)>;
+    fn score_pairs(
+        &mut self,
+        edited: bool,
+        pairs: &[(&[u32], &[u32])],
+    ) -> Result<Vec<eval::Scored>>;
+    fn generate(
+        &mut self,
+        prompts: &[Vec<u32>],
+        max_new_tokens: usize,
+        eos: Option<u32>,
+        edited: bool,
+    ) -> Result<(Vec<Vec<u32>>, Vec<bool>)>;
+    /// Buffer (re)allocations so far.
+    fn allocations(&self) -> usize;
+}
+
+macro_rules! impl_runner {
+    ($t:ty, $d:expr) => {
+        impl GpuRunner for GpuModel<$t> {
+            fn dtype(&self) -> GpuDtype {
+                $d
+            }
+            fn set_elder(&mut self, elder: Option<&Elder>) -> Result<()> {
+                GpuModel::set_elder(self, elder)
+            }
+            fn logits(
+                &mut self,
+                seqs: &[Vec<u32>],
+                query_rows: Option<&[usize]>,
+            ) -> Result<(Vec<f32>, BatchShape)> {
+                GpuModel::logits(self, seqs, query_rows)
+            }
+            fn score(
+                &mut self,
+                prompt: &[u32],
+                target: &[u32],
+                edited: bool,
+            ) -> Result<(Scored, Option<bool>)> {
+                GpuModel::score(self, prompt, target, edited)
+            }
+            fn score_pairs(
+                &mut self,
+                edited: bool,
+                pairs: &[(&[u32], &[u32])],
+            ) -> Result<Vec<eval::Scored>> {
+                GpuModel::score_pairs(self, edited, pairs)
+            }
+            fn generate(
+                &mut self,
+                prompts: &[Vec<u32>],
+                max_new_tokens: usize,
+                eos: Option<u32>,
+                edited: bool,
+            ) -> Result<(Vec<Vec<u32>>, Vec<bool>)> {
+                GpuModel::generate(self, prompts, max_new_tokens, eos, edited)
+            }
+            fn allocations(&self) -> usize {
+                GpuModel::allocations(self)
+            }
+        }
+    };
+}
+
+impl_runner!(f32, GpuDtype::F32);
+impl_runner!(f16, GpuDtype::F16);
+impl_runner!(bf16, GpuDtype::Bf16);
+
+/// Uploads `model` to `dev` in `dtype` with buffers for calls up to `cap` (they grow on demand).
+pub fn open_gpu_model(
+    dev: Arc<GpuDevice>,
+    model: &Model,
+    dtype: GpuDtype,
+    cap: Capacity,
+) -> Result<Box<dyn GpuRunner>> {
+    Ok(match dtype {
+        GpuDtype::F32 => Box::new(GpuModel::<f32>::new(dev, model, cap)?),
+        GpuDtype::F16 => Box::new(GpuModel::<f16>::new(dev, model, cap)?),
+        GpuDtype::Bf16 => Box::new(GpuModel::<bf16>::new(dev, model, cap)?),
+    })
+}
+
+/// The evaluator's view of a GPU model (its ELDER state uploaded with [`GpuRunner::set_elder`]).
+pub struct GpuScorer<'a>(pub &'a mut dyn GpuRunner);
+
+impl PairScorer for GpuScorer<'_> {
+    fn score_pairs(
+        &mut self,
+        edited: bool,
+        pairs: &[(&[u32], &[u32])],
+    ) -> Result<Vec<eval::Scored>> {
+        self.0.score_pairs(edited, pairs)
+    }
+}

@@ -1,0 +1,193 @@
+//! Whole requests on the CUDA forward, with the semantics of the CPU runner (`model::runner`) and of
+//! `eval::score_pairs`: padded-batch logits, teacher-forced scoring of a target, batched scoring of
+//! (prompt, continuation) pairs for the metrics, greedy generation with the KV cache. Logits come
+//! back to the host only for the rows a request needs; the log-softmax and argmax there are the CPU
+//! runner's own functions.
+
+use anyhow::{bail, Result};
+use cudarc::cublas::{CudaBlas, Gemm};
+
+use crate::backend::cpu::ops;
+use crate::eval::{self, EVAL_BATCH};
+use crate::model::runner::{pad_batch, Scored};
+use crate::model::BatchShape;
+
+use super::super::buffers::KernelDtype;
+use super::forward::{ElderStep, GpuModel};
+use super::plan::{last_rows, prompt_query_rows, target_rows, Capacity};
+
+/// A prompt call: with query rows ELDER routes from them, without it stays off.
+fn prompt_step(query_rows: Option<&[usize]>) -> ElderStep<'_> {
+    match query_rows {
+        Some(rows) => ElderStep::Prompt(rows),
+        None => ElderStep::Off,
+    }
+}
+
+impl<T: KernelDtype> GpuModel<T>
+where
+    CudaBlas: Gemm<T>,
+{
+    /// Logits `[B, T, vocab]` of every row of a padded batch (padding rows included), as
+    /// `Model::logits`. With `query_rows`, ELDER edits the model reading each sequence's query at
+    /// those rows (what `ElderAdapter::inference(elder, query_rows)` does on the CPU).
+    pub fn logits(
+        &mut self,
+        seqs: &[Vec<u32>],
+        query_rows: Option<&[usize]>,
+    ) -> Result<(Vec<f32>, BatchShape)> {
+        let (ids, shape) = pad_batch(seqs, &vec![0; seqs.len()]);
+        self.reserve(Capacity {
+            batch: shape.batch,
+            seq: shape.seq,
+        })?;
+        self.forward(&ids, &shape, prompt_step(query_rows))?;
+        let rows: Vec<usize> = (0..shape.rows()).collect();
+        Ok((self.head(&rows)?, shape))
+    }
+
+    /// `Model::score` on the device: log p and argmax of each target token given the prompt, and the
+    /// ELDER scope decision when `edited`.
+    pub fn score(
+        &mut self,
+        prompt: &[u32],
+        target: &[u32],
+        edited: bool,
+    ) -> Result<(Scored, Option<bool>)> {
+        if prompt.is_empty() || target.is_empty() {
+            bail!("scoring needs at least one prompt and one target token");
+        }
+        let seq = [prompt, target].concat();
+        let (ids, shape) = pad_batch(&[seq], &[0]);
+        self.reserve(Capacity {
+            batch: 1,
+            seq: shape.seq,
+        })?;
+        let query = [prompt.len() - 1];
+        self.forward(&ids, &shape, prompt_step(edited.then_some(&query[..])))?;
+        let logits = self.head(&target_rows(shape.seq, &[(prompt.len(), target.len())]))?;
+        let vocab = self.cfg.vocab_size;
+        let mut out = Scored {
+            logprobs: Vec::new(),
+            argmax: Vec::new(),
+        };
+        for (row, &t) in logits.chunks(vocab).zip(target) {
+            out.logprobs.push(row[t as usize] - ops::logsumexp(row));
+            out.argmax.push(ops::argmax(row) as u32);
+        }
+        let scope = if edited {
+            self.elder_scope()?.0.first().copied()
+        } else {
+            None
+        };
+        Ok((out, scope))
+    }
+
+    /// `eval::score_pairs` on the device, in the same batches of [`EVAL_BATCH`].
+    pub fn score_pairs(
+        &mut self,
+        edited: bool,
+        pairs: &[(&[u32], &[u32])],
+    ) -> Result<Vec<eval::Scored>> {
+        let mut out = Vec::with_capacity(pairs.len());
+        for chunk in pairs.chunks(EVAL_BATCH) {
+            if let Some((p, _)) = chunk.iter().find(|(p, _)| p.is_empty()) {
+                bail!(
+                    "a scored pair has an empty prompt ({} target tokens)",
+                    p.len()
+                );
+            }
+            let seqs: Vec<Vec<u32>> = chunk.iter().map(|(p, c)| [*p, *c].concat()).collect();
+            let (ids, shape) = pad_batch(&seqs, &vec![0; seqs.len()]);
+            self.reserve(Capacity {
+                batch: shape.batch,
+                seq: shape.seq,
+            })?;
+            let prompt_lens: Vec<usize> = chunk.iter().map(|(p, _)| p.len()).collect();
+            let query_rows = prompt_query_rows(shape.seq, &prompt_lens);
+            self.forward(&ids, &shape, prompt_step(edited.then_some(&query_rows[..])))?;
+            let n = chunk.len();
+            let (in_scope, distances) = if edited {
+                let (s, d) = self.elder_scope()?;
+                // As on the CPU: no routing (no query site reached) means nothing in scope.
+                (
+                    if s.len() == n { s } else { vec![false; n] },
+                    if d.len() == n { d } else { vec![None; n] },
+                )
+            } else {
+                (vec![false; n], vec![None; n])
+            };
+            let lens: Vec<(usize, usize)> = chunk.iter().map(|(p, c)| (p.len(), c.len())).collect();
+            let logits = self.head(&target_rows(shape.seq, &lens))?;
+            let mut rows = logits.chunks(self.cfg.vocab_size);
+            for (((_, c), in_scope), distance) in chunk.iter().zip(in_scope).zip(distances) {
+                let argmax = rows
+                    .by_ref()
+                    .take(c.len())
+                    .map(|r| ops::argmax(r) as u32)
+                    .collect();
+                out.push(eval::Scored {
+                    argmax,
+                    in_scope,
+                    distance,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Greedy continuation of each prompt with the KV cache, as `Model::generate`; also returns
+    /// the ELDER scope of each sequence when `edited` (decided once, from the prompt).
+    pub fn generate(
+        &mut self,
+        prompts: &[Vec<u32>],
+        max_new_tokens: usize,
+        eos: Option<u32>,
+        edited: bool,
+    ) -> Result<(Vec<Vec<u32>>, Vec<bool>)> {
+        let batch = prompts.len();
+        if prompts.iter().any(Vec::is_empty) {
+            bail!("every prompt needs at least one token");
+        }
+        let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+        self.reserve(Capacity {
+            batch,
+            seq: longest + max_new_tokens,
+        })?;
+        let mut out = vec![Vec::new(); batch];
+        let mut done = vec![false; batch];
+        let mut scope = Vec::new();
+        let mut lens = vec![0usize; batch];
+        let (mut ids, mut shape) = pad_batch(prompts, &lens);
+        let prompt_rows = last_rows(&shape);
+        for step in 0..max_new_tokens {
+            let elder = match (edited, step) {
+                (false, _) => ElderStep::Off,
+                (true, 0) => ElderStep::Prompt(&prompt_rows),
+                (true, _) => ElderStep::Continue,
+            };
+            self.forward(&ids, &shape, elder)?;
+            if edited && step == 0 {
+                scope = self.elder_scope()?.0;
+            }
+            for (len, (s, v)) in lens.iter_mut().zip(shape.start.iter().zip(&shape.valid)) {
+                *len = s + v;
+            }
+            let logits = self.head(&last_rows(&shape))?;
+            let mut next = Vec::with_capacity(batch);
+            for (b, row) in logits.chunks(self.cfg.vocab_size).enumerate() {
+                let tok = ops::argmax(row) as u32;
+                if !done[b] {
+                    out[b].push(tok);
+                    done[b] = Some(tok) == eos;
+                }
+                next.push(vec![tok]);
+            }
+            if done.iter().all(|&d| d) || lens.iter().any(|&l| l >= self.cfg.max_positions) {
+                break;
+            }
+            (ids, shape) = pad_batch(&next, &lens);
+        }
+        Ok((out, scope))
+    }
+}

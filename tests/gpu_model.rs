@@ -1,0 +1,655 @@
+//! The CUDA forward against the CPU forward: logits of padded batches on the committed transformers
+//! fixtures and on random tiny models, KV-cache decoding, teacher-forced scoring, greedy generation,
+//! and ELDER (mixed in/out-of-scope sequences in one batch, with and without query centring).
+//!
+//! The CPU reference runs on the model's weights rounded through the GPU dtype, so the comparison
+//! measures the forward, not the weight rounding. Tolerances `|gpu - cpu| <= atol + rtol * |cpu|`
+//! on logits: f32 1e-3/1e-3, f16 5e-2/2e-2, bf16 1.5e-1/5e-2 (activations are rounded to 8 bits of
+//! mantissa at every step in bf16). They are first guesses: nothing here has run on a GPU yet, and
+//! each test prints its worst difference so the first GPU run can tighten them.
+//!
+//! Each test builds its case on the CPU (and checks that the case means something: in-scope rows
+//! really move, out-of-scope rows really stay) before asking for a GPU, so that part runs everywhere;
+//! without a GPU the test then prints `SKIP <test>: <reason>` and returns.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use cudarc::cublas::{CudaBlas, Gemm};
+use elder::backend::cpu::molora::Routing;
+use elder::backend::cuda::model::{Capacity, ElderStep, GpuModel};
+use elder::backend::cuda::{gpu_or_skip, GpuDevice, KernelDtype};
+use elder::elder::config::ElderConfig;
+use elder::elder::molora::{Elder, ElderAdapter};
+use elder::eval::score_pairs;
+use elder::model::layers::{Linear, Mlp, MlpProj, Norm};
+use elder::model::loader::{build_model, load_model_dir, RandomSource};
+use elder::model::runner::{pad_batch, prompt_rows};
+use elder::model::transformer::QkvProj;
+use elder::model::{Arch, KvCache, Model, ModelConfig, NoAdapter};
+use half::{bf16, f16};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde_json::Value;
+
+type Dev = Arc<GpuDevice>;
+
+// ---------------------------------------------------------------- helpers
+
+fn tol<T: KernelDtype>() -> (f32, f32) {
+    match T::SUFFIX {
+        "f32" => (1e-3, 1e-3),
+        "f16" => (5e-2, 2e-2),
+        _ => (1.5e-1, 5e-2),
+    }
+}
+
+/// Asserts closeness and returns the largest absolute difference (printed by the callers).
+#[track_caller]
+fn assert_close(what: &str, gpu: &[f32], cpu: &[f32], (atol, rtol): (f32, f32)) -> f32 {
+    assert_eq!(gpu.len(), cpu.len(), "{what}: length differs");
+    let mut worst = 0.0f32;
+    let mut bad = Vec::new();
+    for (i, (&g, &c)) in gpu.iter().zip(cpu).enumerate() {
+        let d = (g - c).abs();
+        let ok = d <= atol + rtol * c.abs(); // false for NaN
+        if !ok {
+            bad.push((i, g, c));
+        }
+        worst = worst.max(d);
+    }
+    assert!(
+        bad.is_empty(),
+        "{what}: {} of {} values off (atol {atol}, rtol {rtol}); first: {:?}",
+        bad.len(),
+        cpu.len(),
+        &bad[..bad.len().min(8)]
+    );
+    worst
+}
+
+/// Every weight of `m` as a `T` buffer holds it (the CPU then sees what the GPU uploaded).
+fn rounded<T: KernelDtype>(m: &Model) -> Model {
+    let r = |v: &mut Vec<f32>| v.iter_mut().for_each(|x| *x = T::from_f32(*x).to_f32());
+    let lin = |l: &mut Linear| {
+        r(&mut l.weight);
+        if let Some(b) = &mut l.bias {
+            r(b);
+        }
+    };
+    let norm = |n: &mut Norm| match n {
+        Norm::Layer { weight, bias, .. } => {
+            r(weight);
+            r(bias);
+        }
+        Norm::Rms { weight, .. } => r(weight),
+    };
+    let mut m = m.clone();
+    r(&mut m.embed);
+    if let Some(p) = &mut m.pos_embed {
+        r(p);
+    }
+    for b in &mut m.blocks {
+        norm(&mut b.norm1);
+        norm(&mut b.norm2);
+        match &mut b.qkv {
+            QkvProj::Fused(l) => lin(l),
+            QkvProj::Split { q, k, v } => {
+                lin(q);
+                lin(k);
+                lin(v);
+            }
+        }
+        lin(&mut b.o_proj);
+        match &mut b.mlp {
+            Mlp::Gpt2 { c_fc, c_proj } => {
+                lin(c_fc);
+                lin(c_proj);
+            }
+            Mlp::Llama { gate, up, down } => {
+                lin(gate);
+                lin(up);
+                lin(down);
+            }
+        }
+    }
+    norm(&mut m.final_norm);
+    if let Some(l) = &mut m.lm_head {
+        lin(l);
+    }
+    m
+}
+
+/// The logits of the real (non-padding) rows of a padded `[B, T, V]` batch.
+fn valid_rows(logits: &[f32], seqs: &[Vec<u32>], seq: usize, vocab: usize) -> Vec<f32> {
+    seqs.iter()
+        .enumerate()
+        .flat_map(|(b, s)| logits[b * seq * vocab..][..s.len() * vocab].iter().copied())
+        .collect()
+}
+
+fn tiny(arch: Arch, seed: u64) -> Model {
+    let cfg = ModelConfig {
+        arch,
+        vocab_size: 97,
+        hidden_size: 64,
+        num_layers: 4,
+        num_heads: 4,
+        num_kv_heads: if arch == Arch::Llama { 2 } else { 4 },
+        head_dim: 16,
+        intermediate_size: 128,
+        max_positions: 64,
+        norm_eps: 1e-5,
+        rope_theta: 10000.0,
+        tie_word_embeddings: arch == Arch::Gpt2,
+        bos_token_id: None,
+        eos_token_id: None,
+    };
+    sharpened(build_model(&cfg, &RandomSource { seed }).unwrap())
+}
+
+/// A random model with its head scaled up: logits spread over a few units instead of a few
+/// hundredths, so greedy choices are not decided by rounding noise (ties would make the token-level
+/// comparisons meaningless, not wrong).
+fn sharpened(mut m: Model) -> Model {
+    match &mut m.lm_head {
+        Some(l) => l.weight.iter_mut().for_each(|v| *v *= 10.0),
+        None => m.embed.iter_mut().for_each(|v| *v *= 10.0),
+    }
+    m
+}
+
+fn mixed_batch() -> Vec<Vec<u32>> {
+    vec![
+        vec![5, 17, 3, 88, 42, 7, 19],
+        vec![61, 2],
+        vec![9, 9, 14, 70, 33, 21, 50, 64, 1, 12, 46],
+        vec![30],
+    ]
+}
+
+macro_rules! for_each_dtype {
+    ($dev:expr, $f:ident ( $($arg:expr),* )) => {{
+        $f::<f32>($dev, $($arg),*);
+        $f::<f16>($dev, $($arg),*);
+        $f::<bf16>($dev, $($arg),*);
+    }};
+}
+
+// ---------------------------------------------------------------- base model
+
+/// The parity fixtures: `$ELDER_FIXTURES_DIR` (set by tools/gpu_check.sh, which runs these test
+/// binaries on a machine without the source tree), else the source tree's own.
+fn fixtures_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("ELDER_FIXTURES_DIR") {
+        return PathBuf::from(dir);
+    }
+    let built = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/parity");
+    if built.exists() {
+        built
+    } else {
+        PathBuf::from("tests/fixtures/parity")
+    }
+}
+
+fn fixture(name: &str) -> (Model, Value) {
+    let dir = fixtures_dir().join(name);
+    let expected: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+    (load_model_dir(&dir).unwrap(), expected)
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+fn floats(v: &Value) -> Vec<f32> {
+    fn walk(v: &Value, out: &mut Vec<f32>) {
+        match v {
+            Value::Array(a) => a.iter().for_each(|x| walk(x, out)),
+            Value::Number(n) => out.push(n.as_f64().unwrap() as f32),
+            _ => panic!("unexpected {v}"),
+        }
+    }
+    let mut out = Vec::new();
+    walk(v, &mut out);
+    out
+}
+
+fn check_fixture<T: KernelDtype>(dev: &Dev, name: &str, model: &Model, expected: &Value)
+where
+    CudaBlas: Gemm<T>,
+{
+    let prompts: Vec<Vec<u32>> = expected["prompts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(ids)
+        .collect();
+    let vocab = model.cfg.vocab_size;
+    let cpu = rounded::<T>(model);
+    let (want, shape) = cpu.logits(&prompts, &mut NoAdapter);
+    let cap = Capacity {
+        batch: prompts.len(),
+        seq: shape.seq,
+    };
+    let mut gpu = GpuModel::<T>::new(dev.clone(), model, cap).unwrap();
+    let (got, gshape) = gpu.logits(&prompts, None).unwrap();
+    assert_eq!(gshape, shape);
+    let what = format!("{name} {} batched logits", T::SUFFIX);
+    let worst = assert_close(
+        &what,
+        &valid_rows(&got, &prompts, shape.seq, vocab),
+        &valid_rows(&want, &prompts, shape.seq, vocab),
+        tol::<T>(),
+    );
+    eprintln!("{what}: max |gpu - cpu| {worst:.2e}");
+    if T::SUFFIX == "f32" {
+        // Against transformers itself, prompt by prompt.
+        for (i, p) in prompts.iter().enumerate() {
+            let (single, _) = gpu.logits(std::slice::from_ref(p), None).unwrap();
+            let d = assert_close(
+                &format!("{name} f32 prompt {i} vs transformers"),
+                &single,
+                &floats(&expected["logits"][i]),
+                (1e-3, 1e-3),
+            );
+            eprintln!("{name} f32 prompt {i}: max |gpu - transformers| {d:.2e}");
+        }
+        let start = expected["generate_prompt_index"].as_u64().unwrap() as usize;
+        let want_gen = ids(&expected["generated"]);
+        let (got_gen, _) = gpu
+            .generate(&[prompts[start].clone()], want_gen.len(), None, false)
+            .unwrap();
+        assert_eq!(got_gen[0], want_gen, "{name}: greedy continuation differs");
+    }
+}
+
+#[test]
+fn gpu_fixture_logits_match_cpu_and_transformers() {
+    let cases: Vec<(&str, (Model, Value))> = ["gpt2-tiny", "llama-tiny", "llama-tiny-gqa"]
+        .into_iter()
+        .map(|n| (n, fixture(n)))
+        .collect();
+    let Some(dev) = gpu_or_skip("gpu_fixture_logits_match_cpu_and_transformers") else {
+        return;
+    };
+    for (name, (model, expected)) in &cases {
+        for_each_dtype!(&dev, check_fixture(name, model, expected));
+    }
+}
+
+/// Prefill, then one token at a time through the KV cache, against the CPU doing the same.
+fn check_decode<T: KernelDtype>(dev: &Dev, model: &Model)
+where
+    CudaBlas: Gemm<T>,
+{
+    let cpu = rounded::<T>(model);
+    let seqs = [vec![3u32, 1, 4, 1, 5, 9, 2, 6], vec![8u32, 6, 7, 5, 3]];
+    let prefill = [3usize, 2];
+    let cap = Capacity { batch: 2, seq: 8 };
+    let mut gpu = GpuModel::<T>::new(dev.clone(), model, cap).unwrap();
+    let mut cache = KvCache::new(&cpu.cfg, 2, cap.seq);
+    let firsts: Vec<Vec<u32>> = seqs
+        .iter()
+        .zip(prefill)
+        .map(|(s, n)| s[..n].to_vec())
+        .collect();
+    let (ids, shape) = pad_batch(&firsts, &[0, 0]);
+    cpu.forward_hidden(&ids, &shape, &mut cache, &mut NoAdapter);
+    gpu.forward(&ids, &shape, ElderStep::Off).unwrap();
+    let allocations = gpu.allocations();
+    let mut worst = 0.0f32;
+    let mut lens = prefill.to_vec();
+    // Each step feeds both sequences their next token; the shorter one repeats its last token once
+    // it runs out (any token will do: the check is GPU against CPU on the same inputs).
+    for _ in 0..5 {
+        let next: Vec<Vec<u32>> = seqs
+            .iter()
+            .zip(&lens)
+            .map(|(s, &l)| vec![s[l.min(s.len() - 1)]])
+            .collect();
+        let start = lens.clone();
+        let (ids, shape) = pad_batch(&next, &start);
+        let h = cpu.forward_hidden(&ids, &shape, &mut cache, &mut NoAdapter);
+        let (want, _) = cpu.head(&h, &[0, 1]);
+        gpu.forward(&ids, &shape, ElderStep::Off).unwrap();
+        let got = gpu.head(&[0, 1]).unwrap();
+        worst = worst.max(assert_close(
+            &format!("decode {:?} {}", model.cfg.arch, T::SUFFIX),
+            &got,
+            &want,
+            tol::<T>(),
+        ));
+        for (l, s) in lens.iter_mut().zip(&start) {
+            *l = s + 1;
+        }
+    }
+    assert_eq!(
+        gpu.allocations(),
+        allocations,
+        "decode steps inside the capacity must not allocate"
+    );
+    eprintln!(
+        "decode {:?} {}: max |gpu - cpu| {worst:.2e}",
+        model.cfg.arch,
+        T::SUFFIX
+    );
+}
+
+fn check_random_batch<T: KernelDtype>(dev: &Dev, model: &Model)
+where
+    CudaBlas: Gemm<T>,
+{
+    let cpu = rounded::<T>(model);
+    let seqs = mixed_batch();
+    let (want, shape) = cpu.logits(&seqs, &mut NoAdapter);
+    let mut gpu = GpuModel::<T>::new(dev.clone(), model, Capacity { batch: 1, seq: 1 }).unwrap();
+    let (got, _) = gpu.logits(&seqs, None).unwrap();
+    let v = model.cfg.vocab_size;
+    let what = format!("random {:?} {} batched logits", model.cfg.arch, T::SUFFIX);
+    let worst = assert_close(
+        &what,
+        &valid_rows(&got, &seqs, shape.seq, v),
+        &valid_rows(&want, &seqs, shape.seq, v),
+        tol::<T>(),
+    );
+    eprintln!("{what}: max |gpu - cpu| {worst:.2e}");
+    // The buffers grew once for this batch; the same or a smaller batch allocates nothing more.
+    let n = gpu.allocations();
+    gpu.logits(&seqs[..2], None).unwrap();
+    gpu.logits(&seqs, None).unwrap();
+    assert_eq!(gpu.allocations(), n, "steady-state calls must not allocate");
+
+    // Teacher-forced scoring as Model::score.
+    let (prompt, target) = (&seqs[2][..6], &seqs[2][6..]);
+    let want = cpu.score(prompt, target, &mut NoAdapter);
+    let (got, scope) = gpu.score(prompt, target, false).unwrap();
+    assert_eq!(scope, None);
+    assert_close(
+        &format!("score logprobs {}", T::SUFFIX),
+        &got.logprobs,
+        &want.logprobs,
+        tol::<T>(),
+    );
+    if T::SUFFIX == "f32" {
+        assert_eq!(got.argmax, want.argmax);
+        let want = cpu.generate(&seqs, 6, None, &mut NoAdapter);
+        let (got, _) = gpu.generate(&seqs, 6, None, false).unwrap();
+        assert_eq!(got, want, "batched greedy generation");
+    }
+}
+
+#[test]
+fn gpu_random_models_match_cpu() {
+    let models: Vec<Model> = [Arch::Gpt2, Arch::Llama]
+        .into_iter()
+        .map(|a| tiny(a, 5))
+        .chain([Arch::Gpt2, Arch::Llama].into_iter().map(|a| {
+            let cfg = elder::model::presets::preset(a, "tiny").unwrap();
+            sharpened(build_model(&cfg, &RandomSource { seed: 9 }).unwrap())
+        }))
+        .collect();
+    let Some(dev) = gpu_or_skip("gpu_random_models_match_cpu") else {
+        return;
+    };
+    for m in &models {
+        for_each_dtype!(&dev, check_random_batch(m));
+        for_each_dtype!(&dev, check_decode(m));
+    }
+}
+
+// ---------------------------------------------------------------- ELDER
+
+/// An ELDER state with decisive routers and non-zero experts, and a codebook that puts some of
+/// `candidates` in scope and leaves others out (decided by the CPU; checked here).
+struct ElderCase {
+    model: Model,
+    elder: Elder,
+    prompts: Vec<Vec<u32>>,
+    cpu_scope: Vec<bool>,
+}
+
+/// The routing of one prompt on the CPU (and the smallest top-k margin of its routers).
+fn cpu_routing(model: &Model, elder: &Elder, prompt: &[u32]) -> (Vec<Routing>, f32) {
+    let mut adapter = ElderAdapter::inference(elder, vec![0..prompt.len()]);
+    model.logits(&[prompt.to_vec()], &mut adapter);
+    let routing = adapter.routing.expect("the query site was reached");
+    let margin = routing
+        .iter()
+        .map(|r| {
+            let mut p = r.probs.clone();
+            p.sort_by(|a, b| b.total_cmp(a));
+            p[r.k - 1] - p[r.k]
+        })
+        .fold(f32::INFINITY, f32::min);
+    (routing, margin)
+}
+
+fn elder_case(arch: Arch, centering: bool) -> ElderCase {
+    let model = tiny(arch, 11);
+    let proj = if arch == Arch::Gpt2 {
+        MlpProj::CFc
+    } else {
+        MlpProj::DownProj
+    };
+    let cfg = ElderConfig {
+        query_block: 0,
+        query_proj: proj,
+        molora_blocks: vec![1, 2, 3],
+        molora_proj: proj,
+        threshold: 1, // in scope = the same allocation in every layer
+        query_centering: centering,
+        ..ElderConfig::default()
+    };
+    let mut elder = Elder::new(cfg, &model).unwrap();
+    let mut rng = ChaCha8Rng::seed_from_u64(77);
+    let vocab = model.cfg.vocab_size as u32;
+    let random_prompt = |rng: &mut ChaCha8Rng| -> Vec<u32> {
+        (0..rng.gen_range(2..10))
+            .map(|_| rng.gen_range(0..vocab))
+            .collect()
+    };
+    // The queries of a few prompts set the scales: the site's input is O(1) on GPT-2's c_fc but
+    // O(1e-2) on Llama's down_proj.
+    let calib: Vec<Vec<u32>> = (0..16).map(|_| random_prompt(&mut rng)).collect();
+    let (_, shape) = pad_batch(&calib, &vec![0; calib.len()]);
+    let rows = prompt_rows(shape.seq, calib.iter().map(Vec::len));
+    let mut probe = ElderAdapter::inference(&elder, rows);
+    model.logits(&calib, &mut probe);
+    let query = probe.query.take().expect("the query site was reached");
+    let d_in = elder.layers[0].d_in;
+    if centering {
+        let mut mean = vec![0.0f32; d_in];
+        for q in query.chunks(d_in) {
+            mean.iter_mut()
+                .zip(q)
+                .for_each(|(m, v)| *m += v / calib.len() as f32);
+        }
+        elder.query_mean = Some(mean);
+    }
+    let routed = elder.router_input(&query);
+    let rms = |v: &[f32]| (v.iter().map(|x| x * x).sum::<f32>() / v.len() as f32).sqrt();
+    let (q_rms, x_rms) = (rms(&query), rms(&routed));
+    let rank = elder.cfg.rank as f32;
+    for l in &mut elder.layers {
+        // Router logits of about 3 units (decisive top-k, so bf16 routes like f32), no bias.
+        let w_std = rms(&l.w_r);
+        let scale = 3.0 / (x_rms * (d_in as f32).sqrt() * w_std);
+        l.w_r.iter_mut().for_each(|v| *v *= scale);
+        l.b_r.fill(0.0);
+        // Experts that move the residual stream by about 0.5 (B = 0 would make them no-ops).
+        let xa_rms = q_rms * (d_in as f32 / (3.0 * rank)).sqrt();
+        let half_width = 3f32.sqrt() * 0.5 / (xa_rms * rank.sqrt());
+        l.b.iter_mut()
+            .for_each(|v| *v = rng.gen_range(-half_width..half_width));
+    }
+    // Candidate prompts whose routing is decisive (top-k margin well above bf16 noise).
+    let mut prompts = Vec::new();
+    let mut codes = Vec::new();
+    for _ in 0..64 {
+        let p = random_prompt(&mut rng);
+        let (routing, margin) = cpu_routing(&model, &elder, &p);
+        if margin > 0.05 {
+            codes.push(elder.codes(&routing).remove(0));
+            prompts.push(p);
+        }
+        if prompts.len() == 8 {
+            break;
+        }
+    }
+    assert!(
+        prompts.len() >= 4,
+        "too few decisive prompts ({})",
+        prompts.len()
+    );
+    // The first half's codes go into the codebook.
+    for c in &codes[..prompts.len() / 2] {
+        elder.codebook.push_words(c).unwrap();
+    }
+    let rows = {
+        let (_, shape) = pad_batch(&prompts, &vec![0; prompts.len()]);
+        prompt_rows(shape.seq, prompts.iter().map(Vec::len))
+    };
+    let mut adapter = ElderAdapter::inference(&elder, rows);
+    let (edited, shape) = model.logits(&prompts, &mut adapter);
+    let cpu_scope = adapter.in_scope.clone();
+    assert!(
+        cpu_scope.iter().any(|&s| s) && cpu_scope.iter().any(|&s| !s),
+        "the case needs in- and out-of-scope sequences, got {cpu_scope:?}"
+    );
+    // The case means something: in-scope rows move away from the base model, the others not at all.
+    let (base, _) = model.logits(&prompts, &mut NoAdapter);
+    let v = model.cfg.vocab_size;
+    for (b, p) in prompts.iter().enumerate() {
+        let rows = b * shape.seq * v..(b * shape.seq + p.len()) * v;
+        let moved = edited[rows.clone()]
+            .iter()
+            .zip(&base[rows])
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        if cpu_scope[b] {
+            assert!(moved > 1e-2, "in-scope sequence {b} barely moved ({moved})");
+        } else {
+            assert_eq!(moved, 0.0, "out-of-scope sequence {b} moved");
+        }
+    }
+    ElderCase {
+        model,
+        elder,
+        prompts,
+        cpu_scope,
+    }
+}
+
+fn check_elder<T: KernelDtype>(dev: &Dev, case: &ElderCase)
+where
+    CudaBlas: Gemm<T>,
+{
+    let (model, elder, prompts) = (&case.model, &case.elder, &case.prompts);
+    let cpu = rounded::<T>(model);
+    let (_, shape) = pad_batch(prompts, &vec![0; prompts.len()]);
+    let cpu_rows = prompt_rows(shape.seq, prompts.iter().map(Vec::len));
+    // The GPU router reads the last prompt token (the only pooling it has).
+    let query_rows: Vec<usize> = cpu_rows.iter().map(|r| r.end - 1).collect();
+    let mut adapter = ElderAdapter::inference(elder, cpu_rows.clone());
+    let (want, _) = cpu.logits(prompts, &mut adapter);
+    let cap = Capacity {
+        batch: prompts.len(),
+        seq: shape.seq,
+    };
+    let mut gpu = GpuModel::<T>::new(dev.clone(), model, cap).unwrap();
+    gpu.set_elder(Some(elder)).unwrap();
+    let (got, _) = gpu.logits(prompts, Some(&query_rows)).unwrap();
+    let (scope, dist) = gpu.elder_scope().unwrap();
+    let tag = format!(
+        "{:?} {} centring={}",
+        model.cfg.arch,
+        T::SUFFIX,
+        elder.cfg.query_centering
+    );
+    assert_eq!(scope, adapter.in_scope, "{tag}: in-scope mask");
+    assert_eq!(scope, case.cpu_scope, "{tag}: in-scope mask (f32 CPU)");
+    assert_eq!(dist, adapter.distances, "{tag}: code distances");
+    let v = model.cfg.vocab_size;
+    let worst = assert_close(
+        &format!("{tag}: edited logits"),
+        &valid_rows(&got, prompts, shape.seq, v),
+        &valid_rows(&want, prompts, shape.seq, v),
+        tol::<T>(),
+    );
+    eprintln!("{tag}: edited logits max |gpu - cpu| {worst:.2e}");
+
+    // Evaluation scoring (prompt, continuation) pairs on both backends, edited and base.
+    let pairs: Vec<(&[u32], &[u32])> = prompts
+        .iter()
+        .map(|p| (&p[..p.len() / 2 + 1], &p[p.len() / 2 + 1..]))
+        .collect();
+    for edited in [true, false] {
+        let want = score_pairs(&cpu, edited.then_some(elder), &pairs);
+        let got = gpu.score_pairs(edited, &pairs).unwrap();
+        for (g, w) in got.iter().zip(&want) {
+            assert_eq!(
+                (g.in_scope, g.distance),
+                (w.in_scope, w.distance),
+                "{tag}: eval scope"
+            );
+            if T::SUFFIX == "f32" {
+                assert_eq!(g.argmax, w.argmax, "{tag}: eval argmax (edited={edited})");
+            }
+        }
+    }
+    // Generation keeps the prompt's routing through the decode steps.
+    if T::SUFFIX == "f32" {
+        let mut adapter = ElderAdapter::inference(elder, cpu_rows);
+        let want = cpu.generate(prompts, 5, None, &mut adapter);
+        let (got, scope) = gpu.generate(prompts, 5, None, true).unwrap();
+        assert_eq!(scope, case.cpu_scope, "{tag}: generation scope");
+        assert_eq!(got, want, "{tag}: edited greedy generation");
+    }
+}
+
+#[test]
+fn gpu_elder_mixed_scope_batch_matches_cpu() {
+    let cases: Vec<ElderCase> = [Arch::Gpt2, Arch::Llama]
+        .into_iter()
+        .flat_map(|a| [elder_case(a, false), elder_case(a, true)])
+        .collect();
+    let Some(dev) = gpu_or_skip("gpu_elder_mixed_scope_batch_matches_cpu") else {
+        return;
+    };
+    for case in &cases {
+        for_each_dtype!(&dev, check_elder(case));
+    }
+}
+
+#[test]
+fn gpu_elder_with_empty_codebook_is_the_base_model() {
+    let model = tiny(Arch::Gpt2, 3);
+    let cfg = ElderConfig {
+        query_block: 0,
+        molora_blocks: vec![1, 2],
+        ..ElderConfig::preset_for(&model.cfg)
+    };
+    let mut elder = Elder::new(cfg, &model).unwrap();
+    elder.layers.iter_mut().for_each(|l| l.b.fill(0.3));
+    let seqs = mixed_batch();
+    let Some(dev) = gpu_or_skip("gpu_elder_with_empty_codebook_is_the_base_model") else {
+        return;
+    };
+    let mut gpu = GpuModel::<f32>::new(dev, &model, Capacity { batch: 4, seq: 11 }).unwrap();
+    gpu.set_elder(Some(&elder)).unwrap();
+    let rows: Vec<usize> = (0..seqs.len())
+        .map(|b| b * 11 + seqs[b].len() - 1)
+        .collect();
+    let (edited, _) = gpu.logits(&seqs, Some(&rows)).unwrap();
+    let (scope, dist) = gpu.elder_scope().unwrap();
+    assert_eq!(scope, vec![false; 4]);
+    assert_eq!(dist, vec![None; 4]);
+    let (base, _) = gpu.logits(&seqs, None).unwrap();
+    assert_eq!(edited, base, "nothing is in scope with an empty codebook");
+}
