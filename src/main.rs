@@ -376,7 +376,7 @@ fn with_adapter<T>(
         None => Ok((f(&mut NoAdapter), None)),
         Some(dir) => {
             let session = open_state(base, dir)?;
-            let mut adapter = ElderAdapter::inference(&session.elder, vec![0..prompt_len]);
+            let mut adapter = ElderAdapter::single(&session.elder, prompt_len);
             let out = f(&mut adapter);
             let scope = adapter.in_scope.first().copied();
             Ok((out, scope))

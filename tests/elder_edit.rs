@@ -124,13 +124,13 @@ fn out_of_scope_sequences_get_exactly_the_base_logits() {
     assert!(!edited[0].in_scope);
     let seq = [prompt, cont].concat();
     let (base, _) = model.logits(std::slice::from_ref(&seq), &mut NoAdapter);
-    let mut adapter = ElderAdapter::inference(&elder, vec![0..prompt.len()]);
+    let mut adapter = ElderAdapter::single(&elder, prompt.len());
     let (with, _) = model.logits(std::slice::from_ref(&seq), &mut adapter);
     assert_eq!(base, with, "out-of-scope logits differ from the base model");
     // Empty codebook: nothing in scope either.
     elder.cfg.threshold = 100;
     elder.codebook = elder::elder::codebook::Codebook::new(elder.cfg.code_bits()).unwrap();
-    let mut adapter = ElderAdapter::inference(&elder, vec![0..prompt.len()]);
+    let mut adapter = ElderAdapter::single(&elder, prompt.len());
     let (with, _) = model.logits(std::slice::from_ref(&seq), &mut adapter);
     assert_eq!(base, with);
 }
@@ -141,7 +141,7 @@ fn generation_keeps_the_prompt_routing() {
     let mut elder = Elder::new(config(&model), &model).unwrap();
     let e = &edits()[2];
     apply_edit_batch(&model, &mut elder, std::slice::from_ref(e), |_, _| {}).unwrap();
-    let mut adapter = ElderAdapter::inference(&elder, vec![0..e.prompt.len()]);
+    let mut adapter = ElderAdapter::single(&elder, e.prompt.len());
     let out = model.generate(std::slice::from_ref(&e.prompt), 3, None, &mut adapter);
     assert_eq!(adapter.in_scope, vec![true]);
     assert_eq!(
@@ -200,4 +200,25 @@ fn edits_take_with_prompt_mean_pooling() {
     assert!(scored[0].in_scope);
     assert_eq!(scored[0].distance, Some(0), "{:?}", scored[0]);
     assert_eq!(scored[0].argmax, e.target, "{:?}", scored[0]);
+}
+
+#[test]
+fn router_lr_scale_zero_freezes_the_routers_but_not_the_experts() {
+    let model = tiny(Arch::Gpt2);
+    let cfg = ElderConfig {
+        router_lr_scale: 0.0,
+        ..config(&model)
+    };
+    let mut elder = Elder::new(cfg, &model).unwrap();
+    let before = elder.clone();
+    apply_edit_batch(&model, &mut elder, &edits()[..1], |_, _| {}).unwrap();
+    for (l, b) in elder.layers.iter().zip(&before.layers) {
+        assert_eq!(l.w_r, b.w_r);
+        assert_eq!(l.b_r, b.b_r);
+        assert_ne!(l.b, b.b, "experts must still train");
+    }
+    // A scale of 1 moves the routers.
+    let mut moving = Elder::new(config(&model), &model).unwrap();
+    apply_edit_batch(&model, &mut moving, &edits()[..1], |_, _| {}).unwrap();
+    assert_ne!(moving.layers[0].w_r, before.layers[0].w_r);
 }

@@ -416,7 +416,7 @@ struct ElderCase {
 
 /// The routing of one prompt on the CPU (and the smallest top-k margin of its routers).
 fn cpu_routing(model: &Model, elder: &Elder, prompt: &[u32]) -> (Vec<Routing>, f32) {
-    let mut adapter = ElderAdapter::inference(elder, vec![0..prompt.len()]);
+    let mut adapter = ElderAdapter::single(elder, prompt.len());
     model.logits(&[prompt.to_vec()], &mut adapter);
     let routing = adapter.routing.expect("the query site was reached");
     let margin = routing

@@ -55,6 +55,9 @@ pub struct ElderConfig {
     /// Adam iterations per edit batch.
     pub iterations: usize,
     pub learning_rate: f32,
+    /// The routers' learning rate as a multiple of `learning_rate` (choice: the paper trains them
+    /// together at one rate; a smaller factor slows how fast later edits re-route earlier ones).
+    pub router_lr_scale: f32,
     /// Multiply the learning rate by `lr_decay_factor` every `lr_decay_every` iterations (0: never).
     pub lr_decay_every: usize,
     pub lr_decay_factor: f32,
@@ -91,6 +94,7 @@ impl Default for ElderConfig {
             allocation: AllocationMode::KnowledgeSeed,
             iterations: 50,
             learning_rate: 1e-3,
+            router_lr_scale: 1.0,
             lr_decay_every: 30,
             lr_decay_factor: 0.5,
             adam_beta1: 0.9,
@@ -230,6 +234,12 @@ impl ElderConfig {
         let positive = |x: f32| x.is_finite() && x > 0.0;
         if !positive(self.learning_rate) || !positive(self.lr_decay_factor) {
             bail!("learning_rate and lr_decay_factor must be positive");
+        }
+        if !(self.router_lr_scale.is_finite() && self.router_lr_scale >= 0.0) {
+            bail!(
+                "router_lr_scale must be zero (frozen routers) or positive, got {}",
+                self.router_lr_scale
+            );
         }
         Ok(())
     }

@@ -242,6 +242,11 @@ impl<'a> ElderAdapter<'a> {
         Self::build(elder, prompt_rows, Scope::Codebook, false)
     }
 
+    /// Inference on one sequence whose first `prompt_len` tokens are the prompt.
+    pub fn single(elder: &'a Elder, prompt_len: usize) -> Self {
+        Self::inference(elder, std::iter::once(0..prompt_len).collect())
+    }
+
     pub fn training(elder: &'a Elder, query: Vec<f32>) -> Self {
         let mut a = Self::build(elder, Vec::new(), Scope::All, true);
         a.query = Some(query);

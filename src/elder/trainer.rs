@@ -83,27 +83,30 @@ impl Adam {
         grads: &mut [MoloraLayer],
     ) {
         self.t += 1;
-        let step = AdamStep {
+        let step = |lr| AdamStep {
             lr,
             beta1: cfg.adam_beta1,
             beta2: cfg.adam_beta2,
             eps: cfg.adam_eps,
             t: self.t,
         };
+        // Same order as `MoloraLayer::tensors_mut`: A, B, then the router's weight and bias.
+        let rates = [lr, lr, lr * cfg.router_lr_scale, lr * cfg.router_lr_scale];
         for (((p, g), m), v) in params
             .iter_mut()
             .zip(grads.iter_mut())
             .zip(&mut self.m)
             .zip(&mut self.v)
         {
-            for (((p, g), m), v) in p
+            for ((((p, g), m), v), rate) in p
                 .tensors_mut()
                 .into_iter()
                 .zip(g.tensors_mut())
                 .zip(m.tensors_mut())
                 .zip(v.tensors_mut())
+                .zip(rates)
             {
-                ops::adam(p, g, m, v, step);
+                ops::adam(p, g, m, v, step(rate));
             }
         }
     }
