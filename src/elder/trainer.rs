@@ -8,7 +8,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::backend::cpu::ops::{self, AdamStep};
-use crate::model::runner::{pad_batch, prompt_rows};
+use crate::model::runner::{pad_batch, prompt_rows, target_rows};
 use crate::model::transformer::{AttnTape, MlpTape};
 use crate::model::{KvCache, Model};
 
@@ -175,15 +175,14 @@ impl PreparedBatch {
             .map(|ex| [ex.prompt.as_slice(), &ex.target].concat())
             .collect();
         let (ids, shape) = pad_batch(&seqs, &vec![0; batch.len()]);
-        // Row b*T + p - 1 + i predicts target token i of sequence b.
-        let mut target_rows = Vec::new();
-        let mut targets = Vec::new();
-        for (b, ex) in batch.iter().enumerate() {
-            for (i, &t) in ex.target.iter().enumerate() {
-                target_rows.push(b * shape.seq + ex.prompt.len() - 1 + i);
-                targets.push(Some(t));
-            }
-        }
+        let target_rows = target_rows(
+            shape.seq,
+            batch.iter().map(|ex| (ex.prompt.len(), ex.target.len())),
+        );
+        let targets: Vec<Option<u32>> = batch
+            .iter()
+            .flat_map(|ex| ex.target.iter().map(|&t| Some(t)))
+            .collect();
         let query_rows = prompt_rows(shape.seq, batch.iter().map(|ex| ex.prompt.len()));
 
         let first = elder.cfg.molora_blocks[0];

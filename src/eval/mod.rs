@@ -5,7 +5,7 @@ use serde::Serialize;
 
 use crate::backend::cpu::ops;
 use crate::elder::molora::{Elder, ElderAdapter};
-use crate::model::runner::{pad_batch, prompt_rows};
+use crate::model::runner::{pad_batch, prompt_rows, target_rows};
 use crate::model::{KvCache, Model, NoAdapter};
 
 /// An edit record, tokenized.
@@ -103,11 +103,7 @@ pub fn score_pairs(
                 (h, vec![false; n], vec![None; n])
             }
         };
-        let rows: Vec<usize> = chunk
-            .iter()
-            .enumerate()
-            .flat_map(|(b, (p, c))| (0..c.len()).map(move |i| b * shape.seq + p.len() - 1 + i))
-            .collect();
+        let rows = target_rows(shape.seq, chunk.iter().map(|(p, c)| (p.len(), c.len())));
         let (logits, _) = model.head(&h, &rows);
         let mut rows_iter = logits.chunks(model.cfg.vocab_size);
         for (((_, c), in_scope), distance) in chunk.iter().zip(in_scope).zip(distances) {

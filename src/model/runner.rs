@@ -33,6 +33,16 @@ pub fn prompt_rows(seq: usize, prompt_lens: impl IntoIterator<Item = usize>) -> 
         .collect()
 }
 
+/// Rows whose logits score each `(prompt_len, target_len)` pair of a right-padded batch whose rows
+/// are `seq` apart: row `b * seq + prompt_len - 1 + i` predicts target token `i` (teacher forcing).
+pub fn target_rows(seq: usize, pairs: impl IntoIterator<Item = (usize, usize)>) -> Vec<usize> {
+    pairs
+        .into_iter()
+        .enumerate()
+        .flat_map(|(b, (p, t))| (0..t).map(move |i| b * seq + p - 1 + i))
+        .collect()
+}
+
 impl Model {
     /// Runs new tokens through every block, continuing `cache`; returns the last hidden states
     /// `[rows, d]` (before the final norm).
@@ -76,8 +86,7 @@ impl Model {
         let (ids, shape) = pad_batch(&[seq], &[0]);
         let mut cache = KvCache::new(&self.cfg, 1, shape.seq);
         let h = self.forward_hidden(&ids, &shape, &mut cache, adapter);
-        // Row p-1+i predicts target token i.
-        let rows: Vec<usize> = (0..target.len()).map(|i| prompt.len() - 1 + i).collect();
+        let rows = target_rows(shape.seq, [(prompt.len(), target.len())]);
         let (logits, _) = self.head(&h, &rows);
         let vocab = self.cfg.vocab_size;
         let mut out = Scored {

@@ -1,3 +1,4 @@
 //! The CPU reference backend.
 pub mod molora;
 pub mod ops;
+pub mod skinny;

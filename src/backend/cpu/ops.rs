@@ -8,6 +8,8 @@
 
 use rayon::prelude::*;
 
+use super::skinny;
+
 /// Storage order of a weight matrix used as `y = x W`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Layout {
@@ -50,10 +52,26 @@ fn gemm_parallelism(flops: usize) -> gemm::Parallelism {
     }
 }
 
-/// General product `C[m,n] (+)= A[m,k] B[k,n]` on strided views.
-/// `a_strides`/`b_strides` are (row stride, column stride) in elements; C is dense row-major.
+/// Whether a product goes to the few-rows kernels: A dense row-major, B with one contiguous
+/// dimension, few rows and a B large enough that reading it is the cost.
+fn skinny_order(
+    m: usize,
+    n: usize,
+    k: usize,
+    a_strides: (isize, isize),
+    b_strides: (isize, isize),
+) -> Option<skinny::BOrder> {
+    let dense_a = a_strides == (k as isize, 1);
+    if m > skinny::MAX_ROWS || !dense_a || n * k < 1 << 16 {
+        return None;
+    }
+    skinny::BOrder::from_strides(b_strides)
+}
+
+/// Checks a product's shapes against its slices; returns false when there is nothing to multiply
+/// (after zeroing C for an empty inner dimension).
 #[allow(clippy::too_many_arguments)]
-pub fn gemm_strided(
+fn check_product(
     m: usize,
     n: usize,
     k: usize,
@@ -63,7 +81,7 @@ pub fn gemm_strided(
     b_strides: (isize, isize),
     c: &mut [f32],
     accumulate: bool,
-) {
+) -> bool {
     assert_eq!(
         c.len(),
         m * n,
@@ -71,13 +89,13 @@ pub fn gemm_strided(
         c.len()
     );
     if m == 0 || n == 0 {
-        return;
+        return false;
     }
     if k == 0 {
         if !accumulate {
             c.fill(0.0);
         }
-        return;
+        return false;
     }
     let max_index = |rows: usize, cols: usize, (rs, cs): (isize, isize)| {
         (rows as isize - 1) * rs + (cols as isize - 1) * cs
@@ -90,7 +108,65 @@ pub fn gemm_strided(
         max_index(k, n, b_strides) < b.len() as isize,
         "gemm: B too small"
     );
-    // SAFETY: the asserts above keep every index of A, B and C inside their slices; C does not
+    true
+}
+
+/// General product `C[m,n] (+)= A[m,k] B[k,n]` on strided views.
+/// `a_strides`/`b_strides` are (row stride, column stride) in elements; C is dense row-major.
+/// Few-row products with a contiguous B go to [`skinny`], the rest to the `gemm` crate.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_strided(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    a_strides: (isize, isize),
+    b: &[f32],
+    b_strides: (isize, isize),
+    c: &mut [f32],
+    accumulate: bool,
+) {
+    if !check_product(m, n, k, a, a_strides, b, b_strides, c, accumulate) {
+        return;
+    }
+    match skinny_order(m, n, k, a_strides, b_strides) {
+        Some(order) => skinny::gemm(m, n, k, a, b, order, c, accumulate),
+        None => gemm_crate(m, n, k, a, a_strides, b, b_strides, c, accumulate),
+    }
+}
+
+/// `gemm_strided` always through the `gemm` crate (public so benchmarks can compare the paths).
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_general(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    a_strides: (isize, isize),
+    b: &[f32],
+    b_strides: (isize, isize),
+    c: &mut [f32],
+    accumulate: bool,
+) {
+    if check_product(m, n, k, a, a_strides, b, b_strides, c, accumulate) {
+        gemm_crate(m, n, k, a, a_strides, b, b_strides, c, accumulate);
+    }
+}
+
+/// The `gemm` crate on a product `check_product` accepted.
+#[allow(clippy::too_many_arguments)]
+fn gemm_crate(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    a_strides: (isize, isize),
+    b: &[f32],
+    b_strides: (isize, isize),
+    c: &mut [f32],
+    accumulate: bool,
+) {
+    // SAFETY: `check_product` keep every index of A, B and C inside their slices; C does not
     // alias A or B (it is a distinct &mut borrow).
     unsafe {
         gemm::gemm(
@@ -724,6 +800,86 @@ mod tests {
                 "{name}: d/dx[{i}] finite difference {fd} vs analytic {}",
                 grad[i]
             );
+        }
+    }
+
+    /// `x W` (and `dy W^T`) in f64 from the logical `[in, out]` view.
+    fn naive_product(x: &[f32], m: usize, w: &MatRef, transpose: bool) -> Vec<f64> {
+        let at = |i: usize, o: usize| -> f64 {
+            match w.layout {
+                Layout::InOut => w.data[i * w.out_dim + o] as f64,
+                Layout::OutIn => w.data[o * w.in_dim + i] as f64,
+            }
+        };
+        let (k, n) = if transpose {
+            (w.out_dim, w.in_dim)
+        } else {
+            (w.in_dim, w.out_dim)
+        };
+        let mut out = vec![0.0f64; m * n];
+        for r in 0..m {
+            for j in 0..n {
+                out[r * n + j] = (0..k)
+                    .map(|kk| {
+                        let wv = if transpose { at(j, kk) } else { at(kk, j) };
+                        x[r * k + kk] as f64 * wv
+                    })
+                    .sum();
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn few_row_products_match_a_naive_product_in_both_layouts_and_directions() {
+        // Shapes off every block and lane multiple, large enough for the few-rows kernels; m = 17
+        // and a tiny product take the general GEMM, checked the same way.
+        let shapes = [
+            (1, 300, 517),
+            (5, 1029, 130),
+            (16, 77, 1100),
+            (17, 260, 300),
+            (3, 9, 7),
+        ];
+        for (seed, &(m, in_dim, out_dim)) in shapes.iter().enumerate() {
+            let data = random(in_dim * out_dim, 100 + seed as u64);
+            for layout in [Layout::InOut, Layout::OutIn] {
+                let w = MatRef {
+                    data: &data,
+                    in_dim,
+                    out_dim,
+                    layout,
+                };
+                for transpose in [false, true] {
+                    let (k, n) = if transpose {
+                        (out_dim, in_dim)
+                    } else {
+                        (in_dim, out_dim)
+                    };
+                    let x = random(m * k, 200 + seed as u64);
+                    let want = naive_product(&x, m, &w, transpose);
+                    for accumulate in [false, true] {
+                        let start = random(m * n, 300 + seed as u64);
+                        let mut out = if accumulate {
+                            start.clone()
+                        } else {
+                            vec![f32::NAN; m * n]
+                        };
+                        if transpose {
+                            matmul_input_grad(&x, m, w, &mut out, accumulate);
+                        } else {
+                            matmul(&x, m, w, &mut out, accumulate);
+                        }
+                        for (idx, (&got, &exp)) in out.iter().zip(&want).enumerate() {
+                            let exp = exp + if accumulate { start[idx] as f64 } else { 0.0 };
+                            assert!(
+                                (got as f64 - exp).abs() <= 1e-4 * (1.0 + exp.abs()),
+                                "m={m} {layout:?} transpose={transpose} acc={accumulate} [{idx}]: {got} vs {exp}"
+                            );
+                        }
+                    }
+                }
+            }
         }
     }
 

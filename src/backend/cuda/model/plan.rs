@@ -176,15 +176,8 @@ pub fn last_rows(shape: &BatchShape) -> Vec<usize> {
         .collect()
 }
 
-/// Rows whose logits score each pair of a padded batch (`(prompt_len, target_len)` per sequence):
-/// row `b * seq + prompt_len - 1 + i` predicts target token `i` (teacher forcing).
-pub fn target_rows(seq: usize, pairs: &[(usize, usize)]) -> Vec<usize> {
-    pairs
-        .iter()
-        .enumerate()
-        .flat_map(|(b, &(p, t))| (0..t).map(move |i| b * seq + p - 1 + i))
-        .collect()
-}
+/// The CPU runner's row arithmetic, shared (one model description, two backends).
+pub use crate::model::runner::target_rows;
 
 /// Rows where ELDER reads each pair's query: the last prompt token, `b * seq + prompt_len - 1`.
 pub fn prompt_query_rows(seq: usize, prompt_lens: &[usize]) -> Vec<usize> {
@@ -320,10 +313,10 @@ mod tests {
         assert_eq!(shape.seq, 5);
         assert_eq!(last_rows(&shape), vec![2, 5, 14]);
         // (prompt, target) = (2, 1), (1, 0), (3, 2): rows 1 | - | 12, 13.
-        assert_eq!(target_rows(5, &[(2, 1), (1, 0), (3, 2)]), vec![1, 12, 13]);
+        assert_eq!(target_rows(5, [(2, 1), (1, 0), (3, 2)]), vec![1, 12, 13]);
         assert_eq!(prompt_query_rows(5, &[2, 1, 3]), vec![1, 5, 12]);
         // The CPU runner's score uses the same rows for one sequence.
-        assert_eq!(target_rows(9, &[(4, 3)]), vec![3, 4, 5]);
+        assert_eq!(target_rows(9, [(4, 3)]), vec![3, 4, 5]);
     }
 
     #[test]

@@ -65,7 +65,7 @@ where
         })?;
         let query = [prompt.len() - 1];
         self.forward(&ids, &shape, prompt_step(edited.then_some(&query[..])))?;
-        let logits = self.head(&target_rows(shape.seq, &[(prompt.len(), target.len())]))?;
+        let logits = self.head(&target_rows(shape.seq, [(prompt.len(), target.len())]))?;
         let vocab = self.cfg.vocab_size;
         let mut out = Scored {
             logprobs: Vec::new(),
@@ -118,7 +118,7 @@ where
                 (vec![false; n], vec![None; n])
             };
             let lens: Vec<(usize, usize)> = chunk.iter().map(|(p, c)| (p.len(), c.len())).collect();
-            let logits = self.head(&target_rows(shape.seq, &lens))?;
+            let logits = self.head(&target_rows(shape.seq, lens.iter().copied()))?;
             let mut rows = logits.chunks(self.cfg.vocab_size);
             for (((_, c), in_scope), distance) in chunk.iter().zip(in_scope).zip(distances) {
                 let argmax = rows

@@ -1,0 +1,95 @@
+//! Few-row products of the edit loop, side by side: the few-rows kernels (`gemm_strided`'s
+//! choice) against the `gemm` crate (`gemm_general`) on the same inputs.
+//! Shapes: gpt2-124m `c_fc` ([in, out], 768 -> 3072) forward and input gradient, SmolLM2
+//! `down_proj` ([out, in], 1536 -> 576) forward, and a tied lm_head ([vocab, d]) on 3 target rows.
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
+use elder::backend::cpu::ops::{gemm_general, gemm_strided};
+
+struct Case {
+    name: &'static str,
+    m: usize,
+    n: usize,
+    k: usize,
+    /// Strides of the logical `[k, n]` B.
+    b_strides: (isize, isize),
+}
+
+fn bench_gemm(c: &mut Criterion) {
+    let cases = [
+        Case {
+            name: "gpt2 c_fc fwd",
+            m: 12,
+            n: 3072,
+            k: 768,
+            b_strides: (3072, 1),
+        },
+        Case {
+            name: "gpt2 c_fc dx",
+            m: 12,
+            n: 768,
+            k: 3072,
+            b_strides: (1, 3072),
+        },
+        Case {
+            name: "smollm2 down_proj fwd",
+            m: 12,
+            n: 576,
+            k: 1536,
+            b_strides: (1, 1536),
+        },
+        Case {
+            name: "gpt2 lm_head 3 rows",
+            m: 3,
+            n: 50257,
+            k: 768,
+            b_strides: (1, 768),
+        },
+    ];
+    let mut group = c.benchmark_group("cpu_gemm_few_rows");
+    group.sample_size(30);
+    for case in &cases {
+        let a: Vec<f32> = (0..case.m * case.k)
+            .map(|i| (i % 97) as f32 * 0.01)
+            .collect();
+        let b: Vec<f32> = (0..case.n * case.k)
+            .map(|i| (i % 89) as f32 * 0.01)
+            .collect();
+        let mut out = vec![0.0f32; case.m * case.n];
+        let a_strides = (case.k as isize, 1);
+        group.bench_function(BenchmarkId::new("few_rows", case.name), |bch| {
+            bch.iter(|| {
+                gemm_strided(
+                    case.m,
+                    case.n,
+                    case.k,
+                    &a,
+                    a_strides,
+                    &b,
+                    case.b_strides,
+                    &mut out,
+                    false,
+                )
+            })
+        });
+        group.bench_function(BenchmarkId::new("gemm_crate", case.name), |bch| {
+            bch.iter(|| {
+                gemm_general(
+                    case.m,
+                    case.n,
+                    case.k,
+                    &a,
+                    a_strides,
+                    &b,
+                    case.b_strides,
+                    &mut out,
+                    false,
+                )
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench_gemm);
+criterion_main!(benches);
