@@ -39,6 +39,20 @@ fn bench_gemm(c: &mut Criterion) {
             b_strides: (1, 1536),
         },
         Case {
+            name: "gpt2 lm_head 32 rows",
+            m: 32,
+            n: 50257,
+            k: 768,
+            b_strides: (1, 768),
+        },
+        Case {
+            name: "gpt2 c_fc dx 32 rows",
+            m: 32,
+            n: 768,
+            k: 3072,
+            b_strides: (1, 3072),
+        },
+        Case {
             name: "gpt2 lm_head 3 rows",
             m: 3,
             n: 50257,

@@ -52,20 +52,27 @@ fn gemm_parallelism(flops: usize) -> gemm::Parallelism {
     }
 }
 
-/// Whether a product goes to the few-rows kernels: A dense row-major, B with one contiguous
-/// dimension, few rows and a B large enough that reading it is the cost.
+/// The column stride of B when a product goes to the few-rows kernel: A dense row-major, B's
+/// columns contiguous, few rows, and a B large enough that reading it is the cost.
 fn skinny_order(
     m: usize,
     n: usize,
     k: usize,
     a_strides: (isize, isize),
     b_strides: (isize, isize),
-) -> Option<skinny::BOrder> {
+) -> Option<usize> {
     let dense_a = a_strides == (k as isize, 1);
-    if m > skinny::MAX_ROWS || !dense_a || n * k < 1 << 16 {
+    let (rs, cs) = b_strides;
+    if !skinny::enabled()
+        || m > skinny::MAX_ROWS
+        || !dense_a
+        || n * k < 1 << 16
+        || rs != 1
+        || cs < 1
+    {
         return None;
     }
-    skinny::BOrder::from_strides(b_strides)
+    Some(cs as usize)
 }
 
 /// Checks a product's shapes against its slices; returns false when there is nothing to multiply
@@ -113,7 +120,7 @@ fn check_product(
 
 /// General product `C[m,n] (+)= A[m,k] B[k,n]` on strided views.
 /// `a_strides`/`b_strides` are (row stride, column stride) in elements; C is dense row-major.
-/// Few-row products with a contiguous B go to [`skinny`], the rest to the `gemm` crate.
+/// Few-row products whose B has contiguous columns go to [`skinny`], the rest to the `gemm` crate.
 #[allow(clippy::too_many_arguments)]
 pub fn gemm_strided(
     m: usize,
@@ -130,7 +137,7 @@ pub fn gemm_strided(
         return;
     }
     match skinny_order(m, n, k, a_strides, b_strides) {
-        Some(order) => skinny::gemm(m, n, k, a, b, order, c, accumulate),
+        Some(b_col_stride) => skinny::gemm(m, n, k, a, b, b_col_stride, c, accumulate),
         None => gemm_crate(m, n, k, a, a_strides, b, b_strides, c, accumulate),
     }
 }
