@@ -88,16 +88,7 @@ impl Model {
         let h = self.forward_hidden(&ids, &shape, &mut cache, adapter);
         let rows = target_rows(shape.seq, [(prompt.len(), target.len())]);
         let (logits, _) = self.head(&h, &rows);
-        let vocab = self.cfg.vocab_size;
-        let mut out = Scored {
-            logprobs: Vec::new(),
-            argmax: Vec::new(),
-        };
-        for (row, &t) in logits.chunks(vocab).zip(target) {
-            out.logprobs.push(row[t as usize] - ops::logsumexp(row));
-            out.argmax.push(ops::argmax(row) as u32);
-        }
-        out
+        Scored::from_logits(&logits, self.cfg.vocab_size, target)
     }
 
     /// Greedy continuation of each prompt (batched, with a KV cache). A sequence stops at `eos`.
@@ -145,4 +136,20 @@ pub struct Scored {
     pub logprobs: Vec<f32>,
     /// The model's most likely token at each of those positions.
     pub argmax: Vec<u32>,
+}
+
+impl Scored {
+    /// From the logits `[target.len(), vocab]` of the rows that predict each target token.
+    pub fn from_logits(logits: &[f32], vocab: usize, target: &[u32]) -> Self {
+        let rows = logits.chunks(vocab).zip(target);
+        let (logprobs, argmax) = rows
+            .map(|(row, &t)| {
+                (
+                    row[t as usize] - ops::logsumexp(row),
+                    ops::argmax(row) as u32,
+                )
+            })
+            .unzip();
+        Scored { logprobs, argmax }
+    }
 }

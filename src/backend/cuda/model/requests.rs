@@ -66,15 +66,7 @@ where
         let query = [prompt.len() - 1];
         self.forward(&ids, &shape, prompt_step(edited.then_some(&query[..])))?;
         let logits = self.head(&target_rows(shape.seq, [(prompt.len(), target.len())]))?;
-        let vocab = self.cfg.vocab_size;
-        let mut out = Scored {
-            logprobs: Vec::new(),
-            argmax: Vec::new(),
-        };
-        for (row, &t) in logits.chunks(vocab).zip(target) {
-            out.logprobs.push(row[t as usize] - ops::logsumexp(row));
-            out.argmax.push(ops::argmax(row) as u32);
-        }
+        let out = Scored::from_logits(&logits, self.cfg.vocab_size, target);
         let scope = if edited {
             self.elder_scope()?.0.first().copied()
         } else {
