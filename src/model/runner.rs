@@ -33,6 +33,55 @@ pub fn prompt_rows(seq: usize, prompt_lens: impl IntoIterator<Item = usize>) -> 
         .collect()
 }
 
+/// Row of each sequence's last real token, `b * seq + valid[b] - 1`: where greedy decoding reads
+/// the next token.
+pub fn last_rows(shape: &BatchShape) -> Vec<usize> {
+    (0..shape.batch)
+        .map(|b| b * shape.seq + shape.valid[b].saturating_sub(1))
+        .collect()
+}
+
+/// Greedy decoding's bookkeeping, shared by the CPU and GPU backends: each sequence's tokens so
+/// far and whether it has produced `eos`.
+pub struct GreedyDecode {
+    tokens: Vec<Vec<u32>>,
+    done: Vec<bool>,
+    eos: Option<u32>,
+}
+
+impl GreedyDecode {
+    pub fn new(batch: usize, eos: Option<u32>) -> Self {
+        GreedyDecode {
+            tokens: vec![Vec::new(); batch],
+            done: vec![false; batch],
+            eos,
+        }
+    }
+
+    /// Takes each sequence's argmax from `logits` `[batch, vocab]` (kept only until its `eos`) and
+    /// returns the next step's one-token inputs.
+    pub fn step(&mut self, logits: &[f32], vocab: usize) -> Vec<Vec<u32>> {
+        let mut next = Vec::with_capacity(self.done.len());
+        for (b, row) in logits.chunks(vocab).enumerate() {
+            let tok = ops::argmax(row) as u32;
+            if !self.done[b] {
+                self.tokens[b].push(tok);
+                self.done[b] = Some(tok) == self.eos;
+            }
+            next.push(vec![tok]);
+        }
+        next
+    }
+
+    pub fn all_done(&self) -> bool {
+        self.done.iter().all(|&d| d)
+    }
+
+    pub fn into_tokens(self) -> Vec<Vec<u32>> {
+        self.tokens
+    }
+}
+
 /// Rows whose logits score each `(prompt_len, target_len)` pair of a right-padded batch whose rows
 /// are `seq` apart: row `b * seq + prompt_len - 1 + i` predicts target token `i` (teacher forcing).
 pub fn target_rows(seq: usize, pairs: impl IntoIterator<Item = (usize, usize)>) -> Vec<usize> {
@@ -102,30 +151,18 @@ impl Model {
         let batch = prompts.len();
         let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
         let mut cache = KvCache::new(&self.cfg, batch, longest + max_new_tokens);
-        let mut out = vec![Vec::new(); batch];
-        let mut done = vec![false; batch];
+        let mut decode = GreedyDecode::new(batch, eos);
         let (mut ids, mut shape) = pad_batch(prompts, &vec![0; batch]);
         for _ in 0..max_new_tokens {
             let h = self.forward_hidden(&ids, &shape, &mut cache, adapter);
-            let rows: Vec<usize> = (0..batch)
-                .map(|b| b * shape.seq + shape.valid[b] - 1)
-                .collect();
-            let (logits, _) = self.head(&h, &rows);
-            let mut next = Vec::with_capacity(batch);
-            for (b, row) in logits.chunks(self.cfg.vocab_size).enumerate() {
-                let tok = ops::argmax(row) as u32;
-                if !done[b] {
-                    out[b].push(tok);
-                    done[b] = Some(tok) == eos;
-                }
-                next.push(vec![tok]);
-            }
-            if done.iter().all(|&d| d) || cache.lens.iter().any(|&l| l >= self.cfg.max_positions) {
+            let (logits, _) = self.head(&h, &last_rows(&shape));
+            let next = decode.step(&logits, self.cfg.vocab_size);
+            if decode.all_done() || cache.lens.iter().any(|&l| l >= self.cfg.max_positions) {
                 break;
             }
             (ids, shape) = pad_batch(&next, &cache.lens);
         }
-        out
+        decode.into_tokens()
     }
 }
 

@@ -6,6 +6,7 @@
 use anyhow::{bail, Context, Result};
 
 use crate::elder::config::ElderConfig;
+use crate::model::runner::prompt_rows;
 use crate::model::{Arch, BatchShape, ModelConfig};
 
 use super::super::router::code_words;
@@ -168,23 +169,15 @@ pub fn check_shape(shape: &BatchShape, cap: Capacity, cfg: &ModelConfig) -> Resu
     Ok(())
 }
 
-/// Row of each sequence's last real token, `b * seq + valid[b] - 1`: where generation reads its
-/// next token and where ELDER reads a prompt's query.
-pub fn last_rows(shape: &BatchShape) -> Vec<usize> {
-    (0..shape.batch)
-        .map(|b| b * shape.seq + shape.valid[b].saturating_sub(1))
-        .collect()
-}
-
 /// The CPU runner's row arithmetic, shared (one model description, two backends).
-pub use crate::model::runner::target_rows;
+pub use crate::model::runner::{last_rows, target_rows};
 
-/// Rows where ELDER reads each pair's query: the last prompt token, `b * seq + prompt_len - 1`.
+/// Rows where the GPU router reads each pair's query: the last of its prompt rows (the GPU has
+/// only `QueryPooling::LastToken`).
 pub fn prompt_query_rows(seq: usize, prompt_lens: &[usize]) -> Vec<usize> {
-    prompt_lens
-        .iter()
-        .enumerate()
-        .map(|(b, &p)| b * seq + p.saturating_sub(1))
+    prompt_rows(seq, prompt_lens.iter().copied())
+        .into_iter()
+        .map(|rows| rows.end.saturating_sub(1).max(rows.start))
         .collect()
 }
 

@@ -9,7 +9,7 @@ use cudarc::cublas::{CudaBlas, Gemm};
 
 use crate::backend::cpu::ops;
 use crate::eval::{self, EVAL_BATCH};
-use crate::model::runner::{pad_batch, Scored};
+use crate::model::runner::{pad_batch, GreedyDecode, Scored};
 use crate::model::BatchShape;
 
 use super::super::buffers::KernelDtype;
@@ -146,8 +146,7 @@ where
             batch,
             seq: longest + max_new_tokens,
         })?;
-        let mut out = vec![Vec::new(); batch];
-        let mut done = vec![false; batch];
+        let mut decode = GreedyDecode::new(batch, eos);
         let mut scope = Vec::new();
         let mut lens = vec![0usize; batch];
         let (mut ids, mut shape) = pad_batch(prompts, &lens);
@@ -166,20 +165,12 @@ where
                 *len = s + v;
             }
             let logits = self.head(&last_rows(&shape))?;
-            let mut next = Vec::with_capacity(batch);
-            for (b, row) in logits.chunks(self.cfg.vocab_size).enumerate() {
-                let tok = ops::argmax(row) as u32;
-                if !done[b] {
-                    out[b].push(tok);
-                    done[b] = Some(tok) == eos;
-                }
-                next.push(vec![tok]);
-            }
-            if done.iter().all(|&d| d) || lens.iter().any(|&l| l >= self.cfg.max_positions) {
+            let next = decode.step(&logits, self.cfg.vocab_size);
+            if decode.all_done() || lens.iter().any(|&l| l >= self.cfg.max_positions) {
                 break;
             }
             (ids, shape) = pad_batch(&next, &lens);
         }
-        Ok((out, scope))
+        Ok((decode.into_tokens(), scope))
     }
 }
