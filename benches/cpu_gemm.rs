@@ -1,7 +1,9 @@
 //! Few-row products of the edit loop, side by side: the few-rows kernels (`gemm_strided`'s
 //! choice) against the `gemm` crate (`gemm_general`) on the same inputs.
-//! Shapes: gpt2-124m `c_fc` ([in, out], 768 -> 3072) forward and input gradient, SmolLM2
-//! `down_proj` ([out, in], 1536 -> 576) forward, and a tied lm_head ([vocab, d]) on 3 target rows.
+//! Shapes: gpt2-124m `c_fc` ([in, out], 768 -> 3072) forward (B rows contiguous) and input gradient
+//! (B columns contiguous), SmolLM2 `down_proj` ([out, in], 1536 -> 576) forward (columns) and input
+//! gradient (rows), a tied lm_head ([vocab, d]) on 3 and 32 rows; 12 rows (a SmolLM2 edit), 20 (the
+//! `cpu_edit` bench) and 32 (the few-row limit).
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use elder::backend::cpu::ops::{gemm_general, gemm_strided};
@@ -37,6 +39,34 @@ fn bench_gemm(c: &mut Criterion) {
             n: 576,
             k: 1536,
             b_strides: (1, 1536),
+        },
+        Case {
+            name: "smollm2 down_proj dx",
+            m: 12,
+            n: 1536,
+            k: 576,
+            b_strides: (1536, 1),
+        },
+        Case {
+            name: "gpt2 c_fc fwd 20 rows",
+            m: 20,
+            n: 3072,
+            k: 768,
+            b_strides: (3072, 1),
+        },
+        Case {
+            name: "gpt2 c_fc dx 20 rows",
+            m: 20,
+            n: 768,
+            k: 3072,
+            b_strides: (1, 3072),
+        },
+        Case {
+            name: "gpt2 c_fc fwd 32 rows",
+            m: 32,
+            n: 3072,
+            k: 768,
+            b_strides: (3072, 1),
         },
         Case {
             name: "gpt2 lm_head 32 rows",

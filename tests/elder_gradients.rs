@@ -170,3 +170,51 @@ fn llama_down_proj_gradients_match_finite_differences() {
 fn llama_up_proj_gradients_match_finite_differences() {
     check(Arch::Llama, MlpProj::UpProj, true);
 }
+
+/// The trainer's fused head (norm, lm_head and cross-entropy in one pass over the vocabulary)
+/// against the unfused path: logits, `ops::cross_entropy`, `head_backward`.
+fn check_fused_head(arch: Arch) {
+    use elder::backend::cpu::ops;
+    let model = tiny(arch);
+    let d = model.cfg.hidden_size;
+    let rows_total = 9;
+    let mut rng = ChaCha8Rng::seed_from_u64(9);
+    let h: Vec<f32> = (0..rows_total * d)
+        .map(|_| 2.0 * standard_normal(&mut rng))
+        .collect();
+    let rows = [1usize, 4, 5, 8];
+    let targets = [7u32, 60, 0, 33];
+    let weight = 0.5;
+
+    let (logits, tape) = model.head(&h, &rows);
+    let mut dlogits = vec![0.0f32; logits.len()];
+    let some: Vec<Option<u32>> = targets.iter().map(|&t| Some(t)).collect();
+    let want = ops::cross_entropy(&logits, model.cfg.vocab_size, &some, weight, &mut dlogits);
+    let mut want_dh = vec![0.1f32; h.len()];
+    model.head_backward(&tape, &dlogits, &mut want_dh);
+
+    let mut got_dh = vec![0.1f32; h.len()];
+    let got = model.head_loss(&h, &rows, &targets, weight, &mut got_dh);
+    assert!(
+        (got - want).abs() <= 1e-5 * want.abs(),
+        "{arch:?}: loss {got} vs {want}"
+    );
+    for (i, (g, w)) in got_dh.iter().zip(&want_dh).enumerate() {
+        assert!((g - w).abs() <= 1e-5, "{arch:?}: dh[{i}] {g} vs {w}");
+    }
+    // Rows without a target keep what was in dh.
+    assert!(
+        got_dh[..d].iter().all(|&v| v == 0.1),
+        "{arch:?}: row 0 changed"
+    );
+}
+
+#[test]
+fn fused_head_loss_matches_the_unfused_head_gpt2() {
+    check_fused_head(Arch::Gpt2);
+}
+
+#[test]
+fn fused_head_loss_matches_the_unfused_head_llama() {
+    check_fused_head(Arch::Llama);
+}

@@ -33,7 +33,7 @@ impl Codebook {
     pub fn from_words(bits_per_code: usize, entries: Vec<u64>) -> Result<Self> {
         let mut book = Codebook::new(bits_per_code)?;
         ensure!(
-            entries.len() % book.words_per_code == 0,
+            entries.len().is_multiple_of(book.words_per_code),
             "codebook: {} words is not a whole number of {}-word codes",
             entries.len(),
             book.words_per_code

@@ -126,7 +126,7 @@ fn learning_rate(cfg: &ElderConfig, iteration: usize) -> f32 {
 pub struct PreparedBatch {
     shape: crate::model::BatchShape,
     target_rows: Vec<usize>,
-    targets: Vec<Option<u32>>,
+    targets: Vec<u32>,
     /// Residual stream after the first MoLoRA block's attention `[rows, d]`.
     prefix: Vec<f32>,
     /// Query vectors `[B, d_in]`.
@@ -179,9 +179,9 @@ impl PreparedBatch {
             shape.seq,
             batch.iter().map(|ex| (ex.prompt.len(), ex.target.len())),
         );
-        let targets: Vec<Option<u32>> = batch
+        let targets: Vec<u32> = batch
             .iter()
-            .flat_map(|ex| ex.target.iter().map(|&t| Some(t)))
+            .flat_map(|ex| ex.target.iter().copied())
             .collect();
         let query_rows = prompt_rows(shape.seq, batch.iter().map(|ex| ex.prompt.len()));
 
@@ -241,19 +241,9 @@ impl PreparedBatch {
             );
             model.mlp_half(l, &mut h, shape, &mut adapter, Some(&mut self.mlp_tapes[l]));
         }
-        let (logits, head_tape) = model.head(&h, &self.target_rows);
         let weight = 1.0 / self.targets.len() as f32;
-        let mut dlogits = vec![0.0f32; logits.len()];
-        let ce = ops::cross_entropy(
-            &logits,
-            model.cfg.vocab_size,
-            &self.targets,
-            weight,
-            &mut dlogits,
-        ) * weight;
-
         let mut dh = vec![0.0f32; h.len()];
-        model.head_backward(&head_tape, &dlogits, &mut dh);
+        let ce = model.head_loss(&h, &self.target_rows, &self.targets, weight, &mut dh) * weight;
         for l in (first + 1..n_layers).rev() {
             model.mlp_backward(l, &self.mlp_tapes[l], shape, &mut adapter, &mut dh, true);
             model.attn_backward(l, &self.attn_tapes[l], shape, &mut dh);

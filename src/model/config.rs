@@ -196,7 +196,7 @@ impl ModelConfig {
         if self.vocab_size == 0 || self.hidden_size == 0 || self.num_layers == 0 {
             bail!("vocab_size, hidden_size and num_layers must be positive");
         }
-        if self.num_heads == 0 || self.num_kv_heads == 0 || self.num_heads % self.num_kv_heads != 0
+        if self.num_heads == 0 || self.num_kv_heads == 0 || !self.num_heads.is_multiple_of(self.num_kv_heads)
         {
             bail!(
                 "num_attention_heads ({}) must be a positive multiple of num_key_value_heads ({})",
@@ -217,7 +217,7 @@ impl ModelConfig {
                 self.num_heads
             );
         }
-        if self.head_dim % 2 != 0 && self.arch == Arch::Llama {
+        if !self.head_dim.is_multiple_of(2) && self.arch == Arch::Llama {
             bail!(
                 "head_dim ({}) must be even for rotary embeddings",
                 self.head_dim

@@ -234,7 +234,7 @@ pub fn unpermute_rows(data: &mut [f32], shape: &[usize], heads: usize) -> Result
     };
     let (rows, cols) = (*rows, *cols);
     ensure!(
-        heads > 0 && rows % heads == 0 && (rows / heads) % 2 == 0,
+        heads > 0 && rows % heads == 0 && (rows / heads).is_multiple_of(2),
         "cannot split {rows} rows into {heads} heads of even size"
     );
     let head_dim = rows / heads;

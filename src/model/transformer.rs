@@ -6,6 +6,7 @@
 //! of sequence `b`. Padding rows are computed (it is simpler than compacting) but masked out of
 //! attention and never read.
 
+use crate::backend::cpu::linear_ce::linear_cross_entropy;
 use crate::backend::cpu::ops::{self, AttnShape};
 
 use super::config::{Arch, ModelConfig};
@@ -320,33 +321,79 @@ impl Model {
 
     /// Final norm and lm_head for the chosen rows only: `[rows.len(), vocab]`.
     pub fn head(&self, h: &[f32], rows: &[usize]) -> (Vec<f32>, HeadTape) {
+        let tape = self.head_input(h, rows);
+        let mut logits = vec![0.0f32; rows.len() * self.cfg.vocab_size];
+        ops::matmul(
+            &tape.normed,
+            rows.len(),
+            self.lm_head_mat(),
+            &mut logits,
+            false,
+        );
+        (logits, tape)
+    }
+
+    /// Gradient of `head` with respect to `h` (accumulated into `dh`, scattered back to the rows).
+    pub fn head_backward(&self, tape: &HeadTape, dlogits: &[f32], dh: &mut [f32]) {
+        let mut dnormed = vec![0.0f32; tape.normed.len()];
+        ops::matmul_input_grad(
+            dlogits,
+            tape.rows.len(),
+            self.lm_head_mat(),
+            &mut dnormed,
+            false,
+        );
+        self.head_input_backward(tape, &dnormed, dh);
+    }
+
+    /// `head` followed by the cross-entropy against `targets` (one per row), fused so that the
+    /// lm_head is read once ([`linear_cross_entropy`]). Returns the summed cross-entropy and adds
+    /// `weight` times its gradient into `dh`. The trainer's loss; equal to `head`,
+    /// `ops::cross_entropy` and `head_backward` in turn up to rounding (tested).
+    pub fn head_loss(
+        &self,
+        h: &[f32],
+        rows: &[usize],
+        targets: &[u32],
+        weight: f32,
+        dh: &mut [f32],
+    ) -> f32 {
+        assert_eq!(rows.len(), targets.len(), "one target per head row");
+        let tape = self.head_input(h, rows);
+        let mut dnormed = vec![0.0f32; tape.normed.len()];
+        let loss = linear_cross_entropy(
+            &tape.normed,
+            self.lm_head_mat(),
+            targets,
+            weight,
+            &mut dnormed,
+        );
+        self.head_input_backward(&tape, &dnormed, dh);
+        loss
+    }
+
+    /// The chosen rows of `h` through the final norm.
+    fn head_input(&self, h: &[f32], rows: &[usize]) -> HeadTape {
         let d = self.cfg.hidden_size;
         let picked: Vec<f32> = rows
             .iter()
             .flat_map(|&r| h[r * d..(r + 1) * d].iter().copied())
             .collect();
         let (normed, norm) = self.final_norm.forward(&picked);
-        let mut logits = vec![0.0f32; rows.len() * self.cfg.vocab_size];
-        ops::matmul(&normed, rows.len(), self.lm_head_mat(), &mut logits, false);
-        (
-            logits,
-            HeadTape {
-                rows: rows.to_vec(),
-                x: picked,
-                norm,
-            },
-        )
+        HeadTape {
+            rows: rows.to_vec(),
+            x: picked,
+            normed,
+            norm,
+        }
     }
 
-    /// Gradient of `head` with respect to `h` (accumulated into `dh`, scattered back to the rows).
-    pub fn head_backward(&self, tape: &HeadTape, dlogits: &[f32], dh: &mut [f32]) {
+    /// Through the final norm back to the chosen rows of `dh`.
+    fn head_input_backward(&self, tape: &HeadTape, dnormed: &[f32], dh: &mut [f32]) {
         let d = self.cfg.hidden_size;
-        let n = tape.rows.len();
-        let mut dnormed = vec![0.0f32; n * d];
-        ops::matmul_input_grad(dlogits, n, self.lm_head_mat(), &mut dnormed, false);
-        let mut dx = vec![0.0f32; n * d];
+        let mut dx = vec![0.0f32; tape.x.len()];
         self.final_norm
-            .backward_accumulate(&tape.x, &tape.norm, &dnormed, &mut dx);
+            .backward_accumulate(&tape.x, &tape.norm, dnormed, &mut dx);
         for (i, &r) in tape.rows.iter().enumerate() {
             for (a, b) in dh[r * d..(r + 1) * d]
                 .iter_mut()
@@ -376,6 +423,8 @@ impl Model {
 pub struct HeadTape {
     rows: Vec<usize>,
     x: Vec<f32>,
+    /// `x` through the final norm: the lm_head's input.
+    normed: Vec<f32>,
     norm: NormSaved,
 }
 

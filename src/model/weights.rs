@@ -380,7 +380,7 @@ pub fn dtype_size(dtype: Dtype) -> Option<usize> {
 pub fn convert_to_f32(bytes: &[u8], dtype: Dtype) -> Result<Vec<f32>> {
     let size = dtype_size(dtype)
         .with_context(|| format!("dtype {dtype:?} is not supported (expected F32, F16 or BF16)"))?;
-    if bytes.len() % size != 0 {
+    if !bytes.len().is_multiple_of(size) {
         bail!(
             "{} bytes is not a whole number of {dtype:?} elements",
             bytes.len()

@@ -1,4 +1,5 @@
 //! The CPU reference backend.
+pub mod linear_ce;
 pub mod molora;
 pub mod ops;
 pub mod skinny;

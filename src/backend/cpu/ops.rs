@@ -52,27 +52,29 @@ fn gemm_parallelism(flops: usize) -> gemm::Parallelism {
     }
 }
 
-/// The column stride of B when a product goes to the few-rows kernel: A dense row-major, B's
-/// columns contiguous, few rows, and a B large enough that reading it is the cost.
+/// How B is laid out when a product goes to the few-rows kernels: A dense row-major, few rows, B
+/// with contiguous columns or rows, and a B large enough that reading it is the cost.
 fn skinny_order(
     m: usize,
     n: usize,
     k: usize,
     a_strides: (isize, isize),
     b_strides: (isize, isize),
-) -> Option<usize> {
+) -> Option<skinny::BOrder> {
     let dense_a = a_strides == (k as isize, 1);
-    let (rs, cs) = b_strides;
-    if !skinny::enabled()
-        || m > skinny::MAX_ROWS
-        || !dense_a
-        || n * k < 1 << 16
-        || rs != 1
-        || cs < 1
-    {
+    if !skinny::enabled() || !dense_a || n * k < 1 << 16 {
         return None;
     }
-    Some(cs as usize)
+    let order = match b_strides {
+        (1, cs) if cs >= k as isize => skinny::BOrder::Columns {
+            stride: cs as usize,
+        },
+        (rs, 1) if rs >= n as isize => skinny::BOrder::Rows {
+            stride: rs as usize,
+        },
+        _ => return None,
+    };
+    (m <= order.max_rows()).then_some(order)
 }
 
 /// Checks a product's shapes against its slices; returns false when there is nothing to multiply
@@ -120,7 +122,7 @@ fn check_product(
 
 /// General product `C[m,n] (+)= A[m,k] B[k,n]` on strided views.
 /// `a_strides`/`b_strides` are (row stride, column stride) in elements; C is dense row-major.
-/// Few-row products whose B has contiguous columns go to [`skinny`], the rest to the `gemm` crate.
+/// Few-row products with a contiguous B go to [`skinny`], the rest to the `gemm` crate.
 #[allow(clippy::too_many_arguments)]
 pub fn gemm_strided(
     m: usize,
@@ -137,7 +139,7 @@ pub fn gemm_strided(
         return;
     }
     match skinny_order(m, n, k, a_strides, b_strides) {
-        Some(b_col_stride) => skinny::gemm(m, n, k, a, b, b_col_stride, c, accumulate),
+        Some(order) => skinny::gemm(m, n, k, a, b, order, c, accumulate),
         None => gemm_crate(m, n, k, a, a_strides, b, b_strides, c, accumulate),
     }
 }

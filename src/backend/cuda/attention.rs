@@ -35,7 +35,7 @@ impl AttnDims {
                 self.head_dim
             );
         }
-        if self.n_kv_heads == 0 || self.n_heads % self.n_kv_heads != 0 {
+        if self.n_kv_heads == 0 || !self.n_heads.is_multiple_of(self.n_kv_heads) {
             bail!(
                 "attention: n_heads {} must be a multiple of n_kv_heads {}",
                 self.n_heads,

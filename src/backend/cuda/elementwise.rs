@@ -230,7 +230,7 @@ pub fn rope<T: KernelDtype>(
     theta: f32,
     inverse: bool,
 ) -> Result<()> {
-    if head_dim % 2 != 0 {
+    if !head_dim.is_multiple_of(2) {
         bail!("rope: head_dim must be even, found {head_dim}");
     }
     let s = dev.stream();

@@ -104,7 +104,7 @@ impl GgmlType {
             );
         };
         ensure!(
-            n % block as u64 == 0,
+            n.is_multiple_of(block as u64),
             "{n} elements is not a whole number of {} blocks of {block}",
             self.name()
         );

@@ -94,7 +94,7 @@ impl<T: KernelDtype> GpuLinear<T> {
 /// Splits a linear layer whose output is `parts` equal column blocks (GPT-2's `c_attn`: q | k | v)
 /// into one layer per block, in either weight layout. Host-only, exact (a copy of the values).
 pub fn split_output_blocks(l: &Linear, parts: usize) -> Result<Vec<Linear>> {
-    if parts == 0 || l.out_dim % parts != 0 {
+    if parts == 0 || !l.out_dim.is_multiple_of(parts) {
         bail!(
             "cannot split an output of width {} into {parts} equal blocks",
             l.out_dim
