@@ -6,7 +6,8 @@
 //! - [`weights`]: the uploaded model; [`activations`]: the preallocated buffers;
 //! - [`elder`]: the uploaded ELDER state and its per-request routing;
 //! - [`forward`]: the block-by-block forward and the head; [`requests`]: logits, score, eval scoring
-//!   and generation with the CPU runner's semantics.
+//!   and generation with the CPU runner's semantics;
+//! - [`train`]: the edit step (ELDER's trainer on the device).
 //!
 //! Compiled only: none of this has run on a GPU yet (`tests/gpu_model.rs` checks it against the CPU
 //! when one is available).
@@ -16,6 +17,7 @@ pub mod elder;
 pub mod forward;
 pub mod plan;
 pub mod requests;
+pub mod train;
 pub mod weights;
 
 use std::sync::Arc;
@@ -31,6 +33,7 @@ use crate::model::{BatchShape, Model};
 use super::device::GpuDevice;
 pub use forward::{ElderStep, GpuModel};
 pub use plan::Capacity;
+pub use train::{open_gpu_editor, GpuEditor, GpuTrainer};
 
 /// Storage and activation dtype of the CUDA forward (matmuls accumulate in f32 in every case).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
