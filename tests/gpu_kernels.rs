@@ -399,6 +399,32 @@ where
             };
             let what = format!("matmul {layout:?} acc={accumulate} {}", T::SUFFIX);
             assert_close(&what, &down(dev, &out), &want, t);
+
+            // The input gradient of the same product (the trainer's backward through frozen
+            // layers): dx [m, k] (+)= dy [m, n] W^T, reading W in place.
+            let dy = quant::<T>(&rand_vec(&mut rng, m * n, -1.0, 1.0));
+            let dx0 = quant::<T>(&rand_vec(&mut rng, m * k, -1.0, 1.0));
+            let mut want = dx0.clone();
+            ops::matmul_input_grad(&dy, m, wr, &mut want, accumulate);
+            let mut dx = if accumulate {
+                up::<T>(dev, &dx0)
+            } else {
+                poison::<T>(dev, m * k)
+            };
+            elder::backend::cuda::model::weights::input_grad::<T>(
+                dev,
+                &up::<T>(dev, &dy),
+                m,
+                &up::<T>(dev, &w),
+                k,
+                n,
+                layout,
+                &mut dx,
+                accumulate,
+            )
+            .unwrap();
+            let what = format!("input_grad {layout:?} acc={accumulate} {}", T::SUFFIX);
+            assert_close(&what, &down(dev, &dx), &want, t);
         }
     }
 }
