@@ -1,6 +1,6 @@
-//! The CUDA inference runtime: the CPU [`Model`] description uploaded once (weights in bf16, f16 or
-//! f32), preallocated activations and KV cache, a padded-batch forward on the kernels of this backend
-//! plus cuBLAS, and ELDER (fused router, MoLoRA gather/scatter) on top.
+//! The CUDA runtime: the CPU [`Model`] description uploaded once (weights in bf16, f16 or f32),
+//! preallocated activations and KV cache, a padded-batch forward on the kernels of this backend plus
+//! cuBLAS, ELDER (fused router, MoLoRA gather/scatter) on top, and ELDER's edit step.
 //!
 //! - [`plan`]: buffer sizes and padded-batch row arithmetic (host only, unit-tested without a GPU);
 //! - [`weights`]: the uploaded model; [`activations`]: the preallocated buffers;
@@ -9,8 +9,8 @@
 //!   and generation with the CPU runner's semantics;
 //! - [`train`]: the edit step (ELDER's trainer on the device).
 //!
-//! Compiled only: none of this has run on a GPU yet (`tests/gpu_model.rs` checks it against the CPU
-//! when one is available).
+//! Compiled only: none of this has run on a GPU yet (`tests/gpu_model.rs` and `tests/gpu_train.rs`
+//! check it against the CPU when one is available).
 
 pub mod activations;
 pub mod elder;
