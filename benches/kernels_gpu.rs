@@ -1,19 +1,31 @@
 //! Achieved bandwidth of each CUDA kernel family at the shapes that matter (GPT2-XL widths).
 //! Criterion reports bytes/s from the minimum bytes each kernel must move (see the kernel headers);
 //! compare with the measured copy ceiling in docs/gpu.md (3.0 TB/s H100, 4.3 TB/s H200).
+//! Then the whole edit step: seconds per edit (time) and edits per second (thrpt, "elem/s") of one
+//! 20-token edit with the preset config (6 MoLoRA layers, 50 iterations) on random GPT-2 124M and
+//! GPT2-XL checkpoints in bf16, each edit continuing the state of the previous ones.
 //! Without a GPU (or without compiled kernels) it prints one SKIP line and exits successfully.
 //!
-//! Timing: launches queued back to back, one stream synchronisation per batch of iterations.
+//! Timing: launches queued back to back, one stream synchronisation per batch of iterations (an
+//! edit synchronises by itself when its trained state comes back).
 
 use std::hint::black_box;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput};
 use cudarc::driver::CudaSlice;
 use elder::backend::cpu::molora::MixShape;
+use elder::backend::cuda::model::{Capacity, GpuTrainer};
 use elder::backend::cuda::{
     adam, attention, elementwise, gpu_or_skip, lora, loss, norm, router, GpuDevice, KernelDtype,
 };
+use elder::elder::config::ElderConfig;
+use elder::elder::molora::Elder;
+use elder::elder::trainer::EditExample;
+use elder::model::loader::{build_model, RandomSource};
+use elder::model::presets::preset;
+use elder::model::Arch;
 use half::bf16;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -258,6 +270,50 @@ fn bench_loss_and_adam(c: &mut Criterion, dev: &GpuDevice, rng: &mut ChaCha8Rng)
     g.finish();
 }
 
+/// A 20-token edit: a 17-token prompt and a 3-token target, like a short ZsRE question (the CPU
+/// edit bench's shape).
+fn edit_of_20_tokens(vocab: usize) -> EditExample {
+    EditExample {
+        prompt: (0..17).map(|i| ((i * 7919 + 13) % vocab) as u32).collect(),
+        target: (0..3).map(|i| ((i * 104_729 + 5) % vocab) as u32).collect(),
+        knowledge_id: "bench".into(),
+    }
+}
+
+fn bench_edit(c: &mut Criterion, dev: &Arc<GpuDevice>) {
+    let mut g = c.benchmark_group("edit");
+    g.sample_size(10);
+    g.throughput(Throughput::Elements(1));
+    for name in ["gpt2", "gpt2-xl"] {
+        let cfg = preset(Arch::Gpt2, name).expect("preset");
+        let (mut elder, mut trainer) = {
+            let model = build_model(&cfg, &RandomSource { seed: 0 }).expect("random model");
+            let elder = Elder::new(ElderConfig::preset_for(&cfg), &model).expect("ELDER state");
+            let cap = Capacity { batch: 1, seq: 20 };
+            let trainer = GpuTrainer::<bf16>::new(dev.clone(), &model, cap).expect("upload");
+            (elder, trainer) // the host copy of the model is dropped here
+        };
+        let batch = [edit_of_20_tokens(cfg.vocab_size)];
+        // Sizes the training buffers (outside the timing).
+        trainer
+            .edit_batch(&mut elder, &batch, |_, _| {})
+            .expect("edit");
+        let id = format!("bf16 {name} 50 iterations 20 tokens");
+        g.bench_function(id, |bch| {
+            bch.iter_custom(|iters| {
+                let start = Instant::now();
+                for _ in 0..iters {
+                    trainer
+                        .edit_batch(&mut elder, &batch, |_, _| {})
+                        .expect("edit");
+                }
+                start.elapsed()
+            })
+        });
+    }
+    g.finish();
+}
+
 fn main() {
     let Some(dev) = gpu_or_skip("kernels_gpu benches") else {
         return;
@@ -270,6 +326,7 @@ fn main() {
     bench_router(&mut c, &dev, &mut rng);
     bench_attention_decode(&mut c, &dev, &mut rng);
     bench_loss_and_adam(&mut c, &dev, &mut rng);
+    bench_edit(&mut c, &dev);
     black_box(&dev);
     c.final_summary();
 }

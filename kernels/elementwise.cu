@@ -1,6 +1,7 @@
 // Elementwise kernels: embedding gather (+ its gradient), bias + GELU (gelu_new) forward/backward,
 // SiLU-gated product forward/backward, residual add, bias add, rotary embedding (HF rotate_half),
-// and the KV-cache append of a padded batch.
+// the KV-cache append of a padded batch, and the f32 -> T conversion of gradients the attention
+// backward accumulates in f32 before they enter T-typed GEMMs.
 //
 // Shapes: rows of width d, row-major. ids [n] u32; table [vocab, d]; x, out [n, d];
 //         rope rows [n, n_heads * head_dim] with positions [n];
@@ -151,6 +152,12 @@ __device__ void rope(T* x, const uint32_t* positions, int n, int n_heads, int he
     }
 }
 
+// dst = src rounded to T (round to nearest even, as the host's T::from_f32).
+template <typename T>
+__device__ void cast_f32(const float* src, T* dst, size_t count) {
+    for (size_t i = grid_start(); i < count; i += grid_stride()) dst[i] = from_f32<T>(src[i]);
+}
+
 }  // namespace
 
 #define ELEMENTWISE_ENTRY_POINTS(S, T)                                                                     \
@@ -186,6 +193,9 @@ __device__ void rope(T* x, const uint32_t* positions, int n, int n_heads, int he
     extern "C" __global__ void rope_##S(T* x, const uint32_t* positions, int n, int n_heads, int head_dim, \
                                         float theta, int inverse) {                                        \
         rope<T>(x, positions, n, n_heads, head_dim, theta, inverse);                                       \
+    }                                                                                                      \
+    extern "C" __global__ void cast_f32_##S(const float* src, T* dst, size_t count) {                      \
+        cast_f32<T>(src, dst, count);                                                                      \
     }
 
 ELDER_FOR_DTYPES(ELEMENTWISE_ENTRY_POINTS)

@@ -13,6 +13,13 @@
 //   dlogits [R, E] = p * (dp - <p, dp>) where dp gathers dgates (optionally through the renormalisation)
 //   and -guide_weight / (batch * p) for each preset expert; guide_loss [R] = -(1/batch) sum log p[preset].
 //   Launch: one warp per row (E <= 64, two experts per lane), 4 rows per 128-thread block.
+//
+// router_param_grad_f32: the routers' parameter gradients from their logit gradients, every layer in
+//   one launch: dw[l, e, :] += sum_b dlogits[l, b, e] * q[b, :], db[l, e] += sum_b dlogits[l, b, e].
+//   dlogits [L, B, E] (router_backward's output), q [B, d_in] f32 (what the routers read),
+//   dw [L, E, d_in], db [L, E] f32, accumulated (+=) like the CPU twin.
+//   Launch: grid-stride, one thread per output of the L * E rows of d_in + 1 columns (the last is the
+//   bias), summing over b in order: no atomics. Bound: L*E*d_in*4*2 + B*d_in*4 bytes (q stays in L2).
 #include <float.h>
 
 #include "common.cuh"
@@ -94,6 +101,26 @@ __device__ void router_backward(const float* probs, const uint32_t* experts, con
     if (lane == 0 && guide_loss) guide_loss[row] = loss / (float)batch;
 }
 
+__device__ void router_param_grad(const float* dlogits, const float* q, int layers, int batch, int n_experts,
+                                  int d_in, float* dw, float* db) {
+    const size_t cols = (size_t)d_in + 1, total = (size_t)layers * n_experts * cols;
+    for (size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x; idx < total;
+         idx += (size_t)gridDim.x * blockDim.x) {
+        const size_t le = idx / cols;  // row l * E + e of dw
+        const int i = (int)(idx % cols);
+        const int l = (int)(le / n_experts), e = (int)(le % n_experts);
+        float acc = 0.0f;
+        for (int b = 0; b < batch; ++b) {
+            const float dl = dlogits[((size_t)l * batch + b) * n_experts + e];
+            acc += i < d_in ? dl * q[(size_t)b * d_in + i] : dl;
+        }
+        if (i < d_in)
+            dw[le * d_in + i] += acc;
+        else
+            db[le] += acc;
+    }
+}
+
 }  // namespace
 
 #define LOSS_ENTRY_POINTS(S, T)                                                                           \
@@ -110,4 +137,9 @@ extern "C" __global__ void router_backward_f32(const float* probs, const uint32_
                                                float guide_weight, float* dlogits, float* guide_loss) {
     router_backward(probs, experts, gates, dgates, rows, n_experts, k, renormalize, preset, per_seq, batch,
                     guide_weight, dlogits, guide_loss);
+}
+
+extern "C" __global__ void router_param_grad_f32(const float* dlogits, const float* q, int layers, int batch,
+                                                 int n_experts, int d_in, float* dw, float* db) {
+    router_param_grad(dlogits, q, layers, batch, n_experts, d_in, dw, db);
 }

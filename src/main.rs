@@ -7,7 +7,9 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
-use elder::backend::cuda::model::{open_gpu_model, Capacity, GpuDtype, GpuRunner, GpuScorer};
+use elder::backend::cuda::model::{
+    open_gpu_editor, open_gpu_model, Capacity, GpuDtype, GpuRunner, GpuScorer,
+};
 use elder::backend::cuda::GpuDevice;
 use elder::backend::select::{self, Availability, Backend, DeviceRequest};
 use elder::data::{read_edits_lenient, DataFormat, EditRecord};
@@ -17,7 +19,10 @@ use elder::eval::{Evaluator, Metrics, Protocol, EVAL_BATCH};
 use elder::model::checkpoint::StoreDtype;
 use elder::model::presets::{default_dtype, preset, write_random_checkpoint};
 use elder::model::{Arch, NoAdapter};
-use elder::session::{apply_stream, evaluate_final, evaluate_final_with, BaseModel, EditSession};
+use elder::session::{
+    apply_stream_on, evaluate_final, evaluate_final_on, evaluate_final_with, BaseModel, EditDevice,
+    EditSession,
+};
 
 #[derive(Parser)]
 #[command(
@@ -26,8 +31,8 @@ use elder::session::{apply_stream, evaluate_final, evaluate_final_with, BaseMode
     about = "Lifelong model editing (ELDER: mixture-of-LoRA experts with routers and deferral)"
 )]
 struct Cli {
-    /// Where the model runs: auto (CUDA for generate, score and eval when a CUDA driver is found,
-    /// else the CPU), cpu, or cuda. Editing (edit, run) runs on the CPU.
+    /// Where the model runs and trains: auto (CUDA when a CUDA driver is found, else the CPU),
+    /// cpu, or cuda.
     #[arg(long, global = true, value_enum, default_value = "auto")]
     device: DeviceRequest,
     /// Weight and activation dtype on the GPU (matmuls accumulate in f32).
@@ -36,10 +41,6 @@ struct Cli {
     #[command(subcommand)]
     command: Command,
 }
-
-/// Why the trainer commands have no CUDA path yet (the kernels exist; the loop is not wired).
-const TRAINER_NOT_ON_GPU: &str =
-    "the edit trainer is not on the GPU yet (only generate, score and eval run there)";
 
 /// The device choice of this invocation.
 #[derive(Clone, Copy)]
@@ -248,12 +249,13 @@ fn dispatch(cmd: Command, devices: Devices) -> Result<ExitCode> {
             limit,
             json,
         } => {
-            devices.open(Err(TRAINER_NOT_ON_GPU))?;
+            let run = devices.open(Ok(()))?;
             let base = BaseModel::open(&model)?;
             let (records, bad) = read_records(&edits, format, limit)?;
             let cfg = load_config(config.as_deref(), batch_size, &base)?;
             let mut session = EditSession::open(&base, &state, cfg)?;
-            let summary = apply_stream(&base, &mut session, &records, !json, None)?;
+            let mut device = edit_device(run, &base, &session)?;
+            let summary = apply_stream_on(&mut device, &base, &mut session, &records, !json, None)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&summary)?);
             } else {
@@ -282,13 +284,7 @@ fn dispatch(cmd: Command, devices: Devices) -> Result<ExitCode> {
             threshold,
             json,
         } => {
-            let gpu_path = match protocol {
-                Protocol::Final => Ok(()),
-                Protocol::Each => Err(
-                    "--protocol each replays the edits with the trainer, which is not on the GPU yet",
-                ),
-            };
-            let run = devices.open(gpu_path)?;
+            let run = devices.open(Ok(()))?;
             let base = BaseModel::open(&model)?;
             let (records, _) = read_records(&data, format, None)?;
             let metrics = eval(run, &base, &state, &records, protocol, threshold, !json)?;
@@ -303,8 +299,9 @@ fn dispatch(cmd: Command, devices: Devices) -> Result<ExitCode> {
             config,
             json,
         } => {
-            devices.open(Err(TRAINER_NOT_ON_GPU))?;
+            let gpu = devices.open(Ok(()))?;
             run(
+                gpu,
                 &model,
                 &data,
                 edits,
@@ -382,6 +379,21 @@ fn with_adapter<T>(
             Ok((out, scope))
         }
     }
+}
+
+/// The device edit batches train on: the CPU, or the GPU with buffers for the state's batch size
+/// (they grow with longer edits).
+fn edit_device(gpu: GpuRun, base: &BaseModel, session: &EditSession) -> Result<EditDevice> {
+    Ok(match gpu {
+        None => EditDevice::Cpu,
+        Some((dev, dtype)) => {
+            let cap = Capacity {
+                batch: session.elder.cfg.batch_size,
+                seq: 64,
+            };
+            EditDevice::Cuda(open_gpu_editor(dev, &base.model, dtype, cap)?)
+        }
+    })
 }
 
 /// The base model on the GPU, with the edit state of `state` uploaded when given.
@@ -558,8 +570,9 @@ fn eval(
             }
         }
         Protocol::Each => {
-            // Replays the applied edits in a scratch state (training is deterministic, so this
-            // reproduces the state) and scores each batch right after it is applied.
+            // Replays the applied edits in a scratch state (training is deterministic on the CPU,
+            // so this reproduces the state; on the GPU up to the rounding of f32 atomics) and
+            // scores each batch right after it is applied.
             let scratch = tempfile_dir()?;
             let mut replay = EditSession::open(base, &scratch, Some(session.elder.cfg.clone()))?;
             if let Some(t) = threshold {
@@ -574,7 +587,15 @@ fn eval(
                 .filter_map(|id| scored.iter().find(|r| &r.id == id).cloned())
                 .collect();
             let mut ev = Evaluator::default();
-            apply_stream(base, &mut replay, &order, progress, Some(&mut ev))?;
+            let mut device = edit_device(gpu, base, &replay)?;
+            apply_stream_on(
+                &mut device,
+                base,
+                &mut replay,
+                &order,
+                progress,
+                Some(&mut ev),
+            )?;
             let _ = std::fs::remove_dir_all(&scratch);
             Ok(ev.metrics(Protocol::Each))
         }
@@ -596,7 +617,9 @@ fn print_metrics(m: &Metrics, json: bool) -> Result<()> {
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
 fn run(
+    gpu: GpuRun,
     model: &Path,
     data: &Path,
     n_edits: usize,
@@ -630,7 +653,9 @@ fn run(
         state.display()
     );
     let mut each = Evaluator::default();
-    let summary = apply_stream(
+    let mut device = edit_device(gpu, &base, &session)?;
+    let summary = apply_stream_on(
+        &mut device,
         &base,
         &mut session,
         &records,
@@ -639,7 +664,7 @@ fn run(
     )?;
     let metrics = match protocol {
         Protocol::Each => each.metrics(Protocol::Each),
-        Protocol::Final => evaluate_final(&base, &session.elder, &records, !json)?,
+        Protocol::Final => evaluate_final_on(&mut device, &base, &session.elder, &records, !json)?,
     };
     let report = serde_json::json!({"model": model, "data": data, "state": state, "editing": summary, "metrics": metrics});
     elder::util::atomic::write_atomic(

@@ -7,11 +7,12 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use serde::Serialize;
 
+use crate::backend::cuda::model::{GpuEditor, GpuScorer};
 use crate::data::EditRecord;
 use crate::elder::config::ElderConfig;
 use crate::elder::molora::Elder;
 use crate::elder::state::EditState;
-use crate::elder::trainer::{apply_edit_batch, calibrate_query_mean, EditExample};
+use crate::elder::trainer::{apply_edit_batch, calibrate_query_mean, EditExample, EditReport};
 use crate::eval::{CpuScorer, Evaluator, Metrics, PairScorer, Protocol, TokenizedEdit};
 use crate::model::loader::build_model;
 use crate::model::tokenizer::Tokenizer;
@@ -142,6 +143,51 @@ fn refuse_config_change(dir: &Path, stored: &ElderConfig, requested: &ElderConfi
     )
 }
 
+/// Where edit batches train (and, for the `each` protocol, are scored right after): the CPU
+/// reference trainer or the CUDA one. Both train the same way and leave the same state behind;
+/// the stream logic around them ([`apply_stream_on`]) is one.
+pub enum EditDevice {
+    Cpu,
+    Cuda(Box<dyn GpuEditor>),
+}
+
+impl EditDevice {
+    /// Trains `elder` on one batch and appends the batch's codes to its codebook.
+    pub fn apply_edit_batch(
+        &mut self,
+        model: &Model,
+        elder: &mut Elder,
+        batch: &[EditExample],
+        mut on_iteration: impl FnMut(usize, f32),
+    ) -> Result<EditReport> {
+        match self {
+            EditDevice::Cpu => apply_edit_batch(model, elder, batch, on_iteration),
+            EditDevice::Cuda(gpu) => gpu.edit_batch(elder, batch, &mut on_iteration),
+        }
+    }
+
+    /// Scores `edits` on the edited model as it is now (the `each` protocol).
+    fn score_applied(
+        &mut self,
+        ev: &mut Evaluator,
+        model: &Model,
+        elder: &Elder,
+        edits: &[TokenizedEdit],
+    ) -> Result<()> {
+        match self {
+            EditDevice::Cpu => {
+                ev.add(model, elder, edits);
+                Ok(())
+            }
+            EditDevice::Cuda(gpu) => {
+                let runner = gpu.runner();
+                runner.set_elder(Some(elder))?;
+                ev.add_with(&mut GpuScorer(runner), edits)
+            }
+        }
+    }
+}
+
 /// What `apply_stream` did.
 #[derive(Debug, Clone, Serialize)]
 pub struct StreamSummary {
@@ -156,8 +202,28 @@ pub struct StreamSummary {
 
 /// Applies `records` in order, in batches of the config's batch size, committing the state after
 /// every batch; records already in the state are skipped (so an interrupted run resumes). With
-/// `each`, every batch is scored right after it is applied.
+/// `each`, every batch is scored right after it is applied. Trains on the CPU
+/// ([`apply_stream_on`] picks the device).
 pub fn apply_stream(
+    base: &BaseModel,
+    session: &mut EditSession,
+    records: &[EditRecord],
+    show_progress: bool,
+    each: Option<&mut Evaluator>,
+) -> Result<StreamSummary> {
+    apply_stream_on(
+        &mut EditDevice::Cpu,
+        base,
+        session,
+        records,
+        show_progress,
+        each,
+    )
+}
+
+/// [`apply_stream`] training (and scoring) on `device`.
+pub fn apply_stream_on(
+    device: &mut EditDevice,
     base: &BaseModel,
     session: &mut EditSession,
     records: &[EditRecord],
@@ -195,9 +261,10 @@ pub fn apply_stream(
                 knowledge_id: t.knowledge_id.clone(),
             })
             .collect();
-        let report = apply_edit_batch(&base.model, &mut session.elder, &examples, |_, loss| {
-            bar.set_message(format!("loss {loss:.3}"));
-        })?;
+        let report =
+            device.apply_edit_batch(&base.model, &mut session.elder, &examples, |_, loss| {
+                bar.set_message(format!("loss {loss:.3}"));
+            })?;
         let ids: Vec<String> = chunk.iter().map(|r| r.id.clone()).collect();
         session
             .state
@@ -208,7 +275,7 @@ pub fn apply_stream(
             )
             .with_context(|| format!("committing edits {ids:?}"))?;
         if let Some(ev) = each.as_deref_mut() {
-            ev.add(&base.model, &session.elder, &tokenized);
+            device.score_applied(ev, &base.model, &session.elder, &tokenized)?;
         }
         first_sum += report.first_loss as f64;
         last_sum += report.last_loss as f64;
@@ -270,6 +337,25 @@ pub fn evaluate_final(
         elder,
     };
     evaluate_final_with(base, &mut cpu, records, show_progress)
+}
+
+/// [`evaluate_final`] on the device that trained `elder` (the GPU scores on the same uploaded
+/// weights).
+pub fn evaluate_final_on(
+    device: &mut EditDevice,
+    base: &BaseModel,
+    elder: &Elder,
+    records: &[EditRecord],
+    show_progress: bool,
+) -> Result<Metrics> {
+    match device {
+        EditDevice::Cpu => evaluate_final(base, elder, records, show_progress),
+        EditDevice::Cuda(gpu) => {
+            let runner = gpu.runner();
+            runner.set_elder(Some(elder))?;
+            evaluate_final_with(base, &mut GpuScorer(runner), records, show_progress)
+        }
+    }
 }
 
 /// [`evaluate_final`] on any backend (the scorer holds the model and the ELDER state).

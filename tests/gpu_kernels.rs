@@ -255,6 +255,27 @@ fn check_residual_add<T: KernelDtype>(dev: &Dev, name: &str) {
 }
 for_dtypes!(gpu_residual_add_matches_cpu, check_residual_add);
 
+fn check_cast<T: KernelDtype>(dev: &Dev, name: &str) {
+    let mut rng = rng_for(name);
+    let n = 5003;
+    // Wide magnitudes, so rounding to f16/bf16 actually happens (and f16 sees subnormals).
+    let src: Vec<f32> = rand_vec(&mut rng, n, -1.0, 1.0)
+        .iter()
+        .enumerate()
+        .map(|(i, v)| v * 10f32.powi((i % 9) as i32 - 5))
+        .collect();
+    let mut out = poison::<T>(dev, n);
+    elementwise::cast_f32::<T>(dev, &up::<f32>(dev, &src), &mut out, n).unwrap();
+    // Exactly the host's rounding (round to nearest even).
+    assert_close(
+        &format!("cast_f32 {}", T::SUFFIX),
+        &down(dev, &out),
+        &quant::<T>(&src),
+        (0.0, 0.0),
+    );
+}
+for_dtypes!(gpu_cast_f32_matches_cpu, check_cast);
+
 fn check_bias_add<T: KernelDtype>(dev: &Dev, name: &str) {
     let mut rng = rng_for(name);
     let (n, d) = (23, 130);
@@ -378,6 +399,32 @@ where
             };
             let what = format!("matmul {layout:?} acc={accumulate} {}", T::SUFFIX);
             assert_close(&what, &down(dev, &out), &want, t);
+
+            // The input gradient of the same product (the trainer's backward through frozen
+            // layers): dx [m, k] (+)= dy [m, n] W^T, reading W in place.
+            let dy = quant::<T>(&rand_vec(&mut rng, m * n, -1.0, 1.0));
+            let dx0 = quant::<T>(&rand_vec(&mut rng, m * k, -1.0, 1.0));
+            let mut want = dx0.clone();
+            ops::matmul_input_grad(&dy, m, wr, &mut want, accumulate);
+            let mut dx = if accumulate {
+                up::<T>(dev, &dx0)
+            } else {
+                poison::<T>(dev, m * k)
+            };
+            elder::backend::cuda::model::weights::input_grad::<T>(
+                dev,
+                &up::<T>(dev, &dy),
+                m,
+                &up::<T>(dev, &w),
+                k,
+                n,
+                layout,
+                &mut dx,
+                accumulate,
+            )
+            .unwrap();
+            let what = format!("input_grad {layout:?} acc={accumulate} {}", T::SUFFIX);
+            assert_close(&what, &down(dev, &dx), &want, t);
         }
     }
 }
@@ -1008,6 +1055,48 @@ fn gpu_router_backward_matches_cpu() {
         let got_loss: f32 = down(&dev, &gl).iter().sum();
         assert_close("guided loss", &[got_loss], &[want_loss], (1e-5, 1e-5));
     }
+}
+
+#[test]
+fn gpu_router_param_grad_matches_cpu() {
+    let Some(dev) = gpu_or_skip("gpu_router_param_grad_matches_cpu") else {
+        return;
+    };
+    let mut rng = rng_for("gpu_router_param_grad_matches_cpu");
+    let (layers, batch, experts, d_in) = (3, 5, 6, 300);
+    let dlogits = rand_vec(&mut rng, layers * batch * experts, -1.0, 1.0);
+    let q = rand_vec(&mut rng, batch * d_in, -2.0, 2.0);
+    // Accumulates onto what is there, like the CPU twin.
+    let w0 = rand_vec(&mut rng, layers * experts * d_in, -0.5, 0.5);
+    let b0 = rand_vec(&mut rng, layers * experts, -0.5, 0.5);
+    let (mut want_w, mut want_b) = (w0.clone(), b0.clone());
+    for l in 0..layers {
+        molora::router_param_grad(
+            &dlogits[l * batch * experts..][..batch * experts],
+            &q,
+            experts,
+            &mut want_w[l * experts * d_in..][..experts * d_in],
+            &mut want_b[l * experts..][..experts],
+        );
+    }
+    let (mut dw, mut db) = (up::<f32>(&dev, &w0), up::<f32>(&dev, &b0));
+    let shape = loss::RouterParamShape {
+        layers,
+        batch,
+        experts,
+        d_in,
+    };
+    loss::router_param_grad(
+        &dev,
+        shape,
+        &up::<f32>(&dev, &dlogits),
+        &up::<f32>(&dev, &q),
+        &mut dw,
+        &mut db,
+    )
+    .unwrap();
+    assert_close("router dW_r", &down(&dev, &dw), &want_w, (1e-5, 1e-5));
+    assert_close("router db_r", &down(&dev, &db), &want_b, (1e-5, 1e-5));
 }
 
 #[test]

@@ -12,6 +12,8 @@
 //! really move, out-of-scope rows really stay) before asking for a GPU, so that part runs everywhere;
 //! without a GPU the test then prints `SKIP <test>: <reason>` and returns.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -22,15 +24,16 @@ use elder::backend::cuda::{gpu_or_skip, GpuDevice, KernelDtype};
 use elder::elder::config::ElderConfig;
 use elder::elder::molora::{Elder, ElderAdapter};
 use elder::eval::score_pairs;
-use elder::model::layers::{Linear, Mlp, MlpProj, Norm};
+use elder::model::layers::MlpProj;
 use elder::model::loader::{build_model, load_model_dir, RandomSource};
 use elder::model::runner::{pad_batch, prompt_rows};
-use elder::model::transformer::QkvProj;
-use elder::model::{Arch, KvCache, Model, ModelConfig, NoAdapter};
+use elder::model::{Arch, KvCache, Model, NoAdapter};
 use half::{bf16, f16};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::Value;
+
+use common::{assert_close, rounded, sharpened, tiny};
 
 type Dev = Arc<GpuDevice>;
 
@@ -44,119 +47,12 @@ fn tol<T: KernelDtype>() -> (f32, f32) {
     }
 }
 
-/// Asserts closeness and returns the largest absolute difference (printed by the callers).
-#[track_caller]
-fn assert_close(what: &str, gpu: &[f32], cpu: &[f32], (atol, rtol): (f32, f32)) -> f32 {
-    assert_eq!(gpu.len(), cpu.len(), "{what}: length differs");
-    let mut worst = 0.0f32;
-    let mut bad = Vec::new();
-    for (i, (&g, &c)) in gpu.iter().zip(cpu).enumerate() {
-        let d = (g - c).abs();
-        let ok = d <= atol + rtol * c.abs(); // false for NaN
-        if !ok {
-            bad.push((i, g, c));
-        }
-        worst = worst.max(d);
-    }
-    assert!(
-        bad.is_empty(),
-        "{what}: {} of {} values off (atol {atol}, rtol {rtol}); first: {:?}",
-        bad.len(),
-        cpu.len(),
-        &bad[..bad.len().min(8)]
-    );
-    worst
-}
-
-/// Every weight of `m` as a `T` buffer holds it (the CPU then sees what the GPU uploaded).
-fn rounded<T: KernelDtype>(m: &Model) -> Model {
-    let r = |v: &mut Vec<f32>| v.iter_mut().for_each(|x| *x = T::from_f32(*x).to_f32());
-    let lin = |l: &mut Linear| {
-        r(&mut l.weight);
-        if let Some(b) = &mut l.bias {
-            r(b);
-        }
-    };
-    let norm = |n: &mut Norm| match n {
-        Norm::Layer { weight, bias, .. } => {
-            r(weight);
-            r(bias);
-        }
-        Norm::Rms { weight, .. } => r(weight),
-    };
-    let mut m = m.clone();
-    r(&mut m.embed);
-    if let Some(p) = &mut m.pos_embed {
-        r(p);
-    }
-    for b in &mut m.blocks {
-        norm(&mut b.norm1);
-        norm(&mut b.norm2);
-        match &mut b.qkv {
-            QkvProj::Fused(l) => lin(l),
-            QkvProj::Split { q, k, v } => {
-                lin(q);
-                lin(k);
-                lin(v);
-            }
-        }
-        lin(&mut b.o_proj);
-        match &mut b.mlp {
-            Mlp::Gpt2 { c_fc, c_proj } => {
-                lin(c_fc);
-                lin(c_proj);
-            }
-            Mlp::Llama { gate, up, down } => {
-                lin(gate);
-                lin(up);
-                lin(down);
-            }
-        }
-    }
-    norm(&mut m.final_norm);
-    if let Some(l) = &mut m.lm_head {
-        lin(l);
-    }
-    m
-}
-
 /// The logits of the real (non-padding) rows of a padded `[B, T, V]` batch.
 fn valid_rows(logits: &[f32], seqs: &[Vec<u32>], seq: usize, vocab: usize) -> Vec<f32> {
     seqs.iter()
         .enumerate()
         .flat_map(|(b, s)| logits[b * seq * vocab..][..s.len() * vocab].iter().copied())
         .collect()
-}
-
-fn tiny(arch: Arch, seed: u64) -> Model {
-    let cfg = ModelConfig {
-        arch,
-        vocab_size: 97,
-        hidden_size: 64,
-        num_layers: 4,
-        num_heads: 4,
-        num_kv_heads: if arch == Arch::Llama { 2 } else { 4 },
-        head_dim: 16,
-        intermediate_size: 128,
-        max_positions: 64,
-        norm_eps: 1e-5,
-        rope_theta: 10000.0,
-        tie_word_embeddings: arch == Arch::Gpt2,
-        bos_token_id: None,
-        eos_token_id: None,
-    };
-    sharpened(build_model(&cfg, &RandomSource { seed }).unwrap())
-}
-
-/// A random model with its head scaled up: logits spread over a few units instead of a few
-/// hundredths, so greedy choices are not decided by rounding noise (ties would make the token-level
-/// comparisons meaningless, not wrong).
-fn sharpened(mut m: Model) -> Model {
-    match &mut m.lm_head {
-        Some(l) => l.weight.iter_mut().for_each(|v| *v *= 10.0),
-        None => m.embed.iter_mut().for_each(|v| *v *= 10.0),
-    }
-    m
 }
 
 fn mixed_batch() -> Vec<Vec<u32>> {

@@ -419,20 +419,7 @@ impl ElderAdapter<'_> {
                 preset.map(|p| (p, cfg.guide_weight)),
             );
             let g = &mut self.grads[layer];
-            let d_in = g.d_in;
-            // dW_r[E, d_in] += dlogits^T [E, B] q [B, d_in]; db_r += column sums.
-            for b in 0..batch {
-                for e in 0..r.num_experts {
-                    let dl = dlogits[b * r.num_experts + e];
-                    g.b_r[e] += dl;
-                    for (w, qv) in g.w_r[e * d_in..(e + 1) * d_in]
-                        .iter_mut()
-                        .zip(&q[b * d_in..(b + 1) * d_in])
-                    {
-                        *w += dl * qv;
-                    }
-                }
-            }
+            ops::router_param_grad(&dlogits, &q, r.num_experts, &mut g.w_r, &mut g.b_r);
         }
         guide_total
     }

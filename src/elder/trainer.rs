@@ -4,13 +4,15 @@
 //! Nothing below the first MoLoRA block changes while editing, so the residual stream entering the
 //! first MoLoRA block's MLP (and the query) is computed once per batch and reused by every iteration.
 
+use std::ops::Range;
+
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::backend::cpu::ops::{self, AdamStep};
 use crate::model::runner::{pad_batch, prompt_rows, target_rows};
 use crate::model::transformer::{AttnTape, MlpTape};
-use crate::model::{KvCache, Model};
+use crate::model::{BatchShape, KvCache, Model, ModelConfig};
 
 use super::config::{AllocationMode, ElderConfig};
 use super::molora::{Elder, ElderAdapter, MoloraLayer};
@@ -83,15 +85,7 @@ impl Adam {
         grads: &mut [MoloraLayer],
     ) {
         self.t += 1;
-        let step = |lr| AdamStep {
-            lr,
-            beta1: cfg.adam_beta1,
-            beta2: cfg.adam_beta2,
-            eps: cfg.adam_eps,
-            t: self.t,
-        };
-        // Same order as `MoloraLayer::tensors_mut`: A, B, then the router's weight and bias.
-        let rates = [lr, lr, lr * cfg.router_lr_scale, lr * cfg.router_lr_scale];
+        let rates = tensor_rates(cfg, lr);
         for (((p, g), m), v) in params
             .iter_mut()
             .zip(grads.iter_mut())
@@ -106,13 +100,33 @@ impl Adam {
                 .zip(v.tensors_mut())
                 .zip(rates)
             {
-                ops::adam(p, g, m, v, step(rate));
+                ops::adam(p, g, m, v, adam_step(cfg, rate, self.t));
             }
         }
     }
 }
 
-fn learning_rate(cfg: &ElderConfig, iteration: usize) -> f32 {
+/// The learning rate of every tensor of a MoLoRA layer, in the order of
+/// `MoloraLayer::tensors_mut` (A, B, router weight, router bias): the experts train at `lr`, the
+/// routers at `lr * router_lr_scale`. Shared with the CUDA trainer.
+pub(crate) fn tensor_rates(cfg: &ElderConfig, lr: f32) -> [f32; 4] {
+    let router = lr * cfg.router_lr_scale;
+    [lr, lr, router, router]
+}
+
+/// Adam's hyperparameters for step `t` (1-based) of a tensor trained at `lr`.
+pub(crate) fn adam_step(cfg: &ElderConfig, lr: f32, t: u32) -> AdamStep {
+    AdamStep {
+        lr,
+        beta1: cfg.adam_beta1,
+        beta2: cfg.adam_beta2,
+        eps: cfg.adam_eps,
+        t,
+    }
+}
+
+/// The schedule: `learning_rate`, multiplied by `lr_decay_factor` every `lr_decay_every` iterations.
+pub(crate) fn learning_rate(cfg: &ElderConfig, iteration: usize) -> f32 {
     if cfg.lr_decay_every == 0 {
         return cfg.learning_rate;
     }
@@ -120,6 +134,55 @@ fn learning_rate(cfg: &ElderConfig, iteration: usize) -> f32 {
         * cfg
             .lr_decay_factor
             .powi((iteration / cfg.lr_decay_every) as i32)
+}
+
+/// An edit batch laid out as the padded batch every trainer runs (`prompt + target` per sequence,
+/// right-padded): the token ids, the rows whose logits are supervised with their targets (teacher
+/// forcing), and each sequence's prompt rows (where its query is read).
+#[derive(Debug, Clone, PartialEq)]
+pub struct EditRows {
+    pub ids: Vec<u32>,
+    pub shape: BatchShape,
+    pub target_rows: Vec<usize>,
+    pub targets: Vec<u32>,
+    pub prompt_rows: Vec<Range<usize>>,
+}
+
+impl EditRows {
+    /// Checks the edits against the model (non-empty, within its positions) and lays them out.
+    pub fn new(cfg: &ModelConfig, batch: &[EditExample]) -> anyhow::Result<Self> {
+        anyhow::ensure!(!batch.is_empty(), "empty edit batch");
+        for (i, ex) in batch.iter().enumerate() {
+            anyhow::ensure!(
+                !ex.prompt.is_empty() && !ex.target.is_empty(),
+                "edit {i} has an empty prompt or target"
+            );
+            let len = ex.prompt.len() + ex.target.len();
+            anyhow::ensure!(
+                len <= cfg.max_positions,
+                "edit {i} is {len} tokens, longer than the model's {} positions",
+                cfg.max_positions
+            );
+        }
+        let seqs: Vec<Vec<u32>> = batch
+            .iter()
+            .map(|ex| [ex.prompt.as_slice(), &ex.target].concat())
+            .collect();
+        let (ids, shape) = pad_batch(&seqs, &vec![0; batch.len()]);
+        let target_rows = target_rows(
+            shape.seq,
+            batch.iter().map(|ex| (ex.prompt.len(), ex.target.len())),
+        );
+        let targets = batch.iter().flat_map(|ex| ex.target.clone()).collect();
+        let prompt_rows = prompt_rows(shape.seq, batch.iter().map(|ex| ex.prompt.len()));
+        Ok(EditRows {
+            ids,
+            shape,
+            target_rows,
+            targets,
+            prompt_rows,
+        })
+    }
 }
 
 /// An edit batch made ready for training: padded tokens, supervised rows, and the frozen prefix.
@@ -157,33 +220,13 @@ impl LossAndGrads {
 impl PreparedBatch {
     /// Tokenized edits -> padded batch; runs the frozen prefix once.
     pub fn new(model: &Model, elder: &Elder, batch: &[EditExample]) -> anyhow::Result<Self> {
-        anyhow::ensure!(!batch.is_empty(), "empty edit batch");
-        for (i, ex) in batch.iter().enumerate() {
-            anyhow::ensure!(
-                !ex.prompt.is_empty() && !ex.target.is_empty(),
-                "edit {i} has an empty prompt or target"
-            );
-            let len = ex.prompt.len() + ex.target.len();
-            anyhow::ensure!(
-                len <= model.cfg.max_positions,
-                "edit {i} is {len} tokens, longer than the model's {} positions",
-                model.cfg.max_positions
-            );
-        }
-        let seqs: Vec<Vec<u32>> = batch
-            .iter()
-            .map(|ex| [ex.prompt.as_slice(), &ex.target].concat())
-            .collect();
-        let (ids, shape) = pad_batch(&seqs, &vec![0; batch.len()]);
-        let target_rows = target_rows(
-            shape.seq,
-            batch.iter().map(|ex| (ex.prompt.len(), ex.target.len())),
-        );
-        let targets: Vec<u32> = batch
-            .iter()
-            .flat_map(|ex| ex.target.iter().copied())
-            .collect();
-        let query_rows = prompt_rows(shape.seq, batch.iter().map(|ex| ex.prompt.len()));
+        let EditRows {
+            ids,
+            shape,
+            target_rows,
+            targets,
+            prompt_rows: query_rows,
+        } = EditRows::new(&model.cfg, batch)?;
 
         let first = elder.cfg.molora_blocks[0];
         let mut cache = KvCache::new(&model.cfg, shape.batch, shape.seq);
@@ -271,9 +314,9 @@ impl PreparedBatch {
     }
 }
 
-/// The guided loss's targets for a batch under the configured allocation mode; `None` when they
-/// come from the routers at the first iteration.
-fn batch_presets(cfg: &ElderConfig, batch: &[EditExample]) -> Option<Vec<Vec<u32>>> {
+/// The guided loss's targets `[L][B * k]` for a batch under the configured allocation mode; `None`
+/// when they come from the routers at the first iteration.
+pub fn batch_presets(cfg: &ElderConfig, batch: &[EditExample]) -> Option<Vec<Vec<u32>>> {
     match cfg.allocation {
         AllocationMode::KnowledgeSeed => {
             let per_edit: Vec<Vec<Vec<u32>>> = batch
@@ -326,12 +369,18 @@ pub fn apply_edit_batch(
         report.guide_loss = step.guide;
         on_iteration(it, step.ce);
     }
-    // Codebook entries for the edits just learned, from the routers as they are now.
-    let routing = elder.route_all(&prepared.query);
+    push_codes(elder, &prepared.query)?;
+    Ok(report)
+}
+
+/// Appends the codebook entries of the edits just learned, from their queries `[B, d_in]` and the
+/// routers as they are now. Shared with the CUDA trainer, so both backends store the same codes.
+pub(crate) fn push_codes(elder: &mut Elder, query: &[f32]) -> anyhow::Result<()> {
+    let routing = elder.route_all(query);
     for code in elder.codes(&routing) {
         elder.codebook.push_words(&code)?;
     }
-    Ok(report)
+    Ok(())
 }
 
 /// Query vectors `[n, d_in]` of prompts (the query layer's input at each prompt's last token),

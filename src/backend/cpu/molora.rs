@@ -109,6 +109,32 @@ pub fn route_backward(
     dlogits
 }
 
+/// The router's parameter gradients from its logit gradient `dlogits [B, E]` and its input
+/// `q [B, d_in]`: `dW_r [E, d_in] += dlogits^T q`, `db_r [E] += column sums of dlogits`
+/// (summed over the batch in order).
+pub fn router_param_grad(
+    dlogits: &[f32],
+    q: &[f32],
+    experts: usize,
+    dw_r: &mut [f32],
+    db_r: &mut [f32],
+) {
+    let batch = dlogits.len() / experts;
+    let d_in = dw_r.len() / experts;
+    for b in 0..batch {
+        for e in 0..experts {
+            let dl = dlogits[b * experts + e];
+            db_r[e] += dl;
+            for (w, qv) in dw_r[e * d_in..(e + 1) * d_in]
+                .iter_mut()
+                .zip(&q[b * d_in..(b + 1) * d_in])
+            {
+                *w += dl * qv;
+            }
+        }
+    }
+}
+
 /// Guided loss of one layer: `-(1/B) sum_b sum_{i in preset(b)} log p[b, i]`.
 pub fn guided_loss(r: &Routing, preset: &[u32]) -> f32 {
     let e = r.num_experts;

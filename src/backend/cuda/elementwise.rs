@@ -1,5 +1,6 @@
 //! Launchers for `kernels/elementwise.cu`: embedding gather and gradient, bias + GELU, SiLU gate,
-//! residual add, bias add, rotary embedding, KV-cache append. CPU twins: `backend::cpu::ops`.
+//! residual add, bias add, rotary embedding, KV-cache append, f32 -> T conversion.
+//! CPU twins: `backend::cpu::ops` (and `KernelDtype::from_f32` for the conversion).
 
 use anyhow::{bail, Result};
 use cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig};
@@ -328,6 +329,29 @@ pub fn kv_append<T: KernelDtype>(
             FAMILY,
             &format!("kv_append_{}", T::SUFFIX),
             grid_stride(dev, batch * seq * width),
+            &args,
+        )
+    }
+}
+
+/// `dst[i] = T::from_f32(src[i])` over `count` elements: gradients accumulated in f32 (the attention
+/// backward's atomics) entering the `T` GEMMs of the frozen projections.
+pub fn cast_f32<T: KernelDtype>(
+    dev: &GpuDevice,
+    src: &impl DevicePtr<f32>,
+    dst: &mut impl DevicePtrMut<T>,
+    count: usize,
+) -> Result<()> {
+    let s = dev.stream();
+    let (ps, _gs) = input(s, "cast_f32 src", src, count)?;
+    let (pd, _gd) = output(s, "cast_f32 dst", dst, count)?;
+    let args = [ps, pd, KArg::U64(count as u64)];
+    // SAFETY: buffer lengths checked above; argument list matches cast_f32_{T}.
+    unsafe {
+        dev.launch(
+            FAMILY,
+            &format!("cast_f32_{}", T::SUFFIX),
+            grid_stride(dev, count),
             &args,
         )
     }

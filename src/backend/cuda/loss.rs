@@ -1,6 +1,7 @@
-//! Launchers for `kernels/loss.cu`: vocabulary cross-entropy (forward + backward) and the router
-//! backward with the guided loss. CPU twins: `ops::cross_entropy`, `molora::route_backward`,
-//! `molora::guided_loss`.
+//! Launchers for `kernels/loss.cu`: vocabulary cross-entropy (forward + backward), the router
+//! backward with the guided loss, and the routers' parameter gradients. CPU twins:
+//! `ops::cross_entropy`, `molora::route_backward`, `molora::guided_loss`,
+//! `molora::router_param_grad`.
 
 use anyhow::{bail, Result};
 use cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig};
@@ -133,4 +134,58 @@ pub fn router_backward<P: DevicePtr<u32>>(
     };
     // SAFETY: buffer lengths checked above; argument list matches router_backward_f32.
     unsafe { dev.launch(FAMILY, "router_backward_f32", cfg, &args) }
+}
+
+/// Shapes of [`router_param_grad`]: `layers` routers of `experts` rows over `d_in` inputs, fed
+/// `batch` sequences.
+#[derive(Debug, Clone, Copy)]
+pub struct RouterParamShape {
+    pub layers: usize,
+    pub batch: usize,
+    pub experts: usize,
+    pub d_in: usize,
+}
+
+/// `dw_r [L, E, d_in] += dlogits[l]^T q` and `db_r [L, E] += column sums of dlogits[l]` for every
+/// layer `l`, from `dlogits [L, B, E]` and the routers' input `q [B, d_in]`.
+pub fn router_param_grad<G: DevicePtrMut<f32>>(
+    dev: &GpuDevice,
+    s: RouterParamShape,
+    dlogits: &impl DevicePtr<f32>,
+    q: &impl DevicePtr<f32>,
+    dw_r: &mut G,
+    db_r: &mut G,
+) -> Result<()> {
+    if s.layers == 0 || s.batch == 0 || s.experts == 0 || s.d_in == 0 {
+        bail!("router_param_grad: empty shape {s:?}");
+    }
+    let (l, b, e, d) = (s.layers, s.batch, s.experts, s.d_in);
+    let st = dev.stream();
+    let (pl, _g1) = input(
+        st,
+        "router_param_grad dlogits [L, B, E]",
+        dlogits,
+        l * b * e,
+    )?;
+    let (pq, _g2) = input(st, "router_param_grad q [B, d_in]", q, b * d)?;
+    let (pw, _g3) = output(st, "router_param_grad dW_r [L, E, d_in]", dw_r, l * e * d)?;
+    let (pb, _g4) = output(st, "router_param_grad db_r [L, E]", db_r, l * e)?;
+    let args = [
+        pl,
+        pq,
+        KArg::I32(as_i32("layers", l)?),
+        KArg::I32(as_i32("batch", b)?),
+        KArg::I32(as_i32("experts", e)?),
+        KArg::I32(as_i32("d_in", d)?),
+        pw,
+        pb,
+    ];
+    let total = l * e * (d + 1);
+    let cfg = LaunchConfig {
+        grid_dim: (dev.grid_for(total, 256), 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: buffer lengths checked above; argument list matches router_param_grad_f32.
+    unsafe { dev.launch(FAMILY, "router_param_grad_f32", cfg, &args) }
 }

@@ -30,6 +30,34 @@ use super::elder::GpuElder;
 use super::plan::{check_shape, to_i32, to_u32, Capacity};
 use super::weights::{GpuBlock, GpuMlp, GpuNorm, GpuWeights};
 
+/// A hook on the MLP projections of the device forward, the CUDA side of `model::Adapter`:
+/// [`GpuElder`] mixes its experts in here, the trainer's query capture reads the query here.
+pub trait SiteHook<T: KernelDtype> {
+    /// Called right after the frozen product at `site` (for GPT-2's c_fc before its bias, see the
+    /// module comment); `x` is the projection's input `[rows, in]`, `out` its output `[rows, out]`.
+    fn after_linear(
+        &mut self,
+        dev: &GpuDevice,
+        site: Site,
+        shape: &BatchShape,
+        x: &CudaSlice<T>,
+        out: &mut CudaSlice<T>,
+    ) -> Result<()>;
+}
+
+impl<T: KernelDtype> SiteHook<T> for GpuElder<T> {
+    fn after_linear(
+        &mut self,
+        dev: &GpuDevice,
+        site: Site,
+        shape: &BatchShape,
+        x: &CudaSlice<T>,
+        out: &mut CudaSlice<T>,
+    ) -> Result<()> {
+        GpuElder::after_linear(self, dev, site, shape, x, out)
+    }
+}
+
 /// What ELDER does during one forward call.
 #[derive(Debug, Clone, Copy)]
 pub enum ElderStep<'a> {
@@ -45,7 +73,7 @@ pub enum ElderStep<'a> {
 pub struct GpuModel<T: KernelDtype> {
     pub(super) dev: Arc<GpuDevice>,
     pub(super) cfg: ModelConfig,
-    weights: GpuWeights<T>,
+    pub(super) weights: GpuWeights<T>,
     pub(super) act: Activations<T>,
     pub(super) elder: Option<GpuElder<T>>,
     /// Rows of the last forward call (what the head may read).
@@ -112,6 +140,61 @@ where
     /// Runs new tokens `ids [B * T]` through every block, continuing the KV cache, and leaves the
     /// final-normed hidden state of every row in the device buffers for [`Self::head`].
     pub fn forward(&mut self, ids: &[u32], shape: &BatchShape, elder: ElderStep) -> Result<()> {
+        self.start(ids, shape)?;
+        let dev = &*self.dev;
+        let hook: Option<&mut dyn SiteHook<T>> = match (elder, self.elder.as_mut()) {
+            (ElderStep::Off, _) => None,
+            (ElderStep::Prompt(rows), Some(e)) => {
+                e.begin(dev, rows)?;
+                Some(e)
+            }
+            (ElderStep::Continue, Some(e)) => Some(e),
+            (_, None) => bail!("an edited forward was asked for, but no ELDER state is uploaded"),
+        };
+        let (cfg, w, a) = (&self.cfg, &self.weights, &mut self.act);
+        let rows = shape.rows();
+        let pending = embed(dev, cfg, w, a, rows)?;
+        let pending = run_blocks(dev, cfg, w, a, shape, 0..cfg.num_layers, pending, hook)?;
+        add_and_norm(dev, &w.final_norm, rows, cfg.hidden_size, a, pending, false)?;
+        self.last_rows = rows;
+        Ok(())
+    }
+
+    /// The frozen part of an edit batch: embeds `ids`, runs blocks `0..first` with `hook` on their
+    /// MLP projections (the trainer reads the query there) and then the attention half of block
+    /// `first`. Leaves the residual stream after that attention in `act.h`, its `norm2` in
+    /// `act.normed` and the norm's statistics in `act.mean` / `act.rstd`: the input of block
+    /// `first`'s MLP, the first thing an edit changes.
+    pub(super) fn forward_prefix(
+        &mut self,
+        ids: &[u32],
+        shape: &BatchShape,
+        first: usize,
+        hook: &mut dyn SiteHook<T>,
+    ) -> Result<()> {
+        if first >= self.cfg.num_layers {
+            bail!(
+                "block {first} is past the model's {} blocks",
+                self.cfg.num_layers
+            );
+        }
+        self.start(ids, shape)?;
+        let (dev, cfg, w, a) = (&*self.dev, &self.cfg, &self.weights, &mut self.act);
+        let (rows, d) = (shape.rows(), cfg.hidden_size);
+        let pending = embed(dev, cfg, w, a, rows)?;
+        let pending = run_blocks(dev, cfg, w, a, shape, 0..first, pending, Some(hook))?;
+        let blk = &w.blocks[first];
+        add_and_norm(dev, &blk.norm1, rows, d, a, pending, true)?;
+        attn_half(dev, cfg, blk, first, a, shape)
+            .with_context(|| format!("block {first} attention"))?;
+        add_and_norm(dev, &blk.norm2, rows, d, a, true, true)?;
+        // The head must not read these rows as if a whole forward had run.
+        self.last_rows = 0;
+        Ok(())
+    }
+
+    /// Checks a call and writes its per-row and per-sequence inputs to the device.
+    fn start(&mut self, ids: &[u32], shape: &BatchShape) -> Result<()> {
         check_shape(shape, self.act.cap, &self.cfg)?;
         if ids.len() != shape.rows() {
             bail!(
@@ -136,55 +219,7 @@ where
             &mut a.q_valid,
             &to_i32("valid", &shape.valid)?,
             "q_valid",
-        )?;
-        let mut elder = match (elder, self.elder.as_mut()) {
-            (ElderStep::Off, _) => None,
-            (ElderStep::Prompt(rows), Some(e)) => {
-                e.begin(dev, rows)?;
-                Some(e)
-            }
-            (ElderStep::Continue, Some(e)) => Some(e),
-            (_, None) => bail!("an edited forward was asked for, but no ELDER state is uploaded"),
-        };
-
-        let rows = shape.rows();
-        let cfg = &self.cfg;
-        let w = &self.weights;
-        elementwise::embedding(
-            dev,
-            &a.ids,
-            rows,
-            &w.embed,
-            cfg.vocab_size,
-            cfg.hidden_size,
-            &mut a.h,
-        )?;
-        // GPT-2's position rows go to `delta`: the first norm adds them to the token rows.
-        let mut pending = false;
-        if let Some(pos) = &w.pos_embed {
-            elementwise::embedding(
-                dev,
-                &a.positions,
-                rows,
-                pos,
-                cfg.max_positions,
-                cfg.hidden_size,
-                &mut a.delta,
-            )?;
-            pending = true;
-        }
-        for (l, blk) in w.blocks.iter().enumerate() {
-            add_and_norm(dev, &blk.norm1, rows, cfg.hidden_size, a, pending, true)?;
-            attn_half(dev, cfg, blk, l, a, shape)
-                .with_context(|| format!("block {l} attention"))?;
-            add_and_norm(dev, &blk.norm2, rows, cfg.hidden_size, a, true, true)?;
-            mlp_half(dev, blk, l, a, shape, elder.as_deref_mut())
-                .with_context(|| format!("block {l} MLP"))?;
-            pending = true;
-        }
-        add_and_norm(dev, &w.final_norm, rows, cfg.hidden_size, a, pending, false)?;
-        self.last_rows = rows;
-        Ok(())
+        )
     }
 
     /// Logits `[rows.len(), vocab]` (as f32) of the chosen rows of the last forward call.
@@ -238,6 +273,72 @@ where
             None => Ok((Vec::new(), Vec::new())),
         }
     }
+}
+
+/// Token embeddings of `rows` rows into `act.h`; GPT-2's position rows go to `act.delta`, which
+/// the first norm adds (returns whether such a pending delta exists).
+fn embed<T: KernelDtype>(
+    dev: &GpuDevice,
+    cfg: &ModelConfig,
+    w: &GpuWeights<T>,
+    a: &mut Activations<T>,
+    rows: usize,
+) -> Result<bool> {
+    elementwise::embedding(
+        dev,
+        &a.ids,
+        rows,
+        &w.embed,
+        cfg.vocab_size,
+        cfg.hidden_size,
+        &mut a.h,
+    )?;
+    let Some(pos) = &w.pos_embed else {
+        return Ok(false);
+    };
+    elementwise::embedding(
+        dev,
+        &a.positions,
+        rows,
+        pos,
+        cfg.max_positions,
+        cfg.hidden_size,
+        &mut a.delta,
+    )?;
+    Ok(true)
+}
+
+/// Blocks `blocks` in order, each `h += attn(norm1(h)); h += mlp(norm2(h))` with the last add left
+/// pending in `act.delta` (the next norm fuses it). Returns `true`: a delta is pending.
+#[allow(clippy::too_many_arguments)]
+fn run_blocks<T: KernelDtype>(
+    dev: &GpuDevice,
+    cfg: &ModelConfig,
+    w: &GpuWeights<T>,
+    a: &mut Activations<T>,
+    shape: &BatchShape,
+    blocks: std::ops::Range<usize>,
+    mut pending: bool,
+    mut hook: Option<&mut dyn SiteHook<T>>,
+) -> Result<bool>
+where
+    CudaBlas: Gemm<T>,
+{
+    let rows = shape.rows();
+    for l in blocks {
+        let blk = &w.blocks[l];
+        add_and_norm(dev, &blk.norm1, rows, cfg.hidden_size, a, pending, true)?;
+        attn_half(dev, cfg, blk, l, a, shape).with_context(|| format!("block {l} attention"))?;
+        add_and_norm(dev, &blk.norm2, rows, cfg.hidden_size, a, true, true)?;
+        // A fresh reborrow per block (`as_deref_mut` would tie it to the hook's own lifetime).
+        let block_hook: Option<&mut dyn SiteHook<T>> = match &mut hook {
+            Some(h) => Some(&mut **h),
+            None => None,
+        };
+        mlp_half(dev, blk, l, a, shape, block_hook).with_context(|| format!("block {l} MLP"))?;
+        pending = true;
+    }
+    Ok(pending)
 }
 
 /// The pre-norm of a sublayer, fused with the residual add of the previous one:
@@ -386,17 +487,17 @@ fn mlp_half<T: KernelDtype>(
     l: usize,
     a: &mut Activations<T>,
     shape: &BatchShape,
-    mut elder: Option<&mut GpuElder<T>>,
+    mut hook: Option<&mut dyn SiteHook<T>>,
 ) -> Result<()>
 where
     CudaBlas: Gemm<T>,
 {
     let rows = shape.rows();
     let site = |proj| Site { block: l, proj };
-    // ELDER's hook; a macro keeps the field borrows of `a` disjoint at each call.
+    // The site hook; a macro keeps the field borrows of `a` disjoint at each call.
     macro_rules! adapt {
         ($proj:expr, $x:expr, $out:expr) => {
-            if let Some(e) = elder.as_deref_mut() {
+            if let Some(e) = hook.as_deref_mut() {
                 e.after_linear(dev, site($proj), shape, $x, $out)?;
             }
         };

@@ -1,21 +1,23 @@
-//! The CUDA inference runtime: the CPU [`Model`] description uploaded once (weights in bf16, f16 or
-//! f32), preallocated activations and KV cache, a padded-batch forward on the kernels of this backend
-//! plus cuBLAS, and ELDER (fused router, MoLoRA gather/scatter) on top.
+//! The CUDA runtime: the CPU [`Model`] description uploaded once (weights in bf16, f16 or f32),
+//! preallocated activations and KV cache, a padded-batch forward on the kernels of this backend plus
+//! cuBLAS, ELDER (fused router, MoLoRA gather/scatter) on top, and ELDER's edit step.
 //!
 //! - [`plan`]: buffer sizes and padded-batch row arithmetic (host only, unit-tested without a GPU);
 //! - [`weights`]: the uploaded model; [`activations`]: the preallocated buffers;
 //! - [`elder`]: the uploaded ELDER state and its per-request routing;
 //! - [`forward`]: the block-by-block forward and the head; [`requests`]: logits, score, eval scoring
-//!   and generation with the CPU runner's semantics.
+//!   and generation with the CPU runner's semantics;
+//! - [`train`]: the edit step (ELDER's trainer on the device).
 //!
-//! Compiled only: none of this has run on a GPU yet (`tests/gpu_model.rs` checks it against the CPU
-//! when one is available).
+//! Compiled only: none of this has run on a GPU yet (`tests/gpu_model.rs` and `tests/gpu_train.rs`
+//! check it against the CPU when one is available).
 
 pub mod activations;
 pub mod elder;
 pub mod forward;
 pub mod plan;
 pub mod requests;
+pub mod train;
 pub mod weights;
 
 use std::sync::Arc;
@@ -31,6 +33,7 @@ use crate::model::{BatchShape, Model};
 use super::device::GpuDevice;
 pub use forward::{ElderStep, GpuModel};
 pub use plan::Capacity;
+pub use train::{open_gpu_editor, GpuEditor, GpuTrainer};
 
 /// Storage and activation dtype of the CUDA forward (matmuls accumulate in f32 in every case).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]

@@ -89,6 +89,58 @@ impl<T: KernelDtype> GpuLinear<T> {
         self.product(dev, x, rows, out)?;
         self.add_bias(dev, out, rows)
     }
+
+    /// `dx (+)= dy W^T`, as `Linear::backward_input` (the bias has no part in it).
+    pub fn backward_input(
+        &self,
+        dev: &GpuDevice,
+        dy: &CudaSlice<T>,
+        rows: usize,
+        dx: &mut CudaSlice<T>,
+        accumulate: bool,
+    ) -> Result<()>
+    where
+        CudaBlas: Gemm<T>,
+    {
+        input_grad(
+            dev,
+            dy,
+            rows,
+            &self.w,
+            self.in_dim,
+            self.out_dim,
+            self.layout,
+            dx,
+            accumulate,
+        )
+    }
+}
+
+/// `dx[rows, in] (+)= dy[rows, out] W^T` for a weight `w` of `layout` used as `y = x W`: the same
+/// memory read as the transposed product (an `[in, out]` weight is the `[out', in']` layout of
+/// `W^T`, and the other way round), so no transposed copy is needed. CPU twin: `ops::matmul_input_grad`.
+#[allow(clippy::too_many_arguments)]
+pub fn input_grad<T: KernelDtype>(
+    dev: &GpuDevice,
+    dy: &CudaSlice<T>,
+    rows: usize,
+    w: &CudaSlice<T>,
+    in_dim: usize,
+    out_dim: usize,
+    layout: Layout,
+    dx: &mut CudaSlice<T>,
+    accumulate: bool,
+) -> Result<()>
+where
+    CudaBlas: Gemm<T>,
+{
+    let transposed = match layout {
+        Layout::InOut => Layout::OutIn,
+        Layout::OutIn => Layout::InOut,
+    };
+    gemm::matmul(
+        dev, dy, rows, w, out_dim, in_dim, transposed, dx, accumulate,
+    )
 }
 
 /// Splits a linear layer whose output is `parts` equal column blocks (GPT-2's `c_attn`: q | k | v)

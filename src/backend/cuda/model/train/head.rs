@@ -1,0 +1,112 @@
+//! The head of the training step on the device: final norm and lm_head on the supervised rows
+//! only, the cross-entropy, and their backward into the residual stream's gradient.
+
+use anyhow::Result;
+use cudarc::cublas::{CudaBlas, Gemm};
+use cudarc::driver::CudaSlice;
+
+use crate::backend::cuda::buffers::KernelDtype;
+use crate::backend::cuda::model::weights::{input_grad, GpuNorm};
+use crate::backend::cuda::norm::{self, NormRows};
+use crate::backend::cuda::{elementwise, gemm, loss};
+
+use super::blocks::norm_forward;
+use super::buffers::{HeadBuffers, Scratch};
+use super::step::Step;
+
+impl<T: KernelDtype> Step<'_, T>
+where
+    CudaBlas: Gemm<T>,
+{
+    /// Final norm and lm_head on the supervised rows of `h` (as `Model::head`), then the
+    /// cross-entropy with weight `1 / n` (as the CPU trainer).
+    pub(super) fn head_forward(
+        &self,
+        hb: &mut HeadBuffers<T>,
+        h: &CudaSlice<T>,
+        it: usize,
+    ) -> Result<()> {
+        let (dev, cfg, n) = (self.dev, self.cfg, self.n_targets);
+        let (d, vocab) = (cfg.hidden_size, cfg.vocab_size);
+        elementwise::embedding(dev, &hb.rows, n, h, self.rows(), d, &mut hb.x)?;
+        norm_forward(
+            dev,
+            &self.w.final_norm,
+            (n, d),
+            &hb.x,
+            None,
+            None,
+            &mut hb.normed,
+            &mut hb.mean,
+            &mut hb.rstd,
+        )?;
+        let (head_w, layout) = self.w.head();
+        gemm::matmul(
+            dev,
+            &hb.normed,
+            n,
+            head_w,
+            d,
+            vocab,
+            layout,
+            &mut hb.logits,
+            false,
+        )?;
+        let weight = 1.0 / n as f32;
+        loss::cross_entropy(
+            dev,
+            &hb.logits,
+            &hb.targets,
+            n,
+            vocab,
+            weight,
+            &mut hb.dlogits,
+            &mut hb.ce.slice_mut(it * n..(it + 1) * n),
+        )
+    }
+
+    /// Gradient of the head into `sc.dh` (as `Model::head_backward`): every supervised row gets its
+    /// row of the final norm's input gradient, every other row zero (one gather, see
+    /// `plan::head_scatter_ids`).
+    pub(super) fn head_backward(&self, hb: &mut HeadBuffers<T>, sc: &mut Scratch<T>) -> Result<()> {
+        let (dev, cfg, n) = (self.dev, self.cfg, self.n_targets);
+        let (d, vocab) = (cfg.hidden_size, cfg.vocab_size);
+        let (head_w, layout) = self.w.head();
+        input_grad(
+            dev,
+            &hb.dlogits,
+            n,
+            head_w,
+            d,
+            vocab,
+            layout,
+            &mut hb.dnormed,
+            false,
+        )?;
+        let rows = NormRows { n, d, eps: 0.0 }; // the backward has no epsilon
+        match &self.w.final_norm {
+            GpuNorm::Layer { w, .. } => norm::layernorm_backward(
+                dev,
+                rows,
+                &hb.x,
+                w,
+                &hb.mean,
+                &hb.rstd,
+                &hb.dnormed,
+                &mut hb.dx,
+                false,
+            )?,
+            GpuNorm::Rms { w, .. } => norm::rmsnorm_backward(
+                dev,
+                rows,
+                &hb.x,
+                w,
+                &hb.rstd,
+                &hb.dnormed,
+                &mut hb.dx,
+                false,
+            )?,
+        }
+        elementwise::embedding(dev, &hb.scatter, self.rows(), &hb.dx, n + 1, d, &mut sc.dh)
+    }
+}

@@ -1,0 +1,404 @@
+//! The CUDA edit step: ELDER's trainer on the device, mirroring the CPU reference
+//! (`elder::trainer`). Per edit batch: the frozen prefix once (blocks below the first MoLoRA block,
+//! and that block's attention, with the queries captured at the query site), then `iterations` x
+//! (route, forward with tapes, cross-entropy on the supervised rows, backward down to the first
+//! MoLoRA site, the routers' backward with the guided loss, Adam with the CPU trainer's schedule
+//! and per-tensor rates), then the trained experts and routers go back into the CPU [`Elder`] and
+//! the batch's codes are pushed by the CPU trainer's own code path (`trainer::push_codes`).
+//!
+//! - [`plan`]: buffer sizes, parameter stacking and row plans (host only, unit-tested);
+//! - [`buffers`]: the preallocated device memory;
+//! - [`step`]: one iteration (routing, MoLoRA sites, router backward, Adam), with the half-blocks in
+//!   `blocks` and the head and loss in `head`.
+//!
+//! Host synchronisation: twice per batch, never inside an iteration. After the prefix the queries
+//! come back to the host (the router input is centred there with the CPU's function, and the
+//! batch's codes are computed from them at the end, exactly as the CPU trainer does); after the last
+//! iteration the losses and parameters come back. Per-iteration losses therefore stay on the device
+//! until the batch ends, and `on_iteration` is called for every iteration after the last one.
+//!
+//! Trainable weights, gradients and Adam moments are f32 on the device; activations and their
+//! gradients are in the model's dtype `T` (the attention's dq/dk/dv in f32, then rounded).
+//!
+//! Compiled only: none of this has run on a GPU yet (`tests/gpu_train.rs` compares it with the CPU
+//! trainer when one is available).
+
+mod blocks;
+pub mod buffers;
+mod head;
+pub mod plan;
+pub mod step;
+
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use cudarc::cublas::{CudaBlas, Gemm};
+use half::{bf16, f16};
+
+use crate::backend::cuda::buffers::KernelDtype;
+use crate::backend::cuda::device::GpuDevice;
+use crate::elder::config::ElderConfig;
+use crate::elder::molora::{Elder, MoloraLayer};
+use crate::elder::trainer::{
+    batch_presets, push_codes, EditExample, EditReport, EditRows, LossAndGrads,
+};
+use crate::model::layers::Site;
+use crate::model::Model;
+
+use super::activations::write;
+use super::forward::GpuModel;
+use super::plan::{prompt_query_rows, to_u32, Capacity};
+use super::{GpuDtype, GpuRunner};
+use buffers::{copy, TrainBuffers};
+use plan::{check_trainable, head_scatter_ids, stack_params, unstack_params, TrainPlan};
+use step::Step;
+
+/// A base model on the GPU that trains ELDER states. Owns the [`GpuModel`] (weights uploaded once,
+/// its activations run the frozen prefix) and the training buffers, grown on demand.
+pub struct GpuTrainer<T: KernelDtype> {
+    model: GpuModel<T>,
+    bufs: Option<TrainBuffers<T>>,
+    /// Training buffer (re)allocations so far.
+    allocations: usize,
+}
+
+/// An edit batch made ready on the device (prefix run, inputs written).
+struct Prepared {
+    rows: EditRows,
+    /// The queries `[B, d_in]` as the prefix computed them (f32 on the host).
+    query: Vec<f32>,
+    d_in: usize,
+    d_out: usize,
+}
+
+impl<T: KernelDtype> GpuTrainer<T>
+where
+    CudaBlas: Gemm<T>,
+{
+    /// Uploads `model` with inference buffers for `cap`; the training buffers are sized by the
+    /// first batch (they depend on the ELDER config) and grow with larger ones.
+    pub fn new(dev: Arc<GpuDevice>, model: &Model, cap: Capacity) -> Result<Self> {
+        Ok(Self::from_model(GpuModel::new(dev, model, cap)?))
+    }
+
+    pub fn from_model(model: GpuModel<T>) -> Self {
+        GpuTrainer {
+            model,
+            bufs: None,
+            allocations: 0,
+        }
+    }
+
+    /// The uploaded model (for inference on the same weights, e.g. evaluation after editing).
+    pub fn model(&mut self) -> &mut GpuModel<T> {
+        &mut self.model
+    }
+
+    /// Buffer (re)allocations so far, training and inference buffers together: unchanged by edit
+    /// batches within the capacity already reserved.
+    pub fn allocations(&self) -> usize {
+        self.allocations + self.model.allocations()
+    }
+
+    /// `trainer::apply_edit_batch` on the device: trains `elder` on `batch` and appends the
+    /// batch's codes to its codebook. `on_iteration(i, loss)` is called for every iteration once
+    /// the batch is done (the losses stay on the device until then).
+    pub fn edit_batch(
+        &mut self,
+        elder: &mut Elder,
+        batch: &[EditExample],
+        mut on_iteration: impl FnMut(usize, f32),
+    ) -> Result<EditReport> {
+        let cfg = elder.cfg.clone();
+        let prep = self.prepare(elder, batch)?;
+        let iterations = cfg.iterations;
+        {
+            let (step, bufs) = self.parts(&cfg, &prep)?;
+            for it in 0..iterations {
+                step.forward(bufs, it)?;
+                step.backward(bufs)?;
+                step.adam(&mut bufs.experts, it)?;
+            }
+        }
+        let (ce, guide) = self.losses(&cfg, &prep, iterations)?;
+        let (step, bufs) = self.parts(&cfg, &prep)?;
+        let trained = bufs.experts.params.download(step.dev)?;
+        unstack_params(&trained, &mut elder.layers)?;
+        push_codes(elder, &prep.query)?;
+        for (it, &loss) in ce.iter().enumerate() {
+            on_iteration(it, loss);
+        }
+        Ok(EditReport {
+            first_loss: ce[0],
+            last_loss: ce[iterations - 1],
+            guide_loss: guide,
+            iterations,
+        })
+    }
+
+    /// The first iteration's loss and gradients without an Adam step (the CPU's
+    /// `PreparedBatch::loss_and_grads` with the batch's presets): what the GPU-vs-CPU tests compare.
+    pub fn loss_and_grads(&mut self, elder: &Elder, batch: &[EditExample]) -> Result<LossAndGrads> {
+        let cfg = elder.cfg.clone();
+        let prep = self.prepare(elder, batch)?;
+        {
+            let (step, bufs) = self.parts(&cfg, &prep)?;
+            step.forward(bufs, 0)?;
+            step.backward(bufs)?;
+        }
+        let (ce, guide) = self.losses(&cfg, &prep, 1)?;
+        let (step, bufs) = self.parts(&cfg, &prep)?;
+        let mut grads: Vec<MoloraLayer> = elder.layers.iter().map(|l| l.zeros_like()).collect();
+        unstack_params(&bufs.experts.grads.download(step.dev)?, &mut grads)?;
+        let per_layer = prep.rows.shape.batch * cfg.top_k;
+        let chosen = step
+            .dev
+            .download(
+                &bufs
+                    .experts
+                    .routed
+                    .experts
+                    .slice(0..grads.len() * per_layer),
+            )?
+            .chunks(per_layer)
+            .map(<[u32]>::to_vec)
+            .collect();
+        Ok(LossAndGrads {
+            ce: ce[0],
+            guide,
+            grads,
+            chosen,
+        })
+    }
+
+    /// Grows the training buffers to cover `need` for this config (reallocating only when the
+    /// plan changes).
+    fn reserve(
+        &mut self,
+        ecfg: &ElderConfig,
+        d_in: usize,
+        d_out: usize,
+        need: Capacity,
+    ) -> Result<()> {
+        let cap = self.bufs.as_ref().map_or(need, |b| b.plan.cap.union(need));
+        let plan = TrainPlan::new(&self.model.cfg, ecfg, d_in, d_out, cap)?;
+        if self.bufs.as_ref().is_some_and(|b| b.plan == plan) {
+            return Ok(());
+        }
+        // Free the old set first so peak memory is one set, not two.
+        self.bufs = None;
+        self.bufs = Some(TrainBuffers::new(&self.model.dev, &plan, ecfg, d_in)?);
+        self.allocations += 1;
+        Ok(())
+    }
+
+    /// Runs the frozen prefix and writes everything an iteration reads: tape 0 (block `first`'s
+    /// MLP input and norm), the router input, the current parameters with fresh Adam moments, the
+    /// guided loss's presets, the supervised rows and their targets.
+    fn prepare(&mut self, elder: &Elder, batch: &[EditExample]) -> Result<Prepared> {
+        let cfg = &elder.cfg;
+        check_trainable(cfg)?;
+        let rows = EditRows::new(&self.model.cfg, batch)?;
+        let layer = elder
+            .layers
+            .first()
+            .context("the ELDER state has no MoLoRA layers")?;
+        let (d_in, d_out) = (layer.d_in, layer.d_out);
+        let shape = &rows.shape;
+        let cap = Capacity {
+            batch: shape.batch,
+            seq: shape.seq,
+        };
+        self.model.reserve(cap)?;
+        self.reserve(cfg, d_in, d_out, cap)?;
+        let dev = self.model.dev.clone();
+        let bufs = self.bufs.as_mut().context("training buffers missing")?;
+        let first = cfg.molora_blocks[0];
+        let (n_rows, d) = (shape.rows(), self.model.cfg.hidden_size);
+
+        // The frozen prefix, capturing the query of each sequence at its last prompt token.
+        let prompt_lens: Vec<usize> = rows.prompt_rows.iter().map(|r| r.len()).collect();
+        let query_site = Site {
+            block: cfg.query_block,
+            proj: cfg.query_proj,
+        };
+        bufs.capture.begin(
+            &dev,
+            query_site,
+            &prompt_query_rows(shape.seq, &prompt_lens),
+        )?;
+        self.model
+            .forward_prefix(&rows.ids, shape, first, &mut bufs.capture)?;
+        anyhow::ensure!(
+            bufs.capture.captured(),
+            "the query site (block {}, {:?}) was not reached below block {first}",
+            cfg.query_block,
+            cfg.query_proj
+        );
+        let act = &self.model.act;
+        let tape = &mut bufs.mlp[0];
+        copy(&dev, &act.h, &mut tape.x, n_rows * d, "prefix residual")?;
+        copy(
+            &dev,
+            &act.normed,
+            &mut tape.normed,
+            n_rows * d,
+            "prefix norm",
+        )?;
+        copy(&dev, &act.mean, &mut tape.mean, n_rows, "prefix norm mean")?;
+        copy(&dev, &act.rstd, &mut tape.rstd, n_rows, "prefix norm rstd")?;
+
+        // Waits for the prefix: the routers' input is made on the host by the CPU's function.
+        let query = dev.download_f32::<T, _>(&bufs.capture.query.slice(0..shape.batch * d_in))?;
+        let ex = &mut bufs.experts;
+        write(
+            &dev,
+            &mut ex.router_in,
+            &elder.router_input(&query),
+            "router input",
+        )?;
+        ex.params.upload(&dev, &stack_params(&elder.layers))?;
+        ex.adam_m.clear(&dev)?;
+        ex.adam_v.clear(&dev)?;
+        // Knowledge-seeded presets now; router-chosen ones are copied at the first iteration.
+        if let Some(presets) = batch_presets(cfg, batch) {
+            write(
+                &dev,
+                &mut ex.presets,
+                &presets.concat(),
+                "guided-loss presets",
+            )?;
+        }
+
+        let hb = &mut bufs.head;
+        let n = rows.target_rows.len();
+        let targets = rows
+            .targets
+            .iter()
+            .map(|&t| i32::try_from(t).context("target id does not fit an i32"))
+            .collect::<Result<Vec<i32>>>()?;
+        write(
+            &dev,
+            &mut hb.rows,
+            &to_u32("target row", &rows.target_rows)?,
+            "target rows",
+        )?;
+        write(&dev, &mut hb.targets, &targets, "targets")?;
+        let scatter = head_scatter_ids(n_rows, &rows.target_rows)?;
+        write(&dev, &mut hb.scatter, &scatter, "head scatter rows")?;
+        // Row n of the head gradient feeds every unsupervised row: zero for the whole batch.
+        buffers::clear(&dev, &mut hb.dx, n * d..(n + 1) * d, "head gradient")?;
+        Ok(Prepared {
+            rows,
+            query,
+            d_in,
+            d_out,
+        })
+    }
+
+    /// The iteration's read-only context and the buffers it works on.
+    fn parts<'a>(
+        &'a mut self,
+        ecfg: &'a ElderConfig,
+        prep: &'a Prepared,
+    ) -> Result<(Step<'a, T>, &'a mut TrainBuffers<T>)> {
+        let bufs = self.bufs.as_mut().context("training buffers missing")?;
+        let model: &'a GpuModel<T> = &self.model;
+        let step = Step {
+            dev: &model.dev,
+            cfg: &model.cfg,
+            ecfg,
+            w: &model.weights,
+            positions: &model.act.positions,
+            q_start: &model.act.q_start,
+            q_valid: &model.act.q_valid,
+            shape: &prep.rows.shape,
+            n_targets: prep.rows.target_rows.len(),
+            d_in: prep.d_in,
+            d_out: prep.d_out,
+        };
+        Ok((step, bufs))
+    }
+
+    /// Mean cross-entropy of each of the first `iterations` iterations (the CPU's sum of row losses
+    /// times `1 / n`) and the last iteration's guided loss summed over layers (waits for the device).
+    fn losses(
+        &mut self,
+        ecfg: &ElderConfig,
+        prep: &Prepared,
+        iterations: usize,
+    ) -> Result<(Vec<f32>, f32)> {
+        let (step, bufs) = self.parts(ecfg, prep)?;
+        let n = step.n_targets;
+        let rows = step.dev.download(&bufs.head.ce.slice(0..iterations * n))?;
+        let weight = 1.0 / n as f32;
+        let ce = rows
+            .chunks(n)
+            .map(|r| r.iter().sum::<f32>() * weight)
+            .collect();
+        let guide_rows = ecfg.molora_blocks.len() * prep.rows.shape.batch;
+        let guide = step
+            .dev
+            .download(&bufs.experts.guide.slice(0..guide_rows))?
+            .iter()
+            .sum();
+        Ok((ce, guide))
+    }
+}
+
+/// A [`GpuTrainer`] of any dtype, for callers that pick the dtype at run time (the command line).
+pub trait GpuEditor {
+    fn dtype(&self) -> GpuDtype;
+    /// [`GpuTrainer::edit_batch`].
+    fn edit_batch(
+        &mut self,
+        elder: &mut Elder,
+        batch: &[EditExample],
+        on_iteration: &mut dyn FnMut(usize, f32),
+    ) -> Result<EditReport>;
+    /// The same uploaded model for inference (evaluation after or between edits).
+    fn runner(&mut self) -> &mut dyn GpuRunner;
+    fn allocations(&self) -> usize;
+}
+
+macro_rules! impl_editor {
+    ($t:ty, $d:expr) => {
+        impl GpuEditor for GpuTrainer<$t> {
+            fn dtype(&self) -> GpuDtype {
+                $d
+            }
+            fn edit_batch(
+                &mut self,
+                elder: &mut Elder,
+                batch: &[EditExample],
+                on_iteration: &mut dyn FnMut(usize, f32),
+            ) -> Result<EditReport> {
+                GpuTrainer::edit_batch(self, elder, batch, on_iteration)
+            }
+            fn runner(&mut self) -> &mut dyn GpuRunner {
+                &mut self.model
+            }
+            fn allocations(&self) -> usize {
+                GpuTrainer::allocations(self)
+            }
+        }
+    };
+}
+
+impl_editor!(f32, GpuDtype::F32);
+impl_editor!(f16, GpuDtype::F16);
+impl_editor!(bf16, GpuDtype::Bf16);
+
+/// Uploads `model` to `dev` in `dtype` for editing, with inference buffers for `cap`.
+pub fn open_gpu_editor(
+    dev: Arc<GpuDevice>,
+    model: &Model,
+    dtype: GpuDtype,
+    cap: Capacity,
+) -> Result<Box<dyn GpuEditor>> {
+    Ok(match dtype {
+        GpuDtype::F32 => Box::new(GpuTrainer::<f32>::new(dev, model, cap)?),
+        GpuDtype::F16 => Box::new(GpuTrainer::<f16>::new(dev, model, cap)?),
+        GpuDtype::Bf16 => Box::new(GpuTrainer::<bf16>::new(dev, model, cap)?),
+    })
+}
