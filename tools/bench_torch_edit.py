@@ -162,7 +162,10 @@ def install_elder(model, args) -> tuple[list[MoLoRALinear], RoutingState, list[i
     n = len(blocks)
     if args.layers + 1 > n:
         raise SystemExit(f"{args.layers} MoLoRA layers plus a query layer need {args.layers + 1} blocks, model has {n}")
-    layer_ids = list(range(n - args.layers, n))
+    first = n - args.layers if args.first_block is None else args.first_block
+    if not 1 <= first <= n - args.layers:
+        raise SystemExit(f"--first-block {first}: {args.layers} MoLoRA layers from there do not fit in {n} blocks")
+    layer_ids = list(range(first, first + args.layers))
     query_block = layer_ids[0] - 1 if args.query_block is None else args.query_block
     if not 0 <= query_block < layer_ids[0]:
         raise SystemExit(f"--query-block {query_block} must be below the first MoLoRA block {layer_ids[0]}")
@@ -265,7 +268,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--model", type=Path, required="--self-check" not in sys.argv)
     ap.add_argument("--site", help="FFN linear to wrap: c_fc (gpt2); up_proj|down_proj|gate_proj (llama)")
-    ap.add_argument("--layers", type=int, default=6, help="MoLoRA layers L (last L blocks)")
+    ap.add_argument("--layers", type=int, default=6, help="MoLoRA layers L (the last L blocks unless --first-block)")
+    ap.add_argument("--first-block", type=int, help="first MoLoRA block (the engine's preset: 3/4 of the depth)")
     ap.add_argument("--query-block", type=int, help="block whose --site input is the query (default: first MoLoRA block - 1)")
     ap.add_argument("--experts", type=int, default=4)
     ap.add_argument("--rank", type=int, default=8)

@@ -421,12 +421,19 @@ pub fn rmsnorm_backward(
 const SQRT_2_OVER_PI: f32 = 0.797_884_6;
 const GELU_C: f32 = 0.044_715;
 
+/// `tanh(u)` as `1 - 2 / (exp(2u) + 1)`: one `expf` instead of libm's `tanhf` (which goes through
+/// `expm1f` and was a tenth of a gpt2 edit step). Near 0 the cancellation costs relative accuracy
+/// but the absolute error stays below 1.5e-7, and GELU only ever uses `1 + tanh`.
+fn tanh_via_exp(u: f32) -> f32 {
+    1.0 - 2.0 / ((2.0 * u).exp() + 1.0)
+}
+
 /// GPT-2's tanh approximation of GELU (`gelu_new`), in place.
 pub fn gelu_new(x: &mut [f32]) {
     x.par_chunks_mut(16384).for_each(|c| {
         for v in c {
             let u = SQRT_2_OVER_PI * (*v + GELU_C * *v * *v * *v);
-            *v = 0.5 * *v * (1.0 + u.tanh());
+            *v = 0.5 * *v * (1.0 + tanh_via_exp(u));
         }
     });
 }
@@ -437,7 +444,7 @@ pub fn gelu_new_backward(x: &[f32], dout: &[f32], dx: &mut [f32]) {
         .zip(x.par_iter().zip(dout.par_iter()))
         .for_each(|(dx, (&x, &dy))| {
             let u = SQRT_2_OVER_PI * (x + GELU_C * x * x * x);
-            let t = u.tanh();
+            let t = tanh_via_exp(u);
             let du = SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_C * x * x);
             *dx = dy * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du);
         });
@@ -784,6 +791,20 @@ pub fn adam(param: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32], s: Ad
 mod tests {
     //! Every backward op against central finite differences of `sum(forward(x) * w)`.
     use super::*;
+
+    #[test]
+    fn tanh_via_exp_is_within_2e7_of_tanh_everywhere() {
+        let mut worst = 0.0f64;
+        for i in -200_000..=200_000 {
+            let u = i as f32 * 1e-4; // -20 .. 20, through 0 and the saturation
+            let err = (tanh_via_exp(u) as f64 - (u as f64).tanh()).abs();
+            worst = worst.max(err);
+        }
+        for u in [f32::MAX, f32::MIN, 1e-30, -1e-30, 0.0] {
+            assert!((tanh_via_exp(u) as f64 - (u as f64).tanh()).abs() < 2e-7, "{u}");
+        }
+        assert!(worst < 2e-7, "worst absolute error {worst}");
+    }
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
 
