@@ -66,7 +66,7 @@ fn main() -> Result<()> {
         cfg.query_block = block;
         cfg.query_pooling = pooling;
         cfg.molora_blocks = vec![block + 1];
-        let elder = Elder::new(cfg, &base.model)?;
+        let elder = Elder::new(cfg, &base.model.cfg)?;
         let q = [
             queries(&base.model, &elder, &prompts),
             queries(&base.model, &elder, &rephrases),

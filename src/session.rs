@@ -110,7 +110,7 @@ impl EditSession {
             }
         };
         let state = EditState::open_or_create(dir, &cfg_json, &base.fingerprint)?;
-        let elder = Elder::from_state(cfg, &base.model, &state)?;
+        let elder = Elder::from_state(cfg, &base.model.cfg, &state)?;
         Ok(EditSession { elder, state })
     }
 }

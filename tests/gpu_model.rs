@@ -342,7 +342,7 @@ fn elder_case(arch: Arch, centering: bool) -> ElderCase {
         query_centering: centering,
         ..ElderConfig::default()
     };
-    let mut elder = Elder::new(cfg, &model).unwrap();
+    let mut elder = Elder::new(cfg, &model.cfg).unwrap();
     let mut rng = ChaCha8Rng::seed_from_u64(77);
     let vocab = model.cfg.vocab_size as u32;
     let random_prompt = |rng: &mut ChaCha8Rng| -> Vec<u32> {
@@ -531,7 +531,7 @@ fn gpu_elder_with_empty_codebook_is_the_base_model() {
         molora_blocks: vec![1, 2],
         ..ElderConfig::preset_for(&model.cfg)
     };
-    let mut elder = Elder::new(cfg, &model).unwrap();
+    let mut elder = Elder::new(cfg, &model.cfg).unwrap();
     elder.layers.iter_mut().for_each(|l| l.b.fill(0.3));
     let seqs = mixed_batch();
     let Some(dev) = gpu_or_skip("gpu_elder_with_empty_codebook_is_the_base_model") else {

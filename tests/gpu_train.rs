@@ -192,7 +192,7 @@ fn case(spec: Spec, seed: u64) -> Case {
         seed,
         ..ElderConfig::default()
     };
-    let mut elder = Elder::new(cfg, &model).unwrap();
+    let mut elder = Elder::new(cfg, &model.cfg).unwrap();
     let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x7a1);
     let vocab = model.cfg.vocab_size as u32;
     let tokens = |rng: &mut ChaCha8Rng, n: usize| -> Vec<u32> {
@@ -529,7 +529,7 @@ fn gpu_edit_stream_commits_and_resumes_like_the_cpu() {
         "codes"
     );
     // Both started from the config's seeded initialisation.
-    let init = Elder::new(cpu.elder.cfg.clone(), &base.model)
+    let init = Elder::new(cpu.elder.cfg.clone(), &base.model.cfg)
         .unwrap()
         .layers;
     let u = assert_layers_close(
