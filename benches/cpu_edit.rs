@@ -22,7 +22,7 @@ fn edit(model: &Model) -> EditExample {
 
 fn bench_one(c: &mut Criterion, name: &str, model: &Model) {
     let ex = edit(model);
-    let elder = Elder::new(ElderConfig::preset_for(&model.cfg), model).unwrap();
+    let elder = Elder::new(ElderConfig::preset_for(&model.cfg), &model.cfg).unwrap();
     c.bench_function(&format!("cpu_edit_50_iterations/{name}"), |b| {
         b.iter_batched(
             || elder.clone(),

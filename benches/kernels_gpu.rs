@@ -288,7 +288,7 @@ fn bench_edit(c: &mut Criterion, dev: &Arc<GpuDevice>) {
         let cfg = preset(Arch::Gpt2, name).expect("preset");
         let (mut elder, mut trainer) = {
             let model = build_model(&cfg, &RandomSource { seed: 0 }).expect("random model");
-            let elder = Elder::new(ElderConfig::preset_for(&cfg), &model).expect("ELDER state");
+            let elder = Elder::new(ElderConfig::preset_for(&cfg), &cfg).expect("ELDER state");
             let cap = Capacity { batch: 1, seq: 20 };
             let trainer = GpuTrainer::<bf16>::new(dev.clone(), &model, cap).expect("upload");
             (elder, trainer) // the host copy of the model is dropped here

@@ -62,15 +62,16 @@ fn main() -> Result<()> {
     );
     println!("block  space    reph->own nearest  AUC    median reph-own  median probe-nearest  reph kept @5% probes");
     for block in blocks {
-        let mut cfg = ElderConfig::preset_for(&base.model.cfg);
+        let mut cfg = ElderConfig::preset_for(&base.cfg);
         cfg.query_block = block;
         cfg.query_pooling = pooling;
         cfg.molora_blocks = vec![block + 1];
-        let elder = Elder::new(cfg, &base.model)?;
+        let elder = Elder::new(cfg, &base.cfg)?;
+        let model = base.model()?;
         let q = [
-            queries(&base.model, &elder, &prompts),
-            queries(&base.model, &elder, &rephrases),
-            queries(&base.model, &elder, &probes),
+            queries(model, &elder, &prompts),
+            queries(model, &elder, &rephrases),
+            queries(model, &elder, &probes),
         ];
         let d = q[0].len() / prompts.len();
         let mut mean = vec![0f32; d];

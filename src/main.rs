@@ -321,11 +321,11 @@ fn load_config(
     base: &BaseModel,
 ) -> Result<Option<ElderConfig>> {
     let mut cfg = match path {
-        Some(p) => Some(ElderConfig::from_toml_file(p, &base.model.cfg)?),
+        Some(p) => Some(ElderConfig::from_toml_file(p, &base.cfg)?),
         None => None,
     };
     if let Some(b) = batch_size {
-        cfg.get_or_insert_with(|| ElderConfig::preset_for(&base.model.cfg))
+        cfg.get_or_insert_with(|| ElderConfig::preset_for(&base.cfg))
             .batch_size = b;
     }
     Ok(cfg)
@@ -382,7 +382,7 @@ fn with_adapter<T>(
 }
 
 /// The device edit batches train on: the CPU, or the GPU with buffers for the state's batch size
-/// (they grow with longer edits).
+/// (they grow with longer edits), its weights uploaded straight from the checkpoint.
 fn edit_device(gpu: GpuRun, base: &BaseModel, session: &EditSession) -> Result<EditDevice> {
     Ok(match gpu {
         None => EditDevice::Cpu,
@@ -391,12 +391,13 @@ fn edit_device(gpu: GpuRun, base: &BaseModel, session: &EditSession) -> Result<E
                 batch: session.elder.cfg.batch_size,
                 seq: 64,
             };
-            EditDevice::Cuda(open_gpu_editor(dev, &base.model, dtype, cap)?)
+            EditDevice::Cuda(open_gpu_editor(dev, base.weight_source(), dtype, cap)?)
         }
     })
 }
 
-/// The base model on the GPU, with the edit state of `state` uploaded when given.
+/// The base model on the GPU (uploaded straight from the checkpoint: no CPU model is built), with
+/// the edit state of `state` uploaded when given.
 fn gpu_model(
     (dev, dtype): (Arc<GpuDevice>, GpuDtype),
     base: &BaseModel,
@@ -404,7 +405,7 @@ fn gpu_model(
     cap: Capacity,
 ) -> Result<Box<dyn GpuRunner>> {
     let session = state.map(|dir| open_state(base, dir)).transpose()?;
-    let mut gpu = open_gpu_model(dev, &base.model, dtype, cap)?;
+    let mut gpu = open_gpu_model(dev, base.weight_source(), dtype, cap)?;
     gpu.set_elder(session.as_ref().map(|s| &s.elder))?;
     Ok(gpu)
 }
@@ -424,12 +425,15 @@ fn generate(
     }
     // The model config's eos is what generation stops on (transformers' generate does the same);
     // the tokenizer's may be a different special token (SmolLM2: <|endoftext|> vs <|im_end|>).
-    let eos = base.model.cfg.eos_token_id.or(base.tokenizer.eos_id());
+    let eos = base.cfg.eos_token_id.or(base.tokenizer.eos_id());
     let prompts = std::slice::from_ref(&ids);
     let (out, in_scope) = match gpu {
-        None => with_adapter(&base, state, ids.len(), |a| {
-            base.model.generate(prompts, max_new, eos, a)
-        })?,
+        None => {
+            let model = base.model()?;
+            with_adapter(&base, state, ids.len(), |a| {
+                model.generate(prompts, max_new, eos, a)
+            })?
+        }
         Some(run) => {
             let cap = Capacity {
                 batch: 1,
@@ -465,7 +469,10 @@ fn score(
         bail!("both the prompt and the target need at least one token");
     }
     let (scored, in_scope) = match gpu {
-        None => with_adapter(&base, state, p.len(), |a| base.model.score(&p, &t, a))?,
+        None => {
+            let model = base.model()?;
+            with_adapter(&base, state, p.len(), |a| model.score(&p, &t, a))?
+        }
         Some(run) => {
             let cap = Capacity {
                 batch: 1,
@@ -563,7 +570,7 @@ fn eval(
                         batch: EVAL_BATCH,
                         seq: 64,
                     };
-                    let mut g = open_gpu_model(dev, &base.model, dtype, cap)?;
+                    let mut g = open_gpu_model(dev, base.weight_source(), dtype, cap)?;
                     g.set_elder(Some(&session.elder))?;
                     evaluate_final_with(base, &mut GpuScorer(g.as_mut()), &scored, progress)
                 }

@@ -2,45 +2,84 @@
 //! open or create an edit state, apply an edit stream durably, evaluate.
 
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
 use serde::Serialize;
 
-use crate::backend::cuda::model::{GpuEditor, GpuScorer};
+use crate::backend::cuda::model::{GpuEditor, GpuScorer, WeightSource};
 use crate::data::EditRecord;
 use crate::elder::config::ElderConfig;
 use crate::elder::molora::Elder;
 use crate::elder::state::EditState;
 use crate::elder::trainer::{apply_edit_batch, calibrate_query_mean, EditExample, EditReport};
 use crate::eval::{CpuScorer, Evaluator, Metrics, PairScorer, Protocol, TokenizedEdit};
-use crate::model::loader::build_model;
+use crate::model::loader::{build_model, check_checkpoint};
 use crate::model::tokenizer::Tokenizer;
 use crate::model::weights::Weights;
 use crate::model::{Model, ModelConfig};
 
-/// A frozen base model with its tokenizer and fingerprint.
+/// A frozen base model: its config, the checkpoint's memory map, its tokenizer and fingerprint.
+///
+/// The f32 CPU model is built from the map on first use ([`BaseModel::model`]), not on opening: a
+/// command that runs on the GPU uploads from the map tensor by tensor
+/// ([`BaseModel::weight_source`]) and never builds it (a 7B Llama's would be 27 GB of host memory),
+/// unless a step that only exists on the CPU asks for it (query calibration, see
+/// [`apply_stream_on`]).
 pub struct BaseModel {
     pub dir: PathBuf,
-    pub model: Model,
+    pub cfg: ModelConfig,
+    pub weights: Weights,
+    /// The CPU model, once something has asked for it.
+    cpu: OnceLock<Model>,
     pub tokenizer: Tokenizer,
     /// Identifies the weights; an edit state records it and refuses other models.
     pub fingerprint: String,
 }
 
 impl BaseModel {
+    /// Opens a model directory: config, memory map and tokenizer. Every tensor's presence, shape
+    /// and dtype is checked from the headers (nothing is read), so a broken checkpoint fails here.
     pub fn open(dir: &Path) -> Result<Self> {
         let cfg = ModelConfig::from_dir(dir)?;
         let weights = Weights::open(dir)?;
-        let model = build_model(&cfg, &weights)
+        cfg.validate()
+            .and_then(|()| check_checkpoint(&cfg, &weights))
             .with_context(|| format!("loading model from {}", dir.display()))?;
         let tokenizer = Tokenizer::from_dir(dir, cfg.arch)?;
         Ok(BaseModel {
             dir: dir.to_path_buf(),
-            model,
-            tokenizer,
             fingerprint: weights.fingerprint(),
+            cfg,
+            weights,
+            cpu: OnceLock::new(),
+            tokenizer,
         })
+    }
+
+    /// The f32 CPU model, built from the checkpoint the first time it is asked for.
+    pub fn model(&self) -> Result<&Model> {
+        if let Some(m) = self.cpu.get() {
+            return Ok(m);
+        }
+        let built = build_model(&self.cfg, &self.weights)
+            .with_context(|| format!("loading model from {}", self.dir.display()))?;
+        Ok(self.cpu.get_or_init(|| built))
+    }
+
+    /// Whether the CPU model has been built (by [`BaseModel::model`]).
+    pub fn cpu_model_built(&self) -> bool {
+        self.cpu.get().is_some()
+    }
+
+    /// The checkpoint as a GPU upload reads it: tensor by tensor from the memory map, converted to
+    /// the device dtype on the way (no CPU model is built).
+    pub fn weight_source(&self) -> WeightSource<'_> {
+        WeightSource::Checkpoint {
+            cfg: &self.cfg,
+            weights: &self.weights,
+        }
     }
 
     /// `prompt` -> ids; `target` -> ids of `" " + target` (the engine adds the separating space).
@@ -104,13 +143,13 @@ impl EditSession {
                 (stored, stored_json)
             }
             None => {
-                let cfg = config.unwrap_or_else(|| ElderConfig::preset_for(&base.model.cfg));
+                let cfg = config.unwrap_or_else(|| ElderConfig::preset_for(&base.cfg));
                 let json = serde_json::to_value(&cfg)?;
                 (cfg, json)
             }
         };
         let state = EditState::open_or_create(dir, &cfg_json, &base.fingerprint)?;
-        let elder = Elder::from_state(cfg, &base.model, &state)?;
+        let elder = Elder::from_state(cfg, &base.cfg, &state)?;
         Ok(EditSession { elder, state })
     }
 }
@@ -152,16 +191,17 @@ pub enum EditDevice {
 }
 
 impl EditDevice {
-    /// Trains `elder` on one batch and appends the batch's codes to its codebook.
+    /// Trains `elder` on one batch and appends the batch's codes to its codebook (the CPU trains
+    /// on `base`'s CPU model; the GPU on the weights it uploaded).
     pub fn apply_edit_batch(
         &mut self,
-        model: &Model,
+        base: &BaseModel,
         elder: &mut Elder,
         batch: &[EditExample],
         mut on_iteration: impl FnMut(usize, f32),
     ) -> Result<EditReport> {
         match self {
-            EditDevice::Cpu => apply_edit_batch(model, elder, batch, on_iteration),
+            EditDevice::Cpu => apply_edit_batch(base.model()?, elder, batch, on_iteration),
             EditDevice::Cuda(gpu) => gpu.edit_batch(elder, batch, &mut on_iteration),
         }
     }
@@ -170,13 +210,13 @@ impl EditDevice {
     fn score_applied(
         &mut self,
         ev: &mut Evaluator,
-        model: &Model,
+        base: &BaseModel,
         elder: &Elder,
         edits: &[TokenizedEdit],
     ) -> Result<()> {
         match self {
             EditDevice::Cpu => {
-                ev.add(model, elder, edits);
+                ev.add(base.model()?, elder, edits);
                 Ok(())
             }
             EditDevice::Cuda(gpu) => {
@@ -242,8 +282,11 @@ pub fn apply_stream_on(
         .collect();
     let already = records.len() - todo.len();
     if session.elder.cfg.query_centering && session.elder.query_mean.is_none() {
+        // The mean query is computed by the CPU forward whatever the device (there is no GPU
+        // version yet), so with query centring on, a GPU stream builds the f32 CPU model here,
+        // once, for its first batch. A state that already has its mean never gets here.
         let prompts = calibration_prompts(base, records, session.elder.cfg.calibration_records)?;
-        calibrate_query_mean(&base.model, &mut session.elder, &prompts);
+        calibrate_query_mean(base.model()?, &mut session.elder, &prompts);
     }
     let bar = progress_bar(todo.len() as u64, show_progress);
     let start = Instant::now();
@@ -261,10 +304,9 @@ pub fn apply_stream_on(
                 knowledge_id: t.knowledge_id.clone(),
             })
             .collect();
-        let report =
-            device.apply_edit_batch(&base.model, &mut session.elder, &examples, |_, loss| {
-                bar.set_message(format!("loss {loss:.3}"));
-            })?;
+        let report = device.apply_edit_batch(base, &mut session.elder, &examples, |_, loss| {
+            bar.set_message(format!("loss {loss:.3}"));
+        })?;
         let ids: Vec<String> = chunk.iter().map(|r| r.id.clone()).collect();
         session
             .state
@@ -275,7 +317,7 @@ pub fn apply_stream_on(
             )
             .with_context(|| format!("committing edits {ids:?}"))?;
         if let Some(ev) = each.as_deref_mut() {
-            device.score_applied(ev, &base.model, &session.elder, &tokenized)?;
+            device.score_applied(ev, base, &session.elder, &tokenized)?;
         }
         first_sum += report.first_loss as f64;
         last_sum += report.last_loss as f64;
@@ -333,7 +375,7 @@ pub fn evaluate_final(
     show_progress: bool,
 ) -> Result<Metrics> {
     let mut cpu = CpuScorer {
-        model: &base.model,
+        model: base.model()?,
         elder,
     };
     evaluate_final_with(base, &mut cpu, records, show_progress)

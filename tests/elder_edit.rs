@@ -81,7 +81,7 @@ fn edits_take_and_are_reproducible() {
         };
         // Protocol "each": every edit scored right after it was applied.
         let run = |ev: &mut Evaluator| {
-            let mut elder = Elder::new(config(&model), &model).unwrap();
+            let mut elder = Elder::new(config(&model), &model.cfg).unwrap();
             for e in edits() {
                 let report =
                     apply_edit_batch(&model, &mut elder, std::slice::from_ref(&e), |_, _| {})
@@ -114,7 +114,7 @@ fn edits_take_and_are_reproducible() {
 #[test]
 fn out_of_scope_sequences_get_exactly_the_base_logits() {
     let model = tiny(Arch::Llama);
-    let mut elder = Elder::new(config(&model), &model).unwrap();
+    let mut elder = Elder::new(config(&model), &model.cfg).unwrap();
     apply_edit_batch(&model, &mut elder, &edits()[..1], |_, _| {}).unwrap();
     let prompt: &[u32] = &[60, 61, 62, 63];
     let cont: &[u32] = &[64, 65];
@@ -138,7 +138,7 @@ fn out_of_scope_sequences_get_exactly_the_base_logits() {
 #[test]
 fn generation_keeps_the_prompt_routing() {
     let model = tiny(Arch::Gpt2);
-    let mut elder = Elder::new(config(&model), &model).unwrap();
+    let mut elder = Elder::new(config(&model), &model.cfg).unwrap();
     let e = &edits()[2];
     apply_edit_batch(&model, &mut elder, std::slice::from_ref(e), |_, _| {}).unwrap();
     let mut adapter = ElderAdapter::single(&elder, e.prompt.len());
@@ -157,7 +157,7 @@ fn prompt_mean_pooling_averages_only_each_prompts_rows() {
         query_pooling: QueryPooling::PromptMean,
         ..config(&model)
     };
-    let elder = Elder::new(cfg, &model).unwrap();
+    let elder = Elder::new(cfg, &model.cfg).unwrap();
     // Two sequences padded to 4 rows each; prompts of 3 and 2 rows; the rest is padding/target.
     let d = 5;
     let x: Vec<f32> = (0..8 * d).map(|i| (i as f32 * 0.37).sin()).collect();
@@ -171,7 +171,7 @@ fn prompt_mean_pooling_averages_only_each_prompts_rows() {
         }
     }
     // Last-token pooling reads exactly the last prompt row.
-    let last = Elder::new(config(&model), &model).unwrap();
+    let last = Elder::new(config(&model), &model.cfg).unwrap();
     let q = last.pool_query(&x, d, &rows);
     assert_eq!(&q[..d], &x[2 * d..3 * d]);
     assert_eq!(&q[d..], &x[5 * d..6 * d]);
@@ -184,7 +184,7 @@ fn edits_take_with_prompt_mean_pooling() {
         query_pooling: QueryPooling::PromptMean,
         ..config(&model)
     };
-    let mut elder = Elder::new(cfg, &model).unwrap();
+    let mut elder = Elder::new(cfg, &model.cfg).unwrap();
     for e in edits() {
         apply_edit_batch(&model, &mut elder, std::slice::from_ref(&e), |_, _| {}).unwrap();
     }
@@ -209,7 +209,7 @@ fn router_lr_scale_zero_freezes_the_routers_but_not_the_experts() {
         router_lr_scale: 0.0,
         ..config(&model)
     };
-    let mut elder = Elder::new(cfg, &model).unwrap();
+    let mut elder = Elder::new(cfg, &model.cfg).unwrap();
     let before = elder.clone();
     apply_edit_batch(&model, &mut elder, &edits()[..1], |_, _| {}).unwrap();
     for (l, b) in elder.layers.iter().zip(&before.layers) {
@@ -218,7 +218,7 @@ fn router_lr_scale_zero_freezes_the_routers_but_not_the_experts() {
         assert_ne!(l.b, b.b, "experts must still train");
     }
     // A scale of 1 moves the routers.
-    let mut moving = Elder::new(config(&model), &model).unwrap();
+    let mut moving = Elder::new(config(&model), &model.cfg).unwrap();
     apply_edit_batch(&model, &mut moving, &edits()[..1], |_, _| {}).unwrap();
     assert_ne!(moving.layers[0].w_r, before.layers[0].w_r);
 }

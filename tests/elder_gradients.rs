@@ -52,7 +52,7 @@ fn elder_for(model: &Model, proj: MlpProj, renormalize: bool) -> Elder {
         allocation: AllocationMode::KnowledgeSeed,
         ..ElderConfig::default()
     };
-    let mut e = Elder::new(cfg, model).unwrap();
+    let mut e = Elder::new(cfg, &model.cfg).unwrap();
     // B starts at zero in the method; make it non-zero so A and the routers get gradients.
     let mut rng = ChaCha8Rng::seed_from_u64(5);
     for l in &mut e.layers {

@@ -1,6 +1,6 @@
 //! The CUDA forward against the CPU forward: logits of padded batches on the committed transformers
-//! fixtures and on random tiny models, KV-cache decoding, teacher-forced scoring, greedy generation,
-//! and ELDER (mixed in/out-of-scope sequences in one batch, with and without query centring).
+//! fixtures and on random tiny models, the upload straight from a checkpoint against the upload from
+//! the CPU model, KV-cache decoding, teacher-forced scoring, greedy generation, and ELDER (mixed in/out-of-scope sequences in one batch, with and without query centring).
 //!
 //! The CPU reference runs on the model's weights rounded through the GPU dtype, so the comparison
 //! measures the forward, not the weight rounding. Tolerances `|gpu - cpu| <= atol + rtol * |cpu|`
@@ -19,7 +19,7 @@ use std::sync::Arc;
 
 use cudarc::cublas::{CudaBlas, Gemm};
 use elder::backend::cpu::molora::Routing;
-use elder::backend::cuda::model::{Capacity, ElderStep, GpuModel};
+use elder::backend::cuda::model::{Capacity, ElderStep, GpuModel, WeightSource};
 use elder::backend::cuda::{gpu_or_skip, GpuDevice, KernelDtype};
 use elder::elder::config::ElderConfig;
 use elder::elder::molora::{Elder, ElderAdapter};
@@ -27,7 +27,8 @@ use elder::eval::score_pairs;
 use elder::model::layers::MlpProj;
 use elder::model::loader::{build_model, load_model_dir, RandomSource};
 use elder::model::runner::{pad_batch, prompt_rows};
-use elder::model::{Arch, KvCache, Model, NoAdapter};
+use elder::model::weights::Weights;
+use elder::model::{Arch, KvCache, Model, ModelConfig, NoAdapter};
 use half::{bf16, f16};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -176,6 +177,78 @@ fn gpu_fixture_logits_match_cpu_and_transformers() {
     };
     for (name, (model, expected)) in &cases {
         for_each_dtype!(&dev, check_fixture(name, model, expected));
+    }
+}
+
+/// The upload straight from the checkpoint's memory map (what the command line does) against the
+/// upload from the CPU model: the same weight bits reach the device either way and the base
+/// forward has no atomics, so the logits must be identical, not just close.
+fn check_checkpoint_upload<T: KernelDtype>(dev: &Dev, name: &str, dir: &Path, model: &Model)
+where
+    CudaBlas: Gemm<T>,
+{
+    let cfg = ModelConfig::from_dir(dir).unwrap();
+    let weights = Weights::open(dir).unwrap();
+    let seqs = mixed_batch();
+    let cap = Capacity { batch: 4, seq: 11 };
+    let mut from_cpu = GpuModel::<T>::new(dev.clone(), model, cap).unwrap();
+    let source = WeightSource::Checkpoint {
+        cfg: &cfg,
+        weights: &weights,
+    };
+    let mut from_map = GpuModel::<T>::new(dev.clone(), source, cap).unwrap();
+    let (want, shape) = from_cpu.logits(&seqs, None).unwrap();
+    let (got, got_shape) = from_map.logits(&seqs, None).unwrap();
+    assert_eq!(got_shape, shape);
+    let v = cfg.vocab_size;
+    let (got, want) = (
+        valid_rows(&got, &seqs, shape.seq, v),
+        valid_rows(&want, &seqs, shape.seq, v),
+    );
+    let worst = got
+        .iter()
+        .zip(&want)
+        .map(|(g, w)| (g - w).abs())
+        .fold(0.0f32, f32::max);
+    assert!(
+        got.iter().zip(&want).all(|(g, w)| g.to_bits() == w.to_bits()),
+        "{name} {}: logits from the checkpoint upload differ from the CPU model upload (max |diff| {worst:.2e})",
+        T::SUFFIX
+    );
+    eprintln!(
+        "{name} {}: checkpoint upload == CPU model upload",
+        T::SUFFIX
+    );
+}
+
+#[test]
+fn gpu_upload_from_the_checkpoint_matches_the_upload_from_the_cpu_model() {
+    // f32 fixtures (converted on the host for f16/bf16), and a bf16 checkpoint (copied for bf16).
+    let bf16_dir = tempfile::tempdir().unwrap();
+    elder::model::presets::write_random_checkpoint(
+        Arch::Llama,
+        "tiny",
+        3,
+        bf16_dir.path(),
+        elder::model::checkpoint::StoreDtype::Bf16,
+    )
+    .unwrap();
+    let cases: Vec<(&str, PathBuf)> = vec![
+        ("gpt2-tiny", fixtures_dir().join("gpt2-tiny")),
+        ("llama-tiny-gqa", fixtures_dir().join("llama-tiny-gqa")),
+        ("random llama bf16", bf16_dir.path().to_path_buf()),
+    ];
+    let models: Vec<Model> = cases
+        .iter()
+        .map(|(_, dir)| load_model_dir(dir).unwrap())
+        .collect();
+    let Some(dev) =
+        gpu_or_skip("gpu_upload_from_the_checkpoint_matches_the_upload_from_the_cpu_model")
+    else {
+        return;
+    };
+    for ((name, dir), model) in cases.iter().zip(&models) {
+        for_each_dtype!(&dev, check_checkpoint_upload(name, dir, model));
     }
 }
 
@@ -342,7 +415,7 @@ fn elder_case(arch: Arch, centering: bool) -> ElderCase {
         query_centering: centering,
         ..ElderConfig::default()
     };
-    let mut elder = Elder::new(cfg, &model).unwrap();
+    let mut elder = Elder::new(cfg, &model.cfg).unwrap();
     let mut rng = ChaCha8Rng::seed_from_u64(77);
     let vocab = model.cfg.vocab_size as u32;
     let random_prompt = |rng: &mut ChaCha8Rng| -> Vec<u32> {
@@ -531,7 +604,7 @@ fn gpu_elder_with_empty_codebook_is_the_base_model() {
         molora_blocks: vec![1, 2],
         ..ElderConfig::preset_for(&model.cfg)
     };
-    let mut elder = Elder::new(cfg, &model).unwrap();
+    let mut elder = Elder::new(cfg, &model.cfg).unwrap();
     elder.layers.iter_mut().for_each(|l| l.b.fill(0.3));
     let seqs = mixed_batch();
     let Some(dev) = gpu_or_skip("gpu_elder_with_empty_codebook_is_the_base_model") else {

@@ -192,7 +192,7 @@ fn case(spec: Spec, seed: u64) -> Case {
         seed,
         ..ElderConfig::default()
     };
-    let mut elder = Elder::new(cfg, &model).unwrap();
+    let mut elder = Elder::new(cfg, &model.cfg).unwrap();
     let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x7a1);
     let vocab = model.cfg.vocab_size as u32;
     let tokens = |rng: &mut ChaCha8Rng, n: usize| -> Vec<u32> {
@@ -491,7 +491,7 @@ fn gpu_edit_stream_commits_and_resumes_like_the_cpu() {
     let cfg = ElderConfig {
         iterations: 5,
         batch_size: 1, // resuming must not regroup batches, or the states would differ
-        ..ElderConfig::preset_for(&base.model.cfg)
+        ..ElderConfig::preset_for(&base.cfg)
     };
     let records: Vec<EditRecord> = (0..5)
         .map(|i| EditRecord {
@@ -511,7 +511,7 @@ fn gpu_edit_stream_commits_and_resumes_like_the_cpu() {
         return;
     };
     let cap = Capacity { batch: 1, seq: 8 };
-    let editor = open_gpu_editor(dev, &base.model, GpuDtype::F32, cap).unwrap();
+    let editor = open_gpu_editor(dev, base.weight_source(), GpuDtype::F32, cap).unwrap();
     let mut device = EditDevice::Cuda(editor);
     let dir = tmp.path().join("gpu");
     let mut first = EditSession::open(&base, &dir, Some(cfg)).unwrap();
@@ -529,9 +529,7 @@ fn gpu_edit_stream_commits_and_resumes_like_the_cpu() {
         "codes"
     );
     // Both started from the config's seeded initialisation.
-    let init = Elder::new(cpu.elder.cfg.clone(), &base.model)
-        .unwrap()
-        .layers;
+    let init = Elder::new(cpu.elder.cfg.clone(), &base.cfg).unwrap().layers;
     let u = assert_layers_close(
         "stream weight updates (f32)",
         &updates(&on_disk.elder.layers, &init),

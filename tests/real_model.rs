@@ -40,7 +40,8 @@ fn smollm2_knows_the_capital_of_france() {
     let base = BaseModel::open(&dir).unwrap();
     let prompt = base.tokenizer.encode("The capital of France is").unwrap();
     let out = base
-        .model
+        .model()
+        .unwrap()
         .generate(&[prompt], 6, base.tokenizer.eos_id(), &mut NoAdapter);
     let text = base.tokenizer.decode(&out[0]).unwrap();
     assert!(text.contains("Paris"), "greedy continuation was {text:?}");
@@ -65,7 +66,7 @@ fn smollm2_edit_stream_takes_and_keeps_locality() {
     let mut records = read_edits(&data, DataFormat::Auto).unwrap();
     records.truncate(n);
     let state = tempfile::tempdir().unwrap();
-    let cfg = ElderConfig::preset_for(&base.model.cfg);
+    let cfg = ElderConfig::preset_for(&base.cfg);
     let mut session = EditSession::open(&base, state.path(), Some(cfg)).unwrap();
     let mut each = Evaluator::default();
     let summary = apply_stream(&base, &mut session, &records, false, Some(&mut each)).unwrap();
@@ -104,8 +105,8 @@ fn smollm2_edit_stream_takes_and_keeps_locality() {
         })
         .collect();
     let pairs: Vec<(&[u32], &[u32])> = probes.iter().map(|(p, a)| (&p[..], &a[..])).collect();
-    let edited = score_pairs(&base.model, Some(&strict), &pairs);
-    let unedited = score_pairs(&base.model, None, &pairs);
+    let edited = score_pairs(base.model().unwrap(), Some(&strict), &pairs);
+    let unedited = score_pairs(base.model().unwrap(), None, &pairs);
     let deferred: Vec<_> = edited
         .iter()
         .zip(&unedited)

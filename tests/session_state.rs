@@ -26,8 +26,31 @@ fn config(base: &BaseModel, centering: bool) -> ElderConfig {
     ElderConfig {
         iterations: 5,
         query_centering: centering,
-        ..ElderConfig::preset_for(&base.model.cfg)
+        ..ElderConfig::preset_for(&base.cfg)
     }
+}
+
+/// What a GPU command does before it runs (open the model and the state, stage the weights for
+/// the upload) builds no f32 CPU model; the CPU path builds it on first use, once.
+#[test]
+fn the_cpu_model_is_built_only_when_asked_for() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tiny_model(&tmp.path().join("model"), 3);
+    let session =
+        EditSession::open(&base, &tmp.path().join("state"), Some(config(&base, false))).unwrap();
+    assert_eq!(
+        session.elder.layers.len(),
+        config(&base, false).molora_blocks.len()
+    );
+    let staged = base.weight_source().staged_tensors::<half::bf16>().unwrap();
+    assert!(!staged.is_empty());
+    assert!(
+        !base.cpu_model_built(),
+        "opening or staging built the CPU model"
+    );
+    let first: *const _ = base.model().unwrap();
+    assert!(base.cpu_model_built());
+    assert!(std::ptr::eq(first, base.model().unwrap()), "built twice");
 }
 
 #[test]

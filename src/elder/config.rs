@@ -7,7 +7,8 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::model::layers::{MlpProj, Site};
-use crate::model::{Arch, Model, ModelConfig};
+use crate::model::names::site_dims;
+use crate::model::{Arch, ModelConfig};
 
 /// Which prompt rows of the query site's input make a sequence's query vector.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -177,9 +178,9 @@ impl ElderConfig {
         self.molora_blocks.len() * self.num_experts
     }
 
-    /// Checks the configuration against the model it will edit.
-    pub fn validate(&self, model: &Model) -> Result<()> {
-        let n = model.cfg.num_layers;
+    /// Checks the configuration against (the config of) the model it will edit.
+    pub fn validate(&self, model: &ModelConfig) -> Result<()> {
+        let n = model.num_layers;
         if self.molora_blocks.is_empty() {
             bail!("molora_blocks is empty: at least one MoLoRA layer is needed");
         }
@@ -202,18 +203,19 @@ impl ElderConfig {
                 self.molora_blocks[0]
             );
         }
-        let q_in = model.site_in_dim(self.query_proj).with_context(|| {
+        let in_dim = |proj| site_dims(model, proj).map(|(i, _)| i);
+        let q_in = in_dim(self.query_proj).with_context(|| {
             format!(
                 "query_proj {:?} does not exist in a {} model",
                 self.query_proj,
-                model.cfg.arch.as_str()
+                model.arch.as_str()
             )
         })?;
-        let m_in = model.site_in_dim(self.molora_proj).with_context(|| {
+        let m_in = in_dim(self.molora_proj).with_context(|| {
             format!(
                 "molora_proj {:?} does not exist in a {} model",
                 self.molora_proj,
-                model.cfg.arch.as_str()
+                model.arch.as_str()
             )
         })?;
         if q_in != m_in {

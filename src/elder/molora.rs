@@ -8,7 +8,8 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::backend::cpu::molora::{self as ops, MixShape, Routing};
 use crate::model::layers::Site;
-use crate::model::{Adapter, BatchShape, Model};
+use crate::model::names::site_dims;
+use crate::model::{Adapter, BatchShape, ModelConfig};
 
 use super::codebook::Codebook;
 use super::config::{ElderConfig, QueryPooling};
@@ -84,12 +85,12 @@ pub struct Elder {
 }
 
 impl Elder {
-    /// Fresh experts and routers for `model` (validated against it), seeded by `cfg.seed`.
-    pub fn new(cfg: ElderConfig, model: &Model) -> anyhow::Result<Self> {
+    /// Fresh experts and routers for the model of config `model` (validated against it), seeded by
+    /// `cfg.seed`. Only the model's shape matters, so no weights are needed.
+    pub fn new(cfg: ElderConfig, model: &ModelConfig) -> anyhow::Result<Self> {
         cfg.validate(model)?;
         let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
-        let d_in = model.site_in_dim(cfg.molora_proj).unwrap_or(0);
-        let d_out = model.site_out_dim(cfg.molora_proj).unwrap_or(0);
+        let (d_in, d_out) = site_dims(model, cfg.molora_proj).unwrap_or((0, 0));
         let layers = (0..cfg.molora_blocks.len())
             .map(|_| MoloraLayer::init(&cfg, d_in, d_out, &mut rng))
             .collect();

@@ -2,7 +2,7 @@
 
 use anyhow::{bail, Context, Result};
 
-use crate::model::Model;
+use crate::model::ModelConfig;
 
 use super::codebook::Codebook;
 use super::config::ElderConfig;
@@ -40,7 +40,7 @@ impl Elder {
     }
 
     /// Rebuilds ELDER from a committed state (fresh initialisation when nothing was committed yet).
-    pub fn from_state(cfg: ElderConfig, model: &Model, state: &EditState) -> Result<Self> {
+    pub fn from_state(cfg: ElderConfig, model: &ModelConfig, state: &EditState) -> Result<Self> {
         let mut elder = Elder::new(cfg, model)?;
         let Some(codebook) = state.codebook() else {
             return Ok(elder);

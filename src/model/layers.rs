@@ -3,11 +3,13 @@
 
 use crate::backend::cpu::ops::{self, Layout, MatRef};
 
-/// A frozen linear projection `y = x W (+ b)`, W kept in its checkpoint layout.
+/// A frozen linear projection `y = x W (+ b)`, W kept in its checkpoint layout. `W` is what holds
+/// a tensor: f32 values on the CPU, a tensor's name and shape in the model description
+/// ([`super::names::describe`]), a device buffer on the way to a GPU.
 #[derive(Debug, Clone)]
-pub struct Linear {
-    pub weight: Vec<f32>,
-    pub bias: Option<Vec<f32>>,
+pub struct Linear<W = Vec<f32>> {
+    pub weight: W,
+    pub bias: Option<W>,
     pub in_dim: usize,
     pub out_dim: usize,
     pub layout: Layout,
@@ -41,16 +43,9 @@ impl Linear {
 
 /// Pre-norm of a block: LayerNorm (GPT-2) or RMSNorm (Llama).
 #[derive(Debug, Clone)]
-pub enum Norm {
-    Layer {
-        weight: Vec<f32>,
-        bias: Vec<f32>,
-        eps: f32,
-    },
-    Rms {
-        weight: Vec<f32>,
-        eps: f32,
-    },
+pub enum Norm<W = Vec<f32>> {
+    Layer { weight: W, bias: W, eps: f32 },
+    Rms { weight: W, eps: f32 },
 }
 
 /// What a norm saves for its backward pass.
@@ -158,19 +153,19 @@ pub struct Site {
 
 /// The feed-forward half of a block.
 #[derive(Debug, Clone)]
-pub enum Mlp {
+pub enum Mlp<W = Vec<f32>> {
     /// `c_proj(gelu_new(c_fc(x)))`
-    Gpt2 { c_fc: Linear, c_proj: Linear },
+    Gpt2 { c_fc: Linear<W>, c_proj: Linear<W> },
     /// `down(silu(gate(x)) * up(x))`
     Llama {
-        gate: Linear,
-        up: Linear,
-        down: Linear,
+        gate: Linear<W>,
+        up: Linear<W>,
+        down: Linear<W>,
     },
 }
 
-impl Mlp {
-    pub fn linear(&self, proj: MlpProj) -> Option<&Linear> {
+impl<W> Mlp<W> {
+    pub fn linear(&self, proj: MlpProj) -> Option<&Linear<W>> {
         match (self, proj) {
             (Mlp::Gpt2 { c_fc, .. }, MlpProj::CFc) => Some(c_fc),
             (Mlp::Gpt2 { c_proj, .. }, MlpProj::CProj) => Some(c_proj),

@@ -2,12 +2,14 @@
 //! one description of the transformer that every backend runs.
 pub mod checkpoint;
 pub mod config;
+pub mod dtype;
 pub mod gguf;
 pub mod layers;
 pub mod loader;
 pub mod names;
 pub mod presets;
 pub mod runner;
+pub mod structure;
 pub mod tokenizer;
 pub mod transformer;
 pub mod weights;

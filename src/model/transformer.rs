@@ -14,32 +14,40 @@ use super::layers::{Linear, Mlp, MlpProj, Norm, NormSaved, Site};
 
 /// Q/K/V projections: GPT-2 fuses them into one `c_attn`, Llama keeps three.
 #[derive(Debug, Clone)]
-pub enum QkvProj {
-    Fused(Linear),
-    Split { q: Linear, k: Linear, v: Linear },
+pub enum QkvProj<W = Vec<f32>> {
+    Fused(Linear<W>),
+    Split {
+        q: Linear<W>,
+        k: Linear<W>,
+        v: Linear<W>,
+    },
 }
 
 #[derive(Debug, Clone)]
-pub struct Block {
-    pub norm1: Norm,
-    pub qkv: QkvProj,
-    pub o_proj: Linear,
-    pub norm2: Norm,
-    pub mlp: Mlp,
+pub struct Block<W = Vec<f32>> {
+    pub norm1: Norm<W>,
+    pub qkv: QkvProj<W>,
+    pub o_proj: Linear<W>,
+    pub norm2: Norm<W>,
+    pub mlp: Mlp<W>,
 }
 
 /// A loaded base model. Frozen: nothing here changes after loading.
+///
+/// `W` holds one tensor. The CPU model holds f32 values (the default); the same structure holding
+/// each tensor's name and shape is the model description every loader walks
+/// ([`super::names::describe`]), and [`super::structure`] maps one into the other.
 #[derive(Debug, Clone)]
-pub struct Model {
+pub struct Model<W = Vec<f32>> {
     pub cfg: ModelConfig,
     /// Token embeddings `[vocab, d]`.
-    pub embed: Vec<f32>,
+    pub embed: W,
     /// Learned positions `[max_positions, d]` (GPT-2 only).
-    pub pos_embed: Option<Vec<f32>>,
-    pub blocks: Vec<Block>,
-    pub final_norm: Norm,
+    pub pos_embed: Option<W>,
+    pub blocks: Vec<Block<W>>,
+    pub final_norm: Norm<W>,
     /// `None` when the head is tied to the embeddings.
-    pub lm_head: Option<Linear>,
+    pub lm_head: Option<Linear<W>>,
 }
 
 /// Layout of the rows of one forward call: a padded batch continuing from a KV cache.
@@ -170,15 +178,6 @@ pub struct MlpTape {
 impl Model {
     pub fn arch(&self) -> Arch {
         self.cfg.arch
-    }
-
-    /// The input width of an MLP projection, or `None` if this family has no such projection.
-    pub fn site_in_dim(&self, proj: MlpProj) -> Option<usize> {
-        self.blocks.first()?.mlp.linear(proj).map(|l| l.in_dim)
-    }
-
-    pub fn site_out_dim(&self, proj: MlpProj) -> Option<usize> {
-        self.blocks.first()?.mlp.linear(proj).map(|l| l.out_dim)
     }
 
     /// Token (and, for GPT-2, position) embeddings of every row: `[rows, d]`.

@@ -3,7 +3,8 @@
 //! A model directory holds either one `model.safetensors` or shards listed by
 //! `model.safetensors.index.json`. Every file is memory-mapped and only its JSON header is parsed
 //! up front; tensor bytes are touched when a caller asks for them, so opening a 7B checkpoint is
-//! instant and loading converts straight from the page cache into the caller's f32 buffer.
+//! instant and loading converts straight from the page cache into the caller's buffer (f32 for the
+//! CPU model; f16, bf16 or f32 on the way to a GPU, copied unchanged when already stored so).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::File;
@@ -15,6 +16,9 @@ use memmap2::Mmap;
 use rayon::prelude::*;
 use safetensors::SafeTensors;
 use sha2::{Digest, Sha256};
+
+use super::dtype::Element;
+use super::names::TensorSpec;
 
 pub use safetensors::Dtype;
 
@@ -274,31 +278,81 @@ impl Weights {
 
     /// Loads a tensor as f32, checking its shape. F32, F16 and BF16 are supported.
     pub fn load_f32(&self, name: &str, expected_shape: &[usize]) -> Result<Vec<f32>> {
-        let entry = self.entry(name)?;
-        let file = &entry.info.file;
-        if entry.info.shape != expected_shape {
-            bail!(
-                "{}: tensor {name:?} has shape {:?}, expected {:?}",
-                file.display(),
-                entry.info.shape,
-                expected_shape
-            );
-        }
-        let bytes = &self.files[entry.file_idx].map[entry.bytes.clone()];
-        convert_to_f32(bytes, entry.info.dtype)
-            .with_context(|| format!("{}: cannot load tensor {name:?} as f32", file.display()))
+        self.load_as(name, expected_shape)
     }
 
     /// Like [`Weights::load_f32`], trying each name in turn; the error lists every name tried.
     pub fn load_f32_any(&self, names: &[&str], expected_shape: &[usize]) -> Result<Vec<f32>> {
-        match self.find_any(names) {
-            Some(name) => self.load_f32(name, expected_shape),
-            None => bail!(
+        self.load_as_any(names, expected_shape)
+    }
+
+    /// Loads a tensor as `T`, checking its shape: a copy when it is stored as `T`, a conversion
+    /// straight from the stored dtype otherwise (never a whole-tensor f32 intermediate).
+    pub fn load_as<T: Element>(&self, name: &str, expected_shape: &[usize]) -> Result<Vec<T>> {
+        let entry = self.entry_of_shape(name, expected_shape)?;
+        let bytes = &self.files[entry.file_idx].map[entry.bytes.clone()];
+        convert_to::<T>(bytes, entry.info.dtype).with_context(|| {
+            format!(
+                "{}: cannot load tensor {name:?} as {:?}",
+                entry.info.file.display(),
+                T::STORED
+            )
+        })
+    }
+
+    /// Like [`Weights::load_as`], trying each name in turn; the error lists every name tried.
+    pub fn load_as_any<T: Element>(
+        &self,
+        names: &[&str],
+        expected_shape: &[usize],
+    ) -> Result<Vec<T>> {
+        self.load_as(self.present_name(names, expected_shape)?, expected_shape)
+    }
+
+    /// The tensor of a model description (under its name or an alias) as `T`.
+    pub fn load_spec<T: Element>(&self, spec: &TensorSpec) -> Result<Vec<T>> {
+        self.load_as_any(&spec.candidates(), &spec.shape)
+    }
+
+    /// Checks from the headers alone what loading `spec` would check (present under its name or
+    /// an alias, with its shape, in a dtype the loader reads), so a broken checkpoint is refused
+    /// before anything is read or allocated.
+    pub fn check_spec(&self, spec: &TensorSpec) -> Result<()> {
+        let name = self.present_name(&spec.candidates(), &spec.shape)?;
+        let info = &self.entry_of_shape(name, &spec.shape)?.info;
+        if dtype_size(info.dtype).is_none() {
+            bail!(
+                "{}: tensor {name:?} has dtype {:?}, which is not supported (expected F32, F16 or BF16)",
+                info.file.display(),
+                info.dtype
+            );
+        }
+        Ok(())
+    }
+
+    /// The first of `names` in the checkpoint, or an error listing them all.
+    fn present_name<'a>(&self, names: &[&'a str], expected_shape: &[usize]) -> Result<&'a str> {
+        self.find_any(names).with_context(|| {
+            format!(
                 "none of the tensors {names:?} is in the checkpoint at {} (expected shape {:?})",
                 self.dir.display(),
                 expected_shape
-            ),
+            )
+        })
+    }
+
+    /// The entry of `name`, which must have `expected_shape`.
+    fn entry_of_shape(&self, name: &str, expected_shape: &[usize]) -> Result<&Entry> {
+        let entry = self.entry(name)?;
+        if entry.info.shape != expected_shape {
+            bail!(
+                "{}: tensor {name:?} has shape {:?}, expected {:?}",
+                entry.info.file.display(),
+                entry.info.shape,
+                expected_shape
+            );
         }
+        Ok(entry)
     }
 
     /// A stable identifier of the base model: SHA-256 over `config.json` (when present), every
@@ -378,6 +432,13 @@ pub fn dtype_size(dtype: Dtype) -> Option<usize> {
 
 /// Converts little-endian stored values to f32, in parallel for big tensors.
 pub fn convert_to_f32(bytes: &[u8], dtype: Dtype) -> Result<Vec<f32>> {
+    convert_to::<f32>(bytes, dtype)
+}
+
+/// Converts little-endian stored values to `T`, in parallel for big tensors. Values already
+/// stored as `T` are copied bit for bit; others go element by element through f32 (exact for
+/// every f16 and bf16 value), so the result is what `T::from_f32` gives for the f32 value.
+pub fn convert_to<T: Element>(bytes: &[u8], dtype: Dtype) -> Result<Vec<T>> {
     let size = dtype_size(dtype)
         .with_context(|| format!("dtype {dtype:?} is not supported (expected F32, F16 or BF16)"))?;
     if !bytes.len().is_multiple_of(size) {
@@ -387,23 +448,22 @@ pub fn convert_to_f32(bytes: &[u8], dtype: Dtype) -> Result<Vec<f32>> {
         );
     }
     let n = bytes.len() / size;
-    let mut out = vec![0f32; n];
-    let convert = |src: &[u8], dst: &mut [f32]| match dtype {
-        Dtype::F32 => {
-            for (d, s) in dst.iter_mut().zip(src.chunks_exact(4)) {
-                *d = f32::from_le_bytes([s[0], s[1], s[2], s[3]]);
-            }
+    let mut out = vec![T::from_f32(0.0); n];
+    // One loop per source dtype, chosen outside the loop so each stays a plain streaming pass.
+    fn each<T>(src: &[u8], dst: &mut [T], size: usize, f: impl Fn(&[u8]) -> T) {
+        for (d, s) in dst.iter_mut().zip(src.chunks_exact(size)) {
+            *d = f(s);
         }
-        Dtype::F16 => {
-            for (d, s) in dst.iter_mut().zip(src.chunks_exact(2)) {
-                *d = half::f16::from_bits(u16::from_le_bytes([s[0], s[1]])).to_f32();
-            }
-        }
-        _ => {
-            for (d, s) in dst.iter_mut().zip(src.chunks_exact(2)) {
-                *d = half::bf16::from_bits(u16::from_le_bytes([s[0], s[1]])).to_f32();
-            }
-        }
+    }
+    let convert = |src: &[u8], dst: &mut [T]| match dtype {
+        d if d == T::STORED => each(src, dst, size, T::from_le_slice),
+        Dtype::F32 => each(src, dst, size, |s| T::from_f32(f32::from_le_slice(s))),
+        Dtype::F16 => each(src, dst, size, |s| {
+            T::from_f32(half::f16::from_le_slice(s).to_f32())
+        }),
+        _ => each(src, dst, size, |s| {
+            T::from_f32(half::bf16::from_le_slice(s).to_f32())
+        }),
     };
     if n < PARALLEL_MIN_ELEMS {
         convert(bytes, &mut out);
@@ -465,6 +525,54 @@ mod tests {
         let got = convert_to_f32(&bf_bytes, Dtype::BF16).unwrap();
         for (g, v) in got.iter().zip(&vals) {
             assert_eq!(*g, half::bf16::from_f32(*v).to_f32());
+        }
+    }
+
+    /// Every (stored dtype, target type) pair gives `T::from_f32` of the stored value, and a
+    /// tensor stored as the target type comes back bit for bit (NaN payloads and all).
+    #[test]
+    fn typed_conversion_is_the_f32_conversion_and_a_copy_when_types_agree() {
+        use half::{bf16, f16};
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+        let n = PARALLEL_MIN_ELEMS + 333;
+        let f32_bytes: Vec<u8> = (0..n)
+            .flat_map(|_| rng.gen_range(-70000.0f32..70000.0).to_le_bytes())
+            .collect();
+        // Arbitrary 16-bit patterns: NaNs, infinities and subnormals included.
+        let half_bytes: Vec<u8> = (0..n)
+            .flat_map(|_| rng.gen::<u16>().to_le_bytes())
+            .collect();
+        fn check<T: Element + bytemuck::Pod + std::fmt::Debug>(bytes: &[u8], dtype: Dtype) {
+            let got = convert_to::<T>(bytes, dtype).unwrap();
+            let via_f32 = convert_to_f32(bytes, dtype).unwrap();
+            if dtype == T::STORED {
+                // The bytes of the result are the stored bytes (this is a little-endian host).
+                assert!(
+                    bytemuck::cast_slice::<T, u8>(&got) == bytes,
+                    "{dtype:?} -> {:?} is not a copy",
+                    T::STORED
+                );
+            } else {
+                for (g, f) in got.iter().zip(&via_f32) {
+                    let want = T::from_f32(*f);
+                    assert!(
+                        g.to_f32().to_bits() == want.to_f32().to_bits(),
+                        "{dtype:?} -> {:?}: {g:?} vs {want:?}",
+                        T::STORED
+                    );
+                }
+            }
+            assert_eq!(got.len(), via_f32.len());
+        }
+        for (bytes, dtype) in [
+            (&f32_bytes, Dtype::F32),
+            (&half_bytes, Dtype::F16),
+            (&half_bytes, Dtype::BF16),
+        ] {
+            check::<f32>(bytes, dtype);
+            check::<f16>(bytes, dtype);
+            check::<bf16>(bytes, dtype);
         }
     }
 

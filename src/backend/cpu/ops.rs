@@ -801,7 +801,10 @@ mod tests {
             worst = worst.max(err);
         }
         for u in [f32::MAX, f32::MIN, 1e-30, -1e-30, 0.0] {
-            assert!((tanh_via_exp(u) as f64 - (u as f64).tanh()).abs() < 2e-7, "{u}");
+            assert!(
+                (tanh_via_exp(u) as f64 - (u as f64).tanh()).abs() < 2e-7,
+                "{u}"
+            );
         }
         assert!(worst < 2e-7, "worst absolute error {worst}");
     }

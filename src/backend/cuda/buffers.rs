@@ -9,45 +9,29 @@ use cudarc::driver::{
 };
 use half::{bf16, f16};
 
+use crate::model::dtype::Element;
+
 use super::device::{GpuDevice, KArg};
 
-/// An element type with kernels instantiated for it (`{op}_{SUFFIX}`). Math is always f32.
+/// An element type with kernels instantiated for it (`{op}_{SUFFIX}`). Math is always f32; the
+/// conversions to and from f32 are the host's ([`Element`]), so what the host stages for an
+/// upload and what the kernels compute in are the same type.
 pub trait KernelDtype:
-    DeviceRepr + ValidAsZeroBits + Copy + Default + Send + Sync + 'static
+    Element + DeviceRepr + ValidAsZeroBits + Copy + Default + Send + Sync + 'static
 {
     const SUFFIX: &'static str;
-    fn from_f32(v: f32) -> Self;
-    fn to_f32(self) -> f32;
 }
 
 impl KernelDtype for f32 {
     const SUFFIX: &'static str = "f32";
-    fn from_f32(v: f32) -> Self {
-        v
-    }
-    fn to_f32(self) -> f32 {
-        self
-    }
 }
 
 impl KernelDtype for f16 {
     const SUFFIX: &'static str = "f16";
-    fn from_f32(v: f32) -> Self {
-        f16::from_f32(v)
-    }
-    fn to_f32(self) -> f32 {
-        f16::to_f32(self)
-    }
 }
 
 impl KernelDtype for bf16 {
     const SUFFIX: &'static str = "bf16";
-    fn from_f32(v: f32) -> Self {
-        bf16::from_f32(v)
-    }
-    fn to_f32(self) -> f32 {
-        bf16::to_f32(self)
-    }
 }
 
 impl GpuDevice {

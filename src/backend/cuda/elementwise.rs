@@ -1,6 +1,6 @@
 //! Launchers for `kernels/elementwise.cu`: embedding gather and gradient, bias + GELU, SiLU gate,
 //! residual add, bias add, rotary embedding, KV-cache append, f32 -> T conversion.
-//! CPU twins: `backend::cpu::ops` (and `KernelDtype::from_f32` for the conversion).
+//! CPU twins: `backend::cpu::ops` (and `Element::from_f32` for the conversion).
 
 use anyhow::{bail, Result};
 use cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig};

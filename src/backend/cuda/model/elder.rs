@@ -329,7 +329,7 @@ mod tests {
             molora_blocks: vec![1],
             ..ElderConfig::preset_for(&cfg)
         };
-        let elder = Elder::new(ecfg, &model).unwrap();
+        let elder = Elder::new(ecfg, &model.cfg).unwrap();
         let (w, b) = stack_routers(&elder);
         let (e, d) = (elder.cfg.num_experts, elder.layers[0].d_in);
         assert_eq!(w.len(), elder.layers.len() * e * d);

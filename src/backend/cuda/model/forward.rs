@@ -17,7 +17,7 @@ use cudarc::driver::CudaSlice;
 use crate::backend::cpu::ops::Layout;
 use crate::elder::molora::Elder;
 use crate::model::layers::{MlpProj, Site};
-use crate::model::{Arch, BatchShape, Model, ModelConfig};
+use crate::model::{Arch, BatchShape, ModelConfig};
 
 use super::super::attention::{self, AttnDims};
 use super::super::buffers::KernelDtype;
@@ -28,6 +28,7 @@ use super::super::norm::{self, NormRows};
 use super::activations::{write, Activations};
 use super::elder::GpuElder;
 use super::plan::{check_shape, to_i32, to_u32, Capacity};
+use super::staging::WeightSource;
 use super::weights::{GpuBlock, GpuMlp, GpuNorm, GpuWeights};
 
 /// A hook on the MLP projections of the device forward, the CUDA side of `model::Adapter`:
@@ -84,13 +85,20 @@ impl<T: KernelDtype> GpuModel<T>
 where
     CudaBlas: Gemm<T>,
 {
-    /// Uploads `model` once and preallocates buffers for calls up to `cap`.
-    pub fn new(dev: Arc<GpuDevice>, model: &Model, cap: Capacity) -> Result<Self> {
-        let weights = GpuWeights::upload(&dev, model)?;
-        let act = Activations::new(&dev, &model.cfg, cap)?;
+    /// Uploads the model of `source` once (an f32 CPU [`Model`](crate::model::Model), or a
+    /// checkpoint read tensor by tensor) and preallocates buffers for calls up to `cap`.
+    pub fn new<'a>(
+        dev: Arc<GpuDevice>,
+        source: impl Into<WeightSource<'a>>,
+        cap: Capacity,
+    ) -> Result<Self> {
+        let source = source.into();
+        let cfg = source.config().clone();
+        let weights = GpuWeights::upload(&dev, source)?;
+        let act = Activations::new(&dev, &cfg, cap)?;
         Ok(GpuModel {
             dev,
-            cfg: model.cfg.clone(),
+            cfg,
             weights,
             act,
             elder: None,

@@ -1,9 +1,12 @@
-//! The CUDA runtime: the CPU [`Model`] description uploaded once (weights in bf16, f16 or f32),
+//! The CUDA runtime: the model description uploaded once (weights in bf16, f16 or f32, straight
+//! from the checkpoint's memory map or from an f32 CPU model),
 //! preallocated activations and KV cache, a padded-batch forward on the kernels of this backend plus
 //! cuBLAS, ELDER (fused router, MoLoRA gather/scatter) on top, and ELDER's edit step.
 //!
 //! - [`plan`]: buffer sizes and padded-batch row arithmetic (host only, unit-tested without a GPU);
-//! - [`weights`]: the uploaded model; [`activations`]: the preallocated buffers;
+//! - [`staging`]: the host half of the upload (each tensor in the device dtype, one at a time;
+//!   unit-tested without a GPU); [`weights`]: the uploaded model; [`activations`]: the
+//!   preallocated buffers;
 //! - [`elder`]: the uploaded ELDER state and its per-request routing;
 //! - [`forward`]: the block-by-block forward and the head; [`requests`]: logits, score, eval scoring
 //!   and generation with the CPU runner's semantics;
@@ -17,6 +20,7 @@ pub mod elder;
 pub mod forward;
 pub mod plan;
 pub mod requests;
+pub mod staging;
 pub mod train;
 pub mod weights;
 
@@ -28,11 +32,12 @@ use half::{bf16, f16};
 use crate::elder::molora::Elder;
 use crate::eval::{self, PairScorer};
 use crate::model::runner::Scored;
-use crate::model::{BatchShape, Model};
+use crate::model::BatchShape;
 
 use super::device::GpuDevice;
 pub use forward::{ElderStep, GpuModel};
 pub use plan::Capacity;
+pub use staging::{Staged, WeightSource};
 pub use train::{open_gpu_editor, GpuEditor, GpuTrainer};
 
 /// Storage and activation dtype of the CUDA forward (matmuls accumulate in f32 in every case).
@@ -137,17 +142,19 @@ impl_runner!(f32, GpuDtype::F32);
 impl_runner!(f16, GpuDtype::F16);
 impl_runner!(bf16, GpuDtype::Bf16);
 
-/// Uploads `model` to `dev` in `dtype` with buffers for calls up to `cap` (they grow on demand).
-pub fn open_gpu_model(
+/// Uploads the model of `source` to `dev` in `dtype` with buffers for calls up to `cap` (they grow
+/// on demand).
+pub fn open_gpu_model<'a>(
     dev: Arc<GpuDevice>,
-    model: &Model,
+    source: impl Into<WeightSource<'a>>,
     dtype: GpuDtype,
     cap: Capacity,
 ) -> Result<Box<dyn GpuRunner>> {
+    let source = source.into();
     Ok(match dtype {
-        GpuDtype::F32 => Box::new(GpuModel::<f32>::new(dev, model, cap)?),
-        GpuDtype::F16 => Box::new(GpuModel::<f16>::new(dev, model, cap)?),
-        GpuDtype::Bf16 => Box::new(GpuModel::<bf16>::new(dev, model, cap)?),
+        GpuDtype::F32 => Box::new(GpuModel::<f32>::new(dev, source, cap)?),
+        GpuDtype::F16 => Box::new(GpuModel::<f16>::new(dev, source, cap)?),
+        GpuDtype::Bf16 => Box::new(GpuModel::<bf16>::new(dev, source, cap)?),
     })
 }
 

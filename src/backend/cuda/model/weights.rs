@@ -1,10 +1,10 @@
-//! The frozen base model on the device: every tensor of the CPU [`Model`] uploaded once in the
-//! activation dtype, in the same structure (blocks, norms, linear layers and their layouts), so the
-//! CUDA forward walks the same description the CPU does.
+//! The frozen base model on the device: every tensor uploaded once in the activation dtype, in the
+//! structure of the CPU [`Model`](crate::model::Model) (blocks, norms, linear layers and their layouts), so the CUDA
+//! forward walks the same description the CPU does.
 //!
-//! One change of shape on the way up: GPT-2's fused `c_attn` is split into its q, k and v column
-//! blocks on the host, so both families hand the attention three projections and the fused output
-//! never has to be de-interleaved on the device.
+//! The host prepares the tensors ([`super::staging`]: from the checkpoint's memory map or from an
+//! f32 CPU model, GPT-2's fused `c_attn` split into q, k and v); this module only copies each one to
+//! the device as it comes and puts the buffers in place.
 
 use anyhow::{bail, Context, Result};
 use cudarc::cublas::{CudaBlas, Gemm};
@@ -12,11 +12,12 @@ use cudarc::driver::CudaSlice;
 
 use crate::backend::cpu::ops::Layout;
 use crate::model::layers::{Linear, Mlp, MlpProj, Norm};
-use crate::model::transformer::{Block, Model, QkvProj};
+use crate::model::transformer::{Block, QkvProj};
 
 use super::super::buffers::KernelDtype;
 use super::super::device::GpuDevice;
 use super::super::{elementwise, gemm};
+use super::staging::WeightSource;
 
 /// A frozen linear layer on the device, weight kept in its checkpoint layout.
 pub struct GpuLinear<T: KernelDtype> {
@@ -28,18 +29,14 @@ pub struct GpuLinear<T: KernelDtype> {
 }
 
 impl<T: KernelDtype> GpuLinear<T> {
-    pub fn upload(dev: &GpuDevice, l: &Linear) -> Result<Self> {
-        Ok(GpuLinear {
-            w: dev.upload_as::<T>(&l.weight)?,
-            bias: l
-                .bias
-                .as_deref()
-                .map(|b| dev.upload_as::<T>(b))
-                .transpose()?,
+    fn from_uploaded(l: Linear<CudaSlice<T>>) -> Self {
+        GpuLinear {
+            w: l.weight,
+            bias: l.bias,
             in_dim: l.in_dim,
             out_dim: l.out_dim,
             layout: l.layout,
-        })
+        }
     }
 
     /// `out[rows, out] = x[rows, in] W` without the bias (cuBLAS). The bias is added separately
@@ -143,39 +140,6 @@ where
     )
 }
 
-/// Splits a linear layer whose output is `parts` equal column blocks (GPT-2's `c_attn`: q | k | v)
-/// into one layer per block, in either weight layout. Host-only, exact (a copy of the values).
-pub fn split_output_blocks(l: &Linear, parts: usize) -> Result<Vec<Linear>> {
-    if parts == 0 || !l.out_dim.is_multiple_of(parts) {
-        bail!(
-            "cannot split an output of width {} into {parts} equal blocks",
-            l.out_dim
-        );
-    }
-    let o = l.out_dim / parts;
-    let (i_dim, total) = (l.in_dim, l.out_dim);
-    Ok((0..parts)
-        .map(|j| {
-            let weight = match l.layout {
-                // [in, out]: block j is columns j*o .. (j+1)*o of every row.
-                Layout::InOut => (0..i_dim)
-                    .flat_map(|r| l.weight[r * total + j * o..r * total + (j + 1) * o].iter())
-                    .copied()
-                    .collect(),
-                // [out, in]: block j is rows j*o .. (j+1)*o, contiguous.
-                Layout::OutIn => l.weight[j * o * i_dim..(j + 1) * o * i_dim].to_vec(),
-            };
-            Linear {
-                weight,
-                bias: l.bias.as_ref().map(|b| b[j * o..(j + 1) * o].to_vec()),
-                in_dim: i_dim,
-                out_dim: o,
-                layout: l.layout,
-            }
-        })
-        .collect())
-}
-
 /// A pre-norm on the device (weights in the activation dtype, as the norm kernels take them).
 pub enum GpuNorm<T: KernelDtype> {
     Layer {
@@ -190,18 +154,15 @@ pub enum GpuNorm<T: KernelDtype> {
 }
 
 impl<T: KernelDtype> GpuNorm<T> {
-    pub fn upload(dev: &GpuDevice, n: &Norm) -> Result<Self> {
-        Ok(match n {
+    fn from_uploaded(n: Norm<CudaSlice<T>>) -> Self {
+        match n {
             Norm::Layer { weight, bias, eps } => GpuNorm::Layer {
-                w: dev.upload_as(weight)?,
-                b: dev.upload_as(bias)?,
-                eps: *eps,
+                w: weight,
+                b: bias,
+                eps,
             },
-            Norm::Rms { weight, eps } => GpuNorm::Rms {
-                w: dev.upload_as(weight)?,
-                eps: *eps,
-            },
-        })
+            Norm::Rms { weight, eps } => GpuNorm::Rms { w: weight, eps },
+        }
     }
 }
 
@@ -229,42 +190,28 @@ pub struct GpuBlock<T: KernelDtype> {
 }
 
 impl<T: KernelDtype> GpuBlock<T> {
-    fn upload(dev: &GpuDevice, blk: &Block, l: usize) -> Result<Self> {
-        let (q, k, v) = match &blk.qkv {
-            QkvProj::Fused(lin) => {
-                let mut parts = split_output_blocks(lin, 3)
-                    .with_context(|| format!("block {l}: fused q/k/v projection"))?
-                    .into_iter();
-                let mut next = || -> Result<GpuLinear<T>> {
-                    let part = parts.next().context("split gave fewer than 3 blocks")?;
-                    GpuLinear::upload(dev, &part)
-                };
-                (next()?, next()?, next()?)
-            }
-            QkvProj::Split { q, k, v } => (
-                GpuLinear::upload(dev, q)?,
-                GpuLinear::upload(dev, k)?,
-                GpuLinear::upload(dev, v)?,
-            ),
+    fn from_uploaded(b: Block<CudaSlice<T>>) -> Result<Self> {
+        let QkvProj::Split { q, k, v } = b.qkv else {
+            bail!("internal: a fused q/k/v projection reached the device (staging splits it)");
         };
-        let mlp = match &blk.mlp {
+        let mlp = match b.mlp {
             Mlp::Gpt2 { c_fc, c_proj } => GpuMlp::Gpt2 {
-                c_fc: GpuLinear::upload(dev, c_fc)?,
-                c_proj: GpuLinear::upload(dev, c_proj)?,
+                c_fc: GpuLinear::from_uploaded(c_fc),
+                c_proj: GpuLinear::from_uploaded(c_proj),
             },
             Mlp::Llama { gate, up, down } => GpuMlp::Llama {
-                gate: GpuLinear::upload(dev, gate)?,
-                up: GpuLinear::upload(dev, up)?,
-                down: GpuLinear::upload(dev, down)?,
+                gate: GpuLinear::from_uploaded(gate),
+                up: GpuLinear::from_uploaded(up),
+                down: GpuLinear::from_uploaded(down),
             },
         };
         Ok(GpuBlock {
-            norm1: GpuNorm::upload(dev, &blk.norm1)?,
-            q,
-            k,
-            v,
-            o_proj: GpuLinear::upload(dev, &blk.o_proj)?,
-            norm2: GpuNorm::upload(dev, &blk.norm2)?,
+            norm1: GpuNorm::from_uploaded(b.norm1),
+            q: GpuLinear::from_uploaded(q),
+            k: GpuLinear::from_uploaded(k),
+            v: GpuLinear::from_uploaded(v),
+            o_proj: GpuLinear::from_uploaded(b.o_proj),
+            norm2: GpuNorm::from_uploaded(b.norm2),
             mlp,
         })
     }
@@ -296,34 +243,23 @@ pub struct GpuWeights<T: KernelDtype> {
 }
 
 impl<T: KernelDtype> GpuWeights<T> {
-    /// Uploads `model` (once; nothing here changes afterwards).
-    pub fn upload(dev: &GpuDevice, model: &Model) -> Result<Self> {
-        let blocks = model
-            .blocks
-            .iter()
-            .enumerate()
-            .map(|(l, b)| {
-                GpuBlock::upload(dev, b, l).with_context(|| format!("uploading block {l}"))
-            })
-            .collect::<Result<Vec<_>>>()?;
+    /// Uploads the model of `source` (once; nothing here changes afterwards), tensor by tensor as
+    /// the host stages them, so host memory holds one staged tensor at a time.
+    pub fn upload(dev: &GpuDevice, source: WeightSource<'_>) -> Result<Self> {
+        let uploaded = source.stage::<T, CudaSlice<T>>(|s| {
+            dev.upload(&s.values)
+                .with_context(|| format!("uploading {}", s.name))
+        })?;
         Ok(GpuWeights {
-            embed: dev
-                .upload_as(&model.embed)
-                .context("uploading the embeddings")?,
-            pos_embed: model
-                .pos_embed
-                .as_deref()
-                .map(|p| dev.upload_as(p))
-                .transpose()
-                .context("uploading the position embeddings")?,
-            blocks,
-            final_norm: GpuNorm::upload(dev, &model.final_norm)?,
-            lm_head: model
-                .lm_head
-                .as_ref()
-                .map(|l| GpuLinear::upload(dev, l))
-                .transpose()
-                .context("uploading lm_head")?,
+            embed: uploaded.embed,
+            pos_embed: uploaded.pos_embed,
+            blocks: uploaded
+                .blocks
+                .into_iter()
+                .map(GpuBlock::from_uploaded)
+                .collect::<Result<_>>()?,
+            final_norm: GpuNorm::from_uploaded(uploaded.final_norm),
+            lm_head: uploaded.lm_head.map(GpuLinear::from_uploaded),
         })
     }
 
@@ -333,56 +269,5 @@ impl<T: KernelDtype> GpuWeights<T> {
             Some(l) => (&l.w, l.layout),
             None => (&self.embed, Layout::OutIn),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn fused(layout: Layout) -> Linear {
-        let (i, o) = (5, 3 * 4);
-        Linear {
-            weight: (0..i * o).map(|x| (x as f32 * 0.37).sin()).collect(),
-            bias: Some((0..o).map(|x| x as f32 * 0.1 - 0.5).collect()),
-            in_dim: i,
-            out_dim: o,
-            layout,
-        }
-    }
-
-    /// The split layers compute exactly the column blocks of the fused layer's output.
-    #[test]
-    fn split_blocks_reproduce_the_fused_output() {
-        for layout in [Layout::InOut, Layout::OutIn] {
-            let lin = fused(layout);
-            let rows = 3;
-            let x: Vec<f32> = (0..rows * lin.in_dim)
-                .map(|v| (v as f32 * 0.71).cos())
-                .collect();
-            let full = lin.forward(&x, rows);
-            let parts = split_output_blocks(&lin, 3).unwrap();
-            assert_eq!(parts.len(), 3);
-            for (j, p) in parts.iter().enumerate() {
-                assert_eq!((p.in_dim, p.out_dim, p.layout), (5, 4, layout));
-                let got = p.forward(&x, rows);
-                for r in 0..rows {
-                    let want = &full[r * 12 + j * 4..r * 12 + (j + 1) * 4];
-                    for (g, w) in got[r * 4..(r + 1) * 4].iter().zip(want) {
-                        assert!(
-                            (g - w).abs() <= 1e-6,
-                            "{layout:?} block {j} row {r}: {g} vs {w}"
-                        );
-                    }
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn uneven_splits_are_refused() {
-        let lin = fused(Layout::InOut);
-        assert!(split_output_blocks(&lin, 5).is_err());
-        assert!(split_output_blocks(&lin, 0).is_err());
     }
 }

@@ -43,11 +43,11 @@ use crate::elder::trainer::{
     batch_presets, push_codes, EditExample, EditReport, EditRows, LossAndGrads,
 };
 use crate::model::layers::Site;
-use crate::model::Model;
 
 use super::activations::write;
 use super::forward::GpuModel;
 use super::plan::{prompt_query_rows, to_u32, Capacity};
+use super::staging::WeightSource;
 use super::{GpuDtype, GpuRunner};
 use buffers::{copy, TrainBuffers};
 use plan::{check_trainable, head_scatter_ids, stack_params, unstack_params, TrainPlan};
@@ -75,10 +75,14 @@ impl<T: KernelDtype> GpuTrainer<T>
 where
     CudaBlas: Gemm<T>,
 {
-    /// Uploads `model` with inference buffers for `cap`; the training buffers are sized by the
-    /// first batch (they depend on the ELDER config) and grow with larger ones.
-    pub fn new(dev: Arc<GpuDevice>, model: &Model, cap: Capacity) -> Result<Self> {
-        Ok(Self::from_model(GpuModel::new(dev, model, cap)?))
+    /// Uploads the model of `source` with inference buffers for `cap`; the training buffers are
+    /// sized by the first batch (they depend on the ELDER config) and grow with larger ones.
+    pub fn new<'a>(
+        dev: Arc<GpuDevice>,
+        source: impl Into<WeightSource<'a>>,
+        cap: Capacity,
+    ) -> Result<Self> {
+        Ok(Self::from_model(GpuModel::new(dev, source, cap)?))
     }
 
     pub fn from_model(model: GpuModel<T>) -> Self {
@@ -389,16 +393,17 @@ impl_editor!(f32, GpuDtype::F32);
 impl_editor!(f16, GpuDtype::F16);
 impl_editor!(bf16, GpuDtype::Bf16);
 
-/// Uploads `model` to `dev` in `dtype` for editing, with inference buffers for `cap`.
-pub fn open_gpu_editor(
+/// Uploads the model of `source` to `dev` in `dtype` for editing, with inference buffers for `cap`.
+pub fn open_gpu_editor<'a>(
     dev: Arc<GpuDevice>,
-    model: &Model,
+    source: impl Into<WeightSource<'a>>,
     dtype: GpuDtype,
     cap: Capacity,
 ) -> Result<Box<dyn GpuEditor>> {
+    let source = source.into();
     Ok(match dtype {
-        GpuDtype::F32 => Box::new(GpuTrainer::<f32>::new(dev, model, cap)?),
-        GpuDtype::F16 => Box::new(GpuTrainer::<f16>::new(dev, model, cap)?),
-        GpuDtype::Bf16 => Box::new(GpuTrainer::<bf16>::new(dev, model, cap)?),
+        GpuDtype::F32 => Box::new(GpuTrainer::<f32>::new(dev, source, cap)?),
+        GpuDtype::F16 => Box::new(GpuTrainer::<f16>::new(dev, source, cap)?),
+        GpuDtype::Bf16 => Box::new(GpuTrainer::<bf16>::new(dev, source, cap)?),
     })
 }

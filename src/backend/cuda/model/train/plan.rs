@@ -291,7 +291,7 @@ mod tests {
             molora_blocks: vec![1],
             ..ElderConfig::preset_for(&cfg)
         };
-        let mut elder = Elder::new(ecfg.clone(), &model).unwrap();
+        let mut elder = Elder::new(ecfg.clone(), &model.cfg).unwrap();
         // Two layers with distinct values (the config has one; duplicate it with an offset).
         let mut second = elder.layers[0].clone();
         second.tensors_mut().into_iter().for_each(|t| {
