@@ -19,6 +19,7 @@ use super::super::elementwise;
 use super::super::lora::{self, LoraSite};
 use super::super::router::{self, RouterOutputs, RouterShape};
 use super::activations::write;
+use super::forward::SiteHook;
 use super::plan::{distance_of, to_u32, Capacity, ElderPlan};
 
 /// Routers of every layer stacked as the fused router reads them: `w_r [L, E, d_in]`, `b_r [L, E]`.
@@ -171,63 +172,6 @@ impl<T: KernelDtype> GpuElder<T> {
         Ok(())
     }
 
-    /// What the CPU adapter's `after_linear` does at `site`: read the query (query site), then add
-    /// the mixture (MoLoRA sites). `x` is the projection's input `[rows, in]`, `out` its output.
-    pub fn after_linear(
-        &mut self,
-        dev: &GpuDevice,
-        site: Site,
-        shape: &BatchShape,
-        x: &CudaSlice<T>,
-        out: &mut CudaSlice<T>,
-    ) -> Result<()> {
-        if !self.routed && self.cfg.is_query_site(site) {
-            self.route(dev, shape, x)?;
-        }
-        let Some(layer) = self.cfg.layer_at(site) else {
-            return Ok(());
-        };
-        if !self.routed {
-            // As on the CPU: a MoLoRA layer before the query site (refused by the config) adds nothing.
-            return Ok(());
-        }
-        if shape.batch != self.batch {
-            bail!(
-                "ELDER was routed for {} sequences, the call has {}",
-                self.batch,
-                shape.batch
-            );
-        }
-        let (bk, k) = (shape.batch * self.cfg.top_k, self.cfg.top_k);
-        let site_shape = LoraSite {
-            shape: MixShape {
-                batch: shape.batch,
-                seq: shape.seq,
-                d_in: self.d_in,
-                d_out: self.d_out,
-                rank: self.cfg.rank,
-                k,
-                scale: self.cfg.scale(),
-            },
-            n_experts: self.cfg.num_experts,
-        };
-        // The router writes layer l's [B, k] block at l * B * k for the request's B.
-        let chosen = layer * bk..(layer + 1) * bk;
-        lora::lora_forward(
-            dev,
-            site_shape,
-            x,
-            &self.a[layer],
-            &self.b[layer],
-            &self.out.experts.slice(chosen.clone()),
-            &self.out.gates.slice(chosen),
-            Some(&self.out.in_scope),
-            &mut self.shrink,
-            out,
-        )
-        .with_context(|| format!("MoLoRA layer {layer} (block {})", site.block))
-    }
-
     /// Gathers the queries and runs the fused router (experts, gates, codes, distance, scope).
     fn route(&mut self, dev: &GpuDevice, shape: &BatchShape, x: &CudaSlice<T>) -> Result<()> {
         let b = self.batch;
@@ -297,6 +241,65 @@ impl<T: KernelDtype> GpuElder<T> {
             in_scope.iter().map(|&s| s != 0).collect(),
             dist.iter().map(|&d| distance_of(d, self.n_codes)).collect(),
         ))
+    }
+}
+
+impl<T: KernelDtype> SiteHook<T> for GpuElder<T> {
+    /// What the CPU adapter's `after_linear` does at `site`: read the query (query site), then add
+    /// the mixture (MoLoRA sites). `x` is the projection's input `[rows, in]`, `out` its output.
+    fn after_linear(
+        &mut self,
+        dev: &GpuDevice,
+        site: Site,
+        shape: &BatchShape,
+        x: &CudaSlice<T>,
+        out: &mut CudaSlice<T>,
+    ) -> Result<()> {
+        if !self.routed && self.cfg.is_query_site(site) {
+            self.route(dev, shape, x)?;
+        }
+        let Some(layer) = self.cfg.layer_at(site) else {
+            return Ok(());
+        };
+        if !self.routed {
+            // As on the CPU: a MoLoRA layer before the query site (refused by the config) adds nothing.
+            return Ok(());
+        }
+        if shape.batch != self.batch {
+            bail!(
+                "ELDER was routed for {} sequences, the call has {}",
+                self.batch,
+                shape.batch
+            );
+        }
+        let (bk, k) = (shape.batch * self.cfg.top_k, self.cfg.top_k);
+        let site_shape = LoraSite {
+            shape: MixShape {
+                batch: shape.batch,
+                seq: shape.seq,
+                d_in: self.d_in,
+                d_out: self.d_out,
+                rank: self.cfg.rank,
+                k,
+                scale: self.cfg.scale(),
+            },
+            n_experts: self.cfg.num_experts,
+        };
+        // The router writes layer l's [B, k] block at l * B * k for the request's B.
+        let chosen = layer * bk..(layer + 1) * bk;
+        lora::lora_forward(
+            dev,
+            site_shape,
+            x,
+            &self.a[layer],
+            &self.b[layer],
+            &self.out.experts.slice(chosen.clone()),
+            &self.out.gates.slice(chosen),
+            Some(&self.out.in_scope),
+            &mut self.shrink,
+            out,
+        )
+        .with_context(|| format!("MoLoRA layer {layer} (block {})", site.block))
     }
 }
 

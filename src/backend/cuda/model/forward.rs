@@ -46,19 +46,6 @@ pub trait SiteHook<T: KernelDtype> {
     ) -> Result<()>;
 }
 
-impl<T: KernelDtype> SiteHook<T> for GpuElder<T> {
-    fn after_linear(
-        &mut self,
-        dev: &GpuDevice,
-        site: Site,
-        shape: &BatchShape,
-        x: &CudaSlice<T>,
-        out: &mut CudaSlice<T>,
-    ) -> Result<()> {
-        GpuElder::after_linear(self, dev, site, shape, x, out)
-    }
-}
-
 /// What ELDER does during one forward call.
 #[derive(Debug, Clone, Copy)]
 pub enum ElderStep<'a> {
