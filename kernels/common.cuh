@@ -66,6 +66,14 @@ __device__ __forceinline__ float block_max(float v, float* scratch) {
 
 }  // namespace elder
 
+// Dynamic shared memory of the launch as a `T*` named `name`. The CPU emulator (tools/cuda-emu) has
+// no `extern __shared__`, so it hands out the launch's buffer instead.
+#ifdef ELDER_CUDA_EMULATOR
+#define ELDER_DYNAMIC_SHARED(T, name) T* name = static_cast<T*>(::emu::dynamic_shared())
+#else
+#define ELDER_DYNAMIC_SHARED(T, name) extern __shared__ T name[]
+#endif
+
 // Stamp one `extern "C"` entry point per activation dtype from a templated kernel body.
 // Usage: ELDER_FOR_DTYPES(MACRO) where MACRO(suffix, T) defines `op_suffix`.
 #define ELDER_FOR_DTYPES(M) M(f32, float) M(f16, __half) M(bf16, __nv_bfloat16)

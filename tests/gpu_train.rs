@@ -23,7 +23,7 @@ use std::sync::Arc;
 
 use cudarc::cublas::{CudaBlas, Gemm};
 use elder::backend::cuda::model::{open_gpu_editor, Capacity, GpuDtype, GpuTrainer};
-use elder::backend::cuda::{gpu_or_skip, GpuDevice, KernelDtype};
+use elder::backend::cuda::{GpuDevice, KernelDtype};
 use elder::data::EditRecord;
 use elder::elder::config::{AllocationMode, ElderConfig};
 use elder::elder::molora::{Elder, MoloraLayer};
@@ -429,7 +429,7 @@ where
 #[test]
 fn gpu_edit_step_matches_cpu_trainer() {
     let cases = cases();
-    let Some(dev) = gpu_or_skip("gpu_edit_step_matches_cpu_trainer") else {
+    let Some(dev) = common::test_device("gpu_edit_step_matches_cpu_trainer") else {
         return;
     };
     for case in &cases {
@@ -452,7 +452,7 @@ fn gpu_edit_steady_state_allocates_nothing() {
         renormalize: false,
     };
     let case = case(spec, 5);
-    let Some(dev) = gpu_or_skip("gpu_edit_steady_state_allocates_nothing") else {
+    let Some(dev) = common::test_device("gpu_edit_steady_state_allocates_nothing") else {
         return;
     };
     let start = Capacity { batch: 1, seq: 1 };
@@ -507,7 +507,7 @@ fn gpu_edit_stream_commits_and_resumes_like_the_cpu() {
         .collect();
     let mut cpu = EditSession::open(&base, &tmp.path().join("cpu"), Some(cfg.clone())).unwrap();
     apply_stream(&base, &mut cpu, &records, false, None).unwrap();
-    let Some(dev) = gpu_or_skip("gpu_edit_stream_commits_and_resumes_like_the_cpu") else {
+    let Some(dev) = common::test_device("gpu_edit_stream_commits_and_resumes_like_the_cpu") else {
         return;
     };
     let cap = Capacity { batch: 1, seq: 8 };

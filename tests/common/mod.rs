@@ -2,7 +2,9 @@
 //! the CPU model as a GPU dtype sees it, and random tiny models.
 #![allow(dead_code)] // each test binary uses its own subset
 
-use elder::backend::cuda::KernelDtype;
+use std::sync::Arc;
+
+use elder::backend::cuda::{cuda_available, gpu_or_skip, GpuDevice, KernelDtype};
 use elder::model::layers::{Linear, Mlp, Norm};
 use elder::model::loader::{build_model, RandomSource};
 use elder::model::transformer::QkvProj;
@@ -113,4 +115,38 @@ pub fn sharpened(mut m: Model) -> Model {
         None => m.embed.iter_mut().for_each(|v| *v *= 10.0),
     }
     m
+}
+
+/// The device for a GPU test. With a CUDA driver: the GPU. Without one: the CPU emulator of
+/// `tools/cuda-emu` (real kernels, host memory), announced by a visible `EMULATED` line, unless
+/// `ELDER_CUDA_EMU=0`; with neither, `None` after a visible `SKIP` line.
+pub fn test_device(test_name: &str) -> Option<Arc<GpuDevice>> {
+    static EMULATING: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let emulating = *EMULATING.get_or_init(|| {
+        let allowed = std::env::var("ELDER_CUDA_EMU").map_or(true, |v| v != "0");
+        if cuda_available() || !allowed {
+            return false;
+        }
+        match elder_cuda_emu::install() {
+            Ok(()) => true,
+            Err(e) => {
+                announce(&format!("CUDA emulator unavailable: {e}"));
+                false
+            }
+        }
+    });
+    if emulating {
+        announce(&format!(
+            "EMULATED {test_name}: no CUDA driver, so the CUDA path runs on the CPU emulator \
+             (tools/cuda-emu: checks results, not speed)"
+        ));
+    }
+    gpu_or_skip(test_name)
+}
+
+/// Prints a line the test harness does not capture (a direct write to the stderr handle), so it
+/// shows in a plain `cargo test` run.
+pub fn announce(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "{line}");
 }

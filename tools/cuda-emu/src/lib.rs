@@ -1,0 +1,54 @@
+//! A CPU emulator of the CUDA driver API and cuBLAS, built from elder's own `kernels/*.cu`, so the
+//! GPU tests run — slowly, but for real — on machines without a GPU (CI, development boxes).
+//!
+//! [`install`] loads the emulator's `libcuda.so` and `libcublas.so` by absolute path. cudarc then
+//! finds them when it opens `libcuda.so` / `libcublas.so` by name, because the dynamic loader
+//! matches a requested name against the sonames of libraries already loaded. Call it only where no
+//! real driver exists (the tests check first); once installed it serves the whole process.
+//!
+//! What it checks: each kernel's indexing, its barriers and shuffles (the threads of a block are
+//! fibers that switch only at barriers, in a shuffled order, and a barrier some thread can never
+//! reach is reported as a deadlock), writes past the end of a device allocation (a guard page
+//! faults and names the kernel, block and thread), reads of memory nobody wrote (fresh
+//! allocations hold NaN bytes), and the host-side runtime around the kernels (buffer sizes,
+//! launch arguments, stream capture and graph replay).
+//!
+//! What it cannot check: anything about speed; races between blocks (blocks run one after
+//! another); the GPU memory model; and device code generation (nvcc compiles the same files for
+//! the real fatbin — CI builds both). Numerics differ from the GPU only by FMA contraction and
+//! `expf`/`rsqrtf` accuracy.
+
+use std::sync::OnceLock;
+
+/// Where `build.rs` put the libraries, when it could build them.
+pub const LIBRARY_DIR: Option<&str> = option_env!("ELDER_CUDA_EMU_DIR");
+
+/// Loads the emulator for the rest of the process (idempotent). Errors say why it is unavailable.
+pub fn install() -> Result<(), String> {
+    static INSTALLED: OnceLock<Result<(), String>> = OnceLock::new();
+    INSTALLED.get_or_init(load).clone()
+}
+
+fn load() -> Result<(), String> {
+    let dir = LIBRARY_DIR.ok_or_else(|| {
+        format!(
+            "the CUDA emulator was not built: {}",
+            option_env!("ELDER_CUDA_EMU_SKIPPED").unwrap_or("unknown reason")
+        )
+    })?;
+    for lib in ["libcuda.so", "libcublas.so"] {
+        let path = std::path::Path::new(dir).join(lib);
+        // SAFETY: the libraries are this crate's own build products; their initialisers only
+        // register kernels in a process-local table.
+        let handle = unsafe {
+            libloading::os::unix::Library::open(
+                Some(&path),
+                libloading::os::unix::RTLD_NOW | libloading::os::unix::RTLD_GLOBAL,
+            )
+        }
+        .map_err(|e| format!("loading {}: {e}", path.display()))?;
+        // Kept loaded for the life of the process: cudarc holds function pointers into it.
+        std::mem::forget(handle);
+    }
+    Ok(())
+}
