@@ -1177,6 +1177,29 @@ fn attn_cases() -> Vec<AttnCase> {
             q_start: vec![0, 5],
             q_valid: vec![40, 0],
         },
+        // head_dim 256 (the 8-slot tiles: 8 x 16 forward, 4 x 16 backward), GQA pairs, a query
+        // tile that straddles the end of the valid rows.
+        AttnCase {
+            batch: 2,
+            q_len: 21,
+            kv_capacity: 40,
+            n_heads: 4,
+            n_kv_heads: 2,
+            head_dim: 256,
+            q_start: vec![3, 0],
+            q_valid: vec![21, 10],
+        },
+        // Short queries (the row kernel), mid-cache.
+        AttnCase {
+            batch: 2,
+            q_len: 2,
+            kv_capacity: 33,
+            n_heads: 4,
+            n_kv_heads: 4,
+            head_dim: 64,
+            q_start: vec![30, 7],
+            q_valid: vec![2, 1],
+        },
         // Generic head_dim (not a multiple of 32).
         AttnCase {
             batch: 2,

@@ -1,6 +1,7 @@
 //! Launchers for `kernels/attention.cu`: causal attention over a padded batch with a KV cache and
-//! grouped-query heads, forward (online softmax, saves log-sum-exp), backward (recomputes the
-//! probabilities), and decode (the forward with `q_len = 1`).
+//! grouped-query heads. The forward of a prefill runs the tiled (FlashAttention-style) kernel and
+//! saves the log-sum-exp; decode and very short queries run the row kernel (one warp per query
+//! row); the backward is tiled over keys and recomputes the probabilities.
 //! CPU twins: `ops::attention` / `ops::attention_backward` with the same [`AttnShape`] semantics.
 
 use anyhow::{bail, Result};
@@ -14,6 +15,32 @@ const FAMILY: &str = "attention";
 /// Must match MAX_SLOTS * 32 in attention.cu.
 pub const MAX_HEAD_DIM: usize = 256;
 const WARPS_PER_BLOCK: usize = 4;
+/// Queries shorter than this use the row kernel: a tile of mostly empty rows would waste its block.
+const MIN_TILED_Q_LEN: usize = 4;
+/// Threads of a tiled block (TILE_THREADS in attention.cu).
+const TILE_THREADS: u32 = 128;
+
+/// The tiled kernels' tile sizes, mirroring `Tiles<SLOTS>` in attention.cu: SLOTS (head_dim / 32
+/// rounded up to 4 or 8) picks the instantiation, BC keys per tile, FWD_BR / BWD_BR query rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct TileShape {
+    slots: usize,
+    bc: usize,
+    fwd_br: usize,
+    bwd_br: usize,
+}
+
+impl TileShape {
+    fn for_head_dim(head_dim: usize) -> Self {
+        let slots = if head_dim <= 128 { 4 } else { 8 };
+        Self {
+            slots,
+            bc: 128 / slots,
+            fwd_br: 64 / slots,
+            bwd_br: 32 / slots,
+        }
+    }
+}
 
 /// The dimensions of an attention call; the per-sequence `q_start` / `q_valid` live on the device
 /// (i32 `[batch]`) so a captured CUDA graph can replay with new positions.
@@ -58,6 +85,32 @@ impl AttnDims {
 
     fn lse_elems(&self) -> usize {
         self.batch * self.n_heads * self.q_len
+    }
+
+    fn tiles(&self) -> TileShape {
+        TileShape::for_head_dim(self.head_dim)
+    }
+
+    /// One block per (b, h, tile of query rows).
+    fn tiled_fwd_cfg(&self) -> LaunchConfig {
+        let t = self.tiles();
+        let blocks = self.batch * self.n_heads * self.q_len.div_ceil(t.fwd_br);
+        LaunchConfig {
+            grid_dim: (blocks as u32, 1, 1),
+            block_dim: (TILE_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
+    /// One block per (b, h, tile of keys).
+    fn tiled_bwd_cfg(&self) -> LaunchConfig {
+        let t = self.tiles();
+        let blocks = self.batch * self.n_heads * self.kv_capacity.div_ceil(t.bc);
+        LaunchConfig {
+            grid_dim: (blocks as u32, 1, 1),
+            block_dim: (TILE_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        }
     }
 
     fn cfg(&self) -> LaunchConfig {
@@ -151,15 +204,18 @@ pub fn attention_forward<T: KernelDtype, L: DevicePtrMut<f32>>(
     let mut args = vec![pq, pk, pv, ps, pn];
     args.extend(dims.args()?);
     args.extend([po, pl]);
-    // SAFETY: shapes validated and buffer lengths checked above; arguments match attention_fwd_{T}.
-    unsafe {
-        dev.launch(
-            FAMILY,
-            &format!("attention_fwd_{}", T::SUFFIX),
-            dims.cfg(),
-            &args,
+    let (name, cfg) = if dims.q_len >= MIN_TILED_Q_LEN {
+        let slots = dims.tiles().slots;
+        (
+            format!("attention_tiled_fwd_{}_s{slots}", T::SUFFIX),
+            dims.tiled_fwd_cfg(),
         )
-    }
+    } else {
+        (format!("attention_fwd_{}", T::SUFFIX), dims.cfg())
+    };
+    // SAFETY: shapes validated and buffer lengths checked above; the row and the tiled forward
+    // take the same arguments.
+    unsafe { dev.launch(FAMILY, &name, cfg, &args) }
 }
 
 /// Decode step: one new query per sequence (`dims.q_len` must be 1) over the KV cache.
@@ -218,15 +274,10 @@ pub fn attention_backward<T: KernelDtype, X: DevicePtr<T>, G: DevicePtrMut<f32>>
     let mut args = vec![pq, pk, pv, po, pdo, pl, ps, pn];
     args.extend(dims.args()?);
     args.extend([pdq, pdk, pdv]);
-    // SAFETY: shapes validated and buffer lengths checked above; arguments match attention_bwd_{T}.
-    unsafe {
-        dev.launch(
-            FAMILY,
-            &format!("attention_bwd_{}", T::SUFFIX),
-            dims.cfg(),
-            &args,
-        )
-    }
+    let name = format!("attention_tiled_bwd_{}_s{}", T::SUFFIX, dims.tiles().slots);
+    // SAFETY: shapes validated and buffer lengths checked above; arguments match
+    // attention_tiled_bwd_{T}_s{SLOTS}.
+    unsafe { dev.launch(FAMILY, &name, dims.tiled_bwd_cfg(), &args) }
 }
 
 #[cfg(test)]
@@ -253,6 +304,25 @@ mod tests {
             "heads not a multiple of kv heads"
         );
         assert!(dims(8, 2, MAX_HEAD_DIM + 32).validate().is_err());
+    }
+
+    #[test]
+    fn tiles_follow_the_head_dim() {
+        let small = TileShape::for_head_dim(64);
+        assert_eq!(
+            (small.slots, small.bc, small.fwd_br, small.bwd_br),
+            (4, 32, 16, 8)
+        );
+        assert_eq!(TileShape::for_head_dim(128), small);
+        let large = TileShape::for_head_dim(129);
+        assert_eq!(
+            (large.slots, large.bc, large.fwd_br, large.bwd_br),
+            (8, 16, 8, 4)
+        );
+        // 2 sequences x 8 heads x ceil(3 / 16) query tiles; ceil(8 / 32) key tiles.
+        assert_eq!(dims(8, 2, 64).tiled_fwd_cfg().grid_dim, (16, 1, 1));
+        assert_eq!(dims(8, 2, 64).tiled_bwd_cfg().grid_dim, (16, 1, 1));
+        assert_eq!(dims(8, 2, 200).tiled_bwd_cfg().grid_dim, (16, 1, 1));
     }
 
     #[test]
