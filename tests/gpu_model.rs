@@ -636,3 +636,55 @@ fn gpu_elder_with_empty_codebook_is_the_base_model() {
     let (base, _) = gpu.logits(&seqs, None).unwrap();
     assert_eq!(edited, base, "nothing is in scope with an empty codebook");
 }
+
+/// A decode step replayed from its captured CUDA graph gives exactly the eager step's logits,
+/// step after step (new ids and positions reach the graph through the same buffers), and one
+/// graph is captured per batch size.
+#[test]
+fn gpu_decode_graph_replays_the_eager_step() {
+    let Some(dev) = common::test_device("gpu_decode_graph_replays_the_eager_step") else {
+        return;
+    };
+    for arch in [Arch::Gpt2, Arch::Llama] {
+        let model = tiny(arch, 5);
+        let cap = Capacity { batch: 3, seq: 16 };
+        let mut graphed = GpuModel::<f32>::new(dev.clone(), &model, cap).unwrap();
+        let mut eager = GpuModel::<f32>::new(dev.clone(), &model, cap).unwrap();
+        graphed.set_decode_graphs(true);
+        eager.set_decode_graphs(false);
+        let prompts: Vec<Vec<u32>> = vec![vec![3, 9, 4, 1], vec![7, 2], vec![5, 5, 6]];
+        let (ids, shape) = pad_batch(&prompts, &[0, 0, 0]);
+        let mut lens: Vec<usize> = prompts.iter().map(Vec::len).collect();
+        for m in [&mut graphed, &mut eager] {
+            m.forward(&ids, &shape, ElderStep::Off).unwrap();
+        }
+        let v = model.cfg.vocab_size;
+        for step in 0..4u32 {
+            let next: Vec<Vec<u32>> = (0..3)
+                .map(|b| vec![(step * 7 + b * 3 + 1) % v as u32])
+                .collect();
+            let (ids, shape) = pad_batch(&next, &lens);
+            let got = graphed.decode_step(&ids, &shape, false).unwrap();
+            let want = eager.decode_step(&ids, &shape, false).unwrap();
+            assert_eq!(got.len(), 3 * v);
+            assert_eq!(
+                got, want,
+                "{arch:?} decode step {step}: graph replay differs from the eager step"
+            );
+            lens.iter_mut().for_each(|l| *l += 1);
+        }
+        assert_eq!(
+            graphed.decode_graph_count(),
+            1,
+            "one capture, three replays"
+        );
+        assert_eq!(eager.decode_graph_count(), 0);
+        // A different batch size is a different graph.
+        let (ids, shape) = pad_batch(&[vec![2u32], vec![4]], &lens[..2]);
+        graphed.decode_step(&ids, &shape, false).unwrap();
+        assert_eq!(graphed.decode_graph_count(), 2);
+        // Growing the buffers drops the graphs that point at the old ones.
+        graphed.reserve(Capacity { batch: 4, seq: 32 }).unwrap();
+        assert_eq!(graphed.decode_graph_count(), 0);
+    }
+}

@@ -7,7 +7,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 use anyhow::{anyhow, bail, Context, Result};
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaModule, CudaStream, LaunchConfig, PushKernelArg,
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtrMut, LaunchConfig,
+    PushKernelArg,
 };
 
 use super::{cuda_available, embedded, BUILT_WITH_KERNELS, NO_KERNELS_MSG};
@@ -27,9 +28,14 @@ pub struct GpuDevice {
     /// Kernel file stem -> loaded module.
     modules: HashMap<&'static str, Arc<CudaModule>>,
     functions: Mutex<HashMap<String, CudaFunction>>,
-    blas: OnceLock<CudaBlas>,
+    /// The cuBLAS handle and the workspace it is bound to.
+    blas: OnceLock<(CudaBlas, CudaSlice<u8>)>,
     sm_count: u32,
 }
+
+/// cuBLAS workspace, given explicitly so that GEMMs recorded into a CUDA graph never make cuBLAS
+/// allocate during the capture (NVIDIA's advice for graph capture).
+const BLAS_WORKSPACE_BYTES: usize = 32 << 20;
 
 impl std::fmt::Debug for GpuDevice {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -51,7 +57,12 @@ impl GpuDevice {
         }
         let ctx = CudaContext::new(ordinal)
             .with_context(|| format!("creating a CUDA context on device {ordinal}"))?;
-        let stream = ctx.default_stream();
+        // SAFETY: called before any buffer exists. Everything runs on the one stream below, so
+        // cudarc's cross-stream event tracking would only record events nobody waits for.
+        unsafe { ctx.disable_event_tracking() };
+        // A created stream rather than the legacy default stream, on which CUDA graphs cannot be
+        // captured.
+        let stream = ctx.new_stream().context("creating the CUDA stream")?;
         let mut modules = HashMap::new();
         for (stem, fatbin) in embedded::KERNEL_FATBINS {
             let module = ctx
@@ -99,12 +110,31 @@ impl GpuDevice {
 
     /// The cuBLAS handle bound to this device's stream (created on first use).
     pub fn blas(&self) -> Result<&CudaBlas> {
-        if let Some(b) = self.blas.get() {
+        if let Some((b, _)) = self.blas.get() {
             return Ok(b);
         }
         let b = CudaBlas::new(self.stream.clone())
             .map_err(|e| anyhow!("creating the cuBLAS handle: {e:?}"))?;
-        Ok(self.blas.get_or_init(|| b))
+        let mut workspace = self
+            .stream
+            .alloc_zeros::<u8>(BLAS_WORKSPACE_BYTES)
+            .context("allocating the cuBLAS workspace")?;
+        {
+            let (ptr, _record) = workspace.device_ptr_mut(&self.stream);
+            // SAFETY: the workspace outlives the handle (both live in `self.blas`) and is used by
+            // nothing else.
+            let status = unsafe {
+                cudarc::cublas::sys::cublasSetWorkspace_v2(
+                    *b.handle(),
+                    ptr as *mut std::ffi::c_void,
+                    BLAS_WORKSPACE_BYTES,
+                )
+            };
+            if status != cudarc::cublas::sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+                bail!("setting the cuBLAS workspace: {status:?}");
+            }
+        }
+        Ok(&self.blas.get_or_init(|| (b, workspace)).0)
     }
 
     /// Kernel `name` from `kernels/{family}.cu`, looked up once and cached.

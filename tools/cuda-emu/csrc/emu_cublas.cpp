@@ -1,6 +1,9 @@
 // The cuBLAS GEMMs cudarc calls (column-major, as cuBLAS defines them), on the host with f32
 // accumulation and the result rounded once to the output type — the numerics cuBLAS has with
-// CUBLAS_COMPUTE_32F. Work runs synchronously; the stream is recorded and ignored.
+// CUBLAS_COMPUTE_32F. Each GEMM is submitted to the handle's stream through the emulated driver's
+// cuLaunchHostFunc, so a GEMM issued while the stream is being captured becomes part of the graph
+// and runs at every replay, as a real cuBLAS call would.
+#include <dlfcn.h>
 #include <stdio.h>
 #include <stdlib.h>
 
@@ -44,9 +47,9 @@ void store(void* base, int type, size_t i, float v) {
 
 bool type_ok(int t) { return t == CUDA_R_32F || t == CUDA_R_16F || t == CUDA_R_16BF; }
 
-// C[m, n] = alpha op(A)[m, k] op(B)[k, n] + beta C, all column-major with leading dimensions.
-cublasStatus_t gemm(int transa, int transb, int m, int n, int k, float alpha, const void* a, int a_type, int lda,
-                    const void* b, int b_type, int ldb, float beta, void* c, int c_type, int ldc) {
+// What cuBLAS would refuse for these dimensions and leading dimensions.
+cublasStatus_t validate(int transa, int transb, int m, int n, int k, int a_type, int lda, int b_type, int ldb,
+                        int c_type, int ldc) {
     if (m < 0 || n < 0 || k < 0 || !type_ok(a_type) || !type_ok(b_type) || !type_ok(c_type))
         return CUBLAS_STATUS_INVALID_VALUE;
     if ((transa != CUBLAS_OP_N && transa != CUBLAS_OP_T) || (transb != CUBLAS_OP_N && transb != CUBLAS_OP_T))
@@ -57,6 +60,13 @@ cublasStatus_t gemm(int transa, int transb, int m, int n, int k, float alpha, co
                 lda, ldb, ldc, m, n, k);
         return CUBLAS_STATUS_INVALID_VALUE;
     }
+    return CUBLAS_STATUS_SUCCESS;
+}
+
+// C[m, n] = alpha op(A)[m, k] op(B)[k, n] + beta C, all column-major with leading dimensions
+// (already validated).
+void gemm(int transa, int transb, int m, int n, int k, float alpha, const void* a, int a_type, int lda,
+          const void* b, int b_type, int ldb, float beta, void* c, int c_type, int ldc) {
     // op(A)[i, p] and op(B)[p, j], gathered once into f32 so the inner loop is contiguous.
     std::vector<float> at((size_t)m * k), bt((size_t)k * n);
     for (int i = 0; i < m; ++i)
@@ -78,10 +88,50 @@ cublasStatus_t gemm(int transa, int transb, int m, int n, int k, float alpha, co
             const float prev = beta == 0.0f ? 0.0f : beta * load(c, c_type, ci);
             store(c, c_type, ci, alpha * acc + prev);
         }
-    return CUBLAS_STATUS_SUCCESS;
 }
 
 size_t type_bytes(int t) { return t == CUDA_R_32F ? 4 : 2; }
+
+struct GemmCall {
+    int transa, transb, m, n, k;
+    float alpha;
+    const void* a;
+    int a_type, lda;
+    const void* b;
+    int b_type, ldb;
+    float beta;
+    void* c;
+    int c_type, ldc;
+    bool keep;  // recorded into a graph: replayed later, never freed
+};
+
+void run_call(void* p) {
+    GemmCall* g = (GemmCall*)p;
+    gemm(g->transa, g->transb, g->m, g->n, g->k, g->alpha, g->a, g->a_type, g->lda, g->b, g->b_type, g->ldb, g->beta,
+         g->c, g->c_type, g->ldc);
+    if (!g->keep) delete g;
+}
+
+typedef int (*LaunchHostFunc)(void*, void (*)(void*), void*);
+typedef int (*IsCapturing)(void*, int*);
+
+// Validates now (so a bad call fails at the call, as in cuBLAS) and runs on the stream.
+cublasStatus_t submit(const Handle* h, const GemmCall& call) {
+    const cublasStatus_t valid = validate(call.transa, call.transb, call.m, call.n, call.k, call.a_type, call.lda,
+                                          call.b_type, call.ldb, call.c_type, call.ldc);
+    if (valid != CUBLAS_STATUS_SUCCESS) return valid;
+    static LaunchHostFunc launch = (LaunchHostFunc)dlsym(RTLD_DEFAULT, "cuLaunchHostFunc");
+    static IsCapturing capturing = (IsCapturing)dlsym(RTLD_DEFAULT, "cuStreamIsCapturing");
+    GemmCall* g = new GemmCall(call);
+    int status = 0;
+    if (capturing) capturing(h->stream, &status);
+    g->keep = status != 0;
+    if (!launch) {
+        run_call(g);
+        return CUBLAS_STATUS_SUCCESS;
+    }
+    return launch(h->stream, run_call, g) == 0 ? CUBLAS_STATUS_SUCCESS : CUBLAS_STATUS_INVALID_VALUE;
+}
 
 }  // namespace
 
@@ -104,31 +154,34 @@ EMU_API cublasStatus_t cublasGetStream_v2(void* handle, void** stream) {
 EMU_API cublasStatus_t cublasSetMathMode(void*, int) { return CUBLAS_STATUS_SUCCESS; }
 EMU_API cublasStatus_t cublasSetWorkspace_v2(void*, void*, size_t) { return CUBLAS_STATUS_SUCCESS; }
 
-EMU_API cublasStatus_t cublasSgemm_v2(void*, int transa, int transb, int m, int n, int k, const float* alpha,
+EMU_API cublasStatus_t cublasSgemm_v2(void* h, int transa, int transb, int m, int n, int k, const float* alpha,
                                       const float* a, int lda, const float* b, int ldb, const float* beta, float* c,
                                       int ldc) {
-    return gemm(transa, transb, m, n, k, *alpha, a, CUDA_R_32F, lda, b, CUDA_R_32F, ldb, *beta, c, CUDA_R_32F, ldc);
+    return submit((Handle*)h, GemmCall{transa, transb, m, n, k, *alpha, a, CUDA_R_32F, lda, b, CUDA_R_32F, ldb, *beta,
+                                       c, CUDA_R_32F, ldc, false});
 }
 
-EMU_API cublasStatus_t cublasGemmEx(void*, int transa, int transb, int m, int n, int k, const void* alpha,
+EMU_API cublasStatus_t cublasGemmEx(void* h, int transa, int transb, int m, int n, int k, const void* alpha,
                                     const void* a, int a_type, int lda, const void* b, int b_type, int ldb,
                                     const void* beta, void* c, int c_type, int ldc, int compute, int) {
     if (compute == CUBLAS_COMPUTE_16F) return CUBLAS_STATUS_NOT_SUPPORTED;  // elder never asks for it
-    return gemm(transa, transb, m, n, k, *(const float*)alpha, a, a_type, lda, b, b_type, ldb, *(const float*)beta,
-                c, c_type, ldc);
+    return submit((Handle*)h, GemmCall{transa, transb, m, n, k, *(const float*)alpha, a, a_type, lda, b, b_type, ldb,
+                                       *(const float*)beta, c, c_type, ldc, false});
 }
 
-EMU_API cublasStatus_t cublasGemmStridedBatchedEx(void*, int transa, int transb, int m, int n, int k,
+EMU_API cublasStatus_t cublasGemmEx(void*, int, int, int, int, int, const void*, const void*, int, int, const void*,
+                                    int, int, const void*, void*, int, int, int, int);
+EMU_API cublasStatus_t cublasGemmStridedBatchedEx(void* h, int transa, int transb, int m, int n, int k,
                                                   const void* alpha, const void* a, int a_type, int lda,
                                                   long long stride_a, const void* b, int b_type, int ldb,
                                                   long long stride_b, const void* beta, void* c, int c_type, int ldc,
                                                   long long stride_c, int batch, int compute, int) {
     if (compute == CUBLAS_COMPUTE_16F) return CUBLAS_STATUS_NOT_SUPPORTED;
     for (int i = 0; i < batch; ++i) {
-        const cublasStatus_t s =
-            gemm(transa, transb, m, n, k, *(const float*)alpha, (const char*)a + i * stride_a * type_bytes(a_type),
-                 a_type, lda, (const char*)b + i * stride_b * type_bytes(b_type), b_type, ldb, *(const float*)beta,
-                 (char*)c + i * stride_c * type_bytes(c_type), c_type, ldc);
+        const cublasStatus_t s = cublasGemmEx(h, transa, transb, m, n, k, alpha,
+                                              (const char*)a + i * stride_a * type_bytes(a_type), a_type, lda,
+                                              (const char*)b + i * stride_b * type_bytes(b_type), b_type, ldb, beta,
+                                              (char*)c + i * stride_c * type_bytes(c_type), c_type, ldc, compute, 0);
         if (s != CUBLAS_STATUS_SUCCESS) return s;
     }
     return CUBLAS_STATUS_SUCCESS;

@@ -196,6 +196,17 @@ Op copy_op(void* dst, const void* src, size_t bytes) {
 }
 
 int context_token;  // the one context's handle points here
+
+// Streams this thread is capturing. Like the driver in CU_STREAM_CAPTURE_MODE_THREAD_LOCAL, a
+// synchronous call (allocation, blocking copy, synchronisation) from a capturing thread is an
+// error: it would have escaped the graph.
+thread_local int captures_on_this_thread = 0;
+
+bool refuse_during_capture(const char* api) {
+    if (captures_on_this_thread == 0) return false;
+    fprintf(stderr, "cuda-emu: %s while this thread captures a stream into a CUDA graph (not allowed)\n", api);
+    return true;
+}
 thread_local void* current_context = nullptr;
 
 }  // namespace
@@ -275,7 +286,9 @@ EMU_API CUresult cuCtxGetDevice(CUdevice* d) {
     *d = 0;
     return CUDA_SUCCESS;
 }
-EMU_API CUresult cuCtxSynchronize() { return CUDA_SUCCESS; }
+EMU_API CUresult cuCtxSynchronize() {
+    return refuse_during_capture("cuCtxSynchronize") ? CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED : CUDA_SUCCESS;
+}
 EMU_API CUresult cuCtxSetFlags(unsigned) { return CUDA_SUCCESS; }
 EMU_API CUresult cuCtxGetStreamPriorityRange(int* least, int* greatest) {
     if (least) *least = 0;
@@ -300,10 +313,23 @@ EMU_API CUresult cuGetErrorString(CUresult e, const char** s) { return cuGetErro
 
 // ------------------------------------------------------------------ memory
 
-EMU_API CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t bytes) { return device_alloc(p, bytes); }
-EMU_API CUresult cuMemAllocAsync(CUdeviceptr* p, size_t bytes, void*) { return device_alloc(p, bytes); }
-EMU_API CUresult cuMemFree_v2(CUdeviceptr p) { return device_free(p); }
-EMU_API CUresult cuMemFreeAsync(CUdeviceptr p, void*) { return device_free(p); }
+EMU_API CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t bytes) {
+    if (refuse_during_capture("cuMemAlloc")) return CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED;
+    return device_alloc(p, bytes);
+}
+// Stricter than CUDA (which would add an allocation node): elder's captured steps allocate nothing.
+EMU_API CUresult cuMemAllocAsync(CUdeviceptr* p, size_t bytes, void*) {
+    if (refuse_during_capture("cuMemAllocAsync")) return CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED;
+    return device_alloc(p, bytes);
+}
+EMU_API CUresult cuMemFree_v2(CUdeviceptr p) {
+    if (refuse_during_capture("cuMemFree")) return CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED;
+    return device_free(p);
+}
+EMU_API CUresult cuMemFreeAsync(CUdeviceptr p, void*) {
+    if (refuse_during_capture("cuMemFreeAsync")) return CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED;
+    return device_free(p);
+}
 EMU_API CUresult cuMemGetInfo_v2(size_t* free_bytes, size_t* total) {
     size_t used = 0;
     {
@@ -341,12 +367,15 @@ EMU_API CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t b
     return submit(stream, copy_op((void*)(uintptr_t)dst, (const void*)(uintptr_t)src, bytes));
 }
 EMU_API CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void* src, size_t bytes) {
+    if (refuse_during_capture("cuMemcpyHtoD_v2")) return CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED;
     return cuMemcpyHtoDAsync_v2(dst, src, bytes, nullptr);
 }
 EMU_API CUresult cuMemcpyDtoH_v2(void* dst, CUdeviceptr src, size_t bytes) {
+    if (refuse_during_capture("cuMemcpyDtoH_v2")) return CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED;
     return cuMemcpyDtoHAsync_v2(dst, src, bytes, nullptr);
 }
 EMU_API CUresult cuMemcpyDtoD_v2(CUdeviceptr dst, CUdeviceptr src, size_t bytes) {
+    if (refuse_during_capture("cuMemcpyDtoD_v2")) return CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED;
     return cuMemcpyDtoDAsync_v2(dst, src, bytes, nullptr);
 }
 EMU_API CUresult cuMemsetD8Async(CUdeviceptr dst, unsigned char v, size_t n, void* stream) {
@@ -430,7 +459,9 @@ EMU_API CUresult cuStreamDestroy_v2(void* s) {
     if (s) delete (Stream*)s;
     return CUDA_SUCCESS;
 }
-EMU_API CUresult cuStreamSynchronize(void*) { return CUDA_SUCCESS; }
+EMU_API CUresult cuStreamSynchronize(void*) {
+    return refuse_during_capture("cuStreamSynchronize") ? CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED : CUDA_SUCCESS;
+}
 EMU_API CUresult cuStreamQuery(void*) { return CUDA_SUCCESS; }
 EMU_API CUresult cuStreamWaitEvent(void*, void*, unsigned) { return CUDA_SUCCESS; }
 
@@ -458,9 +489,14 @@ EMU_API CUresult cuEventElapsedTime_v2(float* ms, void* start, void* end) { retu
 // ------------------------------------------------------------------ stream capture and graphs
 
 EMU_API CUresult cuStreamBeginCapture_v2(void* stream, int) {
+    if (!stream) {
+        fprintf(stderr, "cuda-emu: stream capture on the legacy default stream (not allowed)\n");
+        return CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED;
+    }
     Stream* s = stream_of(stream);
     if (s->capturing) return CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED;
     s->capturing = new Graph();
+    ++captures_on_this_thread;
     return CUDA_SUCCESS;
 }
 EMU_API CUresult cuStreamEndCapture(void* stream, void** graph) {
@@ -468,6 +504,7 @@ EMU_API CUresult cuStreamEndCapture(void* stream, void** graph) {
     if (!s->capturing) return CUDA_ERROR_INVALID_VALUE;
     *graph = s->capturing;
     s->capturing = nullptr;
+    --captures_on_this_thread;
     return CUDA_SUCCESS;
 }
 EMU_API CUresult cuStreamIsCapturing(void* stream, int* status) {

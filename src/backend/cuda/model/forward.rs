@@ -12,7 +12,8 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use cudarc::cublas::{CudaBlas, Gemm};
-use cudarc::driver::CudaSlice;
+use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+use cudarc::driver::{CudaGraph, CudaSlice};
 
 use crate::backend::cpu::ops::Layout;
 use crate::elder::molora::Elder;
@@ -66,6 +67,28 @@ pub struct GpuModel<T: KernelDtype> {
     pub(super) elder: Option<GpuElder<T>>,
     /// Rows of the last forward call (what the head may read).
     last_rows: usize,
+    /// Captured decode steps (see [`Self::decode_step`]); they hold the addresses of the buffers,
+    /// so they are dropped whenever a buffer is reallocated or the ELDER state replaced.
+    decode_graphs: Vec<DecodeGraph>,
+    /// Whether decode steps are captured and replayed (`ELDER_CUDA_GRAPHS=0` turns it off).
+    use_graphs: bool,
+}
+
+/// One captured decode step: the whole forward of `batch` single-token sequences plus the head,
+/// replayed after the step's inputs are written into the same buffers.
+struct DecodeGraph {
+    batch: usize,
+    edited: bool,
+    graph: CudaGraph,
+}
+
+// SAFETY: a CUDA graph is not internally synchronised, and `GpuModel` only touches its graphs
+// through `&mut self`, so moving the model to another thread never shares one.
+unsafe impl Send for DecodeGraph {}
+
+/// Decode steps replay captured CUDA graphs unless `ELDER_CUDA_GRAPHS=0`.
+fn graphs_enabled() -> bool {
+    std::env::var("ELDER_CUDA_GRAPHS").map_or(true, |v| v != "0")
 }
 
 impl<T: KernelDtype> GpuModel<T>
@@ -90,6 +113,8 @@ where
             act,
             elder: None,
             last_rows: 0,
+            decode_graphs: Vec::new(),
+            use_graphs: graphs_enabled(),
         })
     }
 
@@ -110,8 +135,22 @@ where
         self.act.allocations
     }
 
+    /// Turns the capture and replay of decode steps on or off (on unless `ELDER_CUDA_GRAPHS=0`).
+    pub fn set_decode_graphs(&mut self, on: bool) {
+        self.use_graphs = on;
+        if !on {
+            self.decode_graphs.clear();
+        }
+    }
+
+    /// Decode steps captured so far (one per batch size and edited/base mode).
+    pub fn decode_graph_count(&self) -> usize {
+        self.decode_graphs.len()
+    }
+
     /// Uploads an ELDER state to edit the model with (`None` drops it).
     pub fn set_elder(&mut self, elder: Option<&Elder>) -> Result<()> {
+        self.decode_graphs.clear();
         self.elder = match elder {
             Some(e) => Some(GpuElder::upload(&self.dev, e, self.act.cap)?),
             None => None,
@@ -125,6 +164,9 @@ where
 
     /// Makes the buffers big enough for `cap` (grow-only; drops the KV cache when it grows).
     pub fn reserve(&mut self, cap: Capacity) -> Result<()> {
+        if !self.act.cap.covers(cap) {
+            self.decode_graphs.clear();
+        }
         self.act.reserve(&self.dev, &self.cfg, cap)?;
         if let Some(e) = &mut self.elder {
             e.reserve(&self.dev, cap)?;
@@ -136,6 +178,79 @@ where
     /// final-normed hidden state of every row in the device buffers for [`Self::head`].
     pub fn forward(&mut self, ids: &[u32], shape: &BatchShape, elder: ElderStep) -> Result<()> {
         self.start(ids, shape)?;
+        self.forward_device(shape, elder)
+    }
+
+    /// One decode step: every sequence of `shape` (`seq` = 1) gets one new token, `ids [B]`;
+    /// returns the logits `[B, vocab]` of those tokens. `edited` keeps the prompt's ELDER routing.
+    ///
+    /// The first step of a batch size captures the device work (every block and the head) into a
+    /// CUDA graph; later steps write the new ids and positions into the same buffers and replay it:
+    /// one launch per step instead of one per kernel, and no host work between kernels.
+    pub fn decode_step(
+        &mut self,
+        ids: &[u32],
+        shape: &BatchShape,
+        edited: bool,
+    ) -> Result<Vec<f32>> {
+        if shape.seq != 1 {
+            bail!(
+                "a decode step has one token per sequence, found {}",
+                shape.seq
+            );
+        }
+        self.start(ids, shape)?;
+        let batch = shape.batch;
+        let rows: Vec<usize> = (0..batch).collect();
+        self.write_head_rows(&rows, batch)?;
+        let step = if edited {
+            ElderStep::Continue
+        } else {
+            ElderStep::Off
+        };
+        if !self.use_graphs {
+            self.forward_device(shape, step)?;
+            self.head_device(batch)?;
+        } else if let Some(g) = self
+            .decode_graphs
+            .iter()
+            .find(|g| g.batch == batch && g.edited == edited)
+        {
+            g.graph
+                .launch()
+                .context("replaying the captured decode step")?;
+            self.last_rows = batch;
+        } else {
+            let stream = self.dev.stream().clone();
+            // Thread-local mode: other threads using the device (tests, a server's other
+            // requests) may still allocate and synchronise while this thread captures.
+            stream
+                .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+                .context("starting the capture of a decode step")?;
+            let captured = self
+                .forward_device(shape, step)
+                .and_then(|()| self.head_device(batch));
+            // End the capture even when recording failed, so the stream is usable again.
+            let graph = stream.end_capture(CUgraphInstantiate_flags(0));
+            captured.context("recording the decode step")?;
+            let graph = graph
+                .context("instantiating the captured decode step")?
+                .context("the decode step captured no work")?;
+            graph
+                .launch()
+                .context("launching the captured decode step")?;
+            self.decode_graphs.push(DecodeGraph {
+                batch,
+                edited,
+                graph,
+            });
+        }
+        self.download_logits(batch)
+    }
+
+    /// The device work of a forward whose inputs [`Self::start`] has written (no host writes:
+    /// [`Self::decode_step`] captures it).
+    fn forward_device(&mut self, shape: &BatchShape, elder: ElderStep) -> Result<()> {
         let dev = &*self.dev;
         let hook: Option<&mut dyn SiteHook<T>> = match (elder, self.elder.as_mut()) {
             (ElderStep::Off, _) => None,
@@ -219,24 +334,32 @@ where
 
     /// Logits `[rows.len(), vocab]` (as f32) of the chosen rows of the last forward call.
     pub fn head(&mut self, rows: &[usize]) -> Result<Vec<f32>> {
-        if let Some(&r) = rows.iter().find(|&&r| r >= self.last_rows) {
-            bail!(
-                "head row {r} is outside the last call's {} rows",
-                self.last_rows
-            );
-        }
-        let (dev, a, cfg) = (&*self.dev, &mut self.act, &self.cfg);
-        let (n, d, vocab) = (rows.len(), cfg.hidden_size, cfg.vocab_size);
-        if n == 0 {
+        if rows.is_empty() {
             return Ok(Vec::new());
         }
+        self.write_head_rows(rows, self.last_rows)?;
+        self.head_device(rows.len())?;
+        self.download_logits(rows.len())
+    }
+
+    /// Writes the rows the head reads; each must be below `limit`, the rows of the forward call.
+    fn write_head_rows(&mut self, rows: &[usize], limit: usize) -> Result<()> {
+        if let Some(&r) = rows.iter().find(|&&r| r >= limit) {
+            bail!("head row {r} is outside the forward call's {limit} rows");
+        }
         write(
-            dev,
-            &mut a.head_rows,
+            &self.dev,
+            &mut self.act.head_rows,
             &to_u32("head row", rows)?,
             "head rows",
-        )?;
-        // Gather the rows (an embedding lookup into the normed activations), then one GEMM.
+        )
+    }
+
+    /// Gathers the first `n` rows named in `act.head_rows` (an embedding lookup into the normed
+    /// activations), then one GEMM into `act.logits`.
+    fn head_device(&mut self, n: usize) -> Result<()> {
+        let (dev, a, cfg) = (&*self.dev, &mut self.act, &self.cfg);
+        let (d, vocab) = (cfg.hidden_size, cfg.vocab_size);
         elementwise::embedding(
             dev,
             &a.head_rows,
@@ -257,8 +380,13 @@ where
             layout,
             &mut a.logits,
             false,
-        )?;
-        dev.download_f32::<T, _>(&a.logits.slice(0..n * vocab))
+        )
+    }
+
+    fn download_logits(&self, n: usize) -> Result<Vec<f32>> {
+        let vocab = self.cfg.vocab_size;
+        self.dev
+            .download_f32::<T, _>(&self.act.logits.slice(0..n * vocab))
     }
 
     /// In-scope flags and code distances of the current ELDER request (empty without one).

@@ -157,14 +157,20 @@ where
                 (true, 0) => ElderStep::Prompt(&prompt_rows),
                 (true, _) => ElderStep::Continue,
             };
-            self.forward(&ids, &shape, elder)?;
-            if edited && step == 0 {
-                scope = self.elder_scope()?.0;
-            }
+            // The prompt runs eagerly; every later step is one token per sequence, replayed from
+            // a captured CUDA graph.
+            let logits = if step == 0 {
+                self.forward(&ids, &shape, elder)?;
+                if edited {
+                    scope = self.elder_scope()?.0;
+                }
+                self.head(&last_rows(&shape))?
+            } else {
+                self.decode_step(&ids, &shape, edited)?
+            };
             for (len, (s, v)) in lens.iter_mut().zip(shape.start.iter().zip(&shape.valid)) {
                 *len = s + v;
             }
-            let logits = self.head(&last_rows(&shape))?;
             let next = decode.step(&logits, self.cfg.vocab_size);
             if decode.all_done() || lens.iter().any(|&l| l >= self.cfg.max_positions) {
                 break;
