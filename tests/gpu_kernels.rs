@@ -2,7 +2,8 @@
 //! with NaN before the launch so an element the kernel forgets to write fails the comparison.
 //! Tolerance: |gpu - cpu| <= atol + rtol * |cpu|, f32 1e-5/1e-5 (attention 1e-4), f16/bf16 2e-2/2e-2.
 //! Inputs of the CPU reference are first rounded through the GPU dtype so both sides see the same
-//! numbers. Without a CUDA driver (or a binary built without nvcc) each test prints
+//! numbers. Without a CUDA driver each test runs on the CPU emulator of `tools/cuda-emu` and says
+//! `EMULATED <test>`; with neither (or a binary built without nvcc) it prints
 //! `SKIP <test>: <reason>` and returns.
 //!
 //! Seeds are fixed per test (reproducible); set ELDER_TEST_SEED to draw different inputs.

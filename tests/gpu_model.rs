@@ -10,7 +10,7 @@
 //!
 //! Each test builds its case on the CPU (and checks that the case means something: in-scope rows
 //! really move, out-of-scope rows really stay) before asking for a GPU, so that part runs everywhere;
-//! without a GPU the test then prints `SKIP <test>: <reason>` and returns.
+//! without a GPU it runs on the CUDA emulator (`EMULATED <test>`) or prints `SKIP <test>: <reason>`.
 
 mod common;
 

@@ -15,7 +15,7 @@
 //!
 //! Each test builds its cases on the CPU (and checks they mean something: the CPU trainer lowers
 //! the loss, the routing is decisive) before asking for a GPU, so that part runs everywhere; without
-//! a GPU the test then prints `SKIP <test>: <reason>` and returns.
+//! a GPU it runs on the CUDA emulator (`EMULATED <test>`) or prints `SKIP <test>: <reason>`.
 
 mod common;
 

@@ -9,6 +9,8 @@
 # driver or the kernels were missing, which is a failure of the check. Exit status is non-zero when any
 # test failed or was skipped.
 set -uo pipefail
+# A test here must use the GPU or say SKIP, never fall back to the CPU emulator of tools/cuda-emu.
+export ELDER_CUDA_EMU=0
 BUNDLE=${1:-$(cd "$(dirname "$0")" && pwd)}
 LOG_DIR=$(mktemp -d)
 declare -a ROWS

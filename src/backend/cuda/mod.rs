@@ -4,8 +4,9 @@
 //! The kernels are compiled by `build.rs` and embedded in the binary. A binary built without nvcc
 //! still compiles this module; [`GpuDevice::new`] then fails with [`NO_KERNELS_MSG`].
 //!
-//! Nothing here has run on a GPU yet (developed on machines without one): treat every kernel as
-//! compiled, not verified, until `tests/gpu_kernels.rs` has passed on real hardware.
+//! Nothing here has run on a GPU yet (developed on machines without one). The GPU tests run on the
+//! CPU emulator of `tools/cuda-emu` where there is no driver, which verifies indexing,
+//! synchronisation and results but not speed or the GPU memory model.
 
 pub mod adam;
 pub mod attention;
