@@ -4,6 +4,9 @@
 //! Then the whole edit step: seconds per edit (time) and edits per second (thrpt, "elem/s") of one
 //! 20-token edit with the preset config (6 MoLoRA layers, 50 iterations) on random GPT-2 124M and
 //! GPT2-XL checkpoints in bf16, each edit continuing the state of the previous ones.
+//! Then one decode step (batch 1, 128 tokens of context, KV cache) of a random GPT2-XL checkpoint
+//! in bf16, replayed from its CUDA graph and run eagerly, side by side: milliseconds per token
+//! against the floor of reading the weights once (about 3.1 GB in bf16).
 //! Without a GPU (or without compiled kernels) it prints one SKIP line and exits successfully.
 //!
 //! Timing: launches queued back to back, one stream synchronisation per batch of iterations (an
@@ -16,7 +19,7 @@ use std::time::{Duration, Instant};
 use criterion::{Criterion, Throughput};
 use cudarc::driver::CudaSlice;
 use elder::backend::cpu::molora::MixShape;
-use elder::backend::cuda::model::{Capacity, GpuTrainer};
+use elder::backend::cuda::model::{Capacity, ElderStep, GpuModel, GpuTrainer};
 use elder::backend::cuda::{
     adam, attention, elementwise, gpu_or_skip, lora, loss, norm, router, GpuDevice, KernelDtype,
 };
@@ -25,6 +28,7 @@ use elder::elder::molora::Elder;
 use elder::elder::trainer::EditExample;
 use elder::model::loader::{build_model, RandomSource};
 use elder::model::presets::preset;
+use elder::model::runner::pad_batch;
 use elder::model::Arch;
 use half::bf16;
 use rand::{Rng, SeedableRng};
@@ -314,6 +318,50 @@ fn bench_edit(c: &mut Criterion, dev: &Arc<GpuDevice>) {
     g.finish();
 }
 
+/// One decode step on GPT2-XL shapes, graph replay against eager launches.
+fn bench_decode_step(c: &mut Criterion, dev: &Arc<GpuDevice>) {
+    let cfg = preset(Arch::Gpt2, "gpt2-xl").expect("preset");
+    let model = build_model(&cfg, &RandomSource { seed: 0 }).expect("random model");
+    let context = 128;
+    let mut gpu = GpuModel::<bf16>::new(
+        dev.clone(),
+        &model,
+        Capacity {
+            batch: 1,
+            seq: cfg.max_positions,
+        },
+    )
+    .expect("upload");
+    drop(model);
+    let prompt: Vec<u32> = (0..context as u32).map(|i| (i * 31 + 7) % 50000).collect();
+    let mut g = c.benchmark_group("decode_step");
+    g.sample_size(20).measurement_time(Duration::from_secs(10));
+    g.throughput(Throughput::Elements(1));
+    for graphs in [true, false] {
+        gpu.set_decode_graphs(graphs);
+        let (ids, shape) = pad_batch(std::slice::from_ref(&prompt), &[0]);
+        gpu.forward(&ids, &shape, ElderStep::Off).expect("prefill");
+        let mut len = context;
+        let id = format!(
+            "gpt2-xl bf16 B1 ctx{context} {}",
+            if graphs { "graph" } else { "eager" }
+        );
+        g.bench_function(id, |bch| {
+            bch.iter(|| {
+                // The same token at a growing position; rewinds before the cache is full.
+                if len + 1 >= cfg.max_positions {
+                    len = context;
+                }
+                let (ids, shape) = pad_batch(&[vec![11u32]], &[len]);
+                let logits = gpu.decode_step(&ids, &shape, false).expect("decode step");
+                len += 1;
+                black_box(logits)
+            })
+        });
+    }
+    g.finish();
+}
+
 fn main() {
     let Some(dev) = gpu_or_skip("kernels_gpu benches") else {
         return;
@@ -327,6 +375,7 @@ fn main() {
     bench_attention_decode(&mut c, &dev, &mut rng);
     bench_loss_and_adam(&mut c, &dev, &mut rng);
     bench_edit(&mut c, &dev);
+    bench_decode_step(&mut c, &dev);
     black_box(&dev);
     c.final_summary();
 }
