@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use elder::backend::cuda::{cuda_available, gpu_or_skip, GpuDevice, KernelDtype};
+use elder::backend::cuda::{announce, cuda_available, gpu_or_skip, GpuDevice, KernelDtype};
 use elder::model::layers::{Linear, Mlp, Norm};
 use elder::model::loader::{build_model, RandomSource};
 use elder::model::transformer::QkvProj;
@@ -142,11 +142,4 @@ pub fn test_device(test_name: &str) -> Option<Arc<GpuDevice>> {
         ));
     }
     gpu_or_skip(test_name)
-}
-
-/// Prints a line the test harness does not capture (a direct write to the stderr handle), so it
-/// shows in a plain `cargo test` run.
-pub fn announce(line: &str) {
-    use std::io::Write;
-    let _ = writeln!(std::io::stderr().lock(), "{line}");
 }

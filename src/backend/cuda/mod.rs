@@ -57,11 +57,15 @@ pub fn gpu_or_skip(test_name: &str) -> Option<Arc<GpuDevice>> {
             Err(e) => format!("no usable CUDA device: {e:#}"),
         }
     };
-    let line = format!("SKIP {test_name}: {reason}\n");
-    print!("{line}");
-    // The test harness captures print!/eprint!; a direct write to the stderr handle is not captured,
-    // so the SKIP shows in a plain `cargo test` run too.
-    use std::io::Write;
-    let _ = std::io::stderr().lock().write_all(line.as_bytes());
+    announce(&format!("SKIP {test_name}: {reason}"));
     None
+}
+
+/// Prints a line on stdout and straight to the stderr handle: the test harness captures
+/// print!/eprint!, but not a direct write, so the line shows in a plain `cargo test` run too (a
+/// skipped or emulated GPU test never reads as a plain pass).
+pub fn announce(line: &str) {
+    println!("{line}");
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "{line}");
 }
