@@ -192,8 +192,10 @@ fn bench_router(c: &mut Criterion, dev: &GpuDevice, rng: &mut ChaCha8Rng) {
     g.bench_function("router_fused_bf16 B64 L6 E4 1e5 codes", |bch| {
         bch.iter_custom(|iters| {
             timed(dev, iters, || {
-                router::router_fused::<bf16>(dev, &shape, &q, &w, &b, &codebook, n_codes, &mut out)
-                    .expect("launch")
+                router::router_fused::<bf16>(
+                    dev, &shape, &q, None, &w, &b, &codebook, n_codes, &mut out,
+                )
+                .expect("launch")
             })
         })
     });

@@ -1,5 +1,6 @@
 // Fused routing for ALL MoLoRA layers of a batch in one launch, with no host round trip:
-//   logits[l, b, :] = q[b] W_r[l]^T + b_r[l]        W_r [L, E, d_in] f32, b_r [L, E] f32, q [B, d_in] T
+//   x[b] = q[b], or with a mean (query centring) (q[b] - mean) / rms(q[b] - mean)   q [B, d_in] T
+//   logits[l, b, :] = x[b] W_r[l]^T + b_r[l]        W_r [L, E, d_in] f32, b_r [L, E] f32
 //   probs = softmax(logits)                          [L, B, E] f32
 //   experts, gates = top-k of probs                  [L, B, k] u32 / f32 (gates renormalised on request)
 //   code[b] = k-hot bits of every layer's choice     [B, words] u64, bit (l * E + e) lives in
@@ -7,8 +8,8 @@
 //   min_dist[b] = min_n popcount(code[b] ^ codebook[n])   codebook [N, words] u64; INT_MAX when N == 0
 //   in_scope[b] = N > 0 && min_dist[b] < threshold   [B] u8
 // Launch: one block of 256 threads per sequence (grid = B); dynamic shared memory holds the code
-//   words and the L*E logits: words * 8 + L * E * 4 bytes. Warps take (layer, expert) dot products
-//   round-robin, then one warp per layer does softmax + top-k (E <= 64: two entries per lane), then
+//   words, the L*E logits and the f32 router input: words * 8 + (L * E + d_in) * 4 bytes. The block
+//   stages its router input, warps take (layer, expert) dot products round-robin, then one warp per layer does softmax + top-k (E <= 64: two entries per lane), then
 //   every thread scans a strided share of the codebook and the block reduces the minimum.
 // Bound: launch latency at ELDER sizes. Bytes: L*E*d_in*4 router weights (L1/L2 shared across the
 //   B blocks) + N * words * 8 codebook bytes per sequence (10^5 codes x 1 word = 0.8 MB).
@@ -35,28 +36,48 @@ __device__ __forceinline__ void warp_argmax(float& v, int& idx) {
     }
 }
 
+// The routers' input row of one sequence, as f32 in `dst`: the query itself, or (mean != nullptr)
+// the query minus the mean, scaled to unit RMS (CPU twin: molora::center_queries). Every thread of
+// the block calls it; `scratch` is 32 floats of shared memory. Callers sync before reading `dst`
+// across threads.
 template <typename T>
-__device__ void router_fused(const T* q, const float* w_r, const float* b_r, int batch, int layers, int experts,
+__device__ void stage_router_input(const T* qb, const float* mean, int d_in, float* dst, float* scratch) {
+    float sum_sq = 0.0f;
+    for (int i = threadIdx.x; i < d_in; i += blockDim.x) {
+        const float v = to_f32(qb[i]) - (mean != nullptr ? mean[i] : 0.0f);
+        dst[i] = v;
+        sum_sq += v * v;
+    }
+    if (mean == nullptr) return;  // uniform across the block
+    const float rms = fmaxf(sqrtf(block_sum(sum_sq, scratch) / (float)d_in), 1e-6f);
+    // Each thread rescales the elements it wrote itself: no barrier needed before this loop.
+    for (int i = threadIdx.x; i < d_in; i += blockDim.x) dst[i] = dst[i] / rms;
+}
+
+template <typename T>
+__device__ void router_fused(const T* q, const float* mean, const float* w_r, const float* b_r, int batch, int layers, int experts,
                              int d_in, int k, int renormalize, const uint64_t* codebook, int n_codes, int words,
                              int threshold, float* probs, uint32_t* sel, float* gates, uint64_t* codes,
                              int* min_dist, uint8_t* in_scope) {
     ELDER_DYNAMIC_SHARED(unsigned long long, shared_words);
     unsigned long long* code = shared_words;          // [words]
     float* logits = (float*)(shared_words + words);   // [layers * experts]
+    float* x = logits + layers * experts;              // [d_in] the router input
     __shared__ int warp_min[ROUTER_THREADS / 32];
+    __shared__ float scratch[32];
 
     const int b = blockIdx.x;
     if (b >= batch) return;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
-    const T* qb = q + (size_t)b * d_in;
-
     for (int w = threadIdx.x; w < words; w += blockDim.x) code[w] = 0ull;
+    stage_router_input(q + (size_t)b * d_in, mean, d_in, x, scratch);
+    __syncthreads();
 
     // 1. Router logits: one warp per (layer, expert) row of W_r.
     for (int le = warp; le < layers * experts; le += nwarps) {
         const float* wrow = w_r + (size_t)le * d_in;
         float acc = 0.0f;
-        for (int i = lane; i < d_in; i += 32) acc += to_f32(qb[i]) * wrow[i];
+        for (int i = lane; i < d_in; i += 32) acc += x[i] * wrow[i];
         acc = warp_sum(acc);
         if (lane == 0) logits[le] = acc + b_r[le];
     }
@@ -129,11 +150,20 @@ __device__ void router_fused(const T* q, const float* w_r, const float* b_r, int
 
 #define ROUTER_ENTRY_POINTS(S, T)                                                                             \
     extern "C" __global__ void __launch_bounds__(ROUTER_THREADS) router_fused_##S(                             \
-        const T* q, const float* w_r, const float* b_r, int batch, int layers, int experts, int d_in, int k,  \
-        int renormalize, const uint64_t* codebook, int n_codes, int words, int threshold, float* probs,        \
-        uint32_t* sel, float* gates, uint64_t* codes, int* min_dist, uint8_t* in_scope) {                      \
-        router_fused<T>(q, w_r, b_r, batch, layers, experts, d_in, k, renormalize, codebook, n_codes, words,  \
-                        threshold, probs, sel, gates, codes, min_dist, in_scope);                              \
+        const T* q, const float* mean, const float* w_r, const float* b_r, int batch, int layers, int experts, \
+        int d_in, int k, int renormalize, const uint64_t* codebook, int n_codes, int words, int threshold,      \
+        float* probs, uint32_t* sel, float* gates, uint64_t* codes, int* min_dist, uint8_t* in_scope) {        \
+        router_fused<T>(q, mean, w_r, b_r, batch, layers, experts, d_in, k, renormalize, codebook, n_codes,   \
+                        words, threshold, probs, sel, gates, codes, min_dist, in_scope);                       \
+    }                                                                                                          \
+    /* The router input alone, [B, d_in] f32 (the trainer keeps it for the router backward).          */ \
+    /* Launch: one block of 256 threads per sequence.                                                  */ \
+    extern "C" __global__ void __launch_bounds__(ROUTER_THREADS) router_input_##S(                             \
+        const T* q, const float* mean, int batch, int d_in, float* out) {                                      \
+        __shared__ float scratch[32];                                                                          \
+        if ((int)blockIdx.x >= batch) return;                                                                  \
+        stage_router_input(q + (size_t)blockIdx.x * d_in, mean, d_in, out + (size_t)blockIdx.x * d_in,         \
+                           scratch);                                                                           \
     }
 
 ELDER_FOR_DTYPES(ROUTER_ENTRY_POINTS)

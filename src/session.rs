@@ -25,8 +25,7 @@ use crate::model::{Model, ModelConfig};
 /// The f32 CPU model is built from the map on first use ([`BaseModel::model`]), not on opening: a
 /// command that runs on the GPU uploads from the map tensor by tensor
 /// ([`BaseModel::weight_source`]) and never builds it (a 7B Llama's would be 27 GB of host memory),
-/// unless a step that only exists on the CPU asks for it (query calibration, see
-/// [`apply_stream_on`]).
+/// unless a step that only exists on the CPU asks for it.
 pub struct BaseModel {
     pub dir: PathBuf,
     pub cfg: ModelConfig,
@@ -206,6 +205,22 @@ impl EditDevice {
         }
     }
 
+    /// Sets the state's mean query (`query_centering`) from `prompts`, on this device's forward.
+    pub fn calibrate_query_mean(
+        &mut self,
+        base: &BaseModel,
+        elder: &mut Elder,
+        prompts: &[Vec<u32>],
+    ) -> Result<()> {
+        match self {
+            EditDevice::Cpu => {
+                calibrate_query_mean(base.model()?, elder, prompts);
+                Ok(())
+            }
+            EditDevice::Cuda(gpu) => gpu.calibrate_query_mean(elder, prompts),
+        }
+    }
+
     /// Scores `edits` on the edited model as it is now (the `each` protocol).
     fn score_applied(
         &mut self,
@@ -282,11 +297,9 @@ pub fn apply_stream_on(
         .collect();
     let already = records.len() - todo.len();
     if session.elder.cfg.query_centering && session.elder.query_mean.is_none() {
-        // The mean query is computed by the CPU forward whatever the device (there is no GPU
-        // version yet), so with query centring on, a GPU stream builds the f32 CPU model here,
-        // once, for its first batch. A state that already has its mean never gets here.
+        // Once per state: later batches (and resumed runs) keep the stored mean.
         let prompts = calibration_prompts(base, records, session.elder.cfg.calibration_records)?;
-        calibrate_query_mean(base.model()?, &mut session.elder, &prompts);
+        device.calibrate_query_mean(base, &mut session.elder, &prompts)?;
     }
     let bar = progress_bar(todo.len() as u64, show_progress);
     let start = Instant::now();

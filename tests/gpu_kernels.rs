@@ -610,7 +610,10 @@ fn code_of(routings: &[molora::Routing], b: usize, words: usize) -> Vec<u64> {
 fn check_router<T: KernelDtype>(dev: &Dev, name: &str) {
     let mut rng = rng_for(name);
     let (batch, layers, experts, d_in, k, threshold) = (9, 6, 64, 160, 2, 3u32);
-    for renormalize in [false, true] {
+    // A mean query with a large common component, as hidden states have (query_centering).
+    let mean = rand_vec(&mut rng, d_in, 2.0, 3.0);
+    let mean_d = up::<f32>(dev, &mean);
+    for (renormalize, centred) in [(false, false), (true, false), (false, true)] {
         let shape = router::RouterShape {
             batch,
             layers,
@@ -621,13 +624,24 @@ fn check_router<T: KernelDtype>(dev: &Dev, name: &str) {
             threshold,
         };
         let words = shape.words();
-        let q = quant::<T>(&rand_vec(&mut rng, batch * d_in, -1.0, 1.0));
+        let offset = if centred { 2.5 } else { 0.0 };
+        let q = quant::<T>(&rand_vec(
+            &mut rng,
+            batch * d_in,
+            offset - 1.0,
+            offset + 1.0,
+        ));
         let w_r = rand_vec(&mut rng, layers * experts * d_in, -0.3, 0.3);
         let b_r = rand_vec(&mut rng, layers * experts, -0.5, 0.5);
+        let x = if centred {
+            elder::elder::molora::center_queries(&q, &mean)
+        } else {
+            q.clone()
+        };
         let routings: Vec<molora::Routing> = (0..layers)
             .map(|l| {
                 let w = &w_r[l * experts * d_in..][..experts * d_in];
-                molora::route(&q, w, &b_r[l * experts..][..experts], k, renormalize)
+                molora::route(&x, w, &b_r[l * experts..][..experts], k, renormalize)
             })
             .collect();
         // 10^5 random codes, then plant: seq 0 exact (d 0), seq 1 two bits off (d 2 < 3: in scope),
@@ -670,9 +684,22 @@ fn check_router<T: KernelDtype>(dev: &Dev, name: &str) {
         out.experts = dev.upload(&vec![u32::MAX; layers * batch * k]).unwrap();
         out.min_dist = dev.upload(&vec![-7i32; batch]).unwrap();
         out.in_scope = dev.upload(&vec![9u8; batch]).unwrap();
-        router::router_fused::<T>(dev, &shape, &qd, &wd, &bd, &cbd, n_codes, &mut out).unwrap();
+        let mean_arg = centred.then_some(&mean_d);
+        router::router_fused::<T>(
+            dev, &shape, &qd, mean_arg, &wd, &bd, &cbd, n_codes, &mut out,
+        )
+        .unwrap();
 
-        let sfx = T::SUFFIX;
+        let sfx = format!("{} centred={centred}", T::SUFFIX);
+        // The router input alone (what the trainer keeps for the router backward).
+        let mut x_d = poison::<f32>(dev, batch * d_in);
+        router::router_input::<T>(dev, batch, d_in, &qd, mean_arg, &mut x_d).unwrap();
+        assert_close(
+            &format!("router input {sfx}"),
+            &dev.download(&x_d).unwrap(),
+            &x,
+            (1e-5, 1e-5),
+        );
         let probs: Vec<f32> = routings.iter().flat_map(|r| r.probs.clone()).collect();
         let gates: Vec<f32> = routings.iter().flat_map(|r| r.gates.clone()).collect();
         let sel: Vec<u32> = routings.iter().flat_map(|r| r.experts.clone()).collect();
@@ -718,7 +745,7 @@ fn check_router<T: KernelDtype>(dev: &Dev, name: &str) {
         assert_eq!(&scope[..3], &[1, 1, 0]);
 
         // Empty codebook: nothing is in scope.
-        router::router_fused::<T>(dev, &shape, &qd, &wd, &bd, &cbd, 0, &mut out).unwrap();
+        router::router_fused::<T>(dev, &shape, &qd, mean_arg, &wd, &bd, &cbd, 0, &mut out).unwrap();
         assert_eq!(
             dev.download(&out.in_scope).unwrap(),
             vec![0u8; batch],

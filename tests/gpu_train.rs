@@ -439,6 +439,83 @@ fn gpu_edit_step_matches_cpu_trainer() {
     }
 }
 
+/// The mean query of `query_centering` calibrated on the GPU (the frozen prefix, on more prompts
+/// than one forward takes, of different lengths) against the CPU's on the same rounded weights.
+#[test]
+fn gpu_query_mean_calibration_matches_cpu() {
+    let mut rng = ChaCha8Rng::seed_from_u64(0xca1);
+    let models: Vec<(Model, Elder, Vec<Vec<u32>>)> =
+        [(Arch::Gpt2, MlpProj::CFc), (Arch::Llama, MlpProj::GateProj)]
+            .into_iter()
+            .enumerate()
+            .map(|(i, (arch, proj))| {
+                let model = tiny(arch, 70 + i as u64);
+                let cfg = ElderConfig {
+                    query_block: 0,
+                    query_proj: proj,
+                    molora_blocks: vec![1, 2],
+                    molora_proj: proj,
+                    num_experts: 4,
+                    rank: 4,
+                    query_centering: true,
+                    ..ElderConfig::default()
+                };
+                let elder = Elder::new(cfg, &model.cfg).unwrap();
+                let vocab = model.cfg.vocab_size as u32;
+                // 21 prompts: two forwards of the 16 the calibration takes at once.
+                let prompts = (0..21)
+                    .map(|j| (0..1 + j % 7).map(|_| rng.gen_range(0..vocab)).collect())
+                    .collect();
+                (model, elder, prompts)
+            })
+            .collect();
+    let Some(dev) = common::test_device("gpu_query_mean_calibration_matches_cpu") else {
+        return;
+    };
+    fn check<T: KernelDtype>(
+        dev: &Dev,
+        model: &Model,
+        elder: &Elder,
+        prompts: &[Vec<u32>],
+        rel: f32,
+    ) where
+        CudaBlas: Gemm<T>,
+    {
+        let mut cpu = elder.clone();
+        calibrate_query_mean(&rounded::<T>(model), &mut cpu, prompts);
+        let mut gpu = elder.clone();
+        let start = Capacity { batch: 1, seq: 1 };
+        let mut trainer = GpuTrainer::<T>::new(dev.clone(), model, start).unwrap();
+        trainer.calibrate_query_mean(&mut gpu, &[]).unwrap();
+        assert!(gpu.query_mean.is_none(), "no prompts, no mean");
+        trainer.calibrate_query_mean(&mut gpu, prompts).unwrap();
+        let (g, c) = (gpu.query_mean.clone().unwrap(), cpu.query_mean.unwrap());
+        assert_eq!(g.len(), c.len());
+        let e = rel_l2(&g, &c);
+        eprintln!(
+            "{:?} {}: mean query rel. L2 {e:.2e}",
+            model.cfg.arch,
+            T::SUFFIX
+        );
+        assert!(
+            e <= rel,
+            "{:?} {}: mean query rel. L2 {e} > {rel}",
+            model.cfg.arch,
+            T::SUFFIX
+        );
+        // Calibrated once: a second call keeps the mean.
+        trainer
+            .calibrate_query_mean(&mut gpu, &prompts[..3])
+            .unwrap();
+        assert_eq!(gpu.query_mean.unwrap(), g);
+    }
+    for (model, elder, prompts) in &models {
+        check::<f32>(&dev, model, elder, prompts, 1e-5);
+        check::<f16>(&dev, model, elder, prompts, 5e-3);
+        check::<bf16>(&dev, model, elder, prompts, 3e-2);
+    }
+}
+
 /// Buffers sized by a long batch serve shorter and smaller ones, and a second state with the same
 /// config, without one more allocation (iterations run entirely in preallocated memory).
 #[test]
@@ -481,18 +558,14 @@ fn gpu_edit_steady_state_allocates_nothing() {
 
 /// The stream logic is one for both devices: on the GPU, `apply_stream_on` commits after every
 /// batch, resumes after an interruption and leaves the state the CPU leaves (the same applied ids
-/// and codes, experts within f32 tolerance).
+/// and codes, experts within f32 tolerance). With query centring, the GPU calibrates the mean
+/// itself: its base model never builds the f32 CPU model.
 #[test]
 fn gpu_edit_stream_commits_and_resumes_like_the_cpu() {
     let tmp = tempfile::tempdir().unwrap();
     let model_dir = tmp.path().join("model");
     write_random_checkpoint(Arch::Llama, "tiny", 4, &model_dir, StoreDtype::F32).unwrap();
     let base = BaseModel::open(&model_dir).unwrap();
-    let cfg = ElderConfig {
-        iterations: 5,
-        batch_size: 1, // resuming must not regroup batches, or the states would differ
-        ..ElderConfig::preset_for(&base.cfg)
-    };
     let records: Vec<EditRecord> = (0..5)
         .map(|i| EditRecord {
             id: format!("r{i}"),
@@ -505,36 +578,73 @@ fn gpu_edit_stream_commits_and_resumes_like_the_cpu() {
             locality: vec![],
         })
         .collect();
-    let mut cpu = EditSession::open(&base, &tmp.path().join("cpu"), Some(cfg.clone())).unwrap();
-    apply_stream(&base, &mut cpu, &records, false, None).unwrap();
+    let cfg = |centering| ElderConfig {
+        iterations: 5,
+        batch_size: 1, // resuming must not regroup batches, or the states would differ
+        query_centering: centering,
+        ..ElderConfig::preset_for(&base.cfg)
+    };
+    let cpu: Vec<EditSession> = [false, true]
+        .into_iter()
+        .map(|centering| {
+            let dir = tmp.path().join(format!("cpu-{centering}"));
+            let mut cpu = EditSession::open(&base, &dir, Some(cfg(centering))).unwrap();
+            // Split as the GPU run is: the mean query comes from the first call's records.
+            apply_stream(&base, &mut cpu, &records[..3], false, None).unwrap();
+            apply_stream(&base, &mut cpu, &records, false, None).unwrap();
+            cpu
+        })
+        .collect();
     let Some(dev) = common::test_device("gpu_edit_stream_commits_and_resumes_like_the_cpu") else {
         return;
     };
+    // The GPU side opens the model anew, so what builds the CPU model can be seen.
+    let gpu_base = BaseModel::open(&model_dir).unwrap();
     let cap = Capacity { batch: 1, seq: 8 };
-    let editor = open_gpu_editor(dev, base.weight_source(), GpuDtype::F32, cap).unwrap();
+    let editor = open_gpu_editor(dev, gpu_base.weight_source(), GpuDtype::F32, cap).unwrap();
     let mut device = EditDevice::Cuda(editor);
-    let dir = tmp.path().join("gpu");
-    let mut first = EditSession::open(&base, &dir, Some(cfg)).unwrap();
-    let s = apply_stream_on(&mut device, &base, &mut first, &records[..3], false, None).unwrap();
-    assert_eq!((s.applied, s.already_applied), (3, 0));
-    drop(first); // "interrupted": the next session reopens from disk
-    let mut resumed = EditSession::open(&base, &dir, None).unwrap();
-    let s = apply_stream_on(&mut device, &base, &mut resumed, &records, false, None).unwrap();
-    assert_eq!((s.applied, s.already_applied, s.total_applied), (2, 3, 5));
-    let on_disk = EditSession::open(&base, &dir, None).unwrap();
-    assert_eq!(on_disk.state.applied_ids(), cpu.state.applied_ids());
-    assert_eq!(
-        on_disk.elder.codebook.entries(),
-        cpu.elder.codebook.entries(),
-        "codes"
+    for (centering, cpu) in [false, true].into_iter().zip(&cpu) {
+        let dir = tmp.path().join(format!("gpu-{centering}"));
+        let mut first = EditSession::open(&gpu_base, &dir, Some(cfg(centering))).unwrap();
+        let s = apply_stream_on(
+            &mut device,
+            &gpu_base,
+            &mut first,
+            &records[..3],
+            false,
+            None,
+        )
+        .unwrap();
+        assert_eq!((s.applied, s.already_applied), (3, 0));
+        drop(first); // "interrupted": the next session reopens from disk
+        let mut resumed = EditSession::open(&gpu_base, &dir, None).unwrap();
+        let s =
+            apply_stream_on(&mut device, &gpu_base, &mut resumed, &records, false, None).unwrap();
+        assert_eq!((s.applied, s.already_applied, s.total_applied), (2, 3, 5));
+        let on_disk = EditSession::open(&gpu_base, &dir, None).unwrap();
+        assert_eq!(on_disk.state.applied_ids(), cpu.state.applied_ids());
+        match (&on_disk.elder.query_mean, &cpu.elder.query_mean) {
+            (Some(g), Some(c)) => assert!(rel_l2(g, c) < 1e-5, "mean query {}", rel_l2(g, c)),
+            (None, None) => assert!(!centering),
+            other => panic!("centring={centering}: mean query {other:?}"),
+        }
+        // Both started from the config's seeded initialisation.
+        let init = Elder::new(cpu.elder.cfg.clone(), &base.cfg).unwrap().layers;
+        let u = assert_layers_close(
+            &format!("stream weight updates (f32), centring={centering}"),
+            &updates(&on_disk.elder.layers, &init),
+            &updates(&cpu.elder.layers, &init),
+            tol::<f32>().update,
+        );
+        eprintln!("stream, centring={centering}: weight updates rel. L2 <= {u:.2e}");
+        assert_eq!(
+            on_disk.elder.codebook.entries(),
+            cpu.elder.codebook.entries(),
+            "codes, centring={centering}"
+        );
+    }
+    assert!(
+        !gpu_base.cpu_model_built(),
+        "the GPU stream built the f32 CPU model"
     );
-    // Both started from the config's seeded initialisation.
-    let init = Elder::new(cpu.elder.cfg.clone(), &base.cfg).unwrap().layers;
-    let u = assert_layers_close(
-        "stream weight updates (f32)",
-        &updates(&on_disk.elder.layers, &init),
-        &updates(&cpu.elder.layers, &init),
-        tol::<f32>().update,
-    );
-    eprintln!("stream: weight updates rel. L2 <= {u:.2e}");
 }

@@ -408,13 +408,18 @@ pub fn calibrate_query_mean(model: &Model, elder: &mut Elder, prompts: &[Vec<u32
     if elder.query_mean.is_some() || prompts.is_empty() {
         return;
     }
-    let q = queries(model, elder, prompts);
-    let d = q.len() / prompts.len();
+    elder.query_mean = Some(mean_query(&queries(model, elder, prompts), prompts.len()));
+}
+
+/// The mean of `n` query rows `[n, d]` (shared with the CUDA calibration, so both backends
+/// average the same way).
+pub fn mean_query(queries: &[f32], n: usize) -> Vec<f32> {
+    let d = queries.len() / n.max(1);
     let mut mean = vec![0.0f32; d];
-    for row in q.chunks(d) {
+    for row in queries.chunks(d.max(1)) {
         for (m, v) in mean.iter_mut().zip(row) {
-            *m += v / prompts.len() as f32;
+            *m += v / n as f32;
         }
     }
-    elder.query_mean = Some(mean);
+    mean
 }

@@ -1,11 +1,12 @@
 //! Launcher for `kernels/router.cu`: routing of every MoLoRA layer, allocation codes, the minimum
 //! Hamming distance to the codebook and the in-scope mask, in one launch with no host round trip.
-//! CPU twin: `molora::route` per layer plus the code / distance rule of elder-method.md section 4.
+//! CPU twin: `molora::route` per layer plus the code / distance rule of elder-method.md section 4;
+//! with a mean query, the input is centred first (`molora::center_queries`) in the same launch.
 
 use anyhow::{bail, Result};
-use cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig};
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig};
 
-use super::buffers::{as_i32, input, output, KernelDtype};
+use super::buffers::{as_i32, input, opt_input, output, KernelDtype};
 use super::device::{GpuDevice, KArg};
 
 /// Must match ROUTER_THREADS in router.cu.
@@ -55,14 +56,15 @@ impl RouterShape {
             bail!("router: layers, batch and d_in must be non-zero, found {self:?}");
         }
         if self.shared_bytes() > MAX_SHARED_BYTES {
-            bail!("router: {} layers x {} experts need {} B of shared memory (max {MAX_SHARED_BYTES})",
-                self.layers, self.experts, self.shared_bytes());
+            bail!("router: {} layers x {} experts on a {}-wide query need {} B of shared memory (max {MAX_SHARED_BYTES})",
+                self.layers, self.experts, self.d_in, self.shared_bytes());
         }
         Ok(())
     }
 
+    /// Code words, logits and the staged f32 router input.
     fn shared_bytes(&self) -> usize {
-        self.words() * 8 + self.layers * self.experts * 4
+        self.words() * 8 + (self.layers * self.experts + self.d_in) * 4
     }
 }
 
@@ -92,13 +94,15 @@ impl RouterOutputs {
     }
 }
 
-/// Routes `q [B, d_in]` through `w_r [L, E, d_in]` / `b_r [L, E]` (f32) and checks the codes against
-/// the first `n_codes` entries of `codebook [N, words]`.
+/// Routes `q [B, d_in]` (centred on `mean [d_in]` when one is given) through `w_r [L, E, d_in]` /
+/// `b_r [L, E]` (f32) and checks the codes against the first `n_codes` entries of
+/// `codebook [N, words]`.
 #[allow(clippy::too_many_arguments)]
 pub fn router_fused<T: KernelDtype>(
     dev: &GpuDevice,
     s: &RouterShape,
     q: &impl DevicePtr<T>,
+    mean: Option<&CudaSlice<f32>>,
     w_r: &impl DevicePtr<f32>,
     b_r: &impl DevicePtr<f32>,
     codebook: &impl DevicePtr<u64>,
@@ -109,6 +113,7 @@ pub fn router_fused<T: KernelDtype>(
     let (l, b, e, k, words) = (s.layers, s.batch, s.experts, s.k, s.words());
     let st = dev.stream();
     let (pq, _g1) = input(st, "router query [B, d_in]", q, b * s.d_in)?;
+    let (pm, _g0) = opt_input(st, "router mean query [d_in]", mean, s.d_in)?;
     let (pw, _g2) = input(st, "router W_r [L, E, d_in]", w_r, l * e * s.d_in)?;
     let (pb, _g3) = input(st, "router b_r [L, E]", b_r, l * e)?;
     let (pc, _g4) = input(st, "codebook [N, words]", codebook, n_codes * words)?;
@@ -120,6 +125,7 @@ pub fn router_fused<T: KernelDtype>(
     let (ps, _g10) = output(st, "router in_scope [B]", &mut out.in_scope, b)?;
     let args = [
         pq,
+        pm,
         pw,
         pb,
         KArg::I32(as_i32("batch", b)?),
@@ -146,6 +152,39 @@ pub fn router_fused<T: KernelDtype>(
     };
     // SAFETY: shapes validated and buffer lengths checked above; argument list matches router_fused_{T}.
     unsafe { dev.launch("router", &format!("router_fused_{}", T::SUFFIX), cfg, &args) }
+}
+
+/// The routers' input alone: `q [B, d_in]` as f32 in `out [B, d_in]`, centred on `mean` when one is
+/// given (what [`router_fused`] stages internally; the trainer keeps it for the router backward).
+pub fn router_input<T: KernelDtype>(
+    dev: &GpuDevice,
+    batch: usize,
+    d_in: usize,
+    q: &impl DevicePtr<T>,
+    mean: Option<&CudaSlice<f32>>,
+    out: &mut impl DevicePtrMut<f32>,
+) -> Result<()> {
+    if batch == 0 || d_in == 0 {
+        bail!("router input: batch and d_in must be non-zero, found {batch} x {d_in}");
+    }
+    let st = dev.stream();
+    let (pq, _g1) = input(st, "router query [B, d_in]", q, batch * d_in)?;
+    let (pm, _g2) = opt_input(st, "router mean query [d_in]", mean, d_in)?;
+    let (po, _g3) = output(st, "router input [B, d_in]", out, batch * d_in)?;
+    let args = [
+        pq,
+        pm,
+        KArg::I32(as_i32("batch", batch)?),
+        KArg::I32(as_i32("d_in", d_in)?),
+        po,
+    ];
+    let cfg = LaunchConfig {
+        grid_dim: (batch as u32, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: buffer lengths checked above; argument list matches router_input_{T}.
+    unsafe { dev.launch("router", &format!("router_input_{}", T::SUFFIX), cfg, &args) }
 }
 
 #[cfg(test)]

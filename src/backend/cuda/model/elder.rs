@@ -9,7 +9,7 @@ use cudarc::driver::CudaSlice;
 
 use crate::backend::cpu::molora::MixShape;
 use crate::elder::config::{ElderConfig, QueryPooling};
-use crate::elder::molora::{center_queries, Elder};
+use crate::elder::molora::Elder;
 use crate::model::layers::Site;
 use crate::model::BatchShape;
 
@@ -39,7 +39,8 @@ pub fn stack_routers(elder: &Elder) -> (Vec<f32>, Vec<f32>) {
 
 pub struct GpuElder<T: KernelDtype> {
     cfg: ElderConfig,
-    query_mean: Option<Vec<f32>>,
+    /// The mean query the router centres on (`query_centering` with a calibrated mean), on device.
+    query_mean: Option<CudaSlice<f32>>,
     d_in: usize,
     d_out: usize,
     /// Per layer: experts' `A [E, d_in, r]` and `B [E, r, d_out]` (f32, as the LoRA kernels take them).
@@ -52,7 +53,6 @@ pub struct GpuElder<T: KernelDtype> {
     cap: Capacity,
     query_rows: CudaSlice<u32>,
     query: CudaSlice<T>,
-    query_f32: CudaSlice<f32>,
     shrink: CudaSlice<f32>,
     out: RouterOutputs,
     /// Sequences of the current request and whether the router has run for it.
@@ -116,11 +116,17 @@ impl<T: KernelDtype> GpuElder<T> {
             b_r: upload(&b_r, "router biases")?,
             codebook,
             n_codes: elder.codebook.len(),
-            query_mean: elder.query_mean.clone(),
+            query_mean: match (&elder.query_mean, cfg.query_centering) {
+                (Some(mean), true) if mean.len() == d_in => Some(upload(mean, "mean query")?),
+                (Some(mean), true) => bail!(
+                    "the state's mean query has {} values, the query site is {d_in} wide",
+                    mean.len()
+                ),
+                _ => None,
+            },
             cap: Capacity { batch: 0, seq: 0 },
             query_rows: dev.zeros(1)?,
             query: dev.zeros(1)?,
-            query_f32: dev.zeros(1)?,
             shrink: dev.zeros(1)?,
             out: RouterOutputs::alloc(dev, &router_shape(&cfg, 1, d_in))?,
             batch: 0,
@@ -144,7 +150,6 @@ impl<T: KernelDtype> GpuElder<T> {
         let p = ElderPlan::new(&self.cfg, self.d_in, cap);
         self.query_rows = dev.zeros(cap.batch)?;
         self.query = dev.zeros(p.query)?;
-        self.query_f32 = dev.zeros(p.query)?;
         self.shrink = dev.zeros(p.shrink)?;
         self.out = RouterOutputs::alloc(dev, &router_shape(&self.cfg, cap.batch, self.d_in))?;
         self.cap = cap;
@@ -194,35 +199,17 @@ impl<T: KernelDtype> GpuElder<T> {
         )
         .context("gathering the ELDER queries")?;
         let rs = router_shape(&self.cfg, b, self.d_in);
-        match (&self.query_mean, self.cfg.query_centering) {
-            (Some(mean), true) => {
-                // Centring runs on the host with the CPU's own function (a small round trip of
-                // B x d_in values, once per request) so both backends route on the same numbers.
-                let q = dev.download_f32::<T, _>(&self.query.slice(0..b * self.d_in))?;
-                let centred = center_queries(&q, mean);
-                write(dev, &mut self.query_f32, &centred, "centred ELDER queries")?;
-                router::router_fused::<f32>(
-                    dev,
-                    &rs,
-                    &self.query_f32,
-                    &self.w_r,
-                    &self.b_r,
-                    &self.codebook,
-                    self.n_codes,
-                    &mut self.out,
-                )
-            }
-            _ => router::router_fused::<T>(
-                dev,
-                &rs,
-                &self.query,
-                &self.w_r,
-                &self.b_r,
-                &self.codebook,
-                self.n_codes,
-                &mut self.out,
-            ),
-        }
+        router::router_fused::<T>(
+            dev,
+            &rs,
+            &self.query,
+            self.query_mean.as_ref(),
+            &self.w_r,
+            &self.b_r,
+            &self.codebook,
+            self.n_codes,
+            &mut self.out,
+        )
         .context("routing the ELDER queries")?;
         self.routed = true;
         Ok(())

@@ -230,8 +230,10 @@ pub struct Experts {
     pub shrink: Vec<CudaSlice<f32>>,
     /// The LoRA backward's `dh_raw` scratch `[batch, k, seq, r]`.
     pub dh_raw: CudaSlice<f32>,
-    /// What the routers read `[batch, d_in]`: the query, centred on the host when configured.
+    /// What the routers read `[batch, d_in]`: the query, centred when configured.
     pub router_in: CudaSlice<f32>,
+    /// The state's mean query `[d_in]` (`query_centering`), copied in per batch.
+    pub query_mean: CudaSlice<f32>,
     pub routed: RouterOutputs,
     /// The fused router also checks codes against a codebook; training passes none (a stand-in).
     pub no_codes: CudaSlice<u64>,
@@ -255,6 +257,18 @@ pub struct QueryCapture<T: KernelDtype> {
 }
 
 impl<T: KernelDtype> QueryCapture<T> {
+    /// Buffers for up to `batch` queries of `d_in` values read at `site`.
+    pub fn new(dev: &GpuDevice, site: Site, d_in: usize, batch: usize) -> Result<Self> {
+        Ok(Self {
+            site,
+            rows: alloc(dev, batch, "query rows")?,
+            query: alloc(dev, batch * d_in, "queries")?,
+            d_in,
+            batch: 0,
+            captured: false,
+        })
+    }
+
     /// Starts a batch: read sequence `b`'s query at row `rows[b]` of `site`'s input.
     pub fn begin(&mut self, dev: &GpuDevice, site: Site, rows: &[usize]) -> Result<()> {
         write(
@@ -401,6 +415,7 @@ impl<T: KernelDtype> TrainBuffers<T> {
                 .collect::<Result<_>>()?,
             dh_raw: alloc(dev, p.low_rank, "MoLoRA scratch")?,
             router_in: alloc(dev, p.query, "router input")?,
+            query_mean: alloc(dev, d_in, "mean query")?,
             routed: RouterOutputs::alloc(dev, &router_shape)?,
             no_codes: alloc(dev, 1, "empty codebook")?,
             presets: alloc(dev, p.chosen, "guided-loss presets")?,
@@ -408,17 +423,11 @@ impl<T: KernelDtype> TrainBuffers<T> {
             dlogits: alloc(dev, p.router_logits, "router gradients")?,
             guide: alloc(dev, p.router_rows, "guided loss")?,
         };
-        let capture = QueryCapture {
-            site: Site {
-                block: ecfg.query_block,
-                proj: ecfg.query_proj,
-            },
-            rows: alloc(dev, p.cap.batch, "query rows")?,
-            query: alloc(dev, p.query, "queries")?,
-            d_in,
-            batch: 0,
-            captured: false,
+        let site = Site {
+            block: ecfg.query_block,
+            proj: ecfg.query_proj,
         };
+        let capture = QueryCapture::new(dev, site, d_in, p.cap.batch)?;
         Ok(TrainBuffers {
             plan: p.clone(),
             attn,

@@ -37,21 +37,26 @@ use half::{bf16, f16};
 
 use crate::backend::cuda::buffers::KernelDtype;
 use crate::backend::cuda::device::GpuDevice;
+use crate::backend::cuda::router;
 use crate::elder::config::ElderConfig;
 use crate::elder::molora::{Elder, MoloraLayer};
 use crate::elder::trainer::{
-    batch_presets, push_codes, EditExample, EditReport, EditRows, LossAndGrads,
+    batch_presets, mean_query, push_codes, EditExample, EditReport, EditRows, LossAndGrads,
 };
 use crate::model::layers::Site;
+use crate::model::runner::pad_batch;
 
 use super::activations::write;
 use super::forward::GpuModel;
 use super::plan::{prompt_query_rows, to_u32, Capacity};
 use super::staging::WeightSource;
 use super::{GpuDtype, GpuRunner};
-use buffers::{copy, TrainBuffers};
+use buffers::{copy, QueryCapture, TrainBuffers};
 use plan::{check_trainable, head_scatter_ids, stack_params, unstack_params, TrainPlan};
 use step::Step;
+
+/// Calibration prompts per frozen-prefix forward (the CPU's `trainer::queries` takes 16 too).
+const CALIBRATION_CHUNK: usize = 16;
 
 /// A base model on the GPU that trains ELDER states. Owns the [`GpuModel`] (weights uploaded once,
 /// its activations run the frozen prefix) and the training buffers, grown on demand.
@@ -138,6 +143,53 @@ where
             guide_loss: guide,
             iterations,
         })
+    }
+
+    /// `trainer::calibrate_query_mean` on the device: each calibration prompt's query is read by
+    /// the frozen prefix (as in training), then averaged by the CPU's function. Does nothing when
+    /// the state already has its mean or there are no prompts.
+    pub fn calibrate_query_mean(&mut self, elder: &mut Elder, prompts: &[Vec<u32>]) -> Result<()> {
+        if elder.query_mean.is_some() || prompts.is_empty() {
+            return Ok(());
+        }
+        let cfg = &elder.cfg;
+        check_trainable(cfg)?;
+        let d_in = elder
+            .layers
+            .first()
+            .context("the ELDER state has no MoLoRA layers")?
+            .d_in;
+        let site = Site {
+            block: cfg.query_block,
+            proj: cfg.query_proj,
+        };
+        let first = cfg.molora_blocks[0];
+        let dev = self.model.dev.clone();
+        let chunk = CALIBRATION_CHUNK.min(prompts.len());
+        let mut capture = QueryCapture::<T>::new(&dev, site, d_in, chunk)?;
+        let mut queries = Vec::with_capacity(prompts.len() * d_in);
+        for prompts in prompts.chunks(chunk) {
+            let (ids, shape) = pad_batch(prompts, &vec![0; prompts.len()]);
+            self.model.reserve(Capacity {
+                batch: shape.batch,
+                seq: shape.seq,
+            })?;
+            let lens: Vec<usize> = prompts.iter().map(Vec::len).collect();
+            capture.begin(&dev, site, &prompt_query_rows(shape.seq, &lens))?;
+            self.model
+                .forward_prefix(&ids, &shape, first, &mut capture)
+                .context("calibrating the mean query")?;
+            anyhow::ensure!(
+                capture.captured(),
+                "the query site (block {}, {:?}) was not reached below block {first}",
+                cfg.query_block,
+                cfg.query_proj
+            );
+            let n = prompts.len() * d_in;
+            queries.extend(dev.download_f32::<T, _>(&capture.query.slice(0..n))?);
+        }
+        elder.query_mean = Some(mean_query(&queries, prompts.len()));
+        Ok(())
     }
 
     /// The first iteration's loss and gradients without an Adam step (the CPU's
@@ -252,15 +304,31 @@ where
         copy(&dev, &act.mean, &mut tape.mean, n_rows, "prefix norm mean")?;
         copy(&dev, &act.rstd, &mut tape.rstd, n_rows, "prefix norm rstd")?;
 
-        // Waits for the prefix: the routers' input is made on the host by the CPU's function.
-        let query = dev.download_f32::<T, _>(&bufs.capture.query.slice(0..shape.batch * d_in))?;
+        // The routers' input, made on the device (centred on the state's mean query if configured).
         let ex = &mut bufs.experts;
-        write(
+        let centre = match (&elder.query_mean, cfg.query_centering) {
+            (Some(mean), true) => {
+                anyhow::ensure!(
+                    mean.len() == d_in,
+                    "the state's mean query has {} values, the query site is {d_in} wide",
+                    mean.len()
+                );
+                write(&dev, &mut ex.query_mean, mean, "mean query")?;
+                true
+            }
+            _ => false,
+        };
+        router::router_input::<T>(
             &dev,
+            shape.batch,
+            d_in,
+            &bufs.capture.query,
+            centre.then_some(&ex.query_mean),
             &mut ex.router_in,
-            &elder.router_input(&query),
-            "router input",
-        )?;
+        )
+        .context("making the router input")?;
+        // The raw queries stay on the host for the codebook entries pushed after training.
+        let query = dev.download_f32::<T, _>(&bufs.capture.query.slice(0..shape.batch * d_in))?;
         ex.params.upload(&dev, &stack_params(&elder.layers))?;
         ex.adam_m.clear(&dev)?;
         ex.adam_v.clear(&dev)?;
@@ -360,6 +428,8 @@ pub trait GpuEditor {
         batch: &[EditExample],
         on_iteration: &mut dyn FnMut(usize, f32),
     ) -> Result<EditReport>;
+    /// [`GpuTrainer::calibrate_query_mean`].
+    fn calibrate_query_mean(&mut self, elder: &mut Elder, prompts: &[Vec<u32>]) -> Result<()>;
     /// The same uploaded model for inference (evaluation after or between edits).
     fn runner(&mut self) -> &mut dyn GpuRunner;
     fn allocations(&self) -> usize;
@@ -378,6 +448,13 @@ macro_rules! impl_editor {
                 on_iteration: &mut dyn FnMut(usize, f32),
             ) -> Result<EditReport> {
                 GpuTrainer::edit_batch(self, elder, batch, on_iteration)
+            }
+            fn calibrate_query_mean(
+                &mut self,
+                elder: &mut Elder,
+                prompts: &[Vec<u32>],
+            ) -> Result<()> {
+                GpuTrainer::calibrate_query_mean(self, elder, prompts)
             }
             fn runner(&mut self) -> &mut dyn GpuRunner {
                 &mut self.model

@@ -170,6 +170,7 @@ where
             self.dev,
             &self.router_shape(),
             &ex.router_in,
+            None, // router_in is already centred
             &ex.params.w_r,
             &ex.params.b_r,
             &ex.no_codes,
