@@ -245,8 +245,10 @@ fn bench_loss_and_adam(c: &mut Criterion, dev: &GpuDevice, rng: &mut ChaCha8Rng)
     g.bench_function("cross_entropy_bf16 64x50257", |bch| {
         bch.iter_custom(|iters| {
             timed(dev, iters, || {
-                loss::cross_entropy::<bf16>(dev, &logits, &targets, n, vocab, 1.0, &mut dl, &mut rl)
-                    .expect("launch")
+                loss::cross_entropy::<bf16>(
+                    dev, &logits, &targets, n, vocab, 1.0, None, &mut dl, &mut rl,
+                )
+                .expect("launch")
             })
         })
     });
@@ -269,7 +271,7 @@ fn bench_loss_and_adam(c: &mut Criterion, dev: &GpuDevice, rng: &mut ChaCha8Rng)
     g.bench_function("adam_f32 ELDER trainables (24.6M)", |bch| {
         bch.iter_custom(|iters| {
             timed(dev, iters, || {
-                adam::adam(dev, &mut param, &grad, &mut m, &mut v, p, step).expect("launch")
+                adam::adam(dev, &mut param, &grad, &mut m, &mut v, p, step, None).expect("launch")
             })
         })
     });

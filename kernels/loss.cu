@@ -2,8 +2,9 @@
 //
 // cross_entropy_{dtype}: softmax cross-entropy over the vocabulary, forward + backward in one pass.
 //   logits [n, V] T; targets [n] i32 (-1 = ignored row); dlogits [n, V] T = (softmax - onehot) * weight
-//   (zero for ignored rows); row_loss [n] f32 = logsumexp - logit[target] (0 for ignored rows; NaN for
-//   a target outside the vocabulary). The caller sums row_loss (the CPU twin returns the sum).
+//   * loss_scale (zero for ignored rows; loss_scale [1] f32 is read on the device, null = 1, see
+//   adam.cu); row_loss [n] f32 = logsumexp - logit[target], unscaled (0 for ignored rows; NaN for a
+//   target outside the vocabulary). The caller sums row_loss (the CPU twin returns the sum).
 //   Launch: one block of 512 threads per row; three passes over the row (max, sum of exp, write).
 //   Bound: memory, 2 * n * V * sizeof(T) (a 50257-wide bf16 row is 100 kB and stays in L2 between passes).
 //
@@ -11,7 +12,8 @@
 //   (rows = layers * batch, layer-major, so one launch serves every layer).
 //   probs [R, E], experts / gates / dgates [R, k], preset [R, P] u32 (null = no guidance);
 //   dlogits [R, E] = p * (dp - <p, dp>) where dp gathers dgates (optionally through the renormalisation)
-//   and -guide_weight / (batch * p) for each preset expert; guide_loss [R] = -(1/batch) sum log p[preset].
+//   and -guide_weight * loss_scale / (batch * p) for each preset expert (dgates already carry the
+//   scale; loss_scale null = 1); guide_loss [R] = -(1/batch) sum log p[preset], unscaled.
 //   Launch: one warp per row (E <= 64, two experts per lane), 4 rows per 128-thread block.
 //
 // router_param_grad_f32: the routers' parameter gradients from their logit gradients, every layer in
@@ -29,9 +31,10 @@ using namespace elder;
 namespace {
 
 template <typename T>
-__device__ void cross_entropy(const T* logits, const int32_t* targets, float weight, int n, int vocab, T* dlogits,
-                              float* row_loss) {
+__device__ void cross_entropy(const T* logits, const int32_t* targets, float weight, const float* loss_scale, int n,
+                              int vocab, T* dlogits, float* row_loss) {
     __shared__ float scratch[32];
+    if (loss_scale != nullptr) weight *= *loss_scale;
     const int row = blockIdx.x;
     if (row >= n) return;
     const T* x = logits + (size_t)row * vocab;
@@ -59,8 +62,9 @@ __device__ void cross_entropy(const T* logits, const int32_t* targets, float wei
 
 __device__ void router_backward(const float* probs, const uint32_t* experts, const float* gates,
                                 const float* dgates, int rows, int n_experts, int k, int renormalize,
-                                const uint32_t* preset, int per_seq, int batch, float guide_weight, float* dlogits,
-                                float* guide_loss) {
+                                const uint32_t* preset, int per_seq, int batch, float guide_weight,
+                                const float* loss_scale, float* dlogits, float* guide_loss) {
+    if (loss_scale != nullptr) guide_weight *= *loss_scale;
     const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
     if (row >= rows) return;
     const float* p = probs + (size_t)row * n_experts;
@@ -124,9 +128,10 @@ __device__ void router_param_grad(const float* dlogits, const float* q, int laye
 }  // namespace
 
 #define LOSS_ENTRY_POINTS(S, T)                                                                           \
-    extern "C" __global__ void cross_entropy_##S(const T* logits, const int32_t* targets, float weight, int n, \
-                                                 int vocab, T* dlogits, float* row_loss) {                 \
-        cross_entropy<T>(logits, targets, weight, n, vocab, dlogits, row_loss);                            \
+    extern "C" __global__ void cross_entropy_##S(const T* logits, const int32_t* targets, float weight,        \
+                                                 const float* loss_scale, int n, int vocab, T* dlogits,    \
+                                                 float* row_loss) {                                        \
+        cross_entropy<T>(logits, targets, weight, loss_scale, n, vocab, dlogits, row_loss);                \
     }
 
 ELDER_FOR_DTYPES(LOSS_ENTRY_POINTS)
@@ -134,9 +139,10 @@ ELDER_FOR_DTYPES(LOSS_ENTRY_POINTS)
 extern "C" __global__ void router_backward_f32(const float* probs, const uint32_t* experts, const float* gates,
                                                const float* dgates, int rows, int n_experts, int k,
                                                int renormalize, const uint32_t* preset, int per_seq, int batch,
-                                               float guide_weight, float* dlogits, float* guide_loss) {
+                                               float guide_weight, const float* loss_scale, float* dlogits,
+                                               float* guide_loss) {
     router_backward(probs, experts, gates, dgates, rows, n_experts, k, renormalize, preset, per_seq, batch,
-                    guide_weight, dlogits, guide_loss);
+                    guide_weight, loss_scale, dlogits, guide_loss);
 }
 
 extern "C" __global__ void router_param_grad_f32(const float* dlogits, const float* q, int layers, int batch,

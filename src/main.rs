@@ -269,6 +269,7 @@ fn dispatch(cmd: Command, devices: Devices) -> Result<ExitCode> {
                     summary.mean_first_loss,
                     summary.mean_last_loss
                 );
+                warn_skipped_steps(summary.skipped_steps);
             }
             if bad > 0 {
                 eprintln!("{bad} malformed records were skipped (listed above)");
@@ -689,10 +690,22 @@ fn run(
             summary.mean_first_loss,
             summary.mean_last_loss
         );
+        warn_skipped_steps(summary.skipped_steps);
         print!("{}", metrics.table());
         println!("report: {}", state.join("report.json").display());
     }
     Ok(())
+}
+
+/// Overflowed steps are normal now and then in f16 (the loss scale backs off); many of them mean
+/// the edits were learned with fewer steps than configured.
+fn warn_skipped_steps(skipped: usize) {
+    if skipped > 0 {
+        eprintln!(
+            "note: {skipped} optimiser steps were skipped because their f16 gradients overflowed \
+             (the loss scale was lowered each time)"
+        );
+    }
 }
 
 fn dir_name(p: &Path) -> String {

@@ -253,6 +253,8 @@ pub struct StreamSummary {
     pub seconds_per_edit: f64,
     pub mean_first_loss: f64,
     pub mean_last_loss: f64,
+    /// Optimiser steps skipped because their gradients overflowed (f16 loss scaling on the GPU).
+    pub skipped_steps: usize,
 }
 
 /// Applies `records` in order, in batches of the config's batch size, committing the state after
@@ -304,6 +306,7 @@ pub fn apply_stream_on(
     let bar = progress_bar(todo.len() as u64, show_progress);
     let start = Instant::now();
     let (mut first_sum, mut last_sum, mut batches) = (0.0f64, 0.0f64, 0usize);
+    let mut skipped_steps = 0;
     for chunk in todo.chunks(session.elder.cfg.batch_size.max(1)) {
         let tokenized = chunk
             .iter()
@@ -334,6 +337,7 @@ pub fn apply_stream_on(
         }
         first_sum += report.first_loss as f64;
         last_sum += report.last_loss as f64;
+        skipped_steps += report.skipped_steps;
         batches += 1;
         bar.inc(chunk.len() as u64);
     }
@@ -356,6 +360,7 @@ pub fn apply_stream_on(
         } else {
             last_sum / batches as f64
         },
+        skipped_steps,
     })
 }
 

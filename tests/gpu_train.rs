@@ -22,6 +22,7 @@ mod common;
 use std::sync::Arc;
 
 use cudarc::cublas::{CudaBlas, Gemm};
+use elder::backend::cuda::adam::LossScalePolicy;
 use elder::backend::cuda::model::{open_gpu_editor, Capacity, GpuDtype, GpuTrainer};
 use elder::backend::cuda::{GpuDevice, KernelDtype};
 use elder::data::EditRecord;
@@ -31,7 +32,7 @@ use elder::elder::trainer::{
     apply_edit_batch, batch_presets, calibrate_query_mean, queries, EditExample, PreparedBatch,
 };
 use elder::model::checkpoint::StoreDtype;
-use elder::model::layers::MlpProj;
+use elder::model::layers::{MlpProj, Norm};
 use elder::model::presets::write_random_checkpoint;
 use elder::model::{Arch, Model};
 use elder::session::{apply_stream, apply_stream_on, BaseModel, EditDevice, EditSession};
@@ -514,6 +515,126 @@ fn gpu_query_mean_calibration_matches_cpu() {
         check::<f16>(&dev, model, elder, prompts, 5e-3);
         check::<bf16>(&dev, model, elder, prompts, 3e-2);
     }
+}
+
+/// f16 keeps small gradients only with loss scaling. On a model whose final norm shrinks every
+/// gradient by 1e-4 (the backward's activations fall into f16's subnormal range), the scaled f16
+/// step's gradients match the CPU's, and the same step at scale 1 loses much of them.
+#[test]
+fn gpu_f16_loss_scaling_keeps_small_gradients() {
+    let spec = Spec {
+        arch: Arch::Llama,
+        proj: MlpProj::DownProj,
+        allocation: AllocationMode::KnowledgeSeed,
+        edits: 2,
+        centering: false,
+        renormalize: false,
+    };
+    let mut case = case(spec, 91);
+    match &mut case.model.final_norm {
+        Norm::Rms { weight, .. } | Norm::Layer { weight, .. } => {
+            weight.iter_mut().for_each(|w| *w *= 1e-4)
+        }
+    }
+    let cpu_model = rounded::<f16>(&case.model);
+    let presets = batch_presets(&case.elder.cfg, &case.batch);
+    let want = PreparedBatch::new(&cpu_model, &case.elder, &case.batch)
+        .unwrap()
+        .loss_and_grads(&cpu_model, &case.elder, presets.as_deref());
+    let Some(dev) = common::test_device("gpu_f16_loss_scaling_keeps_small_gradients") else {
+        return;
+    };
+    let error = |policy: LossScalePolicy| -> f32 {
+        let start = Capacity { batch: 1, seq: 1 };
+        let mut gpu = GpuTrainer::<f16>::new(dev.clone(), &case.model, start).unwrap();
+        gpu.set_loss_scale_policy(policy).unwrap();
+        let got = gpu.loss_and_grads(&case.elder, &case.batch).unwrap();
+        got.grads
+            .iter()
+            .zip(&want.grads)
+            .flat_map(|(g, c)| {
+                [
+                    rel_l2(&g.a, &c.a),
+                    rel_l2(&g.b, &c.b),
+                    rel_l2(&g.w_r, &c.w_r),
+                ]
+            })
+            .fold(0.0, f32::max)
+    };
+    let scaled = error(LossScalePolicy::for_dtype::<f16>());
+    let unscaled = error(LossScalePolicy::fixed(1.0));
+    eprintln!(
+        "f16 gradients, rel. L2 against the CPU: {scaled:.2e} scaled, {unscaled:.2e} at scale 1"
+    );
+    assert!(
+        scaled <= tol::<f16>().grad,
+        "scaled f16 gradients: rel. L2 {scaled}"
+    );
+    assert!(
+        unscaled > 4.0 * scaled,
+        "scale 1 lost nothing ({unscaled} vs {scaled}): the test shows nothing"
+    );
+}
+
+/// A loss scale too large for f16 overflows: those steps are skipped (the parameters stay finite),
+/// the scale backs off until the gradients fit, and the batch still learns; the report counts them.
+#[test]
+fn gpu_f16_overflowing_steps_are_skipped_and_the_scale_backs_off() {
+    let spec = Spec {
+        arch: Arch::Gpt2,
+        proj: MlpProj::CFc,
+        allocation: AllocationMode::KnowledgeSeed,
+        edits: 2,
+        centering: false,
+        renormalize: false,
+    };
+    let mut case = case(spec, 92);
+    case.elder.cfg.iterations = 20;
+    let Some(dev) =
+        common::test_device("gpu_f16_overflowing_steps_are_skipped_and_the_scale_backs_off")
+    else {
+        return;
+    };
+    let start = Capacity { batch: 1, seq: 1 };
+    let mut gpu = GpuTrainer::<f16>::new(dev, &case.model, start).unwrap();
+    let policy = LossScalePolicy {
+        init: 2f32.powi(24),
+        ..LossScalePolicy::for_dtype::<f16>()
+    };
+    gpu.set_loss_scale_policy(LossScalePolicy {
+        max: policy.init,
+        ..policy
+    })
+    .unwrap();
+    let mut elder = case.elder.clone();
+    let report = gpu.edit_batch(&mut elder, &case.batch, |_, _| {}).unwrap();
+    eprintln!(
+        "2^24 start: {} of {} steps skipped, scale now {}, loss {:.3} -> {:.3}",
+        report.skipped_steps,
+        report.iterations,
+        report.loss_scale,
+        report.first_loss,
+        report.last_loss
+    );
+    assert!(report.skipped_steps >= 1, "2^24 must overflow f16");
+    assert!(
+        report.skipped_steps < report.iterations,
+        "every step was skipped"
+    );
+    assert!(report.loss_scale < policy.init);
+    assert!(report.loss_scale <= f16::MAX.to_f32());
+    for l in &elder.layers {
+        assert!(
+            l.a.iter().chain(&l.b).chain(&l.w_r).all(|v| v.is_finite()),
+            "non-finite parameters"
+        );
+    }
+    assert!(report.last_loss < report.first_loss, "{report:?}");
+    let status = gpu.loss_scale_status().unwrap().unwrap();
+    assert_eq!(status.skipped_steps as usize, report.skipped_steps);
+    // The next batch starts from the backed-off scale: nothing more is skipped.
+    let again = gpu.edit_batch(&mut elder, &case.batch, |_, _| {}).unwrap();
+    assert_eq!(again.skipped_steps, 0, "{again:?}");
 }
 
 /// Buffers sized by a long batch serve shorter and smaller ones, and a second state with the same

@@ -35,6 +35,11 @@ pub struct EditReport {
     /// Guided loss (summed over layers, unweighted) at the last iteration.
     pub guide_loss: f32,
     pub iterations: usize,
+    /// Iterations whose gradients overflowed and whose Adam step was skipped (f16 loss scaling on
+    /// the GPU; always 0 on the CPU).
+    pub skipped_steps: usize,
+    /// The loss scale at the end of the batch (1 on the CPU and outside f16).
+    pub loss_scale: f32,
 }
 
 /// FNV-1a, so that a knowledge id maps to the same seed on every machine and every run.
@@ -350,6 +355,8 @@ pub fn apply_edit_batch(
         last_loss: 0.0,
         guide_loss: 0.0,
         iterations: cfg.iterations,
+        skipped_steps: 0,
+        loss_scale: 1.0,
     };
     for it in 0..cfg.iterations {
         let mut step = prepared.loss_and_grads(model, elder, presets.as_deref());

@@ -4,7 +4,7 @@
 //! `molora::router_param_grad`.
 
 use anyhow::{bail, Result};
-use cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig};
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig};
 
 use super::buffers::{as_i32, input, opt_input, output, KernelDtype};
 use super::device::{GpuDevice, KArg};
@@ -12,7 +12,8 @@ use super::device::{GpuDevice, KArg};
 const FAMILY: &str = "loss";
 
 /// Cross-entropy over `n` rows of `logits [n, vocab]` against `targets [n]` (i32, -1 = ignored).
-/// Writes `dlogits = (softmax - onehot) * weight` and `row_loss [n]` (sum it for the CPU twin's total).
+/// Writes `dlogits = (softmax - onehot) * weight * loss_scale` (`None`: 1) and `row_loss [n]`,
+/// unscaled (sum it for the CPU twin's total).
 #[allow(clippy::too_many_arguments)]
 pub fn cross_entropy<T: KernelDtype>(
     dev: &GpuDevice,
@@ -21,10 +22,12 @@ pub fn cross_entropy<T: KernelDtype>(
     n: usize,
     vocab: usize,
     weight: f32,
+    loss_scale: Option<&CudaSlice<f32>>,
     dlogits: &mut impl DevicePtrMut<T>,
     row_loss: &mut impl DevicePtrMut<f32>,
 ) -> Result<()> {
     let s = dev.stream();
+    let (pscale, _g0) = opt_input(s, "cross_entropy loss scale [1]", loss_scale, 1)?;
     let (pl, _g1) = input(s, "cross_entropy logits [n, vocab]", logits, n * vocab)?;
     let (pt, _g2) = input(s, "cross_entropy targets [n]", targets, n)?;
     let (pd, _g3) = output(s, "cross_entropy dlogits [n, vocab]", dlogits, n * vocab)?;
@@ -33,6 +36,7 @@ pub fn cross_entropy<T: KernelDtype>(
         pl,
         pt,
         KArg::F32(weight),
+        pscale,
         KArg::I32(as_i32("n", n)?),
         KArg::I32(as_i32("vocab", vocab)?),
         pd,
@@ -58,11 +62,13 @@ pub struct RouterGradShape {
     pub renormalize: bool,
 }
 
-/// Guidance for the guided loss: `preset [rows, per_seq]` expert ids pushed up with `weight`.
+/// Guidance for the guided loss: `preset [rows, per_seq]` expert ids pushed up with `weight`
+/// (times the device-side loss scale, when training scales its loss; see `adam::LossScale`).
 pub struct Guide<'a, P> {
     pub preset: &'a P,
     pub per_seq: usize,
     pub weight: f32,
+    pub loss_scale: Option<&'a CudaSlice<f32>>,
 }
 
 /// dL/dlogits `[rows, E]` of the routers from `dgates [rows, k]` and the optional guided loss;
@@ -111,6 +117,12 @@ pub fn router_backward<P: DevicePtr<u32>>(
         s.rows * s.experts,
     )?;
     let (pl, _g7) = output(st, "router_backward guide_loss [rows]", guide_loss, s.rows)?;
+    let (pscale, _g8) = opt_input(
+        st,
+        "router_backward loss scale [1]",
+        guide.as_ref().and_then(|g| g.loss_scale),
+        1,
+    )?;
     let args = [
         pp,
         pe,
@@ -124,6 +136,7 @@ pub fn router_backward<P: DevicePtr<u32>>(
         KArg::I32(as_i32("per_seq", per_seq)?),
         KArg::I32(as_i32("batch", s.batch)?),
         KArg::F32(weight),
+        pscale,
         pdl,
         pl,
     ];

@@ -6,6 +6,7 @@
 use anyhow::{bail, Context, Result};
 use cudarc::driver::{CudaSlice, DeviceRepr, ValidAsZeroBits};
 
+use crate::backend::cuda::adam::{LossScale, LossScalePolicy};
 use crate::backend::cuda::buffers::KernelDtype;
 use crate::backend::cuda::device::GpuDevice;
 use crate::backend::cuda::elementwise;
@@ -234,6 +235,8 @@ pub struct Experts {
     pub router_in: CudaSlice<f32>,
     /// The state's mean query `[d_in]` (`query_centering`), copied in per batch.
     pub query_mean: CudaSlice<f32>,
+    /// The loss scale of the backward (f16) and the skip-on-overflow state of Adam.
+    pub loss_scale: LossScale,
     pub routed: RouterOutputs,
     /// The fused router also checks codes against a codebook; training passes none (a stand-in).
     pub no_codes: CudaSlice<u64>,
@@ -336,7 +339,13 @@ pub struct TrainBuffers<T: KernelDtype> {
 }
 
 impl<T: KernelDtype> TrainBuffers<T> {
-    pub fn new(dev: &GpuDevice, p: &TrainPlan, ecfg: &ElderConfig, d_in: usize) -> Result<Self> {
+    pub fn new(
+        dev: &GpuDevice,
+        p: &TrainPlan,
+        ecfg: &ElderConfig,
+        d_in: usize,
+        loss_scale: LossScalePolicy,
+    ) -> Result<Self> {
         let rows = p.rows;
         let attn = (0..p.attn_tapes)
             .map(|_| -> Result<AttnTape<T>> {
@@ -416,6 +425,7 @@ impl<T: KernelDtype> TrainBuffers<T> {
             dh_raw: alloc(dev, p.low_rank, "MoLoRA scratch")?,
             router_in: alloc(dev, p.query, "router input")?,
             query_mean: alloc(dev, d_in, "mean query")?,
+            loss_scale: LossScale::new(dev, loss_scale)?,
             routed: RouterOutputs::alloc(dev, &router_shape)?,
             no_codes: alloc(dev, 1, "empty codebook")?,
             presets: alloc(dev, p.chosen, "guided-loss presets")?,

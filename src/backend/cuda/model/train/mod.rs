@@ -35,6 +35,7 @@ use anyhow::{Context, Result};
 use cudarc::cublas::{CudaBlas, Gemm};
 use half::{bf16, f16};
 
+use crate::backend::cuda::adam::{LossScale, LossScalePolicy, LossScaleStatus};
 use crate::backend::cuda::buffers::KernelDtype;
 use crate::backend::cuda::device::GpuDevice;
 use crate::backend::cuda::router;
@@ -63,6 +64,8 @@ const CALIBRATION_CHUNK: usize = 16;
 pub struct GpuTrainer<T: KernelDtype> {
     model: GpuModel<T>,
     bufs: Option<TrainBuffers<T>>,
+    /// How the backward's loss scale moves (`LossScalePolicy::for_dtype` unless set).
+    loss_scale: LossScalePolicy,
     /// Training buffer (re)allocations so far.
     allocations: usize,
 }
@@ -70,6 +73,8 @@ pub struct GpuTrainer<T: KernelDtype> {
 /// An edit batch made ready on the device (prefix run, inputs written).
 struct Prepared {
     rows: EditRows,
+    /// Steps skipped for overflow before this batch (the counter lives on the device).
+    skipped_before: u32,
     /// The queries `[B, d_in]` as the prefix computed them (f32 on the host).
     query: Vec<f32>,
     d_in: usize,
@@ -94,6 +99,7 @@ where
         GpuTrainer {
             model,
             bufs: None,
+            loss_scale: LossScalePolicy::for_dtype::<T>(),
             allocations: 0,
         }
     }
@@ -107,6 +113,24 @@ where
     /// batches within the capacity already reserved.
     pub fn allocations(&self) -> usize {
         self.allocations + self.model.allocations()
+    }
+
+    /// Replaces the loss-scale policy (tests, experiments); the scale restarts at its `init`.
+    pub fn set_loss_scale_policy(&mut self, policy: LossScalePolicy) -> Result<()> {
+        if let Some(b) = self.bufs.as_mut() {
+            b.experts.loss_scale = LossScale::new(&self.model.dev, policy)?;
+        }
+        self.loss_scale = policy;
+        Ok(())
+    }
+
+    /// The loss scale now, its clean-step run and the steps skipped for overflow since the
+    /// trainer's buffers were made (waits for the device). `None` before the first batch.
+    pub fn loss_scale_status(&self) -> Result<Option<LossScaleStatus>> {
+        self.bufs
+            .as_ref()
+            .map(|b| b.experts.loss_scale.status(&self.model.dev))
+            .transpose()
     }
 
     /// `trainer::apply_edit_batch` on the device: trains `elder` on `batch` and appends the
@@ -132,6 +156,7 @@ where
         let (ce, guide) = self.losses(&cfg, &prep, iterations)?;
         let (step, bufs) = self.parts(&cfg, &prep)?;
         let trained = bufs.experts.params.download(step.dev)?;
+        let scaling = bufs.experts.loss_scale.status(step.dev)?;
         unstack_params(&trained, &mut elder.layers)?;
         push_codes(elder, &prep.query)?;
         for (it, &loss) in ce.iter().enumerate() {
@@ -142,6 +167,8 @@ where
             last_loss: ce[iterations - 1],
             guide_loss: guide,
             iterations,
+            skipped_steps: (scaling.skipped_steps - prep.skipped_before) as usize,
+            loss_scale: scaling.scale,
         })
     }
 
@@ -205,7 +232,11 @@ where
         let (ce, guide) = self.losses(&cfg, &prep, 1)?;
         let (step, bufs) = self.parts(&cfg, &prep)?;
         let mut grads: Vec<MoloraLayer> = elder.layers.iter().map(|l| l.zeros_like()).collect();
-        unstack_params(&bufs.experts.grads.download(step.dev)?, &mut grads)?;
+        // The device's gradients are of the scaled loss (a power of two: dividing is exact).
+        let scale = bufs.experts.loss_scale.status(step.dev)?.scale;
+        let mut stacked = bufs.experts.grads.download(step.dev)?;
+        stacked.iter_mut().flatten().for_each(|g| *g /= scale);
+        unstack_params(&stacked, &mut grads)?;
         let per_layer = prep.rows.shape.batch * cfg.top_k;
         let chosen = step
             .dev
@@ -243,7 +274,13 @@ where
         }
         // Free the old set first so peak memory is one set, not two.
         self.bufs = None;
-        self.bufs = Some(TrainBuffers::new(&self.model.dev, &plan, ecfg, d_in)?);
+        self.bufs = Some(TrainBuffers::new(
+            &self.model.dev,
+            &plan,
+            ecfg,
+            d_in,
+            self.loss_scale,
+        )?);
         self.allocations += 1;
         Ok(())
     }
@@ -329,6 +366,8 @@ where
         .context("making the router input")?;
         // The raw queries stay on the host for the codebook entries pushed after training.
         let query = dev.download_f32::<T, _>(&bufs.capture.query.slice(0..shape.batch * d_in))?;
+        // Already synchronised by the download: reading the counter costs no extra wait.
+        let skipped_before = ex.loss_scale.status(&dev)?.skipped_steps;
         ex.params.upload(&dev, &stack_params(&elder.layers))?;
         ex.adam_m.clear(&dev)?;
         ex.adam_v.clear(&dev)?;
@@ -362,6 +401,7 @@ where
         buffers::clear(&dev, &mut hb.dx, n * d..(n + 1) * d, "head gradient")?;
         Ok(Prepared {
             rows,
+            skipped_before,
             query,
             d_in,
             d_out,

@@ -106,7 +106,7 @@ where
         // The final residual stream, in `delta`.
         let last = b.mlp.last().context("no MLP tape")?;
         elementwise::residual_add(self.dev, &mut sc.delta, &last.x, rows * d)?;
-        self.head_forward(&mut b.head, &sc.delta, it)
+        self.head_forward(&mut b.head, &sc.delta, it, b.experts.loss_scale.scale())
     }
 
     /// The backward of the iteration down to block `first`'s MoLoRA site, then the routers'.
@@ -129,7 +129,9 @@ where
     }
 
     /// Adam on every trainable tensor with the CPU trainer's schedule and per-tensor rates
-    /// (fresh moments per batch, so step `it + 1`).
+    /// (fresh moments per batch, so step `it + 1`), the loss scale divided out. An iteration whose
+    /// gradients overflowed changes nothing but the scale; its step number is not reused (the
+    /// bias correction of later steps counts it, a difference only after an overflow).
     pub fn adam(&self, ex: &mut Experts, it: usize) -> Result<()> {
         let rates = tensor_rates(self.ecfg, learning_rate(self.ecfg, it));
         let t = u32::try_from(it + 1).context("iteration count")?;
@@ -141,10 +143,15 @@ where
             .zip(ex.grads.all())
             .zip(ex.adam_m.all_mut())
             .zip(ex.adam_v.all_mut());
-        for ((((p, g), m), v), (rate, n)) in tensors.zip(rates.into_iter().zip(sizes)) {
-            adam::adam(self.dev, p, g, m, v, n, adam_step(self.ecfg, rate, t))?;
+        // Every tensor's check before any step, so an overflow anywhere skips all of them.
+        for (g, &n) in ex.grads.all().into_iter().zip(&sizes) {
+            ex.loss_scale.check(self.dev, g, n)?;
         }
-        Ok(())
+        for ((((p, g), m), v), (rate, n)) in tensors.zip(rates.into_iter().zip(sizes)) {
+            let step = adam_step(self.ecfg, rate, t);
+            adam::adam(self.dev, p, g, m, v, n, step, Some(&ex.loss_scale))?;
+        }
+        ex.loss_scale.update(self.dev)
     }
 
     // ------------------------------------------------------------ routing
@@ -209,6 +216,7 @@ where
             preset: &ex.presets,
             per_seq: self.ecfg.top_k,
             weight: self.ecfg.guide_weight,
+            loss_scale: Some(ex.loss_scale.scale()),
         };
         loss::router_backward(
             self.dev,
