@@ -19,14 +19,13 @@ use std::time::{Duration, Instant};
 use criterion::{Criterion, Throughput};
 use cudarc::driver::CudaSlice;
 use elder::backend::cpu::molora::MixShape;
-use elder::backend::cuda::model::{Capacity, ElderStep, GpuModel, GpuTrainer};
+use elder::backend::cuda::model::{Capacity, ElderStep, GpuModel, GpuTrainer, WeightSource};
 use elder::backend::cuda::{
     adam, attention, elementwise, gpu_or_skip, lora, loss, norm, router, GpuDevice, KernelDtype,
 };
 use elder::elder::config::ElderConfig;
 use elder::elder::molora::Elder;
 use elder::elder::trainer::EditExample;
-use elder::model::loader::{build_model, RandomSource};
 use elder::model::presets::preset;
 use elder::model::runner::pad_batch;
 use elder::model::Arch;
@@ -294,13 +293,11 @@ fn bench_edit(c: &mut Criterion, dev: &Arc<GpuDevice>) {
     g.throughput(Throughput::Elements(1));
     for name in ["gpt2", "gpt2-xl"] {
         let cfg = preset(Arch::Gpt2, name).expect("preset");
-        let (mut elder, mut trainer) = {
-            let model = build_model(&cfg, &RandomSource { seed: 0 }).expect("random model");
-            let elder = Elder::new(ElderConfig::preset_for(&cfg), &cfg).expect("ELDER state");
-            let cap = Capacity { batch: 1, seq: 20 };
-            let trainer = GpuTrainer::<bf16>::new(dev.clone(), &model, cap).expect("upload");
-            (elder, trainer) // the host copy of the model is dropped here
-        };
+        let mut elder = Elder::new(ElderConfig::preset_for(&cfg), &cfg).expect("ELDER state");
+        let cap = Capacity { batch: 1, seq: 20 };
+        // Random weights made and uploaded tensor by tensor (no f32 host model).
+        let weights = WeightSource::Random { cfg: &cfg, seed: 0 };
+        let mut trainer = GpuTrainer::<bf16>::new(dev.clone(), weights, cap).expect("upload");
         let batch = [edit_of_20_tokens(cfg.vocab_size)];
         // Sizes the training buffers (outside the timing).
         trainer
@@ -325,18 +322,16 @@ fn bench_edit(c: &mut Criterion, dev: &Arc<GpuDevice>) {
 /// One decode step on GPT2-XL shapes, graph replay against eager launches.
 fn bench_decode_step(c: &mut Criterion, dev: &Arc<GpuDevice>) {
     let cfg = preset(Arch::Gpt2, "gpt2-xl").expect("preset");
-    let model = build_model(&cfg, &RandomSource { seed: 0 }).expect("random model");
     let context = 128;
     let mut gpu = GpuModel::<bf16>::new(
         dev.clone(),
-        &model,
+        WeightSource::Random { cfg: &cfg, seed: 0 },
         Capacity {
             batch: 1,
             seq: cfg.max_positions,
         },
     )
     .expect("upload");
-    drop(model);
     let prompt: Vec<u32> = (0..context as u32).map(|i| (i * 31 + 7) % 50000).collect();
     let mut g = c.benchmark_group("decode_step");
     g.sample_size(20).measurement_time(Duration::from_secs(10));

@@ -6,8 +6,10 @@
 //! - the checkpoint's memory map ([`WeightSource::Checkpoint`]): each tensor is converted from its
 //!   stored dtype straight to `T` (copied unchanged when stored as `T`), so the extra host memory is
 //!   about one tensor, and no f32 copy of the model is ever made (a 7B Llama would need 27 GB);
-//! - an f32 CPU [`Model`] that already exists ([`WeightSource::Model`]: tests, benchmarks, the CPU
-//!   twin), rounded to `T`.
+//! - an f32 CPU [`Model`] that already exists ([`WeightSource::Model`]: tests, the CPU twin),
+//!   rounded to `T`;
+//! - seeded random tensors ([`WeightSource::Random`]: the values `elder init-random` writes, made one
+//!   tensor at a time, so a GPT2-XL-shaped benchmark needs no 6 GB f32 host model).
 //!
 //! Both walk the one model description ([`describe`]) with [`stage_model`], which applies the one
 //! change of shape the device model wants: GPT-2's fused `c_attn` is split into its q, k and v column
@@ -20,6 +22,7 @@ use anyhow::{bail, ensure, Context, Result};
 use crate::backend::cpu::ops::Layout;
 use crate::model::dtype::Element;
 use crate::model::layers::Linear;
+use crate::model::loader::{RandomSource, TensorSource};
 use crate::model::names::describe;
 use crate::model::transformer::{Block, QkvProj};
 use crate::model::weights::Weights;
@@ -43,6 +46,8 @@ pub enum WeightSource<'a> {
         cfg: &'a ModelConfig,
         weights: &'a Weights,
     },
+    /// Seeded random weights for `cfg` (what `build_model(cfg, &RandomSource { seed })` holds).
+    Random { cfg: &'a ModelConfig, seed: u64 },
 }
 
 impl<'a> From<&'a Model> for WeightSource<'a> {
@@ -55,7 +60,7 @@ impl WeightSource<'_> {
     pub fn config(&self) -> &ModelConfig {
         match self {
             WeightSource::Model(m) => &m.cfg,
-            WeightSource::Checkpoint { cfg, .. } => cfg,
+            WeightSource::Checkpoint { cfg, .. } | WeightSource::Random { cfg, .. } => cfg,
         }
     }
 
@@ -103,6 +108,20 @@ impl WeightSource<'_> {
                     put,
                 )
                 .with_context(|| format!("staging the model in {}", weights.dir().display()))
+            }
+            WeightSource::Random { cfg, seed } => {
+                cfg.validate()?;
+                let random = RandomSource { seed };
+                stage_model(
+                    &describe(cfg),
+                    |spec| {
+                        Ok(Staged {
+                            name: spec.name.clone(),
+                            values: random.load(spec)?.into_iter().map(T::from_f32).collect(),
+                        })
+                    },
+                    put,
+                )
             }
         }
     }
@@ -264,6 +283,29 @@ pub fn split_output_blocks<E: Copy>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::loader::build_model;
+    use crate::model::presets::preset;
+    use crate::model::Arch;
+
+    /// Random weights staged tensor by tensor are the random CPU model's, rounded the same way.
+    #[test]
+    fn random_weights_stage_like_the_random_cpu_model() {
+        for arch in [Arch::Gpt2, Arch::Llama] {
+            let cfg = preset(arch, "tiny").unwrap();
+            let model = build_model(&cfg, &RandomSource { seed: 5 }).unwrap();
+            let direct = WeightSource::Random { cfg: &cfg, seed: 5 };
+            let want = WeightSource::Model(&model)
+                .staged_tensors::<half::bf16>()
+                .unwrap();
+            assert_eq!(
+                direct.staged_tensors::<half::bf16>().unwrap(),
+                want,
+                "{arch:?}"
+            );
+            let other = WeightSource::Random { cfg: &cfg, seed: 6 };
+            assert_ne!(other.staged_tensors::<half::bf16>().unwrap(), want);
+        }
+    }
 
     fn fused(layout: Layout) -> Linear {
         let (i, o) = (5, 3 * 4);
