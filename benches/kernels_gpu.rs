@@ -1,12 +1,14 @@
 //! Achieved bandwidth of each CUDA kernel family at the shapes that matter (GPT2-XL widths).
 //! Criterion reports bytes/s from the minimum bytes each kernel must move (see the kernel headers);
-//! compare with the measured copy ceiling in docs/gpu.md (3.0 TB/s H100, 4.3 TB/s H200).
+//! the first group measures the ceiling they are compared with: a device-to-device copy of 512 MiB
+//! (bytes read plus written; docs/gpu.md quotes about 3.0 TB/s on an H100, 4.3 TB/s on an H200).
 //! Then the whole edit step: seconds per edit (time) and edits per second (thrpt, "elem/s") of one
 //! 20-token edit with the preset config (6 MoLoRA layers, 50 iterations) on random GPT-2 124M and
 //! GPT2-XL checkpoints in bf16, each edit continuing the state of the previous ones.
 //! Then one decode step (batch 1, 128 tokens of context, KV cache) of a random GPT2-XL checkpoint
 //! in bf16, replayed from its CUDA graph and run eagerly, side by side: milliseconds per token
-//! against the floor of reading the weights once (about 3.1 GB in bf16).
+//! against the floor of reading the weights once (about 3.1 GB in bf16): the bench prints that
+//! byte count on a `FLOOR` line, and tools/bench_table.py divides it by the measured copy rate.
 //! Without a GPU (or without compiled kernels) it prints one SKIP line and exits successfully.
 //!
 //! Timing: launches queued back to back, one stream synchronisation per batch of iterations (an
@@ -26,7 +28,7 @@ use elder::backend::cuda::{
 use elder::elder::config::ElderConfig;
 use elder::elder::molora::Elder;
 use elder::elder::trainer::EditExample;
-use elder::model::presets::preset;
+use elder::model::presets::{param_count, preset};
 use elder::model::runner::pad_batch;
 use elder::model::Arch;
 use half::bf16;
@@ -52,6 +54,23 @@ fn timed(dev: &GpuDevice, iters: u64, mut f: impl FnMut()) -> Duration {
     }
     dev.synchronize().expect("sync");
     start.elapsed()
+}
+
+/// The bandwidth ceiling: one device-to-device copy of 512 MiB (over 4x the L2 of either GPU).
+fn bench_copy(c: &mut Criterion, dev: &GpuDevice, rng: &mut ChaCha8Rng) {
+    let n = 256 << 20; // bf16 elements
+    let src = random::<bf16>(dev, rng, n, 1.0);
+    let mut dst = dev.zeros::<bf16>(n).unwrap();
+    let mut g = c.benchmark_group("copy");
+    g.throughput(Throughput::Bytes((2 * n * 2) as u64));
+    g.bench_function("memcpy_dtod 512 MiB (read + write)", |bch| {
+        bch.iter_custom(|iters| {
+            timed(dev, iters, || {
+                dev.stream().memcpy_dtod(&src, &mut dst).expect("copy")
+            })
+        })
+    });
+    g.finish();
 }
 
 fn bench_norm(c: &mut Criterion, dev: &GpuDevice, rng: &mut ChaCha8Rng) {
@@ -333,6 +352,10 @@ fn bench_decode_step(c: &mut Criterion, dev: &Arc<GpuDevice>) {
     )
     .expect("upload");
     let prompt: Vec<u32> = (0..context as u32).map(|i| (i * 31 + 7) % 50000).collect();
+    // The floor: every weight read once (bf16), plus the K and V cache of the context.
+    let kv = 2 * cfg.num_layers * context * cfg.hidden_size * 2;
+    let floor_bytes = param_count(&cfg) * 2 + kv;
+    println!("FLOOR decode_step/gpt2-xl bf16 B1 ctx{context} bytes={floor_bytes}");
     let mut g = c.benchmark_group("decode_step");
     g.sample_size(20).measurement_time(Duration::from_secs(10));
     g.throughput(Throughput::Elements(1));
@@ -361,20 +384,56 @@ fn bench_decode_step(c: &mut Criterion, dev: &Arc<GpuDevice>) {
     g.finish();
 }
 
+/// Whether a group's set-up should run: criterion filters benchmarks only after their set-up
+/// (here, uploading GPT2-XL), so a filter given on the command line (`--bench copy|norm`) also
+/// skips the set-up of groups none of its `|` alternatives names.
+fn group_filter() -> impl Fn(&str) -> bool {
+    let filter = std::env::args()
+        .skip(1)
+        .find(|a| !a.starts_with('-') && a.parse::<f64>().is_err());
+    move |group: &str| {
+        filter.as_deref().is_none_or(|f| {
+            f.split('|').any(|alt| {
+                group.contains(alt.split('/').next().unwrap_or(alt)) || alt.contains(group)
+            })
+        })
+    }
+}
+
 fn main() {
     let Some(dev) = gpu_or_skip("kernels_gpu benches") else {
         return;
     };
     let mut c = Criterion::default().configure_from_args();
     let mut rng = ChaCha8Rng::seed_from_u64(7);
-    bench_norm(&mut c, &dev, &mut rng);
-    bench_elementwise(&mut c, &dev, &mut rng);
-    bench_lora(&mut c, &dev, &mut rng);
-    bench_router(&mut c, &dev, &mut rng);
-    bench_attention_decode(&mut c, &dev, &mut rng);
-    bench_loss_and_adam(&mut c, &dev, &mut rng);
-    bench_edit(&mut c, &dev);
-    bench_decode_step(&mut c, &dev);
+    let want = group_filter();
+    if want("copy") {
+        bench_copy(&mut c, &dev, &mut rng);
+    }
+    if want("norm") {
+        bench_norm(&mut c, &dev, &mut rng);
+    }
+    if want("elementwise") {
+        bench_elementwise(&mut c, &dev, &mut rng);
+    }
+    if want("lora") {
+        bench_lora(&mut c, &dev, &mut rng);
+    }
+    if want("router") {
+        bench_router(&mut c, &dev, &mut rng);
+    }
+    if want("attention") {
+        bench_attention_decode(&mut c, &dev, &mut rng);
+    }
+    if want("loss_and_adam") || want("loss") || want("adam") {
+        bench_loss_and_adam(&mut c, &dev, &mut rng);
+    }
+    if want("edit") {
+        bench_edit(&mut c, &dev);
+    }
+    if want("decode_step") {
+        bench_decode_step(&mut c, &dev);
+    }
     black_box(&dev);
     c.final_summary();
 }

@@ -2,7 +2,8 @@
 # Build, on a development machine, everything the GPU machine runs (it has no Rust), and copy it into
 # gpu-bundle/ next to tools/gpu_check.sh:
 #
-#   tools/collect_gpu_bundle.sh   # -> gpu-bundle/{tests,benches}/..., elder, fixtures/, gpu_check.sh
+#   tools/collect_gpu_bundle.sh   # -> gpu-bundle/{tests,benches}/..., elder, fixtures/, gpu_check.sh,
+#                                 #    bench_table.py
 #   scp -r gpu-bundle gpu-host: && ssh gpu-host gpu-bundle/gpu_check.sh
 #
 # The executables embed the kernel fatbins (sm_90 + compute_80 PTX), so nvcc must be available here
@@ -43,5 +44,5 @@ cargo build --release --bin elder
 cp target/release/elder "$OUT/"
 mkdir -p "$OUT/fixtures"
 cp -r tests/fixtures/parity "$OUT/fixtures/"
-cp tools/gpu_check.sh "$OUT/"
+cp tools/gpu_check.sh tools/bench_table.py "$OUT/"
 echo "bundle ready: $OUT/ (run $OUT/gpu_check.sh on the GPU machine)"

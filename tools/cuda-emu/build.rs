@@ -127,9 +127,18 @@ fn main() {
     run(&mut link, "linking libcuda.so");
     let mut blas = Command::new(&cxx);
     common(&mut blas);
-    blas.args(["-shared", "-Wl,-soname,libcublas.so", "-o"])
-        .arg(out.join("libcublas.so"))
-        .arg(csrc.join("emu_cublas.cpp"));
+    // Linked against the emulated driver (see emu_cublas.cpp): one driver state per process.
+    blas.args([
+        "-shared",
+        "-Wl,-soname,libcublas.so",
+        "-Wl,-rpath,$ORIGIN",
+        "-o",
+    ])
+    .arg(out.join("libcublas.so"))
+    .arg(csrc.join("emu_cublas.cpp"))
+    .arg("-L")
+    .arg(&out)
+    .arg("-lcuda");
     run(&mut blas, "building libcublas.so");
     println!("cargo:rustc-env=ELDER_CUDA_EMU_DIR={}", out.display());
 }

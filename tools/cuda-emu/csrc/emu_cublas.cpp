@@ -3,7 +3,11 @@
 // CUBLAS_COMPUTE_32F. Each GEMM is submitted to the handle's stream through the emulated driver's
 // cuLaunchHostFunc, so a GEMM issued while the stream is being captured becomes part of the graph
 // and runs at every replay, as a real cuBLAS call would.
-#include <dlfcn.h>
+//
+// The library links against the emulated libcuda.so (DT_NEEDED, found next to it through
+// $ORIGIN), so it reaches the one driver instance the process loaded however it was loaded:
+// cudarc opens both libraries RTLD_LOCAL when they are found on the library path, where a
+// dlsym(RTLD_DEFAULT) lookup would find nothing.
 #include <stdio.h>
 #include <stdlib.h>
 
@@ -12,6 +16,10 @@
 #include "emu_half.h"
 
 #define EMU_API extern "C" __attribute__((visibility("default")))
+
+// From the emulated driver (emu_driver.cpp; CUresult is an int-sized enum, 0 = success).
+extern "C" int cuLaunchHostFunc(void* stream, void (*fn)(void*), void* data);
+extern "C" int cuStreamIsCapturing(void* stream, int* status);
 
 typedef int cublasStatus_t;
 enum : int {
@@ -112,25 +120,17 @@ void run_call(void* p) {
     if (!g->keep) delete g;
 }
 
-typedef int (*LaunchHostFunc)(void*, void (*)(void*), void*);
-typedef int (*IsCapturing)(void*, int*);
 
 // Validates now (so a bad call fails at the call, as in cuBLAS) and runs on the stream.
 cublasStatus_t submit(const Handle* h, const GemmCall& call) {
     const cublasStatus_t valid = validate(call.transa, call.transb, call.m, call.n, call.k, call.a_type, call.lda,
                                           call.b_type, call.ldb, call.c_type, call.ldc);
     if (valid != CUBLAS_STATUS_SUCCESS) return valid;
-    static LaunchHostFunc launch = (LaunchHostFunc)dlsym(RTLD_DEFAULT, "cuLaunchHostFunc");
-    static IsCapturing capturing = (IsCapturing)dlsym(RTLD_DEFAULT, "cuStreamIsCapturing");
     GemmCall* g = new GemmCall(call);
     int status = 0;
-    if (capturing) capturing(h->stream, &status);
+    if (cuStreamIsCapturing(h->stream, &status) != 0) return CUBLAS_STATUS_INVALID_VALUE;
     g->keep = status != 0;
-    if (!launch) {
-        run_call(g);
-        return CUBLAS_STATUS_SUCCESS;
-    }
-    return launch(h->stream, run_call, g) == 0 ? CUBLAS_STATUS_SUCCESS : CUBLAS_STATUS_INVALID_VALUE;
+    return cuLaunchHostFunc(h->stream, run_call, g) == 0 ? CUBLAS_STATUS_SUCCESS : CUBLAS_STATUS_INVALID_VALUE;
 }
 
 }  // namespace
