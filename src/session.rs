@@ -24,8 +24,8 @@ use crate::model::{Model, ModelConfig};
 ///
 /// The f32 CPU model is built from the map on first use ([`BaseModel::model`]), not on opening: a
 /// command that runs on the GPU uploads from the map tensor by tensor
-/// ([`BaseModel::weight_source`]) and never builds it (a 7B Llama's would be 27 GB of host memory),
-/// unless a step that only exists on the CPU asks for it.
+/// ([`BaseModel::weight_source`]) and never builds it (a 7B Llama's would be 27 GB of host memory);
+/// only the CPU paths do.
 pub struct BaseModel {
     pub dir: PathBuf,
     pub cfg: ModelConfig,
