@@ -159,7 +159,6 @@ fn bench_lora(c: &mut Criterion, dev: &GpuDevice, rng: &mut ChaCha8Rng) {
     let gates = random::<f32>(dev, rng, batch * k, 1.0);
     let scope: Vec<u8> = (0..batch).map(|b| (b % 2) as u8).collect();
     let scope = dev.upload(&scope).unwrap();
-    let mut shrink = dev.zeros::<f32>(batch * k * seq * rank).unwrap();
     let mut out = random::<bf16>(dev, rng, batch * seq * d_out, 1.0);
     let bytes = batch * seq * (d_in + 2 * d_out) * 2 + batch * k * rank * (d_in + d_out) * 4;
     let mut g = c.benchmark_group("lora");
@@ -167,7 +166,8 @@ fn bench_lora(c: &mut Criterion, dev: &GpuDevice, rng: &mut ChaCha8Rng) {
     g.bench_function("lora_forward_bf16 B64 T1 E64 k2 r8", |bch| {
         bch.iter_custom(|iters| {
             timed(dev, iters, || {
-                lora::lora_forward::<bf16>(
+                // Inference: one launch, no shrink kept for a backward.
+                lora::lora_forward::<bf16, CudaSlice<f32>>(
                     dev,
                     site,
                     &x,
@@ -176,7 +176,7 @@ fn bench_lora(c: &mut Criterion, dev: &GpuDevice, rng: &mut ChaCha8Rng) {
                     &experts,
                     &gates,
                     Some(&scope),
-                    &mut shrink,
+                    None,
                     &mut out,
                 )
                 .expect("launch")
@@ -289,7 +289,17 @@ fn bench_loss_and_adam(c: &mut Criterion, dev: &GpuDevice, rng: &mut ChaCha8Rng)
     g.bench_function("adam_f32 ELDER trainables (24.6M)", |bch| {
         bch.iter_custom(|iters| {
             timed(dev, iters, || {
-                adam::adam(dev, &mut param, &grad, &mut m, &mut v, p, step, None).expect("launch")
+                adam::adam(
+                    dev,
+                    &mut param,
+                    &grad,
+                    &mut m,
+                    &mut v,
+                    p,
+                    adam::Schedule::fixed(step),
+                    None,
+                )
+                .expect("launch")
             })
         })
     });

@@ -5,9 +5,12 @@
 //   g = grad / scale;  m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2;
 //   p -= step_size * m / (sqrt(v) / bc2_sqrt + eps)
 //   with step_size = lr / (1 - b1^t) and bc2_sqrt = sqrt(1 - b2^t) computed on the host in f32, exactly
-//   as the CPU twin does. Shapes: param, grad, m, v: [n] f32. `scale` [1] f32 and `state` [3] i32 (see
-//   below) may be null (scale 1, never skip); when state[FOUND] is set the step leaves everything as it
-//   was (torch's GradScaler skips the step the same way).
+//   as the CPU twin does. They come as arguments, or, when `schedule` is not null, from device memory
+//   (schedule[0] = step_size, schedule[1] = bc2_sqrt): the edit loop writes them there before each
+//   iteration, so one captured CUDA graph replays every iteration. Shapes: param, grad, m, v: [n] f32.
+//   `scale` [1] f32 and `state` [3] i32 (see below) may be null (scale 1, never skip); when
+//   state[FOUND] is set the step leaves everything as it was (torch's GradScaler skips the step the
+//   same way).
 //   Launch: grid-stride, 256 threads per block. Bound: memory, 7 * 4 * n bytes (read 4, write 3).
 //
 // grads_nonfinite_f32: sets state[FOUND] = 1 if any of grad [n] is inf or NaN (never clears it).
@@ -26,10 +29,14 @@ constexpr int SKIPPED = 2;  // steps skipped so far (the host reads the differen
 }  // namespace
 
 extern "C" __global__ void adam_f32(float* param, const float* grad, float* m, float* v, size_t n, float beta1,
-                                    float beta2, float eps, float step_size, float bc2_sqrt, const float* scale,
-                                    const int* state) {
+                                    float beta2, float eps, float step_size, float bc2_sqrt, const float* schedule,
+                                    const float* scale, const int* state) {
     if (state != nullptr && state[FOUND] != 0) return;
     const float s = scale != nullptr ? *scale : 1.0f;
+    if (schedule != nullptr) {
+        step_size = schedule[0];
+        bc2_sqrt = schedule[1];
+    }
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
         const float g = grad[i] / s;
         const float mi = beta1 * m[i] + (1.0f - beta1) * g;

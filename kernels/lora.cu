@@ -4,7 +4,8 @@
 //   shrink[b, j, t, :] = x[b, t, :] A[e]                      e = experts[b, j]; f32 [B, k, T, r]
 //   out[b, t, :]      += in_scope[b] * sum_j gates[b, j] * scale * shrink[b, j, t, :] B[e]
 // Shapes: x [B, T, d_in] T; A [E, d_in, r] f32; Bm [E, r, d_out] f32; experts [B, k] u32;
-//   gates [B, k] f32; in_scope [B] u8 (null = all in scope, as while training); out [B, T, d_out] T.
+//   gates [B, k] f32; in_scope [B] u8 (null = all in scope, as while training); out [B, T, d_out] T;
+//   shrink is written only when the caller keeps it for the backward (null at inference).
 // Backward (scale folded into g = gates * scale):
 //   dh_raw[b, j, t, :] = dout[b, t, :] Bm[e]^T                               f32 [B, k, T, r]
 //   dgates[b, j]      = scale * <shrink[b, j], dh_raw[b, j]>                (0 when out of scope)
@@ -12,10 +13,16 @@
 //   dA[e]            += x[b]^T (g dh_raw[b, j])                              f32 atomics
 //   dx[b]            += sum_j (g dh_raw[b, j]) A[e]^T
 // Launch shapes:
-//   shrink / dh_raw: grid (B*k, ceil(T / 8)), 256 threads, one warp per token; lanes stride over the
+//   forward (lora_forward): one launch per site. Grid (B*T, chunks), 256 threads: block (token,
+//     chunk) reduces its token's k*r shrink values over d_in (threads stride over d_in with r
+//     partial sums in registers, then warp and block reductions), then adds its chunk of the
+//     d_out columns of the expansion. Every chunk of a token repeats the shrink (A comes from L2):
+//     that buys the single launch, and the launcher uses more than one chunk only when tokens are
+//     too few to fill the GPU (decode), where the shrink is a small share of the work.
+//   dh_raw: grid (B*k, ceil(T / 8)), 256 threads, one warp per token; lanes stride over the
 //     reduction dimension and keep r <= MAX_RANK partial sums in registers, then warp-reduce.
-//   expand / dx: grid (B*T, ceil(d / 256)), 256 threads, one thread per output column; the k*r
-//     coefficients of the token sit in shared memory.
+//   dx: grid (B*T, ceil(d / 256)), 256 threads, one thread per output column; the k*r coefficients
+//     of the token sit in shared memory.
 //   dA / dB: grid (B*k, ceil(d / 256)), one thread per row of the expert matrix, looping over T.
 //   dgates: grid B*k, 256 threads, block reduction over T*r.
 // Bound: launch latency at ELDER sizes (r = 8: an expert is 2 * d * r * 4 = 100 kB for d = 1600).
@@ -29,12 +36,88 @@ namespace {
 constexpr int MAX_RANK = 32;
 constexpr int MAX_K = 8;
 constexpr int TOKENS_PER_BLOCK = 8;  // one per warp of a 256-thread block
+constexpr int FORWARD_THREADS = 256;
+constexpr int FORWARD_WARPS = FORWARD_THREADS / 32;
 
 __device__ __forceinline__ bool seq_in_scope(const uint8_t* in_scope, int b) { return !in_scope || in_scope[b]; }
 
-// y[b, j, t, c] = sum_i src[b, t, i] * M[e, i, c] (for shrink: M = A viewed [d, r]) or, with
-// `transposed`, sum_i src[b, t, i] * M[e, c, i] (for dh_raw: M = Bm, [r, d]).
-template <typename T, bool transposed>
+// The whole forward of a site for one token and one chunk of its output columns (see the launch
+// shapes above). Must run with FORWARD_THREADS threads.
+template <typename T>
+__device__ void mix_forward(const T* x, const float* a, const float* bm, const uint32_t* experts,
+                            const float* gates, const uint8_t* in_scope, int batch, int seq, int d_in, int d_out,
+                            int rank, int k, int n_experts, float scale, float* shrink, T* out) {
+    __shared__ float partial[FORWARD_WARPS][MAX_RANK];
+    __shared__ float coef[MAX_K * MAX_RANK];
+    __shared__ uint32_t chosen[MAX_K];
+    const int bt = blockIdx.x, b = bt / seq, t = bt % seq;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    if (b >= batch) return;
+    // Only the first chunk of a token writes its shrink (every chunk computes the same values).
+    float* shrink_out = (shrink != nullptr && blockIdx.y == 0) ? shrink : nullptr;
+    if (!seq_in_scope(in_scope, b)) {
+        // Out of scope: the output is untouched and the saved shrink is defined zeros.
+        if (shrink_out)
+            for (int jc = threadIdx.x; jc < k * rank; jc += blockDim.x)
+                shrink_out[(((size_t)b * k + jc / rank) * seq + t) * rank + jc % rank] = 0.0f;
+        return;
+    }
+    if (threadIdx.x < k) chosen[threadIdx.x] = experts[b * k + threadIdx.x];
+    __syncthreads();
+
+    // Shrink: coef[j, c] = gates[j] * scale * (x[t] A[e_j])[c], expert by expert.
+    const T* xrow = x + (size_t)bt * d_in;
+    for (int j = 0; j < k; ++j) {
+        const uint32_t e = chosen[j];
+        const bool valid = e < (uint32_t)n_experts;
+        float acc[MAX_RANK];
+#pragma unroll
+        for (int c = 0; c < MAX_RANK; ++c) acc[c] = 0.0f;
+        if (valid) {
+            const float* ae = a + (size_t)e * d_in * rank;
+            for (int i = threadIdx.x; i < d_in; i += blockDim.x) {
+                const float xv = to_f32(xrow[i]);
+#pragma unroll
+                for (int c = 0; c < MAX_RANK; ++c)
+                    if (c < rank) acc[c] += xv * ae[(size_t)i * rank + c];
+            }
+        }
+#pragma unroll
+        for (int c = 0; c < MAX_RANK; ++c) {
+            if (c < rank) {
+                const float v = warp_sum(acc[c]);
+                if (lane == 0) partial[warp][c] = v;
+            }
+        }
+        __syncthreads();
+        if (threadIdx.x < rank) {
+            float sum = 0.0f;
+            for (int w = 0; w < FORWARD_WARPS; ++w) sum += partial[w][threadIdx.x];
+            // A bad expert index gives NaN, so the error cannot pass silently.
+            if (!valid) sum = NAN;
+            coef[j * rank + threadIdx.x] = gates[b * k + j] * scale * sum;
+            if (shrink_out) shrink_out[(((size_t)b * k + j) * seq + t) * rank + threadIdx.x] = sum;
+        }
+        __syncthreads();  // `partial` is reused by the next expert; `coef` is read below
+    }
+
+    // Expand this block's chunk of the output columns.
+    const int per_chunk = (d_out + gridDim.y - 1) / gridDim.y;
+    const int begin = blockIdx.y * per_chunk, end = min(d_out, begin + per_chunk);
+    T* orow = out + (size_t)bt * d_out;
+    for (int o = begin + threadIdx.x; o < end; o += blockDim.x) {
+        float acc = 0.0f;
+        for (int j = 0; j < k; ++j) {
+            const uint32_t e = chosen[j];
+            const float* be = bm + (size_t)(e < (uint32_t)n_experts ? e : 0) * rank * d_out;
+            for (int c = 0; c < rank; ++c) acc += coef[j * rank + c] * be[(size_t)c * d_out + o];
+        }
+        orow[o] = from_f32<T>(to_f32(orow[o]) + acc);
+    }
+}
+
+// dh_raw[b, j, t, c] = sum_o dout[b, t, o] * Bm[e, c, o]   (Bm [E, r, d_out]).
+template <typename T>
 __device__ void project_to_rank(const T* src, const float* m, const uint32_t* experts, const uint8_t* in_scope,
                                 int batch, int seq, int d, int rank, int k, int n_experts, float* y) {
     const int bj = blockIdx.x, b = bj / k;
@@ -57,7 +140,7 @@ __device__ void project_to_rank(const T* src, const float* m, const uint32_t* ex
         const float xv = to_f32(srow[i]);
 #pragma unroll
         for (int c = 0; c < MAX_RANK; ++c)
-            if (c < rank) acc[c] += xv * (transposed ? me[(size_t)c * d + i] : me[(size_t)i * rank + c]);
+            if (c < rank) acc[c] += xv * me[(size_t)c * d + i];
     }
 #pragma unroll
     for (int c = 0; c < MAX_RANK; ++c) {
@@ -68,9 +151,9 @@ __device__ void project_to_rank(const T* src, const float* m, const uint32_t* ex
     }
 }
 
-// dst[b, t, o] += sum_j coef[j, c] * M[e_j, ...] where coef = gates * scale * src[b, j, t, c];
-// M[e, c, o] for expand (Bm [E, r, d]) or M[e, o, c] for dx (A [E, d, r], `transposed`).
-template <typename T, bool transposed>
+// dx[b, t, i] += sum_j coef[j, c] * A[e_j, i, c] where coef = gates * scale * dh_raw[b, j, t, c]
+// (A [E, d_in, r]).
+template <typename T>
 __device__ void expand_from_rank(const float* src, const float* m, const uint32_t* experts, const float* gates,
                                  const uint8_t* in_scope, int batch, int seq, int d, int rank, int k,
                                  int n_experts, float scale, T* dst) {
@@ -95,7 +178,7 @@ __device__ void expand_from_rank(const float* src, const float* m, const uint32_
         }
         const float* me = m + (size_t)e * d * rank;
         for (int c = 0; c < rank; ++c)
-            acc += coef[j * rank + c] * (transposed ? me[(size_t)o * rank + c] : me[(size_t)c * d + o]);
+            acc += coef[j * rank + c] * me[(size_t)o * rank + c];
     }
     T* drow = dst + ((size_t)b * seq + t) * d;
     drow[o] = from_f32<T>(to_f32(drow[o]) + acc);
@@ -150,21 +233,17 @@ __device__ void lora_dgates(const float* shrink, const float* dh_raw, const uint
 }  // namespace
 
 #define LORA_ENTRY_POINTS(S, T)                                                                                 \
-    extern "C" __global__ void lora_shrink_##S(const T* x, const float* a, const uint32_t* experts,             \
-                                               const uint8_t* in_scope, int batch, int seq, int d_in, int rank,  \
-                                               int k, int n_experts, float* shrink) {                            \
-        project_to_rank<T, false>(x, a, experts, in_scope, batch, seq, d_in, rank, k, n_experts, shrink);      \
-    }                                                                                                           \
-    extern "C" __global__ void lora_expand_##S(const float* shrink, const float* bm, const uint32_t* experts,   \
-                                               const float* gates, const uint8_t* in_scope, int batch, int seq, \
-                                               int d_out, int rank, int k, int n_experts, float scale, T* out) { \
-        expand_from_rank<T, false>(shrink, bm, experts, gates, in_scope, batch, seq, d_out, rank, k, n_experts, \
-                                   scale, out);                                                                 \
+    extern "C" __global__ void __launch_bounds__(FORWARD_THREADS)                                               \
+        lora_forward_##S(const T* x, const float* a, const float* bm, const uint32_t* experts, const float* gates, \
+                         const uint8_t* in_scope, int batch, int seq, int d_in, int d_out, int rank, int k,     \
+                         int n_experts, float scale, float* shrink, T* out) {                                   \
+        mix_forward<T>(x, a, bm, experts, gates, in_scope, batch, seq, d_in, d_out, rank, k, n_experts, scale,  \
+                       shrink, out);                                                                            \
     }                                                                                                           \
     extern "C" __global__ void lora_bwd_dh_##S(const T* dout, const float* bm, const uint32_t* experts,         \
                                                const uint8_t* in_scope, int batch, int seq, int d_out, int rank, \
                                                int k, int n_experts, float* dh_raw) {                            \
-        project_to_rank<T, true>(dout, bm, experts, in_scope, batch, seq, d_out, rank, k, n_experts, dh_raw);  \
+        project_to_rank<T>(dout, bm, experts, in_scope, batch, seq, d_out, rank, k, n_experts, dh_raw);  \
     }                                                                                                           \
     extern "C" __global__ void lora_bwd_db_##S(const T* dout, const float* shrink, const uint32_t* experts,     \
                                                const float* gates, const uint8_t* in_scope, int batch, int seq, \
@@ -183,7 +262,7 @@ __device__ void lora_dgates(const float* shrink, const float* dh_raw, const uint
     extern "C" __global__ void lora_bwd_dx_##S(const float* dh_raw, const float* a, const uint32_t* experts,    \
                                                const float* gates, const uint8_t* in_scope, int batch, int seq, \
                                                int d_in, int rank, int k, int n_experts, float scale, T* dx) {   \
-        expand_from_rank<T, true>(dh_raw, a, experts, gates, in_scope, batch, seq, d_in, rank, k, n_experts,   \
+        expand_from_rank<T>(dh_raw, a, experts, gates, in_scope, batch, seq, d_in, rank, k, n_experts,   \
                                   scale, dx);                                                                   \
     }
 

@@ -759,8 +759,29 @@ for_dtypes!(gpu_router_fused_matches_cpu, check_router);
 // ---------------------------------------------------------------- MoLoRA
 
 fn check_lora<T: KernelDtype>(dev: &Dev, name: &str) {
+    // A prefill-like batch (one column chunk per token), and a decode-like one: one token per
+    // sequence, widths above a block's 256 threads, an odd rank and more than one column chunk
+    // (`forward_chunks`), whose blocks each recompute their token's shrink.
+    check_lora_shape::<T>(dev, name, (6, 7, 96, 80, 8, 2, 64));
+    let decode = (3, 1, 300, 700, 5, 3, 7);
+    assert!(lora::forward_chunks(dev.sm_count(), 3, 700) > 1);
+    check_lora_shape::<T>(dev, &format!("{name} decode"), decode);
+}
+
+fn check_lora_shape<T: KernelDtype>(
+    dev: &Dev,
+    name: &str,
+    (batch, seq, d_in, d_out, rank, k, n_experts): (
+        usize,
+        usize,
+        usize,
+        usize,
+        usize,
+        usize,
+        usize,
+    ),
+) {
     let mut rng = rng_for(name);
-    let (batch, seq, d_in, d_out, rank, k, n_experts) = (6, 7, 96, 80, 8, 2, 64);
     let shape = molora::MixShape {
         batch,
         seq,
@@ -774,17 +795,22 @@ fn check_lora<T: KernelDtype>(dev: &Dev, name: &str) {
     let x = quant::<T>(&rand_vec(&mut rng, batch * seq * d_in, -1.0, 1.0));
     let a = rand_vec(&mut rng, n_experts * d_in * rank, -0.3, 0.3);
     let b = rand_vec(&mut rng, n_experts * rank * d_out, -0.3, 0.3);
+    // k distinct experts per sequence; sequences 0 and 2 share expert 5 (in different slots), so
+    // dA/dB accumulate across sequences.
     let mut experts = Vec::new();
-    for _ in 0..batch {
-        let mut all: Vec<u32> = (0..n_experts as u32).collect();
+    for bb in 0..batch {
+        let mut all: Vec<u32> = (0..n_experts as u32).filter(|&e| e != 5).collect();
         all.shuffle(&mut rng);
-        experts.extend_from_slice(&all[..k]);
+        let mut chosen = all[..k].to_vec();
+        match bb {
+            0 => chosen[0] = 5,
+            2 => chosen[1] = 5,
+            _ => {}
+        }
+        experts.extend_from_slice(&chosen);
     }
-    // Two sequences share expert 5 so dA/dB accumulate across sequences.
-    experts[0] = 5;
-    experts[2 * k + 1] = 5;
     let gates = rand_vec(&mut rng, batch * k, 0.05, 0.9);
-    let in_scope = [true, false, true, true, false, true];
+    let in_scope: Vec<bool> = (0..batch).map(|b| ![1, 4].contains(&(b % 6))).collect();
     let base = quant::<T>(&rand_vec(&mut rng, batch * seq * d_out, -1.0, 1.0));
     let sfx = T::SUFFIX;
 
@@ -809,7 +835,7 @@ fn check_lora<T: KernelDtype>(dev: &Dev, name: &str) {
     let sd = dev.upload(&scope_u8).unwrap();
     let mut shrink = poison::<f32>(dev, batch * k * seq * rank);
     let mut out = up::<T>(dev, &base);
-    lora::lora_forward::<T>(
+    lora::lora_forward::<T, CudaSlice<f32>>(
         dev,
         site,
         &xd,
@@ -818,7 +844,7 @@ fn check_lora<T: KernelDtype>(dev: &Dev, name: &str) {
         &ed,
         &gd,
         Some(&sd),
-        &mut shrink,
+        Some(&mut shrink),
         &mut out,
     )
     .unwrap();
@@ -927,11 +953,12 @@ fn check_lora<T: KernelDtype>(dev: &Dev, name: &str) {
     );
 
     // Training mode: no scope mask means every sequence is in scope.
-    let all = [true; 6];
+    // Inference keeps no shrink.
+    let all = vec![true; batch];
     let mut want = base.clone();
     molora::molora_forward(shape, &x, &a, &b, &experts, &gates, &all, &mut want, None);
     let mut out = up::<T>(dev, &base);
-    lora::lora_forward::<T>(
+    lora::lora_forward::<T, CudaSlice<f32>>(
         dev,
         site,
         &xd,
@@ -940,7 +967,7 @@ fn check_lora<T: KernelDtype>(dev: &Dev, name: &str) {
         &ed,
         &gd,
         None::<&CudaSlice<u8>>,
-        &mut shrink,
+        None,
         &mut out,
     )
     .unwrap();
@@ -1192,13 +1219,49 @@ fn gpu_adam_matches_cpu() {
         &mut md,
         &mut vd,
         n,
-        step,
+        adam::Schedule::fixed(step),
         None,
     )
     .unwrap();
     assert_close("adam param", &down(&dev, &pd), &wp, (1e-6, 1e-5));
     assert_close("adam m", &down(&dev, &md), &wm, (1e-6, 1e-5));
     assert_close("adam v", &down(&dev, &vd), &wv, (1e-6, 1e-5));
+
+    // The step read from device memory (how the edit loop's captured graph gets each
+    // iteration's step) is the same step.
+    let (mut pd, mut md, mut vd) = (
+        up::<f32>(&dev, &param),
+        up::<f32>(&dev, &m),
+        up::<f32>(&dev, &v),
+    );
+    let schedule = up::<f32>(&dev, &adam::step_schedule(step));
+    let betas = ops::AdamStep {
+        lr: f32::NAN, // not read: the rate and step count are in `schedule`
+        t: 0,
+        ..step
+    };
+    adam::adam(
+        &dev,
+        &mut pd,
+        &up::<f32>(&dev, &grad),
+        &mut md,
+        &mut vd,
+        n,
+        adam::Schedule::Device {
+            betas,
+            schedule: &schedule,
+        },
+        None,
+    )
+    .unwrap();
+    assert_close(
+        "adam param (device schedule)",
+        &down(&dev, &pd),
+        &wp,
+        (1e-6, 1e-5),
+    );
+    assert_eq!(down(&dev, &md), wm, "adam m (device schedule)");
+    assert_eq!(down(&dev, &vd), wv, "adam v (device schedule)");
 
     // Loss scaling: a gradient of the loss times 8 takes the same step; an overflowed iteration
     // takes none and halves the scale; the next clean one steps again (and may grow the scale).
@@ -1218,7 +1281,17 @@ fn gpu_adam_matches_cpu() {
     let scaled = |s: f32| up::<f32>(&dev, &grad.iter().map(|g| g * s).collect::<Vec<_>>());
     let g8 = scaled(8.0);
     ls.check(&dev, &g8, n).unwrap();
-    adam::adam(&dev, &mut pd, &g8, &mut md, &mut vd, n, step, Some(&ls)).unwrap();
+    adam::adam(
+        &dev,
+        &mut pd,
+        &g8,
+        &mut md,
+        &mut vd,
+        n,
+        adam::Schedule::fixed(step),
+        Some(&ls),
+    )
+    .unwrap();
     ls.update(&dev).unwrap();
     assert_close("scaled adam param", &down(&dev, &pd), &wp, (1e-6, 1e-5));
     assert_close("scaled adam v", &down(&dev, &vd), &wv, (1e-6, 1e-5));
@@ -1234,7 +1307,17 @@ fn gpu_adam_matches_cpu() {
     let before = (down(&dev, &pd), down(&dev, &md), down(&dev, &vd));
     ls.check(&dev, &g8, n).unwrap(); // a clean tensor and an overflowed one: the step is skipped
     ls.check(&dev, &bad, n).unwrap();
-    adam::adam(&dev, &mut pd, &g8, &mut md, &mut vd, n, step, Some(&ls)).unwrap();
+    adam::adam(
+        &dev,
+        &mut pd,
+        &g8,
+        &mut md,
+        &mut vd,
+        n,
+        adam::Schedule::fixed(step),
+        Some(&ls),
+    )
+    .unwrap();
     ls.update(&dev).unwrap();
     assert_eq!(
         down(&dev, &pd),
@@ -1255,7 +1338,17 @@ fn gpu_adam_matches_cpu() {
     ops::adam(&mut wp, &grad, &mut wm, &mut wv, step2);
     let g4 = scaled(4.0);
     ls.check(&dev, &g4, n).unwrap();
-    adam::adam(&dev, &mut pd, &g4, &mut md, &mut vd, n, step2, Some(&ls)).unwrap();
+    adam::adam(
+        &dev,
+        &mut pd,
+        &g4,
+        &mut md,
+        &mut vd,
+        n,
+        adam::Schedule::fixed(step2),
+        Some(&ls),
+    )
+    .unwrap();
     ls.update(&dev).unwrap();
     assert_close("adam after a skip", &down(&dev, &pd), &wp, (1e-6, 1e-5));
     ls.check(&dev, &g4, n).unwrap();

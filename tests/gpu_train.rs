@@ -677,6 +677,78 @@ fn gpu_edit_steady_state_allocates_nothing() {
     assert_eq!(elder.codebook.len(), 3 + 1 + 2 + 3);
 }
 
+/// Iterations replayed from the captured CUDA graph give exactly the eager iterations' results:
+/// the same losses, experts, routers and codes, bit for bit, in both allocation modes (the
+/// router's first choice is fixed by the eager first iteration).
+#[test]
+fn gpu_edit_iteration_graph_replays_the_eager_iterations() {
+    use AllocationMode::{KnowledgeSeed, RouterFirstIteration};
+    let specs = [
+        (Arch::Gpt2, MlpProj::CFc, RouterFirstIteration, false),
+        (Arch::Llama, MlpProj::DownProj, KnowledgeSeed, true),
+    ];
+    let cases: Vec<Case> = specs
+        .into_iter()
+        .map(|(arch, proj, allocation, centering)| {
+            let spec = Spec {
+                arch,
+                proj,
+                allocation,
+                edits: 2,
+                centering,
+                renormalize: false,
+            };
+            case(spec, 71)
+        })
+        .collect();
+    let Some(dev) = common::test_device("gpu_edit_iteration_graph_replays_the_eager_iterations")
+    else {
+        return;
+    };
+    fn check<T: KernelDtype>(dev: &Dev, case: &Case)
+    where
+        CudaBlas: Gemm<T>,
+    {
+        let run = |graphs: bool| {
+            let cap = Capacity { batch: 2, seq: 8 };
+            let mut gpu = GpuTrainer::<T>::new(dev.clone(), &case.model, cap).unwrap();
+            gpu.set_iteration_graphs(graphs);
+            let mut elder = case.elder.clone();
+            let mut losses = Vec::new();
+            let report = gpu
+                .edit_batch(&mut elder, &case.batch, |_, l| losses.push(l))
+                .unwrap();
+            (elder, losses, report)
+        };
+        let (graphed, graphed_losses, graphed_report) = run(true);
+        let (eager, eager_losses, eager_report) = run(false);
+        let tag = format!("{} {}", case.name, T::SUFFIX);
+        assert_eq!(graphed_losses, eager_losses, "{tag}: losses");
+        assert_eq!(graphed_report, eager_report, "{tag}: report");
+        assert_eq!(
+            graphed.layers, eager.layers,
+            "{tag}: trained experts and routers"
+        );
+        assert_eq!(
+            graphed.codebook.entries(),
+            eager.codebook.entries(),
+            "{tag}: codes"
+        );
+        assert!(
+            graphed_losses.last() < graphed_losses.first(),
+            "{tag}: the replayed iterations trained ({graphed_losses:?})"
+        );
+        eprintln!(
+            "{tag}: {} iterations, graph replay == eager",
+            graphed_losses.len()
+        );
+    }
+    for case in &cases {
+        check::<f32>(&dev, case);
+        check::<bf16>(&dev, case);
+    }
+}
+
 /// The stream logic is one for both devices: on the GPU, `apply_stream_on` commits after every
 /// batch, resumes after an interruption and leaves the state the CPU leaves (the same applied ids
 /// and codes, experts within f32 tolerance). With query centring, the GPU calibrates the mean

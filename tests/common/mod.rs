@@ -121,7 +121,6 @@ pub fn sharpened(mut m: Model) -> Model {
 /// `tools/cuda-emu` (real kernels, host memory), announced by a visible `EMULATED` line, unless
 /// `ELDER_CUDA_EMU=0`; with neither, `None` after a visible `SKIP` line.
 pub fn test_device(test_name: &str) -> Option<Arc<GpuDevice>> {
-    static EMULATING: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     let emulating = *EMULATING.get_or_init(|| {
         let allowed = std::env::var("ELDER_CUDA_EMU").map_or(true, |v| v != "0");
         if cuda_available() || !allowed {
@@ -142,4 +141,22 @@ pub fn test_device(test_name: &str) -> Option<Arc<GpuDevice>> {
         ));
     }
     gpu_or_skip(test_name)
+}
+
+/// Whether the GPU tests of this process run on the emulator (decided by [`test_device`]).
+static EMULATING: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+
+/// The device for a test that reads the emulator's trace of host calls (`elder_cuda_emu::trace`):
+/// the emulator, or `None` after a visible `SKIP` line where a real driver serves the GPU tests
+/// (CUDA has no such trace; Nsight Systems shows the same on a GPU).
+pub fn traced_device(test_name: &str) -> Option<Arc<GpuDevice>> {
+    let dev = test_device(test_name)?;
+    if EMULATING.get() != Some(&true) {
+        announce(&format!(
+            "SKIP {test_name}: the launch trace exists only on the CUDA emulator, and a CUDA \
+             driver is loaded"
+        ));
+        return None;
+    }
+    Some(dev)
 }

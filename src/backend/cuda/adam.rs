@@ -176,33 +176,66 @@ impl LossScale {
     }
 }
 
+/// `[step_size, bc2_sqrt]` of one Adam step: `lr / (1 - beta1^t)` and `sqrt(1 - beta2^t)`, computed
+/// on the host in f32 exactly as the CPU twin computes its bias corrections.
+pub fn step_schedule(step: AdamStep) -> [f32; 2] {
+    let bc1 = 1.0 - step.beta1.powi(step.t as i32);
+    let bc2 = 1.0 - step.beta2.powi(step.t as i32);
+    [step.lr / bc1, bc2.sqrt()]
+}
+
+/// Where an Adam launch reads its step size and bias correction.
+pub enum Schedule<'a, S> {
+    /// From this step, as launch arguments.
+    Fixed(AdamStep),
+    /// From `[step_size, bc2_sqrt]` ([`step_schedule`]) in device memory, read when the kernel
+    /// runs: a captured graph then replays with whatever step was written there. `betas` gives
+    /// beta1, beta2 and eps (its `lr` and `t` are not read).
+    Device { betas: AdamStep, schedule: &'a S },
+}
+
+impl Schedule<'static, CudaSlice<f32>> {
+    /// [`Schedule::Fixed`] without naming the (unused) device buffer type.
+    pub fn fixed(step: AdamStep) -> Self {
+        Schedule::Fixed(step)
+    }
+}
+
 /// One Adam step on `n` f32 parameters, in place on `param`, `m`, `v`. With `scaling`, the
 /// gradient is divided by the current loss scale and the step is skipped if this iteration
 /// overflowed ([`LossScale::check`] must have run on every tensor first).
 #[allow(clippy::too_many_arguments)]
-pub fn adam<P: DevicePtrMut<f32>>(
+pub fn adam<P: DevicePtrMut<f32>, S: DevicePtr<f32>>(
     dev: &GpuDevice,
     param: &mut P,
     grad: &impl DevicePtr<f32>,
     m: &mut P,
     v: &mut P,
     n: usize,
-    step: AdamStep,
+    schedule: Schedule<'_, S>,
     scaling: Option<&LossScale>,
 ) -> Result<()> {
-    if step.t == 0 {
-        bail!("adam: step count t is 1-based, found 0");
-    }
-    // Host-side bias corrections, computed exactly as the CPU twin computes them.
-    let bc1 = 1.0 - step.beta1.powi(step.t as i32);
-    let bc2 = 1.0 - step.beta2.powi(step.t as i32);
+    let (step, device_schedule) = match schedule {
+        Schedule::Fixed(step) => {
+            if step.t == 0 {
+                bail!("adam: step count t is 1-based, found 0");
+            }
+            (step, None)
+        }
+        Schedule::Device { betas, schedule } => (betas, Some(schedule)),
+    };
+    let [step_size, bc2_sqrt] = match device_schedule {
+        Some(_) => [0.0, 1.0], // not read
+        None => step_schedule(step),
+    };
     let s = dev.stream();
     let (pp, _g1) = output(s, "adam param", param, n)?;
     let (pg, _g2) = input(s, "adam grad", grad, n)?;
     let (pm, _g3) = output(s, "adam m", m, n)?;
     let (pv, _g4) = output(s, "adam v", v, n)?;
-    let (pscale, _g5) = opt_input(s, "adam loss scale", scaling.map(|l| &l.scale), 1)?;
-    let (pstate, _g6) = opt_input(s, "adam loss scale state", scaling.map(|l| &l.state), 3)?;
+    let (psched, _g5) = opt_input(s, "adam schedule [step_size, bc2_sqrt]", device_schedule, 2)?;
+    let (pscale, _g6) = opt_input(s, "adam loss scale", scaling.map(|l| &l.scale), 1)?;
+    let (pstate, _g7) = opt_input(s, "adam loss scale state", scaling.map(|l| &l.state), 3)?;
     let args = [
         pp,
         pg,
@@ -212,8 +245,9 @@ pub fn adam<P: DevicePtrMut<f32>>(
         KArg::F32(step.beta1),
         KArg::F32(step.beta2),
         KArg::F32(step.eps),
-        KArg::F32(step.lr / bc1),
-        KArg::F32(bc2.sqrt()),
+        KArg::F32(step_size),
+        KArg::F32(bc2_sqrt),
+        psched,
         pscale,
         pstate,
     ];

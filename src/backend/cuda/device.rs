@@ -6,9 +6,10 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use anyhow::{anyhow, bail, Context, Result};
 use cudarc::cublas::CudaBlas;
+use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtrMut, LaunchConfig,
-    PushKernelArg,
+    CudaContext, CudaFunction, CudaGraph, CudaModule, CudaSlice, CudaStream, DevicePtrMut,
+    LaunchConfig, PushKernelArg,
 };
 
 use super::{cuda_available, embedded, BUILT_WITH_KERNELS, NO_KERNELS_MSG};
@@ -155,6 +156,23 @@ impl GpuDevice {
             .with_context(|| format!("kernel {name} not found in kernels/{family}.cu"))?;
         cache.insert(name.to_string(), f.clone());
         Ok(f)
+    }
+
+    /// Records the device work `record` queues on the stream into a CUDA graph (not run: launch
+    /// the graph for that). Thread-local capture mode: other threads using the device (tests, a
+    /// server's other requests) may still allocate and synchronise meanwhile. `record` must queue
+    /// work only: no allocation, no synchronisation, no copy to the host.
+    pub fn capture_graph(&self, record: impl FnOnce() -> Result<()>) -> Result<CudaGraph> {
+        self.stream
+            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .context("starting a CUDA graph capture")?;
+        let recorded = record();
+        // End the capture even when recording failed, so the stream is usable again.
+        let graph = self.stream.end_capture(CUgraphInstantiate_flags(0));
+        recorded.context("recording a CUDA graph")?;
+        graph
+            .context("instantiating a captured CUDA graph")?
+            .context("the capture recorded no work")
     }
 
     /// Grid size for grid-stride kernels: enough blocks to fill the GPU a few times over.

@@ -1,5 +1,5 @@
-//! Launchers for `kernels/lora.cu`: the batched MoLoRA mixture of one site (forward: shrink then
-//! expand-and-add; backward: dh, dgates, dB, dA, dx). Every sequence has its own k experts, gates
+//! Launchers for `kernels/lora.cu`: the batched MoLoRA mixture of one site (forward: shrink,
+//! gate and expand-and-add in one launch; backward: dh, dgates, dB, dA, dx). Every sequence has its own k experts, gates
 //! and in-scope flag; out-of-scope sequences leave the output untouched.
 //! CPU twins: `molora::molora_forward` / `molora::molora_backward` (same [`MixShape`]).
 
@@ -78,10 +78,20 @@ impl LoraSite {
     }
 }
 
-/// `shrink [B, k, T, r] = x A_e` (f32) and `out [B, T, d_out] += in_scope * sum_j gates * scale * shrink B_e`.
-/// `in_scope = None` means every sequence is in scope (training).
+/// Column chunks per token of the one-launch forward: enough blocks to give every SM one when the
+/// tokens alone are too few (decode), never chunks under one block's width of columns. Each chunk
+/// repeats its token's shrink, so with enough tokens there is one chunk per token.
+pub fn forward_chunks(sm_count: u32, tokens: usize, d_out: usize) -> usize {
+    let by_sms = (sm_count as usize).div_ceil(tokens.max(1));
+    by_sms.clamp(1, d_out.div_ceil(THREADS as usize).max(1))
+}
+
+/// `out [B, T, d_out] += in_scope * sum_j gates * scale * (x A_e) B_e`, in one launch. When
+/// `shrink` is given it receives `x A_e` `[B, k, T, r]` (f32, zeros for out-of-scope sequences) for
+/// the backward; inference passes `None`. `in_scope = None` means every sequence is in scope
+/// (training).
 #[allow(clippy::too_many_arguments)]
-pub fn lora_forward<T: KernelDtype>(
+pub fn lora_forward<T: KernelDtype, S: DevicePtrMut<f32>>(
     dev: &GpuDevice,
     site: LoraSite,
     x: &impl DevicePtr<T>,
@@ -90,7 +100,7 @@ pub fn lora_forward<T: KernelDtype>(
     experts: &impl DevicePtr<u32>,
     gates: &impl DevicePtr<f32>,
     in_scope: Option<&impl DevicePtr<u8>>,
-    shrink: &mut impl DevicePtrMut<f32>,
+    shrink: Option<&mut S>,
     out: &mut impl DevicePtrMut<T>,
 ) -> Result<()> {
     site.validate()?;
@@ -103,28 +113,38 @@ pub fn lora_forward<T: KernelDtype>(
     let (pe, _g4) = input(st, "lora experts [B, k]", experts, bk)?;
     let (pg, _g5) = input(st, "lora gates [B, k]", gates, bk)?;
     let (pi, _g6) = opt_input(st, "lora in_scope [B]", in_scope, s.batch)?;
-    let (ph, _g7) = output(st, "lora shrink [B, k, T, r]", shrink, bk * s.seq * s.rank)?;
+    let (ph, _g7) = opt_output(st, "lora shrink [B, k, T, r]", shrink, bk * s.seq * s.rank)?;
     let (po, _g8) = output(st, "lora out [B, T, d_out]", out, bt * s.d_out)?;
-
-    let mut args = vec![px, pa, pe, pi];
-    args.extend(site.dims(s.d_in)?);
-    args.push(ph);
-    // SAFETY: shapes validated and buffer lengths checked above; arguments match lora_shrink_{T}.
-    unsafe {
-        dev.launch(
-            FAMILY,
-            &format!("lora_shrink_{}", T::SUFFIX),
-            site.per_token_cfg(),
-            &args,
-        )?
+    let args = [
+        px,
+        pa,
+        pb,
+        pe,
+        pg,
+        pi,
+        KArg::I32(as_i32("batch", s.batch)?),
+        KArg::I32(as_i32("seq", s.seq)?),
+        KArg::I32(as_i32("d_in", s.d_in)?),
+        KArg::I32(as_i32("d_out", s.d_out)?),
+        KArg::I32(as_i32("rank", s.rank)?),
+        KArg::I32(as_i32("k", s.k)?),
+        KArg::I32(as_i32("n_experts", e)?),
+        KArg::F32(s.scale),
+        ph,
+        po,
+    ];
+    let cfg = LaunchConfig {
+        grid_dim: (
+            bt as u32,
+            forward_chunks(dev.sm_count(), bt, s.d_out) as u32,
+            1,
+        ),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
     };
-
-    let mut args = vec![ph, pb, pe, pg, pi];
-    args.extend(site.dims(s.d_out)?);
-    args.extend([KArg::F32(s.scale), po]);
-    let cfg = site.per_column_cfg(bt, s.d_out);
-    // SAFETY: as above; arguments match lora_expand_{T}.
-    unsafe { dev.launch(FAMILY, &format!("lora_expand_{}", T::SUFFIX), cfg, &args) }
+    // SAFETY: shapes validated and buffer lengths checked above; arguments match lora_forward_{T}
+    // (which needs THREADS = 256 threads per block).
+    unsafe { dev.launch(FAMILY, &format!("lora_forward_{}", T::SUFFIX), cfg, &args) }
 }
 
 /// Gradient buffers of [`lora_backward`]: `da [E, d_in, r]`, `db [E, r, d_out]` are accumulated
@@ -297,5 +317,17 @@ mod tests {
         assert_eq!(cfg.grid_dim, (4, 1, 1)); // B*k blocks, ceil(3 / 8) token tiles
         let cfg = s.per_column_cfg(6, 600);
         assert_eq!(cfg.grid_dim, (6, 3, 1)); // ceil(600 / 256) = 3
+    }
+
+    #[test]
+    fn forward_chunks_fill_the_sms_only_when_tokens_are_few() {
+        // GPT2-XL's c_fc site (d_out 6400) on 132 SMs: a batch-1 decode step splits its columns
+        // 25 ways (one 256-wide chunk each); 8 tokens 17 ways; a training batch of 200 rows not at all.
+        assert_eq!(forward_chunks(132, 1, 6400), 25);
+        assert_eq!(forward_chunks(132, 8, 6400), 17);
+        assert_eq!(forward_chunks(132, 200, 6400), 1);
+        // Never a chunk narrower than one block, never zero.
+        assert_eq!(forward_chunks(132, 1, 100), 1);
+        assert_eq!(forward_chunks(4, 0, 0), 1);
     }
 }

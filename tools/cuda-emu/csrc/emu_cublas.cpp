@@ -1,8 +1,8 @@
 // The cuBLAS GEMMs cudarc calls (column-major, as cuBLAS defines them), on the host with f32
 // accumulation and the result rounded once to the output type — the numerics cuBLAS has with
-// CUBLAS_COMPUTE_32F. Each GEMM is submitted to the handle's stream through the emulated driver's
-// cuLaunchHostFunc, so a GEMM issued while the stream is being captured becomes part of the graph
-// and runs at every replay, as a real cuBLAS call would.
+// CUBLAS_COMPUTE_32F. Each GEMM is submitted to the handle's stream as a host function of the
+// emulated driver (named `gemm` in its trace), so a GEMM issued while the stream is being captured
+// becomes part of the graph and runs at every replay, as a real cuBLAS call would.
 //
 // The library links against the emulated libcuda.so (DT_NEEDED, found next to it through
 // $ORIGIN), so it reaches the one driver instance the process loaded however it was loaded:
@@ -18,7 +18,7 @@
 #define EMU_API extern "C" __attribute__((visibility("default")))
 
 // From the emulated driver (emu_driver.cpp; CUresult is an int-sized enum, 0 = success).
-extern "C" int cuLaunchHostFunc(void* stream, void (*fn)(void*), void* data);
+extern "C" int cudaEmuLaunchHostFuncNamed(void* stream, void (*fn)(void*), void* data, const char* name);
 extern "C" int cuStreamIsCapturing(void* stream, int* status);
 
 typedef int cublasStatus_t;
@@ -130,7 +130,7 @@ cublasStatus_t submit(const Handle* h, const GemmCall& call) {
     int status = 0;
     if (cuStreamIsCapturing(h->stream, &status) != 0) return CUBLAS_STATUS_INVALID_VALUE;
     g->keep = status != 0;
-    return cuLaunchHostFunc(h->stream, run_call, g) == 0 ? CUBLAS_STATUS_SUCCESS : CUBLAS_STATUS_INVALID_VALUE;
+    return cudaEmuLaunchHostFuncNamed(h->stream, run_call, g, "gemm") == 0 ? CUBLAS_STATUS_SUCCESS : CUBLAS_STATUS_INVALID_VALUE;
 }
 
 }  // namespace

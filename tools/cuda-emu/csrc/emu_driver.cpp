@@ -41,6 +41,23 @@ namespace {
 
 constexpr size_t TOTAL_MEMORY = 64ull << 30;  // what the "device" reports; allocations are host mmaps
 
+// ------------------------------------------------------------------ trace
+// What the host asks of the "device", in order, for tests that check the shape of a step: which
+// kernels it launches and how often, and that it neither synchronises, allocates nor copies where
+// it must not. Recorded at the call (a captured operation is marked `capture`; a graph replay is
+// one `graph_launch`). Per OS thread, so tests running in parallel do not see each other's work.
+
+thread_local bool tracing = false;
+thread_local std::vector<std::string> trace_events;
+
+void trace(bool captured, const char* kind, const std::string& detail) {
+    if (!tracing) return;
+    std::string e = captured ? "capture " : "";
+    e += kind;
+    if (!detail.empty()) e += " " + detail;
+    trace_events.push_back(std::move(e));
+}
+
 // ------------------------------------------------------------------ memory
 
 struct Allocation {
@@ -59,6 +76,7 @@ size_t page_size() {
 
 CUresult device_alloc(CUdeviceptr* out, size_t bytes) {
     if (!out) return CUDA_ERROR_INVALID_VALUE;
+    trace(false, "alloc", std::to_string(bytes));
     const size_t payload = ((bytes ? bytes : 1) + 15) & ~(size_t)15;  // 16-byte aligned start
     const size_t data_pages = (payload + page_size() - 1) / page_size() * page_size();
     const size_t map_bytes = data_pages + page_size();
@@ -78,6 +96,7 @@ CUresult device_alloc(CUdeviceptr* out, size_t bytes) {
 
 CUresult device_free(CUdeviceptr p) {
     if (p == 0) return CUDA_SUCCESS;
+    trace(false, "free", "");
     Allocation a;
     {
         std::lock_guard<std::mutex> g(alloc_lock);
@@ -124,6 +143,7 @@ struct Op {
     // Host function
     void (*fn)(void*) = nullptr;
     void* data = nullptr;
+    const char* trace_name = nullptr;  // what the trace calls it (cuBLAS names its GEMMs)
 };
 
 struct Graph {
@@ -180,6 +200,15 @@ CUresult run_op(const Op& op) {
 // Runs `op` now, or appends it to the graph the stream is capturing.
 CUresult submit(void* stream, Op op) {
     Stream* s = stream_of(stream);
+    if (tracing) {
+        switch (op.kind) {
+            case Op::Launch: trace(s->capturing, "launch", op.kernel->name); break;
+            case Op::Copy: break;  // traced by the copy calls, which know the direction
+            case Op::Set8:
+            case Op::Set32: trace(s->capturing, "memset", std::to_string(op.bytes)); break;
+            case Op::HostFn: trace(s->capturing, op.trace_name ? op.trace_name : "host_fn", ""); break;
+        }
+    }
     if (s->capturing) {
         s->capturing->ops.push_back(std::move(op));
         return CUDA_SUCCESS;
@@ -287,6 +316,7 @@ EMU_API CUresult cuCtxGetDevice(CUdevice* d) {
     return CUDA_SUCCESS;
 }
 EMU_API CUresult cuCtxSynchronize() {
+    trace(false, "sync", "context");
     return refuse_during_capture("cuCtxSynchronize") ? CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED : CUDA_SUCCESS;
 }
 EMU_API CUresult cuCtxSetFlags(unsigned) { return CUDA_SUCCESS; }
@@ -354,16 +384,19 @@ EMU_API CUresult cuMemHostUnregister(void*) { return CUDA_SUCCESS; }
 
 EMU_API CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t bytes, void* stream) {
     if (!device_range_ok(dst, bytes, "cuMemcpyHtoD destination")) return CUDA_ERROR_INVALID_VALUE;
+    trace(stream_of(stream)->capturing, "htod", std::to_string(bytes));
     return submit(stream, copy_op((void*)(uintptr_t)dst, src, bytes));
 }
 EMU_API CUresult cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, size_t bytes, void* stream) {
     if (!device_range_ok(src, bytes, "cuMemcpyDtoH source")) return CUDA_ERROR_INVALID_VALUE;
+    trace(stream_of(stream)->capturing, "dtoh", std::to_string(bytes));
     return submit(stream, copy_op(dst, (const void*)(uintptr_t)src, bytes));
 }
 EMU_API CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t bytes, void* stream) {
     if (!device_range_ok(dst, bytes, "cuMemcpyDtoD destination") ||
         !device_range_ok(src, bytes, "cuMemcpyDtoD source"))
         return CUDA_ERROR_INVALID_VALUE;
+    trace(stream_of(stream)->capturing, "dtod", std::to_string(bytes));
     return submit(stream, copy_op((void*)(uintptr_t)dst, (const void*)(uintptr_t)src, bytes));
 }
 EMU_API CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void* src, size_t bytes) {
@@ -447,6 +480,32 @@ EMU_API CUresult cuLaunchHostFunc(void* stream, void (*fn)(void*), void* data) {
     op.data = data;
     return submit(stream, std::move(op));
 }
+// cuLaunchHostFunc under a name for the trace (the emulated cuBLAS submits its GEMMs with it).
+EMU_API CUresult cudaEmuLaunchHostFuncNamed(void* stream, void (*fn)(void*), void* data, const char* name) {
+    Op op{Op::HostFn};
+    op.fn = fn;
+    op.data = data;
+    op.trace_name = name;
+    return submit(stream, std::move(op));
+}
+
+// ------------------------------------------------------------------ trace access (elder_cuda_emu::trace)
+
+// Starts recording this thread's calls, dropping what an earlier trace left.
+EMU_API void cudaEmuTraceStart() {
+    trace_events.clear();
+    tracing = true;
+}
+// Stops recording; returns the number of events recorded.
+EMU_API size_t cudaEmuTraceStop() {
+    tracing = false;
+    return trace_events.size();
+}
+// Event `i` of the last trace ("launch rope_f32", "capture launch ...", "dtoh 64", "sync stream",
+// "graph_launch 37", "alloc 4096", "gemm", ...), or null past the end.
+EMU_API const char* cudaEmuTraceEvent(size_t i) {
+    return i < trace_events.size() ? trace_events[i].c_str() : nullptr;
+}
 
 // ------------------------------------------------------------------ streams and events
 
@@ -460,6 +519,7 @@ EMU_API CUresult cuStreamDestroy_v2(void* s) {
     return CUDA_SUCCESS;
 }
 EMU_API CUresult cuStreamSynchronize(void*) {
+    trace(false, "sync", "stream");
     return refuse_during_capture("cuStreamSynchronize") ? CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED : CUDA_SUCCESS;
 }
 EMU_API CUresult cuStreamQuery(void*) { return CUDA_SUCCESS; }
@@ -474,7 +534,10 @@ EMU_API CUresult cuEventRecord(void* e, void* stream) {
     ((Event*)e)->seconds = now_seconds();
     return CUDA_SUCCESS;
 }
-EMU_API CUresult cuEventSynchronize(void*) { return CUDA_SUCCESS; }
+EMU_API CUresult cuEventSynchronize(void*) {
+    trace(false, "sync", "event");
+    return CUDA_SUCCESS;
+}
 EMU_API CUresult cuEventQuery(void*) { return CUDA_SUCCESS; }
 EMU_API CUresult cuEventDestroy_v2(void* e) {
     delete (Event*)e;
@@ -518,6 +581,7 @@ EMU_API CUresult cuGraphInstantiateWithFlags(void** exec, void* graph, unsigned 
 EMU_API CUresult cuGraphUpload(void*, void*) { return CUDA_SUCCESS; }
 EMU_API CUresult cuGraphLaunch(void* exec, void* stream) {
     if (stream_of(stream)->capturing) return CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED;
+    trace(false, "graph_launch", std::to_string(((Graph*)exec)->ops.size()));
     for (const Op& op : ((Graph*)exec)->ops) {
         const CUresult r = run_op(op);
         if (r != CUDA_SUCCESS) return r;

@@ -52,3 +52,68 @@ fn load() -> Result<(), String> {
     }
     Ok(())
 }
+
+/// A record of what this thread asked of the emulated device, in order: kernel launches by name,
+/// cuBLAS GEMMs, copies with their direction and size, memsets, allocations, frees,
+/// synchronisations and graph replays. Tests use it to check the shape of a step (one launch per
+/// MoLoRA site, no synchronisation inside an iteration, a decode step that is one graph replay),
+/// which results alone cannot show.
+///
+/// Events read like `launch rope_f32`, `gemm`, `htod 64`, `dtoh 4096`, `dtod 32`, `memset 128`,
+/// `alloc 4096`, `free`, `sync stream`, `graph_launch 37`; operations recorded into a graph while
+/// the stream is captured start with `capture `.
+pub mod trace {
+    use std::ffi::{c_char, CStr};
+
+    type Start = unsafe extern "C" fn();
+    type Stop = unsafe extern "C" fn() -> usize;
+    type Event = unsafe extern "C" fn(usize) -> *const c_char;
+
+    fn driver() -> Result<libloading::os::unix::Library, String> {
+        super::install()?;
+        let dir = super::LIBRARY_DIR.ok_or("the CUDA emulator was not built")?;
+        let path = std::path::Path::new(dir).join("libcuda.so");
+        // SAFETY: already loaded by `install`; opening it again only takes a reference.
+        unsafe {
+            libloading::os::unix::Library::open(
+                Some(&path),
+                libloading::os::unix::RTLD_NOW | libloading::os::unix::RTLD_GLOBAL,
+            )
+        }
+        .map_err(|e| format!("opening {}: {e}", path.display()))
+    }
+
+    /// Starts recording this thread's calls (dropping an earlier record). Installs the emulator.
+    pub fn start() -> Result<(), String> {
+        let lib = driver()?;
+        // SAFETY: the symbol has this signature in csrc/emu_driver.cpp.
+        unsafe {
+            let f = lib
+                .get::<Start>(b"cudaEmuTraceStart\0")
+                .map_err(|e| e.to_string())?;
+            f();
+        }
+        std::mem::forget(lib);
+        Ok(())
+    }
+
+    /// Stops recording and returns what this thread did since [`start`].
+    pub fn stop() -> Result<Vec<String>, String> {
+        let lib = driver()?;
+        // SAFETY: the symbols have these signatures in csrc/emu_driver.cpp; each event string
+        // lives until the next `start` on this thread, and is copied out here.
+        let events = unsafe {
+            let stop = lib
+                .get::<Stop>(b"cudaEmuTraceStop\0")
+                .map_err(|e| e.to_string())?;
+            let event = lib
+                .get::<Event>(b"cudaEmuTraceEvent\0")
+                .map_err(|e| e.to_string())?;
+            (0..stop())
+                .map(|i| CStr::from_ptr(event(i)).to_string_lossy().into_owned())
+                .collect()
+        };
+        std::mem::forget(lib);
+        Ok(events)
+    }
+}

@@ -53,7 +53,6 @@ pub struct GpuElder<T: KernelDtype> {
     cap: Capacity,
     query_rows: CudaSlice<u32>,
     query: CudaSlice<T>,
-    shrink: CudaSlice<f32>,
     out: RouterOutputs,
     /// Sequences of the current request and whether the router has run for it.
     batch: usize,
@@ -127,7 +126,6 @@ impl<T: KernelDtype> GpuElder<T> {
             cap: Capacity { batch: 0, seq: 0 },
             query_rows: dev.zeros(1)?,
             query: dev.zeros(1)?,
-            shrink: dev.zeros(1)?,
             out: RouterOutputs::alloc(dev, &router_shape(&cfg, 1, d_in))?,
             batch: 0,
             routed: false,
@@ -150,7 +148,6 @@ impl<T: KernelDtype> GpuElder<T> {
         let p = ElderPlan::new(&self.cfg, self.d_in, cap);
         self.query_rows = dev.zeros(cap.batch)?;
         self.query = dev.zeros(p.query)?;
-        self.shrink = dev.zeros(p.shrink)?;
         self.out = RouterOutputs::alloc(dev, &router_shape(&self.cfg, cap.batch, self.d_in))?;
         self.cap = cap;
         Ok(())
@@ -283,7 +280,7 @@ impl<T: KernelDtype> SiteHook<T> for GpuElder<T> {
             &self.out.experts.slice(chosen.clone()),
             &self.out.gates.slice(chosen),
             Some(&self.out.in_scope),
-            &mut self.shrink,
+            None::<&mut CudaSlice<f32>>,
             out,
         )
         .with_context(|| format!("MoLoRA layer {layer} (block {})", site.block))

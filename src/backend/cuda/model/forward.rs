@@ -12,7 +12,6 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use cudarc::cublas::{CudaBlas, Gemm};
-use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
 use cudarc::driver::{CudaGraph, CudaSlice};
 
 use crate::backend::cpu::ops::Layout;
@@ -86,8 +85,8 @@ struct DecodeGraph {
 // through `&mut self`, so moving the model to another thread never shares one.
 unsafe impl Send for DecodeGraph {}
 
-/// Decode steps replay captured CUDA graphs unless `ELDER_CUDA_GRAPHS=0`.
-fn graphs_enabled() -> bool {
+/// Decode steps and edit iterations replay captured CUDA graphs unless `ELDER_CUDA_GRAPHS=0`.
+pub(super) fn graphs_enabled() -> bool {
     std::env::var("ELDER_CUDA_GRAPHS").map_or(true, |v| v != "0")
 }
 
@@ -106,6 +105,9 @@ where
         let cfg = source.config().clone();
         let weights = GpuWeights::upload(&dev, source)?;
         let act = Activations::new(&dev, &cfg, cap)?;
+        // The cuBLAS handle allocates its workspace when created: now, rather than in the first
+        // forward (or, worse, inside the capture of a first decode step, where allocating fails).
+        dev.blas()?;
         Ok(GpuModel {
             dev,
             cfg,
@@ -221,21 +223,13 @@ where
                 .context("replaying the captured decode step")?;
             self.last_rows = batch;
         } else {
-            let stream = self.dev.stream().clone();
-            // Thread-local mode: other threads using the device (tests, a server's other
-            // requests) may still allocate and synchronise while this thread captures.
-            stream
-                .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
-                .context("starting the capture of a decode step")?;
-            let captured = self
-                .forward_device(shape, step)
-                .and_then(|()| self.head_device(batch));
-            // End the capture even when recording failed, so the stream is usable again.
-            let graph = stream.end_capture(CUgraphInstantiate_flags(0));
-            captured.context("recording the decode step")?;
-            let graph = graph
-                .context("instantiating the captured decode step")?
-                .context("the decode step captured no work")?;
+            let dev = self.dev.clone();
+            let graph = dev
+                .capture_graph(|| {
+                    self.forward_device(shape, step)?;
+                    self.head_device(batch)
+                })
+                .context("capturing the decode step")?;
             graph
                 .launch()
                 .context("launching the captured decode step")?;

@@ -97,8 +97,6 @@ impl BufferPlan {
 pub struct ElderPlan {
     /// `[batch, d_in]`: the gathered queries (activation dtype, and f32 when centred on the host).
     pub query: usize,
-    /// `[batch, k, seq, rank]` f32: a site's shrink `x A_e`, reused by every site.
-    pub shrink: usize,
     /// `[L, batch, E]` router probabilities.
     pub probs: usize,
     /// `[L, batch, k]` chosen experts and their gates.
@@ -112,7 +110,6 @@ impl ElderPlan {
         let layers = cfg.molora_blocks.len();
         ElderPlan {
             query: cap.batch * d_in,
-            shrink: cap.batch * cfg.top_k * cap.seq * cfg.rank,
             probs: layers * cap.batch * cfg.num_experts,
             chosen: layers * cap.batch * cfg.top_k,
             codes: cap.batch * code_words(layers, cfg.num_experts),
@@ -246,7 +243,6 @@ mod tests {
         let cfg = ElderConfig::default(); // 6 layers, E=4, k=2, r=8
         let p = ElderPlan::new(&cfg, 1600, Capacity { batch: 3, seq: 10 });
         assert_eq!(p.query, 3 * 1600);
-        assert_eq!(p.shrink, 3 * 2 * 10 * 8);
         assert_eq!(p.probs, 6 * 3 * 4);
         assert_eq!(p.chosen, 6 * 3 * 2);
         assert_eq!(p.codes, 3); // 24 bits: one word per sequence

@@ -83,6 +83,9 @@ pub struct ParamSet {
     sizes: ParamSizes,
 }
 
+/// A [`ParamSet`]'s tensors: A, B, router weight, router bias.
+pub const PARAM_TENSORS: usize = 4;
+
 impl ParamSet {
     fn zeros(dev: &GpuDevice, sizes: ParamSizes, what: &str) -> Result<Self> {
         Ok(ParamSet {
@@ -99,11 +102,11 @@ impl ParamSet {
     }
 
     /// In `MoloraLayer::tensors_mut` order.
-    pub fn all(&self) -> [&CudaSlice<f32>; 4] {
+    pub fn all(&self) -> [&CudaSlice<f32>; PARAM_TENSORS] {
         [&self.a, &self.b, &self.w_r, &self.b_r]
     }
 
-    pub fn all_mut(&mut self) -> [&mut CudaSlice<f32>; 4] {
+    pub fn all_mut(&mut self) -> [&mut CudaSlice<f32>; PARAM_TENSORS] {
         [&mut self.a, &mut self.b, &mut self.w_r, &mut self.b_r]
     }
 
@@ -219,6 +222,9 @@ pub struct HeadBuffers<T: KernelDtype> {
     pub dx: CudaSlice<T>,
     /// Per-row cross-entropy of every iteration `[iterations, n]`.
     pub ce: CudaSlice<f32>,
+    /// The current iteration's per-row cross-entropy `[n]`, copied into `ce` after the iteration
+    /// (an iteration writes the same address every time, so a captured graph can replay it).
+    pub ce_now: CudaSlice<f32>,
 }
 
 /// ELDER's trainable state (f32, as the project keeps trainables) and its routing buffers.
@@ -237,6 +243,9 @@ pub struct Experts {
     pub query_mean: CudaSlice<f32>,
     /// The loss scale of the backward (f16) and the skip-on-overflow state of Adam.
     pub loss_scale: LossScale,
+    /// The current iteration's Adam `[step_size, bc2_sqrt]` of each parameter tensor (`[4, 2]`,
+    /// `adam::step_schedule`), written before every iteration and read by its Adam launches.
+    pub adam_schedule: CudaSlice<f32>,
     pub routed: RouterOutputs,
     /// The fused router also checks codes against a codebook; training passes none (a stand-in).
     pub no_codes: CudaSlice<u64>,
@@ -404,6 +413,7 @@ impl<T: KernelDtype> TrainBuffers<T> {
             dnormed: alloc(dev, p.hidden, "head")?,
             dx: alloc(dev, p.head_dx, "head")?,
             ce: alloc(dev, p.ce, "head")?,
+            ce_now: alloc(dev, rows, "head")?,
         };
         let router_shape = RouterShape {
             batch: p.cap.batch,
@@ -426,6 +436,7 @@ impl<T: KernelDtype> TrainBuffers<T> {
             router_in: alloc(dev, p.query, "router input")?,
             query_mean: alloc(dev, d_in, "mean query")?,
             loss_scale: LossScale::new(dev, loss_scale)?,
+            adam_schedule: alloc(dev, 2 * PARAM_TENSORS, "Adam schedule")?,
             routed: RouterOutputs::alloc(dev, &router_shape)?,
             no_codes: alloc(dev, 1, "empty codebook")?,
             presets: alloc(dev, p.chosen, "guided-loss presets")?,

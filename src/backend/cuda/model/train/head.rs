@@ -19,13 +19,12 @@ where
     CudaBlas: Gemm<T>,
 {
     /// Final norm and lm_head on the supervised rows of `h` (as `Model::head`), then the
-    /// cross-entropy with weight `1 / n` (as the CPU trainer); its gradient is multiplied by the
-    /// device-side `loss_scale` (see `adam::LossScale`).
+    /// cross-entropy with weight `1 / n` (as the CPU trainer) into `hb.ce_now`; its gradient is
+    /// multiplied by the device-side `loss_scale` (see `adam::LossScale`).
     pub(super) fn head_forward(
         &self,
         hb: &mut HeadBuffers<T>,
         h: &CudaSlice<T>,
-        it: usize,
         loss_scale: &CudaSlice<f32>,
     ) -> Result<()> {
         let (dev, cfg, n) = (self.dev, self.cfg, self.n_targets);
@@ -64,7 +63,7 @@ where
             weight,
             Some(loss_scale),
             &mut hb.dlogits,
-            &mut hb.ce.slice_mut(it * n..(it + 1) * n),
+            &mut hb.ce_now,
         )
     }
 

@@ -33,6 +33,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use cudarc::cublas::{CudaBlas, Gemm};
+use cudarc::driver::CudaGraph;
 use half::{bf16, f16};
 
 use crate::backend::cuda::adam::{LossScale, LossScalePolicy, LossScaleStatus};
@@ -68,6 +69,9 @@ pub struct GpuTrainer<T: KernelDtype> {
     loss_scale: LossScalePolicy,
     /// Training buffer (re)allocations so far.
     allocations: usize,
+    /// Whether iterations after the first replay a captured CUDA graph (`ELDER_CUDA_GRAPHS=0`
+    /// turns it off, as for decode steps).
+    iteration_graphs: bool,
 }
 
 /// An edit batch made ready on the device (prefix run, inputs written).
@@ -101,7 +105,14 @@ where
             bufs: None,
             loss_scale: LossScalePolicy::for_dtype::<T>(),
             allocations: 0,
+            iteration_graphs: super::forward::graphs_enabled(),
         }
+    }
+
+    /// Runs iterations after a batch's first as replays of one captured CUDA graph (`true`), or
+    /// launches every kernel of every iteration (`false`; same results, for comparison).
+    pub fn set_iteration_graphs(&mut self, on: bool) {
+        self.iteration_graphs = on;
     }
 
     /// The uploaded model (for inference on the same weights, e.g. evaluation after editing).
@@ -145,12 +156,27 @@ where
         let cfg = elder.cfg.clone();
         let prep = self.prepare(elder, batch)?;
         let iterations = cfg.iterations;
+        let use_graphs = self.iteration_graphs;
         {
             let (step, bufs) = self.parts(&cfg, &prep)?;
+            // Iteration 0 runs eagerly (it may fix the presets); iteration 1 is captured into a
+            // CUDA graph that every later iteration replays: one launch instead of hundreds.
+            let mut graph: Option<CudaGraph> = None;
             for it in 0..iterations {
-                step.forward(bufs, it)?;
-                step.backward(bufs)?;
-                step.adam(&mut bufs.experts, it)?;
+                step.write_schedule(&mut bufs.experts, it)?;
+                match &graph {
+                    Some(g) => g.launch().context("replaying the edit iteration")?,
+                    None if use_graphs && it > 0 => {
+                        let g = step
+                            .dev
+                            .capture_graph(|| step.iteration(bufs, it))
+                            .context("capturing the edit iteration")?;
+                        g.launch().context("launching the edit iteration")?;
+                        graph = Some(g);
+                    }
+                    None => step.iteration(bufs, it)?,
+                }
+                step.keep_losses(bufs, it)?;
             }
         }
         let (ce, guide) = self.losses(&cfg, &prep, iterations)?;
@@ -228,6 +254,7 @@ where
             let (step, bufs) = self.parts(&cfg, &prep)?;
             step.forward(bufs, 0)?;
             step.backward(bufs)?;
+            step.keep_losses(bufs, 0)?;
         }
         let (ce, guide) = self.losses(&cfg, &prep, 1)?;
         let (step, bufs) = self.parts(&cfg, &prep)?;
@@ -259,7 +286,8 @@ where
     }
 
     /// Grows the training buffers to cover `need` for this config (reallocating only when the
-    /// plan changes).
+    /// plan changes). Capacity and the per-iteration loss slots only grow, so batches that are
+    /// smaller or run fewer iterations than an earlier one reuse its buffers.
     fn reserve(
         &mut self,
         ecfg: &ElderConfig,
@@ -268,7 +296,10 @@ where
         need: Capacity,
     ) -> Result<()> {
         let cap = self.bufs.as_ref().map_or(need, |b| b.plan.cap.union(need));
-        let plan = TrainPlan::new(&self.model.cfg, ecfg, d_in, d_out, cap)?;
+        let mut plan = TrainPlan::new(&self.model.cfg, ecfg, d_in, d_out, cap)?;
+        if let Some(b) = &self.bufs {
+            plan.ce = plan.ce.max(b.plan.ce);
+        }
         if self.bufs.as_ref().is_some_and(|b| b.plan == plan) {
             return Ok(());
         }

@@ -18,6 +18,7 @@ use crate::backend::cuda::buffers::KernelDtype;
 use crate::backend::cuda::device::GpuDevice;
 use crate::backend::cuda::lora::{self, LoraGrads, LoraSite};
 use crate::backend::cuda::loss::{self, Guide, RouterGradShape, RouterParamShape};
+use crate::backend::cuda::model::activations::write;
 use crate::backend::cuda::model::weights::GpuWeights;
 use crate::backend::cuda::router::{self, RouterShape};
 use crate::backend::cuda::{adam, elementwise};
@@ -59,8 +60,44 @@ where
         self.ecfg.molora_blocks[0]
     }
 
+    /// Iteration `it`: forward, backward, Adam. Everything but the first iteration's choice of
+    /// presets (`RouterFirstIteration`) is the same device work in every iteration (the step sizes
+    /// come from [`Self::write_schedule`], the row losses go to `head.ce_now`), so iterations after
+    /// the first can replay one captured CUDA graph.
+    pub fn iteration(&self, b: &mut TrainBuffers<T>, it: usize) -> Result<()> {
+        self.forward(b, it)?;
+        self.backward(b)?;
+        self.adam(&mut b.experts)
+    }
+
+    /// Writes iteration `it`'s Adam step sizes and bias corrections (the CPU trainer's schedule
+    /// and per-tensor rates; fresh moments per batch, so step `it + 1`) where its Adam launches
+    /// read them. Called before the iteration runs, outside any capture.
+    pub fn write_schedule(&self, ex: &mut Experts, it: usize) -> Result<()> {
+        let rates = tensor_rates(self.ecfg, learning_rate(self.ecfg, it));
+        let t = u32::try_from(it + 1).context("iteration count")?;
+        let schedule: Vec<f32> = rates
+            .into_iter()
+            .flat_map(|rate| adam::step_schedule(adam_step(self.ecfg, rate, t)))
+            .collect();
+        write(self.dev, &mut ex.adam_schedule, &schedule, "Adam schedule")
+    }
+
+    /// Copies iteration `it`'s row losses from `head.ce_now` into slot `it` of `head.ce` (read
+    /// back once, after the batch).
+    pub fn keep_losses(&self, b: &mut TrainBuffers<T>, it: usize) -> Result<()> {
+        let n = self.n_targets;
+        self.dev
+            .stream()
+            .memcpy_dtod(
+                &b.head.ce_now.slice(0..n),
+                &mut b.head.ce.slice_mut(it * n..(it + 1) * n),
+            )
+            .context("keeping the iteration's losses")
+    }
+
     /// The forward of the iteration: routing, blocks `first..` with tapes, the head and the
-    /// cross-entropy of the supervised rows (row losses into slot `it` of `head.ce`).
+    /// cross-entropy of the supervised rows (row losses into `head.ce_now`).
     pub fn forward(&self, b: &mut TrainBuffers<T>, it: usize) -> Result<()> {
         self.route(&mut b.experts, it)?;
         let first = self.first();
@@ -106,7 +143,7 @@ where
         // The final residual stream, in `delta`.
         let last = b.mlp.last().context("no MLP tape")?;
         elementwise::residual_add(self.dev, &mut sc.delta, &last.x, rows * d)?;
-        self.head_forward(&mut b.head, &sc.delta, it, b.experts.loss_scale.scale())
+        self.head_forward(&mut b.head, &sc.delta, b.experts.loss_scale.scale())
     }
 
     /// The backward of the iteration down to block `first`'s MoLoRA site, then the routers'.
@@ -128,13 +165,13 @@ where
         self.router_backward(&mut b.experts)
     }
 
-    /// Adam on every trainable tensor with the CPU trainer's schedule and per-tensor rates
-    /// (fresh moments per batch, so step `it + 1`), the loss scale divided out. An iteration whose
-    /// gradients overflowed changes nothing but the scale; its step number is not reused (the
-    /// bias correction of later steps counts it, a difference only after an overflow).
-    pub fn adam(&self, ex: &mut Experts, it: usize) -> Result<()> {
-        let rates = tensor_rates(self.ecfg, learning_rate(self.ecfg, it));
-        let t = u32::try_from(it + 1).context("iteration count")?;
+    /// Adam on every trainable tensor with the step sizes [`Self::write_schedule`] wrote, the
+    /// loss scale divided out. An iteration whose gradients overflowed changes nothing but the
+    /// scale; its step number is not reused (the bias correction of later steps counts it, a
+    /// difference only after an overflow).
+    pub fn adam(&self, ex: &mut Experts) -> Result<()> {
+        // beta1, beta2 and eps; the rate and step count come from the device schedule.
+        let betas = adam_step(self.ecfg, 0.0, 1);
         let sizes = ex.params.sizes().as_array();
         let tensors = ex
             .params
@@ -147,9 +184,13 @@ where
         for (g, &n) in ex.grads.all().into_iter().zip(&sizes) {
             ex.loss_scale.check(self.dev, g, n)?;
         }
-        for ((((p, g), m), v), (rate, n)) in tensors.zip(rates.into_iter().zip(sizes)) {
-            let step = adam_step(self.ecfg, rate, t);
-            adam::adam(self.dev, p, g, m, v, n, step, Some(&ex.loss_scale))?;
+        for (i, ((((p, g), m), v), n)) in tensors.zip(sizes).enumerate() {
+            let schedule = ex.adam_schedule.slice(2 * i..2 * i + 2);
+            let schedule = adam::Schedule::Device {
+                betas,
+                schedule: &schedule,
+            };
+            adam::adam(self.dev, p, g, m, v, n, schedule, Some(&ex.loss_scale))?;
         }
         ex.loss_scale.update(self.dev)
     }
@@ -303,7 +344,7 @@ where
             &ex.routed.experts.slice(rc.clone()),
             &ex.routed.gates.slice(rc),
             None::<&CudaSlice<u8>>,
-            &mut ex.shrink[layer],
+            Some(&mut ex.shrink[layer]),
             out,
         )
         .with_context(|| format!("MoLoRA layer {layer} forward"))
