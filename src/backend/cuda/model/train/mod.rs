@@ -11,11 +11,19 @@
 //! - [`step`]: one iteration (routing, MoLoRA sites, router backward, Adam), with the half-blocks in
 //!   `blocks` and the head and loss in `head`.
 //!
-//! Host synchronisation: twice per batch, never inside an iteration. After the prefix the queries
-//! come back to the host (the router input is centred there with the CPU's function, and the
-//! batch's codes are computed from them at the end, exactly as the CPU trainer does); after the last
-//! iteration the losses and parameters come back. Per-iteration losses therefore stay on the device
-//! until the batch ends, and `on_iteration` is called for every iteration after the last one.
+//! Host synchronisation: at three points per batch, never inside an iteration. While the batch is
+//! prepared, the loss scale's skipped-step counter is read (so the batch reports its own skips)
+//! and the queries come back from the prefix (the batch's codes are computed from them at the end
+//! with the CPU's function, exactly as the CPU trainer does); after the last iteration the losses,
+//! parameters and loss scale come back. Per-iteration losses therefore stay on the device until the
+//! batch ends, and `on_iteration` is called for every iteration after the last one.
+//!
+//! CUDA graphs: iteration 0 runs eagerly (in `RouterFirstIteration` mode it fixes the presets);
+//! iteration 1 is captured and every later iteration replays it, one launch instead of a few
+//! hundred (`set_iteration_graphs(false)` or `ELDER_CUDA_GRAPHS=0` launch every kernel instead).
+//! What changes between iterations is written before each replay: Adam's step sizes into
+//! device memory (`Step::write_schedule`); the iteration's row losses are copied out after it
+//! (`Step::keep_losses`). `tests/emu_launch_trace.rs` checks this structure on the emulator's trace.
 //!
 //! Trainable weights, gradients and Adam moments are f32 on the device; activations and their
 //! gradients are in the model's dtype `T` (the attention's dq/dk/dv in f32, then rounded).

@@ -5,8 +5,9 @@
 //! inside a forward or an edit iteration, a decode step that is one CUDA-graph replay, and
 //! steady-state steps that allocate nothing.
 //!
-//! Only on the emulator: with a real CUDA driver these tests print `SKIP` (Nsight Systems shows the
-//! same structure there). The trace is per thread, so the tests may run in parallel.
+//! Only on the emulator (hence `emu_`, and not among the `gpu_*` tests that tools/gpu_check.sh runs
+//! on a GPU machine): with a real CUDA driver these tests print `SKIP` (Nsight Systems shows the same
+//! structure there). The trace is per thread, so the tests may run in parallel.
 
 mod common;
 
