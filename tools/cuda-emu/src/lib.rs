@@ -64,56 +64,63 @@ fn load() -> Result<(), String> {
 /// the stream is captured start with `capture `.
 pub mod trace {
     use std::ffi::{c_char, CStr};
+    use std::sync::OnceLock;
 
-    type Start = unsafe extern "C" fn();
-    type Stop = unsafe extern "C" fn() -> usize;
-    type Event = unsafe extern "C" fn(usize) -> *const c_char;
+    /// The driver's trace entry points (csrc/emu_driver.cpp), resolved once.
+    struct Api {
+        start: unsafe extern "C" fn(),
+        stop: unsafe extern "C" fn() -> usize,
+        event: unsafe extern "C" fn(usize) -> *const c_char,
+    }
 
-    fn driver() -> Result<libloading::os::unix::Library, String> {
-        super::install()?;
-        let dir = super::LIBRARY_DIR.ok_or("the CUDA emulator was not built")?;
-        let path = std::path::Path::new(dir).join("libcuda.so");
-        // SAFETY: already loaded by `install`; opening it again only takes a reference.
-        unsafe {
-            libloading::os::unix::Library::open(
-                Some(&path),
-                libloading::os::unix::RTLD_NOW | libloading::os::unix::RTLD_GLOBAL,
-            )
-        }
-        .map_err(|e| format!("opening {}: {e}", path.display()))
+    fn api() -> Result<&'static Api, String> {
+        static API: OnceLock<Result<Api, String>> = OnceLock::new();
+        API.get_or_init(|| {
+            super::install()?;
+            let dir = super::LIBRARY_DIR.ok_or("the CUDA emulator was not built")?;
+            let path = std::path::Path::new(dir).join("libcuda.so");
+            // SAFETY: already loaded by `install` (opening it again only takes a reference, kept
+            // for the life of the process); the symbols have these signatures in emu_driver.cpp.
+            unsafe {
+                let lib = libloading::os::unix::Library::open(
+                    Some(&path),
+                    libloading::os::unix::RTLD_NOW | libloading::os::unix::RTLD_GLOBAL,
+                )
+                .map_err(|e| format!("opening {}: {e}", path.display()))?;
+                let err = |e: libloading::Error| e.to_string();
+                let api = Api {
+                    start: *lib.get(b"cudaEmuTraceStart\0").map_err(err)?,
+                    stop: *lib.get(b"cudaEmuTraceStop\0").map_err(err)?,
+                    event: *lib.get(b"cudaEmuTraceEvent\0").map_err(err)?,
+                };
+                std::mem::forget(lib);
+                Ok(api)
+            }
+        })
+        .as_ref()
+        .map_err(Clone::clone)
     }
 
     /// Starts recording this thread's calls (dropping an earlier record). Installs the emulator.
     pub fn start() -> Result<(), String> {
-        let lib = driver()?;
-        // SAFETY: the symbol has this signature in csrc/emu_driver.cpp.
-        unsafe {
-            let f = lib
-                .get::<Start>(b"cudaEmuTraceStart\0")
-                .map_err(|e| e.to_string())?;
-            f();
-        }
-        std::mem::forget(lib);
+        // SAFETY: takes no arguments; only touches this thread's record.
+        unsafe { (api()?.start)() };
         Ok(())
     }
 
     /// Stops recording and returns what this thread did since [`start`].
     pub fn stop() -> Result<Vec<String>, String> {
-        let lib = driver()?;
-        // SAFETY: the symbols have these signatures in csrc/emu_driver.cpp; each event string
-        // lives until the next `start` on this thread, and is copied out here.
-        let events = unsafe {
-            let stop = lib
-                .get::<Stop>(b"cudaEmuTraceStop\0")
-                .map_err(|e| e.to_string())?;
-            let event = lib
-                .get::<Event>(b"cudaEmuTraceEvent\0")
-                .map_err(|e| e.to_string())?;
-            (0..stop())
-                .map(|i| CStr::from_ptr(event(i)).to_string_lossy().into_owned())
-                .collect()
-        };
-        std::mem::forget(lib);
-        Ok(events)
+        let api = api()?;
+        // SAFETY: each event string lives until the next `start` on this thread, and is copied
+        // out here.
+        unsafe {
+            Ok((0..(api.stop)())
+                .map(|i| {
+                    CStr::from_ptr((api.event)(i))
+                        .to_string_lossy()
+                        .into_owned()
+                })
+                .collect())
+        }
     }
 }
