@@ -13,15 +13,15 @@ use elder::backend::cuda::model::{
 use elder::backend::cuda::GpuDevice;
 use elder::backend::select::{self, Availability, Backend, DeviceRequest};
 use elder::data::{read_edits_lenient, DataFormat, EditRecord};
-use elder::elder::config::ElderConfig;
+use elder::elder::config::{ElderConfig, Preset};
 use elder::elder::molora::ElderAdapter;
 use elder::eval::{Evaluator, Metrics, Protocol, EVAL_BATCH};
 use elder::model::checkpoint::StoreDtype;
 use elder::model::presets::{default_dtype, preset, write_random_checkpoint};
 use elder::model::{Arch, NoAdapter};
 use elder::session::{
-    apply_stream_on, evaluate_final, evaluate_final_on, evaluate_final_with, BaseModel, EditDevice,
-    EditSession,
+    apply_stream_on, evaluate_final, evaluate_final_on, evaluate_final_with, score_records,
+    BaseModel, EditDevice, EditSession, StreamSummary,
 };
 
 #[derive(Parser)]
@@ -54,7 +54,13 @@ impl Devices {
     /// without a CUDA path. `auto` falls back to the CPU (with a note) when a driver loads but no
     /// device opens.
     fn open(&self, gpu_path: std::result::Result<(), &str>) -> Result<GpuRun> {
-        match select::choose(self.request, gpu_path, Availability::detect())? {
+        let avail = Availability::detect();
+        if let (DeviceRequest::Auto, Err(reason), true) =
+            (self.request, gpu_path, avail.kernels && avail.driver)
+        {
+            eprintln!("note: running on the CPU: {reason}");
+        }
+        match select::choose(self.request, gpu_path, avail)? {
             Backend::Cpu => Ok(None),
             Backend::Cuda => match GpuDevice::new(0) {
                 Ok(dev) => Ok(Some((dev, self.dtype))),
@@ -65,6 +71,33 @@ impl Devices {
                 Err(e) => Err(e.context("--device cuda")),
             },
         }
+    }
+}
+
+impl Devices {
+    /// `--device cuda` without a usable CUDA build or driver fails here, naming the device,
+    /// before any file is read.
+    fn ensure_reachable(&self) -> Result<()> {
+        if self.request == DeviceRequest::Cuda {
+            select::choose(self.request, Ok(()), Availability::detect())?;
+        }
+        Ok(())
+    }
+
+    /// [`Devices::open`] for a command that runs the method with `cfg`: settings the GPU path
+    /// does not have keep it on the CPU (`auto`, with a note) or are refused (`cuda`).
+    fn open_for(&self, cfg: &ElderConfig) -> Result<GpuRun> {
+        let missing = cfg.gpu_unsupported();
+        if missing.is_empty() {
+            return self.open(Ok(()));
+        }
+        let reason = format!(
+            "the {} preset's {} {} not on the GPU yet",
+            cfg.preset.as_str(),
+            missing.join(", "),
+            if missing.len() == 1 { "is" } else { "are" }
+        );
+        self.open(Err(&reason))
     }
 }
 
@@ -130,9 +163,13 @@ enum Command {
         edits: PathBuf,
         #[arg(long)]
         state: PathBuf,
-        /// TOML file of method settings (overrides the model's preset); only when creating a state.
+        /// TOML file of method settings (overrides the preset); only when creating a state.
         #[arg(long)]
         config: Option<PathBuf>,
+        /// The method settings to start from: `default` (what keeps long edit streams) or
+        /// `paper` (the published method); only when creating a state. Default: `default`.
+        #[arg(long, value_enum)]
+        preset: Option<Preset>,
         #[arg(long)]
         batch_size: Option<usize>,
         #[arg(long, default_value = "auto")]
@@ -157,9 +194,18 @@ enum Command {
         protocol: Protocol,
         #[arg(long, default_value = "auto")]
         format: DataFormat,
-        /// Override the deferral threshold at evaluation time.
+        /// Override the deferral threshold at evaluation time: the codebook's Hamming distance
+        /// (paper) or the key store's cosine similarity (default preset).
         #[arg(long)]
-        threshold: Option<u32>,
+        threshold: Option<f32>,
+        /// Override `scope_quantile` at evaluation time (key store: the threshold becomes this
+        /// quantile of the edits' impostor scores, never below the threshold; 0: fixed).
+        #[arg(long)]
+        scope_quantile: Option<f32>,
+        /// Also write every scored prompt (record id, role, probe kind, accuracy, scope,
+        /// similarity, argmax tokens) to this JSONL file (final protocol, CPU).
+        #[arg(long)]
+        details: Option<PathBuf>,
         #[arg(long)]
         json: bool,
     },
@@ -175,11 +221,18 @@ enum Command {
         edits: usize,
         #[arg(long, value_enum, default_value = "final")]
         protocol: Protocol,
+        /// Also score the final protocol after the first T edits, for each T given
+        /// (comma-separated): one stream gives the curve of Rel / Gen / Loc against T.
+        #[arg(long, value_delimiter = ',')]
+        eval_at: Vec<usize>,
         /// Where the edit state goes (default: a fresh folder under runs/).
         #[arg(long)]
         state: Option<PathBuf>,
         #[arg(long)]
         config: Option<PathBuf>,
+        /// `default` or `paper` (see `elder edit --help`).
+        #[arg(long, value_enum)]
+        preset: Option<Preset>,
         #[arg(long)]
         json: bool,
     },
@@ -201,6 +254,9 @@ fn main() -> ExitCode {
 }
 
 fn dispatch(cmd: Command, devices: Devices) -> Result<ExitCode> {
+    if !matches!(cmd, Command::InitRandom { .. } | Command::ImportGguf { .. }) {
+        devices.ensure_reachable()?;
+    }
     match cmd {
         Command::Generate {
             model,
@@ -209,8 +265,13 @@ fn dispatch(cmd: Command, devices: Devices) -> Result<ExitCode> {
             state,
             json,
         } => {
-            let run = devices.open(Ok(()))?;
-            generate(run, &model, &prompt, max_new_tokens, state.as_deref(), json)?
+            let base = BaseModel::open(&model)?;
+            let session = state.as_deref().map(|d| open_state(&base, d)).transpose()?;
+            let run = match &session {
+                Some(s) => devices.open_for(&s.elder.cfg)?,
+                None => devices.open(Ok(()))?,
+            };
+            generate(run, &base, &prompt, max_new_tokens, session.as_ref(), json)?
         }
         Command::Score {
             model,
@@ -219,8 +280,13 @@ fn dispatch(cmd: Command, devices: Devices) -> Result<ExitCode> {
             state,
             json,
         } => {
-            let run = devices.open(Ok(()))?;
-            score(run, &model, &prompt, &target, state.as_deref(), json)?
+            let base = BaseModel::open(&model)?;
+            let session = state.as_deref().map(|d| open_state(&base, d)).transpose()?;
+            let run = match &session {
+                Some(s) => devices.open_for(&s.elder.cfg)?,
+                None => devices.open(Ok(()))?,
+            };
+            score(run, &base, &prompt, &target, session.as_ref(), json)?
         }
         Command::InitRandom {
             arch,
@@ -244,16 +310,17 @@ fn dispatch(cmd: Command, devices: Devices) -> Result<ExitCode> {
             edits,
             state,
             config,
+            preset,
             batch_size,
             format,
             limit,
             json,
         } => {
-            let run = devices.open(Ok(()))?;
             let base = BaseModel::open(&model)?;
             let (records, bad) = read_records(&edits, format, limit)?;
-            let cfg = load_config(config.as_deref(), batch_size, &base)?;
+            let cfg = load_config(config.as_deref(), preset, batch_size, &base)?;
             let mut session = EditSession::open(&base, &state, cfg)?;
+            let run = devices.open_for(&session.elder.cfg)?;
             let mut device = edit_device(run, &base, &session)?;
             let summary = apply_stream_on(&mut device, &base, &mut session, &records, !json, None)?;
             if json {
@@ -283,12 +350,30 @@ fn dispatch(cmd: Command, devices: Devices) -> Result<ExitCode> {
             protocol,
             format,
             threshold,
+            scope_quantile,
+            details,
             json,
         } => {
-            let run = devices.open(Ok(()))?;
             let base = BaseModel::open(&model)?;
+            let mut session = open_state(&base, &state)?;
+            if let Some(t) = threshold {
+                set_threshold(&mut session.elder.cfg, t)?;
+            }
+            if let Some(q) = scope_quantile {
+                session.elder.cfg.scope_quantile = q;
+                session.elder.cfg.validate(&base.cfg)?;
+            }
+            if session.elder.cfg.deferral == elder::elder::config::Deferral::KeyStore {
+                eprintln!("{}", scope_line(&session.elder));
+            }
             let (records, _) = read_records(&data, format, None)?;
-            let metrics = eval(run, &base, &state, &records, protocol, threshold, !json)?;
+            if let Some(path) = details {
+                let metrics = eval_details(&base, &session, &records, &path, !json)?;
+                print_metrics(&metrics, json)?;
+                return Ok(ExitCode::SUCCESS);
+            }
+            let run = devices.open_for(&session.elder.cfg)?;
+            let metrics = eval(run, &base, session, &records, protocol, !json)?;
             print_metrics(&metrics, json)?;
         }
         Command::Run {
@@ -296,37 +381,42 @@ fn dispatch(cmd: Command, devices: Devices) -> Result<ExitCode> {
             data,
             edits,
             protocol,
+            eval_at,
             state,
             config,
+            preset,
             json,
-        } => {
-            let gpu = devices.open(Ok(()))?;
-            run(
-                gpu,
-                &model,
-                &data,
-                edits,
-                protocol,
-                state,
-                config.as_deref(),
-                json,
-            )?
-        }
+        } => run(
+            devices,
+            &model,
+            &data,
+            edits,
+            protocol,
+            &eval_at,
+            state,
+            config.as_deref(),
+            preset,
+            json,
+        )?,
     }
     Ok(ExitCode::SUCCESS)
 }
 
+/// The method settings a new state is made with, when the command line asks for any (`None`: an
+/// existing state keeps its own, a new one gets the default preset).
 fn load_config(
     path: Option<&Path>,
+    preset: Option<Preset>,
     batch_size: Option<usize>,
     base: &BaseModel,
 ) -> Result<Option<ElderConfig>> {
+    let chosen = preset.unwrap_or(Preset::Default);
     let mut cfg = match path {
-        Some(p) => Some(ElderConfig::from_toml_file(p, &base.cfg)?),
-        None => None,
+        Some(p) => Some(ElderConfig::from_toml_file(p, &base.cfg, chosen)?),
+        None => preset.map(|p| ElderConfig::preset(p, &base.cfg)),
     };
     if let Some(b) = batch_size {
-        cfg.get_or_insert_with(|| ElderConfig::preset_for(&base.cfg))
+        cfg.get_or_insert_with(|| ElderConfig::preset(chosen, &base.cfg))
             .batch_size = b;
     }
     Ok(cfg)
@@ -363,21 +453,20 @@ fn open_state(base: &BaseModel, dir: &Path) -> Result<EditSession> {
     EditSession::open(base, dir, None)
 }
 
-/// The edited model if `state` is given, else the base model; returns the adapter to use.
+/// Runs `f` on the edited model of `session` if given, else on the base model; also returns
+/// whether the prompt was in scope (`None` without a state).
 fn with_adapter<T>(
-    base: &BaseModel,
-    state: Option<&Path>,
+    session: Option<&EditSession>,
     prompt_len: usize,
     f: impl FnOnce(&mut dyn elder::model::Adapter) -> T,
-) -> Result<(T, Option<bool>)> {
-    match state {
-        None => Ok((f(&mut NoAdapter), None)),
-        Some(dir) => {
-            let session = open_state(base, dir)?;
+) -> (T, Option<bool>) {
+    match session {
+        None => (f(&mut NoAdapter), None),
+        Some(session) => {
             let mut adapter = ElderAdapter::single(&session.elder, prompt_len);
             let out = f(&mut adapter);
             let scope = adapter.in_scope.first().copied();
-            Ok((out, scope))
+            (out, scope)
         }
     }
 }
@@ -398,28 +487,26 @@ fn edit_device(gpu: GpuRun, base: &BaseModel, session: &EditSession) -> Result<E
 }
 
 /// The base model on the GPU (uploaded straight from the checkpoint: no CPU model is built), with
-/// the edit state of `state` uploaded when given.
+/// the edit state of `session` uploaded when given.
 fn gpu_model(
     (dev, dtype): (Arc<GpuDevice>, GpuDtype),
     base: &BaseModel,
-    state: Option<&Path>,
+    session: Option<&EditSession>,
     cap: Capacity,
 ) -> Result<Box<dyn GpuRunner>> {
-    let session = state.map(|dir| open_state(base, dir)).transpose()?;
     let mut gpu = open_gpu_model(dev, base.weight_source(), dtype, cap)?;
-    gpu.set_elder(session.as_ref().map(|s| &s.elder))?;
+    gpu.set_elder(session.map(|s| &s.elder))?;
     Ok(gpu)
 }
 
 fn generate(
     gpu: GpuRun,
-    model: &Path,
+    base: &BaseModel,
     prompt: &str,
     max_new: usize,
-    state: Option<&Path>,
+    session: Option<&EditSession>,
     json: bool,
 ) -> Result<()> {
-    let base = BaseModel::open(model)?;
     let ids = base.tokenizer.encode(prompt)?;
     if ids.is_empty() {
         bail!("the prompt has no tokens");
@@ -431,17 +518,17 @@ fn generate(
     let (out, in_scope) = match gpu {
         None => {
             let model = base.model()?;
-            with_adapter(&base, state, ids.len(), |a| {
+            with_adapter(session, ids.len(), |a| {
                 model.generate(prompts, max_new, eos, a)
-            })?
+            })
         }
         Some(run) => {
             let cap = Capacity {
                 batch: 1,
                 seq: ids.len() + max_new,
             };
-            let mut g = gpu_model(run, &base, state, cap)?;
-            let (out, scope) = g.generate(prompts, max_new, eos, state.is_some())?;
+            let mut g = gpu_model(run, base, session, cap)?;
+            let (out, scope) = g.generate(prompts, max_new, eos, session.is_some())?;
             (out, scope.first().copied())
         }
     };
@@ -457,13 +544,12 @@ fn generate(
 
 fn score(
     gpu: GpuRun,
-    model: &Path,
+    base: &BaseModel,
     prompt: &str,
     target: &str,
-    state: Option<&Path>,
+    session: Option<&EditSession>,
     json: bool,
 ) -> Result<()> {
-    let base = BaseModel::open(model)?;
     let p = base.tokenizer.encode(prompt)?;
     let t = base.tokenizer.encode_continuation(target)?;
     if p.is_empty() || t.is_empty() {
@@ -472,14 +558,14 @@ fn score(
     let (scored, in_scope) = match gpu {
         None => {
             let model = base.model()?;
-            with_adapter(&base, state, p.len(), |a| model.score(&p, &t, a))?
+            with_adapter(session, p.len(), |a| model.score(&p, &t, a))
         }
         Some(run) => {
             let cap = Capacity {
                 batch: 1,
                 seq: p.len() + t.len(),
             };
-            gpu_model(run, &base, state, cap)?.score(&p, &t, state.is_some())?
+            gpu_model(run, base, session, cap)?.score(&p, &t, session.is_some())?
         }
     };
     let pieces: Vec<String> = t
@@ -527,42 +613,14 @@ fn import_gguf(gguf: &Path, out: &Path) -> Result<()> {
 fn eval(
     gpu: GpuRun,
     base: &BaseModel,
-    state: &Path,
+    session: EditSession,
     records: &[EditRecord],
     protocol: Protocol,
-    threshold: Option<u32>,
     progress: bool,
 ) -> Result<Metrics> {
-    if !state.join("manifest.json").exists() {
-        bail!(
-            "{} is not an edit state (no manifest.json)",
-            state.display()
-        );
-    }
-    let mut session = EditSession::open(base, state, None)?;
-    let applied: std::collections::HashSet<&str> = session
-        .state
-        .applied_ids()
-        .iter()
-        .map(String::as_str)
-        .collect();
-    let scored: Vec<EditRecord> = records
-        .iter()
-        .filter(|r| applied.contains(r.id.as_str()))
-        .cloned()
-        .collect();
-    if scored.is_empty() {
-        bail!(
-            "none of the {} records in the data file were applied to {}",
-            records.len(),
-            state.display()
-        );
-    }
+    let scored = applied_records(&session, records)?;
     match protocol {
         Protocol::Final => {
-            if let Some(t) = threshold {
-                session.elder.cfg.threshold = t;
-            }
             match gpu {
                 None => evaluate_final(base, &session.elder, &scored, progress),
                 Some((dev, dtype)) => {
@@ -583,9 +641,6 @@ fn eval(
             // scores each batch right after it is applied.
             let scratch = tempfile_dir()?;
             let mut replay = EditSession::open(base, &scratch, Some(session.elder.cfg.clone()))?;
-            if let Some(t) = threshold {
-                replay.elder.cfg.threshold = t;
-            }
             // The same calibration as the original stream, so the replay reproduces it.
             replay.elder.query_mean = session.elder.query_mean.clone();
             let order: Vec<EditRecord> = session
@@ -610,6 +665,90 @@ fn eval(
     }
 }
 
+/// The final protocol on the CPU with every scored item written to `path` (JSON lines).
+fn eval_details(
+    base: &BaseModel,
+    session: &EditSession,
+    records: &[EditRecord],
+    path: &Path,
+    progress: bool,
+) -> Result<Metrics> {
+    let scored = applied_records(session, records)?;
+    let mut scorer = elder::eval::CpuScorer {
+        model: base.model()?,
+        elder: &session.elder,
+    };
+    let mut ev = Evaluator::default().keep_details();
+    score_records(base, &mut scorer, &scored, progress, &mut ev)?;
+    elder::util::atomic::write_atomic_with(path, |out| {
+        for item in ev.details() {
+            serde_json::to_writer(&mut *out, item)?;
+            out.write_all(b"\n")?;
+        }
+        Ok(())
+    })?;
+    Ok(ev.metrics(Protocol::Final))
+}
+
+/// The records of the data file that were applied to the state, in file order.
+fn applied_records(session: &EditSession, records: &[EditRecord]) -> Result<Vec<EditRecord>> {
+    let applied: std::collections::HashSet<&str> = session
+        .state
+        .applied_ids()
+        .iter()
+        .map(String::as_str)
+        .collect();
+    let scored: Vec<EditRecord> = records
+        .iter()
+        .filter(|r| applied.contains(r.id.as_str()))
+        .cloned()
+        .collect();
+    if scored.is_empty() {
+        bail!(
+            "none of the {} records in the data file were applied to {}",
+            records.len(),
+            session.state.dir().display()
+        );
+    }
+    Ok(scored)
+}
+
+/// How the key store decides scope, in one line (the threshold in use and where it comes from).
+fn scope_line(elder: &elder::elder::molora::Elder) -> String {
+    let cfg = &elder.cfg;
+    let t = elder.scope_threshold();
+    if cfg.scope_quantile > 0.0 && t > cfg.scope_threshold {
+        format!(
+            "scope: key similarity >= {t:.3} (quantile {} of the edits' impostor scores; floor {})",
+            cfg.scope_quantile, cfg.scope_threshold
+        )
+    } else {
+        format!("scope: key similarity >= {t:.3}")
+    }
+}
+
+/// `--threshold`: the codebook's Hamming threshold (a whole number) or the key store's cosine
+/// `scope_threshold`, whichever decides scope under `cfg`.
+fn set_threshold(cfg: &mut ElderConfig, t: f32) -> Result<()> {
+    match cfg.deferral {
+        elder::elder::config::Deferral::KeyStore => {
+            if !(-1.0..=1.0).contains(&t) {
+                bail!(
+                    "--threshold {t}: the key store's threshold is a cosine similarity in [-1, 1]"
+                );
+            }
+            cfg.scope_threshold = t;
+        }
+        elder::elder::config::Deferral::Codebook => {
+            if t < 0.0 || t.fract() != 0.0 {
+                bail!("--threshold {t}: the codebook's threshold is a whole number of bits");
+            }
+            cfg.threshold = t as u32;
+        }
+    }
+    Ok(())
+}
+
 fn tempfile_dir() -> Result<PathBuf> {
     let dir = std::env::temp_dir().join(format!("elder-replay-{}", std::process::id()));
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -627,13 +766,15 @@ fn print_metrics(m: &Metrics, json: bool) -> Result<()> {
 
 #[allow(clippy::too_many_arguments)]
 fn run(
-    gpu: GpuRun,
+    devices: Devices,
     model: &Path,
     data: &Path,
     n_edits: usize,
     protocol: Protocol,
+    eval_at: &[usize],
     state: Option<PathBuf>,
     config: Option<&Path>,
+    preset: Option<Preset>,
     json: bool,
 ) -> Result<()> {
     if !model.join("config.json").exists() {
@@ -641,40 +782,75 @@ fn run(
     }
     let base = BaseModel::open(model)?;
     let (records, _) = read_records(data, DataFormat::Auto, Some(n_edits))?;
+    let cfg = load_config(config, preset, None, &base)?
+        .unwrap_or_else(|| ElderConfig::preset(Preset::Default, &base.cfg));
     let state = state.unwrap_or_else(|| {
-        PathBuf::from(format!("runs/{}-{}-edits", dir_name(model), records.len()))
+        PathBuf::from(format!(
+            "runs/{}-{}-{}-edits",
+            dir_name(model),
+            cfg.preset.as_str(),
+            records.len()
+        ))
     });
-    if state.join("manifest.json").exists() && config.is_none() {
-        // A fresh run each time: the default state folder is the run's own.
+    if state.join("manifest.json").exists() {
+        // A fresh run each time: the state folder is the run's own.
         std::fs::remove_dir_all(&state).with_context(|| format!("clearing {}", state.display()))?;
     }
-    let cfg = load_config(config, None, &base)?;
-    let mut session = EditSession::open(&base, &state, cfg)?;
+    let mut session = EditSession::open(&base, &state, Some(cfg))?;
+    let gpu = devices.open_for(&session.elder.cfg)?;
     eprintln!(
-        "editing {} with {} edits from {} ({} MoLoRA layers x {} experts, {} iterations each); state in {}",
+        "editing {} with {} edits from {} ({} preset: {} MoLoRA layers, {} iterations at most); state in {}",
         model.display(),
         records.len(),
         data.display(),
+        session.elder.cfg.preset.as_str(),
         session.elder.layers.len(),
-        session.elder.cfg.num_experts,
         session.elder.cfg.iterations,
         state.display()
     );
     let mut each = Evaluator::default();
     let mut device = edit_device(gpu, &base, &session)?;
-    let summary = apply_stream_on(
-        &mut device,
-        &base,
-        &mut session,
-        &records,
-        !json,
-        (protocol == Protocol::Each).then_some(&mut each),
-    )?;
+    // The final protocol at each checkpoint: the first T records applied, then scored on the
+    // model as it is after exactly those T edits.
+    let mut checkpoints: Vec<usize> = eval_at
+        .iter()
+        .copied()
+        .filter(|&t| t > 0 && t < records.len())
+        .collect();
+    checkpoints.sort_unstable();
+    checkpoints.dedup();
+    checkpoints.push(records.len());
+    let mut curve = Vec::new();
+    let mut summaries = Vec::new();
+    for &t in &checkpoints {
+        let summary = apply_stream_on(
+            &mut device,
+            &base,
+            &mut session,
+            &records[..t],
+            !json,
+            (protocol == Protocol::Each).then_some(&mut each),
+        )?;
+        summaries.push(summary);
+        if protocol == Protocol::Final && t < records.len() {
+            let m = evaluate_final_on(&mut device, &base, &session.elder, &records[..t], !json)?;
+            if !json {
+                eprintln!("after {t} edits:\n{}", m.table());
+            }
+            curve.push(serde_json::json!({"edits": t, "metrics": m}));
+        }
+    }
+    let summary = StreamSummary::combine(&summaries);
     let metrics = match protocol {
         Protocol::Each => each.metrics(Protocol::Each),
         Protocol::Final => evaluate_final_on(&mut device, &base, &session.elder, &records, !json)?,
     };
-    let report = serde_json::json!({"model": model, "data": data, "state": state, "editing": summary, "metrics": metrics});
+    curve.push(serde_json::json!({"edits": records.len(), "metrics": metrics}));
+    let report = serde_json::json!({
+        "model": model, "data": data, "state": state, "preset": session.elder.cfg.preset,
+        "config": session.elder.cfg, "state_bytes": dir_bytes(&state),
+        "editing": summary, "metrics": metrics, "curve": curve,
+    });
     elder::util::atomic::write_atomic(
         &state.join("report.json"),
         serde_json::to_string_pretty(&report)?.as_bytes(),
@@ -683,10 +859,11 @@ fn run(
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         println!(
-            "edited {} facts in {:.1} s ({:.2} s/edit, mean loss {:.3} -> {:.3})",
+            "edited {} facts in {:.1} s ({:.2} s/edit, {:.1} iterations/edit, mean loss {:.3} -> {:.3})",
             summary.applied,
             summary.seconds,
             summary.seconds_per_edit,
+            summary.mean_iterations,
             summary.mean_first_loss,
             summary.mean_last_loss
         );
@@ -695,6 +872,19 @@ fn run(
         println!("report: {}", state.join("report.json").display());
     }
     Ok(())
+}
+
+/// Bytes of the files directly in `dir` (an edit state's size on disk).
+fn dir_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok()?.metadata().ok())
+                .filter(|m| m.is_file())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
 }
 
 /// Overflowed steps are normal now and then in f16 (the loss scale backs off); many of them mean

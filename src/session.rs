@@ -9,10 +9,14 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 
 use crate::backend::cuda::model::{GpuEditor, GpuScorer, WeightSource};
+use crate::data::background::background_sentences;
 use crate::data::EditRecord;
-use crate::elder::config::ElderConfig;
+use crate::elder::config::{ElderConfig, Preset};
+use crate::elder::memory::EditEntry;
 use crate::elder::molora::Elder;
+use crate::elder::plan::{self, plan_edit, Replay};
 use crate::elder::state::EditState;
+use crate::elder::train_stored::apply_stored_batch;
 use crate::elder::trainer::{apply_edit_batch, calibrate_query_mean, EditExample, EditReport};
 use crate::eval::{CpuScorer, Evaluator, Metrics, PairScorer, Protocol, TokenizedEdit};
 use crate::model::loader::{build_model, check_checkpoint};
@@ -90,6 +94,14 @@ impl BaseModel {
         Ok((p, t))
     }
 
+    /// The shipped background sentences, tokenized (the key store's background).
+    pub fn background_prompts(&self) -> Result<Vec<Vec<u32>>> {
+        background_sentences()
+            .iter()
+            .map(|s| self.tokenizer.encode(s))
+            .collect()
+    }
+
     pub fn tokenize_edit(&self, r: &EditRecord) -> Result<TokenizedEdit> {
         let (prompt, target) = self
             .encode_pair(&r.prompt, &r.target_new)
@@ -113,6 +125,7 @@ impl BaseModel {
             target,
             rephrases,
             locality,
+            locality_kinds: r.locality.iter().map(|l| l.kind.clone()).collect(),
         })
     }
 }
@@ -142,7 +155,7 @@ impl EditSession {
                 (stored, stored_json)
             }
             None => {
-                let cfg = config.unwrap_or_else(|| ElderConfig::preset_for(&base.cfg));
+                let cfg = config.unwrap_or_else(|| ElderConfig::preset(Preset::Default, &base.cfg));
                 let json = serde_json::to_value(&cfg)?;
                 (cfg, json)
             }
@@ -190,19 +203,63 @@ pub enum EditDevice {
 }
 
 impl EditDevice {
-    /// Trains `elder` on one batch and appends the batch's codes to its codebook (the CPU trains
-    /// on `base`'s CPU model; the GPU on the weights it uploaded).
+    /// Trains `elder` on one batch of records and remembers them: under the paper's routing the
+    /// device trains and the batch's codes join the codebook (the CPU trains on `base`'s CPU
+    /// model; the GPU on the weights it uploaded); under the stored allocation the CPU trains each
+    /// edit's plan ([`crate::elder::plan`]). Keys join the key store when there is one.
     pub fn apply_edit_batch(
         &mut self,
         base: &BaseModel,
         elder: &mut Elder,
-        batch: &[EditExample],
+        records: &[&EditRecord],
+        tokenized: &[TokenizedEdit],
         mut on_iteration: impl FnMut(usize, f32),
     ) -> Result<EditReport> {
-        match self {
-            EditDevice::Cpu => apply_edit_batch(base.model()?, elder, batch, on_iteration),
-            EditDevice::Cuda(gpu) => gpu.edit_batch(elder, batch, &mut on_iteration),
+        let entries: Vec<EditEntry> = records
+            .iter()
+            .map(|r| EditEntry {
+                id: r.id.clone(),
+                knowledge_id: r.knowledge_id.clone(),
+                prompt: r.prompt.clone(),
+                target: r.target_new.clone(),
+                subject: plan::find_subject(&r.prompt, r.subject.as_deref()),
+                allocation: Vec::new(),
+            })
+            .collect();
+        if elder.key_store.is_none()
+            && elder.cfg.deferral == crate::elder::config::Deferral::KeyStore
+        {
+            let background = base.background_prompts()?;
+            elder.ensure_key_store(base.model()?, &background)?;
         }
+        if !elder.cfg.uses_routers() {
+            let EditDevice::Cpu = self else {
+                anyhow::bail!("the stored allocation trains on the CPU only (see ElderConfig::gpu_unsupported)");
+            };
+            return stored_batch(base, elder, entries, on_iteration);
+        }
+        let batch: Vec<EditExample> = tokenized
+            .iter()
+            .map(|t| EditExample {
+                prompt: t.prompt.clone(),
+                target: t.target.clone(),
+                knowledge_id: t.knowledge_id.clone(),
+            })
+            .collect();
+        let report = match self {
+            EditDevice::Cpu => apply_edit_batch(base.model()?, elder, &batch, on_iteration)?,
+            EditDevice::Cuda(gpu) => gpu.edit_batch(elder, &batch, &mut on_iteration)?,
+        };
+        if elder.key_store.is_some() {
+            let texts = entries
+                .iter()
+                .map(|e| plan::key_texts(&elder.cfg, &base.tokenizer, e))
+                .collect::<Result<Vec<_>>>()?;
+            elder.add_keys(base.model()?, texts.iter().map(Vec::as_slice))?;
+        }
+        elder.memory.extend(entries);
+        elder.refresh_scope_calibration();
+        Ok(report)
     }
 
     /// Sets the state's mean query (`query_centering`) from `prompts`, on this device's forward.
@@ -249,12 +306,56 @@ pub struct StreamSummary {
     pub applied: usize,
     pub already_applied: usize,
     pub total_applied: usize,
+    /// Edit batches trained.
+    pub batches: usize,
     pub seconds: f64,
     pub seconds_per_edit: f64,
+    /// Of `seconds`, the time spent writing commits.
+    pub commit_seconds: f64,
     pub mean_first_loss: f64,
     pub mean_last_loss: f64,
+    /// Optimiser steps per batch (fewer than `iterations` when batches stop early).
+    pub mean_iterations: f64,
     /// Optimiser steps skipped because their gradients overflowed (f16 loss scaling on the GPU).
     pub skipped_steps: usize,
+}
+
+impl StreamSummary {
+    /// One summary of consecutive parts of a stream.
+    pub fn combine(parts: &[StreamSummary]) -> StreamSummary {
+        let batches: usize = parts.iter().map(|p| p.batches).sum();
+        let applied: usize = parts.iter().map(|p| p.applied).sum();
+        let seconds: f64 = parts.iter().map(|p| p.seconds).sum();
+        let mean = |f: fn(&StreamSummary) -> f64| {
+            if batches == 0 {
+                f64::NAN
+            } else {
+                parts
+                    .iter()
+                    .filter(|p| p.batches > 0)
+                    .map(|p| f(p) * p.batches as f64)
+                    .sum::<f64>()
+                    / batches as f64
+            }
+        };
+        StreamSummary {
+            applied,
+            already_applied: parts.first().map_or(0, |p| p.already_applied),
+            total_applied: parts.last().map_or(0, |p| p.total_applied),
+            batches,
+            seconds,
+            seconds_per_edit: if applied == 0 {
+                0.0
+            } else {
+                seconds / applied as f64
+            },
+            commit_seconds: parts.iter().map(|p| p.commit_seconds).sum(),
+            mean_first_loss: mean(|p| p.mean_first_loss),
+            mean_last_loss: mean(|p| p.mean_last_loss),
+            mean_iterations: mean(|p| p.mean_iterations),
+            skipped_steps: parts.iter().map(|p| p.skipped_steps).sum(),
+        }
+    }
 }
 
 /// Applies `records` in order, in batches of the config's batch size, committing the state after
@@ -306,32 +407,29 @@ pub fn apply_stream_on(
     let bar = progress_bar(todo.len() as u64, show_progress);
     let start = Instant::now();
     let (mut first_sum, mut last_sum, mut batches) = (0.0f64, 0.0f64, 0usize);
-    let mut skipped_steps = 0;
+    let (mut skipped_steps, mut iterations, mut commit_seconds) = (0, 0usize, 0.0f64);
     for chunk in todo.chunks(session.elder.cfg.batch_size.max(1)) {
         let tokenized = chunk
             .iter()
             .map(|r| base.tokenize_edit(r))
             .collect::<Result<Vec<_>>>()?;
-        let examples: Vec<EditExample> = tokenized
-            .iter()
-            .map(|t| EditExample {
-                prompt: t.prompt.clone(),
-                target: t.target.clone(),
-                knowledge_id: t.knowledge_id.clone(),
-            })
-            .collect();
-        let report = device.apply_edit_batch(base, &mut session.elder, &examples, |_, loss| {
-            bar.set_message(format!("loss {loss:.3}"));
-        })?;
+        let report =
+            device.apply_edit_batch(base, &mut session.elder, chunk, &tokenized, |_, loss| {
+                bar.set_message(format!("loss {loss:.3}"));
+            })?;
         let ids: Vec<String> = chunk.iter().map(|r| r.id.clone()).collect();
+        let commit_start = Instant::now();
         session
             .state
             .commit(
                 &session.elder.named_tensors(),
                 &session.elder.codebook,
+                &session.elder.memory_bytes()?,
                 &ids,
             )
             .with_context(|| format!("committing edits {ids:?}"))?;
+        commit_seconds += commit_start.elapsed().as_secs_f64();
+        iterations += report.iterations;
         if let Some(ev) = each.as_deref_mut() {
             device.score_applied(ev, base, &session.elder, &tokenized)?;
         }
@@ -348,8 +446,15 @@ pub fn apply_stream_on(
         applied: n,
         already_applied: already,
         total_applied: session.state.applied_ids().len(),
+        batches,
         seconds,
         seconds_per_edit: if n == 0 { 0.0 } else { seconds / n as f64 },
+        commit_seconds,
+        mean_iterations: if batches == 0 {
+            f64::NAN
+        } else {
+            iterations as f64 / batches as f64
+        },
         mean_first_loss: if batches == 0 {
             f64::NAN
         } else {
@@ -364,7 +469,58 @@ pub fn apply_stream_on(
     })
 }
 
-/// Prompts of the first `n` records (edit prompts, rephrasings, locality prompts) for the mean query.
+/// Trains one batch under the stored allocation: a plan per edit, the replays its allocations
+/// call for, then [`apply_stored_batch`].
+fn stored_batch(
+    base: &BaseModel,
+    elder: &mut Elder,
+    entries: Vec<EditEntry>,
+    on_iteration: impl FnMut(usize, f32),
+) -> Result<EditReport> {
+    let cfg = elder.cfg.clone();
+    let pool = elder.layers[0].experts(cfg.rank);
+    let mut plans = Vec::with_capacity(entries.len());
+    for (i, entry) in entries.iter().enumerate() {
+        // Fresh experts of earlier edits of this batch come first in the pool.
+        let pool = if cfg.allocation == crate::elder::config::AllocationMode::Fresh {
+            pool + i * cfg.top_k
+        } else {
+            pool
+        };
+        let id = entry.id.clone();
+        plans.push(
+            plan_edit(
+                &cfg,
+                &base.tokenizer,
+                base.cfg.max_positions,
+                entry.clone(),
+                &elder.memory,
+                &entries,
+                pool,
+            )
+            .with_context(|| format!("edit {id:?}"))?,
+        );
+    }
+    let allocations: Vec<&[Vec<u32>]> = plans
+        .iter()
+        .map(|p| p.entry.allocation.as_slice())
+        .collect();
+    let replays = plan::replays(&elder.memory, &allocations, cfg.replay)
+        .into_iter()
+        .map(|e| {
+            let (_, target) = base.encode_pair(&e.prompt, &e.target)?;
+            Ok(Replay {
+                prompt: plan::subject_text(&base.tokenizer, &e.prompt, e.subject.as_deref())?,
+                target,
+                allocation: e.allocation.clone(),
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    apply_stored_batch(base.model()?, elder, &plans, &replays, on_iteration)
+}
+
+/// Prompts for the mean query: the edit prompts of the first `n` records and the shipped
+/// background sentences (never a record's rephrasings or locality probes: those are the test).
 fn calibration_prompts(
     base: &BaseModel,
     records: &[EditRecord],
@@ -373,14 +529,8 @@ fn calibration_prompts(
     let mut prompts = Vec::new();
     for r in records.iter().take(n) {
         prompts.push(base.tokenizer.encode(&r.prompt)?);
-        for p in r
-            .rephrases
-            .iter()
-            .chain(r.locality.iter().map(|l| &l.prompt))
-        {
-            prompts.push(base.tokenizer.encode(p)?);
-        }
     }
+    prompts.extend(base.background_prompts()?);
     prompts.retain(|p| !p.is_empty());
     Ok(prompts)
 }
@@ -426,6 +576,18 @@ pub fn evaluate_final_with(
     show_progress: bool,
 ) -> Result<Metrics> {
     let mut ev = Evaluator::default();
+    score_records(base, scorer, records, show_progress, &mut ev)?;
+    Ok(ev.metrics(Protocol::Final))
+}
+
+/// Scores `records` into `ev` (the final protocol's loop; `ev` may keep every item's details).
+pub fn score_records(
+    base: &BaseModel,
+    scorer: &mut dyn PairScorer,
+    records: &[EditRecord],
+    show_progress: bool,
+    ev: &mut Evaluator,
+) -> Result<()> {
     let bar = progress_bar(records.len() as u64, show_progress);
     bar.set_message("evaluating");
     for chunk in records.chunks(8) {
@@ -437,7 +599,7 @@ pub fn evaluate_final_with(
         bar.inc(chunk.len() as u64);
     }
     bar.finish_and_clear();
-    Ok(ev.metrics(Protocol::Final))
+    Ok(())
 }
 
 fn progress_bar(len: u64, show: bool) -> indicatif::ProgressBar {

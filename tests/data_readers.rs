@@ -33,7 +33,8 @@ fn project_jsonl_reads_all_fields_and_defaults() {
         first.locality[1],
         LocalityProbe {
             prompt: "Lyon is a city in".into(),
-            answer: "France".into()
+            answer: "France".into(),
+            kind: None
         }
     );
     assert_eq!(records[1].knowledge_id, "e2", "knowledge_id defaults to id");
@@ -94,7 +95,8 @@ fn zsre_maps_fields_like_the_rome_lineage() {
         first.locality,
         [LocalityProbe {
             prompt: "nq question: who played desmond doss father in hacksaw ridge?".into(),
-            answer: "Hugo Weaving".into()
+            answer: "Hugo Weaving".into(),
+            kind: Some("nq".into())
         }]
     );
     assert_eq!(
@@ -148,7 +150,8 @@ fn counterfact_fills_subject_and_uses_true_target_for_neighbours() {
         records[1].locality,
         [LocalityProbe {
             prompt: "Brabant Island is located in".into(),
-            answer: "Antarctica".into()
+            answer: "Antarctica".into(),
+            kind: Some("same_relation".into())
         }]
     );
 }

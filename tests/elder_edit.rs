@@ -78,6 +78,7 @@ fn edits_take_and_are_reproducible() {
             target: e.target.clone(),
             rephrases: vec![],
             locality: vec![(vec![50, 51, 52], vec![53, 54])],
+            locality_kinds: vec![None],
         };
         // Protocol "each": every edit scored right after it was applied.
         let run = |ev: &mut Evaluator| {

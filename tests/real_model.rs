@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 
 use elder::data::{read_edits, DataFormat};
-use elder::elder::config::ElderConfig;
+use elder::elder::config::{ElderConfig, Preset};
 use elder::eval::{score_pairs, Evaluator, Protocol};
 use elder::model::NoAdapter;
 use elder::session::{apply_stream, evaluate_final, BaseModel, EditSession};
@@ -126,5 +126,52 @@ fn smollm2_edit_stream_takes_and_keeps_locality() {
             e.argmax, u.argmax,
             "a deferred probe did not get the base model's answer"
         );
+    }
+}
+
+/// The default preset keeps a stream of real edits: 30 sequential edits of each dataset, scored
+/// on the final model (the paper's protocol), must reach reliability and locality of 0.9. The
+/// paper preset's numbers on the same edits are printed beside them (`ELDER_REAL_PAPER=0` skips
+/// that half), and everything goes to stderr as a table.
+#[test]
+fn smollm2_default_preset_keeps_30_edits_of_each_dataset() {
+    let Some(dir) = model_dir("smollm2_default_preset_keeps_30_edits_of_each_dataset") else {
+        return;
+    };
+    let n: usize = std::env::var("ELDER_REAL_EDITS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(30);
+    let paper_too = std::env::var("ELDER_REAL_PAPER").map_or(true, |v| v != "0");
+    let base = BaseModel::open(&dir).unwrap();
+    for data in ["geo_facts.jsonl", "science_facts.jsonl"] {
+        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("data")
+            .join(data);
+        let mut records = read_edits(&path, DataFormat::Auto).unwrap();
+        records.truncate(n);
+        let mut presets = vec![Preset::Default];
+        if paper_too {
+            presets.push(Preset::Paper);
+        }
+        for preset in presets {
+            let state = tempfile::tempdir().unwrap();
+            let cfg = ElderConfig::preset(preset, &base.cfg);
+            let mut session = EditSession::open(&base, state.path(), Some(cfg)).unwrap();
+            let summary = apply_stream(&base, &mut session, &records, false, None).unwrap();
+            let m = evaluate_final(&base, &session.elder, &records, false).unwrap();
+            eprintln!(
+                "{data}, {} preset, {n} edits ({:.2} s/edit):\n{}",
+                preset.as_str(),
+                summary.seconds_per_edit,
+                m.table()
+            );
+            if preset == Preset::Default {
+                assert!(
+                    m.reliability >= 0.9 && m.locality >= 0.9,
+                    "{data}: the default preset lost edits or changed unrelated answers: {m:?}"
+                );
+            }
+        }
     }
 }

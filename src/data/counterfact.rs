@@ -51,6 +51,9 @@ pub(crate) fn parse_record(value: &Value) -> FieldResult<EditRecord> {
     })
 }
 
+/// CounterFact's neighbourhood prompts share the edit's relation, about other subjects.
+const NEIGHBORHOOD: &str = "same_relation";
+
 fn neighborhood_probe(
     fields: &Fields,
     index: usize,
@@ -61,6 +64,7 @@ fn neighborhood_probe(
         Value::String(prompt) if !prompt.trim().is_empty() => Ok(LocalityProbe {
             prompt: prompt.clone(),
             answer: target_true.to_string(),
+            kind: Some(NEIGHBORHOOD.to_string()),
         }),
         Value::Object(_) => {
             let probe = fields.element("neighborhood_prompts", index, item)?;
@@ -71,6 +75,7 @@ fn neighborhood_probe(
             Ok(LocalityProbe {
                 prompt: probe.string("prompt")?,
                 answer,
+                kind: Some(NEIGHBORHOOD.to_string()),
             })
         }
         other => Err(format!(

@@ -4,10 +4,11 @@
 //! {"id": "geo-00000", "knowledge_id": "capital/KE", "prompt": "The capital of Kenya is",
 //!  "target_new": "Vienna", "target_true": "Nairobi", "subject": "Kenya",
 //!  "rephrases": ["Kenya's capital city is"],
-//!  "locality": [{"prompt": "The capital of Denmark is", "answer": "Copenhagen"}]}
+//!  "locality": [{"prompt": "The capital of Denmark is", "answer": "Copenhagen",
+//!                "kind": "same_relation"}]}
 //! ```
 //! Required: `id` (string or integer), `prompt`, `target_new`. Optional: `knowledge_id` (defaults
-//! to `id`), `target_true`, `subject`, `rephrases`, `locality`. Unknown fields are ignored so the
+//! to `id`), `target_true`, `subject`, `rephrases`, `locality` (each probe's `kind` optional). Unknown fields are ignored so the
 //! format can grow.
 
 use std::path::Path;
@@ -52,6 +53,7 @@ pub(crate) fn parse_record(value: &Value) -> FieldResult<EditRecord> {
             Ok(LocalityProbe {
                 prompt: probe.string("prompt")?,
                 answer: probe.string("answer")?,
+                kind: probe.optional_string("kind")?,
             })
         })
         .collect::<FieldResult<Vec<_>>>()?;

@@ -9,6 +9,7 @@
 //!   array with a syntax error, an unknown format) are still returned as `Err`: a JSON array cannot
 //!   be resynchronised after a syntax error, unlike JSONL where every line stands alone.
 
+pub mod background;
 mod counterfact;
 mod fields;
 mod jsonl;

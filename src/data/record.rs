@@ -32,4 +32,8 @@ pub struct EditRecord {
 pub struct LocalityProbe {
     pub prompt: String,
     pub answer: String,
+    /// What kind of probe this is (`same_relation`, `other_relation`, `same_subject`, `general`
+    /// in the project's datasets; free text elsewhere): evaluation reports locality per kind.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
 }

@@ -31,6 +31,8 @@ pub(crate) fn parse_record(value: &Value, index: usize) -> FieldResult<EditRecor
         Some(loc) => vec![LocalityProbe {
             prompt: rome_locality_prompt(&loc),
             answer: fields.string("loc_ans")?,
+            // ZsRE's locality questions are Natural Questions: unrelated to the edits.
+            kind: Some("nq".to_string()),
         }],
         None => Vec::new(),
     };

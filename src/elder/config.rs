@@ -29,6 +29,92 @@ pub enum AllocationMode {
     KnowledgeSeed,
     /// The router's own top-k for the edit prompt at the first iteration.
     RouterFirstIteration,
+    /// The k experts per layer that the fewest earlier edits use (ties: the lowest index), so a
+    /// fixed pool is shared as evenly as it can be (choice: not in the paper).
+    LeastUsed,
+    /// k new experts per layer for every edit: the pool grows with the stream and no two edits
+    /// share an expert, so no edit can overwrite another (choice: not in the paper). Needs the
+    /// key store and the stored allocation.
+    Fresh,
+}
+
+/// Named starting points for the method settings; a TOML config overrides either. The serde
+/// default is `Paper` on purpose: a format-1 state's config has no `preset` field and was the
+/// paper's method (the commands' default preset is `Default`, chosen in `main.rs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum Preset {
+    /// The published method, exactly: routers on the last prompt token, the allocation-code
+    /// codebook for deferral, a shared pool of 4 experts per layer.
+    #[default]
+    Paper,
+    /// What keeps 1000 sequential edits (BENCHMARKS.md): a key store of subject keys decides scope
+    /// and which edit a prompt is about, each edit trains experts of its own, with a prefixed
+    /// copy, question framings, negatives and early stopping.
+    Default,
+}
+
+impl Preset {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Preset::Paper => "paper",
+            Preset::Default => "default",
+        }
+    }
+}
+
+/// What decides whether a sequence is in scope of the edits (and so whether the MoLoRA layers
+/// apply to it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Deferral {
+    /// The paper: Hamming distance of the routers' allocation code to the nearest codebook entry.
+    Codebook,
+    /// A key per edit read from the frozen model (`key`), matched by cosine similarity against the
+    /// prompt's own keys; in scope when the best match reaches `scope_threshold`. The matched edit
+    /// is known, so its own allocation can be reused (`inference_allocation = "stored"`).
+    KeyStore,
+}
+
+/// Which rows of the key site's input make the key-store key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KeyKind {
+    /// The last prompt token (the paper's query position).
+    LastToken,
+    /// The mean over the prompt's tokens.
+    PromptMean,
+    /// The prompt mean minus the mean of the shipped background text (fixed once).
+    MeanDecentered,
+    /// Stored at the last token of the edit's subject (the record's `subject`, or found in the
+    /// prompt without it), centred on the background; a prompt is matched at every position.
+    Subject,
+}
+
+/// Which rows of an in-scope sequence the MoLoRA layers change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExpertRows {
+    /// Every row (the paper: routing is per sequence, every token uses the same experts).
+    All,
+    /// Only the row of the edit's subject: its last token in a training prompt, the best-matching
+    /// position of the key store at inference. The model's own layers then read the changed
+    /// subject, the way ROME edits a fact at the subject's last token.
+    Subject,
+    /// From the last prompt token on: the prompt's own tokens keep the base model's activations,
+    /// only the position that predicts the answer and the tokens after it change, so a prompt that
+    /// mentions the subject but asks something else is left nearly as it was.
+    Answer,
+}
+
+/// Which experts an in-scope sequence is answered with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InferenceAllocation {
+    /// The routers' top-k on the query (the paper).
+    Router,
+    /// The matched edit's own allocation, exactly as it was trained (needs the key store).
+    Stored,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -72,8 +158,62 @@ pub struct ElderConfig {
     /// Route on the query minus the mean query of calibration prompts, at unit RMS (choice: not in
     /// the paper; see `Elder::router_input`).
     pub query_centering: bool,
-    /// Records of the edit stream whose prompts (edit, rephrasings, locality) calibrate the mean.
+    /// Edit prompts of the stream's first records that calibrate the mean (together with the
+    /// shipped background text; never a record's rephrasings or locality probes).
     pub calibration_records: usize,
+
+    // ---- Beyond the paper (each off in the `paper` preset; see elder-method.md section 6) ----
+    /// The preset these settings started from (recorded in the state; informational).
+    pub preset: Preset,
+    pub deferral: Deferral,
+    /// Where the key store reads its keys: the input of `key_proj` in `key_block`.
+    pub key: KeyKind,
+    pub key_block: usize,
+    pub key_proj: MlpProj,
+    /// Also store keys of generated variants of the edit prompt (a background sentence before
+    /// it, and for subject keys the bare subject at the start of a text), so that a prompt whose
+    /// subject is tokenized differently still finds its edit.
+    pub key_variants: bool,
+    /// Project keys to this many dimensions with a fixed random matrix (0: keep the full width).
+    pub key_dim: usize,
+    /// A prompt is in scope when its best key similarity (cosine) reaches this (with
+    /// `scope_quantile`, the floor of the calibrated threshold).
+    pub scope_threshold: f32,
+    /// Calibrate the threshold from the stream itself (0: off, the fixed `scope_threshold`):
+    /// each edit's impostor score is its best key similarity to an edit of another subject, and
+    /// the threshold is this quantile of the impostor scores (never below `scope_threshold`).
+    /// Only edit keys take part, so no evaluation prompt ever sets it.
+    pub scope_quantile: f32,
+    /// Among edits whose key similarity is within `relation_margin` of the best, pick the one
+    /// whose relation key (the last prompt token at `relation_block`'s `relation_proj` input)
+    /// is most similar: several edits can share a subject.
+    pub relation_check: bool,
+    pub relation_block: usize,
+    pub relation_proj: MlpProj,
+    pub relation_margin: f32,
+    pub inference_allocation: InferenceAllocation,
+    pub expert_rows: ExpertRows,
+    /// Earlier edits that share an expert with the batch, trained again alongside it (most
+    /// recent first), so that later edits do not overwrite them.
+    pub replay: usize,
+    /// Copies of each edit prompt with a background sentence before it, trained alongside it.
+    pub augment_prefixes: usize,
+    /// Copies of each edit prompt inside generic question framings ("Fill in the blank: ...
+    /// ___. The answer is"), trained alongside it (the first N of [`QUESTION_FRAMES`]).
+    pub augment_questions: usize,
+    /// Prompts trained to keep the base model's answers (the edit's subject in other edits'
+    /// templates, other subjects in its own template, background sentences), per edit.
+    pub negatives: usize,
+    /// Weight of the negatives' loss relative to the edit's.
+    pub negative_weight: f32,
+    /// Weight of a penalty on the squared output of the experts for the negatives (0: none).
+    pub delta_penalty: f32,
+    /// Put negatives in the question framings too (cycling through the first
+    /// `augment_questions` of them), as the edit's own copies are.
+    pub frame_negatives: bool,
+    /// Stop an edit batch early once every target token is the argmax and the edit loss is below
+    /// this (0: always run `iterations`).
+    pub stop_loss: f32,
 }
 
 impl Default for ElderConfig {
@@ -105,15 +245,108 @@ impl Default for ElderConfig {
             seed: 0,
             query_centering: false,
             calibration_records: 64,
+            preset: Preset::Paper,
+            deferral: Deferral::Codebook,
+            key: KeyKind::Subject,
+            key_block: 2,
+            key_proj: MlpProj::CFc,
+            key_variants: false,
+            key_dim: 0,
+            scope_threshold: 0.8,
+            scope_quantile: 0.0,
+            relation_check: false,
+            relation_block: 35,
+            relation_proj: MlpProj::CFc,
+            relation_margin: 0.05,
+            inference_allocation: InferenceAllocation::Router,
+            expert_rows: ExpertRows::All,
+            replay: 0,
+            augment_prefixes: 0,
+            augment_questions: 0,
+            negatives: 0,
+            negative_weight: 1.0,
+            delta_penalty: 0.0,
+            frame_negatives: false,
+            stop_loss: 0.0,
         }
     }
 }
+
+/// Generic question framings of an edit prompt (`{}` is the prompt), for `augment_questions`:
+/// they name no relation, so they fit every edit; they teach the experts to answer when the
+/// prompt is asked as a question rather than left as a sentence to complete.
+pub const QUESTION_FRAMES: &[&str] = &[
+    "Fill in the blank: {} ___. The answer is",
+    "Question: {} what? Answer:",
+    "Complete the sentence. {}",
+    "{} what? It is",
+];
 
 /// Number of MoLoRA layers the defaults use.
 const DEFAULT_LAYERS: usize = 6;
 
 impl ElderConfig {
-    /// The preset for a base model: six consecutive MoLoRA layers starting three quarters deep (GPT2-XL:
+    /// The named preset for a base model (see [`Preset`]).
+    pub fn preset(preset: Preset, cfg: &ModelConfig) -> Self {
+        match preset {
+            Preset::Paper => Self::preset_for(cfg),
+            Preset::Default => Self::default_preset_for(cfg),
+        }
+    }
+
+    /// The `default` preset: the paper's placement, trained and answered the way that keeps long
+    /// streams of edits (BENCHMARKS.md has each setting measured alone and combined):
+    /// - scope from a key store of subject keys read early (block 2, the normed residual stream),
+    ///   with keys of generated variants of each prompt, and a relation check on the paper's query
+    ///   position (the last prompt token, just below the first MoLoRA layer) to pick among edits
+    ///   of one subject;
+    /// - the matched edit's own allocation at inference; one fresh rank-4 expert per layer per edit,
+    ///   so no edit overwrites another;
+    /// - a scope threshold calibrated from the stream (the 0.9 quantile of the edits' impostor
+    ///   scores, never below 0.8);
+    /// - per edit while training: one prefixed copy, two generic question framings and four
+    ///   negatives; learning rate 1e-2, stopped early once every target token is the argmax and
+    ///   the loss is below 0.01.
+    pub fn default_preset_for(cfg: &ModelConfig) -> Self {
+        let paper = Self::preset_for(cfg);
+        let hidden_proj = match cfg.arch {
+            Arch::Gpt2 => MlpProj::CFc,
+            Arch::Llama => MlpProj::UpProj,
+        };
+        let first = paper.molora_blocks[0];
+        ElderConfig {
+            preset: Preset::Default,
+            molora_blocks: paper.molora_blocks.iter().copied().take(4).collect(),
+            rank: 4,
+            alpha: 4.0,
+            top_k: 1,
+            allocation: AllocationMode::Fresh,
+            guide_weight: 0.0,
+            router_lr_scale: 0.0,
+            learning_rate: 1e-2,
+            deferral: Deferral::KeyStore,
+            key: KeyKind::Subject,
+            key_block: 2.min(first.saturating_sub(1)),
+            key_proj: hidden_proj,
+            key_variants: true,
+            key_dim: 0,
+            scope_threshold: 0.8,
+            scope_quantile: 0.9,
+            relation_check: true,
+            relation_block: first - 1,
+            relation_proj: hidden_proj,
+            relation_margin: 0.05,
+            inference_allocation: InferenceAllocation::Stored,
+            augment_prefixes: 1,
+            augment_questions: 2,
+            negatives: 4,
+            negative_weight: 1.0,
+            stop_loss: 0.01,
+            ..paper
+        }
+    }
+
+    /// The `paper` preset for a base model: six consecutive MoLoRA layers starting three quarters deep (GPT2-XL:
     /// blocks 36..41, query at block 35, as in the MELO/ELDER code lineage), on `mlp.c_fc` for GPT-2 and
     /// on `mlp.down_proj` for Llama (choice: the down projection's input is the widest, most
     /// fact-specific activation of a Llama block).
@@ -134,18 +367,26 @@ impl ElderConfig {
         }
     }
 
-    /// Reads a TOML file of overrides on top of the model's preset.
-    pub fn from_toml_file(path: &Path, cfg: &ModelConfig) -> Result<Self> {
+    /// Reads a TOML file of overrides on top of a preset: `preset = "paper"` in the file picks
+    /// the preset, else `preset` does.
+    pub fn from_toml_file(path: &Path, cfg: &ModelConfig, preset: Preset) -> Result<Self> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read ELDER config {}", path.display()))?;
-        Self::from_toml_str(&text, cfg)
+        Self::from_toml_str(&text, cfg, preset)
             .with_context(|| format!("in ELDER config {}", path.display()))
     }
 
-    pub fn from_toml_str(text: &str, cfg: &ModelConfig) -> Result<Self> {
-        // Start from the preset, then apply whatever keys the file sets.
-        let mut base = toml::Value::try_from(Self::preset_for(cfg))?;
+    pub fn from_toml_str(text: &str, cfg: &ModelConfig, preset: Preset) -> Result<Self> {
         let overrides: toml::Value = toml::from_str(text)?;
+        let preset = match overrides.get("preset") {
+            Some(v) => v
+                .clone()
+                .try_into::<Preset>()
+                .map_err(|_| anyhow::anyhow!("preset = {v}: expected \"default\" or \"paper\""))?,
+            None => preset,
+        };
+        // Start from the preset, then apply whatever keys the file sets.
+        let mut base = toml::Value::try_from(Self::preset(preset, cfg))?;
         let (Some(b), Some(o)) = (base.as_table_mut(), overrides.as_table()) else {
             bail!("expected a TOML table of settings");
         };
@@ -196,7 +437,8 @@ impl ElderConfig {
                 self.molora_blocks
             );
         }
-        if self.query_block >= self.molora_blocks[0] {
+        // The query only matters where the routers choose the experts.
+        if self.uses_routers() && self.query_block >= self.molora_blocks[0] {
             bail!(
                 "query_block ({}) must come before the first MoLoRA block ({}): the query may only depend on frozen layers",
                 self.query_block,
@@ -218,12 +460,13 @@ impl ElderConfig {
                 model.arch.as_str()
             )
         })?;
-        if q_in != m_in {
+        if self.uses_routers() && q_in != m_in {
             bail!(
                 "the query projection's input width ({q_in}) must equal the MoLoRA projections' input width ({m_in})"
             );
         }
-        if self.num_experts < 2 || self.top_k == 0 || self.top_k > self.num_experts {
+        let fresh = self.allocation == AllocationMode::Fresh;
+        if self.top_k == 0 || (!fresh && (self.num_experts < 2 || self.top_k > self.num_experts)) {
             bail!(
                 "need 2 <= num_experts and 1 <= top_k <= num_experts (got E={}, k={})",
                 self.num_experts,
@@ -243,7 +486,164 @@ impl ElderConfig {
                 self.router_lr_scale
             );
         }
+        self.validate_beyond_paper(model, in_dim)
+    }
+
+    /// The checks of the settings that go beyond the paper.
+    fn validate_beyond_paper(
+        &self,
+        model: &ModelConfig,
+        in_dim: impl Fn(MlpProj) -> Option<usize>,
+    ) -> Result<()> {
+        let first = self.molora_blocks[0];
+        let key_store = self.deferral == Deferral::KeyStore;
+        if key_store {
+            let mut sites = vec![("key", self.key_block, self.key_proj)];
+            if self.relation_check {
+                sites.push(("relation", self.relation_block, self.relation_proj));
+            }
+            for (what, block, proj) in sites {
+                if block >= first {
+                    bail!(
+                        "{what}_block ({block}) must come before the first MoLoRA block ({first}): \
+                         the key store decides scope before any MoLoRA layer runs"
+                    );
+                }
+                let width = in_dim(proj).with_context(|| {
+                    format!(
+                        "{what}_proj {proj:?} does not exist in a {} model",
+                        model.arch.as_str()
+                    )
+                })?;
+                if what == "key" && self.key_dim > width {
+                    bail!(
+                        "key_dim ({}) is wider than the key itself ({width} at {proj:?})",
+                        self.key_dim
+                    );
+                }
+            }
+            if !(self.scope_threshold.is_finite() && (-1.0..=1.0).contains(&self.scope_threshold)) {
+                bail!(
+                    "scope_threshold is a cosine similarity in [-1, 1], got {}",
+                    self.scope_threshold
+                );
+            }
+            if !(self.scope_quantile.is_finite() && (0.0..1.0).contains(&self.scope_quantile)) {
+                bail!(
+                    "scope_quantile is a quantile in [0, 1) (0: the fixed scope_threshold), got {}",
+                    self.scope_quantile
+                );
+            }
+            if !(self.relation_margin.is_finite() && self.relation_margin >= 0.0) {
+                bail!("relation_margin must be >= 0, got {}", self.relation_margin);
+            }
+        }
+        let stored = self.inference_allocation == InferenceAllocation::Stored;
+        if stored && !key_store {
+            bail!(
+                "inference_allocation = \"stored\" needs deferral = \"key_store\": only the key \
+                 store knows which edit a prompt is about"
+            );
+        }
+        match (self.allocation, stored) {
+            (AllocationMode::Fresh | AllocationMode::LeastUsed, false) => bail!(
+                "allocation = {:?} needs inference_allocation = \"stored\": the routers would \
+                 not answer with the experts it picks",
+                self.allocation
+            ),
+            (AllocationMode::RouterFirstIteration, true) => bail!(
+                "allocation = \"router_first_iteration\" needs the routers \
+                 (inference_allocation = \"router\")"
+            ),
+            _ => {}
+        }
+        if self.expert_rows == ExpertRows::Answer && !stored {
+            bail!("expert_rows = \"answer\" needs inference_allocation = \"stored\"");
+        }
+        if self.expert_rows == ExpertRows::Subject && !(stored && self.key == KeyKind::Subject) {
+            bail!(
+                "expert_rows = \"subject\" needs subject keys and the stored allocation \
+                 (key = \"subject\", inference_allocation = \"stored\"): the key store finds the \
+                 subject's row"
+            );
+        }
+        if self.augment_questions > QUESTION_FRAMES.len() {
+            bail!(
+                "augment_questions is at most {} (the question framings there are)",
+                QUESTION_FRAMES.len()
+            );
+        }
+        if !stored
+            && (self.replay > 0
+                || self.augment_prefixes > 0
+                || self.augment_questions > 0
+                || self.negatives > 0)
+        {
+            bail!(
+                "replay, augment_prefixes and negatives train with each sequence's stored \
+                 allocation: they need inference_allocation = \"stored\""
+            );
+        }
+        if !(self.negative_weight.is_finite() && self.negative_weight >= 0.0) {
+            bail!("negative_weight must be >= 0, got {}", self.negative_weight);
+        }
+        if !(self.delta_penalty.is_finite() && self.delta_penalty >= 0.0) {
+            bail!("delta_penalty must be >= 0, got {}", self.delta_penalty);
+        }
+        if !(self.stop_loss.is_finite() && self.stop_loss >= 0.0) {
+            bail!(
+                "stop_loss must be >= 0 (0: no early stop), got {}",
+                self.stop_loss
+            );
+        }
         Ok(())
+    }
+
+    /// The settings this configuration uses that the CUDA path does not have yet, by name
+    /// (empty: it runs on the GPU).
+    pub fn gpu_unsupported(&self) -> Vec<&'static str> {
+        let mut out = Vec::new();
+        if self.deferral != Deferral::Codebook {
+            out.push("deferral = \"key_store\"");
+        }
+        if self.inference_allocation != InferenceAllocation::Router {
+            out.push("inference_allocation = \"stored\"");
+        }
+        match self.allocation {
+            AllocationMode::LeastUsed => out.push("allocation = \"least_used\""),
+            AllocationMode::Fresh => out.push("allocation = \"fresh\""),
+            _ => {}
+        }
+        for (set, name) in [
+            (self.replay > 0, "replay"),
+            (self.augment_prefixes > 0, "augment_prefixes"),
+            (self.augment_questions > 0, "augment_questions"),
+            (self.negatives > 0, "negatives"),
+            (self.delta_penalty > 0.0, "delta_penalty"),
+            (self.stop_loss > 0.0, "stop_loss"),
+            (
+                self.expert_rows == ExpertRows::Subject,
+                "expert_rows = \"subject\"",
+            ),
+            (
+                self.expert_rows == ExpertRows::Answer,
+                "expert_rows = \"answer\"",
+            ),
+            (
+                self.query_pooling != QueryPooling::LastToken,
+                "query_pooling = \"prompt_mean\"",
+            ),
+        ] {
+            if set {
+                out.push(name);
+            }
+        }
+        out
+    }
+
+    /// Whether the routers choose the experts (the paper) rather than the key store.
+    pub fn uses_routers(&self) -> bool {
+        self.inference_allocation == InferenceAllocation::Router
     }
 }
 
@@ -290,13 +690,72 @@ mod tests {
 
     #[test]
     fn toml_overrides_apply_on_the_preset() {
-        let c =
-            ElderConfig::from_toml_str("num_experts = 8\nrenormalize = true", &cfg(Arch::Gpt2, 12))
-                .unwrap();
+        let c = ElderConfig::from_toml_str(
+            "num_experts = 8\nrenormalize = true",
+            &cfg(Arch::Gpt2, 12),
+            Preset::Paper,
+        )
+        .unwrap();
         assert_eq!(c.num_experts, 8);
         assert!(c.renormalize);
         assert_eq!(c.query_block, 5);
-        let err = ElderConfig::from_toml_str("num_expert = 8", &cfg(Arch::Gpt2, 12)).unwrap_err();
+        let err = ElderConfig::from_toml_str("num_expert = 8", &cfg(Arch::Gpt2, 12), Preset::Paper)
+            .unwrap_err();
         assert!(format!("{err:#}").contains("num_expert"), "{err:#}");
+    }
+
+    #[test]
+    fn both_presets_validate_and_the_file_can_pick_one() {
+        for arch in [Arch::Gpt2, Arch::Llama] {
+            let m = cfg(arch, 30);
+            for p in [Preset::Paper, Preset::Default] {
+                let c = ElderConfig::preset(p, &m);
+                c.validate(&m)
+                    .unwrap_or_else(|e| panic!("{p:?} {arch:?}: {e:#}"));
+                assert_eq!(c.preset, p);
+            }
+            assert!(ElderConfig::preset(Preset::Paper, &m)
+                .gpu_unsupported()
+                .is_empty());
+            assert!(!ElderConfig::preset(Preset::Default, &m)
+                .gpu_unsupported()
+                .is_empty());
+        }
+        let m = cfg(Arch::Llama, 30);
+        let c = ElderConfig::from_toml_str("preset = \"paper\"\nrank = 2", &m, Preset::Default)
+            .unwrap();
+        assert_eq!(
+            c,
+            ElderConfig {
+                rank: 2,
+                ..ElderConfig::preset_for(&m)
+            }
+        );
+        let err = ElderConfig::from_toml_str("preset = \"papr\"", &m, Preset::Default).unwrap_err();
+        assert!(format!("{err:#}").contains("paper"), "{err:#}");
+    }
+
+    #[test]
+    fn settings_that_need_the_key_store_are_refused_without_it() {
+        let m = cfg(Arch::Llama, 30);
+        let paper = ElderConfig::preset_for(&m);
+        let stored = ElderConfig {
+            inference_allocation: InferenceAllocation::Stored,
+            ..paper.clone()
+        };
+        let e = format!("{:#}", stored.validate(&m).unwrap_err());
+        assert!(e.contains("key_store"), "{e}");
+        let fresh = ElderConfig {
+            allocation: AllocationMode::Fresh,
+            ..paper.clone()
+        };
+        let e = format!("{:#}", fresh.validate(&m).unwrap_err());
+        assert!(e.contains("stored"), "{e}");
+        let late_key = ElderConfig {
+            key_block: 29,
+            ..ElderConfig::preset(Preset::Default, &m)
+        };
+        let e = format!("{:#}", late_key.validate(&m).unwrap_err());
+        assert!(e.contains("key_block (29)"), "{e}");
     }
 }

@@ -11,8 +11,13 @@ use crate::model::layers::Site;
 use crate::model::names::site_dims;
 use crate::model::{Adapter, BatchShape, ModelConfig};
 
+use super::capture::SiteCapture;
 use super::codebook::Codebook;
-use super::config::{ElderConfig, QueryPooling};
+use super::config::{
+    AllocationMode, Deferral, ElderConfig, ExpertRows, InferenceAllocation, QueryPooling,
+};
+use super::keystore::{KeyMatch, KeyStore};
+use super::memory::EditEntry;
 
 /// The parameters of one MoLoRA layer (all f32, all trainable).
 #[derive(Debug, Clone, PartialEq)]
@@ -31,8 +36,19 @@ pub struct MoloraLayer {
 
 impl MoloraLayer {
     /// The released code's initialisation: `B = 0` (every expert starts as a zero update),
-    /// `A ~ U(-1/sqrt(r), 1/sqrt(r))`, router `~ U(-1/sqrt(d_in), 1/sqrt(d_in))`.
+    /// `A ~ U(-1/sqrt(r), 1/sqrt(r))`, router `~ U(-1/sqrt(d_in), 1/sqrt(d_in))`. With
+    /// `allocation = "fresh"` the pool starts empty (experts are made per edit) and has no router.
     pub fn init(cfg: &ElderConfig, d_in: usize, d_out: usize, rng: &mut ChaCha8Rng) -> Self {
+        if cfg.allocation == AllocationMode::Fresh {
+            return MoloraLayer {
+                a: Vec::new(),
+                b: Vec::new(),
+                w_r: Vec::new(),
+                b_r: Vec::new(),
+                d_in,
+                d_out,
+            };
+        }
         let (e, r) = (cfg.num_experts, cfg.rank);
         let ba = 1.0 / (r as f32).sqrt();
         let br = 1.0 / (d_in as f32).sqrt();
@@ -46,14 +62,57 @@ impl MoloraLayer {
         }
     }
 
+    /// Experts in the pool (rank `r`).
+    pub fn experts(&self, r: usize) -> usize {
+        self.a.len() / (self.d_in * r).max(1)
+    }
+
+    /// Appends `n` new experts initialised as [`MoloraLayer::init`]'s (`B = 0`, `A` uniform).
+    pub fn push_experts(&mut self, r: usize, n: usize, rng: &mut ChaCha8Rng) {
+        let ba = 1.0 / (r as f32).sqrt();
+        self.a
+            .extend((0..n * self.d_in * r).map(|_| rng.gen_range(-ba..ba)));
+        self.b.extend(std::iter::repeat_n(0.0, n * r * self.d_out));
+    }
+
+    /// A pool of only `experts` (in that order, routers left out): what one batch trains.
+    pub fn gather(&self, r: usize, experts: &[u32]) -> MoloraLayer {
+        let (sa, sb) = (self.d_in * r, r * self.d_out);
+        let mut out = MoloraLayer {
+            a: Vec::with_capacity(experts.len() * sa),
+            b: Vec::with_capacity(experts.len() * sb),
+            w_r: Vec::new(),
+            b_r: Vec::new(),
+            d_in: self.d_in,
+            d_out: self.d_out,
+        };
+        for &e in experts {
+            let e = e as usize;
+            out.a.extend_from_slice(&self.a[e * sa..(e + 1) * sa]);
+            out.b.extend_from_slice(&self.b[e * sb..(e + 1) * sb]);
+        }
+        out
+    }
+
+    /// Writes a gathered pool back over the experts it was gathered from.
+    pub fn scatter(&mut self, r: usize, experts: &[u32], gathered: &MoloraLayer) {
+        let (sa, sb) = (self.d_in * r, r * self.d_out);
+        for (i, &e) in experts.iter().enumerate() {
+            let e = e as usize;
+            self.a[e * sa..(e + 1) * sa].copy_from_slice(&gathered.a[i * sa..(i + 1) * sa]);
+            self.b[e * sb..(e + 1) * sb].copy_from_slice(&gathered.b[i * sb..(i + 1) * sb]);
+        }
+    }
+
     /// The four parameter tensors with their names and shapes, in a fixed order.
     pub fn tensors(&self, cfg: &ElderConfig) -> [(&'static str, Vec<usize>, &Vec<f32>); 4] {
-        let (e, r) = (cfg.num_experts, cfg.rank);
+        let r = cfg.rank;
+        let (e, routed) = (self.experts(r), self.b_r.len());
         [
             ("lora_a", vec![e, self.d_in, r], &self.a),
             ("lora_b", vec![e, r, self.d_out], &self.b),
-            ("router_w", vec![e, self.d_in], &self.w_r),
-            ("router_b", vec![e], &self.b_r),
+            ("router_w", vec![routed, self.d_in], &self.w_r),
+            ("router_b", vec![routed], &self.b_r),
         ]
     }
 
@@ -82,6 +141,11 @@ pub struct Elder {
     /// Mean query of the calibration prompts, subtracted before routing when
     /// `cfg.query_centering` is on. Fixed once computed, so stored codes stay valid.
     pub query_mean: Option<Vec<f32>>,
+    /// The keys of every applied edit (`deferral = "key_store"`); `None` until its background
+    /// is calibrated, before the first edit.
+    pub key_store: Option<KeyStore>,
+    /// Every applied edit's training fields and allocation, in the order they were applied.
+    pub memory: Vec<EditEntry>,
 }
 
 impl Elder {
@@ -100,7 +164,98 @@ impl Elder {
             layers,
             codebook,
             query_mean: None,
+            key_store: None,
+            memory: Vec::new(),
         })
+    }
+
+    /// Sites whose inputs the key store reads (the key, then the relation key).
+    pub fn key_sites(&self) -> Vec<Site> {
+        if self.cfg.deferral != Deferral::KeyStore {
+            return Vec::new();
+        }
+        let mut sites = vec![Site {
+            block: self.cfg.key_block,
+            proj: self.cfg.key_proj,
+        }];
+        if self.cfg.relation_check {
+            sites.push(Site {
+                block: self.cfg.relation_block,
+                proj: self.cfg.relation_proj,
+            });
+        }
+        sites
+    }
+
+    /// The routing of sequences answered with stored allocations: each sequence's edit's
+    /// experts (`None`: out of scope).
+    pub fn stored_routing(&self, edits: &[Option<usize>]) -> Vec<Routing> {
+        let allocations: Vec<Option<&[Vec<u32>]>> = edits
+            .iter()
+            .map(|e| e.map(|i| self.memory[i].allocation.as_slice()))
+            .collect();
+        self.fixed_routing(&allocations)
+    }
+
+    /// Per layer, the given experts of each sequence with gate 1 each (`None`: gates 0, the
+    /// sequence is out of scope anyway).
+    pub fn fixed_routing(&self, allocations: &[Option<&[Vec<u32>]>]) -> Vec<Routing> {
+        let k = self.cfg.top_k;
+        (0..self.layers.len())
+            .map(|l| {
+                let mut experts = Vec::with_capacity(allocations.len() * k);
+                let mut gates = Vec::with_capacity(allocations.len() * k);
+                for a in allocations {
+                    match a.and_then(|a| a.get(l)) {
+                        Some(chosen) => {
+                            experts.extend_from_slice(chosen);
+                            gates.extend(std::iter::repeat_n(1.0, chosen.len()));
+                        }
+                        None => {
+                            experts.extend(std::iter::repeat_n(0, k));
+                            gates.extend(std::iter::repeat_n(0.0, k));
+                        }
+                    }
+                }
+                Routing {
+                    probs: Vec::new(),
+                    experts,
+                    gates,
+                    num_experts: self.layers[l].experts(self.cfg.rank),
+                    k,
+                }
+            })
+            .collect()
+    }
+
+    /// The key-store decision for each sequence of a batch whose key-site inputs were captured:
+    /// the best-matching edit and whether it is in scope.
+    pub fn match_keys(
+        &self,
+        capture: &SiteCapture,
+        prompt_rows: &[Range<usize>],
+    ) -> Vec<Option<KeyMatch>> {
+        let Some(store) = self.key_store.as_ref().filter(|s| !s.is_empty()) else {
+            return vec![None; prompt_rows.len()];
+        };
+        let sites = self.key_sites();
+        let Some(key_input) = capture.inputs.get(&sites[0]) else {
+            return vec![None; prompt_rows.len()];
+        };
+        let relation_input = sites.get(1).and_then(|s| capture.inputs.get(s));
+        let w = store.space.width;
+        prompt_rows
+            .iter()
+            .map(|rows| {
+                let q = store.query_keys(&key_input[rows.start * w..rows.end * w]);
+                let rel = relation_input.and_then(|x| {
+                    let rw = x.len() / (key_input.len() / w);
+                    let last = rows.end - 1;
+                    store.relation_key(&x[last * rw..(last + 1) * rw], rows.len() - 1)
+                });
+                store.best_match(&q, rel.as_deref(), self.cfg.relation_margin)
+            })
+            .collect()
     }
 
     /// Index of the MoLoRA layer at `site`, if there is one.
@@ -208,8 +363,8 @@ pub fn center_queries(query: &[f32], mean: &[f32]) -> Vec<f32> {
 /// Whether the adapter decides scope from the codebook or treats every sequence as in scope.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Scope {
-    /// Inference: the deferral codebook decides.
-    Codebook,
+    /// Inference: the deferral (codebook or key store) decides.
+    Deferral,
     /// Training: every sequence is in scope.
     All,
 }
@@ -229,6 +384,22 @@ pub struct ElderAdapter<'a> {
     pub in_scope: Vec<bool>,
     /// Distance of each sequence's code to the nearest codebook entry (inference only).
     pub distances: Vec<Option<u32>>,
+    /// The key store's best edit for each sequence and its similarity (inference only).
+    pub key_matches: Vec<Option<KeyMatch>>,
+    /// Inputs of the key store's sites, captured from the prompt.
+    key_capture: SiteCapture,
+    /// `expert_rows = "subject"`: the one row of each sequence (within it, in the prompt call)
+    /// the experts change; `None`: every row.
+    pub expert_rows: Option<Vec<Option<usize>>>,
+    /// `expert_rows = "answer"`: each sequence's first row (within it, in the prompt call) the
+    /// experts change; later calls (decode steps) change every row.
+    pub answer_from: Option<Vec<usize>>,
+    /// Training: a penalty of this weight on the squared output of the experts for the flagged
+    /// sequences (negatives), so that what they must not change is not changed at all.
+    pub delta_penalty: Option<(f32, Vec<bool>)>,
+    /// The experts' output per layer for the penalised sequences (zero elsewhere), when training
+    /// with a delta penalty.
+    deltas: Vec<Vec<f32>>,
     /// Saved `x A_e` per layer, when training.
     pub shrink: Vec<Vec<f32>>,
     pub training: bool,
@@ -240,7 +411,7 @@ pub struct ElderAdapter<'a> {
 
 impl<'a> ElderAdapter<'a> {
     pub fn inference(elder: &'a Elder, prompt_rows: Vec<Range<usize>>) -> Self {
-        Self::build(elder, prompt_rows, Scope::Codebook, false)
+        Self::build(elder, prompt_rows, Scope::Deferral, false)
     }
 
     /// Inference on one sequence whose first `prompt_len` tokens are the prompt.
@@ -251,6 +422,16 @@ impl<'a> ElderAdapter<'a> {
     pub fn training(elder: &'a Elder, query: Vec<f32>) -> Self {
         let mut a = Self::build(elder, Vec::new(), Scope::All, true);
         a.query = Some(query);
+        a
+    }
+
+    /// Training with a routing given for every sequence (the stored allocations): every sequence
+    /// is in scope, and no router is involved.
+    pub fn training_routed(elder: &'a Elder, routing: Vec<Routing>) -> Self {
+        let mut a = Self::build(elder, Vec::new(), Scope::All, true);
+        let batch = routing.first().map_or(0, |r| r.experts.len() / r.k.max(1));
+        a.in_scope = vec![true; batch];
+        a.routing = Some(routing);
         a
     }
 
@@ -269,6 +450,12 @@ impl<'a> ElderAdapter<'a> {
             routing: None,
             in_scope: Vec::new(),
             distances: Vec::new(),
+            key_matches: Vec::new(),
+            key_capture: SiteCapture::new(&elder.key_sites()),
+            expert_rows: None,
+            answer_from: None,
+            delta_penalty: None,
+            deltas: vec![Vec::new(); n],
             shrink: vec![Vec::new(); n],
             training,
             dgates: vec![Vec::new(); n],
@@ -284,9 +471,52 @@ impl<'a> ElderAdapter<'a> {
         self.in_scope.len()
     }
 
-    /// Decides routing and scope once per sequence, from the query.
+    /// Decides routing and scope once per sequence, from the query (and the key store).
     fn ensure_routing(&mut self) {
         if self.routing.is_some() {
+            return;
+        }
+        let cfg = &self.elder.cfg;
+        if self.scope == Scope::Deferral && cfg.deferral == Deferral::KeyStore {
+            self.key_matches = self.elder.match_keys(&self.key_capture, &self.prompt_rows);
+            let threshold = self.elder.scope_threshold();
+            self.in_scope = self
+                .key_matches
+                .iter()
+                .map(|m| m.is_some_and(|m| m.score >= threshold))
+                .collect();
+            match cfg.expert_rows {
+                ExpertRows::Subject => {
+                    self.expert_rows = Some(
+                        self.key_matches
+                            .iter()
+                            .map(|m| m.map(|m| m.position))
+                            .collect(),
+                    );
+                }
+                ExpertRows::Answer => {
+                    self.answer_from = Some(
+                        self.prompt_rows
+                            .iter()
+                            .map(|r| r.len().saturating_sub(1))
+                            .collect(),
+                    );
+                }
+                ExpertRows::All => {}
+            }
+            if cfg.inference_allocation == InferenceAllocation::Stored {
+                let edits: Vec<Option<usize>> = self
+                    .key_matches
+                    .iter()
+                    .zip(&self.in_scope)
+                    .map(|(m, &inside)| m.filter(|_| inside).map(|m| m.entry))
+                    .collect();
+                self.routing = Some(self.elder.stored_routing(&edits));
+                return;
+            }
+            if let Some(q) = &self.query {
+                self.routing = Some(self.elder.route_all(q));
+            }
             return;
         }
         let Some(q) = &self.query else { return };
@@ -294,7 +524,7 @@ impl<'a> ElderAdapter<'a> {
         let batch = q.len() / self.elder.layers[0].d_in.max(1);
         self.in_scope = match self.scope {
             Scope::All => vec![true; batch],
-            Scope::Codebook => {
+            Scope::Deferral => {
                 self.distances = self.elder.distances(&self.elder.codes(&routing));
                 self.elder.in_scope(&self.distances)
             }
@@ -318,6 +548,9 @@ impl<'a> ElderAdapter<'a> {
 
 impl Adapter for ElderAdapter<'_> {
     fn after_linear(&mut self, site: Site, shape: &BatchShape, x: &[f32], out: &mut [f32]) {
+        if self.routing.is_none() {
+            self.key_capture.offer(site, x);
+        }
         if self.query.is_none() && self.elder.is_query_site(site) {
             let d = x.len() / shape.rows();
             self.query = Some(self.elder.pool_query(x, d, &self.prompt_rows));
@@ -333,9 +566,40 @@ impl Adapter for ElderAdapter<'_> {
         }
         let s = self.mix_shape(shape, layer);
         let p = &self.elder.layers[layer];
+        if let Some(rows) = &self.expert_rows {
+            // Only the prompt call has the subject's row; later tokens read it from the cache.
+            if shape.start.iter().any(|&s| s > 0) {
+                return;
+            }
+            let (one, mask) = one_row(s, rows, &self.in_scope, &shape.valid);
+            let xg = gather_rows(x, s.seq, s.d_in, rows);
+            let mut delta = vec![0.0f32; s.batch * s.d_out];
+            let mut saved = self.training.then(|| vec![0.0f32; s.batch * s.k * s.rank]);
+            ops::molora_forward(
+                one,
+                &xg,
+                &p.a,
+                &p.b,
+                &r.experts,
+                &r.gates,
+                &mask,
+                &mut delta,
+                saved.as_deref_mut(),
+            );
+            scatter_add_rows(out, &delta, s.seq, s.d_out, rows);
+            if let Some(saved) = saved {
+                self.shrink[layer] = saved;
+            }
+            return;
+        }
+        let masked = self
+            .answer_window(shape)
+            .map(|from| mask_rows_before(x, s.seq, s.d_in, from));
+        let x = masked.as_deref().unwrap_or(x);
         let mut saved = self
             .training
             .then(|| vec![0.0f32; s.batch * s.k * s.seq * s.rank]);
+        let before = self.delta_penalty.as_ref().map(|_| out.to_vec());
         ops::molora_forward(
             s,
             x,
@@ -347,6 +611,21 @@ impl Adapter for ElderAdapter<'_> {
             out,
             saved.as_deref_mut(),
         );
+        if let (Some(before), Some((_, flagged))) = (before, &self.delta_penalty) {
+            let per_seq = s.seq * s.d_out;
+            let mut delta = vec![0.0f32; out.len()];
+            for (b, _) in flagged.iter().enumerate().filter(|(_, &f)| f) {
+                let rows = b * per_seq..(b + 1) * per_seq;
+                for ((d, o), w) in delta[rows.clone()]
+                    .iter_mut()
+                    .zip(&out[rows.clone()])
+                    .zip(&before[rows])
+                {
+                    *d = o - w;
+                }
+            }
+            self.deltas[layer] = delta;
+        }
         if let Some(saved) = saved {
             self.shrink[layer] = saved;
         }
@@ -369,8 +648,59 @@ impl Adapter for ElderAdapter<'_> {
         let r = &routing[layer];
         let s = self.mix_shape(shape, layer);
         let p = &self.elder.layers[layer];
-        let g = &mut self.grads[layer];
         let mut dgates = vec![0.0f32; s.batch * s.k];
+        // Rows outside the answer window neither used the experts nor pass gradient through them.
+        let window = self.answer_window(shape).map(<[usize]>::to_vec);
+        if let Some(rows) = &self.expert_rows {
+            let g = &mut self.grads[layer];
+            let (one, mask) = one_row(s, rows, &self.in_scope, &shape.valid);
+            let xg = gather_rows(x, s.seq, s.d_in, rows);
+            let dg = gather_rows(dout, s.seq, s.d_out, rows);
+            let mut dxg = dx.is_some().then(|| vec![0.0f32; s.batch * s.d_in]);
+            ops::molora_backward(
+                one,
+                &xg,
+                &p.a,
+                &p.b,
+                &r.experts,
+                &r.gates,
+                &mask,
+                &self.shrink[layer],
+                &dg,
+                &mut g.a,
+                &mut g.b,
+                &mut dgates,
+                dxg.as_deref_mut(),
+            );
+            if let (Some(dx), Some(dxg)) = (dx, dxg) {
+                scatter_add_rows(dx, &dxg, s.seq, s.d_in, rows);
+            }
+            self.dgates[layer] = dgates;
+            return;
+        }
+        let (x_m, dout_m) = match &window {
+            Some(from) => (
+                Some(mask_rows_before(x, s.seq, s.d_in, from)),
+                Some(mask_rows_before(dout, s.seq, s.d_out, from)),
+            ),
+            None => (None, None),
+        };
+        let (x, dout) = (
+            x_m.as_deref().unwrap_or(x),
+            dout_m.as_deref().unwrap_or(dout),
+        );
+        // d(weight * |delta|^2) / d(delta) joins the gradient reaching the experts' output.
+        let penalised = match &self.delta_penalty {
+            Some((weight, _)) if !self.deltas[layer].is_empty() => Some(
+                dout.iter()
+                    .zip(&self.deltas[layer])
+                    .map(|(g, d)| g + 2.0 * weight * d)
+                    .collect::<Vec<f32>>(),
+            ),
+            _ => None,
+        };
+        let dout = penalised.as_deref().unwrap_or(dout);
+        let g = &mut self.grads[layer];
         ops::molora_backward(
             s,
             x,
@@ -387,6 +717,69 @@ impl Adapter for ElderAdapter<'_> {
             dx,
         );
         self.dgates[layer] = dgates;
+    }
+}
+
+impl ElderAdapter<'_> {
+    /// The first row of each sequence the experts change in this call, under
+    /// `expert_rows = "answer"` (`None`: every row, as in decode steps).
+    fn answer_window(&self, shape: &BatchShape) -> Option<&[usize]> {
+        let from = self.answer_from.as_deref()?;
+        shape.start.iter().all(|&s| s == 0).then_some(from)
+    }
+}
+
+/// `x` (`[B, seq, width]`) with the rows of each sequence before `from[b]` zeroed.
+fn mask_rows_before(x: &[f32], seq: usize, width: usize, from: &[usize]) -> Vec<f32> {
+    let mut out = x.to_vec();
+    for (b, &f) in from.iter().enumerate() {
+        let start = b * seq * width;
+        let end = (start + f.min(seq) * width).min(out.len());
+        out[start..end].fill(0.0);
+    }
+    out
+}
+
+/// The mixture shape of one row per sequence, and which sequences have a row (in scope, and the
+/// row inside the sequence).
+fn one_row(
+    s: MixShape,
+    rows: &[Option<usize>],
+    in_scope: &[bool],
+    valid: &[usize],
+) -> (MixShape, Vec<bool>) {
+    let mask = (0..s.batch)
+        .map(|b| in_scope[b] && rows.get(b).copied().flatten().is_some_and(|r| r < valid[b]))
+        .collect();
+    (MixShape { seq: 1, ..s }, mask)
+}
+
+/// Row `rows[b]` of each sequence of `x` (`[B, seq, width]`), as `[B, width]` (zeros without one).
+fn gather_rows(x: &[f32], seq: usize, width: usize, rows: &[Option<usize>]) -> Vec<f32> {
+    let batch = x.len() / (seq * width);
+    let mut out = vec![0.0f32; batch * width];
+    for (b, row) in rows.iter().enumerate().take(batch) {
+        if let Some(r) = row.filter(|&r| r < seq) {
+            let at = (b * seq + r) * width;
+            out[b * width..(b + 1) * width].copy_from_slice(&x[at..at + width]);
+        }
+    }
+    out
+}
+
+/// Adds `[B, width]` back into row `rows[b]` of each sequence of `x` (`[B, seq, width]`).
+fn scatter_add_rows(x: &mut [f32], add: &[f32], seq: usize, width: usize, rows: &[Option<usize>]) {
+    let batch = x.len() / (seq * width);
+    for (b, row) in rows.iter().enumerate().take(batch) {
+        if let Some(r) = row.filter(|&r| r < seq) {
+            let at = (b * seq + r) * width;
+            for (o, a) in x[at..at + width]
+                .iter_mut()
+                .zip(&add[b * width..(b + 1) * width])
+            {
+                *o += a;
+            }
+        }
     }
 }
 

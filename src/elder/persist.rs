@@ -1,42 +1,104 @@
-//! Converting ELDER's trainable state to and from the durable edit state's tensors.
+//! Converting ELDER's trainable state to and from the durable edit state's tensors and memory.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 
+use crate::model::layers::Site;
 use crate::model::ModelConfig;
 
 use super::codebook::Codebook;
-use super::config::ElderConfig;
-use super::molora::{Elder, MoloraLayer};
+use super::config::{AllocationMode, ElderConfig, KeyKind};
+use super::keystore::{Background, KeySpace, KeyStore};
+use super::memory;
+use super::molora::Elder;
 use super::state::{EditState, NamedTensor};
 
 /// Name of the calibrated mean query in the state.
 const QUERY_MEAN: &str = "query_mean";
+/// Names of the key store's tensors.
+const KEYS: &str = "keys.keys";
+const RELATION_KEYS: &str = "keys.relation";
+const KEY_BACKGROUND: &str = "keys.background";
+const RELATION_BACKGROUND: &str = "keys.relation_background";
 
 fn tensor_name(layer: usize, block: usize, part: &str) -> String {
     format!("molora.{layer}.block{block}.{part}")
 }
 
+fn tensor(name: &str, shape: Vec<usize>, data: &[f32]) -> NamedTensor {
+    NamedTensor {
+        name: name.into(),
+        shape,
+        data: data.to_vec(),
+    }
+}
+
+fn background_tensors(prefix: &str, bg: &Background, out: &mut Vec<NamedTensor>) {
+    out.push(tensor(
+        &format!("{prefix}.first"),
+        vec![bg.first.len()],
+        &bg.first,
+    ));
+    out.push(tensor(
+        &format!("{prefix}.rest"),
+        vec![bg.rest.len()],
+        &bg.rest,
+    ));
+}
+
+fn read_background(state: &EditState, prefix: &str) -> Result<Option<Background>> {
+    let get = |part: &str| {
+        state
+            .tensor(&format!("{prefix}.{part}"))
+            .map(|t| t.data.clone())
+    };
+    match (get("first"), get("rest")) {
+        (Some(first), Some(rest)) if first.len() == rest.len() => {
+            Ok(Some(Background { first, rest }))
+        }
+        (None, None) => Ok(None),
+        _ => bail!(
+            "edit state {}: the key store's {prefix} tensors are incomplete",
+            state.dir().display()
+        ),
+    }
+}
+
 impl Elder {
-    /// Every trainable tensor, named `molora.{layer}.block{block}.{lora_a|lora_b|router_w|router_b}`.
+    /// Every trainable tensor, named `molora.{layer}.block{block}.{lora_a|lora_b|router_w|router_b}`,
+    /// the calibrated mean query, and the key store (`keys.*`).
     pub fn named_tensors(&self) -> Vec<NamedTensor> {
         let mut out = Vec::new();
         for (i, (layer, &block)) in self.layers.iter().zip(&self.cfg.molora_blocks).enumerate() {
             for (part, shape, data) in layer.tensors(&self.cfg) {
-                out.push(NamedTensor {
-                    name: tensor_name(i, block, part),
-                    shape,
-                    data: data.clone(),
-                });
+                out.push(tensor(&tensor_name(i, block, part), shape, data));
             }
         }
         if let Some(mean) = &self.query_mean {
-            out.push(NamedTensor {
-                name: QUERY_MEAN.into(),
-                shape: vec![mean.len()],
-                data: mean.clone(),
-            });
+            out.push(tensor(QUERY_MEAN, vec![mean.len()], mean));
+        }
+        if let Some(store) = &self.key_store {
+            background_tensors(KEY_BACKGROUND, &store.space.background, &mut out);
+            let n = store.len();
+            if n > 0 {
+                out.push(tensor(
+                    KEYS,
+                    vec![n, store.variants, store.space.dim],
+                    &store.keys,
+                ));
+            }
+            if let Some((space, rows)) = &store.relation {
+                background_tensors(RELATION_BACKGROUND, &space.background, &mut out);
+                if n > 0 {
+                    out.push(tensor(RELATION_KEYS, vec![n, space.dim], rows));
+                }
+            }
         }
         out
+    }
+
+    /// The state's memory of applied edits, as the bytes the state keeps.
+    pub fn memory_bytes(&self) -> Result<Vec<u8>> {
+        memory::to_jsonl(&self.memory)
     }
 
     /// Rebuilds ELDER from a committed state (fresh initialisation when nothing was committed yet).
@@ -54,11 +116,21 @@ impl Elder {
             );
         }
         let cfg = elder.cfg.clone();
+        let grows = cfg.allocation == AllocationMode::Fresh;
         for (i, layer) in elder.layers.iter_mut().enumerate() {
             let block = cfg.molora_blocks[i];
-            let fresh: MoloraLayer = layer.clone();
-            for ((part, shape, _), dst) in fresh.tensors(&cfg).into_iter().zip(layer.tensors_mut())
+            let fresh = layer.clone();
+            // A growing pool has as many experts as the state made; a fixed one its initial count.
+            let experts = match state.tensor(&tensor_name(i, block, "lora_a")) {
+                Some(t) if grows => t.shape.first().copied().unwrap_or(0),
+                _ => fresh.experts(cfg.rank),
+            };
+            for ((part, mut shape, _), dst) in
+                fresh.tensors(&cfg).into_iter().zip(layer.tensors_mut())
             {
+                if grows && (part == "lora_a" || part == "lora_b") {
+                    shape[0] = experts;
+                }
                 let name = tensor_name(i, block, part);
                 let t = state.tensor(&name).with_context(|| {
                     format!("edit state {} has no tensor {name}", state.dir().display())
@@ -75,6 +147,80 @@ impl Elder {
         elder.query_mean = state.tensor(QUERY_MEAN).map(|t| t.data.clone());
         elder.codebook =
             Codebook::from_words(codebook.bits_per_code(), codebook.entries().to_vec())?;
+        elder.memory = memory::from_jsonl(state.memory())
+            .with_context(|| format!("edit state {}: memory", state.dir().display()))?;
+        elder.key_store = read_key_store(&elder.cfg, state)?;
+        if let Some(store) = &elder.key_store {
+            ensure!(
+                store.len() == elder.memory.len(),
+                "edit state {}: {} edits in memory but {} in the key store",
+                state.dir().display(),
+                elder.memory.len(),
+                store.len()
+            );
+        }
+        elder.refresh_scope_calibration();
         Ok(elder)
     }
+}
+
+/// The key store of a state (`None` when it has none yet).
+fn read_key_store(cfg: &ElderConfig, state: &EditState) -> Result<Option<KeyStore>> {
+    let Some(background) = read_background(state, KEY_BACKGROUND)? else {
+        return Ok(None);
+    };
+    let site = Site {
+        block: cfg.key_block,
+        proj: cfg.key_proj,
+    };
+    let width = background.rest.len();
+    let centred = !matches!(cfg.key, KeyKind::LastToken | KeyKind::PromptMean);
+    let space = KeySpace::new(site, width, centred, background, cfg.key_dim, cfg.seed);
+    let variants = KeyStore::variants_for(cfg);
+    let keys = match state.tensor(KEYS) {
+        Some(t) => {
+            ensure!(
+                t.shape.len() == 3 && t.shape[1] == variants && t.shape[2] == space.dim,
+                "edit state tensor {KEYS} has shape {:?}, expected [edits, {variants}, {}]",
+                t.shape,
+                space.dim
+            );
+            t.data.clone()
+        }
+        None => Vec::new(),
+    };
+    let relation = match read_background(state, RELATION_BACKGROUND)? {
+        Some(bg) => {
+            let site = Site {
+                block: cfg.relation_block,
+                proj: cfg.relation_proj,
+            };
+            let width = bg.rest.len();
+            let space = KeySpace::new(site, width, true, bg, 0, cfg.seed);
+            let rows = state
+                .tensor(RELATION_KEYS)
+                .map(|t| t.data.clone())
+                .unwrap_or_default();
+            Some((space, rows))
+        }
+        None => None,
+    };
+    let store = KeyStore {
+        kind: cfg.key,
+        variants,
+        space,
+        keys,
+        relation,
+        impostor: Vec::new(),
+    };
+    if let Some((space, rows)) = &store.relation {
+        ensure!(
+            rows.len() == store.len() * space.dim,
+            "edit state {}: {} edits have keys but {} relation keys",
+            state.dir().display(),
+            store.len(),
+            rows.len() / space.dim.max(1)
+        );
+    }
+    Ok(Some(store))
 }

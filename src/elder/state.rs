@@ -4,9 +4,15 @@
 //! state/
 //!   manifest.json                 the commit point: config, base-model fingerprint, applied ids,
 //!                                 and the names + SHA-256 of the current generation's files
-//!   experts-000042.safetensors    caller-named f32 tensors (experts' A/B, routers' W_r/b_r)
+//!   experts-000042.safetensors    caller-named f32 tensors (experts' A/B, routers' W_r/b_r,
+//!                                 the key store's keys)
 //!   codebook-000042.bin           the deferral codebook (see `Codebook::to_bytes`)
+//!   memory-000042.jsonl           the caller's record of the applied edits (opaque bytes here;
+//!                                 `elder::memory`: training fields and allocations)
 //! ```
+//!
+//! Format 2 added the memory file; a format-1 state (no memory) is read as one whose memory is
+//! empty, and its next commit writes format 2.
 //!
 //! A commit writes generation N+1's files under new names (each atomically, fsynced), then
 //! atomically replaces `manifest.json` to point at them, then deletes older generations. A crash
@@ -33,12 +39,16 @@ use super::codebook::Codebook;
 use crate::util::atomic::{is_atomic_temp_file, sync_dir, write_atomic};
 
 /// Bumped whenever the layout of the directory or the manifest changes incompatibly.
-pub const STATE_FORMAT_VERSION: u32 = 1;
+pub const STATE_FORMAT_VERSION: u32 = 2;
+/// Older formats this build still reads (and upgrades on the next commit).
+const READABLE_FORMATS: &[u32] = &[1, 2];
 const MANIFEST_FILE: &str = "manifest.json";
 const EXPERTS_PREFIX: &str = "experts-";
 const EXPERTS_SUFFIX: &str = ".safetensors";
 const CODEBOOK_PREFIX: &str = "codebook-";
 const CODEBOOK_SUFFIX: &str = ".bin";
+const MEMORY_PREFIX: &str = "memory-";
+const MEMORY_SUFFIX: &str = ".jsonl";
 
 pub use crate::model::checkpoint::NamedTensor;
 
@@ -70,6 +80,11 @@ pub struct GenerationFiles {
     pub experts_sha256: String,
     pub codebook: String,
     pub codebook_sha256: String,
+    /// Absent in format 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_sha256: Option<String>,
 }
 
 /// An open edit-state directory and the last committed state, loaded in memory.
@@ -80,6 +95,8 @@ pub struct EditState {
     /// Sorted by name.
     tensors: Vec<NamedTensor>,
     codebook: Option<Codebook>,
+    /// The committed memory bytes (empty before the first commit and in format 1).
+    memory: Vec<u8>,
 }
 
 impl EditState {
@@ -117,6 +134,7 @@ impl EditState {
             manifest,
             tensors: Vec::new(),
             codebook: None,
+            memory: Vec::new(),
         })
     }
 
@@ -147,8 +165,8 @@ impl EditState {
                 differences.join("\n  ")
             );
         }
-        let (tensors, codebook) = match &manifest.files {
-            None => (Vec::new(), None),
+        let (tensors, codebook, memory) = match &manifest.files {
+            None => (Vec::new(), None, Vec::new()),
             Some(files) => load_generation(dir, &manifest, files)?,
         };
         Ok(EditState {
@@ -156,6 +174,7 @@ impl EditState {
             manifest,
             tensors,
             codebook,
+            memory,
         })
     }
 
@@ -176,20 +195,22 @@ impl EditState {
         }
     }
 
-    /// Makes `tensors` and `codebook` the new state, with `new_edit_ids` appended to the applied
-    /// ids, durably and atomically (see the module docs). `codebook` must extend the current one:
-    /// entries are never rewritten.
+    /// Makes `tensors`, `codebook` and `memory` the new state, with `new_edit_ids` appended to
+    /// the applied ids, durably and atomically (see the module docs). `codebook` must extend the
+    /// current one: entries are never rewritten.
     pub fn commit(
         &mut self,
         tensors: &[NamedTensor],
         codebook: &Codebook,
+        memory: &[u8],
         new_edit_ids: &[String],
     ) -> Result<()> {
         self.check_commit(tensors, codebook, new_edit_ids)?;
         let generation = self.manifest.generation + 1;
-        let files = write_generation_files(&self.dir, generation, tensors, codebook)?;
+        let files = write_generation_files(&self.dir, generation, tensors, codebook, memory)?;
 
         let mut manifest = self.manifest.clone();
+        manifest.format_version = STATE_FORMAT_VERSION;
         manifest.generation = generation;
         manifest.applied_edit_ids.extend_from_slice(new_edit_ids);
         manifest.codebook_entries = codebook.len();
@@ -203,6 +224,7 @@ impl EditState {
         self.manifest = manifest;
         self.tensors = sorted;
         self.codebook = Some(codebook.clone());
+        self.memory = memory.to_vec();
         // The new state is already durable; leftovers only waste disk, so a failed cleanup is
         // not an error (the next commit retries).
         let _ = remove_stale_files(&self.dir, generation);
@@ -241,6 +263,11 @@ impl EditState {
     /// The committed codebook; `None` before the first commit.
     pub fn codebook(&self) -> Option<&Codebook> {
         self.codebook.as_ref()
+    }
+
+    /// The committed memory bytes (empty before the first commit and in format-1 states).
+    pub fn memory(&self) -> &[u8] {
+        &self.memory
     }
 
     fn check_commit(
@@ -292,11 +319,12 @@ impl EditState {
     }
 }
 
-fn generation_file_names(generation: u64) -> (String, String) {
-    (
+fn generation_file_names(generation: u64) -> [String; 3] {
+    [
         format!("{EXPERTS_PREFIX}{generation:06}{EXPERTS_SUFFIX}"),
         format!("{CODEBOOK_PREFIX}{generation:06}{CODEBOOK_SUFFIX}"),
-    )
+        format!("{MEMORY_PREFIX}{generation:06}{MEMORY_SUFFIX}"),
+    ]
 }
 
 /// Step 1 of a commit: the new generation's data files, durable but not yet referenced.
@@ -305,17 +333,21 @@ fn write_generation_files(
     generation: u64,
     tensors: &[NamedTensor],
     codebook: &Codebook,
+    memory: &[u8],
 ) -> Result<GenerationFiles> {
-    let (experts, codebook_name) = generation_file_names(generation);
+    let [experts, codebook_name, memory_name] = generation_file_names(generation);
     let experts_bytes = serialize_tensors(tensors, generation)?;
     write_atomic(&dir.join(&experts), &experts_bytes)?;
     let codebook_bytes = codebook.to_bytes();
     write_atomic(&dir.join(&codebook_name), &codebook_bytes)?;
+    write_atomic(&dir.join(&memory_name), memory)?;
     Ok(GenerationFiles {
         experts,
         experts_sha256: sha256_hex(&experts_bytes),
         codebook: codebook_name,
         codebook_sha256: sha256_hex(&codebook_bytes),
+        memory: Some(memory_name),
+        memory_sha256: Some(sha256_hex(memory)),
     })
 }
 
@@ -344,7 +376,7 @@ fn load_generation(
     dir: &Path,
     manifest: &Manifest,
     files: &GenerationFiles,
-) -> Result<(Vec<NamedTensor>, Option<Codebook>)> {
+) -> Result<(Vec<NamedTensor>, Option<Codebook>, Vec<u8>)> {
     let experts_bytes = read_verified(dir, &files.experts, &files.experts_sha256)?;
     let tensors = deserialize_tensors(&experts_bytes)
         .with_context(|| format!("reading {}", dir.join(&files.experts).display()))?;
@@ -362,7 +394,15 @@ fn load_generation(
         manifest.codebook_entries,
         manifest.codebook_bits_per_code
     );
-    Ok((tensors, Some(codebook)))
+    let memory = match (&files.memory, &files.memory_sha256) {
+        (Some(name), Some(sha)) => read_verified(dir, name, sha)?,
+        (None, None) => Vec::new(),
+        _ => bail!(
+            "edit state {}: {MANIFEST_FILE} names a memory file without its SHA-256 (or the reverse)",
+            dir.display()
+        ),
+    };
+    Ok((tensors, Some(codebook), memory))
 }
 
 fn deserialize_tensors(bytes: &[u8]) -> Result<Vec<NamedTensor>> {
@@ -416,8 +456,8 @@ fn read_manifest(dir: &Path) -> Result<Manifest> {
     // Check the version before the shape, so a newer layout gets a clear message.
     let version = value.get("format_version").and_then(Value::as_u64);
     ensure!(
-        version == Some(u64::from(STATE_FORMAT_VERSION)),
-        "{}: format_version {:?}, this build reads version {STATE_FORMAT_VERSION}",
+        version.is_some_and(|v| READABLE_FORMATS.iter().any(|&r| u64::from(r) == v)),
+        "{}: format_version {:?}, this build reads versions {READABLE_FORMATS:?}",
         path.display(),
         version
     );
@@ -432,14 +472,17 @@ fn write_manifest(dir: &Path, manifest: &Manifest) -> Result<()> {
 
 /// Deletes data files of generations other than `current` and temp files of interrupted writes.
 fn remove_stale_files(dir: &Path, current: u64) -> Result<()> {
-    let (keep_experts, keep_codebook) = generation_file_names(current);
+    let keep = generation_file_names(current);
     for entry in fs::read_dir(dir)? {
         let name = entry?.file_name().to_string_lossy().into_owned();
-        let is_generation_file = (name.starts_with(EXPERTS_PREFIX)
-            && name.ends_with(EXPERTS_SUFFIX))
-            || (name.starts_with(CODEBOOK_PREFIX) && name.ends_with(CODEBOOK_SUFFIX));
-        let stale = (is_generation_file && name != keep_experts && name != keep_codebook)
-            || is_atomic_temp_file(&name);
+        let is_generation_file = [
+            (EXPERTS_PREFIX, EXPERTS_SUFFIX),
+            (CODEBOOK_PREFIX, CODEBOOK_SUFFIX),
+            (MEMORY_PREFIX, MEMORY_SUFFIX),
+        ]
+        .iter()
+        .any(|(p, s)| name.starts_with(p) && name.ends_with(s));
+        let stale = (is_generation_file && !keep.contains(&name)) || is_atomic_temp_file(&name);
         if stale {
             fs::remove_file(dir.join(&name))?;
         }
@@ -521,13 +564,16 @@ mod tests {
         let config = json!({"experts": 4});
         let mut state = EditState::create(dir.path(), config.clone(), "fp").unwrap();
         let old = vec![tensor("a", &[2, 3], 1.0)];
-        state.commit(&old, &codebook(&[5]), &["e1".into()]).unwrap();
+        state
+            .commit(&old, &codebook(&[5]), b"m1", &["e1".into()])
+            .unwrap();
 
         write_generation_files(
             dir.path(),
             2,
             &[tensor("a", &[2, 3], 9.0)],
             &codebook(&[5, 6]),
+            b"m2",
         )
         .unwrap();
 
@@ -536,15 +582,49 @@ mod tests {
         assert_eq!(reopened.tensors(), old.as_slice());
         assert_eq!(reopened.codebook().unwrap().len(), 1);
         assert_eq!(reopened.applied_ids(), ["e1".to_string()]);
+        assert_eq!(reopened.memory(), b"m1");
 
         let mut resumed = reopened;
         let new = vec![tensor("a", &[2, 3], 7.0)];
         resumed
-            .commit(&new, &codebook(&[5, 7]), &["e2".into()])
+            .commit(&new, &codebook(&[5, 7]), b"m3", &["e2".into()])
             .unwrap();
         let again = EditState::open(dir.path(), &config, "fp").unwrap();
         assert_eq!(again.tensors(), new.as_slice());
         assert_eq!(again.codebook().unwrap().entries(), &[5, 7]);
+    }
+
+    /// A state written by the first format (no memory file) still opens, with an empty memory,
+    /// and its next commit upgrades it.
+    #[test]
+    fn format_1_states_open_and_upgrade() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = json!({"experts": 4});
+        let mut state = EditState::create(dir.path(), config.clone(), "fp").unwrap();
+        let t = vec![tensor("a", &[2], 1.0)];
+        state
+            .commit(&t, &codebook(&[5]), b"m", &["e1".into()])
+            .unwrap();
+        let path = dir.path().join(MANIFEST_FILE);
+        let mut v: Value = serde_json::from_str(&fs::read_to_string(&path).unwrap()).unwrap();
+        v["format_version"] = json!(1);
+        let files = v["files"].as_object_mut().unwrap();
+        files.remove("memory");
+        files.remove("memory_sha256");
+        fs::write(&path, serde_json::to_string(&v).unwrap()).unwrap();
+
+        let mut old = EditState::open(dir.path(), &config, "fp").unwrap();
+        assert_eq!(old.memory(), b"");
+        assert_eq!(old.tensors(), t.as_slice());
+        old.commit(&t, &codebook(&[5, 6]), b"m2", &["e2".into()])
+            .unwrap();
+        let upgraded = EditState::open(dir.path(), &config, "fp").unwrap();
+        assert_eq!(upgraded.manifest().format_version, STATE_FORMAT_VERSION);
+        assert_eq!(upgraded.memory(), b"m2");
+        v["format_version"] = json!(9);
+        fs::write(&path, serde_json::to_string(&v).unwrap()).unwrap();
+        let e = EditState::open(dir.path(), &config, "fp").unwrap_err();
+        assert!(format!("{e:#}").contains("format_version Some(9)"), "{e:#}");
     }
 
     #[test]

@@ -9,6 +9,8 @@ use std::ops::Range;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+use crate::backend::cpu::linear_ce::RowLosses;
+use crate::backend::cpu::molora::Routing;
 use crate::backend::cpu::ops::{self, AdamStep};
 use crate::model::runner::{pad_batch, prompt_rows, target_rows};
 use crate::model::transformer::{AttnTape, MlpTape};
@@ -16,6 +18,7 @@ use crate::model::{BatchShape, KvCache, Model, ModelConfig};
 
 use super::config::{AllocationMode, ElderConfig};
 use super::molora::{Elder, ElderAdapter, MoloraLayer};
+use crate::util::stable_hash;
 
 /// One edit, tokenized: the model should continue `prompt` with `target`.
 #[derive(Debug, Clone)]
@@ -42,13 +45,6 @@ pub struct EditReport {
     pub loss_scale: f32,
 }
 
-/// FNV-1a, so that a knowledge id maps to the same seed on every machine and every run.
-fn stable_hash(s: &str) -> u64 {
-    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
-    })
-}
-
 /// The preset allocation of a knowledge id: `k` distinct experts for every MoLoRA layer, drawn from a
 /// seed derived from the id.
 pub fn preset_allocation(cfg: &ElderConfig, knowledge_id: &str) -> Vec<Vec<u32>> {
@@ -67,14 +63,14 @@ pub fn preset_allocation(cfg: &ElderConfig, knowledge_id: &str) -> Vec<Vec<u32>>
 }
 
 /// Adam state for every MoLoRA parameter, created fresh for each edit batch.
-struct Adam {
+pub(crate) struct Adam {
     m: Vec<MoloraLayer>,
     v: Vec<MoloraLayer>,
     t: u32,
 }
 
 impl Adam {
-    fn new(layers: &[MoloraLayer]) -> Self {
+    pub(crate) fn new(layers: &[MoloraLayer]) -> Self {
         Adam {
             m: layers.iter().map(MoloraLayer::zeros_like).collect(),
             v: layers.iter().map(MoloraLayer::zeros_like).collect(),
@@ -82,7 +78,7 @@ impl Adam {
         }
     }
 
-    fn step(
+    pub(crate) fn step(
         &mut self,
         cfg: &ElderConfig,
         lr: f32,
@@ -195,6 +191,8 @@ pub struct PreparedBatch {
     shape: crate::model::BatchShape,
     target_rows: Vec<usize>,
     targets: Vec<u32>,
+    /// The loss weight of each target row; `None`: the mean over the rows (the paper).
+    weights: Option<Vec<f32>>,
     /// Residual stream after the first MoLoRA block's attention `[rows, d]`.
     prefix: Vec<f32>,
     /// Query vectors `[B, d_in]`.
@@ -202,6 +200,18 @@ pub struct PreparedBatch {
     cache: KvCache,
     attn_tapes: Vec<AttnTape>,
     mlp_tapes: Vec<MlpTape>,
+}
+
+/// What a routed training pass does beyond the cross-entropy (see the `expert_rows` and
+/// `delta_penalty` settings).
+#[derive(Debug, Clone, Default)]
+pub struct RowOptions<'a> {
+    /// The one row of each sequence the experts change (`expert_rows = "subject"`).
+    pub rows: Option<&'a [Option<usize>]>,
+    /// Each sequence's first row the experts change (`expert_rows = "answer"`).
+    pub answer_from: Option<&'a [usize]>,
+    /// The penalty's weight and the sequences it applies to.
+    pub delta_penalty: Option<(f32, Vec<bool>)>,
 }
 
 /// Loss and gradients of one forward/backward pass.
@@ -213,6 +223,8 @@ pub struct LossAndGrads {
     pub grads: Vec<MoloraLayer>,
     /// The routers' top-k experts per layer `[L][B * k]` in this pass.
     pub chosen: Vec<Vec<u32>>,
+    /// Each target row's cross-entropy and argmax (weighted batches only).
+    pub rows: Option<RowLosses>,
 }
 
 impl LossAndGrads {
@@ -223,6 +235,24 @@ impl LossAndGrads {
 }
 
 impl PreparedBatch {
+    /// [`PreparedBatch::new`] with a loss weight for every target row (in batch order).
+    pub fn weighted(
+        model: &Model,
+        elder: &Elder,
+        batch: &[EditExample],
+        weights: Vec<f32>,
+    ) -> anyhow::Result<Self> {
+        let mut p = Self::new(model, elder, batch)?;
+        anyhow::ensure!(
+            weights.len() == p.targets.len(),
+            "{} weights for {} target rows",
+            weights.len(),
+            p.targets.len()
+        );
+        p.weights = Some(weights);
+        Ok(p)
+    }
+
     /// Tokenized edits -> padded batch; runs the frozen prefix once.
     pub fn new(model: &Model, elder: &Elder, batch: &[EditExample]) -> anyhow::Result<Self> {
         let EditRows {
@@ -241,16 +271,19 @@ impl PreparedBatch {
             model.attn_half(l, &mut prefix, &shape, &mut cache, None);
             model.mlp_half(l, &mut prefix, &shape, &mut capture, None);
         }
-        let query = capture
-            .query
-            .take()
-            .ok_or_else(|| anyhow::anyhow!("the query site was not reached below block {first}"))?;
+        // Only the routers read the query (the stored allocation needs none).
+        let query = match capture.query.take() {
+            Some(q) => q,
+            None if !elder.cfg.uses_routers() => Vec::new(),
+            None => anyhow::bail!("the query site was not reached below block {first}"),
+        };
         model.attn_half(first, &mut prefix, &shape, &mut cache, None);
         let n = model.cfg.num_layers;
         Ok(PreparedBatch {
             shape,
             target_rows,
             targets,
+            weights: None,
             prefix,
             query,
             cache,
@@ -267,43 +300,8 @@ impl PreparedBatch {
         elder: &Elder,
         presets: Option<&[Vec<u32>]>,
     ) -> LossAndGrads {
-        let first = elder.cfg.molora_blocks[0];
-        let n_layers = model.cfg.num_layers;
-        let shape = &self.shape;
         let mut adapter = ElderAdapter::training(elder, self.query.clone());
-        let mut h = self.prefix.clone();
-        model.mlp_half(
-            first,
-            &mut h,
-            shape,
-            &mut adapter,
-            Some(&mut self.mlp_tapes[first]),
-        );
-        for l in first + 1..n_layers {
-            model.attn_half(
-                l,
-                &mut h,
-                shape,
-                &mut self.cache,
-                Some(&mut self.attn_tapes[l]),
-            );
-            model.mlp_half(l, &mut h, shape, &mut adapter, Some(&mut self.mlp_tapes[l]));
-        }
-        let weight = 1.0 / self.targets.len() as f32;
-        let mut dh = vec![0.0f32; h.len()];
-        let ce = model.head_loss(&h, &self.target_rows, &self.targets, weight, &mut dh) * weight;
-        for l in (first + 1..n_layers).rev() {
-            model.mlp_backward(l, &self.mlp_tapes[l], shape, &mut adapter, &mut dh, true);
-            model.attn_backward(l, &self.attn_tapes[l], shape, &mut dh);
-        }
-        model.mlp_backward(
-            first,
-            &self.mlp_tapes[first],
-            shape,
-            &mut adapter,
-            &mut dh,
-            false,
-        );
+        let (ce, rows) = self.forward_backward(model, elder, &mut adapter);
         let chosen: Vec<Vec<u32>> = adapter
             .routing
             .as_ref()
@@ -315,7 +313,90 @@ impl PreparedBatch {
             guide,
             grads: std::mem::take(&mut adapter.grads),
             chosen,
+            rows,
         }
+    }
+
+    /// [`PreparedBatch::loss_and_grads`] with every sequence's experts given (`routing`, one per
+    /// MoLoRA layer): no router, no guided loss; `options` say which rows the experts change
+    /// and what else the loss holds.
+    pub fn loss_and_grads_routed(
+        &mut self,
+        model: &Model,
+        elder: &Elder,
+        routing: &[Routing],
+        options: RowOptions,
+    ) -> LossAndGrads {
+        let mut adapter = ElderAdapter::training_routed(elder, routing.to_vec());
+        adapter.expert_rows = options.rows.map(<[_]>::to_vec);
+        adapter.answer_from = options.answer_from.map(<[_]>::to_vec);
+        adapter.delta_penalty = options.delta_penalty;
+        let (ce, rows) = self.forward_backward(model, elder, &mut adapter);
+        LossAndGrads {
+            ce,
+            guide: 0.0,
+            grads: std::mem::take(&mut adapter.grads),
+            chosen: routing.iter().map(|r| r.experts.clone()).collect(),
+            rows,
+        }
+    }
+
+    /// The forward from the first MoLoRA block, the loss and the backward down to that block:
+    /// the (weighted) cross-entropy, and each row's with weights.
+    fn forward_backward(
+        &mut self,
+        model: &Model,
+        elder: &Elder,
+        adapter: &mut ElderAdapter,
+    ) -> (f32, Option<RowLosses>) {
+        let first = elder.cfg.molora_blocks[0];
+        let n_layers = model.cfg.num_layers;
+        let shape = &self.shape;
+        let mut h = self.prefix.clone();
+        model.mlp_half(
+            first,
+            &mut h,
+            shape,
+            adapter,
+            Some(&mut self.mlp_tapes[first]),
+        );
+        for l in first + 1..n_layers {
+            model.attn_half(
+                l,
+                &mut h,
+                shape,
+                &mut self.cache,
+                Some(&mut self.attn_tapes[l]),
+            );
+            model.mlp_half(l, &mut h, shape, adapter, Some(&mut self.mlp_tapes[l]));
+        }
+        let mut dh = vec![0.0f32; h.len()];
+        let (ce, rows) = match &self.weights {
+            None => {
+                let weight = 1.0 / self.targets.len() as f32;
+                let ce =
+                    model.head_loss(&h, &self.target_rows, &self.targets, weight, &mut dh) * weight;
+                (ce, None)
+            }
+            Some(w) => {
+                let rows = model.head_loss_rows(&h, &self.target_rows, &self.targets, w, &mut dh);
+                let ce = rows.loss.iter().zip(w).map(|(l, w)| l * w).sum();
+                (ce, Some(rows))
+            }
+        };
+        for l in (first + 1..n_layers).rev() {
+            model.mlp_backward(l, &self.mlp_tapes[l], shape, adapter, &mut dh, true);
+            model.attn_backward(l, &self.attn_tapes[l], shape, &mut dh);
+        }
+        model.mlp_backward(
+            first,
+            &self.mlp_tapes[first],
+            shape,
+            adapter,
+            &mut dh,
+            false,
+        );
+        (ce, rows)
     }
 }
 
@@ -335,6 +416,15 @@ pub fn batch_presets(cfg: &ElderConfig, batch: &[EditExample]) -> Option<Vec<Vec
             )
         }
         AllocationMode::RouterFirstIteration => None,
+        // A validated config never routes these (they need the stored allocation, see
+        // `ElderConfig::validate`); the knowledge seed keeps this total.
+        AllocationMode::LeastUsed | AllocationMode::Fresh => batch_presets(
+            &ElderConfig {
+                allocation: AllocationMode::KnowledgeSeed,
+                ..cfg.clone()
+            },
+            batch,
+        ),
     }
 }
 

@@ -1,6 +1,8 @@
 //! Metrics of the method (elder-method.md section 5): reliability, generalization, locality and the
 //! in-scope rates, scored with teacher forcing on token ids.
 
+use std::collections::BTreeMap;
+
 use serde::Serialize;
 
 use crate::backend::cpu::ops;
@@ -18,6 +20,8 @@ pub struct TokenizedEdit {
     pub rephrases: Vec<Vec<u32>>,
     /// Unrelated prompts with their answers.
     pub locality: Vec<(Vec<u32>, Vec<u32>)>,
+    /// Each locality probe's kind (`same_relation`, `general`, ...), when the data names it.
+    pub locality_kinds: Vec<Option<String>>,
 }
 
 /// When the metrics are taken.
@@ -39,6 +43,10 @@ pub struct Scored {
     pub in_scope: bool,
     /// Hamming distance of its code to the nearest codebook entry.
     pub distance: Option<u32>,
+    /// The key store's best similarity (deferral by key store).
+    pub similarity: Option<f32>,
+    /// The id of the edit the key store matched (in scope or not).
+    pub matched_edit: Option<String>,
 }
 
 /// Sequences scored per forward pass (by every backend, so their padding is the same).
@@ -83,30 +91,39 @@ pub fn score_pairs(
         let mut cache = KvCache::new(&model.cfg, shape.batch, shape.seq);
         let query_rows = prompt_rows(shape.seq, chunk.iter().map(|(p, _)| p.len()));
         let n = chunk.len();
-        let (h, in_scope, distances) = match elder {
+        let (h, in_scope, distances, matches) = match elder {
             Some(e) => {
                 let mut adapter = ElderAdapter::inference(e, query_rows);
                 let h = model.forward_hidden(&ids, &shape, &mut cache, &mut adapter);
                 // An adapter that never reached its query site leaves these empty.
                 let scope = std::mem::take(&mut adapter.in_scope);
                 let dist = std::mem::take(&mut adapter.distances);
+                let sims: Vec<Option<(f32, String)>> = adapter
+                    .key_matches
+                    .iter()
+                    .map(|m| m.map(|m| (m.score, e.memory[m.entry].id.clone())))
+                    .collect();
                 let scope = if scope.len() == n {
                     scope
                 } else {
                     vec![false; n]
                 };
                 let dist = if dist.len() == n { dist } else { vec![None; n] };
-                (h, scope, dist)
+                let sims = if sims.len() == n { sims } else { vec![None; n] };
+                (h, scope, dist, sims)
             }
             None => {
                 let h = model.forward_hidden(&ids, &shape, &mut cache, &mut NoAdapter);
-                (h, vec![false; n], vec![None; n])
+                (h, vec![false; n], vec![None; n], vec![None; n])
             }
         };
         let rows = target_rows(shape.seq, chunk.iter().map(|(p, c)| (p.len(), c.len())));
         let (logits, _) = model.head(&h, &rows);
         let mut rows_iter = logits.chunks(model.cfg.vocab_size);
-        for (((_, c), in_scope), distance) in chunk.iter().zip(in_scope).zip(distances) {
+        for ((((_, c), in_scope), distance), matched) in
+            chunk.iter().zip(in_scope).zip(distances).zip(matches)
+        {
+            let (similarity, matched_edit) = matched.unzip();
             let argmax = rows_iter
                 .by_ref()
                 .take(c.len())
@@ -116,6 +133,8 @@ pub fn score_pairs(
                 argmax,
                 in_scope,
                 distance,
+                similarity,
+                matched_edit,
             });
         }
     }
@@ -136,6 +155,7 @@ struct Mean {
     exact: f64,
     in_scope: f64,
     distance: f64,
+    similarity: f64,
     n: usize,
 }
 
@@ -143,6 +163,7 @@ impl Mean {
     fn add(&mut self, accuracy: f64, s: &Scored) {
         let in_scope = s.in_scope;
         self.distance += s.distance.map_or(f64::NAN, f64::from);
+        self.similarity += s.similarity.map_or(f64::NAN, f64::from);
         self.sum += accuracy;
         self.exact += (accuracy == 1.0) as u8 as f64;
         self.in_scope += in_scope as u8 as f64;
@@ -167,6 +188,21 @@ impl Mean {
             f64::NAN
         } else {
             self.distance / self.n as f64
+        }
+    }
+    fn similarity(&self) -> f64 {
+        if self.n == 0 {
+            f64::NAN
+        } else {
+            self.similarity / self.n as f64
+        }
+    }
+    fn kind(&self) -> KindMetrics {
+        KindMetrics {
+            probes: self.n,
+            locality: self.value(),
+            locality_exact: self.exact(),
+            in_scope: self.scope(),
         }
     }
     fn scope(&self) -> f64 {
@@ -201,6 +237,21 @@ pub struct Metrics {
     pub mean_distance_edits: f64,
     pub mean_distance_rephrases: f64,
     pub mean_distance_locality: f64,
+    /// Mean best key similarity (the key store's diagnostic for its threshold).
+    pub mean_similarity_edits: f64,
+    pub mean_similarity_rephrases: f64,
+    pub mean_similarity_locality: f64,
+    /// Locality of each kind of probe the data names.
+    pub locality_by_kind: BTreeMap<String, KindMetrics>,
+}
+
+/// Locality of one kind of probe.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct KindMetrics {
+    pub probes: usize,
+    pub locality: f64,
+    pub locality_exact: f64,
+    pub in_scope: f64,
 }
 
 /// Accumulates scores of edits, possibly across several calls (the `each` protocol).
@@ -209,9 +260,56 @@ pub struct Evaluator {
     rel: Mean,
     generalization: Mean,
     loc: Mean,
+    loc_by_kind: BTreeMap<String, Mean>,
+    /// Every scored item, when asked for ([`Evaluator::keep_details`]).
+    details: Option<Vec<ItemScore>>,
+}
+
+/// One scored prompt, for `elder eval --details`.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ItemScore {
+    /// The record it belongs to.
+    pub id: String,
+    /// `edit`, `rephrase`, or `locality` (with the probe's kind).
+    pub role: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    /// Its index among the record's rephrasings or probes.
+    pub index: usize,
+    /// Token accuracy (locality: agreement with the base model).
+    pub accuracy: f64,
+    pub in_scope: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub similarity: Option<f32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub distance: Option<u32>,
+    /// The edit the key store matched.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub matched_edit: Option<String>,
+    /// The edited model's argmax tokens (and the base model's, for locality).
+    pub argmax: Vec<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub base_argmax: Option<Vec<u32>>,
 }
 
 impl Evaluator {
+    /// Keeps every scored item (see [`Evaluator::details`]).
+    pub fn keep_details(mut self) -> Self {
+        self.details = Some(Vec::new());
+        self
+    }
+
+    /// Every scored item so far (empty unless [`Evaluator::keep_details`]).
+    pub fn details(&self) -> &[ItemScore] {
+        self.details.as_deref().unwrap_or(&[])
+    }
+
+    fn detail(&mut self, item: impl FnOnce() -> ItemScore) {
+        if let Some(d) = &mut self.details {
+            d.push(item());
+        }
+    }
+
     /// Scores `edits` on the edited model (`elder`) and, for locality, against the base model.
     pub fn add(&mut self, model: &Model, elder: &Elder, edits: &[TokenizedEdit]) {
         self.add_with(&mut CpuScorer { model, elder }, edits)
@@ -228,29 +326,66 @@ impl Evaluator {
             .iter()
             .map(|e| (&e.prompt[..], &e.target[..]))
             .collect();
+        let item = |id: &str, role, kind: Option<String>, index, accuracy, s: &Scored| ItemScore {
+            id: id.to_string(),
+            role,
+            kind,
+            index,
+            accuracy,
+            in_scope: s.in_scope,
+            similarity: s.similarity,
+            distance: s.distance,
+            matched_edit: s.matched_edit.clone(),
+            argmax: s.argmax.clone(),
+            base_argmax: None,
+        };
         for (s, e) in scorer.score_pairs(true, &edit_pairs)?.iter().zip(edits) {
-            self.rel.add(token_accuracy(&s.argmax, &e.target), s);
+            let accuracy = token_accuracy(&s.argmax, &e.target);
+            self.rel.add(accuracy, s);
+            self.detail(|| item(&e.id, "edit", None, 0, accuracy, s));
         }
-        let reph_pairs: Vec<(&[u32], &[u32])> = edits
+        // (record, index within the record) of every rephrasing and probe, in scoring order.
+        let owners = |count: fn(&TokenizedEdit) -> usize| -> Vec<(&TokenizedEdit, usize)> {
+            edits
+                .iter()
+                .flat_map(|e| (0..count(e)).map(move |i| (e, i)))
+                .collect()
+        };
+        let reph_owners = owners(|e| e.rephrases.len());
+        let reph_pairs: Vec<(&[u32], &[u32])> = reph_owners
             .iter()
-            .flat_map(|e| e.rephrases.iter().map(|r| (&r[..], &e.target[..])))
+            .map(|(e, i)| (&e.rephrases[*i][..], &e.target[..]))
             .collect();
-        let reph_targets: Vec<&[u32]> = reph_pairs.iter().map(|p| p.1).collect();
-        for (s, t) in scorer
+        for (s, (e, i)) in scorer
             .score_pairs(true, &reph_pairs)?
             .iter()
-            .zip(reph_targets)
+            .zip(&reph_owners)
         {
-            self.generalization.add(token_accuracy(&s.argmax, t), s);
+            let accuracy = token_accuracy(&s.argmax, &e.target);
+            self.generalization.add(accuracy, s);
+            self.detail(|| item(&e.id, "rephrase", None, *i, accuracy, s));
         }
-        let loc_pairs: Vec<(&[u32], &[u32])> = edits
+        let loc_owners = owners(|e| e.locality.len());
+        let loc_pairs: Vec<(&[u32], &[u32])> = loc_owners
             .iter()
-            .flat_map(|e| e.locality.iter().map(|(p, a)| (&p[..], &a[..])))
+            .map(|(e, i)| (&e.locality[*i].0[..], &e.locality[*i].1[..]))
             .collect();
         let edited = scorer.score_pairs(true, &loc_pairs)?;
         let base = scorer.score_pairs(false, &loc_pairs)?;
-        for (e, b) in edited.iter().zip(&base) {
-            self.loc.add(token_accuracy(&e.argmax, &b.argmax), e);
+        for ((e, b), (owner, i)) in edited.iter().zip(&base).zip(&loc_owners) {
+            let accuracy = token_accuracy(&e.argmax, &b.argmax);
+            self.loc.add(accuracy, e);
+            let kind = owner.locality_kinds.get(*i).cloned().flatten();
+            if let Some(kind) = &kind {
+                self.loc_by_kind
+                    .entry(kind.clone())
+                    .or_default()
+                    .add(accuracy, e);
+            }
+            self.detail(|| ItemScore {
+                base_argmax: Some(b.argmax.clone()),
+                ..item(&owner.id, "locality", kind, *i, accuracy, e)
+            });
         }
         Ok(())
     }
@@ -273,6 +408,14 @@ impl Evaluator {
             mean_distance_edits: self.rel.distance(),
             mean_distance_rephrases: self.generalization.distance(),
             mean_distance_locality: self.loc.distance(),
+            mean_similarity_edits: self.rel.similarity(),
+            mean_similarity_rephrases: self.generalization.similarity(),
+            mean_similarity_locality: self.loc.similarity(),
+            locality_by_kind: self
+                .loc_by_kind
+                .iter()
+                .map(|(k, m)| (k.clone(), m.kind()))
+                .collect(),
         }
     }
 }
@@ -292,28 +435,70 @@ impl Metrics {
             "protocol: {:?}   edits: {}   rephrases: {}   locality probes: {}\n",
             self.protocol, self.edits, self.rephrases, self.locality_probes
         ));
-        s.push_str("metric           token %  exact %  in scope %  mean distance\n");
+        // The deferral's own diagnostic: code distance (codebook) or key similarity (key store).
+        let (what, diag): (&str, [f64; 3]) = if self.mean_similarity_edits.is_nan() {
+            (
+                "mean distance",
+                [
+                    self.mean_distance_edits,
+                    self.mean_distance_rephrases,
+                    self.mean_distance_locality,
+                ],
+            )
+        } else {
+            (
+                "key similarity",
+                [
+                    self.mean_similarity_edits,
+                    self.mean_similarity_rephrases,
+                    self.mean_similarity_locality,
+                ],
+            )
+        };
         s.push_str(&format!(
-            "reliability        {}    {}      {}      {:5.1}\n",
-            pct(self.reliability),
-            pct(self.reliability_exact),
-            pct(self.in_scope_edits),
-            self.mean_distance_edits
+            "metric             token %  exact %  in scope %  {what}\n"
         ));
-        s.push_str(&format!(
-            "generalization     {}    {}      {}      {:5.1}\n",
-            pct(self.generalization),
-            pct(self.generalization_exact),
-            pct(self.in_scope_rephrases),
-            self.mean_distance_rephrases
-        ));
-        s.push_str(&format!(
-            "locality           {}    {}      {}      {:5.1}\n",
-            pct(self.locality),
-            pct(self.locality_exact),
-            pct(self.in_scope_locality),
-            self.mean_distance_locality
-        ));
+        let rows = [
+            (
+                "reliability",
+                self.reliability,
+                self.reliability_exact,
+                self.in_scope_edits,
+                diag[0],
+            ),
+            (
+                "generalization",
+                self.generalization,
+                self.generalization_exact,
+                self.in_scope_rephrases,
+                diag[1],
+            ),
+            (
+                "locality",
+                self.locality,
+                self.locality_exact,
+                self.in_scope_locality,
+                diag[2],
+            ),
+        ];
+        for (name, v, exact, scope, d) in rows {
+            s.push_str(&format!(
+                "{name:<18} {}    {}      {}      {d:6.2}\n",
+                pct(v),
+                pct(exact),
+                pct(scope)
+            ));
+        }
+        for (kind, m) in &self.locality_by_kind {
+            s.push_str(&format!(
+                "  {:<16} {}    {}      {}      ({} probes)\n",
+                kind,
+                pct(m.locality),
+                pct(m.locality_exact),
+                pct(m.in_scope),
+                m.probes
+            ));
+        }
         s
     }
 }

@@ -87,6 +87,31 @@ impl Tokenizer {
         Ok(enc.get_ids().to_vec())
     }
 
+    /// The prompt's tokens (as [`Tokenizer::encode`]) and the index of the token that holds the
+    /// last character of `subject`'s last occurrence in `prompt` (`None` when the subject does not
+    /// occur in it): where a subject key is read.
+    pub fn encode_with_subject(
+        &self,
+        prompt: &str,
+        subject: &str,
+    ) -> Result<(Vec<u32>, Option<usize>)> {
+        let enc = self
+            .inner
+            .encode(prompt, self.add_special_tokens)
+            .map_err(|e| anyhow!("cannot tokenize {prompt:?}: {e}"))?;
+        let position = match prompt.rfind(subject.trim()) {
+            Some(start) if !subject.trim().is_empty() => {
+                let last_byte = start + subject.trim().len() - 1;
+                // Special tokens have empty spans; the offsets are bytes of `prompt`.
+                enc.get_offsets()
+                    .iter()
+                    .rposition(|&(a, b)| a <= last_byte && last_byte < b)
+            }
+            _ => None,
+        };
+        Ok((enc.get_ids().to_vec(), position))
+    }
+
     /// Tokens of a continuation appended to a prompt: never adds special tokens (no second BOS in
     /// the middle of a sequence).
     pub fn encode_continuation(&self, text: &str) -> Result<Vec<u32>> {

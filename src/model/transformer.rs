@@ -6,7 +6,7 @@
 //! of sequence `b`. Padding rows are computed (it is simpler than compacting) but masked out of
 //! attention and never read.
 
-use crate::backend::cpu::linear_ce::linear_cross_entropy;
+use crate::backend::cpu::linear_ce::{linear_cross_entropy, linear_cross_entropy_rows, RowLosses};
 use crate::backend::cpu::ops::{self, AttnShape};
 
 use super::config::{Arch, ModelConfig};
@@ -369,6 +369,30 @@ impl Model {
         );
         self.head_input_backward(&tape, &dnormed, dh);
         loss
+    }
+
+    /// [`Model::head_loss`] with a weight per row (the gradient of `sum_r weights[r] * CE_r`
+    /// goes into `dh`), returning each row's cross-entropy and argmax.
+    pub fn head_loss_rows(
+        &self,
+        h: &[f32],
+        rows: &[usize],
+        targets: &[u32],
+        weights: &[f32],
+        dh: &mut [f32],
+    ) -> RowLosses {
+        assert_eq!(rows.len(), targets.len(), "one target per head row");
+        let tape = self.head_input(h, rows);
+        let mut dnormed = vec![0.0f32; tape.normed.len()];
+        let out = linear_cross_entropy_rows(
+            &tape.normed,
+            self.lm_head_mat(),
+            targets,
+            weights,
+            &mut dnormed,
+        );
+        self.head_input_backward(&tape, &dnormed, dh);
+        out
     }
 
     /// The chosen rows of `h` through the final norm.

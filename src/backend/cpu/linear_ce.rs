@@ -32,6 +32,51 @@ pub fn linear_cross_entropy(
     weight: f32,
     dx: &mut [f32],
 ) -> f32 {
+    let weights = vec![weight; targets.len()];
+    let mut loss = 0.0;
+    for_row_chunks(x, w, targets, &weights, dx, |rows| {
+        loss += rows.loss.iter().fold(0.0, |a, b| a + b);
+    });
+    loss
+}
+
+/// What [`linear_cross_entropy_rows`] returns for each row.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RowLosses {
+    /// `CE(x_r W, targets[r])`, unweighted.
+    pub loss: Vec<f32>,
+    /// The row's most likely token (the first of equal logits).
+    pub argmax: Vec<u32>,
+}
+
+/// [`linear_cross_entropy`] with a weight per row, returning each row's loss and argmax (the
+/// trainer's early stop asks whether every target is already the argmax).
+pub fn linear_cross_entropy_rows(
+    x: &[f32],
+    w: MatRef,
+    targets: &[u32],
+    weights: &[f32],
+    dx: &mut [f32],
+) -> RowLosses {
+    assert_eq!(weights.len(), targets.len(), "one weight per row");
+    let mut out = RowLosses::default();
+    for_row_chunks(x, w, targets, weights, dx, |rows| {
+        out.loss.extend_from_slice(&rows.loss);
+        out.argmax.extend_from_slice(&rows.argmax);
+    });
+    out
+}
+
+/// Runs the fused pass (or the reference) on chunks of rows, handing each chunk's rows to `sink`
+/// in order.
+fn for_row_chunks(
+    x: &[f32],
+    w: MatRef,
+    targets: &[u32],
+    weights: &[f32],
+    dx: &mut [f32],
+    mut sink: impl FnMut(RowLosses),
+) {
     let (d, vocab, m) = (w.in_dim, w.out_dim, targets.len());
     assert_eq!(x.len(), m * d, "linear_cross_entropy: x is not [{m}, {d}]");
     assert_eq!(
@@ -45,28 +90,41 @@ pub fn linear_cross_entropy(
     // The fused pass needs whole vocabulary rows contiguous (`[vocab, d]`: embedding tables and
     // nn.Linear heads) and the few-row kernels.
     if w.layout != Layout::OutIn || !skinny::enabled() {
-        return unfused(x, w, targets, weight, dx);
+        return sink(unfused(x, w, targets, weights, dx));
     }
-    let mut loss = 0.0;
-    for (rows, (x, dx)) in targets.chunks(skinny::MAX_ROWS).zip(
-        x.chunks(skinny::MAX_ROWS * d)
-            .zip(dx.chunks_mut(skinny::MAX_ROWS * d)),
-    ) {
-        loss += fused(x, w, rows, weight, dx);
+    for ((rows, weights), (x, dx)) in targets
+        .chunks(skinny::MAX_ROWS)
+        .zip(weights.chunks(skinny::MAX_ROWS))
+        .zip(
+            x.chunks(skinny::MAX_ROWS * d)
+                .zip(dx.chunks_mut(skinny::MAX_ROWS * d)),
+        )
+    {
+        sink(fused(x, w, rows, weights, dx));
     }
-    loss
 }
 
 /// The reference: logits, softmax cross-entropy, input gradient.
-fn unfused(x: &[f32], w: MatRef, targets: &[u32], weight: f32, dx: &mut [f32]) -> f32 {
-    let m = targets.len();
-    let mut logits = vec![0.0f32; m * w.out_dim];
+fn unfused(x: &[f32], w: MatRef, targets: &[u32], weights: &[f32], dx: &mut [f32]) -> RowLosses {
+    let (m, vocab) = (targets.len(), w.out_dim);
+    let mut logits = vec![0.0f32; m * vocab];
     ops::matmul(x, m, w, &mut logits, false);
     let mut dlogits = vec![0.0f32; logits.len()];
-    let targets: Vec<Option<u32>> = targets.iter().map(|&t| Some(t)).collect();
-    let loss = ops::cross_entropy(&logits, w.out_dim, &targets, weight, &mut dlogits);
+    let mut out = RowLosses::default();
+    // Row by row, so each row's loss and weight are its own.
+    for (r, (&t, &weight)) in targets.iter().zip(weights).enumerate() {
+        let row = &logits[r * vocab..(r + 1) * vocab];
+        out.argmax.push(ops::argmax(row) as u32);
+        out.loss.push(ops::cross_entropy(
+            row,
+            vocab,
+            &[Some(t)],
+            weight,
+            &mut dlogits[r * vocab..(r + 1) * vocab],
+        ));
+    }
     ops::matmul_input_grad(&dlogits, m, w, dx, false);
-    loss
+    out
 }
 
 /// Online-softmax state of a run of vocabulary rows, per target row.
@@ -79,6 +137,8 @@ struct Partial {
     acc: Vec<f32>,
     /// The target's logit, once its vocabulary row has been seen.
     target_logit: Vec<Option<f32>>,
+    /// The largest logit seen and its vocabulary row (the first of equals).
+    best: Vec<(f32, u32)>,
 }
 
 impl Partial {
@@ -88,6 +148,7 @@ impl Partial {
             sum: vec![0.0; m],
             acc: vec![0.0; m * d],
             target_logit: vec![None; m],
+            best: vec![(f32::NEG_INFINITY, 0); m],
         }
     }
 
@@ -104,7 +165,7 @@ impl Partial {
     }
 }
 
-fn fused(x: &[f32], w: MatRef, targets: &[u32], weight: f32, dx: &mut [f32]) -> f32 {
+fn fused(x: &[f32], w: MatRef, targets: &[u32], weights: &[f32], dx: &mut [f32]) -> RowLosses {
     let (d, vocab, m) = (w.in_dim, w.out_dim, targets.len());
     let chunk = (CHUNK_BYTES / (4 * d)).max(16).min(vocab);
     let chunks = vocab.div_ceil(chunk);
@@ -139,13 +200,18 @@ fn fused(x: &[f32], w: MatRef, targets: &[u32], weight: f32, dx: &mut [f32]) -> 
             if part.target_logit[r].is_some() {
                 total.target_logit[r] = part.target_logit[r];
             }
+            if part.best[r].0 > total.best[r].0 {
+                total.best[r] = part.best[r];
+            }
         }
     }
 
-    let mut loss = 0.0;
-    for (r, &t) in targets.iter().enumerate() {
+    let mut out = RowLosses::default();
+    for (r, (&t, &weight)) in targets.iter().zip(weights).enumerate() {
         let target_logit = total.target_logit[r].expect("every vocabulary row was visited");
-        loss += total.max[r] + total.sum[r].ln() - target_logit;
+        out.loss
+            .push(total.max[r] + total.sum[r].ln() - target_logit);
+        out.argmax.push(total.best[r].1);
         let target_row = &w.data[t as usize * d..(t as usize + 1) * d];
         let inv_sum = 1.0 / total.sum[r];
         for ((g, a), wt) in dx[r * d..(r + 1) * d]
@@ -156,7 +222,7 @@ fn fused(x: &[f32], w: MatRef, targets: &[u32], weight: f32, dx: &mut [f32]) -> 
             *g = weight * (a * inv_sum - wt);
         }
     }
-    loss
+    out
 }
 
 /// Folds vocabulary rows `v0..v1` into `part`: logits, online softmax, weighted sum of the rows.
@@ -189,6 +255,10 @@ fn add_chunk(
             part.target_logit[r] = Some(logits[t - vocab_rows.start]);
         }
         let chunk_max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        if chunk_max > part.best[r].0 {
+            let at = logits.iter().position(|&l| l == chunk_max).unwrap_or(0);
+            part.best[r] = (chunk_max, (vocab_rows.start + at) as u32);
+        }
         part.raise_max(r, d, chunk_max);
         let max = part.max[r];
         let mut sum = 0.0;
@@ -251,7 +321,10 @@ mod tests {
             let weight = 0.25;
             let (want, want_dx) = reference_f64(&x, &table, d, &targets, weight);
             let mut unfused_dx = vec![0.0; m * d];
-            let unfused_loss = unfused(&x, w, &targets, weight, &mut unfused_dx);
+            let unfused_loss: f32 = unfused(&x, w, &targets, &vec![weight; m], &mut unfused_dx)
+                .loss
+                .iter()
+                .sum();
             let mut got_dx = vec![f32::NAN; m * d];
             let got = linear_cross_entropy(&x, w, &targets, weight, &mut got_dx);
             // The fused pass must be at least about as close to the f64 truth as the unfused one.
@@ -284,6 +357,55 @@ mod tests {
                 dx_err(&got_dx),
                 dx_err(&unfused_dx)
             );
+        }
+    }
+
+    /// Per-row weights scale each row's gradient alone; per-row losses and argmaxes are each row's
+    /// own (fused pass and reference alike).
+    #[test]
+    fn rows_have_their_own_weight_loss_and_argmax() {
+        for &(m, d, vocab) in &[(5, 32, 7000), (skinny::MAX_ROWS + 2, 16, 900)] {
+            let x = values(m * d, 3, 1.0);
+            let table = values(vocab * d, 4, 3.0);
+            let w = MatRef {
+                data: &table,
+                in_dim: d,
+                out_dim: vocab,
+                layout: Layout::OutIn,
+            };
+            let targets: Vec<u32> = (0..m).map(|r| ((r * 31 + 5) % vocab) as u32).collect();
+            let weights: Vec<f32> = (0..m).map(|r| 0.5 + r as f32).collect();
+            let mut dx = vec![f32::NAN; m * d];
+            let rows = linear_cross_entropy_rows(&x, w, &targets, &weights, &mut dx);
+            let mut ref_dx = vec![f32::NAN; m * d];
+            let mut ref_rows = unfused(&x, w, &targets, &weights, &mut ref_dx);
+            for r in 0..m {
+                let (want, want_dx) = reference_f64(
+                    &x[r * d..(r + 1) * d],
+                    &table,
+                    d,
+                    &targets[r..=r],
+                    weights[r],
+                );
+                assert!((rows.loss[r] as f64 - want).abs() <= 1e-4 * want.abs().max(1.0));
+                assert!((ref_rows.loss[r] as f64 - want).abs() <= 1e-4 * want.abs().max(1.0));
+                for (g, w) in dx[r * d..(r + 1) * d].iter().zip(&want_dx) {
+                    assert!(
+                        (*g as f64 - w).abs() <= 1e-4 * (weights[r] as f64),
+                        "row {r}"
+                    );
+                }
+                let xr = &x[r * d..(r + 1) * d];
+                let logits: Vec<f32> = (0..vocab)
+                    .map(|v| (0..d).map(|i| xr[i] * table[v * d + i]).sum())
+                    .collect();
+                assert_eq!(rows.argmax[r], ops::argmax(&logits) as u32, "row {r}");
+            }
+            ref_rows
+                .argmax
+                .iter_mut()
+                .zip(&rows.argmax)
+                .for_each(|(a, b)| assert_eq!(a, b));
         }
     }
 

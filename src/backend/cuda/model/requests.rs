@@ -122,6 +122,9 @@ where
                     argmax,
                     in_scope,
                     distance,
+                    // The GPU has the codebook only (ElderConfig::gpu_unsupported).
+                    similarity: None,
+                    matched_edit: None,
                 });
             }
         }

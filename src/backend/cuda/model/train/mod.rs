@@ -290,6 +290,7 @@ where
             guide,
             grads,
             chosen,
+            rows: None,
         })
     }
 

@@ -1,0 +1,96 @@
+//! What the default preset adds to inference: matching a prompt's keys against the key store
+//! (every position's key, centred and normalised, against every stored key variant, then the
+//! relation tie-break), next to the forward of the same prompt it is part of. The budget
+//! is under 5% of a forward.
+//!
+//! The store holds random unit keys (the cost depends only on the shapes): 1000 and 10000 edits,
+//! three key variants each, width 576 (SmolLM2's hidden size; the key site is block 2's
+//! `up_proj` input). The forward is SmolLM2-135M when models/smollm2-135m exists, else the
+//! `gpt2` preset with random weights, on a 12-token prompt (the datasets' prompts are 6-16 tokens).
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
+use elder::elder::config::KeyKind;
+use elder::elder::keystore::{Background, KeySpace, KeyStore};
+use elder::model::layers::{MlpProj, Site};
+use elder::model::loader::{build_model, load_model_dir, RandomSource};
+use elder::model::presets::preset;
+use elder::model::{Arch, NoAdapter};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+const WIDTH: usize = 576;
+const PROMPT: usize = 12;
+const VARIANTS: usize = 3;
+
+fn unit_rows(rng: &mut ChaCha8Rng, rows: usize, width: usize) -> Vec<f32> {
+    let mut v: Vec<f32> = (0..rows * width)
+        .map(|_| rng.gen_range(-1.0..1.0))
+        .collect();
+    for row in v.chunks_mut(width) {
+        let n = row.iter().map(|x| x * x).sum::<f32>().sqrt();
+        row.iter_mut().for_each(|x| *x /= n);
+    }
+    v
+}
+
+fn store(edits: usize, rng: &mut ChaCha8Rng) -> KeyStore {
+    let space = |block| {
+        let background = Background {
+            first: vec![0.01; WIDTH],
+            rest: vec![0.02; WIDTH],
+        };
+        let site = Site {
+            block,
+            proj: MlpProj::UpProj,
+        };
+        KeySpace::new(site, WIDTH, true, background, 0, 0)
+    };
+    KeyStore {
+        kind: KeyKind::Subject,
+        variants: VARIANTS,
+        space: space(2),
+        keys: unit_rows(rng, edits * VARIANTS, WIDTH),
+        relation: Some((space(21), unit_rows(rng, edits, WIDTH))),
+        impostor: Vec::new(),
+    }
+}
+
+fn bench_inference_overhead(c: &mut Criterion) {
+    let mut group = c.benchmark_group("inference_overhead");
+    group.sample_size(20);
+    let smol_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/smollm2-135m");
+    let (name, model) = if smol_dir.join("config.json").exists() {
+        ("smollm2-135m", load_model_dir(&smol_dir).unwrap())
+    } else {
+        let cfg = preset(Arch::Gpt2, "gpt2").unwrap();
+        (
+            "gpt2-124m-random",
+            build_model(&cfg, &RandomSource { seed: 0 }).unwrap(),
+        )
+    };
+    let ids: Vec<u32> = (0..PROMPT)
+        .map(|i| ((i * 7919 + 13) % model.cfg.vocab_size) as u32)
+        .collect();
+    group.bench_function(BenchmarkId::new("forward_12_tokens", name), |b| {
+        b.iter(|| model.logits(std::slice::from_ref(&ids), &mut NoAdapter))
+    });
+    let mut rng = ChaCha8Rng::seed_from_u64(7);
+    let rows: Vec<f32> = (0..PROMPT * WIDTH)
+        .map(|_| rng.gen_range(-2.0..2.0))
+        .collect();
+    for edits in [1000usize, 10000] {
+        let store = store(edits, &mut rng);
+        let last = &rows[(PROMPT - 1) * WIDTH..];
+        group.bench_function(BenchmarkId::new("key_match_12_tokens", edits), |b| {
+            b.iter(|| {
+                let q = store.query_keys(&rows);
+                let rel = store.relation_key(last, PROMPT - 1);
+                store.best_match(&q, rel.as_deref(), 0.05)
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench_inference_overhead);
+criterion_main!(benches);

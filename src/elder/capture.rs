@@ -1,0 +1,90 @@
+//! Reading the frozen model's activations at chosen MLP projections: the inputs the key store
+//! keeps (and the query its routers read) come from here.
+
+use std::collections::BTreeMap;
+
+use crate::model::layers::Site;
+use crate::model::runner::pad_batch;
+use crate::model::{Adapter, BatchShape, KvCache, Model};
+
+/// An adapter that keeps the input of each wanted site, every row of the first call that
+/// reaches it (later calls, such as decode steps, leave it as it is).
+#[derive(Debug, Default)]
+pub struct SiteCapture {
+    wanted: Vec<Site>,
+    /// Site -> its input `[rows, width]`.
+    pub inputs: BTreeMap<Site, Vec<f32>>,
+}
+
+impl SiteCapture {
+    pub fn new(wanted: &[Site]) -> Self {
+        SiteCapture {
+            wanted: wanted.to_vec(),
+            inputs: BTreeMap::new(),
+        }
+    }
+
+    /// Records `x` if `site` is wanted and not captured yet.
+    pub fn offer(&mut self, site: Site, x: &[f32]) {
+        if self.wanted.contains(&site) && !self.inputs.contains_key(&site) {
+            self.inputs.insert(site, x.to_vec());
+        }
+    }
+
+    /// Whether every wanted site has been captured.
+    pub fn complete(&self) -> bool {
+        self.wanted.iter().all(|s| self.inputs.contains_key(s))
+    }
+}
+
+impl Adapter for SiteCapture {
+    fn after_linear(&mut self, site: Site, _: &BatchShape, x: &[f32], _: &mut [f32]) {
+        self.offer(site, x);
+    }
+
+    fn backward_linear(
+        &mut self,
+        _: Site,
+        _: &BatchShape,
+        _: &[f32],
+        _: &[f32],
+        _: Option<&mut [f32]>,
+    ) {
+    }
+}
+
+/// The inputs of `sites` for each prompt, through the frozen blocks up to the last site's block
+/// only: per prompt, site -> `[prompt.len(), width]`.
+pub fn capture_inputs(
+    model: &Model,
+    prompts: &[Vec<u32>],
+    sites: &[Site],
+) -> Vec<BTreeMap<Site, Vec<f32>>> {
+    let Some(last) = sites.iter().map(|s| s.block).max() else {
+        return vec![BTreeMap::new(); prompts.len()];
+    };
+    let mut out = Vec::with_capacity(prompts.len());
+    for chunk in prompts.chunks(16) {
+        let (ids, shape) = pad_batch(chunk, &vec![0; chunk.len()]);
+        let mut cache = KvCache::new(&model.cfg, shape.batch, shape.seq);
+        let mut h = model.embed(&ids, &shape);
+        let mut capture = SiteCapture::new(sites);
+        for l in 0..=last {
+            model.attn_half(l, &mut h, &shape, &mut cache, None);
+            model.mlp_half(l, &mut h, &shape, &mut capture, None);
+        }
+        for (b, prompt) in chunk.iter().enumerate() {
+            let per_site = capture
+                .inputs
+                .iter()
+                .map(|(&site, x)| {
+                    let width = x.len() / shape.rows();
+                    let start = b * shape.seq * width;
+                    (site, x[start..start + prompt.len() * width].to_vec())
+                })
+                .collect();
+            out.push(per_site);
+        }
+    }
+    out
+}

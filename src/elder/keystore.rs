@@ -1,0 +1,620 @@
+//! The key store (`deferral = "key_store"`): every applied edit leaves keys read from the frozen
+//! model, and a prompt is in scope when one of its own keys is close enough to an edit's.
+//!
+//! Why: the paper's query (the last prompt token) encodes the prompt's template far more than its
+//! subject, so a probe with an edit's template about another subject routes like the edit, and
+//! the edit's rephrasings (other templates) do not (BENCHMARKS.md). A key read at the subject's
+//! last token of an early block separates them; the key store keeps one per edit and compares.
+//!
+//! - A *key space* turns raw inputs of one MLP projection (`[width]` per token) into unit vectors:
+//!   minus the mean of the shipped background text (position 0, the attention sink whose rows
+//!   share one huge direction, has a mean of its own), optionally through a fixed random
+//!   projection to `key_dim` dimensions, scaled to unit length. Similarity is the dot product.
+//! - An edit stores `variants` keys: its prompt as given and, with `key_variants`, the prompt
+//!   after a background sentence and (subject keys) the bare subject at the start of a text, so
+//!   that a prompt whose subject is tokenized another way (a leading space or not) finds it.
+//! - A prompt is matched at every position (subject keys) or by its one pooled key; an edit's
+//!   score is its best key's best similarity. With a relation check, the edits within
+//!   `relation_margin` of the best score are told apart by a second key, the last prompt token
+//!   at `relation_block` (several edits can be about one subject); ties go to the newest edit.
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use anyhow::{Context, Result};
+
+use crate::backend::cpu::ops::gemm_strided;
+use crate::model::layers::Site;
+use crate::model::names::site_dims;
+use crate::model::Model;
+
+use super::capture::capture_inputs;
+use super::config::{Deferral, ElderConfig, KeyKind};
+use super::molora::Elder;
+use super::plan::KeyText;
+
+/// Mean inputs of a key site over the background sentences.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Background {
+    /// Mean of the first token's row.
+    pub first: Vec<f32>,
+    /// Mean of every later row.
+    pub rest: Vec<f32>,
+}
+
+impl Background {
+    /// From the inputs of a site for several texts, each `[len, width]`.
+    pub fn from_rows(texts: &[Vec<f32>], width: usize) -> Self {
+        let mut first = vec![0.0f64; width];
+        let mut rest = vec![0.0f64; width];
+        let (mut n_first, mut n_rest) = (0usize, 0usize);
+        for rows in texts {
+            for (pos, row) in rows.chunks(width).enumerate() {
+                let (acc, n) = if pos == 0 {
+                    (&mut first, &mut n_first)
+                } else {
+                    (&mut rest, &mut n_rest)
+                };
+                for (a, &v) in acc.iter_mut().zip(row) {
+                    *a += v as f64;
+                }
+                *n += 1;
+            }
+        }
+        let mean =
+            |acc: Vec<f64>, n: usize| acc.iter().map(|a| (a / n.max(1) as f64) as f32).collect();
+        Background {
+            first: mean(first, n_first),
+            rest: mean(rest, n_rest),
+        }
+    }
+}
+
+/// How the raw inputs of one site become unit key vectors.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KeySpace {
+    pub site: Site,
+    pub width: usize,
+    /// Subtract the background mean first (every kind but `last_token` and `prompt_mean`).
+    pub centred: bool,
+    pub background: Background,
+    /// `[width, dim]` fixed random projection, or empty for none.
+    projection: Vec<f32>,
+    pub dim: usize,
+}
+
+impl KeySpace {
+    /// A space for `site`'s inputs of `width`, projected to `key_dim` when it is not 0 (the
+    /// projection is drawn from `seed`, so a state rebuilds the same one).
+    pub fn new(
+        site: Site,
+        width: usize,
+        centred: bool,
+        background: Background,
+        key_dim: usize,
+        seed: u64,
+    ) -> Self {
+        let (projection, dim) = if key_dim == 0 || key_dim >= width {
+            (Vec::new(), width)
+        } else {
+            // Entries uniform with variance 1/dim: dot products are kept on average.
+            let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x6b65_7973_7061_6365);
+            let bound = (3.0 / key_dim as f32).sqrt();
+            let p = (0..width * key_dim)
+                .map(|_| rng.gen_range(-bound..bound))
+                .collect();
+            (p, key_dim)
+        };
+        KeySpace {
+            site,
+            width,
+            centred,
+            background,
+            projection,
+            dim,
+        }
+    }
+
+    /// One raw row (at position `pos` of its text) as a unit key of `dim` values.
+    pub fn embed(&self, row: &[f32], pos: usize) -> Vec<f32> {
+        let centre = if pos == 0 {
+            &self.background.first
+        } else {
+            &self.background.rest
+        };
+        let c: Vec<f32> = if self.centred {
+            row.iter().zip(centre).map(|(x, m)| x - m).collect()
+        } else {
+            row.to_vec()
+        };
+        let mut v = if self.projection.is_empty() {
+            c
+        } else {
+            let mut out = vec![0.0f32; self.dim];
+            gemm_strided(
+                1,
+                self.dim,
+                self.width,
+                &c,
+                (self.width as isize, 1),
+                &self.projection,
+                (self.dim as isize, 1),
+                &mut out,
+                false,
+            );
+            out
+        };
+        let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        if norm > 1e-12 {
+            v.iter_mut().for_each(|x| *x /= norm);
+        }
+        v
+    }
+}
+
+/// The one key of a text under the pooled kinds (the last token, or the mean of its rows).
+pub fn pooled_key(space: &KeySpace, kind: KeyKind, rows: &[f32]) -> Vec<f32> {
+    let w = space.width;
+    let len = rows.len() / w;
+    match kind {
+        KeyKind::LastToken => space.embed(&rows[(len - 1) * w..], len - 1),
+        // (A subject key of a whole text, if one were asked for, is its mean too.)
+        KeyKind::PromptMean | KeyKind::MeanDecentered | KeyKind::Subject => {
+            let mut mean = vec![0.0f32; w];
+            for row in rows.chunks(w) {
+                mean.iter_mut()
+                    .zip(row)
+                    .for_each(|(m, v)| *m += v / len as f32);
+            }
+            // The mean of a text is compared with the background's later rows.
+            space.embed(&mean, len.min(1))
+        }
+    }
+}
+
+/// The best edit for one prompt.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct KeyMatch {
+    pub entry: usize,
+    /// The entry's key similarity (cosine).
+    pub score: f32,
+    /// The prompt's key (its position, for subject keys) that matched best.
+    pub position: usize,
+}
+
+/// The keys of every applied edit, in the order the edits were applied.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KeyStore {
+    pub kind: KeyKind,
+    /// Keys per edit.
+    pub variants: usize,
+    pub space: KeySpace,
+    /// `[entries * variants, dim]` unit rows.
+    pub keys: Vec<f32>,
+    /// The relation key's space and `[entries, dim]` unit rows (with `relation_check`).
+    pub relation: Option<(KeySpace, Vec<f32>)>,
+    /// Each edit's impostor score: its best key similarity to an edit of another subject
+    /// (`-inf` while there is none). Derived from the keys and the subjects, never stored;
+    /// see [`KeyStore::update_impostors`].
+    pub impostor: Vec<f32>,
+}
+
+/// Fewest impostor scores a calibrated threshold is read from (below it, the fixed floor).
+const MIN_CALIBRATION_EDITS: usize = 8;
+
+impl KeyStore {
+    /// Keys per edit under `cfg`: the prompt, plus with `key_variants` the prefixed prompt and
+    /// (subject keys) the bare subject.
+    pub fn variants_for(cfg: &ElderConfig) -> usize {
+        match (cfg.key_variants, cfg.key) {
+            (false, _) => 1,
+            (true, KeyKind::Subject) => 3,
+            (true, _) => 2,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.keys.len() / (self.variants * self.space.dim).max(1)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// A prompt's keys `[n, dim]` from its rows at the key site `[len, width]`: every position
+    /// for subject keys, the pooled key otherwise.
+    pub fn query_keys(&self, rows: &[f32]) -> Vec<f32> {
+        match self.kind {
+            KeyKind::Subject => rows
+                .chunks(self.space.width)
+                .enumerate()
+                .flat_map(|(pos, row)| self.space.embed(row, pos))
+                .collect(),
+            kind => pooled_key(&self.space, kind, rows),
+        }
+    }
+
+    /// The relation key of a prompt from its last row at the relation site.
+    pub fn relation_key(&self, last_row: &[f32], pos: usize) -> Option<Vec<f32>> {
+        self.relation.as_ref().map(|(s, _)| s.embed(last_row, pos))
+    }
+
+    /// Appends one edit's keys (`variants` unit rows of `dim`) and its relation key.
+    pub fn push(&mut self, keys: &[f32], relation: Option<&[f32]>) {
+        assert_eq!(
+            keys.len(),
+            self.variants * self.space.dim,
+            "an edit needs {} keys",
+            self.variants
+        );
+        self.keys.extend_from_slice(keys);
+        if let (Some((_, rows)), Some(r)) = (&mut self.relation, relation) {
+            rows.extend_from_slice(r);
+        }
+    }
+
+    /// Best similarity between any key of edit `a` and any key of edit `b`.
+    fn pair_score(&self, a: usize, b: usize) -> f32 {
+        let row = self.variants * self.space.dim;
+        let (ka, kb) = (
+            &self.keys[a * row..(a + 1) * row],
+            &self.keys[b * row..(b + 1) * row],
+        );
+        let mut best = f32::NEG_INFINITY;
+        for x in ka.chunks(self.space.dim) {
+            for y in kb.chunks(self.space.dim) {
+                best = best.max(x.iter().zip(y).map(|(p, q)| p * q).sum());
+            }
+        }
+        best
+    }
+
+    /// Brings the impostor scores up to date with the edits pushed since the last call, one
+    /// edit at a time in order (so a reloaded store, replayed from its keys, gets the same
+    /// scores bit for bit). `same_subject(a, b)`: edits `a` and `b` are about one subject.
+    pub fn update_impostors(&mut self, same_subject: impl Fn(usize, usize) -> bool) {
+        for n in self.impostor.len()..self.len() {
+            self.impostor.push(f32::NEG_INFINITY);
+            for f in 0..n {
+                if same_subject(n, f) {
+                    continue;
+                }
+                let s = self.pair_score(n, f);
+                self.impostor[n] = self.impostor[n].max(s);
+                self.impostor[f] = self.impostor[f].max(s);
+            }
+        }
+    }
+
+    /// The scope threshold: `floor`, or with `quantile > 0` (and enough edits with an
+    /// impostor) the larger of `floor` and that quantile of the impostor scores.
+    pub fn scope_threshold(&self, floor: f32, quantile: f32) -> f32 {
+        if quantile <= 0.0 {
+            return floor;
+        }
+        let mut scores: Vec<f32> = self
+            .impostor
+            .iter()
+            .copied()
+            .filter(|s| s.is_finite())
+            .collect();
+        if scores.len() < MIN_CALIBRATION_EDITS {
+            return floor;
+        }
+        scores.sort_by(f32::total_cmp);
+        let at = ((scores.len() - 1) as f32 * quantile).round() as usize;
+        floor.max(scores[at])
+    }
+
+    /// Each edit's score for a prompt with keys `query` `[n, dim]`: its best key's best
+    /// similarity to any of the prompt's keys.
+    pub fn scores(&self, query: &[f32]) -> Vec<f32> {
+        self.scores_at(query).into_iter().map(|(s, _)| s).collect()
+    }
+
+    /// [`KeyStore::scores`] with the index of the prompt's key that gave each score.
+    pub fn scores_at(&self, query: &[f32]) -> Vec<(f32, usize)> {
+        let dim = self.space.dim;
+        let (n_query, n_keys) = (query.len() / dim, self.keys.len() / dim);
+        if n_query == 0 || n_keys == 0 {
+            return vec![(f32::NEG_INFINITY, 0); self.len()];
+        }
+        // sims [n_query, n_keys] = query [n_query, dim] . keys^T
+        let mut sims = vec![0.0f32; n_query * n_keys];
+        gemm_strided(
+            n_query,
+            n_keys,
+            dim,
+            query,
+            (dim as isize, 1),
+            &self.keys,
+            (1, dim as isize),
+            &mut sims,
+            false,
+        );
+        let mut best = vec![(f32::NEG_INFINITY, 0); self.len()];
+        for (pos, row) in sims.chunks(n_keys).enumerate() {
+            for (k, &s) in row.iter().enumerate() {
+                let e = k / self.variants;
+                if s > best[e].0 {
+                    best[e] = (s, pos);
+                }
+            }
+        }
+        best
+    }
+
+    /// The edit a prompt is most likely about (`None` with an empty store). With a relation key,
+    /// the edits within `margin` of the best score are compared by relation similarity.
+    pub fn best_match(
+        &self,
+        query: &[f32],
+        relation: Option<&[f32]>,
+        margin: f32,
+    ) -> Option<KeyMatch> {
+        let at = self.scores_at(query);
+        let scores: Vec<f32> = at.iter().map(|(s, _)| *s).collect();
+        let top = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        if !top.is_finite() {
+            return None;
+        }
+        let relation_sim = |e: usize| -> f32 {
+            match (&self.relation, relation) {
+                (Some((space, rows)), Some(q)) => {
+                    let k = &rows[e * space.dim..(e + 1) * space.dim];
+                    k.iter().zip(q).map(|(a, b)| a * b).sum()
+                }
+                _ => 0.0,
+            }
+        };
+        let use_relation = self.relation.is_some() && relation.is_some();
+        let mut pick: Option<(usize, f32)> = None;
+        for (e, &s) in scores.iter().enumerate() {
+            let candidate = if use_relation {
+                s >= top - margin
+            } else {
+                s >= top
+            };
+            if !candidate {
+                continue;
+            }
+            let rank = if use_relation { relation_sim(e) } else { s };
+            // `>=`: among equals the newest edit wins (a later edit of the same fact replaces it).
+            if pick.is_none_or(|(_, r)| rank >= r) {
+                pick = Some((e, rank));
+            }
+        }
+        pick.map(|(entry, _)| KeyMatch {
+            entry,
+            score: scores[entry],
+            position: at[entry].1,
+        })
+    }
+}
+
+impl Elder {
+    /// The key store's scope threshold under this config (see `scope_quantile`).
+    pub fn scope_threshold(&self) -> f32 {
+        match &self.key_store {
+            Some(store) => store.scope_threshold(self.cfg.scope_threshold, self.cfg.scope_quantile),
+            None => self.cfg.scope_threshold,
+        }
+    }
+
+    /// Updates the key store's impostor scores after edits joined the key store and memory
+    /// (a subject is compared case-insensitively; an edit without one differs from every other).
+    pub fn refresh_scope_calibration(&mut self) {
+        let subjects: Vec<Option<String>> = self
+            .memory
+            .iter()
+            .map(|e| e.subject.as_ref().map(|s| s.to_lowercase()))
+            .collect();
+        if let Some(store) = &mut self.key_store {
+            store.update_impostors(|a, b| {
+                matches!((subjects.get(a), subjects.get(b)), (Some(Some(x)), Some(Some(y))) if x == y)
+            });
+        }
+    }
+
+    /// Creates the key store (`deferral = "key_store"`, once): its spaces are centred on the
+    /// inputs of `background` (the shipped background sentences, tokenized).
+    pub fn ensure_key_store(&mut self, model: &Model, background: &[Vec<u32>]) -> Result<()> {
+        if self.cfg.deferral != Deferral::KeyStore || self.key_store.is_some() {
+            return Ok(());
+        }
+        let cfg = &self.cfg;
+        let sites = self.key_sites();
+        let inputs = capture_inputs(model, background, &sites);
+        let space = |site: Site, key_dim: usize, centred: bool| -> Result<KeySpace> {
+            let (width, _) = site_dims(&model.cfg, site.proj)
+                .with_context(|| format!("{:?} does not exist in this model", site.proj))?;
+            let rows: Vec<Vec<f32>> = inputs.iter().map(|m| m[&site].clone()).collect();
+            let bg = Background::from_rows(&rows, width);
+            Ok(KeySpace::new(site, width, centred, bg, key_dim, cfg.seed))
+        };
+        let centred = !matches!(cfg.key, KeyKind::LastToken | KeyKind::PromptMean);
+        let key_space = space(sites[0], cfg.key_dim, centred)?;
+        let relation = match sites.get(1) {
+            Some(&s) => Some((space(s, 0, true)?, Vec::new())),
+            None => None,
+        };
+        self.key_store = Some(KeyStore {
+            kind: cfg.key,
+            variants: KeyStore::variants_for(cfg),
+            space: key_space,
+            keys: Vec::new(),
+            relation,
+            impostor: Vec::new(),
+        });
+        Ok(())
+    }
+
+    /// Appends the keys of edits to the key store, each edit's from its key texts (its variants;
+    /// the first also gives the relation key). Nothing to do without a key store.
+    pub fn add_keys<'a>(
+        &mut self,
+        model: &Model,
+        edits: impl Iterator<Item = &'a [KeyText]>,
+    ) -> Result<()> {
+        if self.cfg.deferral != Deferral::KeyStore {
+            return Ok(());
+        }
+        let sites = self.key_sites();
+        let store = self
+            .key_store
+            .as_mut()
+            .context("the key store has no background yet (ensure_key_store first)")?;
+        for texts in edits {
+            anyhow::ensure!(
+                texts.len() == store.variants,
+                "an edit needs {} key texts, got {}",
+                store.variants,
+                texts.len()
+            );
+            let tokens: Vec<Vec<u32>> = texts.iter().map(|t| t.tokens.clone()).collect();
+            let inputs = capture_inputs(model, &tokens, &sites);
+            let w = store.space.width;
+            let mut keys = Vec::with_capacity(store.variants * store.space.dim);
+            for (text, input) in texts.iter().zip(&inputs) {
+                let rows = &input[&sites[0]];
+                keys.extend(match store.kind {
+                    KeyKind::Subject => store.space.embed(
+                        &rows[text.key_row * w..(text.key_row + 1) * w],
+                        text.key_row,
+                    ),
+                    kind => pooled_key(&store.space, kind, rows),
+                });
+            }
+            let relation = sites.get(1).and_then(|site| {
+                let rows = &inputs[0][site];
+                let last = texts[0].tokens.len() - 1;
+                let rw = rows.len() / texts[0].tokens.len();
+                store.relation_key(&rows[last * rw..], last)
+            });
+            store.push(&keys, relation.as_deref());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::layers::MlpProj;
+
+    fn space(width: usize, key_dim: usize) -> KeySpace {
+        let site = Site {
+            block: 0,
+            proj: MlpProj::UpProj,
+        };
+        let bg = Background {
+            first: vec![10.0; width],
+            rest: vec![1.0; width],
+        };
+        KeySpace::new(site, width, true, bg, key_dim, 7)
+    }
+
+    #[test]
+    fn keys_are_centred_per_position_and_unit() {
+        let s = space(4, 0);
+        let k = s.embed(&[2.0, 1.0, 1.0, 1.0], 1);
+        assert_eq!(k, vec![1.0, 0.0, 0.0, 0.0]);
+        let k0 = s.embed(&[10.0, 13.0, 10.0, 10.0], 0);
+        assert_eq!(k0, vec![0.0, 1.0, 0.0, 0.0]);
+        let p = space(64, 16);
+        let v = p.embed(&(0..64).map(|i| (i as f32).sin()).collect::<Vec<_>>(), 3);
+        assert_eq!(v.len(), 16);
+        assert!((v.iter().map(|x| x * x).sum::<f32>() - 1.0).abs() < 1e-5);
+    }
+
+    #[test]
+    fn the_best_position_and_variant_decide_and_the_relation_breaks_ties() {
+        let s = space(3, 0);
+        let rel = space(3, 0);
+        let mut store = KeyStore {
+            kind: KeyKind::Subject,
+            variants: 2,
+            space: s.clone(),
+            keys: Vec::new(),
+            relation: Some((rel.clone(), Vec::new())),
+            impostor: Vec::new(),
+        };
+        // Edit 0: key along x (variant 2 along y); edit 1: along x too (same subject), other relation.
+        store.push(&[1.0, 0.0, 0.0, 0.0, 1.0, 0.0], Some(&[1.0, 0.0, 0.0]));
+        store.push(&[1.0, 0.0, 0.0, 0.0, 0.0, 1.0], Some(&[0.0, 1.0, 0.0]));
+        assert_eq!(store.len(), 2);
+        // A prompt whose second position lies along y matches edit 0's second variant exactly.
+        let q = [0.0, 0.0, 1.0, 0.0, 1.0, 0.0];
+        let scores = store.scores(&q);
+        assert!((scores[0] - 1.0).abs() < 1e-6 && (scores[1] - 1.0).abs() < 1e-6);
+        // Both match as well on the subject: the relation key picks.
+        let m = store.best_match(&q, Some(&[0.0, 1.0, 0.0]), 0.05).unwrap();
+        assert_eq!(m.entry, 1);
+        let m = store.best_match(&q, Some(&[1.0, 0.0, 0.0]), 0.05).unwrap();
+        assert_eq!(m.entry, 0);
+        // Without a relation key an exact tie goes to the newest edit.
+        let plain = KeyStore {
+            relation: None,
+            ..store.clone()
+        };
+        assert_eq!(
+            plain
+                .best_match(&[1.0, 0.0, 0.0], None, 0.05)
+                .unwrap()
+                .entry,
+            1
+        );
+        let empty = KeyStore {
+            keys: Vec::new(),
+            ..plain
+        };
+        assert_eq!(empty.best_match(&[1.0, 0.0, 0.0], None, 0.05), None);
+    }
+
+    #[test]
+    fn impostor_scores_skip_the_same_subject_and_set_the_calibrated_threshold() {
+        let mut store = KeyStore {
+            kind: KeyKind::Subject,
+            variants: 1,
+            space: space(2, 0),
+            keys: Vec::new(),
+            relation: None,
+            impostor: Vec::new(),
+        };
+        let unit = |a: f32| [a.cos(), a.sin()];
+        // Edits 0 and 1 share a subject (identical keys); edit 2 is another subject at 60 degrees.
+        for a in [0.0f32, 0.0, 60f32.to_radians()] {
+            store.push(&unit(a), None);
+        }
+        let subject = [0, 0, 1];
+        store.update_impostors(|a, b| subject[a] == subject[b]);
+        let cos60 = 60f32.to_radians().cos();
+        for (i, &s) in store.impostor.iter().enumerate() {
+            assert!((s - cos60).abs() < 1e-6, "edit {i}: {s}");
+        }
+        // Incremental updates give what one pass over everything gives.
+        let mut whole = store.clone();
+        for k in 3..12 {
+            store.push(&unit(k as f32 * 0.1), None);
+            store.update_impostors(|a, b| a == b);
+        }
+        whole.keys = store.keys.clone();
+        whole.impostor.clear();
+        whole.update_impostors(|a, b| a == b || (a < 3 && b < 3 && subject[a] == subject[b]));
+        assert_eq!(whole.impostor, store.impostor);
+        // Too few edits, or quantile 0: the floor; else the quantile, never below the floor.
+        assert_eq!(store.scope_threshold(0.5, 0.0), 0.5);
+        let mut sorted = store.impostor.clone();
+        sorted.sort_by(f32::total_cmp);
+        assert_eq!(
+            store.scope_threshold(-1.0, 0.5),
+            sorted[(11.0f32 * 0.5).round() as usize]
+        );
+        assert_eq!(store.scope_threshold(0.9999, 0.5), 0.9999);
+        let few = KeyStore {
+            impostor: store.impostor[..MIN_CALIBRATION_EDITS - 1].to_vec(),
+            ..store.clone()
+        };
+        assert_eq!(few.scope_threshold(0.3, 0.9), 0.3);
+    }
+}
