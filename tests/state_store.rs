@@ -100,7 +100,8 @@ fn commits_round_trip_and_resume_after_applied_ids() {
         [
             "codebook-000002.bin",
             "experts-000002.safetensors",
-            "manifest.json"
+            "manifest.json",
+            "memory-000002.jsonl"
         ]
     );
 }
@@ -181,7 +182,8 @@ fn crash_leftovers_do_not_change_the_committed_state() {
         [
             "codebook-000002.bin",
             "experts-000002.safetensors",
-            "manifest.json"
+            "manifest.json",
+            "memory-000002.jsonl"
         ]
     );
     let last = EditState::open(dir.path(), &config(), "fp").unwrap();

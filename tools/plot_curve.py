@@ -19,7 +19,9 @@ PANEL_W, PANEL_H, MARGIN = 260, 200, 44
 
 
 def label(report):
-    data = os.path.splitext(os.path.basename(report.get("data", "?")))[0]
+    data = report.get("data", "?")
+    if data.endswith(".jsonl"):
+        data = os.path.splitext(os.path.basename(data))[0]
     return f"{report.get('preset', '?')} preset, {data}"
 
 
