@@ -19,60 +19,23 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 use elder::data::{read_edits, DataFormat};
+use elder::elder::capture::capture_inputs;
 use elder::model::layers::{MlpProj, Site};
-use elder::model::runner::pad_batch;
-use elder::model::{Adapter, BatchShape, KvCache, Model};
+use elder::model::Model;
 use elder::session::BaseModel;
-
-/// Captures the inputs of the chosen sites, every row.
-struct Capture {
-    sites: Vec<Site>,
-    rows: BTreeMap<Site, Vec<f32>>,
-}
-
-impl Adapter for Capture {
-    fn after_linear(&mut self, site: Site, _: &BatchShape, x: &[f32], _: &mut [f32]) {
-        if self.sites.contains(&site) {
-            self.rows.insert(site, x.to_vec());
-        }
-    }
-    fn backward_linear(
-        &mut self,
-        _: Site,
-        _: &BatchShape,
-        _: &[f32],
-        _: &[f32],
-        _: Option<&mut [f32]>,
-    ) {
-    }
-}
 
 /// Per site, per prompt, its rows `[len][d]`.
 type Captured = BTreeMap<Site, Vec<Vec<Vec<f32>>>>;
 
+/// The engine's own capture (`capture_inputs`, what the key store reads), split into rows.
 fn capture(model: &Model, prompts: &[Vec<u32>], sites: &[Site]) -> Captured {
-    let last = sites.iter().map(|s| s.block).max().unwrap_or(0);
     let mut out: Captured = sites.iter().map(|&s| (s, Vec::new())).collect();
-    for chunk in prompts.chunks(16) {
-        let (ids, shape) = pad_batch(chunk, &vec![0; chunk.len()]);
-        let mut cache = KvCache::new(&model.cfg, shape.batch, shape.seq);
-        let mut h = model.embed(&ids, &shape);
-        let mut cap = Capture {
-            sites: sites.to_vec(),
-            rows: BTreeMap::new(),
-        };
-        for l in 0..=last {
-            model.attn_half(l, &mut h, &shape, &mut cache, None);
-            model.mlp_half(l, &mut h, &shape, &mut cap, None);
-        }
-        for (site, x) in cap.rows {
-            let d = x.len() / shape.rows();
-            for (b, p) in chunk.iter().enumerate() {
-                let rows = (0..p.len())
-                    .map(|i| x[(b * shape.seq + i) * d..(b * shape.seq + i + 1) * d].to_vec())
-                    .collect();
-                out.get_mut(&site).unwrap().push(rows);
-            }
+    for (prompt, per_site) in prompts.iter().zip(capture_inputs(model, prompts, sites)) {
+        for (site, x) in per_site {
+            let d = x.len() / prompt.len().max(1);
+            out.get_mut(&site)
+                .unwrap()
+                .push(x.chunks(d).map(<[f32]>::to_vec).collect());
         }
     }
     out
