@@ -10,7 +10,7 @@
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use elder::elder::config::KeyKind;
-use elder::elder::keystore::{Background, KeySpace, KeyStore};
+use elder::elder::keystore::{Background, KeyCeilings, KeySpace, KeyStore};
 use elder::model::layers::{MlpProj, Site};
 use elder::model::loader::{build_model, load_model_dir, RandomSource};
 use elder::model::presets::preset;
@@ -37,6 +37,7 @@ fn store(edits: usize, rng: &mut ChaCha8Rng) -> KeyStore {
     let space = |block| {
         let background = Background {
             first: vec![0.01; WIDTH],
+            leading: Vec::new(),
             rest: vec![0.02; WIDTH],
         };
         let site = Site {
@@ -52,6 +53,7 @@ fn store(edits: usize, rng: &mut ChaCha8Rng) -> KeyStore {
         keys: unit_rows(rng, edits * VARIANTS, WIDTH),
         relation: Some((space(21), unit_rows(rng, edits, WIDTH))),
         impostor: Vec::new(),
+        ceilings: KeyCeilings::off(),
     }
 }
 

@@ -202,6 +202,12 @@ enum Command {
         /// quantile of the edits' impostor scores, never below the threshold; 0: fixed).
         #[arg(long)]
         scope_quantile: Option<f32>,
+        /// Rebuild the key store with a key option changed, NAME=VALUE (repeatable; nothing
+        /// is written): key, key_ceiling_margin, key_block, key_proj, key_variants, key_dim, key_position_means,
+        /// relation_check, relation_block, relation_proj, relation_margin. The experts do not
+        /// depend on the keys, so this scores what a stream with these options would have given.
+        #[arg(long, value_name = "NAME=VALUE")]
+        rekey: Vec<String>,
         /// Also write every scored prompt (record id, role, probe kind, accuracy, scope,
         /// similarity, argmax tokens) to this JSONL file (final protocol, CPU).
         #[arg(long)]
@@ -351,11 +357,15 @@ fn dispatch(cmd: Command, devices: Devices) -> Result<ExitCode> {
             format,
             threshold,
             scope_quantile,
+            rekey,
             details,
             json,
         } => {
             let base = BaseModel::open(&model)?;
             let mut session = open_state(&base, &state)?;
+            if !rekey.is_empty() {
+                rekey_state(&base, &mut session.elder, &rekey)?;
+            }
             if let Some(t) = threshold {
                 set_threshold(&mut session.elder.cfg, t)?;
             }
@@ -711,6 +721,60 @@ fn applied_records(session: &EditSession, records: &[EditRecord]) -> Result<Vec<
         );
     }
     Ok(scored)
+}
+
+/// Key options `--rekey` may change: they decide only which keys the key store keeps.
+const REKEY_OPTIONS: [&str; 11] = [
+    "key",
+    "key_ceiling_margin",
+    "key_block",
+    "key_proj",
+    "key_variants",
+    "key_dim",
+    "key_position_means",
+    "relation_check",
+    "relation_block",
+    "relation_proj",
+    "relation_margin",
+];
+
+/// `--rekey NAME=VALUE ...`: the config with those key options changed (validated), and the key
+/// store rebuilt from the state's memory under it.
+fn rekey_state(
+    base: &BaseModel,
+    elder: &mut elder::elder::molora::Elder,
+    settings: &[String],
+) -> Result<()> {
+    if elder.cfg.deferral != elder::elder::config::Deferral::KeyStore {
+        bail!("--rekey needs a state with a key store (deferral = \"key_store\")");
+    }
+    let mut cfg = serde_json::to_value(&elder.cfg)?;
+    for setting in settings {
+        let (name, value) = setting
+            .split_once('=')
+            .with_context(|| format!("--rekey {setting:?}: expected NAME=VALUE"))?;
+        let name = name.trim();
+        if !REKEY_OPTIONS.contains(&name) {
+            bail!(
+                "--rekey {name}: only key options can change without retraining ({})",
+                REKEY_OPTIONS.join(", ")
+            );
+        }
+        // Numbers and booleans as JSON, anything else (an enum's name) as a string.
+        let value = serde_json::from_str(value.trim())
+            .unwrap_or_else(|_| serde_json::Value::String(value.trim().to_string()));
+        cfg[name] = value;
+    }
+    let cfg: ElderConfig = serde_json::from_value(cfg).context("--rekey")?;
+    cfg.validate(&base.cfg).context("--rekey")?;
+    elder.cfg = cfg;
+    eprintln!(
+        "rekeying {} edits ({})",
+        elder.memory.len(),
+        settings.join(" ")
+    );
+    elder.rebuild_key_store(base.model()?, &base.tokenizer, &base.background_prompts()?)?;
+    Ok(())
 }
 
 /// How the key store decides scope, in one line (the threshold in use and where it comes from).

@@ -226,9 +226,7 @@ impl EditDevice {
                 allocation: Vec::new(),
             })
             .collect();
-        if elder.key_store.is_none()
-            && elder.cfg.deferral == crate::elder::config::Deferral::KeyStore
-        {
+        if elder.key_store_needs_background() {
             let background = base.background_prompts()?;
             elder.ensure_key_store(base.model()?, &background)?;
         }

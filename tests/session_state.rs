@@ -182,12 +182,79 @@ fn rephrasings_and_probes_never_reach_training() {
             with.elder == without.elder,
             "{name}: the trained state depends on the test set"
         );
+        let (files_a, files_b) = (state_files(&a), state_files(&b));
+        let names = |f: &[(String, Vec<u8>)]| f.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>();
         assert_eq!(
-            state_files(&a),
-            state_files(&b),
-            "{name}: state files differ"
+            names(&files_a),
+            names(&files_b),
+            "{name}: state file names differ"
+        );
+        let differing: Vec<&str> = files_a
+            .iter()
+            .zip(&files_b)
+            .filter(|((_, x), (_, y))| x != y)
+            .map(|((n, _), _)| n.as_str())
+            .collect();
+        assert!(
+            differing.is_empty(),
+            "{name}: state files differ: {differing:?}"
         );
     }
+}
+
+/// Rebuilding the key store from the memory (`elder eval --rekey`) under the config it was built
+/// with gives back the stored keys bit for bit; under other key options, other keys for as many
+/// edits, and leading positions with means of their own.
+#[test]
+fn key_store_rebuilds_from_memory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tiny_model(&tmp.path().join("model"), 8);
+    let mut s =
+        EditSession::open(&base, &tmp.path().join("s"), Some(default_config(&base))).unwrap();
+    apply_stream(&base, &mut s, &records(5), false, None).unwrap();
+    let stored = s
+        .elder
+        .key_store
+        .clone()
+        .expect("the default preset keeps keys");
+    let model = base.model().unwrap();
+    let background = base.background_prompts().unwrap();
+    let mut same = s.elder.clone();
+    same.rebuild_key_store(model, &base.tokenizer, &background)
+        .unwrap();
+    assert!(same.key_store.as_ref() == Some(&stored));
+    assert_eq!(same.scope_threshold(), s.elder.scope_threshold());
+
+    // Other key options: the rebuilt state is the one a fresh stream with them trains (the
+    // experts never depend on the keys), and its keys differ from the stored ones.
+    let other_cfg = ElderConfig {
+        key_position_means: 3,
+        key_ceiling_margin: Some(0.1),
+        relation_margin: 0.2,
+        ..default_config(&base)
+    };
+    let mut other = s.elder.clone();
+    other.cfg = other_cfg.clone();
+    other
+        .rebuild_key_store(model, &base.tokenizer, &background)
+        .unwrap();
+    let rebuilt = other.key_store.as_ref().unwrap();
+    assert_eq!(rebuilt.len(), stored.len());
+    assert_eq!(rebuilt.space.background.leading.len(), 2);
+    assert_eq!(
+        rebuilt.ceilings.of_keys.len(),
+        stored.keys.len() / stored.space.dim
+    );
+    assert_ne!(rebuilt.keys, stored.keys);
+    let mut fresh = EditSession::open(&base, &tmp.path().join("f"), Some(other_cfg)).unwrap();
+    apply_stream(&base, &mut fresh, &records(5), false, None).unwrap();
+    assert!(
+        fresh.elder == other,
+        "a rebuilt key store must equal a fresh stream's"
+    );
+    // And the fresh stream's state reloads to the same (ceilings included).
+    let reopened = EditSession::open(&base, &tmp.path().join("f"), None).unwrap();
+    assert!(reopened.elder == fresh.elder);
 }
 
 #[test]

@@ -176,6 +176,14 @@ pub struct ElderConfig {
     pub key_variants: bool,
     /// Project keys to this many dimensions with a fixed random matrix (0: keep the full width).
     pub key_dim: usize,
+    /// The first this-many positions of a text are centred on background means of their own
+    /// (1: position 0 only, the first states' behaviour); later positions share one mean.
+    pub key_position_means: usize,
+    /// A key counts only where its similarity beats its *ceiling* (its best cosine to any
+    /// position of the shipped background text) by this margin: a key that matches generic text
+    /// is about a position, not a subject, and must not match a prompt merely as well as that.
+    /// None: off.
+    pub key_ceiling_margin: Option<f32>,
     /// A prompt is in scope when its best key similarity (cosine) reaches this (with
     /// `scope_quantile`, the floor of the calibrated threshold).
     pub scope_threshold: f32,
@@ -252,6 +260,8 @@ impl Default for ElderConfig {
             key_proj: MlpProj::CFc,
             key_variants: false,
             key_dim: 0,
+            key_position_means: 1,
+            key_ceiling_margin: None,
             scope_threshold: 0.8,
             scope_quantile: 0.0,
             relation_check: false,
@@ -299,7 +309,8 @@ impl ElderConfig {
     /// - scope from a key store of subject keys read early (block 2, the normed residual stream),
     ///   with keys of generated variants of each prompt, and a relation check on the paper's query
     ///   position (the last prompt token, just below the first MoLoRA layer) to pick among edits
-    ///   of one subject;
+    ///   of one subject; a key counts only 0.25 above its best match on background text (keys
+    ///   read at a text's first tokens match any prompt's first tokens);
     /// - the matched edit's own allocation at inference; one fresh rank-4 expert per layer per edit,
     ///   so no edit overwrites another;
     /// - a scope threshold calibrated from the stream (the 0.9 quantile of the edits' impostor
@@ -330,6 +341,7 @@ impl ElderConfig {
             key_proj: hidden_proj,
             key_variants: true,
             key_dim: 0,
+            key_ceiling_margin: Some(0.25),
             scope_threshold: 0.8,
             scope_quantile: 0.9,
             relation_check: true,
@@ -532,6 +544,18 @@ impl ElderConfig {
                 bail!(
                     "scope_quantile is a quantile in [0, 1) (0: the fixed scope_threshold), got {}",
                     self.scope_quantile
+                );
+            }
+            if let Some(m) = self.key_ceiling_margin {
+                if !(m.is_finite() && (0.0..=2.0).contains(&m)) {
+                    bail!("key_ceiling_margin is a cosine margin in [0, 2], got {m}");
+                }
+            }
+            if !(1..=64).contains(&self.key_position_means) {
+                bail!(
+                    "key_position_means counts leading positions with a background mean of their \
+                     own, 1 to 64 (1: position 0 only), got {}",
+                    self.key_position_means
                 );
             }
             if !(self.relation_margin.is_finite() && self.relation_margin >= 0.0) {

@@ -33,39 +33,66 @@ use super::config::{Deferral, ElderConfig, KeyKind};
 use super::molora::Elder;
 use super::plan::KeyText;
 
-/// Mean inputs of a key site over the background sentences.
+/// Mean inputs of a key site over the background sentences, by position.
+///
+/// Why by position: the first rows of a text share large components of their own (position 0
+/// is the attention sink; position 1 still carries much of it), so centring them on the mean of
+/// later rows leaves a direction every early row shares, and an edit whose subject key sits at
+/// position 1 then matches position 1 of any prompt ("In which country ..." matched the edit of
+/// "Jinan is a city in" at " which" with 0.93). `key_position_means` gives the leading positions
+/// their own means.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Background {
     /// Mean of the first token's row.
     pub first: Vec<f32>,
+    /// Means of positions 1, 2, ... (as many as `key_position_means - 1`).
+    pub leading: Vec<Vec<f32>>,
     /// Mean of every later row.
     pub rest: Vec<f32>,
 }
 
 impl Background {
-    /// From the inputs of a site for several texts, each `[len, width]`.
-    pub fn from_rows(texts: &[Vec<f32>], width: usize) -> Self {
-        let mut first = vec![0.0f64; width];
-        let mut rest = vec![0.0f64; width];
-        let (mut n_first, mut n_rest) = (0usize, 0usize);
+    /// From the inputs of a site for several texts, each `[len, width]`; the first `positions`
+    /// positions (at least the first) get means of their own.
+    pub fn from_rows(texts: &[Vec<f32>], width: usize, positions: usize) -> Self {
+        let own = positions.max(1);
+        // Accumulators: one per leading position, then the rest.
+        let mut acc = vec![vec![0.0f64; width]; own + 1];
+        let mut n = vec![0usize; own + 1];
         for rows in texts {
             for (pos, row) in rows.chunks(width).enumerate() {
-                let (acc, n) = if pos == 0 {
-                    (&mut first, &mut n_first)
-                } else {
-                    (&mut rest, &mut n_rest)
-                };
-                for (a, &v) in acc.iter_mut().zip(row) {
+                let slot = pos.min(own);
+                for (a, &v) in acc[slot].iter_mut().zip(row) {
                     *a += v as f64;
                 }
-                *n += 1;
+                n[slot] += 1;
             }
         }
         let mean =
-            |acc: Vec<f64>, n: usize| acc.iter().map(|a| (a / n.max(1) as f64) as f32).collect();
+            |acc: &[f64], n: usize| acc.iter().map(|a| (a / n.max(1) as f64) as f32).collect();
+        let rest: Vec<f32> = mean(&acc[own], n[own]);
+        // A leading position no background text reached is centred like the rest.
+        let leading = (1..own)
+            .map(|p| {
+                if n[p] == 0 {
+                    rest.clone()
+                } else {
+                    mean(&acc[p], n[p])
+                }
+            })
+            .collect();
         Background {
-            first: mean(first, n_first),
-            rest: mean(rest, n_rest),
+            first: mean(&acc[0], n[0]),
+            leading,
+            rest,
+        }
+    }
+
+    /// The mean a row at `pos` is centred on.
+    pub fn centre(&self, pos: usize) -> &[f32] {
+        match pos {
+            0 => &self.first,
+            p => self.leading.get(p - 1).unwrap_or(&self.rest),
         }
     }
 }
@@ -117,11 +144,7 @@ impl KeySpace {
 
     /// One raw row (at position `pos` of its text) as a unit key of `dim` values.
     pub fn embed(&self, row: &[f32], pos: usize) -> Vec<f32> {
-        let centre = if pos == 0 {
-            &self.background.first
-        } else {
-            &self.background.rest
-        };
+        let centre = self.background.centre(pos);
         let c: Vec<f32> = if self.centred {
             row.iter().zip(centre).map(|(x, m)| x - m).collect()
         } else {
@@ -180,6 +203,8 @@ pub struct KeyMatch {
     pub score: f32,
     /// The prompt's key (its position, for subject keys) that matched best.
     pub position: usize,
+    /// The entry's relation-key similarity to the prompt's (with a relation check).
+    pub relation: Option<f32>,
 }
 
 /// The keys of every applied edit, in the order the edits were applied.
@@ -197,6 +222,79 @@ pub struct KeyStore {
     /// (`-inf` while there is none). Derived from the keys and the subjects, never stored;
     /// see [`KeyStore::update_impostors`].
     pub impostor: Vec<f32>,
+    pub ceilings: KeyCeilings,
+}
+
+/// Keys that also match generic text (`key_ceiling_margin`): each key's *ceiling* is its best
+/// similarity to any position of the shipped background text, and a key only counts where it
+/// beats its ceiling by the margin.
+///
+/// Why: a subject read at the first positions of a text ("J|in|[an] is a city in") is mostly
+/// the position, not the subject; such a key matched position 1 of every "In which country
+/// is ...?" question (0.93) and drew 213 of the 377 rephrasings that went to a wrong edit at
+/// T = 1000. Its ceiling on background text (0.70, against about 0.2 for a key in context)
+/// gives it away without any evaluation prompt, and its own prompt still matches it (1.0).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct KeyCeilings {
+    /// How far above its ceiling a similarity must be (`None`: off, every key always counts).
+    pub margin: Option<f32>,
+    /// Each key's ceiling (empty when off).
+    pub of_keys: Vec<f32>,
+    /// The background text's rows as unit keys `[rows, dim]`, to measure new keys against.
+    pub background: Derived<Vec<f32>>,
+}
+
+/// A similarity every key reaches on its own text (the same rows give 1 up to rounding).
+const OWN_TEXT: f32 = 0.99;
+
+impl KeyCeilings {
+    pub fn off() -> Self {
+        KeyCeilings::default()
+    }
+
+    pub fn is_on(&self) -> bool {
+        self.margin.is_some()
+    }
+
+    /// Whether similarity `s` of key `key` counts.
+    fn counts(&self, key: usize, s: f32) -> bool {
+        match (self.margin, self.of_keys.get(key)) {
+            // Never above OWN_TEXT: a key always matches the text it was read from.
+            (Some(m), Some(&c)) => s >= (c + m).min(OWN_TEXT),
+            _ => true,
+        }
+    }
+
+    /// Records the ceilings of one edit's keys (`[variants, dim]`).
+    fn push_edit(&mut self, keys: &[f32], dim: usize) {
+        if !self.is_on() {
+            return;
+        }
+        assert!(
+            !self.background.0.is_empty(),
+            "key ceilings need the background keys (ensure_key_store first)"
+        );
+        for k in keys.chunks(dim) {
+            let c = self
+                .background
+                .0
+                .chunks(dim)
+                .map(|r| r.iter().zip(k).map(|(a, b)| a * b).sum::<f32>())
+                .fold(f32::NEG_INFINITY, f32::max);
+            self.of_keys.push(c);
+        }
+    }
+}
+
+/// A value derived from others and kept only to save work: it takes no part in equality (a
+/// reloaded store that has not needed it yet equals the one that computed it).
+#[derive(Debug, Clone, Default)]
+pub struct Derived<T>(pub T);
+
+impl<T> PartialEq for Derived<T> {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
 }
 
 /// Fewest impostor scores a calibrated threshold is read from (below it, the fixed floor).
@@ -248,6 +346,7 @@ impl KeyStore {
             self.variants
         );
         self.keys.extend_from_slice(keys);
+        self.ceilings.push_edit(keys, self.space.dim);
         if let (Some((_, rows)), Some(r)) = (&mut self.relation, relation) {
             rows.extend_from_slice(r);
         }
@@ -260,10 +359,15 @@ impl KeyStore {
             &self.keys[a * row..(a + 1) * row],
             &self.keys[b * row..(b + 1) * row],
         );
+        // A pair counts only where each key would count as a match of the other.
+        let counts = |e: usize, v: usize, s: f32| self.ceilings.counts(e * self.variants + v, s);
         let mut best = f32::NEG_INFINITY;
-        for x in ka.chunks(self.space.dim) {
-            for y in kb.chunks(self.space.dim) {
-                best = best.max(x.iter().zip(y).map(|(p, q)| p * q).sum());
+        for (i, x) in ka.chunks(self.space.dim).enumerate() {
+            for (j, y) in kb.chunks(self.space.dim).enumerate() {
+                let s: f32 = x.iter().zip(y).map(|(p, q)| p * q).sum();
+                if counts(a, i, s) && counts(b, j, s) {
+                    best = best.max(s);
+                }
             }
         }
         best
@@ -336,7 +440,7 @@ impl KeyStore {
         for (pos, row) in sims.chunks(n_keys).enumerate() {
             for (k, &s) in row.iter().enumerate() {
                 let e = k / self.variants;
-                if s > best[e].0 {
+                if s > best[e].0 && self.ceilings.counts(k, s) {
                     best[e] = (s, pos);
                 }
             }
@@ -388,6 +492,7 @@ impl KeyStore {
             entry,
             score: scores[entry],
             position: at[entry].1,
+            relation: use_relation.then(|| relation_sim(entry)),
         })
     }
 }
@@ -416,20 +521,47 @@ impl Elder {
         }
     }
 
+    /// Whether [`Elder::ensure_key_store`] has work to do: no key store yet, or key ceilings
+    /// without the background keys (a store reloaded from a state).
+    pub fn key_store_needs_background(&self) -> bool {
+        self.cfg.deferral == Deferral::KeyStore
+            && match &self.key_store {
+                None => true,
+                Some(s) => s.ceilings.is_on() && s.ceilings.background.0.is_empty(),
+            }
+    }
+
     /// Creates the key store (`deferral = "key_store"`, once): its spaces are centred on the
-    /// inputs of `background` (the shipped background sentences, tokenized).
+    /// inputs of `background` (the shipped background sentences, tokenized). With key ceilings
+    /// the background rows are also kept as keys (recomputed here for a reloaded store).
     pub fn ensure_key_store(&mut self, model: &Model, background: &[Vec<u32>]) -> Result<()> {
-        if self.cfg.deferral != Deferral::KeyStore || self.key_store.is_some() {
+        if !self.key_store_needs_background() {
             return Ok(());
         }
         let cfg = &self.cfg;
         let sites = self.key_sites();
         let inputs = capture_inputs(model, background, &sites);
+        let background_keys = |space: &KeySpace| -> Vec<f32> {
+            inputs
+                .iter()
+                .flat_map(|m| {
+                    m[&sites[0]]
+                        .chunks(space.width)
+                        .enumerate()
+                        .flat_map(|(pos, row)| space.embed(row, pos))
+                        .collect::<Vec<_>>()
+                })
+                .collect()
+        };
+        if let Some(store) = &mut self.key_store {
+            store.ceilings.background = Derived(background_keys(&store.space));
+            return Ok(());
+        }
         let space = |site: Site, key_dim: usize, centred: bool| -> Result<KeySpace> {
             let (width, _) = site_dims(&model.cfg, site.proj)
                 .with_context(|| format!("{:?} does not exist in this model", site.proj))?;
             let rows: Vec<Vec<f32>> = inputs.iter().map(|m| m[&site].clone()).collect();
-            let bg = Background::from_rows(&rows, width);
+            let bg = Background::from_rows(&rows, width, cfg.key_position_means);
             Ok(KeySpace::new(site, width, centred, bg, key_dim, cfg.seed))
         };
         let centred = !matches!(cfg.key, KeyKind::LastToken | KeyKind::PromptMean);
@@ -438,6 +570,14 @@ impl Elder {
             Some(&s) => Some((space(s, 0, true)?, Vec::new())),
             None => None,
         };
+        let ceilings = match cfg.key_ceiling_margin {
+            Some(margin) => KeyCeilings {
+                margin: Some(margin),
+                background: Derived(background_keys(&key_space)),
+                ..Default::default()
+            },
+            None => KeyCeilings::off(),
+        };
         self.key_store = Some(KeyStore {
             kind: cfg.key,
             variants: KeyStore::variants_for(cfg),
@@ -445,7 +585,29 @@ impl Elder {
             keys: Vec::new(),
             relation,
             impostor: Vec::new(),
+            ceilings,
         });
+        Ok(())
+    }
+
+    /// Rebuilds the key store from the memory of applied edits under the current config (the
+    /// key options may have changed since the state was written). The experts do not depend on
+    /// the keys, so this is what a stream run with these key options would have stored.
+    pub fn rebuild_key_store(
+        &mut self,
+        model: &Model,
+        tokenizer: &crate::model::tokenizer::Tokenizer,
+        background: &[Vec<u32>],
+    ) -> Result<()> {
+        self.key_store = None;
+        self.ensure_key_store(model, background)?;
+        let texts = self
+            .memory
+            .iter()
+            .map(|e| super::plan::key_texts(&self.cfg, tokenizer, e))
+            .collect::<Result<Vec<_>>>()?;
+        self.add_keys(model, texts.iter().map(Vec::as_slice))?;
+        self.refresh_scope_calibration();
         Ok(())
     }
 
@@ -509,6 +671,7 @@ mod tests {
         };
         let bg = Background {
             first: vec![10.0; width],
+            leading: Vec::new(),
             rest: vec![1.0; width],
         };
         KeySpace::new(site, width, true, bg, key_dim, 7)
@@ -527,6 +690,26 @@ mod tests {
         assert!((v.iter().map(|x| x * x).sum::<f32>() - 1.0).abs() < 1e-5);
     }
 
+    /// Leading positions get means of their own; with one position the means are the first states' (position 0, then the rest).
+    #[test]
+    fn background_means_by_position() {
+        // Two texts of width 2: rows are (pos, text) so every mean is easy to read.
+        let texts = vec![
+            vec![0.0, 0.0, 1.0, 10.0, 2.0, 20.0, 3.0, 30.0],
+            vec![0.0, 2.0, 1.0, 12.0, 2.0, 22.0],
+        ];
+        let one = Background::from_rows(&texts, 2, 1);
+        assert_eq!(one.first, vec![0.0, 1.0]);
+        assert!(one.leading.is_empty());
+        assert_eq!(one.rest, vec![1.8, 18.8]);
+        let three = Background::from_rows(&texts, 2, 3);
+        assert_eq!(three.leading, vec![vec![1.0, 11.0], vec![2.0, 21.0]]);
+        assert_eq!(three.rest, vec![3.0, 30.0]);
+        assert_eq!(three.centre(0), &[0.0, 1.0]);
+        assert_eq!(three.centre(2), &[2.0, 21.0]);
+        assert_eq!(three.centre(9), &[3.0, 30.0]);
+    }
+
     #[test]
     fn the_best_position_and_variant_decide_and_the_relation_breaks_ties() {
         let s = space(3, 0);
@@ -538,6 +721,7 @@ mod tests {
             keys: Vec::new(),
             relation: Some((rel.clone(), Vec::new())),
             impostor: Vec::new(),
+            ceilings: KeyCeilings::off(),
         };
         // Edit 0: key along x (variant 2 along y); edit 1: along x too (same subject), other relation.
         store.push(&[1.0, 0.0, 0.0, 0.0, 1.0, 0.0], Some(&[1.0, 0.0, 0.0]));
@@ -571,6 +755,50 @@ mod tests {
         assert_eq!(empty.best_match(&[1.0, 0.0, 0.0], None, 0.05), None);
     }
 
+    /// A key counts only where it beats its ceiling (its best match on background text) by the
+    /// margin: a hub key still matches its own text, not a weaker look-alike; impostor pairs
+    /// follow the same rule.
+    #[test]
+    fn keys_count_only_above_their_ceiling() {
+        let mut store = KeyStore {
+            kind: KeyKind::Subject,
+            variants: 1,
+            space: space(2, 0),
+            keys: Vec::new(),
+            relation: None,
+            impostor: Vec::new(),
+            ceilings: KeyCeilings {
+                margin: Some(0.1),
+                // One background row, along x.
+                background: Derived(vec![1.0, 0.0]),
+                ..Default::default()
+            },
+        };
+        let unit = |a: f32| [a.to_radians().cos(), a.to_radians().sin()];
+        // Edit 0 near the background (ceiling cos 30 = 0.866), edit 1 far from it (cos 80).
+        store.push(&unit(30.0), None);
+        store.push(&unit(80.0), None);
+        let c = &store.ceilings.of_keys;
+        assert!(
+            (c[0] - 0.866).abs() < 1e-3 && (c[1] - 0.174).abs() < 1e-3,
+            "{c:?}"
+        );
+        // Its own text: both count. At 20 degrees (cos 0.94 < 0.866 + 0.1) edit 0 does not.
+        let own = store.scores(&unit(30.0));
+        assert!((own[0] - 1.0).abs() < 1e-6);
+        let near = store.scores(&[unit(50.0), unit(60.0)].concat());
+        assert_eq!(near[0], f32::NEG_INFINITY);
+        assert!((near[1] - 20f32.to_radians().cos()).abs() < 1e-6);
+        // The pair (cos 50 = 0.64) is below edit 0's bar: no impostor score for either.
+        store.update_impostors(|a, b| a == b);
+        assert_eq!(store.impostor, vec![f32::NEG_INFINITY; 2]);
+        let off = KeyStore {
+            ceilings: KeyCeilings::off(),
+            ..store.clone()
+        };
+        assert!((off.scores(&unit(50.0))[0] - 20f32.to_radians().cos()).abs() < 1e-6);
+    }
+
     #[test]
     fn impostor_scores_skip_the_same_subject_and_set_the_calibrated_threshold() {
         let mut store = KeyStore {
@@ -580,6 +808,7 @@ mod tests {
             keys: Vec::new(),
             relation: None,
             impostor: Vec::new(),
+            ceilings: KeyCeilings::off(),
         };
         let unit = |a: f32| [a.cos(), a.sin()];
         // Edits 0 and 1 share a subject (identical keys); edit 2 is another subject at 60 degrees.

@@ -7,7 +7,7 @@ use crate::model::ModelConfig;
 
 use super::codebook::Codebook;
 use super::config::{AllocationMode, ElderConfig, KeyKind};
-use super::keystore::{Background, KeySpace, KeyStore};
+use super::keystore::{Background, KeyCeilings, KeySpace, KeyStore};
 use super::memory;
 use super::molora::Elder;
 use super::state::{EditState, NamedTensor};
@@ -17,6 +17,7 @@ const QUERY_MEAN: &str = "query_mean";
 /// Names of the key store's tensors.
 const KEYS: &str = "keys.keys";
 const RELATION_KEYS: &str = "keys.relation";
+const KEY_CEILINGS: &str = "keys.ceiling";
 const KEY_BACKGROUND: &str = "keys.background";
 const RELATION_BACKGROUND: &str = "keys.relation_background";
 
@@ -43,6 +44,14 @@ fn background_tensors(prefix: &str, bg: &Background, out: &mut Vec<NamedTensor>)
         vec![bg.rest.len()],
         &bg.rest,
     ));
+    // Only with `key_position_means > 1`: states without it keep their bytes.
+    if !bg.leading.is_empty() {
+        out.push(tensor(
+            &format!("{prefix}.leading"),
+            vec![bg.leading.len(), bg.rest.len()],
+            &bg.leading.concat(),
+        ));
+    }
 }
 
 fn read_background(state: &EditState, prefix: &str) -> Result<Option<Background>> {
@@ -53,7 +62,22 @@ fn read_background(state: &EditState, prefix: &str) -> Result<Option<Background>
     };
     match (get("first"), get("rest")) {
         (Some(first), Some(rest)) if first.len() == rest.len() => {
-            Ok(Some(Background { first, rest }))
+            let leading = match get("leading") {
+                Some(rows) if rows.len() % rest.len().max(1) == 0 => rows
+                    .chunks(rest.len().max(1))
+                    .map(<[f32]>::to_vec)
+                    .collect(),
+                Some(_) => bail!(
+                    "edit state {}: {prefix}.leading is not a whole number of rows",
+                    state.dir().display()
+                ),
+                None => Vec::new(),
+            };
+            Ok(Some(Background {
+                first,
+                leading,
+                rest,
+            }))
         }
         (None, None) => Ok(None),
         _ => bail!(
@@ -84,6 +108,13 @@ impl Elder {
                     KEYS,
                     vec![n, store.variants, store.space.dim],
                     &store.keys,
+                ));
+            }
+            if n > 0 && store.ceilings.is_on() {
+                out.push(tensor(
+                    KEY_CEILINGS,
+                    vec![n, store.variants],
+                    &store.ceilings.of_keys,
                 ));
             }
             if let Some((space, rows)) = &store.relation {
@@ -205,6 +236,21 @@ fn read_key_store(cfg: &ElderConfig, state: &EditState) -> Result<Option<KeyStor
         }
         None => None,
     };
+    let mut ceilings = KeyCeilings::off();
+    if let Some(margin) = cfg.key_ceiling_margin {
+        ceilings.margin = Some(margin);
+        ceilings.of_keys = state
+            .tensor(KEY_CEILINGS)
+            .map(|t| t.data.clone())
+            .unwrap_or_default();
+        ensure!(
+            ceilings.of_keys.len() * space.dim == keys.len(),
+            "edit state {}: {} keys but {} key ceilings",
+            state.dir().display(),
+            keys.len() / space.dim.max(1),
+            ceilings.of_keys.len()
+        );
+    }
     let store = KeyStore {
         kind: cfg.key,
         variants,
@@ -212,6 +258,7 @@ fn read_key_store(cfg: &ElderConfig, state: &EditState) -> Result<Option<KeyStor
         keys,
         relation,
         impostor: Vec::new(),
+        ceilings,
     };
     if let Some((space, rows)) = &store.relation {
         ensure!(

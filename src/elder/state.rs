@@ -365,10 +365,13 @@ fn serialize_tensors(tensors: &[NamedTensor], generation: u64) -> Result<Vec<u8>
             .with_context(|| format!("tensor {name:?} with shape {shape:?}"))?;
         views.push((*name, view));
     }
-    let metadata = HashMap::from([
-        ("format".to_string(), "elder-edit-state".to_string()),
-        ("generation".to_string(), generation.to_string()),
-    ]);
+    // One metadata entry only: safetensors writes its metadata map in HashMap order, which
+    // changes from run to run, and a state must be byte-identical for identical edits (its
+    // sha256 sits in the manifest). The generation travels inside the one value.
+    let metadata = HashMap::from([(
+        "format".to_string(),
+        format!("elder-edit-state generation {generation}"),
+    )]);
     safetensors::tensor::serialize(views, Some(metadata)).context("serialising expert tensors")
 }
 
@@ -554,6 +557,20 @@ mod tests {
 
     fn codebook(codes: &[u64]) -> Codebook {
         Codebook::from_words(24, codes.to_vec()).unwrap()
+    }
+
+    /// Identical tensors serialise to identical bytes, every time: each HashMap gets its own
+    /// random seed, so a metadata map of two or more entries would differ between some of these.
+    #[test]
+    fn expert_files_are_byte_deterministic() {
+        let tensors = [tensor("b", &[3], 2.0), tensor("a", &[2, 2], 1.0)];
+        let first = serialize_tensors(&tensors, 7).unwrap();
+        for _ in 0..16 {
+            assert_eq!(serialize_tensors(&tensors, 7).unwrap(), first);
+        }
+        let back = deserialize_tensors(&first).unwrap();
+        assert_eq!(back.len(), 2);
+        assert_ne!(serialize_tensors(&tensors, 8).unwrap(), first);
     }
 
     /// A crash after step 1 (new data files written, manifest not yet replaced) must leave the

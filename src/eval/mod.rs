@@ -47,6 +47,8 @@ pub struct Scored {
     pub similarity: Option<f32>,
     /// The id of the edit the key store matched (in scope or not).
     pub matched_edit: Option<String>,
+    /// The matched edit's relation-key similarity (key store with a relation check).
+    pub relation_similarity: Option<f32>,
 }
 
 /// Sequences scored per forward pass (by every backend, so their padding is the same).
@@ -98,10 +100,10 @@ pub fn score_pairs(
                 // An adapter that never reached its query site leaves these empty.
                 let scope = std::mem::take(&mut adapter.in_scope);
                 let dist = std::mem::take(&mut adapter.distances);
-                let sims: Vec<Option<(f32, String)>> = adapter
+                let sims: Vec<Option<(f32, String, Option<f32>)>> = adapter
                     .key_matches
                     .iter()
-                    .map(|m| m.map(|m| (m.score, e.memory[m.entry].id.clone())))
+                    .map(|m| m.map(|m| (m.score, e.memory[m.entry].id.clone(), m.relation)))
                     .collect();
                 let scope = if scope.len() == n {
                     scope
@@ -123,7 +125,10 @@ pub fn score_pairs(
         for ((((_, c), in_scope), distance), matched) in
             chunk.iter().zip(in_scope).zip(distances).zip(matches)
         {
-            let (similarity, matched_edit) = matched.unzip();
+            let (similarity, matched_edit, relation_similarity) = match matched {
+                Some((s, id, r)) => (Some(s), Some(id), r),
+                None => (None, None, None),
+            };
             let argmax = rows_iter
                 .by_ref()
                 .take(c.len())
@@ -135,6 +140,7 @@ pub fn score_pairs(
                 distance,
                 similarity,
                 matched_edit,
+                relation_similarity,
             });
         }
     }
@@ -286,6 +292,8 @@ pub struct ItemScore {
     /// The edit the key store matched.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub matched_edit: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub relation_similarity: Option<f32>,
     /// The edited model's argmax tokens (and the base model's, for locality).
     pub argmax: Vec<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -336,6 +344,7 @@ impl Evaluator {
             similarity: s.similarity,
             distance: s.distance,
             matched_edit: s.matched_edit.clone(),
+            relation_similarity: s.relation_similarity,
             argmax: s.argmax.clone(),
             base_argmax: None,
         };

@@ -125,6 +125,7 @@ where
                     // The GPU has the codebook only (ElderConfig::gpu_unsupported).
                     similarity: None,
                     matched_edit: None,
+                    relation_similarity: None,
                 });
             }
         }

@@ -1,0 +1,130 @@
+//! Diagnostic: why does a prompt match the edit it matches? For each prompt, the key store's best
+//! edits with the key variant and prompt position that scored, and the relation similarity.
+//!
+//! Usage: cargo run --release --example match_explain -- MODEL STATE "prompt" ["prompt" ...]
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use elder::elder::capture::capture_inputs;
+use elder::elder::plan::key_texts;
+use elder::session::{BaseModel, EditSession};
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    anyhow::ensure!(args.len() >= 3, "usage: MODEL STATE PROMPT...");
+    let base = BaseModel::open(Path::new(&args[0]))?;
+    let session = EditSession::open(&base, Path::new(&args[1]), None)?;
+    let elder = &session.elder;
+    let store = elder
+        .key_store
+        .as_ref()
+        .context("the state has no key store")?;
+    let model = base.model()?;
+    let sites = elder.key_sites();
+    println!("scope threshold {:.3}", elder.scope_threshold());
+    // Every background row as a unit key: how well a key matches generic text (its ceiling).
+    let background = base.background_prompts()?;
+    let bg_rows: Vec<Vec<f32>> = capture_inputs(model, &background, &sites[..1])
+        .iter()
+        .flat_map(|m| {
+            let x = &m[&sites[0]];
+            x.chunks(store.space.width)
+                .enumerate()
+                .map(|(pos, row)| store.space.embed(row, pos))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let ceiling = |key: &[f32]| -> f32 {
+        bg_rows
+            .iter()
+            .map(|r| r.iter().zip(key).map(|(a, b)| a * b).sum::<f32>())
+            .fold(f32::NEG_INFINITY, f32::max)
+    };
+    for prompt in &args[2..] {
+        let tokens = base.tokenizer.encode(prompt)?;
+        let input = &capture_inputs(model, std::slice::from_ref(&tokens), &sites)[0];
+        let w = store.space.width;
+        let q = store.query_keys(&input[&sites[0]]);
+        let dim = store.space.dim;
+        // Every (score, edit, variant, position), best first.
+        let mut hits = Vec::new();
+        for (pos, qk) in q.chunks(dim).enumerate() {
+            for (k, key) in store.keys.chunks(dim).enumerate() {
+                let s: f32 = qk.iter().zip(key).map(|(a, b)| a * b).sum();
+                hits.push((s, k / store.variants, k % store.variants, pos));
+            }
+        }
+        hits.sort_by(|a, b| b.0.total_cmp(&a.0));
+        let rel = sites.get(1).and_then(|site| {
+            let x = &input[site];
+            let rw = x.len() / tokens.len();
+            let last = tokens.len() - 1;
+            store.relation_key(&x[last * rw..], last)
+        });
+        let picked = store.best_match(&q, rel.as_deref(), elder.cfg.relation_margin);
+        println!("\n{prompt:?}  ({} tokens, key width {w})", tokens.len());
+        if let Some(m) = picked {
+            println!(
+                "  picked {} ({:?}) score {:.3} at position {}",
+                elder.memory[m.entry].id, elder.memory[m.entry].prompt, m.score, m.position
+            );
+        }
+        let mut seen = Vec::new();
+        for (s, e, v, pos) in hits {
+            if seen.contains(&e) {
+                continue;
+            }
+            seen.push(e);
+            let relation_sim = match (&store.relation, &rel) {
+                (Some((space, rows)), Some(r)) => rows[e * space.dim..(e + 1) * space.dim]
+                    .iter()
+                    .zip(r)
+                    .map(|(a, b)| a * b)
+                    .sum::<f32>(),
+                _ => f32::NAN,
+            };
+            let dim = store.space.dim;
+            let k = e * store.variants + v;
+            let c = ceiling(&store.keys[k * dim..(k + 1) * dim]);
+            let all: Vec<String> = (0..store.variants)
+                .map(|v| {
+                    let k = e * store.variants + v;
+                    format!("{:.3}", ceiling(&store.keys[k * dim..(k + 1) * dim]))
+                })
+                .collect();
+            println!(
+                "  {s:.3} (ceiling {c:.3}; variants {})  {} variant {v} at position {pos} ({:?})  relation {relation_sim:.3}  {:?}",
+                all.join(" "),
+                elder.memory[e].id,
+                base.tokenizer.decode(&tokens[pos..=pos])?,
+                elder.memory[e].prompt
+            );
+            if seen.len() <= 2 {
+                // Where this edit's keys were read: each key text with its key row marked.
+                for (i, text) in key_texts(&elder.cfg, &base.tokenizer, &elder.memory[e])?
+                    .iter()
+                    .enumerate()
+                {
+                    let pieces: Vec<String> = text
+                        .tokens
+                        .iter()
+                        .enumerate()
+                        .map(|(p, t)| {
+                            let s = base.tokenizer.decode(&[*t]).unwrap_or_default();
+                            if p == text.key_row {
+                                format!("[{s}]")
+                            } else {
+                                s
+                            }
+                        })
+                        .collect();
+                    println!("      key text {i}: {}", pieces.join("|"));
+                }
+            }
+            if seen.len() == 5 {
+                break;
+            }
+        }
+    }
+    Ok(())
+}
