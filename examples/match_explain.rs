@@ -22,24 +22,6 @@ fn main() -> Result<()> {
     let model = base.model()?;
     let sites = elder.key_sites();
     println!("scope threshold {:.3}", elder.scope_threshold());
-    // Every background row as a unit key: how well a key matches generic text (its ceiling).
-    let background = base.background_prompts()?;
-    let bg_rows: Vec<Vec<f32>> = capture_inputs(model, &background, &sites[..1])
-        .iter()
-        .flat_map(|m| {
-            let x = &m[&sites[0]];
-            x.chunks(store.space.width)
-                .enumerate()
-                .map(|(pos, row)| store.space.embed(row, pos))
-                .collect::<Vec<_>>()
-        })
-        .collect();
-    let ceiling = |key: &[f32]| -> f32 {
-        bg_rows
-            .iter()
-            .map(|r| r.iter().zip(key).map(|(a, b)| a * b).sum::<f32>())
-            .fold(f32::NEG_INFINITY, f32::max)
-    };
     for prompt in &args[2..] {
         let tokens = base.tokenizer.encode(prompt)?;
         let input = &capture_inputs(model, std::slice::from_ref(&tokens), &sites)[0];
@@ -83,17 +65,17 @@ fn main() -> Result<()> {
                     .sum::<f32>(),
                 _ => f32::NAN,
             };
-            let dim = store.space.dim;
-            let k = e * store.variants + v;
-            let c = ceiling(&store.keys[k * dim..(k + 1) * dim]);
+            // The engine's own ceilings (best similarity to background text), when it keeps them.
+            let ceiling = |k: usize| match store.ceilings.of_keys.get(k) {
+                Some(c) => format!("{c:.3}"),
+                None => "off".to_string(),
+            };
+            let c = ceiling(e * store.variants + v);
             let all: Vec<String> = (0..store.variants)
-                .map(|v| {
-                    let k = e * store.variants + v;
-                    format!("{:.3}", ceiling(&store.keys[k * dim..(k + 1) * dim]))
-                })
+                .map(|v| ceiling(e * store.variants + v))
                 .collect();
             println!(
-                "  {s:.3} (ceiling {c:.3}; variants {})  {} variant {v} at position {pos} ({:?})  relation {relation_sim:.3}  {:?}",
+                "  {s:.3} (ceiling {c}; variants {})  {} variant {v} at position {pos} ({:?})  relation {relation_sim:.3}  {:?}",
                 all.join(" "),
                 elder.memory[e].id,
                 base.tokenizer.decode(&tokens[pos..=pos])?,

@@ -162,6 +162,8 @@ struct Mean {
     in_scope: f64,
     distance: f64,
     similarity: f64,
+    /// Items with a key similarity: with key ceilings a prompt can match no key at all.
+    with_similarity: usize,
     n: usize,
 }
 
@@ -169,7 +171,10 @@ impl Mean {
     fn add(&mut self, accuracy: f64, s: &Scored) {
         let in_scope = s.in_scope;
         self.distance += s.distance.map_or(f64::NAN, f64::from);
-        self.similarity += s.similarity.map_or(f64::NAN, f64::from);
+        if let Some(sim) = s.similarity {
+            self.similarity += f64::from(sim);
+            self.with_similarity += 1;
+        }
         self.sum += accuracy;
         self.exact += (accuracy == 1.0) as u8 as f64;
         self.in_scope += in_scope as u8 as f64;
@@ -197,10 +202,10 @@ impl Mean {
         }
     }
     fn similarity(&self) -> f64 {
-        if self.n == 0 {
+        if self.with_similarity == 0 {
             f64::NAN
         } else {
-            self.similarity / self.n as f64
+            self.similarity / self.with_similarity as f64
         }
     }
     fn kind(&self) -> KindMetrics {
@@ -243,7 +248,8 @@ pub struct Metrics {
     pub mean_distance_edits: f64,
     pub mean_distance_rephrases: f64,
     pub mean_distance_locality: f64,
-    /// Mean best key similarity (the key store's diagnostic for its threshold).
+    /// Mean best key similarity over the prompts some key matched (the key store's diagnostic for
+    /// its threshold).
     pub mean_similarity_edits: f64,
     pub mean_similarity_rephrases: f64,
     pub mean_similarity_locality: f64,
