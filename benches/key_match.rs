@@ -1,16 +1,16 @@
 //! What the default preset adds to inference: matching a prompt's keys against the key store
 //! (every position's key, centred and normalised, against every stored key variant, then the
-//! relation tie-break), next to the forward of the same prompt it is part of. The budget
-//! is under 5% of a forward.
+//! relation tie-break on the context relation key), next to the forward of the same prompt it
+//! is part of. The budget is under 5% of a forward.
 //!
 //! The store holds random unit keys (the cost depends only on the shapes): 1000 and 10000 edits,
 //! three key variants each, width 576 (SmolLM2's hidden size; the key site is block 2's
-//! `up_proj` input). The forward is SmolLM2-135M when models/smollm2-135m exists, else the
+//! `up_proj` input); relation keys of width 1536 (block 21's `down_proj` input). The forward is SmolLM2-135M when models/smollm2-135m exists, else the
 //! `gpt2` preset with random weights, on a 12-token prompt (the datasets' prompts are 6-16 tokens).
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
-use elder::elder::config::KeyKind;
-use elder::elder::keystore::{Background, KeyCeilings, KeySpace, KeyStore};
+use elder::elder::config::{KeyKind, RelationKey};
+use elder::elder::keystore::{Background, KeyCeilings, KeySpace, KeyStore, RelationKeys};
 use elder::model::layers::{MlpProj, Site};
 use elder::model::loader::{build_model, load_model_dir, RandomSource};
 use elder::model::presets::preset;
@@ -19,6 +19,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 const WIDTH: usize = 576;
+const RELATION_WIDTH: usize = 1536;
 const PROMPT: usize = 12;
 const VARIANTS: usize = 3;
 
@@ -34,24 +35,26 @@ fn unit_rows(rng: &mut ChaCha8Rng, rows: usize, width: usize) -> Vec<f32> {
 }
 
 fn store(edits: usize, rng: &mut ChaCha8Rng) -> KeyStore {
-    let space = |block| {
+    let space = |block, proj, width| {
         let background = Background {
-            first: vec![0.01; WIDTH],
+            first: vec![0.01; width],
             leading: Vec::new(),
-            rest: vec![0.02; WIDTH],
+            rest: vec![0.02; width],
         };
-        let site = Site {
-            block,
-            proj: MlpProj::UpProj,
-        };
-        KeySpace::new(site, WIDTH, true, background, 0, 0)
+        KeySpace::new(Site { block, proj }, width, true, background, 0, 0)
     };
+    let mut relation = RelationKeys::new(
+        RelationKey::Context,
+        space(21, MlpProj::DownProj, RELATION_WIDTH),
+    );
+    relation.rows = unit_rows(rng, edits, RELATION_WIDTH);
+    relation.subject_tokens = vec![2; edits];
     KeyStore {
         kind: KeyKind::Subject,
         variants: VARIANTS,
-        space: space(2),
+        space: space(2, MlpProj::UpProj, WIDTH),
         keys: unit_rows(rng, edits * VARIANTS, WIDTH),
-        relation: Some((space(21), unit_rows(rng, edits, WIDTH))),
+        relation: Some(relation),
         impostor: Vec::new(),
         ceilings: KeyCeilings::off(),
     }
@@ -77,18 +80,16 @@ fn bench_inference_overhead(c: &mut Criterion) {
         b.iter(|| model.logits(std::slice::from_ref(&ids), &mut NoAdapter))
     });
     let mut rng = ChaCha8Rng::seed_from_u64(7);
-    let rows: Vec<f32> = (0..PROMPT * WIDTH)
-        .map(|_| rng.gen_range(-2.0..2.0))
-        .collect();
+    let mut random_rows = |width: usize| -> Vec<f32> {
+        (0..PROMPT * width)
+            .map(|_| rng.gen_range(-2.0..2.0))
+            .collect()
+    };
+    let (rows, relation_rows) = (random_rows(WIDTH), random_rows(RELATION_WIDTH));
     for edits in [1000usize, 10000] {
         let store = store(edits, &mut rng);
-        let last = &rows[(PROMPT - 1) * WIDTH..];
         group.bench_function(BenchmarkId::new("key_match_12_tokens", edits), |b| {
-            b.iter(|| {
-                let q = store.query_keys(&rows);
-                let rel = store.relation_key(last, PROMPT - 1);
-                store.best_match(&q, rel.as_deref(), 0.05)
-            })
+            b.iter(|| store.match_prompt(&rows, Some(&relation_rows), 0.05))
         });
     }
     group.finish();

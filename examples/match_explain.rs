@@ -37,13 +37,16 @@ fn main() -> Result<()> {
             }
         }
         hits.sort_by(|a, b| b.0.total_cmp(&a.0));
-        let rel = sites.get(1).and_then(|site| {
-            let x = &input[site];
-            let rw = x.len() / tokens.len();
-            let last = tokens.len() - 1;
-            store.relation_key(&x[last * rw..], last)
-        });
-        let picked = store.best_match(&q, rel.as_deref(), elder.cfg.relation_margin);
+        let relation_rows = sites.get(1).map(|site| input[site].as_slice());
+        let picked =
+            store.match_prompt(&input[&sites[0]], relation_rows, elder.cfg.relation_margin);
+        // The prompt's relation key as the engine read it (around the picked edit's subject).
+        let rel = match (&store.relation, relation_rows, picked) {
+            (Some(keys), Some(rows), Some(m)) => {
+                Some(keys.key(rows, keys.query_subject(m.entry, m.position)))
+            }
+            _ => None,
+        };
         println!("\n{prompt:?}  ({} tokens, key width {w})", tokens.len());
         if let Some(m) = picked {
             println!(
@@ -58,11 +61,7 @@ fn main() -> Result<()> {
             }
             seen.push(e);
             let relation_sim = match (&store.relation, &rel) {
-                (Some((space, rows)), Some(r)) => rows[e * space.dim..(e + 1) * space.dim]
-                    .iter()
-                    .zip(r)
-                    .map(|(a, b)| a * b)
-                    .sum::<f32>(),
+                (Some(keys), Some(r)) => keys.similarity(e, r),
                 _ => f32::NAN,
             };
             // The engine's own ceilings (best similarity to background text), when it keeps them.

@@ -204,7 +204,7 @@ enum Command {
         scope_quantile: Option<f32>,
         /// Rebuild the key store with a key option changed, NAME=VALUE (repeatable; nothing
         /// is written): key, key_ceiling_margin, key_block, key_proj, key_variants, key_dim, key_position_means,
-        /// relation_check, relation_block, relation_proj, relation_margin. The experts do not
+        /// relation_check, relation_key, relation_block, relation_proj, relation_margin. The experts do not
         /// depend on the keys, so this scores what a stream with these options would have given.
         #[arg(long, value_name = "NAME=VALUE")]
         rekey: Vec<String>,
@@ -724,7 +724,7 @@ fn applied_records(session: &EditSession, records: &[EditRecord]) -> Result<Vec<
 }
 
 /// Key options `--rekey` may change: they decide only which keys the key store keeps.
-const REKEY_OPTIONS: [&str; 11] = [
+const REKEY_OPTIONS: [&str; 12] = [
     "key",
     "key_ceiling_margin",
     "key_block",
@@ -733,6 +733,7 @@ const REKEY_OPTIONS: [&str; 11] = [
     "key_dim",
     "key_position_means",
     "relation_check",
+    "relation_key",
     "relation_block",
     "relation_proj",
     "relation_margin",

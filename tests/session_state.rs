@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use elder::data::{read_edits, DataFormat, EditRecord};
-use elder::elder::config::{ElderConfig, Preset};
+use elder::elder::config::{ElderConfig, Preset, RelationKey};
 use elder::model::checkpoint::StoreDtype;
 use elder::model::presets::write_random_checkpoint;
 use elder::model::Arch;
@@ -231,6 +231,7 @@ fn key_store_rebuilds_from_memory() {
         key_position_means: 3,
         key_ceiling_margin: Some(0.1),
         relation_margin: 0.2,
+        relation_key: RelationKey::LastToken,
         ..default_config(&base)
     };
     let mut other = s.elder.clone();
@@ -246,6 +247,13 @@ fn key_store_rebuilds_from_memory() {
         stored.keys.len() / stored.space.dim
     );
     assert_ne!(rebuilt.keys, stored.keys);
+    let (rebuilt_relation, stored_relation) = (
+        rebuilt.relation.as_ref().unwrap(),
+        stored.relation.as_ref().unwrap(),
+    );
+    assert_eq!(rebuilt_relation.kind, RelationKey::LastToken);
+    assert_eq!(stored_relation.kind, RelationKey::Context);
+    assert_ne!(rebuilt_relation.rows, stored_relation.rows);
     let mut fresh = EditSession::open(&base, &tmp.path().join("f"), Some(other_cfg)).unwrap();
     apply_stream(&base, &mut fresh, &records(5), false, None).unwrap();
     assert!(

@@ -91,6 +91,21 @@ pub enum KeyKind {
     Subject,
 }
 
+/// Which rows of a prompt make the relation key of the key store's tie-break (several edits can
+/// share a subject; the relation key tells which of them a prompt asks about).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RelationKey {
+    /// The last prompt token (the first key store's): it encodes the template's ending, so "What
+    /// is the symbol for Sulfur? The answer is" picked "Is Sulfur radioactive? The answer is".
+    LastToken,
+    /// The mean of the prompt's rows outside its subject (and position 0, the attention sink):
+    /// the words that ask the question, without the subject every candidate shares. A query's
+    /// subject rows are where its best subject key matched, as many as the matched edit's subject
+    /// has tokens.
+    Context,
+}
+
 /// Which rows of an in-scope sequence the MoLoRA layers change.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -193,9 +208,10 @@ pub struct ElderConfig {
     /// Only edit keys take part, so no evaluation prompt ever sets it.
     pub scope_quantile: f32,
     /// Among edits whose key similarity is within `relation_margin` of the best, pick the one
-    /// whose relation key (the last prompt token at `relation_block`'s `relation_proj` input)
+    /// whose relation key (`relation_key`, read at `relation_block`'s `relation_proj` input)
     /// is most similar: several edits can share a subject.
     pub relation_check: bool,
+    pub relation_key: RelationKey,
     pub relation_block: usize,
     pub relation_proj: MlpProj,
     pub relation_margin: f32,
@@ -265,6 +281,7 @@ impl Default for ElderConfig {
             scope_threshold: 0.8,
             scope_quantile: 0.0,
             relation_check: false,
+            relation_key: RelationKey::LastToken,
             relation_block: 35,
             relation_proj: MlpProj::CFc,
             relation_margin: 0.05,
@@ -324,6 +341,13 @@ impl ElderConfig {
             Arch::Gpt2 => MlpProj::CFc,
             Arch::Llama => MlpProj::UpProj,
         };
+        // The MLP's hidden activation (the down projection's input): the relation context read
+        // there told a rephrasing's own relation from its subject's other edits best
+        // (tools/relation_geometry.py, BENCHMARKS.md).
+        let mlp_hidden = match cfg.arch {
+            Arch::Gpt2 => MlpProj::CProj,
+            Arch::Llama => MlpProj::DownProj,
+        };
         let first = paper.molora_blocks[0];
         ElderConfig {
             preset: Preset::Default,
@@ -345,8 +369,9 @@ impl ElderConfig {
             scope_threshold: 0.8,
             scope_quantile: 0.9,
             relation_check: true,
+            relation_key: RelationKey::Context,
             relation_block: first - 1,
-            relation_proj: hidden_proj,
+            relation_proj: mlp_hidden,
             relation_margin: 0.05,
             inference_allocation: InferenceAllocation::Stored,
             augment_prefixes: 1,
@@ -693,6 +718,24 @@ mod tests {
             bos_token_id: None,
             eos_token_id: None,
         }
+    }
+
+    /// A state written before `relation_key` existed keeps the last-token relation keys it was
+    /// built with; the default preset reads the context around the subject.
+    #[test]
+    fn configs_without_a_relation_key_keep_last_token_keys() {
+        let model = cfg(Arch::Llama, 30);
+        let default = ElderConfig::preset(Preset::Default, &model);
+        assert_eq!(default.relation_key, RelationKey::Context);
+        assert_eq!(default.relation_proj, MlpProj::DownProj);
+        let mut old = serde_json::to_value(&default).unwrap();
+        old.as_object_mut().unwrap().remove("relation_key");
+        let old: ElderConfig = serde_json::from_value(old).unwrap();
+        assert_eq!(old.relation_key, RelationKey::LastToken);
+        assert_eq!(
+            ElderConfig::preset(Preset::Paper, &model).relation_key,
+            RelationKey::LastToken
+        );
     }
 
     #[test]

@@ -15,8 +15,11 @@
 //!   that a prompt whose subject is tokenized another way (a leading space or not) finds it.
 //! - A prompt is matched at every position (subject keys) or by its one pooled key; an edit's
 //!   score is its best key's best similarity. With a relation check, the edits within
-//!   `relation_margin` of the best score are told apart by a second key, the last prompt token
-//!   at `relation_block` (several edits can be about one subject); ties go to the newest edit.
+//!   `relation_margin` of the best score are told apart by a second key read at
+//!   `relation_block` (several edits can be about one subject): the last prompt token, or the
+//!   mean of the prompt's rows outside its subject (`relation_key`); ties go to the newest edit.
+
+use std::ops::Range;
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -29,7 +32,7 @@ use crate::model::names::site_dims;
 use crate::model::Model;
 
 use super::capture::capture_inputs;
-use super::config::{Deferral, ElderConfig, KeyKind};
+use super::config::{Deferral, ElderConfig, KeyKind, RelationKey};
 use super::molora::Elder;
 use super::plan::KeyText;
 
@@ -195,6 +198,81 @@ pub fn pooled_key(space: &KeySpace, kind: KeyKind, rows: &[f32]) -> Vec<f32> {
     }
 }
 
+/// The relation keys of the edits (with `relation_check`): which of several edits about one
+/// subject a prompt asks about.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RelationKeys {
+    pub kind: RelationKey,
+    pub space: KeySpace,
+    /// `[entries, dim]` unit rows.
+    pub rows: Vec<f32>,
+    /// Each edit's subject length in tokens (`context` keys: how many rows before a query's
+    /// matched subject position are its subject too).
+    pub subject_tokens: Vec<u32>,
+}
+
+impl RelationKeys {
+    pub fn new(kind: RelationKey, space: KeySpace) -> Self {
+        RelationKeys {
+            kind,
+            space,
+            rows: Vec::new(),
+            subject_tokens: Vec::new(),
+        }
+    }
+
+    /// The relation key of a text from its rows at the relation site `[len, width]`, its subject
+    /// at `subject` (empty: none).
+    pub fn key(&self, rows: &[f32], subject: Range<usize>) -> Vec<f32> {
+        let w = self.space.width;
+        let len = rows.len() / w;
+        let last = len - 1;
+        match self.kind {
+            RelationKey::LastToken => self.space.embed(&rows[last * w..], last),
+            RelationKey::Context => {
+                // Position 0 is the attention sink, shared by every text; with nothing else left
+                // (a bare subject), the last row stands in.
+                let kept: Vec<usize> = (1..len).filter(|p| !subject.contains(p)).collect();
+                if kept.is_empty() {
+                    return self.space.embed(&rows[last * w..], last);
+                }
+                let mut mean = vec![0.0f32; w];
+                for &p in &kept {
+                    for (m, v) in mean.iter_mut().zip(&rows[p * w..(p + 1) * w]) {
+                        *m += v;
+                    }
+                }
+                let n = kept.len() as f32;
+                mean.iter_mut().for_each(|m| *m /= n);
+                // A mean of later rows is centred like them.
+                self.space.embed(&mean, 1)
+            }
+        }
+    }
+
+    /// The subject rows of a query whose subject key of `entry` matched at `position`: as many
+    /// rows, ending there, as that edit's subject has tokens.
+    pub fn query_subject(&self, entry: usize, position: usize) -> Range<usize> {
+        let n = self.subject_tokens.get(entry).copied().unwrap_or(1).max(1) as usize;
+        (position + 1).saturating_sub(n)..position + 1
+    }
+
+    fn push(&mut self, key: &[f32], subject_tokens: usize) {
+        self.rows.extend_from_slice(key);
+        self.subject_tokens.push(subject_tokens as u32);
+    }
+
+    /// Edit `entry`'s relation similarity to a query's relation key.
+    pub fn similarity(&self, entry: usize, query: &[f32]) -> f32 {
+        let d = self.space.dim;
+        self.rows[entry * d..(entry + 1) * d]
+            .iter()
+            .zip(query)
+            .map(|(a, b)| a * b)
+            .sum()
+    }
+}
+
 /// The best edit for one prompt.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct KeyMatch {
@@ -216,8 +294,8 @@ pub struct KeyStore {
     pub space: KeySpace,
     /// `[entries * variants, dim]` unit rows.
     pub keys: Vec<f32>,
-    /// The relation key's space and `[entries, dim]` unit rows (with `relation_check`).
-    pub relation: Option<(KeySpace, Vec<f32>)>,
+    /// The relation keys (with `relation_check`).
+    pub relation: Option<RelationKeys>,
     /// Each edit's impostor score: its best key similarity to an edit of another subject
     /// (`-inf` while there is none). Derived from the keys and the subjects, never stored;
     /// see [`KeyStore::update_impostors`].
@@ -332,13 +410,9 @@ impl KeyStore {
         }
     }
 
-    /// The relation key of a prompt from its last row at the relation site.
-    pub fn relation_key(&self, last_row: &[f32], pos: usize) -> Option<Vec<f32>> {
-        self.relation.as_ref().map(|(s, _)| s.embed(last_row, pos))
-    }
-
-    /// Appends one edit's keys (`variants` unit rows of `dim`) and its relation key.
-    pub fn push(&mut self, keys: &[f32], relation: Option<&[f32]>) {
+    /// Appends one edit's keys (`variants` unit rows of `dim`) and its relation key with its
+    /// subject's length in tokens.
+    pub fn push(&mut self, keys: &[f32], relation: Option<(&[f32], usize)>) {
         assert_eq!(
             keys.len(),
             self.variants * self.space.dim,
@@ -347,8 +421,8 @@ impl KeyStore {
         );
         self.keys.extend_from_slice(keys);
         self.ceilings.push_edit(keys, self.space.dim);
-        if let (Some((_, rows)), Some(r)) = (&mut self.relation, relation) {
-            rows.extend_from_slice(r);
+        if let (Some(keys), Some((key, subject_tokens))) = (&mut self.relation, relation) {
+            keys.push(key, subject_tokens);
         }
     }
 
@@ -448,41 +522,37 @@ impl KeyStore {
         best
     }
 
-    /// The edit a prompt is most likely about (`None` with an empty store). With a relation key,
-    /// the edits within `margin` of the best score are compared by relation similarity.
+    /// The edit a prompt is most likely about (`None` with an empty store). With relation keys,
+    /// the edits within `margin` of the best score are compared by relation similarity to the
+    /// prompt's relation key, which `relation(entry, position)` reads given the best-scoring
+    /// edit and the prompt position its key matched (`None`: no relation check).
     pub fn best_match(
         &self,
         query: &[f32],
-        relation: Option<&[f32]>,
+        relation: impl FnOnce(&RelationKeys, usize, usize) -> Option<Vec<f32>>,
         margin: f32,
     ) -> Option<KeyMatch> {
         let at = self.scores_at(query);
         let scores: Vec<f32> = at.iter().map(|(s, _)| *s).collect();
-        let top = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        if !top.is_finite() {
-            return None;
-        }
-        let relation_sim = |e: usize| -> f32 {
-            match (&self.relation, relation) {
-                (Some((space, rows)), Some(q)) => {
-                    let k = &rows[e * space.dim..(e + 1) * space.dim];
-                    k.iter().zip(q).map(|(a, b)| a * b).sum()
-                }
-                _ => 0.0,
+        // The best edit (the newest among equals) and where its key matched.
+        let mut top: Option<usize> = None;
+        for (e, &s) in scores.iter().enumerate() {
+            if s.is_finite() && top.is_none_or(|t| s >= scores[t]) {
+                top = Some(e);
             }
-        };
-        let use_relation = self.relation.is_some() && relation.is_some();
+        }
+        let top = top?;
+        let query_relation = self
+            .relation
+            .as_ref()
+            .and_then(|keys| relation(keys, top, at[top].1).map(|q| (keys, q)));
         let mut pick: Option<(usize, f32)> = None;
         for (e, &s) in scores.iter().enumerate() {
-            let candidate = if use_relation {
-                s >= top - margin
-            } else {
-                s >= top
+            let rank = match &query_relation {
+                Some((keys, q)) if s >= scores[top] - margin => keys.similarity(e, q),
+                None if s >= scores[top] => s,
+                _ => continue,
             };
-            if !candidate {
-                continue;
-            }
-            let rank = if use_relation { relation_sim(e) } else { s };
             // `>=`: among equals the newest edit wins (a later edit of the same fact replaces it).
             if pick.is_none_or(|(_, r)| rank >= r) {
                 pick = Some((e, rank));
@@ -492,8 +562,31 @@ impl KeyStore {
             entry,
             score: scores[entry],
             position: at[entry].1,
-            relation: use_relation.then(|| relation_sim(entry)),
+            relation: query_relation
+                .as_ref()
+                .map(|(keys, q)| keys.similarity(entry, q)),
         })
+    }
+}
+
+impl KeyStore {
+    /// The best edit for a prompt from its rows at the key site `[len, width]` and, with relation
+    /// keys, at the relation site: its keys are matched, then its relation key is read around
+    /// the subject the best edit matched (see [`KeyStore::best_match`]).
+    pub fn match_prompt(
+        &self,
+        key_rows: &[f32],
+        relation_rows: Option<&[f32]>,
+        margin: f32,
+    ) -> Option<KeyMatch> {
+        let query = self.query_keys(key_rows);
+        self.best_match(
+            &query,
+            |keys, entry, position| {
+                relation_rows.map(|rows| keys.key(rows, keys.query_subject(entry, position)))
+            },
+            margin,
+        )
     }
 }
 
@@ -567,7 +660,7 @@ impl Elder {
         let centred = !matches!(cfg.key, KeyKind::LastToken | KeyKind::PromptMean);
         let key_space = space(sites[0], cfg.key_dim, centred)?;
         let relation = match sites.get(1) {
-            Some(&s) => Some((space(s, 0, true)?, Vec::new())),
+            Some(&s) => Some(RelationKeys::new(cfg.relation_key, space(s, 0, true)?)),
             None => None,
         };
         let ceilings = match cfg.key_ceiling_margin {
@@ -647,13 +740,16 @@ impl Elder {
                     kind => pooled_key(&store.space, kind, rows),
                 });
             }
-            let relation = sites.get(1).and_then(|site| {
-                let rows = &inputs[0][site];
-                let last = texts[0].tokens.len() - 1;
-                let rw = rows.len() / texts[0].tokens.len();
-                store.relation_key(&rows[last * rw..], last)
-            });
-            store.push(&keys, relation.as_deref());
+            // The relation key is the prompt's (the first text).
+            let relation = match (sites.get(1), &store.relation) {
+                (Some(site), Some(keys)) => {
+                    let prompt = &texts[0];
+                    let subject = &prompt.subject_rows;
+                    Some((keys.key(&inputs[0][site], subject.clone()), subject.len()))
+                }
+                _ => None,
+            };
+            store.push(&keys, relation.as_ref().map(|(k, n)| (k.as_slice(), *n)));
         }
         Ok(())
     }
@@ -719,23 +815,36 @@ mod tests {
             variants: 2,
             space: s.clone(),
             keys: Vec::new(),
-            relation: Some((rel.clone(), Vec::new())),
+            relation: Some(RelationKeys::new(RelationKey::LastToken, rel.clone())),
             impostor: Vec::new(),
             ceilings: KeyCeilings::off(),
         };
         // Edit 0: key along x (variant 2 along y); edit 1: along x too (same subject), other relation.
-        store.push(&[1.0, 0.0, 0.0, 0.0, 1.0, 0.0], Some(&[1.0, 0.0, 0.0]));
-        store.push(&[1.0, 0.0, 0.0, 0.0, 0.0, 1.0], Some(&[0.0, 1.0, 0.0]));
+        store.push(&[1.0, 0.0, 0.0, 0.0, 1.0, 0.0], Some((&[1.0, 0.0, 0.0], 1)));
+        store.push(&[1.0, 0.0, 0.0, 0.0, 0.0, 1.0], Some((&[0.0, 1.0, 0.0], 1)));
         assert_eq!(store.len(), 2);
         // A prompt whose second position lies along y matches edit 0's second variant exactly.
         let q = [0.0, 0.0, 1.0, 0.0, 1.0, 0.0];
         let scores = store.scores(&q);
         assert!((scores[0] - 1.0).abs() < 1e-6 && (scores[1] - 1.0).abs() < 1e-6);
         // Both match as well on the subject: the relation key picks.
-        let m = store.best_match(&q, Some(&[0.0, 1.0, 0.0]), 0.05).unwrap();
+        let along = |r: [f32; 3]| move |_: &RelationKeys, _, _| Some(r.to_vec());
+        let m = store.best_match(&q, along([0.0, 1.0, 0.0]), 0.05).unwrap();
         assert_eq!(m.entry, 1);
-        let m = store.best_match(&q, Some(&[1.0, 0.0, 0.0]), 0.05).unwrap();
+        let m = store.best_match(&q, along([1.0, 0.0, 0.0]), 0.05).unwrap();
         assert_eq!(m.entry, 0);
+        // The relation key is read given the best edit (the newest of equals) and its position.
+        let mut seen = None;
+        store.best_match(
+            &q,
+            |_, entry, position| {
+                seen = Some((entry, position));
+                None
+            },
+            0.05,
+        );
+        // (Edit 1's second variant, along z, matched the prompt's first position.)
+        assert_eq!(seen, Some((1, 0)));
         // Without a relation key an exact tie goes to the newest edit.
         let plain = KeyStore {
             relation: None,
@@ -743,7 +852,7 @@ mod tests {
         };
         assert_eq!(
             plain
-                .best_match(&[1.0, 0.0, 0.0], None, 0.05)
+                .best_match(&[1.0, 0.0, 0.0], |_, _, _| None, 0.05)
                 .unwrap()
                 .entry,
             1
@@ -752,7 +861,47 @@ mod tests {
             keys: Vec::new(),
             ..plain
         };
-        assert_eq!(empty.best_match(&[1.0, 0.0, 0.0], None, 0.05), None);
+        assert_eq!(
+            empty.best_match(&[1.0, 0.0, 0.0], |_, _, _| None, 0.05),
+            None
+        );
+    }
+
+    /// A context relation key is the centred mean of the rows outside position 0 and the subject
+    /// (the last row when nothing else is left); a query's subject rows end where its key
+    /// matched and are as many as the matched edit's subject has tokens.
+    #[test]
+    fn context_relation_keys_leave_out_the_subject_and_the_first_row() {
+        let keys = RelationKeys::new(RelationKey::Context, space(3, 0));
+        // Five rows of width 3; the background mean of later rows is 1 everywhere.
+        let rows = [
+            [100.0, 100.0, 100.0], // position 0: the sink, never read
+            [3.0, 1.0, 1.0],
+            [50.0, -50.0, 9.0], // the subject
+            [51.0, 7.0, -3.0],  // the subject
+            [1.0, 1.0, 5.0],
+        ]
+        .concat();
+        // Kept: rows 1 and 4, mean (2, 1, 3), centred (1, 0, 2).
+        let k = keys.key(&rows, 2..4);
+        let n = 5f32.sqrt();
+        assert!(
+            (k[0] - 1.0 / n).abs() < 1e-6 && k[1].abs() < 1e-6 && (k[2] - 2.0 / n).abs() < 1e-6
+        );
+        // Without a subject every row but the first counts; a bare subject falls back to the last row.
+        assert_ne!(keys.key(&rows, 0..0), k);
+        let bare = keys.key(&rows[..6], 1..2);
+        assert_eq!(bare, keys.space.embed(&rows[3..6], 1));
+        let last = RelationKeys::new(RelationKey::LastToken, space(3, 0));
+        assert_eq!(last.key(&rows, 2..4), last.space.embed(&rows[12..], 4));
+        // Query subject rows from the matched edit's subject length.
+        let mut keys = keys;
+        keys.push(&[1.0, 0.0, 0.0], 3);
+        keys.push(&[0.0, 1.0, 0.0], 1);
+        assert_eq!(keys.query_subject(0, 5), 3..6);
+        assert_eq!(keys.query_subject(0, 1), 0..2);
+        assert_eq!(keys.query_subject(1, 4), 4..5);
+        assert!((keys.similarity(1, &[0.0, 0.5, 0.0]) - 0.5).abs() < 1e-6);
     }
 
     /// A key counts only where it beats its ceiling (its best match on background text) by the

@@ -247,13 +247,15 @@ impl Elder {
         prompt_rows
             .iter()
             .map(|rows| {
-                let q = store.query_keys(&key_input[rows.start * w..rows.end * w]);
-                let rel = relation_input.and_then(|x| {
+                let relation_rows = relation_input.map(|x| {
                     let rw = x.len() / (key_input.len() / w);
-                    let last = rows.end - 1;
-                    store.relation_key(&x[last * rw..(last + 1) * rw], rows.len() - 1)
+                    &x[rows.start * rw..rows.end * rw]
                 });
-                store.best_match(&q, rel.as_deref(), self.cfg.relation_margin)
+                store.match_prompt(
+                    &key_input[rows.start * w..rows.end * w],
+                    relation_rows,
+                    self.cfg.relation_margin,
+                )
             })
             .collect()
     }

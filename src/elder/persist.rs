@@ -6,8 +6,8 @@ use crate::model::layers::Site;
 use crate::model::ModelConfig;
 
 use super::codebook::Codebook;
-use super::config::{AllocationMode, ElderConfig, KeyKind};
-use super::keystore::{Background, KeyCeilings, KeySpace, KeyStore};
+use super::config::{AllocationMode, ElderConfig, KeyKind, RelationKey};
+use super::keystore::{Background, KeyCeilings, KeySpace, KeyStore, RelationKeys};
 use super::memory;
 use super::molora::Elder;
 use super::state::{EditState, NamedTensor};
@@ -17,6 +17,8 @@ const QUERY_MEAN: &str = "query_mean";
 /// Names of the key store's tensors.
 const KEYS: &str = "keys.keys";
 const RELATION_KEYS: &str = "keys.relation";
+/// Each edit's subject length in tokens (only with `relation_key = "context"`).
+const RELATION_SUBJECT_TOKENS: &str = "keys.relation_subject_tokens";
 const KEY_CEILINGS: &str = "keys.ceiling";
 const KEY_BACKGROUND: &str = "keys.background";
 const RELATION_BACKGROUND: &str = "keys.relation_background";
@@ -117,10 +119,15 @@ impl Elder {
                     &store.ceilings.of_keys,
                 ));
             }
-            if let Some((space, rows)) = &store.relation {
-                background_tensors(RELATION_BACKGROUND, &space.background, &mut out);
+            if let Some(keys) = &store.relation {
+                background_tensors(RELATION_BACKGROUND, &keys.space.background, &mut out);
                 if n > 0 {
-                    out.push(tensor(RELATION_KEYS, vec![n, space.dim], rows));
+                    out.push(tensor(RELATION_KEYS, vec![n, keys.space.dim], &keys.rows));
+                }
+                // Only `context` keys use them: states with last-token keys keep their bytes.
+                if n > 0 && keys.kind == RelationKey::Context {
+                    let counts: Vec<f32> = keys.subject_tokens.iter().map(|&t| t as f32).collect();
+                    out.push(tensor(RELATION_SUBJECT_TOKENS, vec![n], &counts));
                 }
             }
         }
@@ -228,11 +235,29 @@ fn read_key_store(cfg: &ElderConfig, state: &EditState) -> Result<Option<KeyStor
             };
             let width = bg.rest.len();
             let space = KeySpace::new(site, width, true, bg, 0, cfg.seed);
-            let rows = state
+            let mut keys = RelationKeys::new(cfg.relation_key, space);
+            keys.rows = state
                 .tensor(RELATION_KEYS)
                 .map(|t| t.data.clone())
                 .unwrap_or_default();
-            Some((space, rows))
+            let edits = keys.rows.len() / keys.space.dim.max(1);
+            keys.subject_tokens = match state.tensor(RELATION_SUBJECT_TOKENS) {
+                Some(t) => t.data.iter().map(|&x| x as u32).collect(),
+                // Last-token keys never read them.
+                None if cfg.relation_key == RelationKey::LastToken => vec![1; edits],
+                None if edits == 0 => Vec::new(),
+                None => bail!(
+                    "edit state {}: context relation keys without {RELATION_SUBJECT_TOKENS}",
+                    state.dir().display()
+                ),
+            };
+            ensure!(
+                keys.subject_tokens.len() == edits,
+                "edit state {}: {edits} relation keys but {} subject lengths",
+                state.dir().display(),
+                keys.subject_tokens.len()
+            );
+            Some(keys)
         }
         None => None,
     };
@@ -260,13 +285,13 @@ fn read_key_store(cfg: &ElderConfig, state: &EditState) -> Result<Option<KeyStor
         impostor: Vec::new(),
         ceilings,
     };
-    if let Some((space, rows)) = &store.relation {
+    if let Some(keys) = &store.relation {
         ensure!(
-            rows.len() == store.len() * space.dim,
+            keys.rows.len() == store.len() * keys.space.dim,
             "edit state {}: {} edits have keys but {} relation keys",
             state.dir().display(),
             store.len(),
-            rows.len() / space.dim.max(1)
+            keys.rows.len() / keys.space.dim.max(1)
         );
     }
     Ok(Some(store))

@@ -11,6 +11,8 @@
 //! - replays (`replay`): earlier edits that share an expert with the batch, trained again;
 //! - the texts its keys are read from (see [`super::keystore`]).
 
+use std::ops::Range;
+
 use anyhow::{Context, Result};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -28,6 +30,9 @@ use super::trainer::preset_allocation;
 pub struct KeyText {
     pub tokens: Vec<u32>,
     pub key_row: usize,
+    /// The rows of the subject it mentions (empty when it mentions none): left out of a
+    /// `context` relation key.
+    pub subject_rows: Range<usize>,
 }
 
 /// Everything one edit of a batch trains on. Every prompt carries the row of the subject it
@@ -315,11 +320,17 @@ pub fn plan_edit(
 /// `text` tokenized, with the row of `subject`'s last token in it (the last token when it has no
 /// subject or does not contain it).
 pub fn subject_text(tokenizer: &Tokenizer, text: &str, subject: Option<&str>) -> Result<KeyText> {
-    let (tokens, pos) = tokenizer
-        .encode_with_subject(text, subject.unwrap_or(""))
+    let (tokens, span) = tokenizer
+        .encode_with_subject_span(text, subject.unwrap_or(""))
         .with_context(|| format!("tokenizing {text:?}"))?;
-    let key_row = pos.unwrap_or(tokens.len().saturating_sub(1));
-    Ok(KeyText { tokens, key_row })
+    let key_row = span
+        .as_ref()
+        .map_or(tokens.len().saturating_sub(1), |s| s.end - 1);
+    Ok(KeyText {
+        tokens,
+        key_row,
+        subject_rows: span.unwrap_or(0..0),
+    })
 }
 
 /// The texts an edit's keys are read from: the prompt, then with `key_variants` the prompt after a
@@ -331,13 +342,17 @@ pub fn key_texts(
 ) -> Result<Vec<KeyText>> {
     let subject = entry.subject.as_deref().unwrap_or("");
     let at_subject = |text: &str| -> Result<KeyText> {
-        let (tokens, pos) = tokenizer.encode_with_subject(text, subject)?;
+        let (tokens, span) = tokenizer.encode_with_subject_span(text, subject)?;
         let last = tokens.len().saturating_sub(1);
-        let key_row = match cfg.key {
-            KeyKind::Subject => pos.unwrap_or(last),
+        let key_row = match (cfg.key, &span) {
+            (KeyKind::Subject, Some(s)) => s.end - 1,
             _ => last,
         };
-        Ok(KeyText { tokens, key_row })
+        Ok(KeyText {
+            tokens,
+            key_row,
+            subject_rows: span.unwrap_or(0..0),
+        })
     };
     let mut out = vec![at_subject(&entry.prompt)?];
     if cfg.key_variants {
@@ -352,7 +367,11 @@ pub fn key_texts(
             };
             let tokens = tokenizer.encode(bare)?;
             let key_row = tokens.len().saturating_sub(1);
-            out.push(KeyText { tokens, key_row });
+            out.push(KeyText {
+                subject_rows: 0..tokens.len(),
+                tokens,
+                key_row,
+            });
         }
     }
     Ok(out)

@@ -6,6 +6,7 @@
 //! transformers does by default. Decoding skips special tokens, since it is used to show
 //! generated text.
 
+use std::ops::Range;
 use std::path::Path;
 use std::str::FromStr;
 
@@ -95,21 +96,38 @@ impl Tokenizer {
         prompt: &str,
         subject: &str,
     ) -> Result<(Vec<u32>, Option<usize>)> {
+        let (tokens, span) = self.encode_with_subject_span(prompt, subject)?;
+        Ok((tokens, span.map(|s| s.end - 1)))
+    }
+
+    /// The prompt's tokens and the rows of `subject`'s last occurrence in it: from the token that
+    /// holds its first character to the one that holds its last (`None` when it does not occur).
+    pub fn encode_with_subject_span(
+        &self,
+        prompt: &str,
+        subject: &str,
+    ) -> Result<(Vec<u32>, Option<Range<usize>>)> {
         let enc = self
             .inner
             .encode(prompt, self.add_special_tokens)
             .map_err(|e| anyhow!("cannot tokenize {prompt:?}: {e}"))?;
-        let position = match prompt.rfind(subject.trim()) {
+        let span = match prompt.rfind(subject.trim()) {
             Some(start) if !subject.trim().is_empty() => {
                 let last_byte = start + subject.trim().len() - 1;
                 // Special tokens have empty spans; the offsets are bytes of `prompt`.
-                enc.get_offsets()
-                    .iter()
-                    .rposition(|&(a, b)| a <= last_byte && last_byte < b)
+                let offsets = enc.get_offsets();
+                let holds = |byte: usize| move |&(a, b): &(usize, usize)| a <= byte && byte < b;
+                match (
+                    offsets.iter().rposition(holds(last_byte)),
+                    offsets.iter().rposition(holds(start)),
+                ) {
+                    (Some(last), first) => Some(first.unwrap_or(last).min(last)..last + 1),
+                    (None, _) => None,
+                }
             }
             _ => None,
         };
-        Ok((enc.get_ids().to_vec(), position))
+        Ok((enc.get_ids().to_vec(), span))
     }
 
     /// Tokens of a continuation appended to a prompt: never adds special tokens (no second BOS in
@@ -340,4 +358,34 @@ pub fn small_bpe_tokenizer_json(arch: Arch, vocab_size: usize) -> Result<String>
             "byte_fallback": false, "vocab": vocab, "merges": merges},
     });
     serde_json::to_string(&tok).context("serializing the small tokenizer")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The subject's rows run from the token holding its first character to the one holding
+    /// its last; its last row is what `encode_with_subject` reports.
+    #[test]
+    fn subject_spans_cover_every_token_of_the_subject() {
+        let t = Tokenizer::gpt2().unwrap();
+        let prompt = "The capital of New Zealand is";
+        let (tokens, span) = t.encode_with_subject_span(prompt, "New Zealand").unwrap();
+        let span = span.unwrap();
+        let pieces: Vec<String> = tokens[span.clone()]
+            .iter()
+            .map(|&id| t.decode(&[id]).unwrap())
+            .collect();
+        assert_eq!(pieces.concat().trim(), "New Zealand");
+        assert_eq!(span.end, tokens.len() - 1, "{pieces:?}");
+        let (_, last) = t.encode_with_subject(prompt, "New Zealand").unwrap();
+        assert_eq!(last, Some(span.end - 1));
+        // The last occurrence; a subject that is not there has no span.
+        let (tokens, twice) = t.encode_with_subject_span("Zinc and Zinc", "Zinc").unwrap();
+        let twice = twice.unwrap();
+        assert_eq!(twice.end, tokens.len());
+        assert_eq!(t.decode(&tokens[twice]).unwrap(), " Zinc");
+        assert_eq!(t.encode_with_subject_span(prompt, "Chile").unwrap().1, None);
+        assert_eq!(t.encode_with_subject_span(prompt, " ").unwrap().1, None);
+    }
 }
