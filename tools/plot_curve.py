@@ -19,6 +19,8 @@ PANEL_W, PANEL_H, MARGIN = 260, 200, 44
 
 
 def label(report):
+    if "label" in report:
+        return report["label"]
     data = report.get("data", "?")
     if data.endswith(".jsonl"):
         data = os.path.splitext(os.path.basename(data))[0]
@@ -26,6 +28,8 @@ def label(report):
 
 
 def dashes(report):
+    if report.get("superseded"):
+        return ' stroke-dasharray="2 3"'
     return "" if report.get("preset") == "default" else ' stroke-dasharray="6 4"'
 
 

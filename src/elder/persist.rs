@@ -17,7 +17,7 @@ const QUERY_MEAN: &str = "query_mean";
 /// Names of the key store's tensors.
 const KEYS: &str = "keys.keys";
 const RELATION_KEYS: &str = "keys.relation";
-/// Each edit's subject length in tokens (only with `relation_key = "context"`).
+/// Each edit's subject length in tokens (read by `relation_key = "context"`).
 const RELATION_SUBJECT_TOKENS: &str = "keys.relation_subject_tokens";
 const KEY_CEILINGS: &str = "keys.ceiling";
 const KEY_BACKGROUND: &str = "keys.background";
@@ -124,8 +124,9 @@ impl Elder {
                 if n > 0 {
                     out.push(tensor(RELATION_KEYS, vec![n, keys.space.dim], &keys.rows));
                 }
-                // Only `context` keys use them: states with last-token keys keep their bytes.
-                if n > 0 && keys.kind == RelationKey::Context {
+                // Only `context` keys read them; kept for both kinds so a reloaded store equals
+                // the one that wrote it.
+                if n > 0 {
                     let counts: Vec<f32> = keys.subject_tokens.iter().map(|&t| t as f32).collect();
                     out.push(tensor(RELATION_SUBJECT_TOKENS, vec![n], &counts));
                 }
@@ -243,7 +244,7 @@ fn read_key_store(cfg: &ElderConfig, state: &EditState) -> Result<Option<KeyStor
             let edits = keys.rows.len() / keys.space.dim.max(1);
             keys.subject_tokens = match state.tensor(RELATION_SUBJECT_TOKENS) {
                 Some(t) => t.data.iter().map(|&x| x as u32).collect(),
-                // Last-token keys never read them.
+                // States written before subject lengths were kept (last-token keys never read them).
                 None if cfg.relation_key == RelationKey::LastToken => vec![1; edits],
                 None if edits == 0 => Vec::new(),
                 None => bail!(
