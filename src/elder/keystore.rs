@@ -186,16 +186,26 @@ pub fn pooled_key(space: &KeySpace, kind: KeyKind, rows: &[f32]) -> Vec<f32> {
         KeyKind::LastToken => space.embed(&rows[(len - 1) * w..], len - 1),
         // (A subject key of a whole text, if one were asked for, is its mean too.)
         KeyKind::PromptMean | KeyKind::MeanDecentered | KeyKind::Subject => {
-            let mut mean = vec![0.0f32; w];
-            for row in rows.chunks(w) {
-                mean.iter_mut()
-                    .zip(row)
-                    .for_each(|(m, v)| *m += v / len as f32);
-            }
             // The mean of a text is compared with the background's later rows.
-            space.embed(&mean, len.min(1))
+            space.embed(&mean_of_rows(rows, w, 0..len), len.min(1))
         }
     }
+}
+
+/// The mean of the rows at `positions` of `rows` (`[len, width]`; at least one position).
+fn mean_of_rows(
+    rows: &[f32],
+    width: usize,
+    positions: impl ExactSizeIterator<Item = usize>,
+) -> Vec<f32> {
+    let n = positions.len() as f32;
+    let mut mean = vec![0.0f32; width];
+    for p in positions {
+        mean.iter_mut()
+            .zip(&rows[p * width..(p + 1) * width])
+            .for_each(|(m, v)| *m += v / n);
+    }
+    mean
 }
 
 /// The relation keys of the edits (with `relation_check`): which of several edits about one
@@ -236,16 +246,9 @@ impl RelationKeys {
                 if kept.is_empty() {
                     return self.space.embed(&rows[last * w..], last);
                 }
-                let mut mean = vec![0.0f32; w];
-                for &p in &kept {
-                    for (m, v) in mean.iter_mut().zip(&rows[p * w..(p + 1) * w]) {
-                        *m += v;
-                    }
-                }
-                let n = kept.len() as f32;
-                mean.iter_mut().for_each(|m| *m /= n);
                 // A mean of later rows is centred like them.
-                self.space.embed(&mean, 1)
+                self.space
+                    .embed(&mean_of_rows(rows, w, kept.into_iter()), 1)
             }
         }
     }
@@ -567,9 +570,7 @@ impl KeyStore {
                 .map(|(keys, q)| keys.similarity(entry, q)),
         })
     }
-}
 
-impl KeyStore {
     /// The best edit for a prompt from its rows at the key site `[len, width]` and, with relation
     /// keys, at the relation site: its keys are matched, then its relation key is read around
     /// the subject the best edit matched (see [`KeyStore::best_match`]).
