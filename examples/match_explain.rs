@@ -82,9 +82,14 @@ fn main() -> Result<()> {
             );
             if seen.len() <= 2 {
                 // Where this edit's keys were read: each key text with its key row marked.
-                for (i, text) in key_texts(&elder.cfg, &base.tokenizer, &elder.memory[e])?
-                    .iter()
-                    .enumerate()
+                for (i, text) in key_texts(
+                    &elder.cfg,
+                    &base.tokenizer,
+                    &elder.memory[e],
+                    base.cfg.max_positions,
+                )?
+                .iter()
+                .enumerate()
                 {
                     let pieces: Vec<String> = text
                         .tokens

@@ -323,7 +323,7 @@ fn dispatch(cmd: Command, devices: Devices) -> Result<ExitCode> {
             json,
         } => {
             let base = BaseModel::open(&model)?;
-            let (records, bad) = read_records(&edits, format, limit)?;
+            let (records, bad) = read_records(&base, &edits, format, limit)?;
             let cfg = load_config(config.as_deref(), preset, batch_size, &base)?;
             let mut session = EditSession::open(&base, &state, cfg)?;
             let run = devices.open_for(&session.elder.cfg)?;
@@ -345,7 +345,7 @@ fn dispatch(cmd: Command, devices: Devices) -> Result<ExitCode> {
                 warn_skipped_steps(summary.skipped_steps);
             }
             if bad > 0 {
-                eprintln!("{bad} malformed records were skipped (listed above)");
+                eprintln!("{bad} bad records were skipped (listed above)");
                 return Ok(ExitCode::from(2));
             }
         }
@@ -376,7 +376,7 @@ fn dispatch(cmd: Command, devices: Devices) -> Result<ExitCode> {
             if session.elder.cfg.deferral == elder::elder::config::Deferral::KeyStore {
                 eprintln!("{}", scope_line(&session.elder));
             }
-            let (records, _) = read_records(&data, format, None)?;
+            let (records, _) = read_records(&base, &data, format, None)?;
             if let Some(path) = details {
                 let metrics = eval_details(&base, &session, &records, &path, !json)?;
                 print_metrics(&metrics, json)?;
@@ -432,8 +432,10 @@ fn load_config(
     Ok(cfg)
 }
 
-/// Reads edit records, reporting malformed ones (file, line, field) without dropping the others.
+/// Reads edit records, reporting malformed ones (file, line, field) and ones the model cannot
+/// take (a sequence longer than its positions, a text with no tokens) without dropping the others.
 fn read_records(
+    base: &BaseModel,
     path: &Path,
     format: DataFormat,
     limit: Option<usize>,
@@ -446,10 +448,19 @@ fn read_records(
     if let Some(n) = limit {
         records.truncate(n);
     }
+    let mut bad = read.errors.len();
+    records.retain(|r| match base.check_records([r]) {
+        Ok(()) => true,
+        Err(e) => {
+            eprintln!("{}: {e:#}", path.display());
+            bad += 1;
+            false
+        }
+    });
     if records.is_empty() {
         bail!("{} has no usable edit records", path.display());
     }
-    Ok((records, read.errors.len()))
+    Ok((records, bad))
 }
 
 /// The GPU (and dtype) a command runs on; `None` is the CPU.
@@ -521,6 +532,8 @@ fn generate(
     if ids.is_empty() {
         bail!("the prompt has no tokens");
     }
+    base.cfg
+        .check_context(&[("the prompt", ids.len()), ("--max-new-tokens", max_new)])?;
     // The model config's eos is what generation stops on (transformers' generate does the same);
     // the tokenizer's may be a different special token (SmolLM2: <|endoftext|> vs <|im_end|>).
     let eos = base.cfg.eos_token_id.or(base.tokenizer.eos_id());
@@ -565,6 +578,8 @@ fn score(
     if p.is_empty() || t.is_empty() {
         bail!("both the prompt and the target need at least one token");
     }
+    base.cfg
+        .check_context(&[("the prompt", p.len()), ("the target", t.len())])?;
     let (scored, in_scope) = match gpu {
         None => {
             let model = base.model()?;
@@ -846,7 +861,7 @@ fn run(
         fetch_default_model(model)?;
     }
     let base = BaseModel::open(model)?;
-    let (records, _) = read_records(data, DataFormat::Auto, Some(n_edits))?;
+    let (records, _) = read_records(&base, data, DataFormat::Auto, Some(n_edits))?;
     let cfg = load_config(config, preset, None, &base)?
         .unwrap_or_else(|| ElderConfig::preset(Preset::Default, &base.cfg));
     let state = state.unwrap_or_else(|| {

@@ -91,6 +91,9 @@ impl BaseModel {
         let t = self.tokenizer.encode_continuation(&format!(" {target}"))?;
         anyhow::ensure!(!p.is_empty(), "prompt {prompt:?} has no tokens");
         anyhow::ensure!(!t.is_empty(), "target {target:?} has no tokens");
+        self.cfg
+            .check_context(&[("the prompt", p.len()), ("the target", t.len())])
+            .with_context(|| format!("prompt {}", preview(prompt)))?;
         Ok((p, t))
     }
 
@@ -102,6 +105,19 @@ impl BaseModel {
             .collect()
     }
 
+    /// Tokenizes every record once and checks each sequence against the model's positions, so a
+    /// record that cannot be trained or scored is refused before any work (and before any edit
+    /// of the stream is committed), naming the record.
+    pub fn check_records<'r>(
+        &self,
+        records: impl IntoIterator<Item = &'r EditRecord>,
+    ) -> Result<()> {
+        for r in records {
+            self.tokenize_edit(r)?;
+        }
+        Ok(())
+    }
+
     pub fn tokenize_edit(&self, r: &EditRecord) -> Result<TokenizedEdit> {
         let (prompt, target) = self
             .encode_pair(&r.prompt, &r.target_new)
@@ -109,7 +125,14 @@ impl BaseModel {
         let rephrases = r
             .rephrases
             .iter()
-            .map(|p| self.tokenizer.encode(p))
+            .map(|p| {
+                let ids = self.tokenizer.encode(p)?;
+                // A rephrasing is scored with the edit's target after it.
+                self.cfg
+                    .check_context(&[("the rephrasing", ids.len()), ("the target", target.len())])
+                    .with_context(|| format!("rephrasing {}", preview(p)))?;
+                Ok(ids)
+            })
             .collect::<Result<Vec<_>>>()
             .with_context(|| format!("edit {:?}: rephrases", r.id))?;
         let locality = r
@@ -127,6 +150,20 @@ impl BaseModel {
             locality,
             locality_kinds: r.locality.iter().map(|l| l.kind.clone()).collect(),
         })
+    }
+}
+
+/// A text for an error message: whole when short, else its start and its length (a refused
+/// 20,000-token prompt must not fill the terminal).
+pub fn preview(text: &str) -> String {
+    const SHOWN: usize = 60;
+    match text.char_indices().nth(SHOWN) {
+        None => format!("{text:?}"),
+        Some((cut, _)) => format!(
+            "{:?}... ({} characters)",
+            &text[..cut],
+            text.chars().count()
+        ),
     }
 }
 
@@ -251,7 +288,7 @@ impl EditDevice {
         if elder.key_store.is_some() {
             let texts = entries
                 .iter()
-                .map(|e| plan::key_texts(&elder.cfg, &base.tokenizer, e))
+                .map(|e| plan::key_texts(&elder.cfg, &base.tokenizer, e, base.cfg.max_positions))
                 .collect::<Result<Vec<_>>>()?;
             elder.add_keys(base.model()?, texts.iter().map(Vec::as_slice))?;
         }
@@ -397,6 +434,7 @@ pub fn apply_stream_on(
         .filter(|r| !done.contains(r.id.as_str()))
         .collect();
     let already = records.len() - todo.len();
+    base.check_records(todo.iter().copied())?;
     if session.elder.cfg.query_centering && session.elder.query_mean.is_none() {
         // Once per state: later batches (and resumed runs) keep the stored mean.
         let prompts = calibration_prompts(base, records, session.elder.cfg.calibration_records)?;
@@ -586,6 +624,7 @@ pub fn score_records(
     show_progress: bool,
     ev: &mut Evaluator,
 ) -> Result<()> {
+    base.check_records(records)?;
     let bar = progress_bar(records.len() as u64, show_progress);
     bar.set_message("evaluating");
     for chunk in records.chunks(8) {

@@ -310,3 +310,97 @@ fn cuda_command_line_on_the_emulator_matches_the_cpu() {
         }
     }
 }
+
+/// A sequence longer than the model's positions (128 for the tiny GPT-2) is refused before any
+/// work, with both numbers in the message, on every command: `generate` (prompt plus
+/// `--max-new-tokens`), `score` (prompt plus target) and the edit readers of `edit` and `eval`
+/// (an over-long record is skipped like a malformed one, naming it; the others are applied).
+#[test]
+fn sequences_beyond_the_context_are_refused_with_both_numbers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("model");
+    elder()
+        .args(["init-random", "--arch", "gpt2", "--preset", "tiny", "--out"])
+        .arg(&model)
+        .assert()
+        .success();
+    let long = "word ".repeat(3000);
+    let refused = |args: &[&str], wants: &[&str]| {
+        let out = elder()
+            .args(args)
+            .arg("--model")
+            .arg(&model)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} was not refused");
+        assert!(!err.contains("panicked"), "{err}");
+        for w in wants {
+            assert!(err.contains(w), "{args:?}: {w:?} missing from {err}");
+        }
+    };
+    refused(
+        &["generate", "--prompt", &long],
+        &[
+            "the prompt (",
+            "more than the model's 128 (its context length)",
+        ],
+    );
+    // A prompt that fits, but not with the tokens asked for.
+    refused(
+        &[
+            "generate",
+            "--prompt",
+            "The capital of",
+            "--max-new-tokens",
+            "200",
+        ],
+        &["--max-new-tokens (200 tokens)", "the model's 128"],
+    );
+    refused(
+        &["score", "--prompt", "The capital of", "--target", &long],
+        &["the target (", "the model's 128"],
+    );
+    // The good record after the over-long one is still applied and the bad one named.
+    let edits = tmp.path().join("edits.jsonl");
+    std::fs::write(
+        &edits,
+        format!(
+            concat!(
+                r#"{{"id":"long","prompt":"{}","target_new":"Rome"}}"#,
+                "\n",
+                r#"{{"id":"ok","prompt":"The Eiffel Tower is in","target_new":"Berlin","rephrases":["{}"]}}"#,
+                "\n",
+                r#"{{"id":"fine","prompt":"The capital of France is","target_new":"Rome"}}"#,
+                "\n",
+            ),
+            long, long
+        ),
+    )
+    .unwrap();
+    let cfg = tmp.path().join("cfg.toml");
+    std::fs::write(&cfg, "iterations = 2\n").unwrap();
+    let out = elder()
+        .args(["edit", "--json", "--model"])
+        .arg(&model)
+        .arg("--edits")
+        .arg(&edits)
+        .arg("--state")
+        .arg(tmp.path().join("state"))
+        .arg("--config")
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("edit \"long\"") && err.contains("the model's 128"),
+        "{err}"
+    );
+    assert!(
+        err.contains("edit \"ok\": rephrases") && err.contains("the rephrasing ("),
+        "{err}"
+    );
+    assert!(!err.contains(&long), "the refused text is shortened: {err}");
+    assert_eq!(json(&out.stdout)["applied"], 1);
+}

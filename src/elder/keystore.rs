@@ -698,7 +698,7 @@ impl Elder {
         let texts = self
             .memory
             .iter()
-            .map(|e| super::plan::key_texts(&self.cfg, tokenizer, e))
+            .map(|e| super::plan::key_texts(&self.cfg, tokenizer, e, model.cfg.max_positions))
             .collect::<Result<Vec<_>>>()?;
         self.add_keys(model, texts.iter().map(Vec::as_slice))?;
         self.refresh_scope_calibration();

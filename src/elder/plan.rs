@@ -305,7 +305,7 @@ pub fn plan_edit(
         .into_iter()
         .filter(|p| !p.tokens.is_empty() && p.tokens.len() + 2 <= max_positions)
         .collect();
-    let key_texts = key_texts(cfg, tokenizer, &entry)?;
+    let key_texts = key_texts(cfg, tokenizer, &entry, max_positions)?;
     Ok(EditPlan {
         fresh_experts: cfg.allocation == AllocationMode::Fresh,
         entry,
@@ -339,6 +339,7 @@ pub fn key_texts(
     cfg: &ElderConfig,
     tokenizer: &Tokenizer,
     entry: &EditEntry,
+    max_positions: usize,
 ) -> Result<Vec<KeyText>> {
     let subject = entry.subject.as_deref().unwrap_or("");
     let at_subject = |text: &str| -> Result<KeyText> {
@@ -374,6 +375,13 @@ pub fn key_texts(
             });
         }
     }
+    // The edit prompt itself was checked against the positions with its target; a variant
+    // with a sentence before it can still be too long for a short-context model, and is left out.
+    let mut index = 0;
+    out.retain(|k| {
+        index += 1;
+        index == 1 || k.tokens.len() <= max_positions
+    });
     Ok(out)
 }
 

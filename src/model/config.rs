@@ -229,6 +229,25 @@ impl ModelConfig {
     }
 
     /// Width of the K and V projections.
+    /// Refuses a sequence longer than the model's positions before any work is done on it.
+    /// `parts` names what the sequence is made of (`("the prompt", 3000), ("the target", 2)`), so
+    /// the message gives every number: what was asked for and what the model has.
+    pub fn check_context(&self, parts: &[(&str, usize)]) -> Result<()> {
+        let total: usize = parts.iter().map(|&(_, n)| n).sum();
+        if total <= self.max_positions {
+            return Ok(());
+        }
+        let listed: Vec<String> = parts
+            .iter()
+            .map(|(what, n)| format!("{what} ({n} tokens)"))
+            .collect();
+        bail!(
+            "{} = {total} positions, more than the model's {} (its context length)",
+            listed.join(" + "),
+            self.max_positions
+        )
+    }
+
     pub fn kv_dim(&self) -> usize {
         self.num_kv_heads * self.head_dim
     }
@@ -298,6 +317,24 @@ mod tests {
         assert!(!c.tie_word_embeddings);
         let back = ModelConfig::from_hf_json(&c.to_hf_json()).unwrap();
         assert_eq!(back, c);
+    }
+
+    #[test]
+    fn context_check_names_every_part_and_the_limit() {
+        let v = json!({"model_type":"llama","vocab_size":100,"hidden_size":64,"num_hidden_layers":2,
+            "num_attention_heads":8,"intermediate_size":128,"max_position_embeddings":16});
+        let c = ModelConfig::from_hf_json(&v).unwrap();
+        c.check_context(&[("the prompt", 10), ("the target", 6)])
+            .unwrap();
+        let err = c
+            .check_context(&[("the prompt", 10), ("the target", 7)])
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "the prompt (10 tokens) + the target (7 tokens) = 17 positions, more than the \
+             model's 16 (its context length)"
+        );
     }
 
     #[test]
