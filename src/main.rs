@@ -15,6 +15,7 @@ use elder::backend::select::{self, Availability, Backend, DeviceRequest};
 use elder::data::{read_edits_lenient, DataFormat, EditRecord};
 use elder::elder::config::{ElderConfig, Preset};
 use elder::elder::molora::ElderAdapter;
+use elder::elder::state;
 use elder::eval::{Evaluator, Metrics, Protocol, EVAL_BATCH};
 use elder::model::checkpoint::StoreDtype;
 use elder::model::presets::{default_dtype, preset, write_random_checkpoint};
@@ -242,9 +243,41 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Check or repair an edit state without loading a model.
+    State {
+        #[command(subcommand)]
+        action: StateAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum StateAction {
+    /// Check every byte of a state: the manifest and its checksum, and every file of each kept
+    /// generation (the current one and the one before it). Exit code 1 when the current
+    /// generation is damaged (the report names the newest intact one to roll back to).
+    Verify {
+        dir: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make a kept, intact generation current again (after `verify` found the newest damaged);
+    /// edits applied after it are applied again by the next `elder edit` of the same stream.
+    Rollback {
+        dir: PathBuf,
+        /// The generation to go back to (`verify` lists the kept ones).
+        #[arg(long)]
+        to: u64,
+    },
 }
 
 fn main() -> ExitCode {
+    // A write past the file-size limit (RLIMIT_FSIZE) must fail with an error the commit reports
+    // and recovers from, as a full disk does, instead of killing the process with SIGXFSZ.
+    #[cfg(unix)]
+    // SAFETY: setting a signal's disposition to "ignore" before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+    }
     let cli = Cli::parse();
     let devices = Devices {
         request: cli.device,
@@ -260,7 +293,10 @@ fn main() -> ExitCode {
 }
 
 fn dispatch(cmd: Command, devices: Devices) -> Result<ExitCode> {
-    if !matches!(cmd, Command::InitRandom { .. } | Command::ImportGguf { .. }) {
+    if !matches!(
+        cmd,
+        Command::InitRandom { .. } | Command::ImportGguf { .. } | Command::State { .. }
+    ) {
         devices.ensure_reachable()?;
     }
     match cmd {
@@ -386,6 +422,7 @@ fn dispatch(cmd: Command, devices: Devices) -> Result<ExitCode> {
             let metrics = eval(run, &base, session, &records, protocol, !json)?;
             print_metrics(&metrics, json)?;
         }
+        Command::State { action } => return state_command(action),
         Command::Run {
             model,
             data,
@@ -430,6 +467,64 @@ fn load_config(
             .batch_size = b;
     }
     Ok(cfg)
+}
+
+fn state_command(action: StateAction) -> Result<ExitCode> {
+    match action {
+        StateAction::Verify { dir, json } => {
+            let report = state::verify(&dir)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print_state_report(&dir, &report);
+            }
+            Ok(if report.current_intact() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        StateAction::Rollback { dir, to } => {
+            let m = state::rollback(&dir, to)?;
+            println!(
+                "{}: generation {} is current again ({} applied edits)",
+                dir.display(),
+                m.generation,
+                m.applied_edit_ids.len()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn print_state_report(dir: &Path, report: &state::StateReport) {
+    if let Some(problem) = &report.manifest_problem {
+        println!("manifest.json: DAMAGED: {problem}");
+    }
+    for g in &report.generations {
+        let status = if g.problems.is_empty() {
+            "ok".to_string()
+        } else {
+            format!("DAMAGED: {}", g.problems.join("; "))
+        };
+        let current = if g.current { " (current)" } else { "" };
+        println!(
+            "generation {}{current}: {} applied edits, from {}: {status}",
+            g.generation, g.applied_edits, g.manifest
+        );
+    }
+    for leftover in &report.leftovers {
+        println!("leftover of an interrupted write (removed by the next commit): {leftover}");
+    }
+    if !report.current_intact() {
+        match report.newest_intact() {
+            Some(g) => println!(
+                "the current generation is damaged; roll back with: elder state rollback {} --to {g}",
+                dir.display()
+            ),
+            None => println!("no intact generation is kept"),
+        }
+    }
 }
 
 /// Reads edit records, reporting malformed ones (file, line, field) and ones the model cannot

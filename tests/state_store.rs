@@ -4,7 +4,7 @@ use std::fs;
 use std::path::Path;
 
 use elder::elder::codebook::Codebook;
-use elder::elder::state::{EditState, NamedTensor};
+use elder::elder::state::{self, EditState, NamedTensor};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::{json, Value};
@@ -94,13 +94,18 @@ fn commits_round_trip_and_resume_after_applied_ids() {
     assert_eq!(reopened.manifest().method_config, config());
     assert!(reopened.manifest().updated_unix_s >= reopened.manifest().created_unix_s);
 
-    // Only the current generation's files remain.
+    // Only the current generation's files and the previous one's (to roll back to) remain.
     assert_eq!(
         file_names(&state_dir),
         [
+            "codebook-000001.bin",
             "codebook-000002.bin",
+            "experts-000001.safetensors",
             "experts-000002.safetensors",
+            "manifest-000001.json",
+            "manifest-000002.json",
             "manifest.json",
+            "memory-000001.jsonl",
             "memory-000002.jsonl"
         ]
     );
@@ -180,9 +185,14 @@ fn crash_leftovers_do_not_change_the_committed_state() {
     assert_eq!(
         file_names(dir.path()),
         [
+            "codebook-000001.bin",
             "codebook-000002.bin",
+            "experts-000001.safetensors",
             "experts-000002.safetensors",
+            "manifest-000001.json",
+            "manifest-000002.json",
             "manifest.json",
+            "memory-000001.jsonl",
             "memory-000002.jsonl"
         ]
     );
@@ -309,4 +319,135 @@ fn open_or_create_creates_then_opens() {
     let opened = EditState::open_or_create(dir.path(), &config(), "fp").unwrap();
     assert_eq!(opened.manifest(), created.manifest());
     assert!(EditState::open_or_create(dir.path(), &config(), "other").is_err());
+}
+
+/// A state of three generations (the last two kept), committed from random tensors.
+fn three_generations(dir: &Path, rng: &mut ChaCha8Rng) -> Vec<Vec<NamedTensor>> {
+    let mut state = EditState::create(dir, config(), "fp").unwrap();
+    let mut book = random_codebook(rng, None, 1);
+    let mut committed = Vec::new();
+    for (i, id) in ["a", "b", "c"].iter().enumerate() {
+        if i > 0 {
+            book = random_codebook(rng, Some(&book), 1);
+        }
+        let tensors = random_tensors(rng);
+        state
+            .commit(&tensors, &book, format!("{id}\n").as_bytes(), &ids(&[id]))
+            .unwrap();
+        committed.push(tensors);
+    }
+    committed
+}
+
+/// Every file of a state is covered: a byte flipped anywhere in the files the current generation
+/// opens (manifest.json included, its whitespace too) is refused by the file's name, and one
+/// flipped in any kept file shows in `verify` against that file's generation.
+#[test]
+fn a_flipped_byte_anywhere_is_found_by_name() {
+    let mut rng = ChaCha8Rng::seed_from_u64(21);
+    let dir = tempfile::tempdir().unwrap();
+    three_generations(dir.path(), &mut rng);
+    let clean = state::verify(dir.path()).unwrap();
+    assert!(clean.current_intact(), "{clean:?}");
+    assert_eq!(
+        clean
+            .generations
+            .iter()
+            .map(|g| (g.generation, g.current, g.problems.len()))
+            .collect::<Vec<_>>(),
+        [(3, true, 0), (2, false, 0)]
+    );
+    let files = file_names(dir.path());
+    let mut flips = 0;
+    for name in &files {
+        let path = dir.path().join(name);
+        let good = fs::read(&path).unwrap();
+        // Every byte of the manifest; a spread of positions (first, last, random) elsewhere.
+        let positions: Vec<usize> = if name == "manifest.json" {
+            (0..good.len()).collect()
+        } else {
+            let mut p = vec![0, good.len() - 1];
+            p.extend((0..24).map(|_| rng.gen_range(0..good.len())));
+            p
+        };
+        for at in positions {
+            let mut bad = good.clone();
+            bad[at] ^= 1 << rng.gen_range(0..8);
+            fs::write(&path, &bad).unwrap();
+            flips += 1;
+            let report = state::verify(dir.path()).unwrap();
+            let opened_by_current = name == "manifest.json" || name.contains("000003");
+            if opened_by_current && name != "manifest-000003.json" {
+                let err = format!(
+                    "{:#}",
+                    EditState::open(dir.path(), &config(), "fp").unwrap_err()
+                );
+                assert!(err.contains(name.as_str()), "{name} byte {at}: {err}");
+                assert!(!report.current_intact(), "{name} byte {at}");
+            }
+            let named = report
+                .manifest_problem
+                .iter()
+                .any(|p| p.contains(name.as_str()))
+                || report
+                    .generations
+                    .iter()
+                    .any(|g| g.problems.iter().any(|p| p.contains(name.as_str())));
+            assert!(
+                named,
+                "{name} byte {at}: verify did not name it: {report:?}"
+            );
+            fs::write(&path, &good).unwrap();
+        }
+    }
+    assert!(flips > 1000, "{flips}");
+    assert!(state::verify(dir.path()).unwrap().current_intact());
+}
+
+/// When the newest generation is damaged, the one before it is opened explicitly by rolling back
+/// to it; the next commit continues from there.
+#[test]
+fn a_damaged_newest_generation_rolls_back_to_the_previous_one() {
+    let mut rng = ChaCha8Rng::seed_from_u64(8);
+    let dir = tempfile::tempdir().unwrap();
+    let committed = three_generations(dir.path(), &mut rng);
+    let experts = dir.path().join("experts-000003.safetensors");
+    let mut bytes = fs::read(&experts).unwrap();
+    bytes[100] ^= 0x10;
+    fs::write(&experts, &bytes).unwrap();
+    let err = format!(
+        "{:#}",
+        EditState::open(dir.path(), &config(), "fp").unwrap_err()
+    );
+    assert!(
+        err.contains("experts-000003.safetensors is damaged") && err.contains("state verify"),
+        "{err}"
+    );
+    let report = state::verify(dir.path()).unwrap();
+    assert!(!report.current_intact());
+    assert_eq!(report.newest_intact(), Some(2));
+
+    // The damaged generation cannot be rolled back to; one not kept is named as such.
+    assert!(state::rollback(dir.path(), 3).is_err());
+    let err = format!("{:#}", state::rollback(dir.path(), 1).unwrap_err());
+    assert!(
+        err.contains("keeps no generation 1") && err.contains("[3, 2]"),
+        "{err}"
+    );
+
+    state::rollback(dir.path(), 2).unwrap();
+    let mut back = EditState::open(dir.path(), &config(), "fp").unwrap();
+    assert_eq!(back.generation(), 2);
+    assert_eq!(back.applied_ids(), ids(&["a", "b"]).as_slice());
+    assert_eq!(back.tensors(), sorted(committed[1].clone()).as_slice());
+    assert_eq!(back.memory(), b"b\n");
+
+    let book = random_codebook(&mut rng, back.codebook(), 1);
+    let tensors = random_tensors(&mut rng);
+    back.commit(&tensors, &book, b"c2\n", &ids(&["c"])).unwrap();
+    let again = EditState::open(dir.path(), &config(), "fp").unwrap();
+    assert_eq!(again.generation(), 3);
+    assert_eq!(again.applied_ids(), ids(&["a", "b", "c"]).as_slice());
+    assert_eq!(again.tensors(), sorted(tensors).as_slice());
+    assert!(state::verify(dir.path()).unwrap().current_intact());
 }

@@ -9,17 +9,25 @@
 //!   codebook-000042.bin           the deferral codebook (see `Codebook::to_bytes`)
 //!   memory-000042.jsonl           the caller's record of the applied edits (opaque bytes here;
 //!                                 `elder::memory`: training fields and allocations)
+//!
+//!   manifest-000042.json          a copy of generation 42's manifest (to roll back to)
+//!   experts-000041.safetensors    ... and the previous generation, kept whole
+//!   manifest-000041.json
 //! ```
 //!
 //! Format 2 added the memory file; a format-1 state (no memory) is read as one whose memory is
-//! empty, and its next commit writes format 2.
+//! empty, and its next commit writes format 2. Format 3 added the manifest's own checksum
+//! (`manifest_sha256`, over the manifest's bytes with that value blank) and the kept previous
+//! generation; older formats open unchanged and are upgraded by their next commit.
 //!
 //! A commit writes generation N+1's files under new names (each atomically, fsynced), then
-//! atomically replaces `manifest.json` to point at them, then deletes older generations. A crash
-//! before the manifest rename leaves the old manifest pointing at intact old files; a crash after
-//! it leaves the new state plus some garbage that the next commit removes. Readers therefore see
-//! the old or the new state, never a mix. The SHA-256 in the manifest catches files damaged
-//! later (disk errors, manual edits).
+//! atomically replaces `manifest.json` to point at them, then deletes generations older than N.
+//! A crash before the manifest rename leaves the old manifest pointing at intact old files; a
+//! crash after it leaves the new state plus some garbage that the next commit removes. Readers
+//! therefore see the old or the new state, never a mix. A commit that fails (a full disk)
+//! removes what it wrote and leaves generation N as it was. The SHA-256 sums catch files damaged
+//! later (disk errors, manual edits), the manifest included: [`verify`] checks every kept
+//! generation without a model, and [`rollback`] makes an intact older generation current.
 //!
 //! Optimiser state is not stored: ELDER uses a fresh Adam per edit batch.
 //! One writer at a time: two processes committing to the same directory are not coordinated.
@@ -39,10 +47,16 @@ use super::codebook::Codebook;
 use crate::util::atomic::{is_atomic_temp_file, sync_dir, write_atomic};
 
 /// Bumped whenever the layout of the directory or the manifest changes incompatibly.
-pub const STATE_FORMAT_VERSION: u32 = 2;
+pub const STATE_FORMAT_VERSION: u32 = 3;
 /// Older formats this build still reads (and upgrades on the next commit).
-const READABLE_FORMATS: &[u32] = &[1, 2];
+const READABLE_FORMATS: &[u32] = &[1, 2, 3];
 const MANIFEST_FILE: &str = "manifest.json";
+/// Per-generation copies of the manifest: `manifest-000042.json`.
+const MANIFEST_PREFIX: &str = "manifest-";
+const MANIFEST_SUFFIX: &str = ".json";
+/// How the manifest's own checksum appears in its text, and the blank it is computed over.
+const CHECKSUM_KEY: &str = "\"manifest_sha256\": \"";
+const CHECKSUM_BLANK: &str = "\"manifest_sha256\": \"\"";
 const EXPERTS_PREFIX: &str = "experts-";
 const EXPERTS_SUFFIX: &str = ".safetensors";
 const CODEBOOK_PREFIX: &str = "codebook-";
@@ -71,6 +85,9 @@ pub struct Manifest {
     pub files: Option<GenerationFiles>,
     pub created_unix_s: u64,
     pub updated_unix_s: u64,
+    /// SHA-256 of the manifest's own text with this value blank (format 3; absent before).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manifest_sha256: Option<String>,
 }
 
 /// The data files of one generation, relative to the state directory.
@@ -123,8 +140,9 @@ impl EditState {
             files: None,
             created_unix_s: now,
             updated_unix_s: now,
+            manifest_sha256: None,
         };
-        write_manifest(dir, &manifest)?;
+        let manifest = write_manifest(dir, &manifest)?;
         // The directory itself may be new: make its entry in the parent durable too.
         if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
             sync_dir(parent)?;
@@ -167,7 +185,15 @@ impl EditState {
         }
         let (tensors, codebook, memory) = match &manifest.files {
             None => (Vec::new(), None, Vec::new()),
-            Some(files) => load_generation(dir, &manifest, files)?,
+            Some(files) => load_generation(dir, &manifest, files).with_context(|| {
+                format!(
+                    "edit state {} at generation {}: `elder state verify {}` lists the intact \
+                     generations and `elder state rollback` makes one current",
+                    dir.display(),
+                    manifest.generation,
+                    dir.display()
+                )
+            })?,
         };
         Ok(EditState {
             dir: dir.to_path_buf(),
@@ -207,17 +233,39 @@ impl EditState {
     ) -> Result<()> {
         self.check_commit(tensors, codebook, new_edit_ids)?;
         let generation = self.manifest.generation + 1;
-        let files = write_generation_files(&self.dir, generation, tensors, codebook, memory)?;
-
-        let mut manifest = self.manifest.clone();
-        manifest.format_version = STATE_FORMAT_VERSION;
-        manifest.generation = generation;
-        manifest.applied_edit_ids.extend_from_slice(new_edit_ids);
-        manifest.codebook_entries = codebook.len();
-        manifest.codebook_bits_per_code = Some(codebook.bits_per_code());
-        manifest.files = Some(files);
-        manifest.updated_unix_s = unix_now();
-        write_manifest(&self.dir, &manifest)?; // the commit point
+        let written = write_generation_files(&self.dir, generation, tensors, codebook, memory)
+            .and_then(|files| {
+                let mut manifest = self.manifest.clone();
+                manifest.format_version = STATE_FORMAT_VERSION;
+                manifest.generation = generation;
+                manifest.applied_edit_ids.extend_from_slice(new_edit_ids);
+                manifest.codebook_entries = codebook.len();
+                manifest.codebook_bits_per_code = Some(codebook.bits_per_code());
+                manifest.files = Some(files);
+                manifest.updated_unix_s = unix_now();
+                write_manifest(&self.dir, &manifest) // the commit point
+            });
+        let manifest = match written {
+            Ok(m) => m,
+            Err(e) => {
+                // Unless the manifest rename itself went through (and only its directory sync
+                // failed), nothing points at the new files: they go, and the next commit starts
+                // clean (best effort: the error is the news).
+                let committed = read_manifest(&self.dir).is_ok_and(|m| m.generation == generation);
+                if !committed {
+                    for name in generation_file_names(generation) {
+                        let _ = fs::remove_file(self.dir.join(name));
+                    }
+                }
+                let _ = remove_temp_files(&self.dir);
+                return Err(e.context(format!(
+                    "commit of generation {generation} to {} failed; the state stays at \
+                     generation {}",
+                    self.dir.display(),
+                    self.manifest.generation
+                )));
+            }
+        };
 
         let mut sorted = tensors.to_vec();
         sorted.sort_by(|a, b| a.name.cmp(&b.name));
@@ -319,12 +367,30 @@ impl EditState {
     }
 }
 
-fn generation_file_names(generation: u64) -> [String; 3] {
+/// The data files of a generation and its manifest copy.
+fn generation_file_names(generation: u64) -> [String; 4] {
     [
         format!("{EXPERTS_PREFIX}{generation:06}{EXPERTS_SUFFIX}"),
         format!("{CODEBOOK_PREFIX}{generation:06}{CODEBOOK_SUFFIX}"),
         format!("{MEMORY_PREFIX}{generation:06}{MEMORY_SUFFIX}"),
+        manifest_copy_name(generation),
     ]
+}
+
+fn manifest_copy_name(generation: u64) -> String {
+    format!("{MANIFEST_PREFIX}{generation:06}{MANIFEST_SUFFIX}")
+}
+
+/// The generation a state file belongs to (`experts-000042.safetensors` -> 42), if it is one.
+fn generation_of(name: &str) -> Option<u64> {
+    [
+        (EXPERTS_PREFIX, EXPERTS_SUFFIX),
+        (CODEBOOK_PREFIX, CODEBOOK_SUFFIX),
+        (MEMORY_PREFIX, MEMORY_SUFFIX),
+        (MANIFEST_PREFIX, MANIFEST_SUFFIX),
+    ]
+    .iter()
+    .find_map(|(p, s)| name.strip_prefix(p)?.strip_suffix(s)?.parse().ok())
 }
 
 /// Step 1 of a commit: the new generation's data files, durable but not yet referenced.
@@ -335,7 +401,7 @@ fn write_generation_files(
     codebook: &Codebook,
     memory: &[u8],
 ) -> Result<GenerationFiles> {
-    let [experts, codebook_name, memory_name] = generation_file_names(generation);
+    let [experts, codebook_name, memory_name, _] = generation_file_names(generation);
     let experts_bytes = serialize_tensors(tensors, generation)?;
     write_atomic(&dir.join(&experts), &experts_bytes)?;
     let codebook_bytes = codebook.to_bytes();
@@ -454,8 +520,17 @@ fn read_manifest(dir: &Path) -> Result<Manifest> {
             path.display()
         )
     })?;
-    let value: Value =
-        serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", path.display()))?;
+    parse_manifest(&path, &text)
+}
+
+/// A manifest's text, checked: JSON, a readable version, its shape, and (format 3) its checksum.
+fn parse_manifest(path: &Path, text: &str) -> Result<Manifest> {
+    let value: Value = serde_json::from_str(text).with_context(|| {
+        format!(
+            "{} is damaged: invalid JSON (run `elder state verify` on its folder)",
+            path.display()
+        )
+    })?;
     // Check the version before the shape, so a newer layout gets a clear message.
     let version = value.get("format_version").and_then(Value::as_u64);
     ensure!(
@@ -464,33 +539,239 @@ fn read_manifest(dir: &Path) -> Result<Manifest> {
         path.display(),
         version
     );
-    serde_json::from_value(value).with_context(|| format!("{}: malformed manifest", path.display()))
+    let manifest: Manifest = serde_json::from_value(value)
+        .with_context(|| format!("{}: malformed manifest", path.display()))?;
+    match &manifest.manifest_sha256 {
+        None => ensure!(
+            manifest.format_version < 3,
+            "{} is damaged: format {} needs its manifest_sha256",
+            path.display(),
+            manifest.format_version
+        ),
+        Some(expected) => {
+            let found = manifest_checksum(text, expected);
+            ensure!(
+                found.as_deref() == Some(expected.as_str()),
+                "{} is damaged: SHA-256 {}, the manifest expects {expected}",
+                path.display(),
+                found.as_deref().unwrap_or("(no checksum field)")
+            );
+        }
+    }
+    Ok(manifest)
 }
 
-fn write_manifest(dir: &Path, manifest: &Manifest) -> Result<()> {
-    let mut text = serde_json::to_string_pretty(manifest).context("serialising manifest")?;
+/// The SHA-256 of a manifest's text with its checksum `value` blanked (the last occurrence of the
+/// field: it is the manifest's last key, and JSON strings cannot contain it unescaped).
+fn manifest_checksum(text: &str, value: &str) -> Option<String> {
+    let field = format!("{CHECKSUM_KEY}{value}\"");
+    let at = text.rfind(&field)?;
+    let blank = format!(
+        "{}{CHECKSUM_BLANK}{}",
+        &text[..at],
+        &text[at + field.len()..]
+    );
+    Some(sha256_hex(blank.as_bytes()))
+}
+
+/// Writes `manifest` with its checksum, first as the generation's copy, then (the commit point)
+/// as `manifest.json`; returns it as written.
+fn write_manifest(dir: &Path, manifest: &Manifest) -> Result<Manifest> {
+    let mut blank = manifest.clone();
+    blank.manifest_sha256 = Some(String::new());
+    let mut text = serde_json::to_string_pretty(&blank).context("serialising manifest")?;
     text.push('\n');
-    write_atomic(&dir.join(MANIFEST_FILE), text.as_bytes())
+    let sum = sha256_hex(text.as_bytes());
+    let at = text
+        .rfind(CHECKSUM_BLANK)
+        .context("the manifest lost its checksum field")?;
+    text.replace_range(
+        at..at + CHECKSUM_BLANK.len(),
+        &format!("{CHECKSUM_KEY}{sum}\""),
+    );
+    write_atomic(
+        &dir.join(manifest_copy_name(manifest.generation)),
+        text.as_bytes(),
+    )?;
+    write_atomic(&dir.join(MANIFEST_FILE), text.as_bytes())?;
+    blank.manifest_sha256 = Some(sum);
+    Ok(blank)
 }
 
-/// Deletes data files of generations other than `current` and temp files of interrupted writes.
+/// Deletes the files of generations other than `current` and the one before it (kept whole, to
+/// roll back to), and temp files of interrupted writes.
 fn remove_stale_files(dir: &Path, current: u64) -> Result<()> {
-    let keep = generation_file_names(current);
     for entry in fs::read_dir(dir)? {
         let name = entry?.file_name().to_string_lossy().into_owned();
-        let is_generation_file = [
-            (EXPERTS_PREFIX, EXPERTS_SUFFIX),
-            (CODEBOOK_PREFIX, CODEBOOK_SUFFIX),
-            (MEMORY_PREFIX, MEMORY_SUFFIX),
-        ]
-        .iter()
-        .any(|(p, s)| name.starts_with(p) && name.ends_with(s));
-        let stale = (is_generation_file && !keep.contains(&name)) || is_atomic_temp_file(&name);
+        let stale = match generation_of(&name) {
+            Some(g) => g != current && g + 1 != current,
+            None => is_atomic_temp_file(&name),
+        };
         if stale {
             fs::remove_file(dir.join(&name))?;
         }
     }
     sync_dir(dir)
+}
+
+fn remove_temp_files(dir: &Path) -> Result<()> {
+    for entry in fs::read_dir(dir)? {
+        let name = entry?.file_name().to_string_lossy().into_owned();
+        if is_atomic_temp_file(&name) {
+            fs::remove_file(dir.join(&name))?;
+        }
+    }
+    Ok(())
+}
+
+/// What [`verify`] found in one kept generation.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct GenerationReport {
+    pub generation: u64,
+    /// The manifest it was read from (its copy, or `manifest.json` for an old format).
+    pub manifest: String,
+    pub applied_edits: usize,
+    /// Whether `manifest.json` names this generation.
+    pub current: bool,
+    /// Empty when every byte checks out.
+    pub problems: Vec<String>,
+}
+
+/// What [`verify`] found in a state directory.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct StateReport {
+    /// The generation `manifest.json` names, when it is readable.
+    pub current: Option<u64>,
+    /// What is wrong with `manifest.json` itself (None: nothing).
+    pub manifest_problem: Option<String>,
+    /// Every generation whose manifest is kept, newest first.
+    pub generations: Vec<GenerationReport>,
+    /// Temp files of interrupted writes (harmless; the next commit removes them).
+    pub leftovers: Vec<String>,
+}
+
+impl StateReport {
+    /// Whether the current generation opens: its manifest and every file it names check out.
+    pub fn current_intact(&self) -> bool {
+        self.manifest_problem.is_none()
+            && self
+                .generations
+                .iter()
+                .any(|g| g.current && g.problems.is_empty())
+    }
+
+    /// The newest generation that is intact, to roll back to.
+    pub fn newest_intact(&self) -> Option<u64> {
+        self.generations
+            .iter()
+            .find(|g| g.problems.is_empty())
+            .map(|g| g.generation)
+    }
+}
+
+/// Checks every byte of a state without a model: `manifest.json` and each kept generation's
+/// manifest copy (JSON, version, checksum) and the files each names (SHA-256, then their
+/// structure: safetensors tensors, codebook counts).
+pub fn verify(dir: &Path) -> Result<StateReport> {
+    let mut names: Vec<String> = fs::read_dir(dir)
+        .with_context(|| format!("reading edit state directory {}", dir.display()))?
+        .map(|e| Ok(e?.file_name().to_string_lossy().into_owned()))
+        .collect::<std::io::Result<_>>()?;
+    names.sort();
+    let copies: Vec<u64> = names
+        .iter()
+        .filter(|n| n.starts_with(MANIFEST_PREFIX))
+        .filter_map(|n| generation_of(n))
+        .collect();
+    ensure!(
+        names.iter().any(|n| n == MANIFEST_FILE) || !copies.is_empty(),
+        "{} holds no edit state (no {MANIFEST_FILE})",
+        dir.display()
+    );
+    let current = read_manifest(dir);
+    let mut report = StateReport {
+        current: current.as_ref().ok().map(|m| m.generation),
+        manifest_problem: current.as_ref().err().map(|e| format!("{e:#}")),
+        generations: Vec::new(),
+        leftovers: names
+            .iter()
+            .filter(|n| is_atomic_temp_file(n))
+            .cloned()
+            .collect(),
+    };
+    for &generation in copies.iter().rev() {
+        let name = manifest_copy_name(generation);
+        let checked = fs::read_to_string(dir.join(&name))
+            .with_context(|| format!("reading {}", dir.join(&name).display()))
+            .and_then(|text| parse_manifest(&dir.join(&name), &text));
+        report.generations.push(match checked {
+            Ok(m) => generation_report(dir, &m, name, report.current),
+            Err(e) => GenerationReport {
+                generation,
+                manifest: name,
+                applied_edits: 0,
+                current: report.current == Some(generation),
+                problems: vec![format!("{e:#}")],
+            },
+        });
+    }
+    // An old-format state keeps no copies: its one generation is read from manifest.json.
+    if let Ok(m) = &current {
+        if !copies.contains(&m.generation) {
+            let g = generation_report(dir, m, MANIFEST_FILE.to_string(), report.current);
+            report.generations.insert(0, g);
+        }
+    }
+    Ok(report)
+}
+
+fn generation_report(
+    dir: &Path,
+    manifest: &Manifest,
+    name: String,
+    current: Option<u64>,
+) -> GenerationReport {
+    let mut problems = Vec::new();
+    if manifest.generation != 0 && manifest.files.is_none() {
+        problems.push(format!("{name} names no files for a committed generation"));
+    }
+    if let Some(files) = &manifest.files {
+        // The memory's bytes are the caller's (opaque here): their checksum is what is checked.
+        if let Err(e) = load_generation(dir, manifest, files) {
+            problems.push(format!("{e:#}"));
+        }
+    }
+    GenerationReport {
+        generation: manifest.generation,
+        manifest: name,
+        applied_edits: manifest.applied_edit_ids.len(),
+        current: current == Some(manifest.generation),
+        problems,
+    }
+}
+
+/// Makes a kept, intact generation the current one (for a state whose newest generation is
+/// damaged): its manifest copy, checked with every file it names, replaces `manifest.json`
+/// atomically. The next commit continues from it.
+pub fn rollback(dir: &Path, generation: u64) -> Result<Manifest> {
+    let name = manifest_copy_name(generation);
+    let path = dir.join(&name);
+    let text = fs::read_to_string(&path).with_context(|| {
+        let kept: Vec<u64> = verify(dir)
+            .map(|r| r.generations.iter().map(|g| g.generation).collect())
+            .unwrap_or_default();
+        format!(
+            "edit state {} keeps no generation {generation} (no {name}); kept: {kept:?}",
+            dir.display()
+        )
+    })?;
+    let manifest = parse_manifest(&path, &text)?;
+    if let Some(files) = &manifest.files {
+        load_generation(dir, &manifest, files)
+            .with_context(|| format!("generation {generation} is damaged too"))?;
+    }
+    write_atomic(&dir.join(MANIFEST_FILE), text.as_bytes())?;
+    Ok(manifest)
 }
 
 /// Lists where two configs differ as "path: state has X, requested Y" (objects are compared key
@@ -625,6 +906,7 @@ mod tests {
         let path = dir.path().join(MANIFEST_FILE);
         let mut v: Value = serde_json::from_str(&fs::read_to_string(&path).unwrap()).unwrap();
         v["format_version"] = json!(1);
+        v.as_object_mut().unwrap().remove("manifest_sha256");
         let files = v["files"].as_object_mut().unwrap();
         files.remove("memory");
         files.remove("memory_sha256");
