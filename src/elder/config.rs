@@ -323,11 +323,13 @@ impl ElderConfig {
 
     /// The `default` preset: the paper's placement, trained and answered the way that keeps long
     /// streams of edits (BENCHMARKS.md has each setting measured alone and combined):
-    /// - scope from a key store of subject keys read early (block 2, the normed residual stream),
-    ///   with keys of generated variants of each prompt, and a relation check on the paper's query
-    ///   position (the last prompt token, just below the first MoLoRA layer) to pick among edits
-    ///   of one subject; a key counts only 0.25 above its best match on background text (keys
-    ///   read at a text's first tokens match any prompt's first tokens);
+    /// - scope from a key store of subject keys read early (block 4's MLP input: early enough to
+    ///   name the subject, late enough to see the words before its last token, so "Equatorial
+    ///   Guinea" no longer matches an edit of "Guinea"), with keys of generated variants of each
+    ///   prompt, and a relation check just below the first MoLoRA layer (the mean of the prompt's
+    ///   rows outside its subject, at the MLP's hidden activation) to pick among edits of one
+    ///   subject; a key counts only 0.25 above its best match on background text (keys read at a
+    ///   text's first tokens match any prompt's first tokens);
     /// - the matched edit's own allocation at inference; one fresh rank-4 expert per layer per edit,
     ///   so no edit overwrites another;
     /// - a scope threshold calibrated from the stream (the 0.9 quantile of the edits' impostor
@@ -361,7 +363,7 @@ impl ElderConfig {
             learning_rate: 1e-2,
             deferral: Deferral::KeyStore,
             key: KeyKind::Subject,
-            key_block: 2.min(first.saturating_sub(1)),
+            key_block: 4.min(first.saturating_sub(1)),
             key_proj: hidden_proj,
             key_variants: true,
             key_dim: 0,
