@@ -123,7 +123,13 @@ pub fn read_edits(path: &Path, format: DataFormat) -> Result<Vec<EditRecord>> {
 pub fn read_edits_lenient(path: &Path, format: DataFormat) -> Result<LenientRead> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading edit dataset {}", path.display()))?;
-    let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
+    parse_edits_lenient(path, &text, format)
+}
+
+/// [`read_edits_lenient`] on a dataset's text already in memory; `path` names it in errors and,
+/// with `DataFormat::Auto`, its extension takes part in detecting the format.
+pub fn parse_edits_lenient(path: &Path, text: &str, format: DataFormat) -> Result<LenientRead> {
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let format = resolve_format(path, text, format)?;
     let parsed = match format {
         DataFormat::Jsonl => jsonl::parse_lines(text),

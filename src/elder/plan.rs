@@ -376,12 +376,13 @@ pub fn key_texts(
         }
     }
     // The edit prompt itself was checked against the positions with its target; a variant
-    // with a sentence before it can still be too long for a short-context model, and is left out.
-    let mut index = 0;
-    out.retain(|k| {
-        index += 1;
-        index == 1 || k.tokens.len() <= max_positions
-    });
+    // with a sentence before it can still be too long for a short-context model. It becomes a
+    // copy of the prompt's key text instead (every edit keeps the store's number of keys).
+    for k in 1..out.len() {
+        if out[k].tokens.len() > max_positions {
+            out[k] = out[0].clone();
+        }
+    }
     Ok(out)
 }
 
@@ -507,5 +508,26 @@ mod tests {
         assert_eq!(replays(&memory, &[&alloc], 5).len(), 2);
         let alloc = vec![vec![2, 3], vec![3, 1]];
         assert_eq!(replays(&memory, &[&alloc], 5).len(), 1);
+    }
+    /// A key variant longer than the context (a background sentence before a long prompt) is
+    /// replaced by the prompt's own key text: the store keeps its number of keys per edit.
+    #[test]
+    fn key_variants_beyond_the_context_fall_back_to_the_prompt() {
+        use crate::model::tokenizer::Tokenizer;
+        let tok = Tokenizer::gpt2().unwrap();
+        let cfg = ElderConfig {
+            key_variants: true,
+            key: KeyKind::Subject,
+            ..ElderConfig::default()
+        };
+        let e = entry("x", "The capital of Chile is", Some("Chile"));
+        let roomy = key_texts(&cfg, &tok, &e, 1024).unwrap();
+        assert_eq!(roomy.len(), 3);
+        assert!(roomy[1].tokens.len() > roomy[0].tokens.len());
+        let tight = key_texts(&cfg, &tok, &e, roomy[0].tokens.len()).unwrap();
+        assert_eq!(tight.len(), 3);
+        assert_eq!(tight[0], roomy[0]);
+        assert_eq!(tight[1], roomy[0], "the prefixed prompt does not fit");
+        assert_eq!(tight[2], roomy[2], "the bare subject fits");
     }
 }

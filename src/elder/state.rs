@@ -474,6 +474,17 @@ fn load_generation(
     Ok((tensors, Some(codebook), memory))
 }
 
+/// Checks a manifest's text as opening a state does (JSON, a readable version, its shape and its
+/// checksum), without a state directory: for tools and the fuzz targets.
+pub fn parse_manifest_text(text: &str) -> Result<Manifest> {
+    parse_manifest(Path::new(MANIFEST_FILE), text)
+}
+
+/// Reads an experts file's bytes (`experts-NNNNNN.safetensors`) as opening a state does.
+pub fn parse_experts(bytes: &[u8]) -> Result<Vec<NamedTensor>> {
+    deserialize_tensors(bytes)
+}
+
 fn deserialize_tensors(bytes: &[u8]) -> Result<Vec<NamedTensor>> {
     let file = SafeTensors::deserialize(bytes).context("not a valid safetensors file")?;
     let mut tensors = Vec::new();

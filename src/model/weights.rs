@@ -169,28 +169,14 @@ impl Weights {
         // what any safetensors reader can defend against (transformers and candle map the same way).
         let map = unsafe { Mmap::map(&file) }
             .with_context(|| format!("cannot memory-map {}", path.display()))?;
-        check_header_length(path, &map)?;
-        let (header_len, metadata) = SafeTensors::read_metadata(&map).map_err(|e| {
-            anyhow::anyhow!(
-                "{} is not a valid safetensors file ({} bytes; truncated or corrupt?): {e}",
-                path.display(),
-                map.len()
-            )
-        })?;
-        let data_start = 8 + header_len;
         let file_idx = self.files.len();
-        for (name, info) in metadata.tensors() {
-            let (start, end) = info.data_offsets;
-            let bytes = (data_start + start)..(data_start + end);
-            // read_metadata already checks that offsets tile the data exactly; this guards the
-            // slicing below against any future relaxation of that check.
-            if bytes.end > map.len() || bytes.start > bytes.end {
-                bail!(
-                    "{}: tensor {name:?} data offsets {start}..{end} run past the end of the file ({} bytes)",
-                    path.display(),
-                    map.len()
-                );
-            }
+        for entry in read_table(path, &map)? {
+            let SafetensorsEntry {
+                name,
+                dtype,
+                shape,
+                bytes,
+            } = entry;
             if let Some(prev) = self.entries.get(&name) {
                 bail!(
                     "tensor {name:?} appears in both {} and {}",
@@ -200,8 +186,8 @@ impl Weights {
             }
             let entry = Entry {
                 info: TensorInfo {
-                    dtype: info.dtype,
-                    shape: info.shape.clone(),
+                    dtype,
+                    shape,
                     file: path.to_path_buf(),
                 },
                 file_idx,
@@ -396,6 +382,54 @@ impl Weights {
             .map(|b| format!("{b:02x}"))
             .collect::<String>()
     }
+}
+
+/// One tensor of a safetensors file's table, as [`read_table`] checked it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SafetensorsEntry {
+    pub name: String,
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    /// Absolute byte range inside the file (header already skipped), within `bytes.len()`.
+    pub bytes: Range<usize>,
+}
+
+/// Checks a safetensors file's header length and tensor table against its bytes (`path` only
+/// names it in errors) and returns the table. Every entry's byte range lies inside `bytes`.
+pub fn read_table(path: &Path, bytes: &[u8]) -> Result<Vec<SafetensorsEntry>> {
+    check_header_length(path, bytes)?;
+    let (header_len, metadata) = SafeTensors::read_metadata(bytes).map_err(|e| {
+        anyhow::anyhow!(
+            "{} is not a valid safetensors file ({} bytes; truncated or corrupt?): {e}",
+            path.display(),
+            bytes.len()
+        )
+    })?;
+    let data_start = 8 + header_len;
+    let mut table = Vec::new();
+    for (name, info) in metadata.tensors() {
+        let (start, end) = info.data_offsets;
+        // read_metadata already checks that offsets tile the data exactly; this guards the
+        // callers' slicing against any future relaxation of that check.
+        let range = data_start
+            .checked_add(start)
+            .zip(data_start.checked_add(end))
+            .filter(|(s, e)| s <= e && *e <= bytes.len());
+        let Some((start_abs, end_abs)) = range else {
+            bail!(
+                "{}: tensor {name:?} data offsets {start}..{end} run past the end of the file ({} bytes)",
+                path.display(),
+                bytes.len()
+            );
+        };
+        table.push(SafetensorsEntry {
+            name,
+            dtype: info.dtype,
+            shape: info.shape.clone(),
+            bytes: start_abs..end_abs,
+        });
+    }
+    Ok(table)
 }
 
 /// Checks the 8-byte header length against the file size, so a truncated file gets a message

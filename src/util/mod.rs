@@ -1,5 +1,6 @@
 //! Small helpers shared by several modules.
 pub mod atomic;
+pub mod fuzz_entry;
 
 /// FNV-1a of a string: a seed that is the same on every machine and in every run.
 pub fn stable_hash(s: &str) -> u64 {
