@@ -381,7 +381,12 @@ fn dispatch(cmd: Command, devices: Devices) -> Result<ExitCode> {
                 warn_skipped_steps(summary.skipped_steps);
             }
             if bad > 0 {
-                eprintln!("{bad} bad records were skipped (listed above)");
+                let (noun, verb) = if bad == 1 {
+                    ("record", "was")
+                } else {
+                    ("records", "were")
+                };
+                eprintln!("{bad} bad {noun} {verb} skipped (listed above)");
                 return Ok(ExitCode::from(2));
             }
         }
