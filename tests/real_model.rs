@@ -167,10 +167,12 @@ fn smollm2_default_preset_keeps_30_edits_of_each_dataset() {
                 m.table()
             );
             if preset == Preset::Default {
-                // The issue's bar is Rel and Loc >= 0.9 on both datasets. Measured (2026-12-04):
-                // geo 1.00 / 0.96, science 1.00 / 0.87, science short of it because its
-                // same-subject probes (CAS numbers) are always in scope (BENCHMARKS.md, "Edit
-                // quality"). Science is held to what it reaches, so a regression still fails.
+                // The issue's bar is Rel and Loc >= 0.9 on both datasets. Measured (2026-12-05,
+                // subject keys at block 4): geo 1.00 / 0.966, science 1.00 / 0.900 (2026-12-04:
+                // 0.87), science at the bar because its same-subject probes (CAS numbers) are
+                // always in scope (BENCHMARKS.md, "Edit quality"). One token of its 210 probes
+                // is 0.005 and other CPUs' rounding may move one, so science is held to 0.85:
+                // a regression still fails.
                 let loc_floor = if data.starts_with("science") {
                     0.85
                 } else {
