@@ -521,7 +521,14 @@ fn print_state_report(dir: &Path, report: &state::StateReport) {
     for leftover in &report.leftovers {
         println!("leftover of an interrupted write (removed by the next commit): {leftover}");
     }
-    if !report.current_intact() {
+    for problem in &report.current_problems {
+        println!("the current generation (from manifest.json): DAMAGED: {problem}");
+    }
+    if report.current_intact() {
+        if report.generations.iter().any(|g| !g.problems.is_empty()) {
+            println!("the current generation opens; the damaged files above are replaced by the next commits");
+        }
+    } else {
         match report.newest_intact() {
             Some(g) => println!(
                 "the current generation is damaged; roll back with: elder state rollback {} --to {g}",

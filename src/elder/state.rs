@@ -655,6 +655,8 @@ pub struct StateReport {
     pub current: Option<u64>,
     /// What is wrong with `manifest.json` itself (None: nothing).
     pub manifest_problem: Option<String>,
+    /// What is wrong with the files `manifest.json` names (what opening the state reads).
+    pub current_problems: Vec<String>,
     /// Every generation whose manifest is kept, newest first.
     pub generations: Vec<GenerationReport>,
     /// Temp files of interrupted writes (harmless; the next commit removes them).
@@ -664,11 +666,7 @@ pub struct StateReport {
 impl StateReport {
     /// Whether the current generation opens: its manifest and every file it names check out.
     pub fn current_intact(&self) -> bool {
-        self.manifest_problem.is_none()
-            && self
-                .generations
-                .iter()
-                .any(|g| g.current && g.problems.is_empty())
+        self.manifest_problem.is_none() && self.current_problems.is_empty()
     }
 
     /// The newest generation that is intact, to roll back to.
@@ -700,9 +698,17 @@ pub fn verify(dir: &Path) -> Result<StateReport> {
         dir.display()
     );
     let current = read_manifest(dir);
+    let current_generation = current.as_ref().ok().map(|m| m.generation);
     let mut report = StateReport {
-        current: current.as_ref().ok().map(|m| m.generation),
+        current: current_generation,
         manifest_problem: current.as_ref().err().map(|e| format!("{e:#}")),
+        current_problems: match &current {
+            Ok(m) => {
+                let name = MANIFEST_FILE.to_string();
+                generation_report(dir, m, name, current_generation).problems
+            }
+            Err(_) => Vec::new(),
+        },
         generations: Vec::new(),
         leftovers: names
             .iter()
