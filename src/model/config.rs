@@ -54,6 +54,11 @@ pub struct ModelConfig {
     pub eos_token_id: Option<u32>,
 }
 
+/// The largest vocabulary, width, depth, head count or context length a config may declare
+/// (2^24: far above any real model, small enough that the product of two, such as q_dim or a
+/// weight matrix's element count, cannot overflow).
+pub const MAX_SIZE: usize = 1 << 24;
+
 fn get_usize(v: &Value, key: &str) -> Option<usize> {
     v.get(key).and_then(Value::as_u64).map(|x| x as usize)
 }
@@ -145,7 +150,8 @@ impl ModelConfig {
                     num_heads: heads,
                     num_kv_heads: heads,
                     head_dim: d / heads.max(1),
-                    intermediate_size: get_usize(v, "n_inner").unwrap_or(4 * d),
+                    // Saturating: an absurd n_embd is refused by `validate`, not an overflow.
+                    intermediate_size: get_usize(v, "n_inner").unwrap_or(d.saturating_mul(4)),
                     max_positions: need("n_positions")?,
                     norm_eps: get_f32(v, "layer_norm_epsilon").unwrap_or(1e-5),
                     rope_theta: 0.0,
@@ -193,6 +199,23 @@ impl ModelConfig {
 
     /// Rejects shapes the forward pass cannot run.
     pub fn validate(&self) -> Result<()> {
+        // Bounds every size, so the products the engine forms from them (q_dim, kv_dim, a weight
+        // matrix's element count) cannot overflow on a damaged config.
+        let sizes = [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("num_layers", self.num_layers),
+            ("num_heads", self.num_heads),
+            ("num_kv_heads", self.num_kv_heads),
+            ("head_dim", self.head_dim),
+            ("intermediate_size", self.intermediate_size),
+            ("max_positions", self.max_positions),
+        ];
+        for (name, size) in sizes {
+            if size > MAX_SIZE {
+                bail!("{name} {size} is too large (at most {MAX_SIZE})");
+            }
+        }
         if self.vocab_size == 0 || self.hidden_size == 0 || self.num_layers == 0 {
             bail!("vocab_size, hidden_size and num_layers must be positive");
         }

@@ -111,6 +111,9 @@ pub fn convert(g: &GgufFile) -> Result<(Vec<NamedTensor>, ImportSummary, String)
             );
         };
         let shape = info.hf_shape();
+        // Shapes first: a tensor the config cannot hold is refused before any work on it.
+        check_shape(&config, &hf_name, &shape)
+            .with_context(|| format!("{file}: {:?}", info.name))?;
         let mut data = g.tensor_f32(info)?;
         if hf_name.ends_with("q_proj.weight") {
             unpermute_rows(&mut data, &shape, config.num_heads)
@@ -119,8 +122,6 @@ pub fn convert(g: &GgufFile) -> Result<(Vec<NamedTensor>, ImportSummary, String)
             unpermute_rows(&mut data, &shape, config.num_kv_heads)
                 .with_context(|| format!("{file}: tensor {:?}", info.name))?;
         }
-        check_shape(&config, &hf_name, &shape)
-            .with_context(|| format!("{file}: {:?}", info.name))?;
         *dtypes.entry(info.dtype.name()).or_insert(0) += 1;
         params += data.len() as u64;
         tensors.push(NamedTensor {
@@ -234,9 +235,17 @@ pub fn unpermute_rows(data: &mut [f32], shape: &[usize], heads: usize) -> Result
     };
     let (rows, cols) = (*rows, *cols);
     ensure!(
+        rows.checked_mul(cols) == Some(data.len()),
+        "shape {shape:?} does not hold the tensor's {} values",
+        data.len()
+    );
+    ensure!(
         heads > 0 && rows % heads == 0 && (rows / heads).is_multiple_of(2),
         "cannot split {rows} rows into {heads} heads of even size"
     );
+    if data.is_empty() {
+        return Ok(());
+    }
     let head_dim = rows / heads;
     let half = head_dim / 2;
     let src = data.to_vec();

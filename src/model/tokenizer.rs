@@ -66,26 +66,53 @@ impl Tokenizer {
     }
 
     /// Parses the text of a `tokenizer.json`.
+    ///
+    /// The text is checked to be JSON first: the tokenizers crate (0.22) panics, rather than
+    /// failing, on a syntax error inside the `decoder` object, and on some well-formed but
+    /// incomplete objects (a `Precompiled` normalizer without its charsmap, a template that names
+    /// a special token it does not define). Such panics are caught and returned as errors, here
+    /// and in every later call into the crate ([`guarded`]), and a probe text is encoded once so
+    /// a tokenizer that cannot encode is refused when it is loaded, not at its first use.
     pub fn from_json(json: &str, arch: Arch) -> Result<Tokenizer> {
-        let inner = tokenizers::Tokenizer::from_str(json)
-            .map_err(|e| anyhow!("not a valid tokenizer.json: {e}"))?;
+        const WHAT: &str = "not a valid tokenizer.json";
+        serde_json::from_str::<serde::de::IgnoredAny>(json)
+            .map_err(|e| anyhow!("{WHAT}: invalid JSON: {e}"))?;
+        let inner = guarded(WHAT, || {
+            tokenizers::Tokenizer::from_str(json).map_err(|e| anyhow!("{WHAT}: {e}"))
+        })?;
+        let add_special_tokens = arch == Arch::Llama;
+        guarded(WHAT, || {
+            // Only a panic refuses the file: a probe that merely fails to encode (no unknown
+            // token for a character) says nothing about the prompts it will be given.
+            let _ = inner.encode("The probe, 1.", add_special_tokens);
+            Ok(())
+        })?;
         let vocab = inner.get_vocab(true);
         let vocab_size = vocab.values().max().map_or(0, |m| *m as usize + 1);
         let eos_id = EOS_CANDIDATES.iter().find_map(|t| vocab.get(*t).copied());
         Ok(Tokenizer {
             inner,
-            add_special_tokens: arch == Arch::Llama,
+            add_special_tokens,
             vocab_size,
             eos_id,
         })
     }
 
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self
-            .inner
-            .encode(text, self.add_special_tokens)
-            .map_err(|e| anyhow!("cannot tokenize {text:?}: {e}"))?;
-        Ok(enc.get_ids().to_vec())
+        Ok(self
+            .encoding(text, self.add_special_tokens)?
+            .get_ids()
+            .to_vec())
+    }
+
+    /// The crate's encoding of `text`, with its errors and panics as errors.
+    fn encoding(&self, text: &str, add_special_tokens: bool) -> Result<tokenizers::Encoding> {
+        let what = format!("cannot tokenize {text:?}");
+        guarded(&what, || {
+            self.inner
+                .encode(text, add_special_tokens)
+                .map_err(|e| anyhow!("{what}: {e}"))
+        })
     }
 
     /// The prompt's tokens (as [`Tokenizer::encode`]) and the index of the token that holds the
@@ -107,10 +134,7 @@ impl Tokenizer {
         prompt: &str,
         subject: &str,
     ) -> Result<(Vec<u32>, Option<Range<usize>>)> {
-        let enc = self
-            .inner
-            .encode(prompt, self.add_special_tokens)
-            .map_err(|e| anyhow!("cannot tokenize {prompt:?}: {e}"))?;
+        let enc = self.encoding(prompt, self.add_special_tokens)?;
         let span = match prompt.rfind(subject.trim()) {
             Some(start) if !subject.trim().is_empty() => {
                 let last_byte = start + subject.trim().len() - 1;
@@ -133,20 +157,19 @@ impl Tokenizer {
     /// Tokens of a continuation appended to a prompt: never adds special tokens (no second BOS in
     /// the middle of a sequence).
     pub fn encode_continuation(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self
-            .inner
-            .encode(text, false)
-            .map_err(|e| anyhow!("cannot tokenize {text:?}: {e}"))?;
-        Ok(enc.get_ids().to_vec())
+        Ok(self.encoding(text, false)?.get_ids().to_vec())
     }
 
     /// Decodes ids to text, dropping special tokens. Ids the tokenizer does not know are skipped:
     /// a model's embedding table may be larger than its tokenizer (padded vocabularies, random
     /// presets), and sampling can land there.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.inner
-            .decode(ids, true)
-            .map_err(|e| anyhow!("cannot decode {} ids: {e}", ids.len()))
+        let what = format!("cannot decode {} ids", ids.len());
+        guarded(&what, || {
+            self.inner
+                .decode(ids, true)
+                .map_err(|e| anyhow!("{what}: {e}"))
+        })
     }
 
     /// One past the largest token id (added tokens included).
@@ -178,6 +201,21 @@ impl Tokenizer {
 }
 
 /// `eos_token` from `tokenizer_config.json` (a string or `{"content": ...}`), when present.
+/// Runs a call into the tokenizers crate, which panics on some malformed tokenizer.json files
+/// (see [`Tokenizer::from_json`]): a panic becomes an error that starts with `what`.
+fn guarded<T>(what: &str, call: impl FnOnce() -> Result<T>) -> Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(call)).unwrap_or_else(|panic| {
+        let why = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        Err(anyhow!(
+            "{what}: the tokenizers library failed on it ({why})"
+        ))
+    })
+}
+
 fn eos_from_tokenizer_config(dir: &Path, tok: &tokenizers::Tokenizer) -> Result<Option<u32>> {
     let path = dir.join("tokenizer_config.json");
     if !path.is_file() {

@@ -17,8 +17,11 @@ use crate::model::gguf::parse::GgufFile;
 use crate::model::tokenizer::Tokenizer;
 use crate::model::weights::{convert_to, dtype_size, read_table};
 
+/// A target's body: one input's bytes in, Ok or Err out.
+pub type Entry = fn(&[u8]) -> Result<()>;
+
 /// Every target, by name: the `fuzz/fuzz_targets/<name>.rs` files and `fuzz/corpus/<name>/`.
-pub const TARGETS: &[(&str, fn(&[u8]) -> Result<()>)] = &[
+pub const TARGETS: &[(&str, Entry)] = &[
     ("safetensors", safetensors),
     ("gguf", gguf),
     ("gguf_dequant", gguf_dequant),
