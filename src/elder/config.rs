@@ -309,6 +309,9 @@ pub const QUESTION_FRAMES: &[&str] = &[
     "{} what? It is",
 ];
 
+/// The most experts per MoLoRA layer a config may ask for (the paper uses 4).
+pub const MAX_EXPERTS: usize = 1 << 16;
+
 /// Number of MoLoRA layers the defaults use.
 const DEFAULT_LAYERS: usize = 6;
 
@@ -474,6 +477,14 @@ impl ElderConfig {
             bail!(
                 "molora_blocks must be strictly increasing, got {:?}",
                 self.molora_blocks
+            );
+        }
+        // Bounded so that the products formed from it (the code bits, an expert pool's size)
+        // cannot overflow on a damaged config.
+        if self.num_experts > MAX_EXPERTS {
+            bail!(
+                "num_experts {} is too large (at most {MAX_EXPERTS})",
+                self.num_experts
             );
         }
         // The query only matters where the routers choose the experts.
@@ -802,6 +813,20 @@ mod tests {
         );
         let err = ElderConfig::from_toml_str("preset = \"papr\"", &m, Preset::Default).unwrap_err();
         assert!(format!("{err:#}").contains("paper"), "{err:#}");
+    }
+
+    #[test]
+    fn an_absurd_expert_count_is_refused() {
+        let m = ModelConfig {
+            max_positions: 16,
+            ..crate::model::presets::preset(crate::model::Arch::Llama, "tiny").unwrap()
+        };
+        let cfg = ElderConfig {
+            num_experts: usize::MAX / 2,
+            ..ElderConfig::preset(Preset::Paper, &m)
+        };
+        let e = cfg.validate(&m).unwrap_err().to_string();
+        assert!(e.contains("num_experts") && e.contains("too large"), "{e}");
     }
 
     #[test]
