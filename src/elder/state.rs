@@ -253,11 +253,8 @@ impl EditState {
                 // clean (best effort: the error is the news).
                 let committed = read_manifest(&self.dir).is_ok_and(|m| m.generation == generation);
                 if !committed {
-                    for name in generation_file_names(generation) {
-                        let _ = fs::remove_file(self.dir.join(name));
-                    }
+                    let _ = remove_stale_files(&self.dir, self.manifest.generation);
                 }
-                let _ = remove_temp_files(&self.dir);
                 return Err(e.context(format!(
                     "commit of generation {generation} to {} failed; the state stays at \
                      generation {}",
@@ -625,16 +622,6 @@ fn remove_stale_files(dir: &Path, current: u64) -> Result<()> {
     sync_dir(dir)
 }
 
-fn remove_temp_files(dir: &Path) -> Result<()> {
-    for entry in fs::read_dir(dir)? {
-        let name = entry?.file_name().to_string_lossy().into_owned();
-        if is_atomic_temp_file(&name) {
-            fs::remove_file(dir.join(&name))?;
-        }
-    }
-    Ok(())
-}
-
 /// What [`verify`] found in one kept generation.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct GenerationReport {
@@ -699,16 +686,18 @@ pub fn verify(dir: &Path) -> Result<StateReport> {
     );
     let current = read_manifest(dir);
     let current_generation = current.as_ref().ok().map(|m| m.generation);
+    // The current generation's files are read once, for manifest.json and its identical copy.
+    let current_report = current
+        .as_ref()
+        .ok()
+        .map(|m| generation_report(dir, m, MANIFEST_FILE.to_string(), current_generation));
     let mut report = StateReport {
         current: current_generation,
         manifest_problem: current.as_ref().err().map(|e| format!("{e:#}")),
-        current_problems: match &current {
-            Ok(m) => {
-                let name = MANIFEST_FILE.to_string();
-                generation_report(dir, m, name, current_generation).problems
-            }
-            Err(_) => Vec::new(),
-        },
+        current_problems: current_report
+            .as_ref()
+            .map(|g| g.problems.clone())
+            .unwrap_or_default(),
         generations: Vec::new(),
         leftovers: names
             .iter()
@@ -722,6 +711,12 @@ pub fn verify(dir: &Path) -> Result<StateReport> {
             .with_context(|| format!("reading {}", dir.join(&name).display()))
             .and_then(|text| parse_manifest(&dir.join(&name), &text));
         report.generations.push(match checked {
+            Ok(m) if Some(&m) == current.as_ref().ok() => GenerationReport {
+                manifest: name,
+                ..current_report
+                    .clone()
+                    .expect("a readable manifest has a report")
+            },
             Ok(m) => generation_report(dir, &m, name, report.current),
             Err(e) => GenerationReport {
                 generation,
@@ -733,9 +728,8 @@ pub fn verify(dir: &Path) -> Result<StateReport> {
         });
     }
     // An old-format state keeps no copies: its one generation is read from manifest.json.
-    if let Ok(m) = &current {
+    if let (Ok(m), Some(g)) = (&current, current_report) {
         if !copies.contains(&m.generation) {
-            let g = generation_report(dir, m, MANIFEST_FILE.to_string(), report.current);
             report.generations.insert(0, g);
         }
     }
