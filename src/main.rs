@@ -556,7 +556,7 @@ fn read_records(
         records.truncate(n);
     }
     let mut bad = read.errors.len();
-    records.retain(|r| match base.check_records([r]) {
+    records.retain(|r| match base.tokenize_edits([r]).map(|_| ()) {
         Ok(()) => true,
         Err(e) => {
             eprintln!("{}: {e:#}", path.display());

@@ -105,17 +105,14 @@ impl BaseModel {
             .collect()
     }
 
-    /// Tokenizes every record once and checks each sequence against the model's positions, so a
+    /// Tokenizes every record, checking each sequence against the model's positions, so a
     /// record that cannot be trained or scored is refused before any work (and before any edit
     /// of the stream is committed), naming the record.
-    pub fn check_records<'r>(
+    pub fn tokenize_edits<'r>(
         &self,
         records: impl IntoIterator<Item = &'r EditRecord>,
-    ) -> Result<()> {
-        for r in records {
-            self.tokenize_edit(r)?;
-        }
-        Ok(())
+    ) -> Result<Vec<TokenizedEdit>> {
+        records.into_iter().map(|r| self.tokenize_edit(r)).collect()
     }
 
     pub fn tokenize_edit(&self, r: &EditRecord) -> Result<TokenizedEdit> {
@@ -434,7 +431,7 @@ pub fn apply_stream_on(
         .filter(|r| !done.contains(r.id.as_str()))
         .collect();
     let already = records.len() - todo.len();
-    base.check_records(todo.iter().copied())?;
+    let tokenized_todo = base.tokenize_edits(todo.iter().copied())?;
     if session.elder.cfg.query_centering && session.elder.query_mean.is_none() {
         // Once per state: later batches (and resumed runs) keep the stored mean.
         let prompts = calibration_prompts(base, records, session.elder.cfg.calibration_records)?;
@@ -444,13 +441,10 @@ pub fn apply_stream_on(
     let start = Instant::now();
     let (mut first_sum, mut last_sum, mut batches) = (0.0f64, 0.0f64, 0usize);
     let (mut skipped_steps, mut iterations, mut commit_seconds) = (0, 0usize, 0.0f64);
-    for chunk in todo.chunks(session.elder.cfg.batch_size.max(1)) {
-        let tokenized = chunk
-            .iter()
-            .map(|r| base.tokenize_edit(r))
-            .collect::<Result<Vec<_>>>()?;
+    let batch = session.elder.cfg.batch_size.max(1);
+    for (chunk, tokenized) in todo.chunks(batch).zip(tokenized_todo.chunks(batch)) {
         let report =
-            device.apply_edit_batch(base, &mut session.elder, chunk, &tokenized, |_, loss| {
+            device.apply_edit_batch(base, &mut session.elder, chunk, tokenized, |_, loss| {
                 bar.set_message(format!("loss {loss:.3}"));
             })?;
         let ids: Vec<String> = chunk.iter().map(|r| r.id.clone()).collect();
@@ -467,7 +461,7 @@ pub fn apply_stream_on(
         commit_seconds += commit_start.elapsed().as_secs_f64();
         iterations += report.iterations;
         if let Some(ev) = each.as_deref_mut() {
-            device.score_applied(ev, base, &session.elder, &tokenized)?;
+            device.score_applied(ev, base, &session.elder, tokenized)?;
         }
         first_sum += report.first_loss as f64;
         last_sum += report.last_loss as f64;
@@ -624,15 +618,11 @@ pub fn score_records(
     show_progress: bool,
     ev: &mut Evaluator,
 ) -> Result<()> {
-    base.check_records(records)?;
+    let tokenized = base.tokenize_edits(records)?;
     let bar = progress_bar(records.len() as u64, show_progress);
     bar.set_message("evaluating");
-    for chunk in records.chunks(8) {
-        let tokenized = chunk
-            .iter()
-            .map(|r| base.tokenize_edit(r))
-            .collect::<Result<Vec<_>>>()?;
-        ev.add_with(scorer, &tokenized)?;
+    for chunk in tokenized.chunks(8) {
+        ev.add_with(scorer, chunk)?;
         bar.inc(chunk.len() as u64);
     }
     bar.finish_and_clear();
