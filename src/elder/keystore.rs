@@ -208,6 +208,10 @@ fn mean_of_rows(
     mean
 }
 
+/// The least weight a context row keeps in a `weighted_context` key (a row that is generic text
+/// still says a little; and a prompt made only of such rows still gets a key).
+const MIN_ROW_WEIGHT: f32 = 0.02;
+
 /// The relation keys of the edits (with `relation_check`): which of several edits about one
 /// subject a prompt asks about.
 #[derive(Debug, Clone, PartialEq)]
@@ -219,6 +223,9 @@ pub struct RelationKeys {
     /// Each edit's subject length in tokens (`context` keys: how many rows before a query's
     /// matched subject position are its subject too).
     pub subject_tokens: Vec<u32>,
+    /// The background text's rows (positions 1 on) as unit vectors `[rows, dim]`, which
+    /// `weighted_context` keys measure each row's ceiling against (empty for the other kinds).
+    pub background: Derived<Vec<f32>>,
 }
 
 impl RelationKeys {
@@ -228,7 +235,34 @@ impl RelationKeys {
             space,
             rows: Vec::new(),
             subject_tokens: Vec::new(),
+            background: Derived(Vec::new()),
         }
+    }
+
+    /// Whether this kind of key needs the background rows (see [`RelationKeys::background`]).
+    pub fn needs_background(&self) -> bool {
+        self.kind == RelationKey::WeightedContext
+    }
+
+    /// Keeps the background text's rows at the relation site (`[len, width]` per text) for the
+    /// kinds that need them.
+    pub fn set_background(&mut self, texts: &[&[f32]]) {
+        if !self.needs_background() {
+            return;
+        }
+        let w = self.space.width;
+        self.background = Derived(
+            texts
+                .iter()
+                .flat_map(|rows| {
+                    rows.chunks(w)
+                        .enumerate()
+                        .skip(1)
+                        .flat_map(|(pos, row)| self.space.embed(row, pos))
+                        .collect::<Vec<_>>()
+                })
+                .collect(),
+        );
     }
 
     /// The relation key of a text from its rows at the relation site `[len, width]`, its subject
@@ -250,7 +284,54 @@ impl RelationKeys {
                 self.space
                     .embed(&mean_of_rows(rows, w, kept.into_iter()), 1)
             }
+            RelationKey::WeightedContext => {
+                let kept: Vec<usize> = (1..len).filter(|p| !subject.contains(p)).collect();
+                if kept.is_empty() {
+                    return self.space.embed(&rows[last * w..], last);
+                }
+                self.weighted_context(rows, &kept)
+            }
         }
+    }
+
+    /// The `weighted_context` key of the rows at `kept`: their unit vectors weighted by one
+    /// minus their ceiling on the background text (at least [`MIN_ROW_WEIGHT`]), summed, unit.
+    fn weighted_context(&self, rows: &[f32], kept: &[usize]) -> Vec<f32> {
+        let (w, d) = (self.space.width, self.space.dim);
+        let units: Vec<f32> = kept
+            .iter()
+            .flat_map(|&p| self.space.embed(&rows[p * w..(p + 1) * w], p))
+            .collect();
+        let bg = &self.background.0;
+        assert!(
+            !bg.is_empty(),
+            "weighted_context relation keys need the background rows (ensure_key_store first)"
+        );
+        let n_bg = bg.len() / d;
+        // sims [kept, n_bg] = units . background^T
+        let mut sims = vec![0.0f32; kept.len() * n_bg];
+        gemm_strided(
+            kept.len(),
+            n_bg,
+            d,
+            &units,
+            (d as isize, 1),
+            bg,
+            (1, d as isize),
+            &mut sims,
+            false,
+        );
+        let mut key = vec![0.0f32; d];
+        for (unit, row_sims) in units.chunks(d).zip(sims.chunks(n_bg)) {
+            let ceiling = row_sims.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let weight = (1.0 - ceiling).max(MIN_ROW_WEIGHT);
+            key.iter_mut().zip(unit).for_each(|(k, u)| *k += weight * u);
+        }
+        let norm = key.iter().map(|x| x * x).sum::<f32>().sqrt();
+        if norm > 1e-12 {
+            key.iter_mut().for_each(|x| *x /= norm);
+        }
+        key
     }
 
     /// The subject rows of a query whose subject key of `entry` matched at `position`: as many
@@ -621,7 +702,12 @@ impl Elder {
         self.cfg.deferral == Deferral::KeyStore
             && match &self.key_store {
                 None => true,
-                Some(s) => s.ceilings.is_on() && s.ceilings.background.0.is_empty(),
+                Some(s) => {
+                    (s.ceilings.is_on() && s.ceilings.background.0.is_empty())
+                        || s.relation
+                            .as_ref()
+                            .is_some_and(|r| r.needs_background() && r.background.0.is_empty())
+                }
             }
     }
 
@@ -647,8 +733,17 @@ impl Elder {
                 })
                 .collect()
         };
+        let relation_rows = |site: Option<&Site>| -> Vec<&[f32]> {
+            site.map(|s| inputs.iter().map(|m| m[s].as_slice()).collect())
+                .unwrap_or_default()
+        };
         if let Some(store) = &mut self.key_store {
-            store.ceilings.background = Derived(background_keys(&store.space));
+            if store.ceilings.is_on() {
+                store.ceilings.background = Derived(background_keys(&store.space));
+            }
+            if let Some(relation) = &mut store.relation {
+                relation.set_background(&relation_rows(sites.get(1)));
+            }
             return Ok(());
         }
         let space = |site: Site, key_dim: usize, centred: bool| -> Result<KeySpace> {
@@ -661,7 +756,11 @@ impl Elder {
         let centred = !matches!(cfg.key, KeyKind::LastToken | KeyKind::PromptMean);
         let key_space = space(sites[0], cfg.key_dim, centred)?;
         let relation = match sites.get(1) {
-            Some(&s) => Some(RelationKeys::new(cfg.relation_key, space(s, 0, true)?)),
+            Some(&s) => {
+                let mut keys = RelationKeys::new(cfg.relation_key, space(s, 0, true)?);
+                keys.set_background(&relation_rows(Some(&s)));
+                Some(keys)
+            }
             None => None,
         };
         let ceilings = match cfg.key_ceiling_margin {
@@ -903,6 +1002,38 @@ mod tests {
         assert_eq!(keys.query_subject(0, 1), 0..2);
         assert_eq!(keys.query_subject(1, 4), 4..5);
         assert!((keys.similarity(1, &[0.0, 0.5, 0.0]) - 0.5).abs() < 1e-6);
+    }
+
+    /// A weighted context key keeps the rows unlike the background text and nearly drops the
+    /// rows the background text already has (a question's generic framing).
+    #[test]
+    fn weighted_context_keys_drop_rows_like_the_background() {
+        let mut keys = RelationKeys::new(RelationKey::WeightedContext, space(3, 0));
+        assert!(keys.needs_background());
+        // Background rows (centred on 1) along x; position 0 is never kept.
+        let background = [[9.0, 9.0, 9.0], [4.0, 1.0, 1.0], [3.0, 1.0, 1.0]].concat();
+        keys.set_background(&[&background]);
+        assert_eq!(keys.background.0, vec![1.0, 0.0, 0.0, 1.0, 0.0, 0.0]);
+        // Rows 1 (x: generic), 2 (the subject) and 3 (y: the relation's own word).
+        let rows = [
+            [100.0, 100.0, 100.0],
+            [5.0, 1.0, 1.0],
+            [1.0, 1.0, 9.0],
+            [1.0, 3.0, 1.0],
+        ]
+        .concat();
+        let k = keys.key(&rows, 2..3);
+        // x weighs MIN_ROW_WEIGHT, y weighs 1 (its ceiling is 0).
+        let n = (1.0 + MIN_ROW_WEIGHT * MIN_ROW_WEIGHT).sqrt();
+        assert!((k[0] - MIN_ROW_WEIGHT / n).abs() < 1e-6, "{k:?}");
+        assert!((k[1] - 1.0 / n).abs() < 1e-6 && k[2].abs() < 1e-6, "{k:?}");
+        // The plain context key (the centred mean of the raw rows, (2, 1, 0)) is mostly x.
+        let plain = RelationKeys::new(RelationKey::Context, space(3, 0)).key(&rows, 2..3);
+        assert!(plain[0] > 0.85 && plain[1] < 0.5, "{plain:?}");
+        // The other kinds keep no background.
+        let mut last = RelationKeys::new(RelationKey::LastToken, space(3, 0));
+        last.set_background(&[&background]);
+        assert!(last.background.0.is_empty());
     }
 
     /// A key counts only where it beats its ceiling (its best match on background text) by the
