@@ -4,9 +4,12 @@
 //! - [`backend`]: the ops every backend implements (CPU reference; CUDA kernels when built with nvcc).
 //! - [`elder`]: MoLoRA layers, routers, codebook and deferral, the trainer, the durable edit state.
 //! - [`data`]: edit records and dataset readers; [`eval`]: metrics and protocols.
+//! - [`session`]: a base model, an edit state and the edit stream on one trainer;
+//!   [`engine`]: the handle every command uses, a base model on the device chosen once.
 pub mod backend;
 pub mod data;
 pub mod elder;
+pub mod engine;
 pub mod eval;
 pub mod model;
 pub mod session;

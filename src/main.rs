@@ -2,28 +2,21 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
-use elder::backend::cuda::model::{
-    open_gpu_editor, open_gpu_model, Capacity, GpuDtype, GpuRunner, GpuScorer,
-};
-use elder::backend::cuda::GpuDevice;
-use elder::backend::select::{self, Availability, Backend, DeviceRequest};
+use elder::backend::cuda::model::GpuDtype;
+use elder::backend::select::DeviceRequest;
 use elder::data::{read_edits_lenient, DataFormat, EditRecord};
 use elder::elder::config::{ElderConfig, Preset};
-use elder::elder::molora::ElderAdapter;
 use elder::elder::state;
-use elder::eval::{Evaluator, Metrics, Protocol, EVAL_BATCH};
+use elder::engine::{DeviceChoice, Engine};
+use elder::eval::{Evaluator, Metrics, Protocol};
 use elder::model::checkpoint::StoreDtype;
 use elder::model::presets::{default_dtype, preset, write_random_checkpoint};
-use elder::model::{Arch, NoAdapter};
-use elder::session::{
-    apply_stream_on, evaluate_final, evaluate_final_on, evaluate_final_with, score_records,
-    BaseModel, EditDevice, EditSession, StreamSummary,
-};
+use elder::model::Arch;
+use elder::session::{BaseModel, EditSession, StreamSummary};
 
 #[derive(Parser)]
 #[command(
@@ -41,65 +34,6 @@ struct Cli {
     gpu_dtype: GpuDtype,
     #[command(subcommand)]
     command: Command,
-}
-
-/// The device choice of this invocation.
-#[derive(Clone, Copy)]
-struct Devices {
-    request: DeviceRequest,
-    dtype: GpuDtype,
-}
-
-impl Devices {
-    /// The GPU a command runs on, or `None` for the CPU. `gpu_path` is `Err(reason)` for commands
-    /// without a CUDA path. `auto` falls back to the CPU (with a note) when a driver loads but no
-    /// device opens.
-    fn open(&self, gpu_path: std::result::Result<(), &str>) -> Result<GpuRun> {
-        let avail = Availability::detect();
-        if let (DeviceRequest::Auto, Err(reason), true) =
-            (self.request, gpu_path, avail.kernels && avail.driver)
-        {
-            eprintln!("note: running on the CPU: {reason}");
-        }
-        match select::choose(self.request, gpu_path, avail)? {
-            Backend::Cpu => Ok(None),
-            Backend::Cuda => match GpuDevice::new(0) {
-                Ok(dev) => Ok(Some((dev, self.dtype))),
-                Err(e) if self.request == DeviceRequest::Auto => {
-                    eprintln!("note: a CUDA driver is present but no device opened ({e:#}); running on the CPU");
-                    Ok(None)
-                }
-                Err(e) => Err(e.context("--device cuda")),
-            },
-        }
-    }
-}
-
-impl Devices {
-    /// `--device cuda` without a usable CUDA build or driver fails here, naming the device,
-    /// before any file is read.
-    fn ensure_reachable(&self) -> Result<()> {
-        if self.request == DeviceRequest::Cuda {
-            select::choose(self.request, Ok(()), Availability::detect())?;
-        }
-        Ok(())
-    }
-
-    /// [`Devices::open`] for a command that runs the method with `cfg`: settings the GPU path
-    /// does not have keep it on the CPU (`auto`, with a note) or are refused (`cuda`).
-    fn open_for(&self, cfg: &ElderConfig) -> Result<GpuRun> {
-        let missing = cfg.gpu_unsupported();
-        if missing.is_empty() {
-            return self.open(Ok(()));
-        }
-        let reason = format!(
-            "the {} preset's {} {} not on the GPU yet",
-            cfg.preset.as_str(),
-            missing.join(", "),
-            if missing.len() == 1 { "is" } else { "are" }
-        );
-        self.open(Err(&reason))
-    }
 }
 
 #[derive(Subcommand)]
@@ -210,7 +144,7 @@ enum Command {
         #[arg(long, value_name = "NAME=VALUE")]
         rekey: Vec<String>,
         /// Also write every scored prompt (record id, role, probe kind, accuracy, scope,
-        /// similarity, argmax tokens) to this JSONL file (final protocol, CPU).
+        /// similarity, argmax tokens) to this JSONL file (final protocol).
         #[arg(long)]
         details: Option<PathBuf>,
         #[arg(long)]
@@ -279,7 +213,7 @@ fn main() -> ExitCode {
         libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
     }
     let cli = Cli::parse();
-    let devices = Devices {
+    let devices = DeviceChoice {
         request: cli.device,
         dtype: cli.gpu_dtype,
     };
@@ -292,7 +226,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn dispatch(cmd: Command, devices: Devices) -> Result<ExitCode> {
+fn dispatch(cmd: Command, devices: DeviceChoice) -> Result<ExitCode> {
     if !matches!(
         cmd,
         Command::InitRandom { .. } | Command::ImportGguf { .. } | Command::State { .. }
@@ -307,13 +241,8 @@ fn dispatch(cmd: Command, devices: Devices) -> Result<ExitCode> {
             state,
             json,
         } => {
-            let base = BaseModel::open(&model)?;
-            let session = state.as_deref().map(|d| open_state(&base, d)).transpose()?;
-            let run = match &session {
-                Some(s) => devices.open_for(&s.elder.cfg)?,
-                None => devices.open(Ok(()))?,
-            };
-            generate(run, &base, &prompt, max_new_tokens, session.as_ref(), json)?
+            let (mut engine, session) = open_engine(devices, &model, state.as_deref())?;
+            generate(&mut engine, &prompt, max_new_tokens, session.as_ref(), json)?
         }
         Command::Score {
             model,
@@ -322,13 +251,8 @@ fn dispatch(cmd: Command, devices: Devices) -> Result<ExitCode> {
             state,
             json,
         } => {
-            let base = BaseModel::open(&model)?;
-            let session = state.as_deref().map(|d| open_state(&base, d)).transpose()?;
-            let run = match &session {
-                Some(s) => devices.open_for(&s.elder.cfg)?,
-                None => devices.open(Ok(()))?,
-            };
-            score(run, &base, &prompt, &target, session.as_ref(), json)?
+            let (mut engine, session) = open_engine(devices, &model, state.as_deref())?;
+            score(&mut engine, &prompt, &target, session.as_ref(), json)?
         }
         Command::InitRandom {
             arch,
@@ -362,9 +286,9 @@ fn dispatch(cmd: Command, devices: Devices) -> Result<ExitCode> {
             let (records, bad) = read_records(&base, &edits, format, limit)?;
             let cfg = load_config(config.as_deref(), preset, batch_size, &base)?;
             let mut session = EditSession::open(&base, &state, cfg)?;
-            let run = devices.open_for(&session.elder.cfg)?;
-            let mut device = edit_device(run, &base, &session)?;
-            let summary = apply_stream_on(&mut device, &base, &mut session, &records, !json, None)?;
+            let device = devices.resolve(Some(&session.elder.cfg))?;
+            let mut engine = Engine::new(base, device);
+            let summary = engine.apply_stream(&mut session, &records, !json, None)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&summary)?);
             } else {
@@ -418,13 +342,12 @@ fn dispatch(cmd: Command, devices: Devices) -> Result<ExitCode> {
                 eprintln!("{}", scope_line(&session.elder));
             }
             let (records, _) = read_records(&base, &data, format, None)?;
-            if let Some(path) = details {
-                let metrics = eval_details(&base, &session, &records, &path, !json)?;
-                print_metrics(&metrics, json)?;
-                return Ok(ExitCode::SUCCESS);
-            }
-            let run = devices.open_for(&session.elder.cfg)?;
-            let metrics = eval(run, &base, session, &records, protocol, !json)?;
+            let device = devices.resolve(Some(&session.elder.cfg))?;
+            let mut engine = Engine::new(base, device);
+            let metrics = match details {
+                Some(path) => eval_details(&mut engine, &session, &records, &path, !json)?,
+                None => eval(&mut engine, session, &records, protocol, !json)?,
+            };
             print_metrics(&metrics, json)?;
         }
         Command::State { action } => return state_command(action),
@@ -570,9 +493,6 @@ fn read_records(
     Ok((records, bad))
 }
 
-/// The GPU (and dtype) a command runs on; `None` is the CPU.
-type GpuRun = Option<(Arc<GpuDevice>, GpuDtype)>;
-
 /// The edit state in `dir`, refusing folders that are not one.
 fn open_state(base: &BaseModel, dir: &Path) -> Result<EditSession> {
     if !dir.join("manifest.json").exists() {
@@ -581,90 +501,31 @@ fn open_state(base: &BaseModel, dir: &Path) -> Result<EditSession> {
     EditSession::open(base, dir, None)
 }
 
-/// Runs `f` on the edited model of `session` if given, else on the base model; also returns
-/// whether the prompt was in scope (`None` without a state).
-fn with_adapter<T>(
-    session: Option<&EditSession>,
-    prompt_len: usize,
-    f: impl FnOnce(&mut dyn elder::model::Adapter) -> T,
-) -> (T, Option<bool>) {
-    match session {
-        None => (f(&mut NoAdapter), None),
-        Some(session) => {
-            let mut adapter = ElderAdapter::single(&session.elder, prompt_len);
-            let out = f(&mut adapter);
-            let scope = adapter.in_scope.first().copied();
-            (out, scope)
-        }
-    }
-}
-
-/// The device edit batches train on: the CPU, or the GPU with buffers for the state's batch size
-/// (they grow with longer edits), its weights uploaded straight from the checkpoint.
-fn edit_device(gpu: GpuRun, base: &BaseModel, session: &EditSession) -> Result<EditDevice> {
-    Ok(match gpu {
-        None => EditDevice::Cpu,
-        Some((dev, dtype)) => {
-            let cap = Capacity {
-                batch: session.elder.cfg.batch_size,
-                seq: 64,
-            };
-            EditDevice::Cuda(open_gpu_editor(dev, base.weight_source(), dtype, cap)?)
-        }
-    })
-}
-
-/// The base model on the GPU (uploaded straight from the checkpoint: no CPU model is built), with
-/// the edit state of `session` uploaded when given.
-fn gpu_model(
-    (dev, dtype): (Arc<GpuDevice>, GpuDtype),
-    base: &BaseModel,
-    session: Option<&EditSession>,
-    cap: Capacity,
-) -> Result<Box<dyn GpuRunner>> {
-    let mut gpu = open_gpu_model(dev, base.weight_source(), dtype, cap)?;
-    gpu.set_elder(session.map(|s| &s.elder))?;
-    Ok(gpu)
+/// The engine for a command that answers with the base model, or with the edited model of the
+/// state in `state` (whose method settings decide the device too).
+fn open_engine(
+    devices: DeviceChoice,
+    model: &Path,
+    state: Option<&Path>,
+) -> Result<(Engine, Option<EditSession>)> {
+    let base = BaseModel::open(model)?;
+    let session = state.map(|d| open_state(&base, d)).transpose()?;
+    let device = devices.resolve(session.as_ref().map(|s| &s.elder.cfg))?;
+    Ok((Engine::new(base, device), session))
 }
 
 fn generate(
-    gpu: GpuRun,
-    base: &BaseModel,
+    engine: &mut Engine,
     prompt: &str,
     max_new: usize,
     session: Option<&EditSession>,
     json: bool,
 ) -> Result<()> {
-    let ids = base.tokenizer.encode(prompt)?;
-    if ids.is_empty() {
-        bail!("the prompt has no tokens");
-    }
-    base.cfg
-        .check_context(&[("the prompt", ids.len()), ("--max-new-tokens", max_new)])?;
-    // The model config's eos is what generation stops on (transformers' generate does the same);
-    // the tokenizer's may be a different special token (SmolLM2: <|endoftext|> vs <|im_end|>).
-    let eos = base.cfg.eos_token_id.or(base.tokenizer.eos_id());
-    let prompts = std::slice::from_ref(&ids);
-    let (out, in_scope) = match gpu {
-        None => {
-            let model = base.model()?;
-            with_adapter(session, ids.len(), |a| {
-                model.generate(prompts, max_new, eos, a)
-            })
-        }
-        Some(run) => {
-            let cap = Capacity {
-                batch: 1,
-                seq: ids.len() + max_new,
-            };
-            let mut g = gpu_model(run, base, session, cap)?;
-            let (out, scope) = g.generate(prompts, max_new, eos, session.is_some())?;
-            (out, scope.first().copied())
-        }
-    };
-    let text = base.tokenizer.decode(&out[0])?;
+    let ids = engine.base.tokenizer.encode(prompt)?;
+    let (out, in_scope) = engine.generate(session.map(|s| &s.elder), &ids, max_new)?;
+    let text = engine.base.tokenizer.decode(&out)?;
     if json {
-        let v = serde_json::json!({"prompt": prompt, "prompt_tokens": ids, "tokens": out[0], "text": text, "in_scope": in_scope});
+        let v = serde_json::json!({"prompt": prompt, "prompt_tokens": ids, "tokens": out, "text": text, "in_scope": in_scope});
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         println!("{prompt}{text}");
@@ -673,33 +534,18 @@ fn generate(
 }
 
 fn score(
-    gpu: GpuRun,
-    base: &BaseModel,
+    engine: &mut Engine,
     prompt: &str,
     target: &str,
     session: Option<&EditSession>,
     json: bool,
 ) -> Result<()> {
-    let p = base.tokenizer.encode(prompt)?;
-    let t = base.tokenizer.encode_continuation(target)?;
-    if p.is_empty() || t.is_empty() {
-        bail!("both the prompt and the target need at least one token");
-    }
-    base.cfg
-        .check_context(&[("the prompt", p.len()), ("the target", t.len())])?;
-    let (scored, in_scope) = match gpu {
-        None => {
-            let model = base.model()?;
-            with_adapter(session, p.len(), |a| model.score(&p, &t, a))
-        }
-        Some(run) => {
-            let cap = Capacity {
-                batch: 1,
-                seq: p.len() + t.len(),
-            };
-            gpu_model(run, base, session, cap)?.score(&p, &t, session.is_some())?
-        }
-    };
+    let (p, t) = (
+        engine.base.tokenizer.encode(prompt)?,
+        engine.base.tokenizer.encode_continuation(target)?,
+    );
+    let (scored, in_scope) = engine.score(session.map(|s| &s.elder), &p, &t)?;
+    let base = &engine.base;
     let pieces: Vec<String> = t
         .iter()
         .map(|&id| base.tokenizer.decode(&[id]).unwrap_or_default())
@@ -743,8 +589,7 @@ fn import_gguf(gguf: &Path, out: &Path) -> Result<()> {
 }
 
 fn eval(
-    gpu: GpuRun,
-    base: &BaseModel,
+    engine: &mut Engine,
     session: EditSession,
     records: &[EditRecord],
     protocol: Protocol,
@@ -752,27 +597,14 @@ fn eval(
 ) -> Result<Metrics> {
     let scored = applied_records(&session, records)?;
     match protocol {
-        Protocol::Final => {
-            match gpu {
-                None => evaluate_final(base, &session.elder, &scored, progress),
-                Some((dev, dtype)) => {
-                    // Buffers for one evaluation batch of short prompts; they grow on demand.
-                    let cap = Capacity {
-                        batch: EVAL_BATCH,
-                        seq: 64,
-                    };
-                    let mut g = open_gpu_model(dev, base.weight_source(), dtype, cap)?;
-                    g.set_elder(Some(&session.elder))?;
-                    evaluate_final_with(base, &mut GpuScorer(g.as_mut()), &scored, progress)
-                }
-            }
-        }
+        Protocol::Final => engine.evaluate(&session.elder, &scored, progress),
         Protocol::Each => {
             // Replays the applied edits in a scratch state (training is deterministic on the CPU,
             // so this reproduces the state; on the GPU up to the rounding of f32 atomics) and
             // scores each batch right after it is applied.
             let scratch = tempfile_dir()?;
-            let mut replay = EditSession::open(base, &scratch, Some(session.elder.cfg.clone()))?;
+            let mut replay =
+                EditSession::open(&engine.base, &scratch, Some(session.elder.cfg.clone()))?;
             // The same calibration as the original stream, so the replay reproduces it.
             replay.elder.query_mean = session.elder.query_mean.clone();
             let order: Vec<EditRecord> = session
@@ -782,36 +614,24 @@ fn eval(
                 .filter_map(|id| scored.iter().find(|r| &r.id == id).cloned())
                 .collect();
             let mut ev = Evaluator::default();
-            let mut device = edit_device(gpu, base, &replay)?;
-            apply_stream_on(
-                &mut device,
-                base,
-                &mut replay,
-                &order,
-                progress,
-                Some(&mut ev),
-            )?;
+            engine.apply_stream(&mut replay, &order, progress, Some(&mut ev))?;
             let _ = std::fs::remove_dir_all(&scratch);
             Ok(ev.metrics(Protocol::Each))
         }
     }
 }
 
-/// The final protocol on the CPU with every scored item written to `path` (JSON lines).
+/// The final protocol with every scored item written to `path` (JSON lines).
 fn eval_details(
-    base: &BaseModel,
+    engine: &mut Engine,
     session: &EditSession,
     records: &[EditRecord],
     path: &Path,
     progress: bool,
 ) -> Result<Metrics> {
     let scored = applied_records(session, records)?;
-    let mut scorer = elder::eval::CpuScorer {
-        model: base.model()?,
-        elder: &session.elder,
-    };
     let mut ev = Evaluator::default().keep_details();
-    score_records(base, &mut scorer, &scored, progress, &mut ev)?;
+    engine.score_records(&session.elder, &scored, progress, &mut ev)?;
     elder::util::atomic::write_atomic_with(path, |out| {
         for item in ev.details() {
             serde_json::to_writer(&mut *out, item)?;
@@ -953,7 +773,7 @@ fn print_metrics(m: &Metrics, json: bool) -> Result<()> {
 
 #[allow(clippy::too_many_arguments)]
 fn run(
-    devices: Devices,
+    devices: DeviceChoice,
     model: &Path,
     data: &Path,
     n_edits: usize,
@@ -984,7 +804,7 @@ fn run(
         std::fs::remove_dir_all(&state).with_context(|| format!("clearing {}", state.display()))?;
     }
     let mut session = EditSession::open(&base, &state, Some(cfg))?;
-    let gpu = devices.open_for(&session.elder.cfg)?;
+    let mut engine = Engine::new(base, devices.resolve(Some(&session.elder.cfg))?);
     eprintln!(
         "editing {} with {} edits from {} ({} preset: {} MoLoRA layers, {} iterations at most); state in {}",
         model.display(),
@@ -996,7 +816,6 @@ fn run(
         state.display()
     );
     let mut each = Evaluator::default();
-    let mut device = edit_device(gpu, &base, &session)?;
     // The final protocol at each checkpoint: the first T records applied, then scored on the
     // model as it is after exactly those T edits.
     let mut checkpoints: Vec<usize> = eval_at
@@ -1010,9 +829,7 @@ fn run(
     let mut curve = Vec::new();
     let mut summaries = Vec::new();
     for &t in &checkpoints {
-        let summary = apply_stream_on(
-            &mut device,
-            &base,
+        let summary = engine.apply_stream(
             &mut session,
             &records[..t],
             !json,
@@ -1020,7 +837,7 @@ fn run(
         )?;
         summaries.push(summary);
         if protocol == Protocol::Final && t < records.len() {
-            let m = evaluate_final_on(&mut device, &base, &session.elder, &records[..t], !json)?;
+            let m = engine.evaluate(&session.elder, &records[..t], !json)?;
             if !json {
                 eprintln!("after {t} edits:\n{}", m.table());
             }
@@ -1030,7 +847,7 @@ fn run(
     let summary = StreamSummary::combine(&summaries);
     let metrics = match protocol {
         Protocol::Each => each.metrics(Protocol::Each),
-        Protocol::Final => evaluate_final_on(&mut device, &base, &session.elder, &records, !json)?,
+        Protocol::Final => engine.evaluate(&session.elder, &records, !json)?,
     };
     curve.push(serde_json::json!({"edits": records.len(), "metrics": metrics}));
     let report = serde_json::json!({

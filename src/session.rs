@@ -15,7 +15,7 @@ use crate::elder::config::{ElderConfig, Preset};
 use crate::elder::memory::EditEntry;
 use crate::elder::molora::Elder;
 use crate::elder::plan::{self, plan_edit, Replay};
-use crate::elder::state::EditState;
+use crate::elder::state::{config_differences, EditState};
 use crate::elder::train_stored::apply_stored_batch;
 use crate::elder::trainer::{apply_edit_batch, calibrate_query_mean, EditExample, EditReport};
 use crate::eval::{CpuScorer, Evaluator, Metrics, PairScorer, Protocol, TokenizedEdit};
@@ -205,22 +205,13 @@ fn refuse_config_change(dir: &Path, stored: &ElderConfig, requested: &ElderConfi
     if stored == requested {
         return Ok(());
     }
-    let (a, b) = (
-        serde_json::to_value(stored)?,
-        serde_json::to_value(requested)?,
+    let mut differences = Vec::new();
+    config_differences(
+        "",
+        &serde_json::to_value(stored)?,
+        &serde_json::to_value(requested)?,
+        &mut differences,
     );
-    let differences: Vec<String> = a
-        .as_object()
-        .into_iter()
-        .flatten()
-        .filter(|(k, v)| b.get(k.as_str()) != Some(v))
-        .map(|(k, v)| {
-            format!(
-                "{k}: state has {v}, requested {}",
-                b.get(k.as_str()).unwrap_or(&serde_json::Value::Null)
-            )
-        })
-        .collect();
     anyhow::bail!(
         "edit state {} was made with a different method config (a state keeps its config; use a new --state):\n  {}",
         dir.display(),
@@ -577,25 +568,6 @@ pub fn evaluate_final(
         elder,
     };
     evaluate_final_with(base, &mut cpu, records, show_progress)
-}
-
-/// [`evaluate_final`] on the device that trained `elder` (the GPU scores on the same uploaded
-/// weights).
-pub fn evaluate_final_on(
-    device: &mut EditDevice,
-    base: &BaseModel,
-    elder: &Elder,
-    records: &[EditRecord],
-    show_progress: bool,
-) -> Result<Metrics> {
-    match device {
-        EditDevice::Cpu => evaluate_final(base, elder, records, show_progress),
-        EditDevice::Cuda(gpu) => {
-            let runner = gpu.runner();
-            runner.set_elder(Some(elder))?;
-            evaluate_final_with(base, &mut GpuScorer(runner), records, show_progress)
-        }
-    }
 }
 
 /// [`evaluate_final`] on any backend (the scorer holds the model and the ELDER state).

@@ -1,7 +1,7 @@
 //! The shape of the GPU's steps, read from the CUDA emulator's trace of what the host asked of the
 //! device (`elder_cuda_emu::trace`): which kernels a step launches and how often, and where it
 //! synchronises, copies or allocates. Results cannot show these; the speed targets rest on them
-//! (`../shared/docs/gpu.md`): one launch for the router and one per MoLoRA site, no host round trip
+//! (`docs/gpu.md`): one launch for the router and one per MoLoRA site, no host round trip
 //! inside a forward or an edit iteration, a decode step that is one CUDA-graph replay, and
 //! steady-state steps that allocate nothing.
 //!

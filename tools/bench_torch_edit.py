@@ -2,7 +2,7 @@
 """Times ELDER edits in PyTorch, done the way the released reference code does them.
 
 The released ELDER code is a PEFT-style tuner layer; this script re-implements its behaviour on top of
-a transformers model (see shared docs elder-method.md for the method):
+a transformers model (see docs/elder-method.md for the method):
 
 - MoLoRA: the --site linear (GPT-2: mlp.c_fc; Llama: mlp.up_proj or mlp.down_proj) of the last
   --layers blocks is wrapped: base(x) + sum_e w[b,e] * s * (x A_e) B_e, E experts of rank r, s = alpha/r,

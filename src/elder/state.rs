@@ -787,7 +787,7 @@ pub fn rollback(dir: &Path, generation: u64) -> Result<Manifest> {
 
 /// Lists where two configs differ as "path: state has X, requested Y" (objects are compared key
 /// by key; anything else as a whole).
-fn config_differences(path: &str, stored: &Value, requested: &Value, out: &mut Vec<String>) {
+pub fn config_differences(path: &str, stored: &Value, requested: &Value, out: &mut Vec<String>) {
     match (stored, requested) {
         (Value::Object(a), Value::Object(b)) => {
             let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();

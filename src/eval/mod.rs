@@ -1,4 +1,4 @@
-//! Metrics of the method (elder-method.md section 5): reliability, generalization, locality and the
+//! Metrics of the method (docs/elder-method.md section 5): reliability, generalization, locality and the
 //! in-scope rates, scored with teacher forcing on token ids.
 
 use std::collections::BTreeMap;

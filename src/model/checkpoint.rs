@@ -6,12 +6,12 @@
 //! the header is written from the shapes alone and each tensor is produced, converted and
 //! written one at a time, so a 6 GB checkpoint never sits in memory twice.
 
-use std::fs::File;
-use std::io::{BufWriter, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use rayon::prelude::*;
+
+use crate::util::atomic::{sync_dir, write_atomic, write_atomic_with};
 
 /// Storage dtype of a written checkpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -131,57 +131,7 @@ pub fn write_hf_dir_streaming(
         write_atomic(&out.join("tokenizer.json"), tok.as_bytes())?;
     }
     write_atomic(&out.join("config.json"), config_text.as_bytes())?;
-    sync_dir(out);
-    Ok(())
-}
-
-/// Writes `bytes` to `path` atomically: temp file in the same directory, fsync, rename.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    with_atomic_file(path, |w| {
-        w.write_all(bytes)
-            .with_context(|| format!("cannot write {}", path.display()))
-    })
-}
-
-/// Runs `fill` on a buffered writer over a temporary file next to `path`, then fsyncs and renames
-/// it onto `path`. On any error the temporary file is removed and `path` is left untouched.
-pub fn with_atomic_file(
-    path: &Path,
-    fill: impl FnOnce(&mut BufWriter<File>) -> Result<()>,
-) -> Result<()> {
-    let tmp = temp_path(path);
-    let result = (|| -> Result<()> {
-        let file = File::create(&tmp)
-            .with_context(|| format!("cannot create temporary file {}", tmp.display()))?;
-        let mut w = BufWriter::with_capacity(1 << 20, file);
-        fill(&mut w)?;
-        let file = w
-            .into_inner()
-            .map_err(|e| anyhow::anyhow!("cannot flush {}: {}", tmp.display(), e.error()))?;
-        file.sync_all()
-            .with_context(|| format!("cannot fsync {}", tmp.display()))?;
-        std::fs::rename(&tmp, path)
-            .with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
-}
-
-fn temp_path(path: &Path) -> PathBuf {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
-}
-
-/// Makes the renames durable. Best effort: some filesystems refuse to open directories.
-fn sync_dir(dir: &Path) {
-    if let Ok(d) = File::open(dir) {
-        let _ = d.sync_all();
-    }
+    sync_dir(out)
 }
 
 /// The safetensors header for `specs` stored as `dtype`, padded with spaces to a multiple of 8
@@ -230,7 +180,7 @@ pub fn write_safetensors_streaming(
     mut produce: impl FnMut(usize) -> Result<Vec<f32>>,
 ) -> Result<()> {
     let header = safetensors_header(specs, dtype)?;
-    with_atomic_file(path, |w| {
+    write_atomic_with(path, |w| {
         let io = |e: std::io::Error| anyhow::anyhow!("cannot write {}: {e}", path.display());
         w.write_all(&(header.len() as u64).to_le_bytes())
             .map_err(io)?;

@@ -1,6 +1,6 @@
 //! Launcher for `kernels/router.cu`: routing of every MoLoRA layer, allocation codes, the minimum
 //! Hamming distance to the codebook and the in-scope mask, in one launch with no host round trip.
-//! CPU twin: `molora::route` per layer plus the code / distance rule of elder-method.md section 4;
+//! CPU twin: `molora::route` per layer plus the code / distance rule of docs/elder-method.md section 4;
 //! with a mean query, the input is centred first (`molora::center_queries`) in the same launch.
 
 use anyhow::{bail, Result};
