@@ -20,17 +20,17 @@ use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput};
 use cudarc::driver::CudaSlice;
-use elder::backend::cpu::molora::MixShape;
-use elder::backend::cuda::model::{Capacity, ElderStep, GpuModel, GpuTrainer, WeightSource};
 use elder::backend::cuda::{
     adam, attention, elementwise, gpu_or_skip, lora, loss, norm, router, GpuDevice, KernelDtype,
 };
+use elder::backend::shapes::MixShape;
 use elder::elder::config::ElderConfig;
 use elder::elder::molora::Elder;
 use elder::elder::trainer::EditExample;
 use elder::model::presets::{param_count, preset};
 use elder::model::runner::pad_batch;
 use elder::model::Arch;
+use elder::runtime::cuda::{Capacity, ElderStep, GpuModel, GpuTrainer, WeightSource};
 use half::bf16;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;

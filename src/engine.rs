@@ -11,9 +11,6 @@ use std::sync::Arc;
 
 use anyhow::{bail, Result};
 
-use crate::backend::cuda::model::{
-    open_gpu_editor, open_gpu_model, Capacity, GpuDtype, GpuRunner, GpuScorer,
-};
 use crate::backend::cuda::GpuDevice;
 use crate::backend::select::{self, Availability, Backend, DeviceRequest};
 use crate::data::EditRecord;
@@ -22,6 +19,9 @@ use crate::elder::molora::{Elder, ElderAdapter};
 use crate::eval::{CpuScorer, Evaluator, Metrics, Protocol, EVAL_BATCH};
 use crate::model::runner::Scored;
 use crate::model::{Adapter, NoAdapter};
+use crate::runtime::cuda::{
+    open_gpu_editor, open_gpu_model, Capacity, GpuDtype, GpuRunner, GpuScorer,
+};
 use crate::session::{
     apply_stream_on, score_records, BaseModel, EditDevice, EditSession, StreamSummary,
 };

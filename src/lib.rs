@@ -12,5 +12,6 @@ pub mod elder;
 pub mod engine;
 pub mod eval;
 pub mod model;
+pub mod runtime;
 pub mod session;
 pub mod util;

@@ -6,7 +6,6 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
-use elder::backend::cuda::model::GpuDtype;
 use elder::backend::select::DeviceRequest;
 use elder::data::{read_edits_lenient, DataFormat, EditRecord};
 use elder::elder::config::{ElderConfig, Preset};
@@ -16,6 +15,7 @@ use elder::eval::{Evaluator, Metrics, Protocol};
 use elder::model::checkpoint::StoreDtype;
 use elder::model::presets::{default_dtype, preset, write_random_checkpoint};
 use elder::model::Arch;
+use elder::runtime::cuda::GpuDtype;
 use elder::session::{BaseModel, EditSession, StreamSummary};
 
 #[derive(Parser)]

@@ -8,7 +8,6 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use serde::Serialize;
 
-use crate::backend::cuda::model::{GpuEditor, GpuScorer, WeightSource};
 use crate::data::background::background_sentences;
 use crate::data::EditRecord;
 use crate::elder::config::{ElderConfig, Preset};
@@ -23,6 +22,7 @@ use crate::model::loader::{build_model, check_checkpoint};
 use crate::model::tokenizer::Tokenizer;
 use crate::model::weights::Weights;
 use crate::model::{Model, ModelConfig};
+use crate::runtime::cuda::{GpuEditor, GpuScorer, WeightSource};
 
 /// A frozen base model: its config, the checkpoint's memory map, its tokenizer and fingerprint.
 ///

@@ -11,12 +11,12 @@
 
 mod common;
 
-use elder::backend::cuda::model::{Capacity, ElderStep, GpuModel, GpuTrainer};
 use elder::elder::config::ElderConfig;
 use elder::elder::molora::Elder;
 use elder::elder::trainer::EditExample;
 use elder::model::runner::pad_batch;
 use elder::model::{Arch, Model};
+use elder::runtime::cuda::{Capacity, ElderStep, GpuModel, GpuTrainer};
 use std::collections::BTreeMap;
 
 use common::tiny;

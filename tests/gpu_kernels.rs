@@ -413,7 +413,7 @@ where
             } else {
                 poison::<T>(dev, m * k)
             };
-            elder::backend::cuda::model::weights::input_grad::<T>(
+            elder::runtime::cuda::weights::input_grad::<T>(
                 dev,
                 &up::<T>(dev, &dy),
                 m,

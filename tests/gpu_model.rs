@@ -19,7 +19,6 @@ use std::sync::Arc;
 
 use cudarc::cublas::{CudaBlas, Gemm};
 use elder::backend::cpu::molora::Routing;
-use elder::backend::cuda::model::{Capacity, ElderStep, GpuModel, WeightSource};
 use elder::backend::cuda::{GpuDevice, KernelDtype};
 use elder::elder::config::ElderConfig;
 use elder::elder::molora::{Elder, ElderAdapter};
@@ -29,6 +28,7 @@ use elder::model::loader::{build_model, load_model_dir, RandomSource};
 use elder::model::runner::{pad_batch, prompt_rows};
 use elder::model::weights::Weights;
 use elder::model::{Arch, KvCache, Model, ModelConfig, NoAdapter};
+use elder::runtime::cuda::{Capacity, ElderStep, GpuModel, WeightSource};
 use half::{bf16, f16};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;

@@ -23,7 +23,6 @@ use std::sync::Arc;
 
 use cudarc::cublas::{CudaBlas, Gemm};
 use elder::backend::cuda::adam::LossScalePolicy;
-use elder::backend::cuda::model::{open_gpu_editor, Capacity, GpuDtype, GpuTrainer};
 use elder::backend::cuda::{GpuDevice, KernelDtype};
 use elder::data::EditRecord;
 use elder::elder::config::{AllocationMode, ElderConfig};
@@ -35,6 +34,7 @@ use elder::model::checkpoint::StoreDtype;
 use elder::model::layers::{MlpProj, Norm};
 use elder::model::presets::write_random_checkpoint;
 use elder::model::{Arch, Model};
+use elder::runtime::cuda::{open_gpu_editor, Capacity, GpuDtype, GpuTrainer};
 use elder::session::{apply_stream, apply_stream_on, BaseModel, EditDevice, EditSession};
 use half::{bf16, f16};
 use rand::{Rng, SeedableRng};

@@ -1,4 +1,4 @@
-//! The host half of the GPU upload (`backend::cuda::model::staging`), which needs no GPU: the
+//! The host half of the GPU upload (`runtime::cuda::staging`), which needs no GPU: the
 //! tensors staged straight from a checkpoint's memory map in bf16, f16 and f32 are exactly what the
 //! upload from the f32 CPU model produces (checked against an independent re-statement of that
 //! upload: GPT-2's `c_attn` split into q|k|v column blocks by hand, every value through
@@ -7,16 +7,16 @@
 use std::path::{Path, PathBuf};
 
 use bytemuck::Pod;
-use elder::backend::cpu::ops::Layout;
-use elder::backend::cuda::model::{Staged, WeightSource};
+use elder::backend::dtype::Element;
+use elder::backend::shapes::Layout;
 use elder::model::checkpoint::{write_hf_dir, NamedTensor, StoreDtype};
-use elder::model::dtype::Element;
 use elder::model::layers::{Linear, Mlp, Norm};
 use elder::model::loader::{check_checkpoint, load_model_dir};
 use elder::model::names::tensor_specs;
 use elder::model::transformer::QkvProj;
 use elder::model::weights::Weights;
 use elder::model::{Arch, Model, ModelConfig};
+use elder::runtime::cuda::{Staged, WeightSource};
 use half::{bf16, f16};
 
 /// GPT-2 (fused c_attn, tied head), Llama (tied head), Llama with GQA and a separate lm_head.

@@ -2,7 +2,6 @@
 //! one description of the transformer that every backend runs.
 pub mod checkpoint;
 pub mod config;
-pub mod dtype;
 pub mod gguf;
 pub mod layers;
 pub mod loader;

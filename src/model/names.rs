@@ -2,7 +2,7 @@
 //! Hugging Face name, shape, role and layout ([`describe`]). Loading (the CPU model, and the GPU
 //! upload straight from the checkpoint), random initialisation and checkpoint writing all follow it.
 
-use crate::backend::cpu::ops::Layout;
+use crate::backend::shapes::Layout;
 
 use super::config::{Arch, ModelConfig};
 use super::layers::{Linear, Mlp, MlpProj, Norm};

@@ -17,8 +17,8 @@ use rayon::prelude::*;
 use safetensors::SafeTensors;
 use sha2::{Digest, Sha256};
 
-use super::dtype::Element;
 use super::names::TensorSpec;
+use crate::backend::dtype::Element;
 
 pub use safetensors::Dtype;
 

@@ -149,18 +149,7 @@ pub fn guided_loss(r: &Routing, preset: &[u32]) -> f32 {
     loss / batch as f32
 }
 
-/// Shapes of one MoLoRA mixture call.
-#[derive(Debug, Clone, Copy)]
-pub struct MixShape {
-    pub batch: usize,
-    pub seq: usize,
-    pub d_in: usize,
-    pub d_out: usize,
-    pub rank: usize,
-    pub k: usize,
-    /// LoRA scaling `alpha / r`.
-    pub scale: f32,
-}
+pub use crate::backend::shapes::MixShape;
 
 /// `out[b] += in_scope[b] * sum_j gates[b,j] * scale * (x[b] A_e) B_e` over the k selected experts
 /// `e = experts[b,j]`. Only the selected experts are computed. When `shrink` is given it receives

@@ -10,14 +10,7 @@ use rayon::prelude::*;
 
 use super::skinny;
 
-/// Storage order of a weight matrix used as `y = x W`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Layout {
-    /// `[in, out]` row-major (GPT-2 Conv1D, LoRA A and B).
-    InOut,
-    /// `[out, in]` row-major (torch nn.Linear, embedding tables used as the lm_head).
-    OutIn,
-}
+pub use crate::backend::shapes::Layout;
 
 /// A borrowed weight matrix with its logical shape `in_dim x out_dim`.
 #[derive(Debug, Clone, Copy)]

@@ -13,6 +13,7 @@ use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig};
 
 use super::buffers::{input, opt_input, output, KernelDtype};
 use super::device::{GpuDevice, KArg};
+use super::KernelFamily;
 use crate::backend::cpu::ops::AdamStep;
 
 /// How the loss scale moves (the rule of torch's `GradScaler`, with a ceiling).
@@ -133,7 +134,7 @@ impl LossScale {
             shared_mem_bytes: 0,
         };
         // SAFETY: buffer lengths checked above; argument list matches grads_nonfinite_f32.
-        unsafe { dev.launch("adam", "grads_nonfinite_f32", cfg, &args) }
+        unsafe { dev.launch(KernelFamily::Adam, "grads_nonfinite_f32", cfg, &args) }
     }
 
     /// Moves the scale after this iteration's step and clears the overflow mark.
@@ -157,7 +158,7 @@ impl LossScale {
             shared_mem_bytes: 0,
         };
         // SAFETY: one-element scale and three-element state; argument list matches loss_scale_update.
-        unsafe { dev.launch("adam", "loss_scale_update", cfg, &args) }
+        unsafe { dev.launch(KernelFamily::Adam, "loss_scale_update", cfg, &args) }
     }
 
     /// Reads the scale and counters (waits for the stream).
@@ -257,7 +258,7 @@ pub fn adam<P: DevicePtrMut<f32>, S: DevicePtr<f32>>(
         shared_mem_bytes: 0,
     };
     // SAFETY: buffer lengths checked above; argument list matches adam_f32.
-    unsafe { dev.launch("adam", "adam_f32", cfg, &args) }
+    unsafe { dev.launch(KernelFamily::Adam, "adam_f32", cfg, &args) }
 }
 
 #[cfg(test)]

@@ -9,9 +9,11 @@ use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig};
 
 use super::buffers::{as_i32, input, opt_output, output, KernelDtype};
 use super::device::{GpuDevice, KArg};
+use super::KernelFamily;
 use crate::backend::cpu::ops::AttnShape;
 
-const FAMILY: &str = "attention";
+const FAMILY: KernelFamily = KernelFamily::Attention;
+
 /// Must match MAX_SLOTS * 32 in attention.cu.
 pub const MAX_HEAD_DIM: usize = 256;
 const WARPS_PER_BLOCK: usize = 4;

@@ -9,7 +9,7 @@ use cudarc::driver::{
 };
 use half::{bf16, f16};
 
-use crate::model::dtype::Element;
+use crate::backend::dtype::Element;
 
 use super::device::{GpuDevice, KArg};
 

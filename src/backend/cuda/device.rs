@@ -12,7 +12,7 @@ use cudarc::driver::{
     LaunchConfig, PushKernelArg,
 };
 
-use super::{cuda_available, embedded, BUILT_WITH_KERNELS, NO_KERNELS_MSG};
+use super::{cuda_available, embedded, KernelFamily, BUILT_WITH_KERNELS, NO_KERNELS_MSG};
 
 /// A scalar or pointer kernel argument. Device pointers travel as `u64` (`CUdeviceptr`).
 #[derive(Debug, Clone, Copy)]
@@ -139,7 +139,7 @@ impl GpuDevice {
     }
 
     /// Kernel `name` from `kernels/{family}.cu`, looked up once and cached.
-    pub fn function(&self, family: &str, name: &str) -> Result<CudaFunction> {
+    pub fn function(&self, family: KernelFamily, name: &str) -> Result<CudaFunction> {
         let mut cache = self
             .functions
             .lock()
@@ -147,13 +147,14 @@ impl GpuDevice {
         if let Some(f) = cache.get(name) {
             return Ok(f.clone());
         }
+        let stem = family.stem();
         let module = self
             .modules
-            .get(family)
-            .ok_or_else(|| anyhow!("no embedded kernel module kernels/{family}.cu"))?;
+            .get(stem)
+            .ok_or_else(|| anyhow!("no embedded kernel module kernels/{stem}.cu"))?;
         let f = module
             .load_function(name)
-            .with_context(|| format!("kernel {name} not found in kernels/{family}.cu"))?;
+            .with_context(|| format!("kernel {name} not found in kernels/{stem}.cu"))?;
         cache.insert(name.to_string(), f.clone());
         Ok(f)
     }
@@ -189,7 +190,7 @@ impl GpuDevice {
     /// (each launcher checks the buffer lengths before calling this).
     pub(crate) unsafe fn launch(
         &self,
-        family: &str,
+        family: KernelFamily,
         name: &str,
         cfg: LaunchConfig,
         args: &[KArg],

@@ -7,8 +7,10 @@ use cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig};
 
 use super::buffers::{as_i32, input, opt_input, opt_output, output, KernelDtype};
 use super::device::{GpuDevice, KArg};
+use super::KernelFamily;
 
-const FAMILY: &str = "elementwise";
+const FAMILY: KernelFamily = KernelFamily::Elementwise;
+
 const BLOCK: u32 = 256;
 
 fn grid_stride(dev: &GpuDevice, n: usize) -> LaunchConfig {

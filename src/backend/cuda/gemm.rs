@@ -9,7 +9,7 @@ use cudarc::driver::{DevicePtr, DevicePtrMut};
 
 use super::buffers::{as_i32, check_len, KernelDtype};
 use super::device::GpuDevice;
-use crate::backend::cpu::ops::Layout;
+use crate::backend::shapes::Layout;
 
 /// `out[m, out_dim] (+)= x[m, in_dim] W` with `W` stored as `layout` says.
 ///

@@ -8,9 +8,11 @@ use cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig};
 
 use super::buffers::{as_i32, input, opt_input, opt_output, output, KernelDtype};
 use super::device::{GpuDevice, KArg};
-use crate::backend::cpu::molora::MixShape;
+use super::KernelFamily;
+use crate::backend::shapes::MixShape;
 
-const FAMILY: &str = "lora";
+const FAMILY: KernelFamily = KernelFamily::Lora;
+
 /// Limits compiled into lora.cu (MAX_RANK, MAX_K, TOKENS_PER_BLOCK).
 pub const MAX_RANK: usize = 32;
 pub const MAX_K: usize = 8;

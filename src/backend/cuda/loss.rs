@@ -8,8 +8,9 @@ use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig};
 
 use super::buffers::{as_i32, input, opt_input, output, KernelDtype};
 use super::device::{GpuDevice, KArg};
+use super::KernelFamily;
 
-const FAMILY: &str = "loss";
+const FAMILY: KernelFamily = KernelFamily::Loss;
 
 /// Cross-entropy over `n` rows of `logits [n, vocab]` against `targets [n]` (i32, -1 = ignored).
 /// Writes `dlogits = (softmax - onehot) * weight * loss_scale` (`None`: 1) and `row_loss [n]`,

@@ -16,7 +16,6 @@ pub mod elementwise;
 pub mod gemm;
 pub mod lora;
 pub mod loss;
-pub mod model;
 pub mod norm;
 pub mod router;
 
@@ -24,6 +23,44 @@ use std::sync::Arc;
 
 pub use buffers::{KernelDtype, Workspace};
 pub use device::GpuDevice;
+
+/// A kernel family: one `kernels/{stem}.cu` file, its launcher module here and its CPU twin.
+/// Launchers name their module by this type, so a misspelt family fails to compile.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum KernelFamily {
+    Adam,
+    Attention,
+    Elementwise,
+    Lora,
+    Loss,
+    Norm,
+    Router,
+}
+
+impl KernelFamily {
+    pub const ALL: [KernelFamily; 7] = [
+        KernelFamily::Adam,
+        KernelFamily::Attention,
+        KernelFamily::Elementwise,
+        KernelFamily::Lora,
+        KernelFamily::Loss,
+        KernelFamily::Norm,
+        KernelFamily::Router,
+    ];
+
+    /// The stem of its kernel file, `kernels/{stem}.cu`.
+    pub fn stem(self) -> &'static str {
+        match self {
+            KernelFamily::Adam => "adam",
+            KernelFamily::Attention => "attention",
+            KernelFamily::Elementwise => "elementwise",
+            KernelFamily::Lora => "lora",
+            KernelFamily::Loss => "loss",
+            KernelFamily::Norm => "norm",
+            KernelFamily::Router => "router",
+        }
+    }
+}
 
 /// The fatbins `build.rs` produced, one per `kernels/*.cu` file (empty without nvcc).
 pub(crate) mod embedded {
@@ -68,4 +105,35 @@ pub fn announce(line: &str) {
     println!("{line}");
     use std::io::Write;
     let _ = writeln!(std::io::stderr().lock(), "{line}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::KernelFamily;
+
+    /// Every `kernels/*.cu` file is a family and every family has its file (the build embeds
+    /// one module per file; a launcher names its module by family).
+    #[test]
+    fn kernel_families_match_the_kernel_files() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("kernels");
+        let mut files: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .filter_map(|e| {
+                let name = e.unwrap().file_name().to_string_lossy().into_owned();
+                name.strip_suffix(".cu").map(str::to_string)
+            })
+            .collect();
+        files.sort();
+        let mut families: Vec<&str> = KernelFamily::ALL.iter().map(|f| f.stem()).collect();
+        families.sort();
+        assert_eq!(files, families);
+        if super::BUILT_WITH_KERNELS {
+            let mut embedded: Vec<&str> = super::embedded::KERNEL_FATBINS
+                .iter()
+                .map(|(stem, _)| *stem)
+                .collect();
+            embedded.sort();
+            assert_eq!(embedded, families);
+        }
+    }
 }

@@ -7,8 +7,10 @@ use cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig};
 
 use super::buffers::{as_i32, input, opt_input, opt_output, output, KernelDtype};
 use super::device::{GpuDevice, KArg};
+use super::KernelFamily;
 
-const FAMILY: &str = "norm";
+const FAMILY: KernelFamily = KernelFamily::Norm;
+
 /// Must match ROWS_PER_BLOCK in norm.cu (one warp per row).
 const ROWS_PER_BLOCK: usize = 4;
 

@@ -8,6 +8,7 @@ use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig};
 
 use super::buffers::{as_i32, input, opt_input, output, KernelDtype};
 use super::device::{GpuDevice, KArg};
+use super::KernelFamily;
 
 /// Must match ROUTER_THREADS in router.cu.
 const THREADS: u32 = 256;
@@ -151,7 +152,14 @@ pub fn router_fused<T: KernelDtype>(
         shared_mem_bytes: s.shared_bytes() as u32,
     };
     // SAFETY: shapes validated and buffer lengths checked above; argument list matches router_fused_{T}.
-    unsafe { dev.launch("router", &format!("router_fused_{}", T::SUFFIX), cfg, &args) }
+    unsafe {
+        dev.launch(
+            KernelFamily::Router,
+            &format!("router_fused_{}", T::SUFFIX),
+            cfg,
+            &args,
+        )
+    }
 }
 
 /// The routers' input alone: `q [B, d_in]` as f32 in `out [B, d_in]`, centred on `mean` when one is
@@ -184,7 +192,14 @@ pub fn router_input<T: KernelDtype>(
         shared_mem_bytes: 0,
     };
     // SAFETY: buffer lengths checked above; argument list matches router_input_{T}.
-    unsafe { dev.launch("router", &format!("router_input_{}", T::SUFFIX), cfg, &args) }
+    unsafe {
+        dev.launch(
+            KernelFamily::Router,
+            &format!("router_input_{}", T::SUFFIX),
+            cfg,
+            &args,
+        )
+    }
 }
 
 #[cfg(test)]

@@ -13,19 +13,19 @@ use anyhow::{Context, Result};
 use cudarc::cublas::{CudaBlas, Gemm};
 use cudarc::driver::CudaSlice;
 
-use crate::backend::cpu::molora::MixShape;
 use crate::backend::cuda::buffers::KernelDtype;
 use crate::backend::cuda::device::GpuDevice;
 use crate::backend::cuda::lora::{self, LoraGrads, LoraSite};
 use crate::backend::cuda::loss::{self, Guide, RouterGradShape, RouterParamShape};
-use crate::backend::cuda::model::activations::write;
-use crate::backend::cuda::model::weights::GpuWeights;
 use crate::backend::cuda::router::{self, RouterShape};
 use crate::backend::cuda::{adam, elementwise};
+use crate::backend::shapes::MixShape;
 use crate::elder::config::{AllocationMode, ElderConfig};
 use crate::elder::trainer::{adam_step, learning_rate, tensor_rates};
 use crate::model::layers::Site;
 use crate::model::{BatchShape, ModelConfig};
+use crate::runtime::cuda::activations::write;
+use crate::runtime::cuda::weights::GpuWeights;
 
 use super::blocks::norm_forward;
 use super::buffers::{Experts, TrainBuffers};

@@ -7,20 +7,20 @@
 use anyhow::{bail, Context, Result};
 use cudarc::driver::CudaSlice;
 
-use crate::backend::cpu::molora::MixShape;
+use crate::backend::shapes::MixShape;
 use crate::elder::config::{ElderConfig, QueryPooling};
 use crate::elder::molora::Elder;
 use crate::model::layers::Site;
 use crate::model::BatchShape;
 
-use super::super::buffers::KernelDtype;
-use super::super::device::GpuDevice;
-use super::super::elementwise;
-use super::super::lora::{self, LoraSite};
-use super::super::router::{self, RouterOutputs, RouterShape};
 use super::activations::write;
 use super::forward::SiteHook;
 use super::plan::{distance_of, to_u32, Capacity, ElderPlan};
+use crate::backend::cuda::buffers::KernelDtype;
+use crate::backend::cuda::device::GpuDevice;
+use crate::backend::cuda::elementwise;
+use crate::backend::cuda::lora::{self, LoraSite};
+use crate::backend::cuda::router::{self, RouterOutputs, RouterShape};
 
 /// Routers of every layer stacked as the fused router reads them: `w_r [L, E, d_in]`, `b_r [L, E]`.
 pub fn stack_routers(elder: &Elder) -> (Vec<f32>, Vec<f32>) {

@@ -6,9 +6,9 @@ use cudarc::cublas::{CudaBlas, Gemm};
 use cudarc::driver::CudaSlice;
 
 use crate::backend::cuda::buffers::KernelDtype;
-use crate::backend::cuda::model::weights::{input_grad, GpuNorm};
 use crate::backend::cuda::norm::{self, NormRows};
 use crate::backend::cuda::{elementwise, gemm, loss};
+use crate::runtime::cuda::weights::{input_grad, GpuNorm};
 
 use super::blocks::norm_forward;
 use super::buffers::{HeadBuffers, Scratch};

@@ -34,7 +34,7 @@ use crate::eval::{self, PairScorer};
 use crate::model::runner::Scored;
 use crate::model::BatchShape;
 
-use super::device::GpuDevice;
+use crate::backend::cuda::device::GpuDevice;
 pub use forward::{ElderStep, GpuModel};
 pub use plan::Capacity;
 pub use staging::{Staged, WeightSource};

@@ -19,8 +19,8 @@
 
 use anyhow::{bail, ensure, Context, Result};
 
-use crate::backend::cpu::ops::Layout;
-use crate::model::dtype::Element;
+use crate::backend::dtype::Element;
+use crate::backend::shapes::Layout;
 use crate::model::layers::Linear;
 use crate::model::loader::{RandomSource, TensorSource};
 use crate::model::names::describe;

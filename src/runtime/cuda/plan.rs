@@ -9,7 +9,7 @@ use crate::elder::config::ElderConfig;
 use crate::model::runner::prompt_rows;
 use crate::model::{Arch, BatchShape, ModelConfig};
 
-use super::super::router::code_words;
+use crate::backend::cuda::router::code_words;
 
 /// The largest call the preallocated buffers serve. Steady-state calls within it allocate nothing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -14,22 +14,22 @@ use anyhow::{bail, Context, Result};
 use cudarc::cublas::{CudaBlas, Gemm};
 use cudarc::driver::{CudaGraph, CudaSlice};
 
-use crate::backend::cpu::ops::Layout;
+use crate::backend::shapes::Layout;
 use crate::elder::molora::Elder;
 use crate::model::layers::{MlpProj, Site};
 use crate::model::{Arch, BatchShape, ModelConfig};
 
-use super::super::attention::{self, AttnDims};
-use super::super::buffers::KernelDtype;
-use super::super::device::GpuDevice;
-use super::super::elementwise::{self, KvAppend};
-use super::super::gemm;
-use super::super::norm::{self, NormRows};
 use super::activations::{write, Activations};
 use super::elder::GpuElder;
 use super::plan::{check_shape, to_i32, to_u32, Capacity};
 use super::staging::WeightSource;
 use super::weights::{GpuBlock, GpuMlp, GpuNorm, GpuWeights};
+use crate::backend::cuda::attention::{self, AttnDims};
+use crate::backend::cuda::buffers::KernelDtype;
+use crate::backend::cuda::device::GpuDevice;
+use crate::backend::cuda::elementwise::{self, KvAppend};
+use crate::backend::cuda::gemm;
+use crate::backend::cuda::norm::{self, NormRows};
 
 /// A hook on the MLP projections of the device forward, the CUDA side of `model::Adapter`:
 /// [`GpuElder`] mixes its experts in here, the trainer's query capture reads the query here.

@@ -5,10 +5,10 @@
 
 use anyhow::{bail, Result};
 
-use crate::backend::cuda::model::plan::Capacity;
 use crate::elder::config::{ElderConfig, QueryPooling};
 use crate::elder::molora::MoloraLayer;
 use crate::model::{Arch, ModelConfig};
+use crate::runtime::cuda::plan::Capacity;
 
 /// Element counts of the four stacked trainable tensors (also their gradients and Adam moments):
 /// layer `l`'s tensor is the `l`-th equal slice of each, in `MoloraLayer::tensors_mut` order.

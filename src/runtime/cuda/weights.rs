@@ -10,14 +10,14 @@ use anyhow::{bail, Context, Result};
 use cudarc::cublas::{CudaBlas, Gemm};
 use cudarc::driver::CudaSlice;
 
-use crate::backend::cpu::ops::Layout;
+use crate::backend::shapes::Layout;
 use crate::model::layers::{Linear, Mlp, MlpProj, Norm};
 use crate::model::transformer::{Block, QkvProj};
 
-use super::super::buffers::KernelDtype;
-use super::super::device::GpuDevice;
-use super::super::{elementwise, gemm};
 use super::staging::WeightSource;
+use crate::backend::cuda::buffers::KernelDtype;
+use crate::backend::cuda::device::GpuDevice;
+use crate::backend::cuda::{elementwise, gemm};
 
 /// A frozen linear layer on the device, weight kept in its checkpoint layout.
 pub struct GpuLinear<T: KernelDtype> {

@@ -10,10 +10,10 @@ use crate::backend::cuda::attention::{self, AttnDims, AttnGrads};
 use crate::backend::cuda::buffers::KernelDtype;
 use crate::backend::cuda::device::GpuDevice;
 use crate::backend::cuda::elementwise;
-use crate::backend::cuda::model::weights::{GpuBlock, GpuMlp, GpuNorm};
 use crate::backend::cuda::norm::{self, NormRows};
 use crate::model::layers::{MlpProj, Site};
 use crate::model::Arch;
+use crate::runtime::cuda::weights::{GpuBlock, GpuMlp, GpuNorm};
 
 use super::buffers::{clear, AttnTape, Experts, MlpTape, Scratch};
 use super::step::Step;

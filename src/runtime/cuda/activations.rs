@@ -7,9 +7,9 @@ use cudarc::driver::{CudaSlice, DeviceRepr, ValidAsZeroBits};
 
 use crate::model::ModelConfig;
 
-use super::super::buffers::{check_len, KernelDtype};
-use super::super::device::GpuDevice;
 use super::plan::{BufferPlan, Capacity};
+use crate::backend::cuda::buffers::{check_len, KernelDtype};
+use crate::backend::cuda::device::GpuDevice;
 
 pub struct Activations<T: KernelDtype> {
     pub cap: Capacity,

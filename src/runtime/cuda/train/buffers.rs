@@ -10,13 +10,13 @@ use crate::backend::cuda::adam::{LossScale, LossScalePolicy};
 use crate::backend::cuda::buffers::KernelDtype;
 use crate::backend::cuda::device::GpuDevice;
 use crate::backend::cuda::elementwise;
-use crate::backend::cuda::model::activations::write;
-use crate::backend::cuda::model::forward::SiteHook;
-use crate::backend::cuda::model::plan::to_u32;
 use crate::backend::cuda::router::{RouterOutputs, RouterShape};
 use crate::elder::config::ElderConfig;
 use crate::model::layers::Site;
 use crate::model::BatchShape;
+use crate::runtime::cuda::activations::write;
+use crate::runtime::cuda::forward::SiteHook;
+use crate::runtime::cuda::plan::to_u32;
 
 use super::plan::{ParamSizes, TrainPlan};
 

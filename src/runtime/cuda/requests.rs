@@ -12,9 +12,9 @@ use crate::eval::{self, EVAL_BATCH};
 use crate::model::runner::{pad_batch, GreedyDecode, Scored};
 use crate::model::BatchShape;
 
-use super::super::buffers::KernelDtype;
 use super::forward::{ElderStep, GpuModel};
 use super::plan::{last_rows, prompt_query_rows, target_rows, Capacity};
+use crate::backend::cuda::buffers::KernelDtype;
 
 /// A prompt call: with query rows ELDER routes from them, without it stays off.
 fn prompt_step(query_rows: Option<&[usize]>) -> ElderStep<'_> {
