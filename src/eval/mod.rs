@@ -92,59 +92,99 @@ pub fn score_pairs(
         let (ids, shape) = pad_batch(&seqs, &vec![0; seqs.len()]);
         let mut cache = KvCache::new(&model.cfg, shape.batch, shape.seq);
         let query_rows = prompt_rows(shape.seq, chunk.iter().map(|(p, _)| p.len()));
-        let n = chunk.len();
-        let (h, in_scope, distances, matches) = match elder {
+        let (h, routed) = match elder {
             Some(e) => {
                 let mut adapter = ElderAdapter::inference(e, query_rows);
                 let h = model.forward_hidden(&ids, &shape, &mut cache, &mut adapter);
-                // An adapter that never reached its query site leaves these empty.
-                let scope = std::mem::take(&mut adapter.in_scope);
-                let dist = std::mem::take(&mut adapter.distances);
-                let sims: Vec<Option<(f32, String, Option<f32>)>> = adapter
+                let matches = adapter
                     .key_matches
                     .iter()
                     .map(|m| m.map(|m| (m.score, e.memory[m.entry].id.clone(), m.relation)))
                     .collect();
-                let scope = if scope.len() == n {
-                    scope
-                } else {
-                    vec![false; n]
+                let routed = Routed {
+                    in_scope: std::mem::take(&mut adapter.in_scope),
+                    distances: std::mem::take(&mut adapter.distances),
+                    matches,
                 };
-                let dist = if dist.len() == n { dist } else { vec![None; n] };
-                let sims = if sims.len() == n { sims } else { vec![None; n] };
-                (h, scope, dist, sims)
+                (h, Some(routed))
             }
-            None => {
-                let h = model.forward_hidden(&ids, &shape, &mut cache, &mut NoAdapter);
-                (h, vec![false; n], vec![None; n], vec![None; n])
-            }
+            None => (
+                model.forward_hidden(&ids, &shape, &mut cache, &mut NoAdapter),
+                None,
+            ),
         };
         let rows = target_rows(shape.seq, chunk.iter().map(|(p, c)| (p.len(), c.len())));
         let (logits, _) = model.head(&h, &rows);
-        let mut rows_iter = logits.chunks(model.cfg.vocab_size);
-        for ((((_, c), in_scope), distance), matched) in
-            chunk.iter().zip(in_scope).zip(distances).zip(matches)
-        {
+        out.extend(scored_chunk(chunk, &logits, model.cfg.vocab_size, routed));
+    }
+    out
+}
+
+/// What the method decided for each sequence of a scored batch, as a forward reports it (a
+/// forward that never reached its query site reports nothing).
+#[derive(Debug, Default)]
+pub struct Routed {
+    pub in_scope: Vec<bool>,
+    /// Hamming distance to the nearest codebook entry (codebook deferral).
+    pub distances: Vec<Option<u32>>,
+    /// The key store's best match: similarity, edit id, relation similarity.
+    pub matches: Vec<Option<(f32, String, Option<f32>)>>,
+}
+
+/// The [`Scored`] items of one batch of pairs from the logits of their continuation rows
+/// (`[sum of continuation lengths, vocab]`, in order) and the routing the forward reported
+/// (`None`: the base model). The one place both forwards' results become scores: a routing
+/// that does not cover every sequence counts as nothing in scope.
+pub fn scored_chunk(
+    chunk: &[(&[u32], &[u32])],
+    logits: &[f32],
+    vocab: usize,
+    routed: Option<Routed>,
+) -> Vec<Scored> {
+    let n = chunk.len();
+    let routed = routed.unwrap_or_default();
+    let full = |len: usize| len == n;
+    let in_scope = if full(routed.in_scope.len()) {
+        routed.in_scope
+    } else {
+        vec![false; n]
+    };
+    let distances = if full(routed.distances.len()) {
+        routed.distances
+    } else {
+        vec![None; n]
+    };
+    let matches = if full(routed.matches.len()) {
+        routed.matches
+    } else {
+        vec![None; n]
+    };
+    let mut rows = logits.chunks(vocab);
+    chunk
+        .iter()
+        .zip(in_scope)
+        .zip(distances)
+        .zip(matches)
+        .map(|((((_, c), in_scope), distance), matched)| {
             let (similarity, matched_edit, relation_similarity) = match matched {
                 Some((s, id, r)) => (Some(s), Some(id), r),
                 None => (None, None, None),
             };
-            let argmax = rows_iter
+            let argmax = rows
                 .by_ref()
                 .take(c.len())
                 .map(|r| ops::argmax(r) as u32)
                 .collect();
-            out.push(Scored {
+            Scored {
                 argmax,
                 in_scope,
                 distance,
                 similarity,
                 matched_edit,
                 relation_similarity,
-            });
-        }
-    }
-    out
+            }
+        })
+        .collect()
 }
 
 fn token_accuracy(argmax: &[u32], target: &[u32]) -> f64 {

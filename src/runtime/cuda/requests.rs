@@ -7,7 +7,6 @@
 use anyhow::{bail, Result};
 use cudarc::cublas::{CudaBlas, Gemm};
 
-use crate::backend::cpu::ops;
 use crate::eval::{self, EVAL_BATCH};
 use crate::model::runner::{pad_batch, GreedyDecode, Scored};
 use crate::model::BatchShape;
@@ -98,36 +97,25 @@ where
             let prompt_lens: Vec<usize> = chunk.iter().map(|(p, _)| p.len()).collect();
             let query_rows = prompt_query_rows(shape.seq, &prompt_lens);
             self.forward(&ids, &shape, prompt_step(edited.then_some(&query_rows[..])))?;
-            let n = chunk.len();
-            let (in_scope, distances) = if edited {
-                let (s, d) = self.elder_scope()?;
-                // As on the CPU: no routing (no query site reached) means nothing in scope.
-                (
-                    if s.len() == n { s } else { vec![false; n] },
-                    if d.len() == n { d } else { vec![None; n] },
-                )
+            let routed = if edited {
+                // The GPU has the codebook only (ElderConfig::gpu_unsupported): no key matches.
+                let (in_scope, distances) = self.elder_scope()?;
+                Some(eval::Routed {
+                    in_scope,
+                    distances,
+                    matches: Vec::new(),
+                })
             } else {
-                (vec![false; n], vec![None; n])
+                None
             };
             let lens: Vec<(usize, usize)> = chunk.iter().map(|(p, c)| (p.len(), c.len())).collect();
             let logits = self.head(&target_rows(shape.seq, lens.iter().copied()))?;
-            let mut rows = logits.chunks(self.cfg.vocab_size);
-            for (((_, c), in_scope), distance) in chunk.iter().zip(in_scope).zip(distances) {
-                let argmax = rows
-                    .by_ref()
-                    .take(c.len())
-                    .map(|r| ops::argmax(r) as u32)
-                    .collect();
-                out.push(eval::Scored {
-                    argmax,
-                    in_scope,
-                    distance,
-                    // The GPU has the codebook only (ElderConfig::gpu_unsupported).
-                    similarity: None,
-                    matched_edit: None,
-                    relation_similarity: None,
-                });
-            }
+            out.extend(eval::scored_chunk(
+                chunk,
+                &logits,
+                self.cfg.vocab_size,
+                routed,
+            ));
         }
         Ok(out)
     }
