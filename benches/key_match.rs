@@ -22,6 +22,8 @@ const WIDTH: usize = 576;
 const RELATION_WIDTH: usize = 1536;
 const PROMPT: usize = 12;
 const VARIANTS: usize = 3;
+/// Rows of the shipped background text at the relation site (SmolLM2's tokenizer).
+const BACKGROUND_ROWS: usize = 1874;
 
 fn unit_rows(rng: &mut ChaCha8Rng, rows: usize, width: usize) -> Vec<f32> {
     let mut v: Vec<f32> = (0..rows * width)
@@ -86,10 +88,23 @@ fn bench_inference_overhead(c: &mut Criterion) {
             .collect()
     };
     let (rows, relation_rows) = (random_rows(WIDTH), random_rows(RELATION_WIDTH));
+    let background = random_rows(RELATION_WIDTH * BACKGROUND_ROWS / PROMPT);
     for edits in [1000usize, 10000] {
         let store = store(edits, &mut rng);
         group.bench_function(BenchmarkId::new("key_match_12_tokens", edits), |b| {
             b.iter(|| store.match_prompt(&rows, Some(&relation_rows), 0.05))
+        });
+    }
+    // The relation key of a 12-token prompt (subject at rows 2..4), read when several edits of
+    // one subject compete: the plain context mean, and the weighted one, which measures each row
+    // against the background text's rows (1874 for SmolLM2 and data/generic_text.txt).
+    let relation_space = store(1, &mut rng).relation.unwrap().space;
+    for kind in [RelationKey::Context, RelationKey::WeightedContext] {
+        let mut keys = RelationKeys::new(kind, relation_space.clone());
+        keys.set_background(&[&background]);
+        let name = format!("{kind:?}");
+        group.bench_function(BenchmarkId::new("relation_key_12_tokens", name), |b| {
+            b.iter(|| keys.key(&relation_rows, 2..4))
         });
     }
     group.finish();

@@ -195,7 +195,14 @@ impl EditSession {
             }
         };
         let state = EditState::open_or_create(dir, &cfg_json, &base.fingerprint)?;
-        let elder = Elder::from_state(cfg, &base.cfg, &state)?;
+        let mut elder = Elder::from_state(cfg, &base.cfg, &state)?;
+        if elder.queries_need_background() {
+            // What a reloaded key store derives from the shipped background text instead of
+            // storing it (the rows that `weighted_context` relation keys are measured against):
+            // read again here, once per process, so every query can be matched (about 3.5 s for
+            // SmolLM2 on 2 cores; an edit stream reads it anyway).
+            elder.ensure_key_store(base.model()?, &base.background_prompts()?)?;
+        }
         Ok(EditSession { elder, state })
     }
 }

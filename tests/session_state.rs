@@ -254,7 +254,7 @@ fn key_store_rebuilds_from_memory() {
         stored.relation.as_ref().unwrap(),
     );
     assert_eq!(rebuilt_relation.kind, RelationKey::LastToken);
-    assert_eq!(stored_relation.kind, RelationKey::Context);
+    assert_eq!(stored_relation.kind, RelationKey::WeightedContext);
     assert_ne!(rebuilt_relation.rows, stored_relation.rows);
     let mut fresh = EditSession::open(&base, &tmp.path().join("f"), Some(other_cfg)).unwrap();
     apply_stream(&base, &mut fresh, &records(5), false, None).unwrap();
@@ -296,6 +296,50 @@ fn default_preset_state_reopens_and_resumes_identically() {
         resumed.elder == straight.elder,
         "resuming did not reproduce the state"
     );
+}
+
+/// A reloaded state re-derives the background rows its `weighted_context` relation keys are
+/// weighted against (they are not stored), so its queries get the same answers, relation
+/// similarities included, as the state that trained them.
+#[test]
+fn weighted_relation_keys_answer_the_same_after_reopening() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tiny_model(&tmp.path().join("model"), 8);
+    let all = records(5);
+    // Every edit within the margin (and every key counting): the relation key decides every
+    // match.
+    let cfg = ElderConfig {
+        relation_margin: 2.0,
+        key_ceiling_margin: None,
+        ..default_config(&base)
+    };
+    assert_eq!(cfg.relation_key, RelationKey::WeightedContext);
+    let dir = tmp.path().join("s");
+    let mut trained = EditSession::open(&base, &dir, Some(cfg)).unwrap();
+    apply_stream(&base, &mut trained, &all, false, None).unwrap();
+    assert!(!trained.elder.queries_need_background());
+    let reopened = EditSession::open(&base, &dir, None).unwrap();
+    assert!(!reopened.elder.queries_need_background());
+    let texts: Vec<(Vec<u32>, Vec<u32>)> = all
+        .iter()
+        .flat_map(|r| {
+            std::iter::once(&r.prompt)
+                .chain(&r.rephrases)
+                .map(|p| base.encode_pair(p, &r.target_new).unwrap())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let pairs: Vec<(&[u32], &[u32])> = texts.iter().map(|(p, t)| (&p[..], &t[..])).collect();
+    let model = base.model().unwrap();
+    let before = elder::eval::score_pairs(model, Some(&trained.elder), &pairs);
+    let after = elder::eval::score_pairs(model, Some(&reopened.elder), &pairs);
+    assert_eq!(before, after);
+    // An edit prompt always matches its own keys, so the relation key decided it.
+    let mut at = 0;
+    for r in &all {
+        assert!(before[at].relation_similarity.is_some(), "{}", r.prompt);
+        at += 1 + r.rephrases.len();
+    }
 }
 
 /// Under the key store every edit prompt finds its own edit (similarity 1 at its subject) and is

@@ -337,9 +337,9 @@ impl ElderConfig {
     /// - scope from a key store of subject keys read early (block 4's MLP input: early enough to
     ///   name the subject, late enough to see the words before its last token, so "Equatorial
     ///   Guinea" no longer matches an edit of "Guinea"), with keys of generated variants of each
-    ///   prompt, and a relation check just below the first MoLoRA layer (the mean of the prompt's
-    ///   rows outside its subject, at the MLP's hidden activation) to pick among edits of one
-    ///   subject; a key counts only 0.25 above its best match on background text (keys read at a
+    ///   prompt, and a relation check just below the first MoLoRA layer (the prompt's rows outside
+    ///   its subject at the MLP's hidden activation, each weighted by how unlike the background
+    ///   text it is) to pick among edits of one subject; a key counts only 0.25 above its best match on background text (keys read at a
     ///   text's first tokens match any prompt's first tokens);
     /// - the matched edit's own allocation at inference; one fresh rank-4 expert per layer per edit,
     ///   so no edit overwrites another;
@@ -382,7 +382,7 @@ impl ElderConfig {
             scope_threshold: 0.8,
             scope_quantile: 0.9,
             relation_check: true,
-            relation_key: RelationKey::Context,
+            relation_key: RelationKey::WeightedContext,
             relation_block: first - 1,
             relation_proj: mlp_hidden,
             relation_margin: 0.05,
@@ -747,7 +747,7 @@ mod tests {
     fn configs_without_a_relation_key_keep_last_token_keys() {
         let model = cfg(Arch::Llama, 30);
         let default = ElderConfig::preset(Preset::Default, &model);
-        assert_eq!(default.relation_key, RelationKey::Context);
+        assert_eq!(default.relation_key, RelationKey::WeightedContext);
         assert_eq!(default.relation_proj, MlpProj::DownProj);
         let mut old = serde_json::to_value(&default).unwrap();
         old.as_object_mut().unwrap().remove("relation_key");

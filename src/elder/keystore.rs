@@ -626,9 +626,17 @@ impl KeyStore {
             }
         }
         let top = top?;
+        // The relation key is read only where it has something to decide: when another edit
+        // scores within the margin of the best (it costs a pass over the background rows for
+        // `weighted_context` keys).
+        let contested = scores
+            .iter()
+            .enumerate()
+            .any(|(e, &s)| e != top && s >= scores[top] - margin);
         let query_relation = self
             .relation
             .as_ref()
+            .filter(|_| contested)
             .and_then(|keys| relation(keys, top, at[top].1).map(|q| (keys, q)));
         let mut pick: Option<(usize, f32)> = None;
         for (e, &s) in scores.iter().enumerate() {
@@ -709,6 +717,16 @@ impl Elder {
                             .is_some_and(|r| r.needs_background() && r.background.0.is_empty())
                 }
             }
+    }
+
+    /// Whether matching a query needs what [`Elder::ensure_key_store`] derives from the background
+    /// text (`weighted_context` relation keys of a reloaded store); key ceilings need it only to
+    /// add keys.
+    pub fn queries_need_background(&self) -> bool {
+        self.key_store
+            .as_ref()
+            .and_then(|s| s.relation.as_ref())
+            .is_some_and(|r| r.needs_background() && r.background.0.is_empty())
     }
 
     /// Creates the key store (`deferral = "key_store"`, once): its spaces are centred on the
@@ -945,6 +963,20 @@ mod tests {
         );
         // (Edit 1's second variant, along z, matched the prompt's first position.)
         assert_eq!(seen, Some((1, 0)));
+        // With no other edit within the margin the relation key is never read.
+        let mut read = false;
+        let q = [0.0, 1.0, 0.0];
+        let m = store
+            .best_match(
+                &q,
+                |_, _, _| {
+                    read = true;
+                    None
+                },
+                0.05,
+            )
+            .unwrap();
+        assert_eq!((m.entry, m.relation, read), (0, None, false));
         // Without a relation key an exact tie goes to the newest edit.
         let plain = KeyStore {
             relation: None,
