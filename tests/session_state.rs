@@ -368,3 +368,73 @@ fn edit_prompts_find_their_own_edit_in_the_key_store() {
         .iter()
         .all(|u| !u.in_scope && u.matched_edit.is_none()));
 }
+
+/// The engine handle answers as the CPU model does with the state's adapter: generation, scoring
+/// (with the scope decision) and the final protocol's metrics; without a state, the base model.
+#[test]
+fn the_engine_on_the_cpu_answers_as_the_model_does() {
+    use elder::engine::{Device, DeviceChoice, Engine};
+    use elder::eval::Evaluator;
+
+    let tmp = tempfile::tempdir().unwrap();
+    let all = records(3);
+    let base = tiny_model(&tmp.path().join("model"), 9);
+    let mut session =
+        EditSession::open(&base, &tmp.path().join("s"), Some(default_config(&base))).unwrap();
+    apply_stream(&base, &mut session, &all, false, None).unwrap();
+    let expected = elder::session::evaluate_final(&base, &session.elder, &all, false).unwrap();
+    let (prompt, target) = base
+        .encode_pair(&all[0].prompt, &all[0].target_new)
+        .unwrap();
+    let model = base.model().unwrap();
+    let mut adapter = elder::elder::molora::ElderAdapter::single(&session.elder, prompt.len());
+    let scored = model.score(&prompt, &target, &mut adapter);
+    let scope = adapter.in_scope.first().copied();
+    let base_scored = model.score(&prompt, &target, &mut elder::model::NoAdapter);
+    let eos = base.cfg.eos_token_id.or(base.tokenizer.eos_id());
+    let mut adapter = elder::elder::molora::ElderAdapter::single(&session.elder, prompt.len());
+    let generated = model.generate(std::slice::from_ref(&prompt), 2, eos, &mut adapter);
+
+    let device = DeviceChoice::cpu()
+        .resolve(Some(&session.elder.cfg))
+        .unwrap();
+    assert!(matches!(device, Device::Cpu));
+    let mut engine = Engine::new(base, device);
+    assert_eq!(engine.device_name(), "cpu");
+    assert_eq!(
+        engine
+            .score(Some(&session.elder), &prompt, &target)
+            .unwrap(),
+        (scored, scope)
+    );
+    assert_eq!(scope, Some(true), "an edit prompt is in scope");
+    assert_eq!(
+        engine.score(None, &prompt, &target).unwrap(),
+        (base_scored, None)
+    );
+    let (tokens, in_scope) = engine.generate(Some(&session.elder), &prompt, 2).unwrap();
+    assert_eq!((tokens, in_scope), (generated[0].clone(), Some(true)));
+    let metrics = engine.evaluate(&session.elder, &all, false).unwrap();
+    assert_eq!(
+        serde_json::to_value(&metrics).unwrap(),
+        serde_json::to_value(&expected).unwrap()
+    );
+    let mut ev = Evaluator::default().keep_details();
+    engine
+        .score_records(&session.elder, &all, false, &mut ev)
+        .unwrap();
+    assert_eq!(
+        ev.details().len(),
+        all.iter()
+            .map(|r| 1 + r.rephrases.len() + r.locality.len())
+            .sum::<usize>()
+    );
+    // Empty prompts and prompts past the model's positions are refused before any work.
+    assert!(engine.score(None, &[], &target).is_err());
+    let long = vec![prompt[0]; engine.base.cfg.max_positions + 1];
+    let err = engine.generate(None, &long, 1).unwrap_err().to_string();
+    assert!(
+        err.contains("positions") || err.contains("context"),
+        "{err}"
+    );
+}

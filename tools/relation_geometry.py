@@ -9,6 +9,8 @@ records of both datasets (geo: 300, science: 600, where each element has several
 - `last`: the last prompt token's row at a site (the first key store's relation key);
 - `ctx`: the mean of the prompt's rows outside its subject and position 0 (`relation_key =
   "context"`);
+- `wctx`: the context rows as unit vectors, each weighted by one minus its best cosine to the
+  background text's rows (`relation_key = "weighted_context"`, the default since 2026-12-05);
 - `last+ctx`: both, concatenated;
 - `lens`: the last row read through the final norm and the lm_head (logit lens), as centred
   log-probabilities;
@@ -137,7 +139,20 @@ def signals(work, model, meta, index, offsets):
                 subject = set(range(d["subject_pos"] - d["subject_len"] + 1, d["subject_pos"] + 1))
             kept = [p for p in range(1, len(r)) if p not in subject]
             ctx.append(r[kept].mean(0) if kept else r[-1])
-        feats = {"last": unit(last - mean), "ctx": unit(np.stack(ctx) - mean)}
+        # `wctx` (relation_key = "weighted_context"): the context rows as unit vectors, each
+        # weighted by one minus its best cosine to the background text's rows (positions 1 on).
+        bg_rows = unit(np.concatenate([of(i)[1:] for i in bg]) - mean)
+        wctx = []
+        for i in range(len(meta)):
+            r, d = of(i), index[i]
+            subject = set()
+            if d["subject_pos"] is not None:
+                subject = set(range(d["subject_pos"] - d["subject_len"] + 1, d["subject_pos"] + 1))
+            kept = [p for p in range(1, len(r)) if p not in subject] or [len(r) - 1]
+            u = unit(r[kept] - mean)
+            w = np.maximum(1 - (u @ bg_rows.T).max(1), 0.02)
+            wctx.append((u * w[:, None]).sum(0))
+        feats = {"last": unit(last - mean), "ctx": unit(np.stack(ctx) - mean), "wctx": unit(np.stack(wctx))}
         feats["last+ctx"] = unit(np.concatenate([feats["last"], feats["ctx"]], 1))
         if proj == "up":
             # up_proj's input is the post-attention norm of the residual: undo its weight, then
