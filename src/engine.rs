@@ -56,15 +56,16 @@ impl DeviceChoice {
     /// are refused (`cuda`). `auto` also falls back to the CPU, with a note, when a driver loads
     /// but no device opens.
     pub fn resolve(&self, cfg: Option<&ElderConfig>) -> Result<Device> {
-        let missing = cfg.map(ElderConfig::gpu_unsupported).unwrap_or_default();
-        let reason = (!missing.is_empty()).then(|| {
-            let cfg = cfg.expect("settings are missing only with a config");
-            format!(
-                "the {} preset's {} {} not on the GPU yet",
-                cfg.preset.as_str(),
-                missing.join(", "),
-                if missing.len() == 1 { "is" } else { "are" }
-            )
+        let reason = cfg.and_then(|cfg| {
+            let missing = cfg.gpu_unsupported();
+            (!missing.is_empty()).then(|| {
+                format!(
+                    "the {} preset's {} {} not on the GPU yet",
+                    cfg.preset.as_str(),
+                    missing.join(", "),
+                    if missing.len() == 1 { "is" } else { "are" }
+                )
+            })
         });
         let gpu_path = match &reason {
             Some(r) => Err(r.as_str()),

@@ -176,6 +176,16 @@ impl KeySpace {
         }
         v
     }
+
+    /// The unit keys `[len - from, dim]` of a text's rows `[len, width]` from position `from`
+    /// on, each centred for its own position.
+    pub fn embed_rows(&self, rows: &[f32], from: usize) -> Vec<f32> {
+        rows.chunks(self.width)
+            .enumerate()
+            .skip(from)
+            .flat_map(|(pos, row)| self.embed(row, pos))
+            .collect()
+    }
 }
 
 /// The one key of a text under the pooled kinds (the last token, or the mean of its rows).
@@ -250,17 +260,11 @@ impl RelationKeys {
         if !self.needs_background() {
             return;
         }
-        let w = self.space.width;
+        // Position 0, the attention sink, is never a context row.
         self.background = Derived(
             texts
                 .iter()
-                .flat_map(|rows| {
-                    rows.chunks(w)
-                        .enumerate()
-                        .skip(1)
-                        .flat_map(|(pos, row)| self.space.embed(row, pos))
-                        .collect::<Vec<_>>()
-                })
+                .flat_map(|rows| self.space.embed_rows(rows, 1))
                 .collect(),
         );
     }
@@ -485,11 +489,7 @@ impl KeyStore {
     /// for subject keys, the pooled key otherwise.
     pub fn query_keys(&self, rows: &[f32]) -> Vec<f32> {
         match self.kind {
-            KeyKind::Subject => rows
-                .chunks(self.space.width)
-                .enumerate()
-                .flat_map(|(pos, row)| self.space.embed(row, pos))
-                .collect(),
+            KeyKind::Subject => self.space.embed_rows(rows, 0),
             kind => pooled_key(&self.space, kind, rows),
         }
     }
@@ -742,13 +742,7 @@ impl Elder {
         let background_keys = |space: &KeySpace| -> Vec<f32> {
             inputs
                 .iter()
-                .flat_map(|m| {
-                    m[&sites[0]]
-                        .chunks(space.width)
-                        .enumerate()
-                        .flat_map(|(pos, row)| space.embed(row, pos))
-                        .collect::<Vec<_>>()
-                })
+                .flat_map(|m| space.embed_rows(&m[&sites[0]], 0))
                 .collect()
         };
         let relation_rows = |site: Option<&Site>| -> Vec<&[f32]> {
