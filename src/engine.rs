@@ -7,6 +7,7 @@
 //! CUDA model and trainer are uploaded on first use, and the trainer's uploaded weights also
 //! answer the queries that follow an edit).
 
+use std::ops::Range;
 use std::sync::Arc;
 
 use anyhow::{bail, Result};
@@ -17,7 +18,7 @@ use crate::data::EditRecord;
 use crate::elder::config::ElderConfig;
 use crate::elder::molora::{Elder, ElderAdapter};
 use crate::eval::{CpuScorer, Evaluator, Metrics, Protocol, EVAL_BATCH};
-use crate::model::runner::Scored;
+use crate::model::runner::{prompt_rows, Decode, Sampling, Scored, TokenListener};
 use crate::model::{Adapter, NoAdapter};
 use crate::runtime::cuda::{
     open_gpu_editor, open_gpu_model, Capacity, GpuDtype, GpuRunner, GpuScorer,
@@ -100,9 +101,13 @@ pub enum Device {
     Cuda(Arc<GpuDevice>, GpuDtype),
 }
 
-/// A base model on its device, with the device's model and trainer made on first use.
+/// Each prompt's continuation and whether it was in scope (`None` without an edit state).
+pub type Generated = (Vec<Vec<u32>>, Vec<Option<bool>>);
+
+/// A base model on its device, with the device's model and trainer made on first use. Several
+/// engines may share one base model (a server's query engine and its trainer).
 pub struct Engine {
-    pub base: BaseModel,
+    pub base: Arc<BaseModel>,
     runtime: Runtime,
 }
 
@@ -168,6 +173,11 @@ impl Runtime {
 
 impl Engine {
     pub fn new(base: BaseModel, device: Device) -> Self {
+        Self::shared(Arc::new(base), device)
+    }
+
+    /// An engine on a base model that other engines also use (the CPU model is built once).
+    pub fn shared(base: Arc<BaseModel>, device: Device) -> Self {
         Engine {
             base,
             runtime: Runtime {
@@ -195,27 +205,85 @@ impl Engine {
         prompt: &[u32],
         max_new: usize,
     ) -> Result<(Vec<u32>, Option<bool>)> {
-        if prompt.is_empty() {
-            bail!("the prompt has no tokens");
+        let (mut out, scope) = self.generate_batch(
+            elder,
+            &[prompt.to_vec()],
+            &[Sampling::greedy(max_new)],
+            None,
+        )?;
+        Ok((out.remove(0), scope[0]))
+    }
+
+    /// The continuations of several prompts in one batch (padded prefill, shared decode steps),
+    /// each decoded as its `sampling` says; `listener` hears every token as it is decoded. Also
+    /// whether each prompt was in scope (`None` without an edit state).
+    pub fn generate_batch(
+        &mut self,
+        elder: Option<&Elder>,
+        prompts: &[Vec<u32>],
+        sampling: &[Sampling],
+        listener: Option<TokenListener>,
+    ) -> Result<Generated> {
+        anyhow::ensure!(
+            prompts.len() == sampling.len(),
+            "{} prompts but {} sampling settings",
+            prompts.len(),
+            sampling.len()
+        );
+        for (prompt, s) in prompts.iter().zip(sampling) {
+            if prompt.is_empty() {
+                bail!("the prompt has no tokens");
+            }
+            self.base.cfg.check_context(&[
+                ("the prompt", prompt.len()),
+                ("--max-new-tokens", s.max_new),
+            ])?;
         }
-        self.base
-            .cfg
-            .check_context(&[("the prompt", prompt.len()), ("--max-new-tokens", max_new)])?;
         // The model config's eos is what generation stops on (transformers' generate does the
         // same); the tokenizer's may be a different special token (SmolLM2: <|endoftext|> vs
         // <|im_end|>).
         let eos = self.base.cfg.eos_token_id.or(self.base.tokenizer.eos_id());
-        let prompts = [prompt.to_vec()];
+        let mut decode = Decode::with_sampling(sampling, eos);
+        if let Some(listener) = listener {
+            decode = decode.listen(listener);
+        }
         if let Some(gpu) = self.runtime.gpu(&self.base)? {
             gpu.set_elder(elder)?;
-            let (mut out, scope) = gpu.generate(&prompts, max_new, eos, elder.is_some())?;
-            return Ok((out.remove(0), elder.and(scope.first().copied())));
+            let (out, scope) = gpu.generate(prompts, decode, elder.is_some())?;
+            let scope = (0..prompts.len())
+                .map(|i| elder.and(scope.get(i).copied()))
+                .collect();
+            return Ok((out, scope));
         }
         let model = self.base.model()?;
-        let (mut out, scope) = with_adapter(elder, prompt.len(), |a| {
-            model.generate(&prompts, max_new, eos, a)
-        });
-        Ok((out.remove(0), scope))
+        let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+        Ok(with_adapter(
+            elder,
+            prompt_rows(longest, prompts.iter().map(Vec::len)),
+            |a| model.generate_with(prompts, decode, a),
+        ))
+    }
+
+    /// Scores several `(prompt, target)` pairs in batches (teacher forcing), by the edited model
+    /// of `elder` when given: each pair's log-probabilities, argmax and scope.
+    pub fn score_batch(
+        &mut self,
+        elder: Option<&Elder>,
+        pairs: &[(&[u32], &[u32])],
+    ) -> Result<Vec<crate::eval::Scored>> {
+        for (prompt, target) in pairs {
+            if prompt.is_empty() || target.is_empty() {
+                bail!("both the prompt and the target need at least one token");
+            }
+            self.base
+                .cfg
+                .check_context(&[("the prompt", prompt.len()), ("the target", target.len())])?;
+        }
+        if let Some(gpu) = self.runtime.gpu(&self.base)? {
+            gpu.set_elder(elder)?;
+            return gpu.score_pairs(elder.is_some(), pairs);
+        }
+        Ok(crate::eval::score_pairs(self.base.model()?, elder, pairs))
     }
 
     /// The log-probability and argmax of each token of `target` after `prompt` (teacher
@@ -237,9 +305,9 @@ impl Engine {
             return gpu.score(prompt, target, elder.is_some());
         }
         let model = self.base.model()?;
-        Ok(with_adapter(elder, prompt.len(), |a| {
-            model.score(prompt, target, a)
-        }))
+        let rows = std::iter::once(0..prompt.len()).collect();
+        let (scored, mut scope) = with_adapter(elder, rows, |a| model.score(prompt, target, a));
+        Ok((scored, scope.remove(0)))
     }
 
     /// Scores the edited model of `elder` on `records` into `ev` (the paper's final protocol:
@@ -296,18 +364,22 @@ impl Engine {
 }
 
 /// Runs `f` on the edited model of `elder` if given, else on the base model; also returns
-/// whether the (single) prompt was in scope (`None` without a state).
+/// whether each prompt (at `prompt_rows` of the first forward) was in scope (`None` without a
+/// state).
 fn with_adapter<T>(
     elder: Option<&Elder>,
-    prompt_len: usize,
+    prompt_rows: Vec<Range<usize>>,
     f: impl FnOnce(&mut dyn Adapter) -> T,
-) -> (T, Option<bool>) {
+) -> (T, Vec<Option<bool>>) {
+    let n = prompt_rows.len();
     match elder {
-        None => (f(&mut NoAdapter), None),
+        None => (f(&mut NoAdapter), vec![None; n]),
         Some(elder) => {
-            let mut adapter = ElderAdapter::single(elder, prompt_len);
+            let mut adapter = ElderAdapter::inference(elder, prompt_rows);
             let out = f(&mut adapter);
-            let scope = adapter.in_scope.first().copied();
+            let scope = (0..n)
+                .map(|i| Some(adapter.in_scope.get(i).copied().unwrap_or(false)))
+                .collect();
             (out, scope)
         }
     }

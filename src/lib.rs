@@ -6,6 +6,7 @@
 //! - [`data`]: edit records and dataset readers; [`eval`]: metrics and protocols.
 //! - [`session`]: a base model, an edit state and the edit stream on one trainer;
 //!   [`engine`]: the handle every command uses, a base model on the device chosen once.
+//! - [`serve`]: `elder serve`, the HTTP service over an engine and a durable edit log.
 pub mod backend;
 pub mod data;
 pub mod elder;
@@ -13,5 +14,6 @@ pub mod engine;
 pub mod eval;
 pub mod model;
 pub mod runtime;
+pub mod serve;
 pub mod session;
 pub mod util;

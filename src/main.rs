@@ -16,6 +16,7 @@ use elder::model::checkpoint::StoreDtype;
 use elder::model::presets::{default_dtype, preset, write_random_checkpoint};
 use elder::model::Arch;
 use elder::runtime::cuda::GpuDtype;
+use elder::serve::{self, Limits, ServeOptions};
 use elder::session::{BaseModel, EditSession, StreamSummary};
 
 #[derive(Parser)]
@@ -176,6 +177,49 @@ enum Command {
         preset: Option<Preset>,
         #[arg(long)]
         json: bool,
+    },
+    /// Serve the edited model over HTTP while edits stream in (OpenAI-style completions, a
+    /// durable edit log, Prometheus metrics; see the README).
+    Serve {
+        #[arg(long)]
+        model: PathBuf,
+        /// The edit state (created with the preset or config below if absent); the server's
+        /// write-ahead edit log lives in it (edit-log.jsonl).
+        #[arg(long)]
+        state: PathBuf,
+        /// Where to listen; port 0 picks a free port (the address is printed).
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        addr: std::net::SocketAddr,
+        /// Require `Authorization: Bearer KEY` on /v1 and /openapi.json.
+        #[arg(long, conflicts_with = "api_key_file")]
+        api_key: Option<String>,
+        /// Read the API key from this file (its first line).
+        #[arg(long)]
+        api_key_file: Option<PathBuf>,
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long, value_enum)]
+        preset: Option<Preset>,
+        #[arg(long)]
+        batch_size: Option<usize>,
+        /// Largest request body in bytes (413 beyond).
+        #[arg(long, default_value_t = 4 << 20)]
+        max_body_bytes: usize,
+        /// Requests under /v1 in flight at once (429 beyond).
+        #[arg(long, default_value_t = 64)]
+        max_concurrent: usize,
+        /// Edits waiting for the trainer (429 beyond).
+        #[arg(long, default_value_t = 10_000)]
+        max_queued_edits: usize,
+        /// Largest `max_tokens` of a completion.
+        #[arg(long, default_value_t = 512)]
+        max_tokens: usize,
+        /// Largest number of prompts (or edits) in one request.
+        #[arg(long, default_value_t = 256)]
+        max_items: usize,
+        /// How long a request may wait for its answer or for `min_generation`, in seconds.
+        #[arg(long, default_value_t = 120)]
+        request_timeout_s: u64,
     },
     /// Check or repair an edit state without loading a model.
     State {
@@ -351,6 +395,46 @@ fn dispatch(cmd: Command, devices: DeviceChoice) -> Result<ExitCode> {
             print_metrics(&metrics, json)?;
         }
         Command::State { action } => return state_command(action),
+        Command::Serve {
+            model,
+            state,
+            addr,
+            api_key,
+            api_key_file,
+            config,
+            preset,
+            batch_size,
+            max_body_bytes,
+            max_concurrent,
+            max_queued_edits,
+            max_tokens,
+            max_items,
+            request_timeout_s,
+        } => {
+            let api_key = match (api_key, api_key_file) {
+                (Some(k), _) => Some(k),
+                (None, Some(f)) => Some(read_api_key(&f)?),
+                (None, None) => None,
+            };
+            let model_cfg = elder::model::ModelConfig::from_dir(&model)?;
+            let config = ElderConfig::requested(config.as_deref(), preset, batch_size, &model_cfg)?;
+            serve::run(ServeOptions {
+                model,
+                state,
+                addr,
+                api_key,
+                devices,
+                config,
+                limits: Limits {
+                    max_body_bytes,
+                    max_concurrent: max_concurrent.max(1),
+                    max_queued_edits,
+                    max_tokens: max_tokens.max(1),
+                    max_items: max_items.max(1),
+                    request_timeout: std::time::Duration::from_secs(request_timeout_s.max(1)),
+                },
+            })?;
+        }
         Command::Run {
             model,
             data,
@@ -385,16 +469,20 @@ fn load_config(
     batch_size: Option<usize>,
     base: &BaseModel,
 ) -> Result<Option<ElderConfig>> {
-    let chosen = preset.unwrap_or(Preset::Default);
-    let mut cfg = match path {
-        Some(p) => Some(ElderConfig::from_toml_file(p, &base.cfg, chosen)?),
-        None => preset.map(|p| ElderConfig::preset(p, &base.cfg)),
-    };
-    if let Some(b) = batch_size {
-        cfg.get_or_insert_with(|| ElderConfig::preset(chosen, &base.cfg))
-            .batch_size = b;
-    }
-    Ok(cfg)
+    ElderConfig::requested(path, preset, batch_size, &base.cfg)
+}
+
+/// The API key in a file: its first line, trimmed; an empty one is an error.
+fn read_api_key(path: &Path) -> Result<String> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the API key file {}", path.display()))?;
+    let key = text.lines().next().unwrap_or("").trim().to_string();
+    anyhow::ensure!(
+        !key.is_empty(),
+        "the API key file {} is empty",
+        path.display()
+    );
+    Ok(key)
 }
 
 fn state_command(action: StateAction) -> Result<ExitCode> {

@@ -207,6 +207,23 @@ impl EditSession {
     }
 }
 
+impl EditSession {
+    /// Rolls the applied edit `id` back ([`Elder::forget`]) and commits the result as a new
+    /// generation whose applied ids leave it out. On an error the state on disk is unchanged
+    /// (the in-memory `elder` may not be: reopen the session).
+    pub fn forget(&mut self, id: &str) -> Result<()> {
+        self.elder.forget(id)?;
+        self.state
+            .commit_removal(
+                &self.elder.named_tensors(),
+                &self.elder.codebook,
+                &self.elder.memory_bytes()?,
+                id,
+            )
+            .with_context(|| format!("committing the rollback of edit {id:?}"))
+    }
+}
+
 /// A state keeps the config it was made with; a different one is an error naming each difference.
 fn refuse_config_change(dir: &Path, stored: &ElderConfig, requested: &ElderConfig) -> Result<()> {
     if stored == requested {

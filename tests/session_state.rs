@@ -438,3 +438,153 @@ fn the_engine_on_the_cpu_answers_as_the_model_does() {
         "{err}"
     );
 }
+
+/// What a server does with concurrent requests: one batch of prompts (different lengths, some
+/// in scope, some not, greedy and sampled) answers exactly as each prompt alone, with the same
+/// scope; batched scores equal single ones.
+#[test]
+fn batched_requests_answer_as_single_ones() {
+    use elder::engine::{Device, Engine};
+    use elder::model::runner::Sampling;
+
+    let tmp = tempfile::tempdir().unwrap();
+    let all = records(3);
+    let base = tiny_model(&tmp.path().join("model"), 12);
+    let mut session =
+        EditSession::open(&base, &tmp.path().join("s"), Some(default_config(&base))).unwrap();
+    apply_stream(&base, &mut session, &all, false, None).unwrap();
+    let mut engine = Engine::new(base, Device::Cpu);
+    let texts = [
+        all[0].prompt.as_str(),
+        "The weather today is",
+        all[2].prompt.as_str(),
+        "A",
+    ];
+    let prompts: Vec<Vec<u32>> = texts
+        .iter()
+        .map(|t| engine.base.tokenizer.encode(t).unwrap())
+        .collect();
+    let sampling: Vec<Sampling> = (0..prompts.len())
+        .map(|i| Sampling {
+            max_new: 2 + i,
+            temperature: if i == 1 { 0.8 } else { 0.0 },
+            seed: 40 + i as u64,
+        })
+        .collect();
+    let elder = Some(&session.elder);
+    let heard = std::sync::Arc::new(std::sync::Mutex::new(vec![Vec::new(); prompts.len()]));
+    let sink = heard.clone();
+    let (batched, scopes) = engine
+        .generate_batch(
+            elder,
+            &prompts,
+            &sampling,
+            Some(Box::new(move |row, tok| {
+                sink.lock().unwrap()[row].push(tok)
+            })),
+        )
+        .unwrap();
+    assert_eq!(
+        *heard.lock().unwrap(),
+        batched,
+        "the listener hears every kept token"
+    );
+    assert_eq!(scopes[0], Some(true));
+    assert_eq!(scopes[2], Some(true));
+    for (i, prompt) in prompts.iter().enumerate() {
+        let (alone, scope) = engine
+            .generate_batch(elder, std::slice::from_ref(prompt), &sampling[i..=i], None)
+            .unwrap();
+        assert_eq!(alone[0], batched[i], "prompt {i}");
+        assert!(alone[0].len() <= sampling[i].max_new);
+        assert_eq!(scope[0], scopes[i], "prompt {i}");
+    }
+    let target = engine.base.tokenizer.encode_continuation(" Paris").unwrap();
+    let pairs: Vec<(&[u32], &[u32])> = prompts
+        .iter()
+        .map(|p| (p.as_slice(), target.as_slice()))
+        .collect();
+    let scored = engine.score_batch(elder, &pairs).unwrap();
+    for (i, (p, t)) in pairs.iter().enumerate() {
+        let (single, scope) = engine.score(elder, p, t).unwrap();
+        assert_eq!(scored[i].argmax, single.argmax, "pair {i}");
+        assert_eq!(Some(scored[i].in_scope), scope, "pair {i}");
+        for (a, b) in scored[i].logprobs.iter().zip(&single.logprobs) {
+            assert!((a - b).abs() < 1e-4, "pair {i}: {a} vs {b}");
+        }
+    }
+}
+
+/// Rolling an edit back leaves the key store exactly as a stream without that edit would have
+/// it, zeroes the edit's own experts, commits a generation without its id, and reopens as it was
+/// left; the paper preset refuses by name.
+#[test]
+fn a_rolled_back_edit_leaves_no_key_and_no_expert() {
+    let tmp = tempfile::tempdir().unwrap();
+    let all = records(4);
+    let base = tiny_model(&tmp.path().join("model"), 13);
+    let dir = tmp.path().join("s");
+    let mut session = EditSession::open(&base, &dir, Some(default_config(&base))).unwrap();
+    apply_stream(&base, &mut session, &all, false, None).unwrap();
+    let gone = session.elder.memory[1].clone();
+    assert!(!gone.allocation.is_empty());
+    let generation = session.state.generation();
+    session.forget(&all[1].id).unwrap();
+    assert_eq!(session.state.generation(), generation + 1);
+    let ids: Vec<&str> = session
+        .state
+        .applied_ids()
+        .iter()
+        .map(String::as_str)
+        .collect();
+    assert_eq!(
+        ids,
+        [&all[0].id, &all[2].id, &all[3].id].map(String::as_str)
+    );
+    assert!(session.elder.memory.iter().all(|e| e.id != gone.id));
+
+    // The key store equals one rebuilt from the remaining memory.
+    let mut rebuilt = session.elder.clone();
+    rebuilt
+        .rebuild_key_store(
+            base.model().unwrap(),
+            &base.tokenizer,
+            &base.background_prompts().unwrap(),
+        )
+        .unwrap();
+    assert!(rebuilt.key_store == session.elder.key_store);
+    assert_eq!(rebuilt.scope_threshold(), session.elder.scope_threshold());
+    // Its experts are zero; the others' are not.
+    let rank = session.elder.cfg.rank;
+    for (layer, chosen) in session.elder.layers.iter().zip(&gone.allocation) {
+        let a = layer.d_in * rank;
+        for &x in chosen {
+            let x = x as usize;
+            assert!(layer.a[x * a..(x + 1) * a].iter().all(|&v| v == 0.0));
+        }
+    }
+    let kept = &session.elder.memory[0].allocation[0];
+    let layer = &session.elder.layers[0];
+    let a = layer.d_in * rank;
+    assert!(layer.a[kept[0] as usize * a..(kept[0] as usize + 1) * a]
+        .iter()
+        .any(|&v| v != 0.0));
+    let reopened = EditSession::open(&base, &dir, None).unwrap();
+    assert!(reopened.elder == session.elder);
+    assert!(session.forget(&gone.id).is_err(), "forgot an edit twice");
+
+    let paper_dir = tmp.path().join("p");
+    let paper = ElderConfig {
+        iterations: 2,
+        ..ElderConfig::preset(Preset::Paper, &base.cfg)
+    };
+    let mut p = EditSession::open(&base, &paper_dir, Some(paper)).unwrap();
+    apply_stream(&base, &mut p, &all[..1], false, None).unwrap();
+    let err = p.forget(&all[0].id).unwrap_err().to_string();
+    assert!(err.contains("paper preset cannot roll"), "{err}");
+    assert_eq!(
+        p.state.applied_ids().len(),
+        1,
+        "a refused rollback changed the state"
+    );
+}

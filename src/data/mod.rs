@@ -106,6 +106,12 @@ pub struct LenientRead {
     pub errors: Vec<RecordError>,
 }
 
+/// One record in the project's JSONL shape from a parsed JSON value (a server's request body):
+/// the same fields and checks as a line of a `.jsonl` file; the error names the field.
+pub fn record_from_json(value: &serde_json::Value) -> std::result::Result<EditRecord, String> {
+    jsonl::parse_record(value)
+}
+
 /// Reads every record of `path`, failing on the first bad one (see the module docs).
 pub fn read_edits(path: &Path, format: DataFormat) -> Result<Vec<EditRecord>> {
     let read = read_edits_lenient(path, format)?;

@@ -417,6 +417,27 @@ impl ElderConfig {
         }
     }
 
+    /// The config a command asks for when it creates a state: a TOML file over a preset, a
+    /// preset, or only a batch size over the default preset (`None`: nothing asked, the model's
+    /// default preset applies).
+    pub fn requested(
+        path: Option<&Path>,
+        preset: Option<Preset>,
+        batch_size: Option<usize>,
+        model: &ModelConfig,
+    ) -> Result<Option<Self>> {
+        let chosen = preset.unwrap_or(Preset::Default);
+        let mut cfg = match path {
+            Some(p) => Some(Self::from_toml_file(p, model, chosen)?),
+            None => preset.map(|p| Self::preset(p, model)),
+        };
+        if let Some(b) = batch_size {
+            cfg.get_or_insert_with(|| Self::preset(chosen, model))
+                .batch_size = b;
+        }
+        Ok(cfg)
+    }
+
     /// Reads a TOML file of overrides on top of a preset: `preset = "paper"` in the file picks
     /// the preset, else `preset` does.
     pub fn from_toml_file(path: &Path, cfg: &ModelConfig, preset: Preset) -> Result<Self> {

@@ -511,6 +511,28 @@ impl KeyStore {
     }
 
     /// Best similarity between any key of edit `a` and any key of edit `b`.
+    /// Takes edit `entry` out of the store; the impostor scores are recomputed from scratch, so
+    /// the store scores as if the edit had never joined it (`update_impostors` refills them).
+    pub fn remove(&mut self, entry: usize) {
+        let row = self.variants * self.space.dim;
+        self.keys.drain(entry * row..(entry + 1) * row);
+        if self.ceilings.is_on() {
+            self.ceilings
+                .of_keys
+                .drain(entry * self.variants..(entry + 1) * self.variants);
+        }
+        if let Some(rel) = &mut self.relation {
+            let d = rel.space.dim;
+            if rel.rows.len() >= (entry + 1) * d {
+                rel.rows.drain(entry * d..(entry + 1) * d);
+            }
+            if entry < rel.subject_tokens.len() {
+                rel.subject_tokens.remove(entry);
+            }
+        }
+        self.impostor.clear();
+    }
+
     fn pair_score(&self, a: usize, b: usize) -> f32 {
         let row = self.variants * self.space.dim;
         let (ka, kb) = (

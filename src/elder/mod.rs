@@ -3,6 +3,7 @@
 pub mod capture;
 pub mod codebook;
 pub mod config;
+pub mod forget;
 pub mod keystore;
 pub mod memory;
 pub mod molora;

@@ -120,6 +120,17 @@ impl MoloraLayer {
         [&mut self.a, &mut self.b, &mut self.w_r, &mut self.b_r]
     }
 
+    /// Makes expert `e` a zero update (both projections zero): the base model wherever it is used.
+    pub fn zero_expert(&mut self, e: usize, rank: usize) {
+        let (a, b) = (self.d_in * rank, rank * self.d_out);
+        if let Some(x) = self.a.get_mut(e * a..(e + 1) * a) {
+            x.fill(0.0);
+        }
+        if let Some(x) = self.b.get_mut(e * b..(e + 1) * b) {
+            x.fill(0.0);
+        }
+    }
+
     pub fn zeros_like(&self) -> Self {
         MoloraLayer {
             a: vec![0.0; self.a.len()],

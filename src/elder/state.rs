@@ -232,13 +232,45 @@ impl EditState {
         new_edit_ids: &[String],
     ) -> Result<()> {
         self.check_commit(tensors, codebook, new_edit_ids)?;
+        let mut applied = self.manifest.applied_edit_ids.clone();
+        applied.extend_from_slice(new_edit_ids);
+        self.commit_generation(tensors, codebook, memory, applied)
+    }
+
+    /// Like [`EditState::commit`], for a state from which the applied edit `removed_id` was
+    /// rolled back (`Elder::forget`): the new generation's applied ids leave it out.
+    pub fn commit_removal(
+        &mut self,
+        tensors: &[NamedTensor],
+        codebook: &Codebook,
+        memory: &[u8],
+        removed_id: &str,
+    ) -> Result<()> {
+        self.check_commit(tensors, codebook, &[])?;
+        let applied = self.manifest.applied_edit_ids.clone();
+        ensure!(
+            applied.iter().any(|id| id == removed_id),
+            "commit: edit id {removed_id:?} is not applied"
+        );
+        let applied = applied.into_iter().filter(|id| id != removed_id).collect();
+        self.commit_generation(tensors, codebook, memory, applied)
+    }
+
+    /// Writes a new generation whose applied ids are `applied` (see the module docs).
+    fn commit_generation(
+        &mut self,
+        tensors: &[NamedTensor],
+        codebook: &Codebook,
+        memory: &[u8],
+        applied: Vec<String>,
+    ) -> Result<()> {
         let generation = self.manifest.generation + 1;
         let written = write_generation_files(&self.dir, generation, tensors, codebook, memory)
             .and_then(|files| {
                 let mut manifest = self.manifest.clone();
                 manifest.format_version = STATE_FORMAT_VERSION;
                 manifest.generation = generation;
-                manifest.applied_edit_ids.extend_from_slice(new_edit_ids);
+                manifest.applied_edit_ids = applied;
                 manifest.codebook_entries = codebook.len();
                 manifest.codebook_bits_per_code = Some(codebook.bits_per_code());
                 manifest.files = Some(files);

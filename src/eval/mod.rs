@@ -39,6 +39,8 @@ pub enum Protocol {
 pub struct Scored {
     /// The model's argmax at each continuation position.
     pub argmax: Vec<u32>,
+    /// log p of each continuation token (teacher forcing).
+    pub logprobs: Vec<f32>,
     /// Whether the deferral codebook put the sequence in scope.
     pub in_scope: bool,
     /// Hamming distance of its code to the nearest codebook entry.
@@ -170,13 +172,17 @@ pub fn scored_chunk(
                 Some((s, id, r)) => (Some(s), Some(id), r),
                 None => (None, None, None),
             };
-            let argmax = rows
-                .by_ref()
-                .take(c.len())
-                .map(|r| ops::argmax(r) as u32)
-                .collect();
+            // One logits row per continuation token, in order.
+            let (argmax, logprobs) = c
+                .iter()
+                .map_while(|&t| {
+                    let r = rows.next()?;
+                    Some((ops::argmax(r) as u32, r[t as usize] - ops::logsumexp(r)))
+                })
+                .unzip();
             Scored {
                 argmax,
+                logprobs,
                 in_scope,
                 distance,
                 similarity,

@@ -41,32 +41,100 @@ pub fn last_rows(shape: &BatchShape) -> Vec<usize> {
         .collect()
 }
 
-/// Greedy decoding's bookkeeping, shared by the CPU and GPU backends: each sequence's tokens so
-/// far and whether it has produced `eos`.
-pub struct GreedyDecode {
+/// How one sequence picks its next tokens: at most `max_new` of them, the argmax at temperature
+/// 0, else a sample from the softmax at that temperature (seeded, so a request with a seed gets
+/// the same text again).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Sampling {
+    pub max_new: usize,
+    pub temperature: f32,
+    pub seed: u64,
+}
+
+impl Sampling {
+    pub fn greedy(max_new: usize) -> Self {
+        Sampling {
+            max_new,
+            temperature: 0.0,
+            seed: 0,
+        }
+    }
+}
+
+/// Called with `(sequence, token)` for every token a sequence keeps, as it is decoded (a server
+/// streams them).
+pub type TokenListener = Box<dyn FnMut(usize, u32) + Send>;
+
+/// Decoding's bookkeeping, shared by the CPU and GPU backends: each sequence's tokens so far and
+/// whether it is done (its `eos`, or its own `max_new` tokens).
+pub struct Decode {
     tokens: Vec<Vec<u32>>,
     done: Vec<bool>,
     eos: Option<u32>,
+    sampling: Vec<(Sampling, Option<rand_chacha::ChaCha8Rng>)>,
+    listener: Option<TokenListener>,
 }
 
-impl GreedyDecode {
+/// Greedy decoding of every sequence (the command line's `generate`).
+pub type GreedyDecode = Decode;
+
+impl Decode {
+    /// Greedy decoding of `batch` sequences (their length is bounded by the caller's loop).
     pub fn new(batch: usize, eos: Option<u32>) -> Self {
-        GreedyDecode {
+        Self::with_sampling(&vec![Sampling::greedy(usize::MAX); batch], eos)
+    }
+
+    /// One sequence per entry of `sampling`.
+    pub fn with_sampling(sampling: &[Sampling], eos: Option<u32>) -> Self {
+        use rand::SeedableRng;
+        let batch = sampling.len();
+        Decode {
             tokens: vec![Vec::new(); batch],
-            done: vec![false; batch],
+            done: sampling.iter().map(|s| s.max_new == 0).collect(),
             eos,
+            sampling: sampling
+                .iter()
+                .map(|s| {
+                    let rng = (s.temperature > 0.0)
+                        .then(|| rand_chacha::ChaCha8Rng::seed_from_u64(s.seed));
+                    (*s, rng)
+                })
+                .collect(),
+            listener: None,
         }
     }
 
-    /// Takes each sequence's argmax from `logits` `[batch, vocab]` (kept only until its `eos`) and
-    /// returns the next step's one-token inputs.
+    /// Reports every kept token to `listener` as it is decoded.
+    pub fn listen(mut self, listener: TokenListener) -> Self {
+        self.listener = Some(listener);
+        self
+    }
+
+    /// The most tokens any sequence may still need (the decode loop's bound).
+    pub fn longest(&self) -> usize {
+        self.sampling
+            .iter()
+            .map(|(s, _)| s.max_new)
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Picks each sequence's next token from `logits` `[batch, vocab]` (kept only until the
+    /// sequence is done) and returns the next step's one-token inputs.
     pub fn step(&mut self, logits: &[f32], vocab: usize) -> Vec<Vec<u32>> {
         let mut next = Vec::with_capacity(self.done.len());
         for (b, row) in logits.chunks(vocab).enumerate() {
-            let tok = ops::argmax(row) as u32;
+            let (sampling, rng) = &mut self.sampling[b];
+            let tok = match rng {
+                Some(rng) => sample(row, sampling.temperature, rng),
+                None => ops::argmax(row) as u32,
+            };
             if !self.done[b] {
                 self.tokens[b].push(tok);
-                self.done[b] = Some(tok) == self.eos;
+                self.done[b] = Some(tok) == self.eos || self.tokens[b].len() >= sampling.max_new;
+                if let Some(listen) = &mut self.listener {
+                    listen(b, tok);
+                }
             }
             next.push(vec![tok]);
         }
@@ -80,6 +148,25 @@ impl GreedyDecode {
     pub fn into_tokens(self) -> Vec<Vec<u32>> {
         self.tokens
     }
+}
+
+/// A token drawn from `softmax(row / temperature)`.
+fn sample(row: &[f32], temperature: f32, rng: &mut rand_chacha::ChaCha8Rng) -> u32 {
+    use rand::Rng;
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let weights: Vec<f64> = row
+        .iter()
+        .map(|&x| (((x - max) / temperature) as f64).exp())
+        .collect();
+    let total: f64 = weights.iter().sum();
+    let mut u = rng.gen::<f64>() * total;
+    for (i, w) in weights.iter().enumerate() {
+        if u < *w {
+            return i as u32;
+        }
+        u -= w;
+    }
+    ops::argmax(row) as u32
 }
 
 /// Rows whose logits score each `(prompt_len, target_len)` pair of a right-padded batch whose rows
@@ -148,10 +235,22 @@ impl Model {
         eos: Option<u32>,
         adapter: &mut dyn Adapter,
     ) -> Vec<Vec<u32>> {
+        let decode =
+            Decode::with_sampling(&vec![Sampling::greedy(max_new_tokens); prompts.len()], eos);
+        self.generate_with(prompts, decode, adapter)
+    }
+
+    /// The continuation of each prompt as `decode` picks it (batched, with a KV cache).
+    pub fn generate_with(
+        &self,
+        prompts: &[Vec<u32>],
+        mut decode: Decode,
+        adapter: &mut dyn Adapter,
+    ) -> Vec<Vec<u32>> {
         let batch = prompts.len();
+        let max_new_tokens = decode.longest();
         let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
         let mut cache = KvCache::new(&self.cfg, batch, longest + max_new_tokens);
-        let mut decode = GreedyDecode::new(batch, eos);
         let (mut ids, mut shape) = pad_batch(prompts, &vec![0; batch]);
         for _ in 0..max_new_tokens {
             let h = self.forward_hidden(&ids, &shape, &mut cache, adapter);

@@ -31,7 +31,7 @@ use half::{bf16, f16};
 
 use crate::elder::molora::Elder;
 use crate::eval::{self, PairScorer};
-use crate::model::runner::Scored;
+use crate::model::runner::{Decode, Scored};
 use crate::model::BatchShape;
 
 use crate::backend::cuda::device::GpuDevice;
@@ -83,8 +83,7 @@ pub trait GpuRunner {
     fn generate(
         &mut self,
         prompts: &[Vec<u32>],
-        max_new_tokens: usize,
-        eos: Option<u32>,
+        decode: Decode,
         edited: bool,
     ) -> Result<(Vec<Vec<u32>>, Vec<bool>)>;
     /// Buffer (re)allocations so far.
@@ -125,11 +124,10 @@ macro_rules! impl_runner {
             fn generate(
                 &mut self,
                 prompts: &[Vec<u32>],
-                max_new_tokens: usize,
-                eos: Option<u32>,
+                decode: Decode,
                 edited: bool,
             ) -> Result<(Vec<Vec<u32>>, Vec<bool>)> {
-                GpuModel::generate(self, prompts, max_new_tokens, eos, edited)
+                GpuModel::generate_with(self, prompts, decode, edited)
             }
             fn allocations(&self) -> usize {
                 GpuModel::allocations(self)

@@ -8,7 +8,7 @@ use anyhow::{bail, Result};
 use cudarc::cublas::{CudaBlas, Gemm};
 
 use crate::eval::{self, EVAL_BATCH};
-use crate::model::runner::{pad_batch, GreedyDecode, Scored};
+use crate::model::runner::{pad_batch, Decode, Sampling, Scored};
 use crate::model::BatchShape;
 
 use super::forward::{ElderStep, GpuModel};
@@ -129,6 +129,19 @@ where
         eos: Option<u32>,
         edited: bool,
     ) -> Result<(Vec<Vec<u32>>, Vec<bool>)> {
+        let decode =
+            Decode::with_sampling(&vec![Sampling::greedy(max_new_tokens); prompts.len()], eos);
+        self.generate_with(prompts, decode, edited)
+    }
+
+    /// The continuation of each prompt as `decode` picks it, as `Model::generate_with`.
+    pub fn generate_with(
+        &mut self,
+        prompts: &[Vec<u32>],
+        mut decode: Decode,
+        edited: bool,
+    ) -> Result<(Vec<Vec<u32>>, Vec<bool>)> {
+        let max_new_tokens = decode.longest();
         let batch = prompts.len();
         if prompts.iter().any(Vec::is_empty) {
             bail!("every prompt needs at least one token");
@@ -138,7 +151,6 @@ where
             batch,
             seq: longest + max_new_tokens,
         })?;
-        let mut decode = GreedyDecode::new(batch, eos);
         let mut scope = Vec::new();
         let mut lens = vec![0usize; batch];
         let (mut ids, mut shape) = pad_batch(prompts, &lens);

@@ -1,0 +1,465 @@
+//! `elder serve`: an HTTP service that ingests edit streams while it answers queries.
+//!
+//! One writer, many readers: the trainer thread ([`trainer`]) is the state's only writer and
+//! applies edits in the order of the write-ahead edit log ([`editlog`]); every commit is a new
+//! generation, published whole to the readers. The query worker ([`queries`]) answers
+//! completions and scores in batches, each batch from one published generation. The HTTP layer
+//! ([`api`]) checks and bounds every request, makes accepted edits durable before it answers
+//! 202, and reports in OpenAI's shapes.
+
+pub mod api;
+pub mod editlog;
+pub mod ledger;
+pub mod queries;
+pub mod trainer;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, RwLock};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use metrics_exporter_prometheus::PrometheusHandle;
+
+use crate::elder::config::ElderConfig;
+use crate::elder::molora::Elder;
+use crate::engine::{Device, DeviceChoice, Engine};
+use crate::session::{BaseModel, EditSession};
+use editlog::EditLog;
+use ledger::{Ledger, Work};
+
+/// What `elder serve` was asked for.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    pub model: PathBuf,
+    pub state: PathBuf,
+    pub addr: SocketAddr,
+    pub api_key: Option<String>,
+    pub devices: DeviceChoice,
+    /// The method config for a new state (`None`: the model's default preset).
+    pub config: Option<ElderConfig>,
+    pub limits: Limits,
+}
+
+/// The bounds on what a client may ask.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_body_bytes: usize,
+    /// Requests under `/v1` in flight at once; more get 429.
+    pub max_concurrent: usize,
+    /// Edits waiting for the trainer; more get 429.
+    pub max_queued_edits: usize,
+    /// `max_tokens` of one completion.
+    pub max_tokens: usize,
+    /// Prompts in one completion request, edits in one edit request.
+    pub max_items: usize,
+    /// How long a request may wait for its answer (or for `min_generation`).
+    pub request_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_body_bytes: 4 << 20,
+            max_concurrent: 64,
+            max_queued_edits: 10_000,
+            max_tokens: 512,
+            max_items: 256,
+            request_timeout: Duration::from_secs(120),
+        }
+    }
+}
+
+/// One committed generation as the readers see it (`elder: None` while nothing is applied: the
+/// base model answers).
+pub struct Served {
+    pub generation: u64,
+    pub elder: Option<Arc<Elder>>,
+}
+
+impl Served {
+    fn of(session: &EditSession) -> Arc<Served> {
+        let applied = !session.state.applied_ids().is_empty();
+        Arc::new(Served {
+            generation: session.state.generation(),
+            elder: applied.then(|| Arc::new(session.elder.clone())),
+        })
+    }
+}
+
+const LOADING: u8 = 0;
+const READY: u8 = 1;
+const SHUTTING_DOWN: u8 = 2;
+
+/// The log and the ledger, changed together under one lock.
+struct Book {
+    log: Option<EditLog>,
+    ledger: Ledger,
+    stopping: bool,
+}
+
+/// What the HTTP handlers, the trainer and the query worker share.
+pub struct Shared {
+    pub limits: Limits,
+    pub api_key: Option<String>,
+    pub model_name: String,
+    phase: AtomicU8,
+    served: RwLock<Arc<Served>>,
+    generation: tokio::sync::watch::Sender<u64>,
+    book: Mutex<Book>,
+    work_ready: Condvar,
+    jobs: OnceLock<std::sync::mpsc::SyncSender<queries::Job>>,
+    base: OnceLock<Arc<BaseModel>>,
+    /// Why the state cannot roll edits back (`None`: it can), known once loaded.
+    forget_unsupported: OnceLock<Option<String>>,
+    trainer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    pub metrics: PrometheusHandle,
+    pub request_slots: Arc<tokio::sync::Semaphore>,
+}
+
+impl Shared {
+    fn new(opts: &ServeOptions, metrics: PrometheusHandle) -> Self {
+        let model_name = opts
+            .model
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "model".to_string());
+        Shared {
+            limits: opts.limits,
+            api_key: opts.api_key.clone(),
+            model_name,
+            phase: AtomicU8::new(LOADING),
+            served: RwLock::new(Arc::new(Served {
+                generation: 0,
+                elder: None,
+            })),
+            generation: tokio::sync::watch::channel(0).0,
+            book: Mutex::new(Book {
+                log: None,
+                ledger: Ledger::default(),
+                stopping: false,
+            }),
+            work_ready: Condvar::new(),
+            jobs: OnceLock::new(),
+            base: OnceLock::new(),
+            forget_unsupported: OnceLock::new(),
+            trainer: Mutex::new(None),
+            metrics,
+            request_slots: Arc::new(tokio::sync::Semaphore::new(opts.limits.max_concurrent)),
+        }
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.phase.load(Ordering::SeqCst) == READY
+    }
+
+    pub fn phase_name(&self) -> &'static str {
+        match self.phase.load(Ordering::SeqCst) {
+            LOADING => "loading",
+            READY => "ready",
+            _ => "shutting_down",
+        }
+    }
+
+    /// The generation queries are answered from now.
+    pub fn served(&self) -> Arc<Served> {
+        self.served.read().expect("served lock").clone()
+    }
+
+    /// Waits (bounded) until generation `min` or a later one is served.
+    pub async fn wait_for_generation(&self, min: u64, limit: Duration) -> bool {
+        let mut rx = self.generation.subscribe();
+        tokio::time::timeout(limit, rx.wait_for(|g| *g >= min))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
+    /// The base model (loaded before the server is ready).
+    pub fn base(&self) -> Option<&Arc<BaseModel>> {
+        self.base.get()
+    }
+
+    pub fn forget_unsupported(&self) -> Option<String> {
+        self.forget_unsupported.get().cloned().flatten()
+    }
+
+    /// Hands a query to the worker (`false` when it is gone or full).
+    pub fn submit(&self, job: queries::Job) -> bool {
+        self.jobs.get().is_some_and(|tx| tx.try_send(job).is_ok())
+    }
+
+    /// Runs `f` on the ledger and the log under their lock (`Err` while shutting down, or before
+    /// the log is open), waking the trainer afterwards.
+    pub fn with_book<T>(
+        &self,
+        f: impl FnOnce(&mut Ledger, &mut EditLog) -> T,
+    ) -> Result<T, &'static str> {
+        let mut book = self.book.lock().expect("book lock");
+        if book.stopping || !self.is_ready() {
+            return Err(if book.stopping {
+                "the server is shutting down"
+            } else {
+                "the server is not ready"
+            });
+        }
+        let Book { log, ledger, .. } = &mut *book;
+        let log = log.as_mut().ok_or("the server is not ready")?;
+        let out = f(ledger, log);
+        metrics::gauge!("elder_edit_queue_depth").set(ledger.queued_edits() as f64);
+        drop(book);
+        self.work_ready.notify_all();
+        Ok(out)
+    }
+
+    /// Reads the ledger.
+    pub fn with_ledger<T>(&self, f: impl FnOnce(&Ledger) -> T) -> T {
+        f(&self.book.lock().expect("book lock").ledger)
+    }
+
+    /// The trainer's next unit of work; `None` once the server stops.
+    fn next_work(&self, batch: usize) -> Option<Work> {
+        let mut book = self.book.lock().expect("book lock");
+        loop {
+            if book.stopping {
+                return None;
+            }
+            if let Some(work) = book.ledger.take_work(batch) {
+                metrics::gauge!("elder_edit_queue_depth").set(book.ledger.queued_edits() as f64);
+                return Some(work);
+            }
+            book = self.work_ready.wait(book).expect("book lock");
+        }
+    }
+
+    /// Records a unit of work's outcome: the new generation is published first (so whoever
+    /// sees `committed` is served it), then the ledger and the log's outcome line.
+    fn finish(&self, work: &Work, outcome: Result<u64, String>, snapshot: Option<Arc<Served>>) {
+        if let Some(s) = snapshot {
+            let generation = s.generation;
+            *self.served.write().expect("served lock") = s;
+            self.generation.send_replace(generation);
+            metrics::gauge!("elder_state_generation").set(generation as f64);
+        }
+        let mut book = self.book.lock().expect("book lock");
+        match work {
+            Work::Add(records) => {
+                let ids: Vec<String> = records.iter().map(|r| r.id.clone()).collect();
+                let counter = if outcome.is_ok() {
+                    "elder_edits_committed_total"
+                } else {
+                    "elder_edits_failed_total"
+                };
+                metrics::counter!(counter).increment(ids.len() as u64);
+                book.ledger.finish_adds(&ids, outcome.clone());
+            }
+            Work::Delete(id) => {
+                if outcome.is_ok() {
+                    metrics::counter!("elder_edits_deleted_total").increment(1);
+                }
+                book.ledger.finish_delete(id, outcome.clone());
+            }
+        }
+        if let Some(entry) = trainer::outcome_entry(work, &outcome) {
+            if let Some(log) = &mut book.log {
+                if let Err(e) = log.append(&[entry]) {
+                    // Advisory: the state's manifest already says what is applied.
+                    eprintln!("warning: {e:#}");
+                }
+            }
+        }
+    }
+
+    fn trainer_stopped(&self) {
+        self.book.lock().expect("book lock").stopping = true;
+    }
+
+    /// Stops taking edits and asks the trainer to stop after the work in hand.
+    fn begin_shutdown(&self) {
+        self.phase.store(SHUTTING_DOWN, Ordering::SeqCst);
+        self.book.lock().expect("book lock").stopping = true;
+        self.work_ready.notify_all();
+    }
+}
+
+/// Opens the model, the state and the log, replays the log into the ledger, starts the trainer
+/// and the query worker, then marks the server ready.
+fn load(shared: &Arc<Shared>, opts: &ServeOptions) -> Result<()> {
+    let base = Arc::new(BaseModel::open(&opts.model)?);
+    let session = EditSession::open(&base, &opts.state, opts.config.clone())?;
+    let device = opts.devices.resolve(Some(&session.elder.cfg))?;
+    if matches!(device, Device::Cpu) {
+        base.model()?; // built now, not by the first query
+    }
+    let (log, entries) = EditLog::open(&opts.state)?;
+    let ledger = Ledger::replay(&entries, session.state.applied_ids())
+        .with_context(|| format!("replaying {}", opts.state.join(editlog::LOG_FILE).display()))?;
+    let pending = ledger.queued_edits();
+    *shared.served.write().expect("served lock") = Served::of(&session);
+    shared.generation.send_replace(session.state.generation());
+    metrics::gauge!("elder_state_generation").set(session.state.generation() as f64);
+    metrics::gauge!("elder_edit_queue_depth").set(pending as f64);
+    let _ = shared
+        .forget_unsupported
+        .set(session.elder.forget_unsupported());
+    let _ = shared.base.set(base.clone());
+    {
+        let mut book = shared.book.lock().expect("book lock");
+        book.log = Some(log);
+        book.ledger = ledger;
+    }
+
+    let (tx, rx) = std::sync::mpsc::sync_channel(4 * opts.limits.max_concurrent.max(1));
+    let _ = shared.jobs.set(tx);
+    // Each thread makes its own engine (a GPU runtime stays on the thread that uses it); the
+    // CPU model is shared.
+    let reader = shared.clone();
+    let (query_base, query_device) = (base.clone(), device.clone());
+    std::thread::Builder::new()
+        .name("elder-queries".into())
+        .spawn(move || {
+            let engine = Engine::shared(query_base, query_device);
+            queries::run(engine, || reader.served(), rx)
+        })?;
+    let writer = shared.clone();
+    let handle = std::thread::Builder::new()
+        .name("elder-trainer".into())
+        .spawn(move || trainer::run(writer, Engine::shared(base, device), session))?;
+    *shared.trainer.lock().expect("trainer lock") = Some(handle);
+    eprintln!(
+        "ready: generation {}, {pending} logged edits to train",
+        shared.served().generation
+    );
+    shared.phase.store(READY, Ordering::SeqCst);
+    shared.work_ready.notify_all();
+    Ok(())
+}
+
+/// Runs the server until SIGTERM or Ctrl-C (or a failed start, returned as the error).
+pub fn run(opts: ServeOptions) -> Result<()> {
+    let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .set_buckets(&[
+            0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+            60.0,
+        ])
+        .context("metrics buckets")?
+        .install_recorder()
+        .context("installing the metrics recorder")?;
+    describe_metrics();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(serve(opts, metrics))
+}
+
+/// The `# HELP` lines of `/metrics`.
+fn describe_metrics() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!("elder_requests_total", "HTTP requests by route and status");
+    describe_histogram!(
+        "elder_request_duration_seconds",
+        Unit::Seconds,
+        "HTTP request latency by route"
+    );
+    describe_counter!("elder_edits_accepted_total", "edits durably logged (202)");
+    describe_counter!("elder_edits_committed_total", "edits trained and committed");
+    describe_counter!("elder_edits_failed_total", "edits whose training failed");
+    describe_counter!("elder_edits_deleted_total", "edits rolled back");
+    describe_gauge!("elder_edit_queue_depth", "edits waiting for the trainer");
+    describe_histogram!(
+        "elder_edit_training_seconds",
+        Unit::Seconds,
+        "time to train and commit one unit of work (a batch of edits or a rollback)"
+    );
+    describe_gauge!(
+        "elder_state_generation",
+        "the generation queries are answered from"
+    );
+    describe_counter!(
+        "elder_answers_total",
+        "answers (completions, scores) by scope"
+    );
+}
+
+async fn serve(opts: ServeOptions, metrics: PrometheusHandle) -> Result<()> {
+    let listener = tokio::net::TcpListener::bind(opts.addr)
+        .await
+        .with_context(|| format!("listening on {}", opts.addr))?;
+    let local = listener.local_addr()?;
+    println!("listening on http://{local}");
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+
+    let shared = Arc::new(Shared::new(&opts, metrics));
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let load_error: Arc<Mutex<Option<anyhow::Error>>> = Arc::default();
+    {
+        let (shared, opts, stop_tx, load_error) = (
+            shared.clone(),
+            opts.clone(),
+            stop_tx.clone(),
+            load_error.clone(),
+        );
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = load(&shared, &opts) {
+                *load_error.lock().expect("error lock") = Some(e);
+                let _ = stop_tx.send(true);
+            }
+        });
+    }
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        eprintln!("shutting down: finishing the running edit batch and in-flight requests");
+        let _ = stop_tx.send(true);
+    });
+
+    let app = api::router(shared.clone());
+    let stopping = shared.clone();
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            let _ = stop_rx.wait_for(|s| *s).await;
+            stopping.begin_shutdown();
+        })
+        .await
+        .context("serving")?;
+
+    shared.begin_shutdown();
+    let trainer = shared.trainer.lock().expect("trainer lock").take();
+    if let Some(handle) = trainer {
+        tokio::task::spawn_blocking(move || handle.join())
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .context("the trainer thread panicked")?;
+    }
+    let failed = load_error.lock().expect("error lock").take();
+    match failed {
+        Some(e) => Err(e),
+        None => {
+            eprintln!("stopped at generation {}", shared.served().generation);
+            Ok(())
+        }
+    }
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

@@ -1,0 +1,779 @@
+//! `elder serve` end to end: the real binary on a loopback port (0: a free one) and a real HTTP
+//! client, on a tiny random checkpoint. Every request is bounded (timeouts on the client and on
+//! each wait).
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+const WAIT: Duration = Duration::from_secs(120);
+
+fn elder() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_elder"))
+}
+
+/// A tiny random Llama checkpoint in `dir/model` (its directory name is the served model's).
+fn tiny_model(dir: &Path) -> PathBuf {
+    let model = dir.join("model");
+    let out = elder()
+        .args([
+            "init-random",
+            "--arch",
+            "llama",
+            "--preset",
+            "tiny",
+            "--seed",
+            "5",
+            "--out",
+        ])
+        .arg(&model)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    model
+}
+
+struct Server {
+    child: Child,
+    base: String,
+    key: Option<String>,
+}
+
+impl Server {
+    /// Starts `elder serve` and waits until it is ready.
+    fn start(model: &Path, state: &Path, extra: &[&str]) -> Server {
+        Self::start_logged(model, state, extra, Stdio::null())
+    }
+
+    /// [`Server::start`] with the server's stderr (its request log) going to `stderr`.
+    fn start_logged(model: &Path, state: &Path, extra: &[&str], stderr: Stdio) -> Server {
+        let mut child = elder()
+            .args([
+                "--device",
+                "cpu",
+                "serve",
+                "--addr",
+                "127.0.0.1:0",
+                "--model",
+            ])
+            .arg(model)
+            .arg("--state")
+            .arg(state)
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let base = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .to_string();
+        let key = extra
+            .iter()
+            .position(|a| *a == "--api-key")
+            .map(|i| extra[i + 1].to_string());
+        let server = Server { child, base, key };
+        server.wait_until(|s| s.get("/ready").0 == 200, "ready");
+        server
+    }
+
+    fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+        key: Option<&str>,
+    ) -> (u16, Value) {
+        let agent = ureq::AgentBuilder::new()
+            .timeout(Duration::from_secs(60))
+            .build();
+        let mut req = agent.request(method, &format!("{}{path}", self.base));
+        if let Some(k) = key {
+            req = req.set("Authorization", &format!("Bearer {k}"));
+        }
+        let result = match body {
+            Some(b) => req.send_json(b.clone()),
+            None => req.call(),
+        };
+        let response = match result {
+            Ok(r) => r,
+            Err(ureq::Error::Status(_, r)) => r,
+            Err(e) => panic!("{method} {path}: {e}"),
+        };
+        let status = response.status();
+        let text = response.into_string().unwrap();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    fn get(&self, path: &str) -> (u16, Value) {
+        self.call("GET", path, None, self.key.as_deref())
+    }
+
+    fn post(&self, path: &str, body: Value) -> (u16, Value) {
+        self.call("POST", path, Some(&body), self.key.as_deref())
+    }
+
+    fn delete(&self, path: &str) -> (u16, Value) {
+        self.call("DELETE", path, None, self.key.as_deref())
+    }
+
+    fn wait_until(&self, mut done: impl FnMut(&Server) -> bool, what: &str) {
+        let start = Instant::now();
+        while !done(self) {
+            assert!(start.elapsed() < WAIT, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn wait_status(&self, id: &str, status: &str) -> Value {
+        let mut last = Value::Null;
+        self.wait_until(
+            |s| {
+                last = s.get(&format!("/v1/edits/{id}")).1;
+                assert_ne!(last["status"], "failed", "edit {id} failed: {last}");
+                last["status"] == status
+            },
+            &format!("edit {id} to be {status}"),
+        );
+        last
+    }
+
+    /// The greedy completion of `prompt` (text, in_scope, generation).
+    fn complete(&self, prompt: &str, max_tokens: usize) -> (String, bool, u64) {
+        let (status, v) = self.post(
+            "/v1/completions",
+            json!({"prompt": prompt, "max_tokens": max_tokens, "temperature": 0}),
+        );
+        assert_eq!(status, 200, "{v}");
+        let c = &v["choices"][0];
+        (
+            c["text"].as_str().unwrap().to_string(),
+            c["elder"]["in_scope"].as_bool().unwrap(),
+            c["elder"]["generation"].as_u64().unwrap(),
+        )
+    }
+
+    fn signal(&mut self, signal: libc::c_int) {
+        // SAFETY: kill(2) on our own child's pid; it has not been waited for, so the pid is its.
+        let rc = unsafe { libc::kill(self.child.id() as libc::pid_t, signal) };
+        assert_eq!(rc, 0, "kill failed");
+    }
+
+    /// Waits (bounded) for the process to exit and returns its exit code.
+    fn exit_code(&mut self) -> Option<i32> {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code();
+            }
+            assert!(start.elapsed() < WAIT, "the server did not exit");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn record(id: &str, prompt: &str, target: &str) -> Value {
+    json!({"id": id, "prompt": prompt, "target_new": target})
+}
+
+/// Enough iterations that an edit sticks on the tiny model.
+fn config(dir: &Path) -> PathBuf {
+    let path = dir.join("serve.toml");
+    std::fs::write(&path, "iterations = 40\n").unwrap();
+    path
+}
+
+#[test]
+fn edits_stick_are_idempotent_and_roll_back_while_queries_are_answered() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path());
+    let state = tmp.path().join("state");
+    let cfg = config(tmp.path());
+    let server = Server::start(&model, &state, &["--config", cfg.to_str().unwrap()]);
+
+    assert_eq!(server.get("/health"), (200, json!({"status": "ok"})));
+    let (status, models) = server.get("/v1/models");
+    assert_eq!(status, 200);
+    assert_eq!(models["data"][0]["id"], "model");
+    let (status, doc) = server.get("/openapi.json");
+    assert_eq!(status, 200);
+    assert!(doc["paths"]["/v1/completions"].is_object());
+
+    let (p1, p2) = (
+        "The capital of France is",
+        "Water boils at a temperature of",
+    );
+    let (base1, scope1, generation) = server.complete(p1, 6);
+    let (base2, _, _) = server.complete(p2, 6);
+    assert_eq!((scope1, generation), (false, 0));
+
+    let edits = json!({"edits": [record("e1", p1, "Rome Rome"), record("e2", p2, "seven seven")]});
+    let (status, accepted) = server.post("/v1/edits", edits.clone());
+    assert_eq!(status, 202, "{accepted}");
+    assert_eq!(
+        accepted,
+        json!({"accepted": [{"id": "e1", "seq": 1}, {"id": "e2", "seq": 2}]})
+    );
+    // The same edits again: the same answer, applied once; other contents under an id: 409.
+    assert_eq!(server.post("/v1/edits", edits), (202, accepted));
+    let (status, conflict) =
+        server.post("/v1/edits", json!({"edits": [record("e1", p1, "Madrid")]}));
+    assert_eq!(status, 409, "{conflict}");
+    assert_eq!(conflict["error"]["type"], "invalid_request_error");
+    assert!(conflict["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("e1"));
+
+    let e2 = server.wait_status("e2", "committed");
+    let e1 = server.get("/v1/edits/e1").1;
+    assert_eq!(e1["status"], "committed");
+    let committed = e2["generation"].as_u64().unwrap();
+    assert!(committed >= 1);
+
+    let (edited1, in1, g1) = server.complete(p1, 6);
+    let (edited2, in2, _) = server.complete(p2, 6);
+    assert!(g1 >= committed);
+    assert!(in1 && in2, "edited prompts must be in scope");
+    assert!(edited1.starts_with(" Rome Rome"), "{edited1:?}");
+    assert!(edited2.starts_with(" seven seven"), "{edited2:?}");
+    let (status, scored) = server.post("/v1/score", json!({"prompt": p1, "target": " Rome"}));
+    assert_eq!(status, 200, "{scored}");
+    assert_eq!(scored["in_scope"], true);
+    assert_eq!(scored["argmax"], scored["target_tokens"], "{scored}");
+
+    // Rolling e1 back: its prompt gets the base answer again, e2 keeps its own.
+    let (status, deleting) = server.delete("/v1/edits/e1");
+    assert_eq!(status, 202, "{deleting}");
+    assert_eq!(deleting["seq"], 3);
+    let deleted = server.wait_status("e1", "deleted");
+    assert!(deleted["generation"].as_u64().unwrap() > committed);
+    assert_eq!(
+        server.complete(p1, 6).0,
+        base1,
+        "a rolled-back edit still answers"
+    );
+    assert_eq!(
+        server.complete(p2, 6).0,
+        edited2,
+        "another edit lost its answer"
+    );
+    assert_ne!(edited2, base2);
+    assert_eq!(server.delete("/v1/edits/e1").0, 200);
+    assert_eq!(server.delete("/v1/edits/nope").0, 404);
+    assert_eq!(
+        server
+            .post(
+                "/v1/edits",
+                json!({"edits": [record("e1", p1, "Rome Rome")]})
+            )
+            .0,
+        409
+    );
+    let manifest: Value =
+        serde_json::from_slice(&std::fs::read(state.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(manifest["applied_edit_ids"], json!(["e2"]));
+
+    let (status, metrics) = server.get("/metrics");
+    assert_eq!(status, 200);
+    let text = metrics.as_str().unwrap();
+    for name in [
+        "elder_requests_total",
+        "elder_request_duration_seconds",
+        "elder_edits_accepted_total 2",
+        "elder_edits_committed_total 2",
+        "elder_edits_deleted_total 1",
+        "elder_state_generation",
+        "elder_edit_queue_depth 0",
+        "elder_answers_total",
+        "elder_edit_training_seconds",
+    ] {
+        assert!(text.contains(name), "{name} missing from /metrics:\n{text}");
+    }
+}
+
+#[test]
+fn bad_requests_get_openai_errors_and_limits_hold() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path());
+    let state = tmp.path().join("state");
+    let server = Server::start(
+        &model,
+        &state,
+        &[
+            "--api-key",
+            "sesame",
+            "--max-body-bytes",
+            "4000",
+            "--max-queued-edits",
+            "1",
+            "--max-tokens",
+            "8",
+        ],
+    );
+    // The key: required on /v1 and the API document, not on health, readiness and metrics.
+    let (status, e) = server.call("GET", "/v1/models", None, None);
+    assert_eq!(status, 401);
+    assert_eq!(e["error"]["type"], "authentication_error");
+    assert_eq!(server.call("GET", "/v1/models", None, Some("wrong")).0, 401);
+    assert_eq!(server.call("GET", "/openapi.json", None, None).0, 401);
+    for open in ["/health", "/ready", "/metrics"] {
+        assert_eq!(server.call("GET", open, None, None).0, 200, "{open}");
+    }
+    assert_eq!(server.get("/v1/models").0, 200);
+
+    let (status, e) = server.get("/v1/nothing");
+    assert_eq!(status, 404);
+    assert!(e["error"]["message"].is_string());
+    let (status, e) = server.post(
+        "/v1/completions",
+        json!({"prompt": "x".repeat(5000), "max_tokens": 2}),
+    );
+    assert_eq!(status, 413, "{e}");
+    assert!(e["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("max-body-bytes"));
+
+    // Not JSON: 400; wrong shapes and values: 422, naming what is wrong.
+    let agent = ureq::AgentBuilder::new()
+        .timeout(Duration::from_secs(30))
+        .build();
+    let raw = agent
+        .post(&format!("{}/v1/completions", server.base))
+        .set("Authorization", "Bearer sesame")
+        .send_string("{not json");
+    match raw {
+        Err(ureq::Error::Status(400, r)) => {
+            let v: Value = serde_json::from_str(&r.into_string().unwrap()).unwrap();
+            assert!(v["error"]["message"].as_str().unwrap().contains("JSON"));
+        }
+        other => panic!("expected 400, got {other:?}"),
+    }
+    for (body, needle) in [
+        (json!({"max_tokens": 2}), "prompt"),
+        (json!({"prompt": "a", "max_tokens": 9}), "max_tokens"),
+        (json!({"prompt": "a", "temperature": 3.0}), "temperature"),
+        (json!({"prompt": "a", "stop": ["", "b"]}), "stop"),
+        (json!({"prompt": ["a", "b"], "stream": true}), "stream"),
+    ] {
+        let (status, e) = server.post("/v1/completions", body.clone());
+        assert_eq!(status, 422, "{body} -> {e}");
+        assert!(
+            e["error"]["message"].as_str().unwrap().contains(needle),
+            "{e}"
+        );
+    }
+    let (status, e) = server.post("/v1/completions", json!({"prompt": "a", "model": "gpt-4"}));
+    assert_eq!(
+        (status, e["error"]["code"].as_str()),
+        (404, Some("model_not_found"))
+    );
+    // Past the context (the tiny model has 128 positions): 400 giving both numbers.
+    let (status, e) = server.post(
+        "/v1/completions",
+        json!({"prompt": "word ".repeat(200), "max_tokens": 4}),
+    );
+    assert_eq!(status, 400, "{e}");
+    assert_eq!(e["error"]["code"], "context_length_exceeded");
+    assert!(
+        e["error"]["message"].as_str().unwrap().contains("128"),
+        "{e}"
+    );
+
+    let (status, e) = server.post(
+        "/v1/edits",
+        json!({"edits": [{"id": "a", "prompt": "The sky is"}]}),
+    );
+    assert_eq!(status, 422);
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("target_new"),
+        "{e}"
+    );
+    // Two new edits past a queue of one: 429 with Retry-After, nothing logged.
+    let agent = ureq::AgentBuilder::new()
+        .timeout(Duration::from_secs(30))
+        .build();
+    let full = agent
+        .post(&format!("{}/v1/edits", server.base))
+        .set("Authorization", "Bearer sesame")
+        .send_json(
+            json!({"edits": [record("a", "The sky is", "green"), record("b", "Grass is", "blue")]}),
+        );
+    match full {
+        Err(ureq::Error::Status(429, r)) => assert_eq!(r.header("Retry-After"), Some("1")),
+        other => panic!("expected 429, got {other:?}"),
+    }
+    assert_eq!(
+        server.get("/v1/edits/a").0,
+        404,
+        "a refused request logged an edit"
+    );
+    // The server still answers.
+    assert_eq!(
+        server
+            .post("/v1/completions", json!({"prompt": "a", "max_tokens": 2}))
+            .0,
+        200
+    );
+}
+
+#[test]
+fn streams_stops_seeds_and_min_generation() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path());
+    let state = tmp.path().join("state");
+    let server = Server::start(&model, &state, &[]);
+    let prompt = "Once upon a time";
+    let (full, _, _) = server.complete(prompt, 8);
+
+    // Streamed: the same text in pieces, a final chunk with the finish reason, then [DONE].
+    let agent = ureq::AgentBuilder::new()
+        .timeout(Duration::from_secs(60))
+        .build();
+    let sse = agent
+        .post(&format!("{}/v1/completions", server.base))
+        .send_json(json!({"prompt": prompt, "max_tokens": 8, "temperature": 0, "stream": true}))
+        .unwrap();
+    assert!(sse.content_type().starts_with("text/event-stream"));
+    let text = sse.into_string().unwrap();
+    let data: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .collect();
+    assert_eq!(data.last(), Some(&"[DONE]"), "{text}");
+    let chunks: Vec<Value> = data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    let streamed: String = chunks
+        .iter()
+        .map(|c| c["choices"][0]["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(streamed, full);
+    let last = &chunks.last().unwrap()["choices"][0];
+    assert!(last["finish_reason"].is_string(), "{last}");
+    assert_eq!(last["elder"]["generation"], 0);
+
+    // A stop string cuts the text before it.
+    let cut = full.chars().skip(3).take(2).collect::<String>();
+    if !cut.trim().is_empty() {
+        let (status, v) = server.post(
+            "/v1/completions",
+            json!({"prompt": prompt, "max_tokens": 8, "temperature": 0, "stop": cut}),
+        );
+        assert_eq!(status, 200);
+        let c = &v["choices"][0];
+        assert_eq!(c["finish_reason"], "stop");
+        let at = full.find(&cut).unwrap();
+        assert_eq!(c["text"].as_str().unwrap(), &full[..at]);
+    }
+    // Sampling with a seed repeats; a list of prompts gets one choice each, in order.
+    let sample = |seed: u64| {
+        server.post(
+            "/v1/completions",
+            json!({"prompt": [prompt, "The sky"], "max_tokens": 6, "temperature": 1.0, "seed": seed}),
+        )
+    };
+    let (status, a) = sample(11);
+    assert_eq!(status, 200, "{a}");
+    assert_eq!(a["choices"].as_array().unwrap().len(), 2);
+    assert_eq!(a["choices"][1]["index"], 1);
+    assert_eq!(sample(11).1["choices"], a["choices"]);
+    assert!(a["usage"]["total_tokens"].as_u64().unwrap() > 0);
+
+    // min_generation waits until an edit is served.
+    let (status, _) = server.post(
+        "/v1/edits",
+        json!({"edits": [record("g1", "The sky is", "green")]}),
+    );
+    assert_eq!(status, 202);
+    let (status, v) = server.post(
+        "/v1/completions",
+        json!({"prompt": "The sky is", "max_tokens": 2, "temperature": 0, "min_generation": 1}),
+    );
+    assert_eq!(status, 200, "{v}");
+    assert!(v["choices"][0]["elder"]["generation"].as_u64().unwrap() >= 1);
+    assert_eq!(server.get("/v1/edits/g1").1["status"], "committed");
+}
+
+#[test]
+fn kill_9_loses_no_acknowledged_edit_and_sigterm_exits_cleanly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path());
+    let state = tmp.path().join("state");
+    let ids: Vec<String> = (0..6).map(|i| format!("k{i}")).collect();
+    // Slow edits (no early stop), so the kill comes while some are still queued.
+    let cfg = tmp.path().join("slow.toml");
+    std::fs::write(&cfg, "iterations = 300\nstop_loss = 0.0\nbatch_size = 1\n").unwrap();
+    let mut server = Server::start(&model, &state, &["--config", cfg.to_str().unwrap()]);
+    for id in &ids {
+        let (status, v) = server.post(
+            "/v1/edits",
+            json!({"edits": [record(id, &format!("Fact number {id} is"), "true")]}),
+        );
+        assert_eq!(status, 202, "{v}");
+    }
+    let pending = ids
+        .iter()
+        .filter(|id| server.get(&format!("/v1/edits/{id}")).1["status"] != "committed")
+        .count();
+    assert!(
+        pending > 0,
+        "every edit was already trained: the kill tests nothing"
+    );
+    server.signal(libc::SIGKILL);
+    server.exit_code();
+
+    // Restarted: every acknowledged edit ends up applied exactly once.
+    let mut server = Server::start(&model, &state, &[]);
+    for id in &ids {
+        server.wait_status(id, "committed");
+    }
+    let manifest: Value =
+        serde_json::from_slice(&std::fs::read(state.join("manifest.json")).unwrap()).unwrap();
+    let applied: Vec<String> =
+        serde_json::from_value(manifest["applied_edit_ids"].clone()).unwrap();
+    assert_eq!(applied, ids, "applied ids, in log order, each once");
+
+    // SIGTERM with an edit in the queue: the server finishes what it trains, exits 0, and the
+    // next start trains the rest.
+    let (status, _) = server.post(
+        "/v1/edits",
+        json!({"edits": [record("late", "The last fact is", "here")]}),
+    );
+    assert_eq!(status, 202);
+    server.signal(libc::SIGTERM);
+    assert_eq!(server.exit_code(), Some(0));
+    let server = Server::start(&model, &state, &[]);
+    server.wait_status("late", "committed");
+    assert_eq!(server.get("/v1/edits/k0").1["status"], "committed");
+}
+
+/// Bad clients (issue 18, part 6): a seeded, bounded stream of malformed requests (broken and
+/// truncated JSON, wrong types, huge strings and arrays, unknown fields, wrong methods and paths,
+/// headers sent slowly, idle connections held open) gets 4xx answers, never a 5xx, a panic or a
+/// lost edit; afterwards the server answers a normal query and the committed edit is intact.
+#[test]
+fn bad_clients_get_4xx_and_lose_nothing() {
+    use rand::{Rng, SeedableRng};
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path());
+    let state = tmp.path().join("state");
+    let log_path = tmp.path().join("server.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let server = Server::start_logged(
+        &model,
+        &state,
+        &["--max-body-bytes", "65536", "--max-tokens", "16"],
+        Stdio::from(log),
+    );
+    assert_eq!(
+        server
+            .post(
+                "/v1/edits",
+                json!({"edits": [record("keep", "The sky is", "green")]})
+            )
+            .0,
+        202
+    );
+    server.wait_status("keep", "committed");
+    let (kept_text, _, _) = server.complete("The sky is", 3);
+    let addr = server.base.strip_prefix("http://").unwrap().to_string();
+
+    // Raw HTTP/1.1 exchanges: the status line's code, or None when the server closed first.
+    let exchange = |raw: &[u8], slow: bool| -> Option<u16> {
+        let mut conn = TcpStream::connect(&addr).unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        if slow {
+            // The header a few bytes at a time, then the rest.
+            let head = raw
+                .windows(4)
+                .position(|w| w == b"\r\n\r\n")
+                .map_or(raw.len(), |p| p + 4);
+            for chunk in raw[..head].chunks(7) {
+                conn.write_all(chunk).ok()?;
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            conn.write_all(&raw[head..]).ok()?;
+        } else {
+            conn.write_all(raw).ok()?;
+        }
+        let mut reply = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !reply.windows(4).any(|w| w == b"\r\n\r\n") {
+            match conn.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => reply.extend_from_slice(&buf[..n]),
+            }
+        }
+        let line = String::from_utf8_lossy(&reply);
+        line.split_whitespace().nth(1)?.parse().ok()
+    };
+    let request = |method: &str, path: &str, body: &[u8]| -> Vec<u8> {
+        let mut r = format!(
+            "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        r.extend_from_slice(body);
+        r
+    };
+
+    // Many idle connections held open through the run.
+    let idle: Vec<TcpStream> = (0..64)
+        .map(|_| TcpStream::connect(&addr).unwrap())
+        .collect();
+
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(18);
+    let valid_bodies = [
+        json!({"prompt": "The sky is", "max_tokens": 2, "temperature": 0}),
+        json!({"edits": [record("fz", "Grass is", "red")]}),
+        json!({"prompt": "The sky is", "target": " blue"}),
+    ];
+    let paths = [
+        "/v1/completions",
+        "/v1/edits",
+        "/v1/score",
+        "/v1/edits/keep",
+        "/v1/models",
+        "/nope",
+        "/v1/edits/%ff%00",
+    ];
+    let mut codes = std::collections::BTreeMap::new();
+    for i in 0..400 {
+        let path = paths[rng.gen_range(0..paths.len())];
+        let method = match rng.gen_range(0..10) {
+            0 => "PUT",
+            1 => "GET",
+            // Rollbacks of the fuzzer's own edit only: "keep" must stay.
+            2 if path != "/v1/edits/keep" => "DELETE",
+            _ if path == "/v1/models" || path == "/v1/edits/keep" => "GET",
+            _ => "POST",
+        };
+        let mut body = serde_json::to_vec(&valid_bodies[rng.gen_range(0..3)]).unwrap();
+        let case = rng.gen_range(0..9);
+        match case {
+            0 => body.truncate(rng.gen_range(0..body.len())), // truncated JSON
+            1 => {
+                // flipped bytes
+                for _ in 0..4 {
+                    let at = rng.gen_range(0..body.len());
+                    body[at] = rng.gen();
+                }
+            }
+            2 => {
+                body = serde_json::to_vec(
+                    &json!({"prompt": 7, "max_tokens": "many", "edits": {"a": 1}}),
+                )
+                .unwrap()
+            }
+            3 => {
+                body = serde_json::to_vec(&json!({"prompt": "a".repeat(70_000), "target": "b"}))
+                    .unwrap()
+            }
+            4 => {
+                body = serde_json::to_vec(&json!({"edits": vec![json!({"id": 1}); 3000]})).unwrap()
+            }
+            5 => {
+                body = serde_json::to_vec(
+                    &json!({"prompt": "x", "unknown": [1, 2, {"deep": null}], "max_tokens": 1}),
+                )
+                .unwrap()
+            }
+            6 => body = vec![b'['; 5000], // deep nesting
+            7 => {
+                body =
+                    serde_json::to_vec(&json!({"prompt": vec!["a"; 300], "max_tokens": 1})).unwrap()
+            }
+            _ => {} // a valid body, possibly on the wrong route or method
+        }
+        let slow = i % 25 == 0;
+        let code = exchange(&request(method, path, &body), slow);
+        *codes.entry(code).or_insert(0) += 1;
+        if code.is_none() {
+            eprintln!(
+                "no answer: {method} {path} case {case} ({} bytes)",
+                body.len()
+            );
+        }
+        if let Some(c) = code {
+            assert!(c < 500, "request {i} ({method} {path}) got {c}");
+        }
+    }
+    // A header that never ends and a body shorter than its Content-Length: no 5xx either.
+    let mut torn = TcpStream::connect(&addr).unwrap();
+    torn.write_all(
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"pro",
+    )
+    .unwrap();
+    drop(torn);
+    drop(idle);
+
+    assert_eq!(server.get("/health").0, 200);
+    // Whatever the fuzzer got accepted (a mutated body can still be a valid edit) is trained:
+    // every accepted edit ends up committed or failed, none is lost.
+    let metric = |text: &str, name: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok())
+            .unwrap_or(0.0) as u64
+    };
+    server.wait_until(
+        |s| {
+            let text = s.get("/metrics").1.as_str().unwrap().to_string();
+            metric(&text, "elder_edits_accepted_total")
+                == metric(&text, "elder_edits_committed_total")
+                    + metric(&text, "elder_edits_failed_total")
+        },
+        "the accepted edits to be trained",
+    );
+    assert_eq!(server.get("/v1/edits/keep").1["status"], "committed");
+    let manifest: Value =
+        serde_json::from_slice(&std::fs::read(state.join("manifest.json")).unwrap()).unwrap();
+    assert!(manifest["applied_edit_ids"]
+        .as_array()
+        .unwrap()
+        .contains(&json!("keep")));
+    let (_, in_scope, _) = server.complete("The sky is", 3);
+    assert!(
+        in_scope,
+        "the committed edit's prompt is no longer in scope"
+    );
+    let _ = kept_text;
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(!log.contains("panicked"), "the server panicked:\n{log}");
+    assert!(
+        codes.len() > 3,
+        "the fuzzer hit too few outcomes: {codes:?}"
+    );
+    eprintln!("bad-client outcomes (status: count): {codes:?}");
+}
