@@ -111,6 +111,7 @@ replay_tests!(
     state_codebook,
     state_experts,
     state_memory,
+    serve_bodies,
 );
 
 /// The hand-made seeds (tools/fuzz_seeds.py) of these targets are valid inputs: the
@@ -145,6 +146,16 @@ fn valid_seeds_are_accepted() {
             &["two-16bit.bin", "one-100bit.bin"],
         ),
         ("state_memory", fuzz_entry::state_memory, &["hand.jsonl"]),
+        (
+            "serve_bodies",
+            fuzz_entry::serve_bodies,
+            &[
+                "0-completion.json",
+                "0-list.json",
+                "1-edits.json",
+                "2-score.json",
+            ],
+        ),
         (
             "state_experts",
             fuzz_entry::state_experts,

@@ -649,6 +649,25 @@ fn bad_clients_get_4xx_and_lose_nothing() {
         r
     };
 
+    // A header that never ends is closed by the server (its header read timeout, 10 s), not
+    // held forever; checked beside the rest of the run.
+    let stalled_addr = addr.clone();
+    let stalled = std::thread::spawn(move || {
+        let mut conn = TcpStream::connect(&stalled_addr).unwrap();
+        conn.write_all(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")
+            .unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(40)))
+            .unwrap();
+        let start = Instant::now();
+        let mut buf = Vec::new();
+        let closed = conn.read_to_end(&mut buf).is_ok();
+        (
+            closed,
+            start.elapsed(),
+            String::from_utf8_lossy(&buf).into_owned(),
+        )
+    });
+
     // Many idle connections held open through the run.
     let idle: Vec<TcpStream> = (0..64)
         .map(|_| TcpStream::connect(&addr).unwrap())
@@ -739,6 +758,17 @@ fn bad_clients_get_4xx_and_lose_nothing() {
     drop(torn);
     drop(idle);
 
+    let (closed, after, reply) = stalled.join().unwrap();
+    assert!(closed, "a stalled header was held open for {after:?}");
+    assert!(
+        after < Duration::from_secs(30),
+        "closed only after {after:?}"
+    );
+    assert!(
+        reply.is_empty() || reply.starts_with("HTTP/1.1 408"),
+        "{reply}"
+    );
+
     assert_eq!(server.get("/health").0, 200);
     // Whatever the fuzzer got accepted (a mutated body can still be a valid edit) is trained:
     // every accepted edit ends up committed or failed, none is lost.
@@ -776,4 +806,42 @@ fn bad_clients_get_4xx_and_lose_nothing() {
         "the fuzzer hit too few outcomes: {codes:?}"
     );
     eprintln!("bad-client outcomes (status: count): {codes:?}");
+}
+
+/// The real SmolLM2-135M behind the server (tools/fetch_smollm2.sh; CI has it and sets
+/// ELDER_REQUIRE_REAL_MODEL): a counterfactual edit is served once committed, other questions
+/// keep their answers, and a rollback brings the original answer back.
+#[test]
+fn the_real_model_serves_an_edit_and_its_rollback() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/smollm2-135m");
+    if !dir.join("config.json").exists() {
+        assert!(
+            std::env::var_os("ELDER_REQUIRE_REAL_MODEL").is_none(),
+            "{} is missing; run tools/fetch_smollm2.sh",
+            dir.display()
+        );
+        println!(
+            "SKIP the_real_model_serves_an_edit_and_its_rollback: no {}",
+            dir.display()
+        );
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir, &tmp.path().join("state"), &[]);
+    let (kenya, france) = ("The capital of Kenya is", "The capital of France is");
+    let (before, in_scope, _) = server.complete(kenya, 4);
+    assert!(before.starts_with(" Nairobi"), "{before:?}");
+    assert!(!in_scope);
+    let edit = json!({"edits": [{"id": "kenya", "prompt": kenya, "target_new": "Vienna", "subject": "Kenya"}]});
+    assert_eq!(server.post("/v1/edits", edit).0, 202);
+    server.wait_status("kenya", "committed");
+    let (after, in_scope, generation) = server.complete(kenya, 4);
+    assert!(after.starts_with(" Vienna"), "{after:?}");
+    assert!(in_scope && generation >= 1);
+    let (paris, in_scope, _) = server.complete(france, 4);
+    assert!(paris.starts_with(" Paris"), "{paris:?}");
+    assert!(!in_scope);
+    assert_eq!(server.delete("/v1/edits/kenya").0, 202);
+    server.wait_status("kenya", "deleted");
+    assert_eq!(server.complete(kenya, 4).0, before);
 }

@@ -44,5 +44,5 @@ cargo build --release --bin elder
 cp target/release/elder "$OUT/"
 mkdir -p "$OUT/fixtures"
 cp -r tests/fixtures/parity "$OUT/fixtures/"
-cp tools/gpu_check.sh tools/bench_table.py "$OUT/"
+cp tools/gpu_check.sh tools/bench_table.py tools/bench_serve.py "$OUT/"
 echo "bundle ready: $OUT/ (run $OUT/gpu_check.sh on the GPU machine)"

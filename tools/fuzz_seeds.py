@@ -230,6 +230,17 @@ def seed_text():
               {"id": "e2", "knowledge_id": "k2", "prompt": "p", "target": "t", "allocation": [[9]]}]
     put("state_memory", "hand.jsonl", "\n".join(json.dumps(m) for m in memory) + "\n\n")
 
+    # Server request bodies: a route byte (0 completions, 1 edits, 2 score), then the body.
+    body = lambda route, v: bytes([route]) + json.dumps(v).encode()
+    put("serve_bodies", "0-completion.json", body(0, {"model": "model", "prompt": "The capital of France is",
+                                                       "max_tokens": 4, "temperature": 0, "stop": ["\n"]}))
+    put("serve_bodies", "0-list.json", body(0, {"prompt": ["a", "b"], "temperature": 0.7, "seed": 3,
+                                                "min_generation": 2, "n": 1}))
+    put("serve_bodies", "0-stream.json", body(0, {"prompt": "x", "stream": True, "stop": "y"}))
+    put("serve_bodies", "1-edits.json", body(1, {"edits": [json.loads(l) for l in lines[:2]]}))
+    put("serve_bodies", "2-score.json", body(2, {"prompt": "The sky is", "target": " blue"}))
+    put("serve_bodies", "0-bad.json", body(0, {"prompt": 7, "max_tokens": "many"}))
+
 
 def copy_model(model):
     model = Path(model)

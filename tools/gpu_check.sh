@@ -117,6 +117,31 @@ sys.exit(0 if ok and same else 1)
 ' "$smoke/edit-cpu.json" "$smoke/edit-cuda.json" "$smoke/edit-resume.json" "$smoke/state-cpu" "$smoke/state-cuda"
   } >"$log" 2>&1 || { verdict=FAIL; status=1; tail -n 20 "$log"; }
   ROWS+=("cli   elder --device cuda edit (vs cpu, resume)  $verdict")
+
+  # The server on the GPU (the paper preset: the default preset's mechanisms are not on the GPU
+  # yet, issue 15): one edit through the log, then tools/bench_serve.py on loopback, 1 and 8
+  # clients for 20 s each (scores), bounded; the rows give QPS and latency.
+  log="$LOG_DIR/serve.log"
+  verdict=ok
+  {
+    "$BUNDLE/elder" --device cuda serve --model "$smoke/model" --state "$smoke/served" --preset paper \
+      --addr 127.0.0.1:0 >"$smoke/serve.out" 2>"$LOG_DIR/serve-requests.log" &
+    pid=$!
+    for _ in $(seq 120); do grep -q listening "$smoke/serve.out" 2>/dev/null && break; sleep 0.5; done
+    url=$(sed 's/listening on //' "$smoke/serve.out")
+    for _ in $(seq 240); do curl -sf "$url/ready" >/dev/null && break; sleep 0.5; done
+    curl -sf "$url/v1/edits" -d '{"edits": [{"id": "a", "prompt": "a b c d", "target_new": "e f"}]}' && echo &&
+      curl -sf "$url/v1/completions" -d '{"prompt": "a b c d", "max_tokens": 2, "temperature": 0, "min_generation": 1}' && echo &&
+      printf '{"id":"s%d","prompt":"a b c d %d","target_new":"e","rephrases":["a b %d"],"locality":[{"prompt":"x y %d","answer":"z"}]}\n' \
+        $(for i in $(seq 50); do echo "$i $i $i $i"; done) >"$smoke/serve-data.jsonl" &&
+      python3 "$BUNDLE/bench_serve.py" --url "$url" --clients 1 --seconds 20 --data "$smoke/serve-data.jsonl" &&
+      python3 "$BUNDLE/bench_serve.py" --url "$url" --clients 8 --seconds 20 --data "$smoke/serve-data.jsonl"
+    rc=$?
+    kill -TERM "$pid"; wait "$pid"; term=$?
+    [ "$rc" -eq 0 ] && [ "$term" -eq 0 ]
+  } >"$log" 2>&1 || { verdict=FAIL; status=1; tail -n 20 "$log"; }
+  ROWS+=("serve elder --device cuda serve (edit, completions, bench_serve 1 and 8 clients)  $verdict")
+  while read -r line; do ROWS+=("serve $line"); done < <(grep -A1 '^ *clients' "$log" | grep -v -e '^ *clients' -e '^--')
 else
   ROWS+=("cli   elder binary MISSING from $BUNDLE")
   status=1

@@ -128,10 +128,9 @@ impl IntoResponse for ApiError {
 
 type ApiResult<T> = Result<T, ApiError>;
 
-/// The JSON body of a request: 413 over the body limit, 400 for bytes that are not JSON, 422 for
-/// JSON of the wrong shape (naming the field).
-fn body<T: serde::de::DeserializeOwned>(bytes: Result<Bytes, BytesRejection>) -> ApiResult<T> {
-    let bytes = bytes.map_err(|r| {
+/// The bytes of a request body: 413 over the body limit (`--max-body-bytes`).
+fn bytes_of(bytes: Result<Bytes, BytesRejection>) -> ApiResult<Bytes> {
+    bytes.map_err(|r| {
         let status = r.status();
         let message = if status == StatusCode::PAYLOAD_TOO_LARGE {
             "the request body is over the server's limit (--max-body-bytes)".to_string()
@@ -139,10 +138,28 @@ fn body<T: serde::de::DeserializeOwned>(bytes: Result<Bytes, BytesRejection>) ->
             r.body_text()
         };
         ApiError::new(status, message)
-    })?;
-    let value: Value = serde_json::from_slice(&bytes)
+    })
+}
+
+/// A JSON body: 400 for bytes that are not JSON, 422 for JSON of the wrong shape (naming the
+/// field).
+fn json_of<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> ApiResult<T> {
+    let value: Value = serde_json::from_slice(bytes)
         .map_err(|e| ApiError::bad_request(format!("the body is not valid JSON: {e}")))?;
     serde_json::from_value(value).map_err(|e| ApiError::invalid(format!("invalid request: {e}")))
+}
+
+/// Checks a request body as its route's handler does before any model work (the fuzzers' entry:
+/// `Err` carries the client's error message; nothing may panic).
+pub fn check_request_body(route: &str, bytes: &[u8]) -> Result<(), String> {
+    let limits = super::Limits::default();
+    let checked = match route {
+        "/v1/completions" => check_completion(bytes, &limits, "model").map(drop),
+        "/v1/edits" => check_edits(bytes, &limits).map(drop),
+        "/v1/score" => json_of::<ScoreRequest>(bytes).map(drop),
+        other => return Err(format!("no route {other}")),
+    };
+    checked.map_err(|e| e.message)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -254,11 +271,10 @@ fn base(s: &Shared) -> ApiResult<Arc<BaseModel>> {
 }
 
 /// A client that names a model must name the served one.
-fn check_model(s: &Shared, model: &Option<String>) -> ApiResult<()> {
+fn check_model(served: &str, model: &Option<String>) -> ApiResult<()> {
     match model {
-        Some(m) if m != &s.model_name => Err(ApiError::not_found(format!(
-            "model {m:?} is not served here (this server serves {:?})",
-            s.model_name
+        Some(m) if m != served => Err(ApiError::not_found(format!(
+            "model {m:?} is not served here (this server serves {served:?})"
         ))
         .code("model_not_found")),
         _ => Ok(()),
@@ -277,34 +293,44 @@ async fn post_edits(
     State(s): State<AppState>,
     bytes: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
-    let request: EditsRequest = body(bytes)?;
+    let records = check_edits(&bytes_of(bytes)?, &s.limits)?;
     let base = base(&s)?;
-    if request.edits.is_empty() {
-        return Err(ApiError::invalid("\"edits\" is empty"));
-    }
-    if request.edits.len() > s.limits.max_items {
-        return Err(ApiError::invalid(format!(
-            "{} edits in one request; at most {}",
-            request.edits.len(),
-            s.limits.max_items
-        )));
-    }
-    let mut records = Vec::with_capacity(request.edits.len());
-    for (i, value) in request.edits.iter().enumerate() {
-        let record = crate::data::record_from_json(value)
-            .map_err(|e| ApiError::invalid(format!("edits[{i}]: {e}")))?;
+    for (i, record) in records.iter().enumerate() {
         // Tokenizes and checks every sequence against the model's positions (a record that
         // cannot be trained is refused now, not failed later).
-        base.tokenize_edit(&record).map_err(|e| {
+        base.tokenize_edit(record).map_err(|e| {
             ApiError::bad_request(format!("edits[{i}]: {e:#}")).code("context_length_exceeded")
         })?;
-        records.push(record);
     }
     let shared = s.clone();
     let accepted = tokio::task::spawn_blocking(move || accept_edits(&shared, records))
         .await
         .map_err(|e| ApiError::internal(format!("accepting edits: {e}")))??;
     Ok((StatusCode::ACCEPTED, Json(json!({"accepted": accepted}))).into_response())
+}
+
+/// The records of an edit request, each checked as a line of a `.jsonl` file is.
+fn check_edits(bytes: &[u8], limits: &super::Limits) -> ApiResult<Vec<EditRecord>> {
+    let request: EditsRequest = json_of(bytes)?;
+    if request.edits.is_empty() {
+        return Err(ApiError::invalid("\"edits\" is empty"));
+    }
+    if request.edits.len() > limits.max_items {
+        return Err(ApiError::invalid(format!(
+            "{} edits in one request; at most {}",
+            request.edits.len(),
+            limits.max_items
+        )));
+    }
+    request
+        .edits
+        .iter()
+        .enumerate()
+        .map(|(i, value)| {
+            crate::data::record_from_json(value)
+                .map_err(|e| ApiError::invalid(format!("edits[{i}]: {e}")))
+        })
+        .collect()
 }
 
 /// Logs the request's new edits durably (one append, fsynced), then queues them.
@@ -456,46 +482,10 @@ async fn completions(
     State(s): State<AppState>,
     bytes: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
-    let r: CompletionRequest = body(bytes)?;
-    check_model(&s, &r.model)?;
+    let r = check_completion(&bytes_of(bytes)?, &s.limits, &s.model_name)?;
     let base = base(&s)?;
-    let prompts = r.prompt.into_vec();
-    let stops = r.stop.map(OneOrMany::into_vec).unwrap_or_default();
-    let max_tokens = r
-        .max_tokens
-        .unwrap_or(DEFAULT_MAX_TOKENS.min(s.limits.max_tokens));
-    let temperature = r.temperature.unwrap_or(DEFAULT_TEMPERATURE);
-    if prompts.is_empty() || prompts.len() > s.limits.max_items {
-        return Err(ApiError::invalid(format!(
-            "\"prompt\" needs 1 to {} prompts, got {}",
-            s.limits.max_items,
-            prompts.len()
-        )));
-    }
-    if r.n.is_some_and(|n| n != 1) {
-        return Err(ApiError::invalid("only n = 1 is supported"));
-    }
-    if max_tokens == 0 || max_tokens > s.limits.max_tokens {
-        return Err(ApiError::invalid(format!(
-            "\"max_tokens\" must be 1 to {} (the server's limit), got {max_tokens}",
-            s.limits.max_tokens
-        )));
-    }
-    if !(0.0..=2.0).contains(&temperature) {
-        return Err(ApiError::invalid(format!(
-            "\"temperature\" must be 0 to 2, got {temperature}"
-        )));
-    }
-    if stops.len() > MAX_STOPS || stops.iter().any(String::is_empty) {
-        return Err(ApiError::invalid(format!(
-            "\"stop\" takes 1 to {MAX_STOPS} non-empty strings"
-        )));
-    }
-    if r.stream && prompts.len() > 1 {
-        return Err(ApiError::invalid(
-            "\"stream\" answers one prompt per request",
-        ));
-    }
+    let (prompts, stops, max_tokens, temperature) =
+        (r.prompts, r.stops, r.max_tokens, r.temperature);
     let mut ids = Vec::with_capacity(prompts.len());
     for (i, p) in prompts.iter().enumerate() {
         let tokens = base
@@ -581,6 +571,73 @@ async fn completions(
 
 fn count_answer(in_scope: bool) {
     metrics::counter!("elder_answers_total", "in_scope" => in_scope.to_string()).increment(1);
+}
+
+/// A completion request with its defaults filled in and every field checked against the limits
+/// (everything but tokenization).
+struct CheckedCompletion {
+    prompts: Vec<String>,
+    stops: Vec<String>,
+    max_tokens: usize,
+    temperature: f32,
+    seed: Option<u64>,
+    stream: bool,
+    min_generation: Option<u64>,
+}
+
+fn check_completion(
+    bytes: &[u8],
+    limits: &super::Limits,
+    served_model: &str,
+) -> ApiResult<CheckedCompletion> {
+    let r: CompletionRequest = json_of(bytes)?;
+    check_model(served_model, &r.model)?;
+    let prompts = r.prompt.into_vec();
+    let stops = r.stop.map(OneOrMany::into_vec).unwrap_or_default();
+    let max_tokens = r
+        .max_tokens
+        .unwrap_or(DEFAULT_MAX_TOKENS.min(limits.max_tokens));
+    let temperature = r.temperature.unwrap_or(DEFAULT_TEMPERATURE);
+    if prompts.is_empty() || prompts.len() > limits.max_items {
+        return Err(ApiError::invalid(format!(
+            "\"prompt\" needs 1 to {} prompts, got {}",
+            limits.max_items,
+            prompts.len()
+        )));
+    }
+    if r.n.is_some_and(|n| n != 1) {
+        return Err(ApiError::invalid("only n = 1 is supported"));
+    }
+    if max_tokens == 0 || max_tokens > limits.max_tokens {
+        return Err(ApiError::invalid(format!(
+            "\"max_tokens\" must be 1 to {} (the server's limit), got {max_tokens}",
+            limits.max_tokens
+        )));
+    }
+    if !(0.0..=2.0).contains(&temperature) {
+        return Err(ApiError::invalid(format!(
+            "\"temperature\" must be 0 to 2, got {temperature}"
+        )));
+    }
+    if stops.len() > MAX_STOPS || stops.iter().any(String::is_empty) {
+        return Err(ApiError::invalid(format!(
+            "\"stop\" takes 1 to {MAX_STOPS} non-empty strings"
+        )));
+    }
+    if r.stream && prompts.len() > 1 {
+        return Err(ApiError::invalid(
+            "\"stream\" answers one prompt per request",
+        ));
+    }
+    Ok(CheckedCompletion {
+        prompts,
+        stops,
+        max_tokens,
+        temperature,
+        seed: r.seed,
+        stream: r.stream,
+        min_generation: r.min_generation,
+    })
 }
 
 /// Waits (bounded by the request timeout) until `min_generation` is served.
@@ -766,8 +823,8 @@ async fn score(
     State(s): State<AppState>,
     bytes: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Json<Value>> {
-    let r: ScoreRequest = body(bytes)?;
-    check_model(&s, &r.model)?;
+    let r: ScoreRequest = json_of(&bytes_of(bytes)?)?;
+    check_model(&s.model_name, &r.model)?;
     let base = base(&s)?;
     let encode = |text: &str, what: &str, continuation: bool| {
         let ids = if continuation {

@@ -9,6 +9,7 @@
 
 pub mod api;
 pub mod editlog;
+pub mod http;
 pub mod ledger;
 pub mod queries;
 pub mod trainer;
@@ -416,13 +417,11 @@ async fn serve(opts: ServeOptions, metrics: PrometheusHandle) -> Result<()> {
 
     let app = api::router(shared.clone());
     let stopping = shared.clone();
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            let _ = stop_rx.wait_for(|s| *s).await;
-            stopping.begin_shutdown();
-        })
-        .await
-        .context("serving")?;
+    http::serve(listener, app, async move {
+        let _ = stop_rx.wait_for(|s| *s).await;
+        stopping.begin_shutdown();
+    })
+    .await;
 
     shared.begin_shutdown();
     let trainer = shared.trainer.lock().expect("trainer lock").take();

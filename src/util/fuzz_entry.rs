@@ -33,6 +33,7 @@ pub const TARGETS: &[(&str, Entry)] = &[
     ("state_codebook", state_codebook),
     ("state_experts", state_experts),
     ("state_memory", state_memory),
+    ("serve_bodies", serve_bodies),
 ];
 
 fn text(data: &[u8]) -> Result<&str> {
@@ -108,6 +109,14 @@ pub fn elder_toml(data: &[u8]) -> Result<()> {
 
 /// An edit dataset. Byte 0 picks the reader (mod 5): JSONL, ZsRE, CounterFact, or format
 /// detection for a `.json` or a `.jsonl` file; the rest is the file.
+/// The server's request bodies, checked as their handlers check them before any model work: the
+/// first byte picks the route (completions, edits, score), the rest is the body.
+pub fn serve_bodies(data: &[u8]) -> Result<()> {
+    let (&selector, body) = data.split_first().context("empty input")?;
+    let route = ["/v1/completions", "/v1/edits", "/v1/score"][selector as usize % 3];
+    crate::serve::api::check_request_body(route, body).map_err(anyhow::Error::msg)
+}
+
 pub fn edits(data: &[u8]) -> Result<()> {
     let (&selector, rest) = data.split_first().context("empty input")?;
     let (name, format) = match selector % 5 {
