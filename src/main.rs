@@ -220,6 +220,19 @@ enum Command {
         /// How long a request may wait for its answer or for `min_generation`, in seconds.
         #[arg(long, default_value_t = 120)]
         request_timeout_s: u64,
+        /// Keep the edit log and the commits on NATS JetStream (`nats://HOST:PORT`, several
+        /// separated by commas): one leader trains, replicas follow (see the README).
+        #[arg(long)]
+        edit_log: Option<String>,
+        /// The JetStream stream name (streams NAME_EDITS, NAME_COMMITS, object store NAME_STATE).
+        #[arg(long, default_value = "ELDER")]
+        stream: String,
+        /// With `--edit-log`: leader (takes edits, trains, publishes) or replica (answers).
+        #[arg(long, value_enum, requires = "edit_log")]
+        role: Option<elder::serve::replication::Role>,
+        /// JetStream replicas of the streams and the object store (3 on a 3-node cluster).
+        #[arg(long, default_value_t = 1)]
+        nats_replicas: usize,
     },
     /// Check or repair an edit state without loading a model.
     State {
@@ -410,7 +423,20 @@ fn dispatch(cmd: Command, devices: DeviceChoice) -> Result<ExitCode> {
             max_tokens,
             max_items,
             request_timeout_s,
+            edit_log,
+            stream,
+            role,
+            nats_replicas,
         } => {
+            let nats = match edit_log {
+                Some(urls) => Some(elder::serve::replication::NatsOptions {
+                    urls: urls.split(',').map(str::to_string).collect(),
+                    stream,
+                    role: role.context("--edit-log needs --role leader or --role replica")?,
+                    replicas: nats_replicas,
+                }),
+                None => None,
+            };
             let api_key = match (api_key, api_key_file) {
                 (Some(k), _) => Some(k),
                 (None, Some(f)) => Some(read_api_key(&f)?),
@@ -433,6 +459,7 @@ fn dispatch(cmd: Command, devices: DeviceChoice) -> Result<ExitCode> {
                     max_items: max_items.max(1),
                     request_timeout: std::time::Duration::from_secs(request_timeout_s.max(1)),
                 },
+                nats,
             })?;
         }
         Command::Run {

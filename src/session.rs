@@ -174,6 +174,18 @@ impl EditSession {
     /// Opens the state in `dir` (creating it with `config`, or the model's preset, if absent).
     /// An existing state keeps the config it was made with: a different `config` is refused.
     pub fn open(base: &BaseModel, dir: &Path, config: Option<ElderConfig>) -> Result<Self> {
+        Self::open_after(base, dir, config, None)
+    }
+
+    /// [`EditSession::open`] for a state that replaces `previous` (a replica installing the next
+    /// generation): what the key store derives from the shipped background text is taken from
+    /// `previous` instead of recomputed, when both have the same config.
+    pub fn open_after(
+        base: &BaseModel,
+        dir: &Path,
+        config: Option<ElderConfig>,
+        previous: Option<&Elder>,
+    ) -> Result<Self> {
         let (cfg, cfg_json) = match EditState::stored_config(dir)? {
             Some(stored_json) => {
                 let stored: ElderConfig = serde_json::from_value(stored_json.clone())
@@ -196,6 +208,9 @@ impl EditSession {
         };
         let state = EditState::open_or_create(dir, &cfg_json, &base.fingerprint)?;
         let mut elder = Elder::from_state(cfg, &base.cfg, &state)?;
+        if let Some(previous) = previous {
+            elder.adopt_derived(previous);
+        }
         if elder.queries_need_background() {
             // What a reloaded key store derives from the shipped background text instead of
             // storing it (the rows that `weighted_context` relation keys are measured against):

@@ -845,3 +845,377 @@ fn the_real_model_serves_an_edit_and_its_rollback() {
     server.wait_status("kenya", "deleted");
     assert_eq!(server.complete(kenya, 4).0, before);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Replicas on NATS JetStream (`--edit-log nats://...`). They need `nats-server` (Debian package
+// `nats-server`; `.ci/run` installs it and sets ELDER_REQUIRE_NATS): without it they print SKIP.
+
+/// A free loopback port (bound, then released for the child to take).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn nats_available(test: &str) -> bool {
+    let found = Command::new("nats-server")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !found {
+        assert!(
+            std::env::var_os("ELDER_REQUIRE_NATS").is_none(),
+            "{test}: nats-server is missing (apt-get install nats-server)"
+        );
+        println!("SKIP {test}: nats-server not found");
+    }
+    found
+}
+
+/// A nats-server with JetStream on loopback, killed when dropped.
+struct Nats {
+    child: Child,
+    url: String,
+}
+
+impl Nats {
+    /// One node, or one of a cluster when `cluster` gives (name, own route port, every route).
+    fn start(dir: &Path, name: &str, cluster: Option<(u16, &str)>) -> Nats {
+        let port = free_port();
+        let mut cmd = Command::new("nats-server");
+        cmd.args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+            .arg(dir.join(name))
+            .args(["-n", name]);
+        if let Some((route_port, routes)) = cluster {
+            cmd.args([
+                "--cluster_name",
+                "elder",
+                "--cluster",
+                &format!("nats://127.0.0.1:{route_port}"),
+                "--routes",
+                routes,
+            ]);
+        }
+        let child = cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let url = format!("nats://127.0.0.1:{port}");
+        let start = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(start.elapsed() < WAIT, "nats-server did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Nats { child, url }
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn served_generation(server: &Server) -> u64 {
+    server.get("/ready").1["generation"].as_u64().unwrap_or(0)
+}
+
+fn applied_ids(state: &Path) -> Vec<String> {
+    let manifest: Value =
+        serde_json::from_slice(&std::fs::read(state.join("manifest.json")).unwrap()).unwrap();
+    serde_json::from_value(manifest["applied_edit_ids"].clone()).unwrap()
+}
+
+fn args(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+/// The generations a replica's log says it installed, in order.
+fn installed(log: &Path) -> Vec<u64> {
+    std::fs::read_to_string(log)
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.strip_prefix("installed generation ")?.trim().parse().ok())
+        .collect()
+}
+
+fn scores(server: &Server) -> Vec<Value> {
+    ["The sky is", "Fact number r0 is", "Grass is"]
+        .iter()
+        .map(|p| {
+            let (status, v) = server.post("/v1/score", json!({"prompt": p, "target": " true"}));
+            assert_eq!(status, 200, "{v}");
+            json!([v["logprobs"], v["in_scope"], v["generation"]])
+        })
+        .collect()
+}
+
+/// A leader and two replicas on one JetStream: replicas refuse edits naming the leader, answer
+/// with every committed generation bit for bit as the leader does; a replica killed mid-stream
+/// catches up with no generation skipped or applied twice; a leader killed after its 202s is
+/// replaced by a new one (fresh state folder) that trains every acknowledged edit exactly once.
+#[test]
+fn replicas_follow_the_leader_and_survive_kills_of_either() {
+    if !nats_available("replicas_follow_the_leader_and_survive_kills_of_either") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path());
+    let nats = Nats::start(tmp.path(), "n1", None);
+    // Slow edits (no early stop), so kills land mid-stream.
+    let cfg = tmp.path().join("slow.toml");
+    std::fs::write(&cfg, "iterations = 1500\nstop_loss = 0.0\nbatch_size = 1\n").unwrap();
+    let on_log = |role: &'static str| -> Vec<String> {
+        vec![
+            "--edit-log".into(),
+            nats.url.clone(),
+            "--role".into(),
+            role.into(),
+            "--config".into(),
+            cfg.to_str().unwrap().into(),
+        ]
+    };
+    let (leader_args, replica_args) = (on_log("leader"), on_log("replica"));
+    let leader_state = tmp.path().join("leader");
+    let mut leader = Server::start(&model, &leader_state, &args(&leader_args));
+    let r1 = Server::start(&model, &tmp.path().join("r1"), &args(&replica_args));
+    let r2_log = tmp.path().join("r2.log");
+    let r2_state = tmp.path().join("r2");
+    let mut r2 = Server::start_logged(
+        &model,
+        &r2_state,
+        &args(&replica_args),
+        Stdio::from(std::fs::File::create(&r2_log).unwrap()),
+    );
+
+    let (status, e) = r1.post(
+        "/v1/edits",
+        json!({"edits": [record("x", "The sky is", "green")]}),
+    );
+    assert_eq!(status, 421, "{e}");
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains(&leader.base),
+        "{e}"
+    );
+
+    let post = |server: &Server, ids: &[String]| {
+        for id in ids {
+            let (status, v) = server.post(
+                "/v1/edits",
+                json!({"edits": [record(id, &format!("Fact number {id} is"), "true")]}),
+            );
+            assert_eq!(status, 202, "{v}");
+        }
+    };
+    let first: Vec<String> = (0..6).map(|i| format!("r{i}")).collect();
+    post(&leader, &first);
+    // Kill a replica once it has installed something, while the leader still trains.
+    r2.wait_until(
+        |s| served_generation(s) >= 1,
+        "replica 2 to install a generation",
+    );
+    r2.signal(libc::SIGKILL);
+    r2.exit_code();
+    assert!(
+        served_generation(&leader) < 6,
+        "the leader finished before the kill"
+    );
+    for id in &first {
+        leader.wait_status(id, "committed");
+    }
+    let generation = served_generation(&leader);
+    assert_eq!(generation, 6);
+    let r2_log_2 = tmp.path().join("r2-again.log");
+    let r2 = Server::start_logged(
+        &model,
+        &r2_state,
+        &args(&replica_args),
+        Stdio::from(std::fs::File::create(&r2_log_2).unwrap()),
+    );
+    for replica in [&r1, &r2] {
+        replica.wait_until(
+            |s| served_generation(s) == generation,
+            "a replica to catch up",
+        );
+        assert_eq!(
+            scores(replica),
+            scores(&leader),
+            "a replica answers differently"
+        );
+        assert_eq!(replica.get("/ready").1["lag"], 0);
+    }
+    let mut seen = installed(&r2_log);
+    seen.extend(installed(&r2_log_2));
+    assert_eq!(
+        seen,
+        (1..=generation).collect::<Vec<_>>(),
+        "generations installed by replica 2"
+    );
+
+    // The leader dies after acknowledging edits; a new one on a fresh folder takes over.
+    let second: Vec<String> = (0..4).map(|i| format!("s{i}")).collect();
+    post(&leader, &second);
+    let untrained = second
+        .iter()
+        .filter(|id| leader.get(&format!("/v1/edits/{id}")).1["status"] != "committed")
+        .count();
+    assert!(untrained > 0, "every edit was trained before the kill");
+    leader.signal(libc::SIGKILL);
+    leader.exit_code();
+    let new_state = tmp.path().join("leader2");
+    let new_leader = Server::start(&model, &new_state, &args(&leader_args));
+    for id in first.iter().chain(&second) {
+        new_leader.wait_status(id, "committed");
+    }
+    let applied = applied_ids(&new_state);
+    let expected: Vec<String> = first.iter().chain(&second).cloned().collect();
+    assert_eq!(
+        applied, expected,
+        "every acknowledged edit applied once, in log order"
+    );
+    let generation = served_generation(&new_leader);
+    for replica in [&r1, &r2] {
+        replica.wait_until(
+            |s| served_generation(s) == generation,
+            "a replica to follow the new leader",
+        );
+        assert_eq!(scores(replica), scores(&new_leader));
+        let (status, e) = replica.post("/v1/edits", json!({"edits": [record("y", "a", "b")]}));
+        assert_eq!(status, 421);
+        assert!(
+            e["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains(&new_leader.base),
+            "{e}"
+        );
+    }
+}
+
+/// A three-node NATS cluster with the streams replicated three ways: stopping one node does not
+/// stop edits or replication.
+#[test]
+fn edits_and_replication_go_on_when_a_nats_node_stops() {
+    if !nats_available("edits_and_replication_go_on_when_a_nats_node_stops") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path());
+    let routes: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let all_routes = routes
+        .iter()
+        .map(|p| format!("nats://127.0.0.1:{p}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut nodes: Vec<Option<Nats>> = routes
+        .iter()
+        .enumerate()
+        .map(|(i, &p)| {
+            Some(Nats::start(
+                tmp.path(),
+                &format!("n{i}"),
+                Some((p, &all_routes)),
+            ))
+        })
+        .collect();
+    let urls = nodes
+        .iter()
+        .map(|n| n.as_ref().unwrap().url.clone())
+        .collect::<Vec<_>>()
+        .join(",");
+    let on_log = |role: &str| -> Vec<String> {
+        ["--edit-log", &urls, "--role", role, "--nats-replicas", "3"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
+    };
+    let (leader_args, replica_args) = (on_log("leader"), on_log("replica"));
+    let leader = Server::start(&model, &tmp.path().join("leader"), &args(&leader_args));
+    let replica = Server::start(&model, &tmp.path().join("replica"), &args(&replica_args));
+    let post = |id: &str| {
+        let (status, v) = leader.post(
+            "/v1/edits",
+            json!({"edits": [record(id, &format!("Fact number {id} is"), "true")]}),
+        );
+        assert_eq!(status, 202, "{v}");
+    };
+    post("before");
+    leader.wait_status("before", "committed");
+    nodes[0] = None; // stopped (killed)
+    for id in ["after-1", "after-2"] {
+        post(id);
+    }
+    for id in ["after-1", "after-2"] {
+        leader.wait_status(id, "committed");
+    }
+    let generation = served_generation(&leader);
+    replica.wait_until(
+        |s| served_generation(s) == generation,
+        "the replica to follow",
+    );
+    assert_eq!(scores(&replica), scores(&leader));
+}
+
+/// Two live leaders on one stream: the one that announced last writes; the other's next append
+/// fails JetStream's sequence check, it answers 409 and takes no more edits (`fenced` in /ready),
+/// and nothing it refused reaches the log.
+#[test]
+fn a_second_leader_fences_the_first() {
+    if !nats_available("a_second_leader_fences_the_first") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path());
+    let nats = Nats::start(tmp.path(), "n1", None);
+    let on_log: Vec<String> = ["--edit-log", &nats.url, "--role", "leader"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let first = Server::start(&model, &tmp.path().join("a"), &args(&on_log));
+    assert_eq!(
+        first
+            .post(
+                "/v1/edits",
+                json!({"edits": [record("one", "The sky is", "green")]})
+            )
+            .0,
+        202
+    );
+    first.wait_status("one", "committed");
+    let second = Server::start(&model, &tmp.path().join("b"), &args(&on_log));
+    let (status, e) = first.post(
+        "/v1/edits",
+        json!({"edits": [record("two", "Grass is", "red")]}),
+    );
+    assert_eq!(status, 409, "{e}");
+    assert_eq!(e["error"]["code"], "fenced");
+    assert_eq!(first.get("/ready").1["fenced"], true);
+    assert_eq!(
+        first
+            .post(
+                "/v1/edits",
+                json!({"edits": [record("three", "Snow is", "black")]})
+            )
+            .0,
+        503,
+        "a fenced leader must refuse edits"
+    );
+    assert_eq!(
+        second
+            .post(
+                "/v1/edits",
+                json!({"edits": [record("two", "Grass is", "red")]})
+            )
+            .0,
+        202
+    );
+    second.wait_status("two", "committed");
+    assert_eq!(applied_ids(&tmp.path().join("b")), ["one", "two"]);
+}

@@ -741,6 +741,29 @@ impl Elder {
             }
     }
 
+    /// Takes what `other`'s key store derived from the background text (the relation keys'
+    /// background rows, the key ceilings' background keys) when this store lacks it and both
+    /// stores were made with the same config: they depend only on the model and the shipped text.
+    pub fn adopt_derived(&mut self, other: &Elder) {
+        if self.cfg != other.cfg {
+            return;
+        }
+        let (Some(mine), Some(theirs)) = (&mut self.key_store, &other.key_store) else {
+            return;
+        };
+        if mine.ceilings.background.0.is_empty() {
+            mine.ceilings
+                .background
+                .0
+                .clone_from(&theirs.ceilings.background.0);
+        }
+        if let (Some(a), Some(b)) = (&mut mine.relation, &theirs.relation) {
+            if a.background.0.is_empty() {
+                a.background.0.clone_from(&b.background.0);
+            }
+        }
+    }
+
     /// Whether matching a query needs what [`Elder::ensure_key_store`] derives from the background
     /// text (`weighted_context` relation keys of a reloaded store); key ceilings need it only to
     /// add keys.

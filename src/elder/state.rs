@@ -503,6 +503,78 @@ fn load_generation(
     Ok((tensors, Some(codebook), memory))
 }
 
+/// A state file shipped to another machine: its name in the state directory and its bytes.
+pub type ShippedFile = (String, Vec<u8>);
+
+/// The current generation of the state in `dir` as files to ship elsewhere (a replica): the
+/// manifest's text and each data file it names, by name. Every byte is checked against the
+/// manifest's checksums first.
+pub fn generation_files(dir: &Path) -> Result<(String, Vec<ShippedFile>)> {
+    let text = fs::read_to_string(dir.join(MANIFEST_FILE))
+        .with_context(|| format!("reading {}", dir.join(MANIFEST_FILE).display()))?;
+    let manifest = parse_manifest(&dir.join(MANIFEST_FILE), &text)?;
+    let mut out = Vec::new();
+    if let Some(files) = &manifest.files {
+        for (name, sum) in named_sums(files) {
+            let bytes = fs::read(dir.join(name))
+                .with_context(|| format!("reading {}", dir.join(name).display()))?;
+            ensure!(
+                sha256_hex(&bytes) == sum,
+                "{} does not match its checksum in the manifest",
+                dir.join(name).display()
+            );
+            out.push((name.to_string(), bytes));
+        }
+    }
+    Ok((text, out))
+}
+
+/// Makes a shipped generation (the manifest's text and its files, as [`generation_files`] gave
+/// them) the current state of `dir`, with a commit's protocol: every file checked against the
+/// manifest's checksums, written atomically, then the manifest (the commit point), then older
+/// generations removed. Returns the installed generation.
+pub fn install_generation(
+    dir: &Path,
+    manifest_text: &str,
+    files: &[(String, Vec<u8>)],
+) -> Result<u64> {
+    let manifest = parse_manifest(Path::new(MANIFEST_FILE), manifest_text)?;
+    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    if let Some(names) = &manifest.files {
+        for (name, sum) in named_sums(names) {
+            let (_, bytes) = files.iter().find(|(n, _)| n == name).with_context(|| {
+                format!("generation {}: {name} was not shipped", manifest.generation)
+            })?;
+            ensure!(
+                sha256_hex(bytes) == sum,
+                "generation {}: {name} does not match its checksum (sha256 {}, the manifest says {sum})",
+                manifest.generation,
+                sha256_hex(bytes)
+            );
+            write_atomic(&dir.join(name), bytes)?;
+        }
+    }
+    write_atomic(
+        &dir.join(manifest_copy_name(manifest.generation)),
+        manifest_text.as_bytes(),
+    )?;
+    write_atomic(&dir.join(MANIFEST_FILE), manifest_text.as_bytes())?;
+    let _ = remove_stale_files(dir, manifest.generation);
+    Ok(manifest.generation)
+}
+
+/// Each data file a generation names, with its checksum.
+fn named_sums(files: &GenerationFiles) -> Vec<(&str, &str)> {
+    let mut out = vec![
+        (files.experts.as_str(), files.experts_sha256.as_str()),
+        (files.codebook.as_str(), files.codebook_sha256.as_str()),
+    ];
+    if let (Some(m), Some(s)) = (&files.memory, &files.memory_sha256) {
+        out.push((m.as_str(), s.as_str()));
+    }
+    out
+}
+
 /// Checks a manifest's text as opening a state does (JSON, a readable version, its shape and its
 /// checksum), without a state directory: for tools and the fuzz targets.
 pub fn parse_manifest_text(text: &str) -> Result<Manifest> {

@@ -21,6 +21,7 @@ use tokio::sync::oneshot;
 
 use super::ledger::{Acceptance, EditInfo, Refusal};
 use super::queries::{Completion, Job, ScoreResult};
+use super::replication::{LogError, Role};
 use super::{editlog::Entry, Shared};
 use crate::data::EditRecord;
 use crate::model::runner::Sampling;
@@ -229,7 +230,19 @@ async fn bounded(State(s): State<AppState>, request: Request, next: Next) -> Res
 
 async fn ready(State(s): State<AppState>) -> Response {
     if s.is_ready() {
-        Json(json!({"status": "ready", "generation": s.served().generation})).into_response()
+        let generation = s.served().generation;
+        let mut body = json!({"status": "ready", "generation": generation});
+        if let Some(r) = s.replication.get() {
+            body["role"] = json!(match r.role {
+                Role::Leader => "leader",
+                Role::Replica => "replica",
+            });
+            body["leader"] = json!(r.leader_url());
+            body["latest_generation"] = json!(r.latest_generation());
+            body["lag"] = json!(r.latest_generation().saturating_sub(generation));
+            body["fenced"] = json!(s.is_fenced());
+        }
+        Json(body).into_response()
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -293,6 +306,7 @@ async fn post_edits(
     State(s): State<AppState>,
     bytes: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
+    refuse_on_replica(&s)?;
     let records = check_edits(&bytes_of(bytes)?, &s.limits)?;
     let base = base(&s)?;
     for (i, record) in records.iter().enumerate() {
@@ -303,9 +317,13 @@ async fn post_edits(
         })?;
     }
     let shared = s.clone();
-    let accepted = tokio::task::spawn_blocking(move || accept_edits(&shared, records))
-        .await
-        .map_err(|e| ApiError::internal(format!("accepting edits: {e}")))??;
+    let accepted = tokio::task::spawn_blocking(move || {
+        let result = accept_edits(&shared, records);
+        fence_if(&shared, &result);
+        result
+    })
+    .await
+    .map_err(|e| ApiError::internal(format!("accepting edits: {e}")))??;
     Ok((StatusCode::ACCEPTED, Json(json!({"accepted": accepted}))).into_response())
 }
 
@@ -368,8 +386,7 @@ fn accept_edits(s: &Shared, records: Vec<EditRecord>) -> ApiResult<Vec<Value>> {
             .collect::<serde_json::Result<_>>()
             .map_err(|e| ApiError::internal(e.to_string()))?;
         if !entries.is_empty() {
-            log.append(&entries)
-                .map_err(|e| ApiError::internal(format!("the edits were not accepted: {e:#}")))?;
+            log.append(&entries).map_err(refused_append)?;
         }
         metrics::counter!("elder_edits_accepted_total").increment(new.len() as u64);
         for (seq, r) in new {
@@ -378,6 +395,45 @@ fn accept_edits(s: &Shared, records: Vec<EditRecord>) -> ApiResult<Vec<Value>> {
         Ok(answer)
     })
     .map_err(ApiError::unavailable)?
+}
+
+/// An append the log refused: nothing was acknowledged. A fenced leader (another one took
+/// over the JetStream log) is told so, and stops taking edits once the lock is released.
+fn refused_append(e: LogError) -> ApiError {
+    match e {
+        LogError::Fenced { .. } => {
+            ApiError::new(StatusCode::CONFLICT, e.to_string()).code("fenced")
+        }
+        LogError::Other(e) => ApiError::internal(format!("not accepted: {e:#}")),
+    }
+}
+
+/// After a request: a refused append because another leader took over fences this server.
+fn fence_if<T>(s: &Shared, result: &ApiResult<T>) {
+    if let Err(e) = result {
+        if e.code == Some("fenced") {
+            s.fence();
+        }
+    }
+}
+
+/// Edits go to the leader; a replica answers 421 naming it.
+fn refuse_on_replica(s: &Shared) -> ApiResult<()> {
+    match s.replica_of() {
+        Some(leader) => Err(ApiError::new(
+            StatusCode::MISDIRECTED_REQUEST,
+            format!(
+                "this server is a replica; send edits to the leader{}",
+                if leader.is_empty() {
+                    " (none has announced itself yet)".to_string()
+                } else {
+                    format!(" at {leader}")
+                }
+            ),
+        )
+        .code("not_leader")),
+        None => Ok(()),
+    }
 }
 
 fn refusal(r: Refusal) -> ApiError {
@@ -402,12 +458,13 @@ async fn get_edit(State(s): State<AppState>, Path(id): Path<String>) -> ApiResul
 }
 
 async fn delete_edit(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult<Response> {
+    refuse_on_replica(&s)?;
     if let Some(why) = s.forget_unsupported() {
         return Err(ApiError::invalid(why).code("rollback_unsupported"));
     }
     let shared = s.clone();
     let (status, info) = tokio::task::spawn_blocking(move || {
-        shared
+        let result = shared
             .with_book(|ledger, log| {
                 if ledger.check_delete(&id).map_err(refusal)? {
                     let seq = log.next_seq();
@@ -415,9 +472,7 @@ async fn delete_edit(State(s): State<AppState>, Path(id): Path<String>) -> ApiRe
                         seq,
                         id: id.clone(),
                     }])
-                    .map_err(|e| {
-                        ApiError::internal(format!("the rollback was not accepted: {e:#}"))
-                    })?;
+                    .map_err(refused_append)?;
                     ledger.accept_delete(&id);
                     let info = ledger.get(&id).expect("known").clone();
                     let mut v = edit_json(&id, &info);
@@ -430,7 +485,10 @@ async fn delete_edit(State(s): State<AppState>, Path(id): Path<String>) -> ApiRe
                     ))
                 }
             })
-            .map_err(ApiError::unavailable)?
+            .map_err(ApiError::unavailable)
+            .and_then(|r| r);
+        fence_if(&shared, &result);
+        result
     })
     .await
     .map_err(|e| ApiError::internal(format!("rolling back: {e}")))??;

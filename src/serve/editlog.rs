@@ -31,11 +31,31 @@ pub const LOG_FILE: &str = "edit-log.jsonl";
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Entry {
-    Add { seq: u64, id: String, record: Value },
-    Delete { seq: u64, id: String },
-    Committed { ids: Vec<String>, generation: u64 },
-    Deleted { id: String, generation: u64 },
-    Failed { ids: Vec<String>, error: String },
+    Add {
+        seq: u64,
+        id: String,
+        record: Value,
+    },
+    Delete {
+        seq: u64,
+        id: String,
+    },
+    Committed {
+        ids: Vec<String>,
+        generation: u64,
+    },
+    Deleted {
+        id: String,
+        generation: u64,
+    },
+    Failed {
+        ids: Vec<String>,
+        error: String,
+    },
+    /// A leader took over a shared log (JetStream only): every writer before it is fenced.
+    Leader {
+        leader: String,
+    },
 }
 
 impl Entry {

@@ -117,6 +117,7 @@ impl Ledger {
                         e.generation = Some(*generation);
                     }
                 }
+                Entry::Leader { .. } => {}
                 Entry::Failed { ids, error } => {
                     for id in ids {
                         if let Some(e) = ledger.edits.get_mut(id) {

@@ -12,6 +12,7 @@ pub mod editlog;
 pub mod http;
 pub mod ledger;
 pub mod queries;
+pub mod replication;
 pub mod trainer;
 
 use std::net::SocketAddr;
@@ -27,8 +28,9 @@ use crate::elder::config::ElderConfig;
 use crate::elder::molora::Elder;
 use crate::engine::{Device, DeviceChoice, Engine};
 use crate::session::{BaseModel, EditSession};
-use editlog::EditLog;
+use editlog::{EditLog, Entry};
 use ledger::{Ledger, Work};
+use replication::{CommitRecord, LogError, Nats, NatsOptions, Role};
 
 /// What `elder serve` was asked for.
 #[derive(Debug, Clone)]
@@ -41,6 +43,8 @@ pub struct ServeOptions {
     /// The method config for a new state (`None`: the model's default preset).
     pub config: Option<ElderConfig>,
     pub limits: Limits,
+    /// The edit log on NATS JetStream and this server's role (`None`: the local log).
+    pub nats: Option<NatsOptions>,
 }
 
 /// The bounds on what a client may ask.
@@ -93,11 +97,67 @@ const LOADING: u8 = 0;
 const READY: u8 = 1;
 const SHUTTING_DOWN: u8 = 2;
 
+/// Where accepted edits are logged: the local write-ahead log, or the JetStream edit log (a
+/// leader's; `last` is the log's last sequence as this leader wrote it).
+pub enum Log {
+    Local(EditLog),
+    Nats {
+        nats: Arc<Nats>,
+        handle: tokio::runtime::Handle,
+        last: u64,
+    },
+}
+
+impl Log {
+    /// The sequence number the next promise gets.
+    pub fn next_seq(&self) -> u64 {
+        match self {
+            Log::Local(log) => log.next_seq(),
+            Log::Nats { last, .. } => last + 1,
+        }
+    }
+
+    /// Makes `entries` durable (a local fsync, or JetStream's acknowledgement). On JetStream only
+    /// the promises (`add`, `delete`) go to the log; the outcomes travel in commit records.
+    /// Called from blocking threads only.
+    pub fn append(&mut self, entries: &[Entry]) -> Result<(), LogError> {
+        match self {
+            Log::Local(log) => log.append(entries).map_err(LogError::Other),
+            Log::Nats { nats, handle, last } => {
+                *last = handle.block_on(nats.append(entries, *last))?;
+                Ok(())
+            }
+        }
+    }
+}
+
 /// The log and the ledger, changed together under one lock.
 struct Book {
-    log: Option<EditLog>,
+    log: Option<Log>,
     ledger: Ledger,
     stopping: bool,
+}
+
+/// A server on JetStream: its role, where the leader answers, and what the commits stream holds.
+pub struct Replication {
+    pub role: Role,
+    nats: Arc<Nats>,
+    handle: tokio::runtime::Handle,
+    /// The commits stream's last sequence as this server knows it.
+    commits_last: Mutex<u64>,
+    /// The newest generation published (a replica's lag is this minus the served one).
+    latest: std::sync::atomic::AtomicU64,
+    leader_url: RwLock<String>,
+}
+
+impl Replication {
+    pub fn leader_url(&self) -> String {
+        self.leader_url.read().expect("leader lock").clone()
+    }
+
+    pub fn latest_generation(&self) -> u64 {
+        self.latest.load(Ordering::SeqCst)
+    }
 }
 
 /// What the HTTP handlers, the trainer and the query worker share.
@@ -115,12 +175,18 @@ pub struct Shared {
     /// Why the state cannot roll edits back (`None`: it can), known once loaded.
     forget_unsupported: OnceLock<Option<String>>,
     trainer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// This server's own address (`http://ADDR`).
+    pub url: String,
+    /// Set when this server is on JetStream.
+    pub replication: OnceLock<Replication>,
+    /// Set when another leader took over the edit log: no more edits here.
+    fenced: std::sync::atomic::AtomicBool,
     pub metrics: PrometheusHandle,
     pub request_slots: Arc<tokio::sync::Semaphore>,
 }
 
 impl Shared {
-    fn new(opts: &ServeOptions, metrics: PrometheusHandle) -> Self {
+    fn new(opts: &ServeOptions, metrics: PrometheusHandle, url: String) -> Self {
         let model_name = opts
             .model
             .file_name()
@@ -146,6 +212,9 @@ impl Shared {
             base: OnceLock::new(),
             forget_unsupported: OnceLock::new(),
             trainer: Mutex::new(None),
+            url,
+            replication: OnceLock::new(),
+            fenced: std::sync::atomic::AtomicBool::new(false),
             metrics,
             request_slots: Arc::new(tokio::sync::Semaphore::new(opts.limits.max_concurrent)),
         }
@@ -194,9 +263,12 @@ impl Shared {
     /// the log is open), waking the trainer afterwards.
     pub fn with_book<T>(
         &self,
-        f: impl FnOnce(&mut Ledger, &mut EditLog) -> T,
+        f: impl FnOnce(&mut Ledger, &mut Log) -> T,
     ) -> Result<T, &'static str> {
         let mut book = self.book.lock().expect("book lock");
+        if self.is_fenced() {
+            return Err("another leader took over the edit log; this server takes no more edits");
+        }
         if book.stopping || !self.is_ready() {
             return Err(if book.stopping {
                 "the server is shutting down"
@@ -211,6 +283,92 @@ impl Shared {
         drop(book);
         self.work_ready.notify_all();
         Ok(out)
+    }
+
+    /// Whether another leader took over the edit log.
+    pub fn is_fenced(&self) -> bool {
+        self.fenced.load(Ordering::SeqCst)
+    }
+
+    /// After a refused append or publish: this server stops taking and training edits.
+    pub fn fence(&self) {
+        if !self.fenced.swap(true, Ordering::SeqCst) {
+            eprintln!(
+                "error: another leader wrote to the edit log; this server takes no more edits"
+            );
+        }
+        self.book.lock().expect("book lock").stopping = true;
+        self.work_ready.notify_all();
+    }
+
+    /// A replica's role (`None`: this server trains).
+    pub fn replica_of(&self) -> Option<String> {
+        self.replication
+            .get()
+            .filter(|r| r.role == Role::Replica)
+            .map(Replication::leader_url)
+    }
+
+    /// Serves `snapshot` from now on (every later query sees it whole).
+    fn publish_served(&self, snapshot: Arc<Served>) {
+        let generation = snapshot.generation;
+        *self.served.write().expect("served lock") = snapshot;
+        self.generation.send_replace(generation);
+        metrics::gauge!("elder_state_generation").set(generation as f64);
+        if let Some(r) = self.replication.get() {
+            let lag = r.latest_generation().saturating_sub(generation);
+            metrics::gauge!("elder_replica_lag_generations").set(lag as f64);
+        }
+    }
+
+    /// A leader on JetStream publishes a committed generation (its files and record); a refused
+    /// publish fences this server. Called from the trainer thread.
+    fn publish_generation(&self, work: &Work, session: &EditSession) -> Result<(), String> {
+        let Some(r) = self.replication.get() else {
+            return Ok(());
+        };
+        let (ids, seqs, deleted) = match work {
+            Work::Add(records) => {
+                let ids: Vec<String> = records.iter().map(|r| r.id.clone()).collect();
+                let seqs = self.with_ledger(|l| {
+                    ids.iter()
+                        .filter_map(|id| l.get(id).and_then(|e| e.seq))
+                        .collect()
+                });
+                (ids, seqs, None)
+            }
+            Work::Delete(id) => (Vec::new(), Vec::new(), Some(id.clone())),
+        };
+        let record = CommitRecord {
+            generation: session.state.generation(),
+            ids,
+            seqs,
+            deleted,
+            manifest: String::new(),
+            files: Vec::new(),
+            leader: self.url.clone(),
+        };
+        let mut last = r.commits_last.lock().expect("commits lock");
+        match r.handle.block_on(
+            r.nats
+                .publish_generation(session.state.dir(), record, *last),
+        ) {
+            Ok(seq) => {
+                *last = seq;
+                r.latest
+                    .fetch_max(session.state.generation(), Ordering::SeqCst);
+                Ok(())
+            }
+            Err(LogError::Fenced { .. }) => {
+                drop(last);
+                self.fence();
+                Err("another leader took over the edit log".to_string())
+            }
+            Err(e) => Err(format!(
+                "publishing generation {}: {e}",
+                session.state.generation()
+            )),
+        }
     }
 
     /// Reads the ledger.
@@ -237,10 +395,7 @@ impl Shared {
     /// sees `committed` is served it), then the ledger and the log's outcome line.
     fn finish(&self, work: &Work, outcome: Result<u64, String>, snapshot: Option<Arc<Served>>) {
         if let Some(s) = snapshot {
-            let generation = s.generation;
-            *self.served.write().expect("served lock") = s;
-            self.generation.send_replace(generation);
-            metrics::gauge!("elder_state_generation").set(generation as f64);
+            self.publish_served(s);
         }
         let mut book = self.book.lock().expect("book lock");
         match work {
@@ -271,6 +426,10 @@ impl Shared {
         }
     }
 
+    fn is_stopping(&self) -> bool {
+        self.book.lock().expect("book lock").stopping
+    }
+
     fn trainer_stopped(&self) {
         self.book.lock().expect("book lock").stopping = true;
     }
@@ -284,31 +443,115 @@ impl Shared {
 }
 
 /// Opens the model, the state and the log, replays the log into the ledger, starts the trainer
-/// and the query worker, then marks the server ready.
+/// and the query worker (a replica: the follower instead of the trainer), then marks the server
+/// ready.
 fn load(shared: &Arc<Shared>, opts: &ServeOptions) -> Result<()> {
     let base = Arc::new(BaseModel::open(&opts.model)?);
+    let handle = tokio::runtime::Handle::current();
+    let nats = match &opts.nats {
+        Some(n) => Some((Arc::new(handle.block_on(Nats::connect(n))?), n.role)),
+        None => None,
+    };
+    // A leader whose state is older than the newest published generation starts from that.
+    let mut commits_last = 0;
+    let mut records = Vec::new();
+    if let Some((nats, _)) = &nats {
+        records = handle.block_on(nats.commits_from(1))?;
+        commits_last = records.last().map_or(0, |(seq, _)| *seq);
+    }
+    if let Some((nats, Role::Leader)) = &nats {
+        let local = EditSession::open(&base, &opts.state, opts.config.clone())?
+            .state
+            .generation();
+        let newest = records
+            .iter()
+            .filter(|(_, r)| !r.files.is_empty())
+            .max_by_key(|(_, r)| r.generation);
+        if let Some((_, record)) = newest.filter(|(_, r)| r.generation > local) {
+            let g = handle.block_on(nats.install(record, &opts.state))?;
+            eprintln!("installed the published generation {g} (this state was at {local})");
+        }
+    }
     let session = EditSession::open(&base, &opts.state, opts.config.clone())?;
     let device = opts.devices.resolve(Some(&session.elder.cfg))?;
     if matches!(device, Device::Cpu) {
         base.model()?; // built now, not by the first query
     }
-    let (log, entries) = EditLog::open(&opts.state)?;
+    let (log, entries) = match &nats {
+        Some((nats, role)) => {
+            let (mut entries, mut last) = handle.block_on(nats.edit_log())?;
+            if *role == Role::Leader {
+                // Take the log over; an append that lands in between means reading it again.
+                let mut tries = 0;
+                loop {
+                    match handle.block_on(nats.take_over(&shared.url, last)) {
+                        Ok(seq) => {
+                            last = seq;
+                            break;
+                        }
+                        Err(LogError::Fenced { .. }) if tries < 20 => {
+                            tries += 1;
+                            (entries, last) = handle.block_on(nats.edit_log())?;
+                        }
+                        Err(e) => return Err(anyhow::anyhow!("taking the edit log over: {e}")),
+                    }
+                }
+            }
+            // The outcomes travel in the commit records.
+            for (_, r) in &records {
+                if !r.ids.is_empty() {
+                    entries.push(Entry::Committed {
+                        ids: r.ids.clone(),
+                        generation: r.generation,
+                    });
+                }
+                if let Some(id) = &r.deleted {
+                    entries.push(Entry::Deleted {
+                        id: id.clone(),
+                        generation: r.generation,
+                    });
+                }
+            }
+            let log = Log::Nats {
+                nats: nats.clone(),
+                handle: handle.clone(),
+                last,
+            };
+            (log, entries)
+        }
+        None => {
+            let (log, entries) = EditLog::open(&opts.state)?;
+            (Log::Local(log), entries)
+        }
+    };
     let ledger = Ledger::replay(&entries, session.state.applied_ids())
-        .with_context(|| format!("replaying {}", opts.state.join(editlog::LOG_FILE).display()))?;
+        .with_context(|| format!("replaying the edit log of {}", opts.state.display()))?;
     let pending = ledger.queued_edits();
-    *shared.served.write().expect("served lock") = Served::of(&session);
-    shared.generation.send_replace(session.state.generation());
-    metrics::gauge!("elder_state_generation").set(session.state.generation() as f64);
+    if let Some((nats, role)) = &nats {
+        let latest = records.iter().map(|(_, r)| r.generation).max().unwrap_or(0);
+        let leader = records
+            .last()
+            .map(|(_, r)| r.leader.clone())
+            .unwrap_or_default();
+        let _ = shared.replication.set(Replication {
+            role: *role,
+            nats: nats.clone(),
+            handle: handle.clone(),
+            commits_last: Mutex::new(commits_last),
+            latest: std::sync::atomic::AtomicU64::new(latest),
+            leader_url: RwLock::new(if *role == Role::Leader {
+                shared.url.clone()
+            } else {
+                leader
+            }),
+        });
+    }
+    shared.publish_served(Served::of(&session));
     metrics::gauge!("elder_edit_queue_depth").set(pending as f64);
     let _ = shared
         .forget_unsupported
         .set(session.elder.forget_unsupported());
     let _ = shared.base.set(base.clone());
-    {
-        let mut book = shared.book.lock().expect("book lock");
-        book.log = Some(log);
-        book.ledger = ledger;
-    }
 
     let (tx, rx) = std::sync::mpsc::sync_channel(4 * opts.limits.max_concurrent.max(1));
     let _ = shared.jobs.set(tx);
@@ -322,6 +565,57 @@ fn load(shared: &Arc<Shared>, opts: &ServeOptions) -> Result<()> {
             let engine = Engine::shared(query_base, query_device);
             queries::run(engine, || reader.served(), rx)
         })?;
+
+    if let Some((nats, Role::Replica)) = &nats {
+        // A replica: no log of its own, no trainer; it follows the published generations. What
+        // the key store derives from the background text is made now, once, so installing a
+        // generation only reads files (each install takes it from the state before).
+        let mut session = session;
+        if session.elder.key_store_needs_background() {
+            session
+                .elder
+                .ensure_key_store(base.model()?, &base.background_prompts()?)?;
+        }
+        let follower = shared.clone();
+        let (nats, dir) = (nats.clone(), opts.state.clone());
+        // From the first record: those at or below this state's generation are skipped, the
+        // rest installed in order (a restarted replica catches up on what it missed).
+        handle.spawn(follow(follower, nats, base, dir, session, 1));
+        eprintln!(
+            "replica: generation {}, following the leader",
+            shared.served().generation
+        );
+        shared.phase.store(READY, Ordering::SeqCst);
+        return Ok(());
+    }
+    if let Some((_, Role::Leader)) = &nats {
+        // Announce: the previous leader's next append or publish now fails its sequence check.
+        let r = shared.replication.get().expect("set above");
+        let generation = session.state.generation();
+        let record = CommitRecord {
+            generation,
+            ids: Vec::new(),
+            seqs: Vec::new(),
+            deleted: None,
+            manifest: String::new(),
+            files: Vec::new(),
+            leader: shared.url.clone(),
+        };
+        let published = if generation > r.latest_generation() {
+            // Committed here but never published (a leader that died in between): ship it.
+            handle.block_on(r.nats.publish_generation(&opts.state, record, commits_last))
+        } else {
+            handle.block_on(r.nats.publish_record(&record, commits_last))
+        };
+        *r.commits_last.lock().expect("commits lock") =
+            published.map_err(|e| anyhow::anyhow!("announcing this leader: {e}"))?;
+        r.latest.fetch_max(generation, Ordering::SeqCst);
+    }
+    {
+        let mut book = shared.book.lock().expect("book lock");
+        book.log = Some(log);
+        book.ledger = ledger;
+    }
     let writer = shared.clone();
     let handle = std::thread::Builder::new()
         .name("elder-trainer".into())
@@ -334,6 +628,74 @@ fn load(shared: &Arc<Shared>, opts: &ServeOptions) -> Result<()> {
     shared.phase.store(READY, Ordering::SeqCst);
     shared.work_ready.notify_all();
     Ok(())
+}
+
+/// A replica's follower: reads the commit records in order from `next`, and installs and serves
+/// every published generation newer than the one it serves, each exactly once.
+async fn follow(
+    shared: Arc<Shared>,
+    nats: Arc<Nats>,
+    base: Arc<BaseModel>,
+    dir: PathBuf,
+    mut session: EditSession,
+    mut next: u64,
+) {
+    let replication = shared
+        .replication
+        .get()
+        .expect("a replica has its replication");
+    loop {
+        match nats.commits_from(next).await {
+            Ok(records) => {
+                for (seq, record) in records {
+                    next = seq + 1;
+                    *replication.leader_url.write().expect("leader lock") = record.leader.clone();
+                    replication
+                        .latest
+                        .fetch_max(record.generation, Ordering::SeqCst);
+                    if record.files.is_empty() || record.generation <= session.state.generation() {
+                        continue;
+                    }
+                    match install(&nats, &record, &base, &dir, &session).await {
+                        Ok(installed) => {
+                            session = installed;
+                            eprintln!("installed generation {}", record.generation);
+                            shared.publish_served(Served::of(&session));
+                        }
+                        Err(e) => {
+                            // Retried from this record on the next round.
+                            eprintln!("error: installing generation {}: {e:#}", record.generation);
+                            next = seq;
+                            break;
+                        }
+                    }
+                }
+            }
+            Err(e) => eprintln!("warning: reading the commit records: {e:#}"),
+        }
+        let served = shared.served().generation;
+        let lag = replication.latest_generation().saturating_sub(served);
+        metrics::gauge!("elder_replica_lag_generations").set(lag as f64);
+        if !shared.is_ready() && shared.phase_name() == "shutting_down" {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn install(
+    nats: &Nats,
+    record: &CommitRecord,
+    base: &Arc<BaseModel>,
+    dir: &std::path::Path,
+    previous: &EditSession,
+) -> Result<EditSession> {
+    nats.install(record, dir).await?;
+    let (base, dir) = (base.clone(), dir.to_path_buf());
+    let previous = previous.elder.clone();
+    tokio::task::spawn_blocking(move || EditSession::open_after(&base, &dir, None, Some(&previous)))
+        .await
+        .context("opening an installed generation")?
 }
 
 /// Runs the server until SIGTERM or Ctrl-C (or a failed start, returned as the error).
@@ -392,7 +754,7 @@ async fn serve(opts: ServeOptions, metrics: PrometheusHandle) -> Result<()> {
     use std::io::Write;
     let _ = std::io::stdout().flush();
 
-    let shared = Arc::new(Shared::new(&opts, metrics));
+    let shared = Arc::new(Shared::new(&opts, metrics, format!("http://{local}")));
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
     let load_error: Arc<Mutex<Option<anyhow::Error>>> = Arc::default();
     {

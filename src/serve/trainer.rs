@@ -38,12 +38,35 @@ pub fn run(shared: Arc<Shared>, mut engine: Engine, mut session: EditSession) {
                 return;
             }
         }
+        if outcome.is_ok() && !publish_until_done(&shared, &work, &session) {
+            // Fenced by another leader: what was committed here stays local.
+            shared.finish(&work, outcome.map_err(|e| format!("{e:#}")), None);
+            break;
+        }
         let seconds = start.elapsed().as_secs_f64();
         let snapshot = outcome.is_ok().then(|| super::Served::of(&session));
         shared.finish(&work, outcome.map_err(|e| format!("{e:#}")), snapshot);
         metrics::histogram!("elder_edit_training_seconds").record(seconds);
     }
     shared.trainer_stopped();
+}
+
+/// On JetStream, publishes the generation just committed, retrying while NATS is unreachable
+/// (a cluster node going away); `false` once this server is fenced or stopping.
+fn publish_until_done(shared: &Shared, work: &Work, session: &EditSession) -> bool {
+    loop {
+        match shared.publish_generation(work, session) {
+            Ok(()) => return true,
+            Err(_) if shared.is_fenced() => return false,
+            Err(e) => {
+                eprintln!("warning: {e}; retrying");
+                if shared.is_stopping() {
+                    return false;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(500));
+            }
+        }
+    }
 }
 
 fn describe(work: &Work) -> String {
