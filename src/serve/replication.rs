@@ -22,7 +22,6 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use async_nats::jetstream::{self, context::PublishErrorKind, message::PublishMessage, stream};
 use serde::{Deserialize, Serialize};
-use tokio::io::AsyncReadExt;
 
 use super::editlog::Entry;
 use crate::elder::state;
@@ -79,6 +78,8 @@ pub struct Nats {
     edits: stream::Stream,
     commits: stream::Stream,
     store: jetstream::object_store::ObjectStore,
+    /// The object store's own stream (its chunks are read from it directly).
+    object_stream: stream::Stream,
     edits_subject: String,
     commits_subject: String,
 }
@@ -118,7 +119,7 @@ impl Nats {
         };
         // A cluster elects its JetStream leader a few seconds after it starts: retry.
         let mut tries = 0;
-        let (edits, commits, store) = loop {
+        let (edits, commits, store, object_stream) = loop {
             let made = async {
                 let edits = js
                     .get_or_create_stream(stream_config(format!("{name}_EDITS"), &edits_subject))
@@ -141,7 +142,8 @@ impl Nats {
                         .await?
                     }
                 };
-                Ok::<_, anyhow::Error>((edits, commits, store))
+                let object_stream = js.get_stream(format!("OBJ_{bucket}")).await?;
+                Ok::<_, anyhow::Error>((edits, commits, store, object_stream))
             }
             .await;
             match made {
@@ -159,6 +161,7 @@ impl Nats {
             edits,
             commits,
             store,
+            object_stream,
             edits_subject,
             commits_subject,
         })
@@ -293,21 +296,44 @@ impl Nats {
         publish(&self.js, &self.commits_subject, message, last).await
     }
 
+    /// An object's bytes, read chunk by chunk with direct gets (answered by any replica of the
+    /// object store's stream, so no consumer has to be created: after a node of a cluster goes
+    /// away, creating one waits for a new meta leader, while direct gets go on).
+    async fn fetch(&self, object: &str) -> Result<Vec<u8>> {
+        let info = self
+            .store
+            .info(object)
+            .await
+            .with_context(|| format!("looking up {object}"))?;
+        let subject = format!("$O.{}.C.{}", info.bucket, info.nuid);
+        let mut bytes = Vec::with_capacity(info.size);
+        let mut next = None;
+        for _ in 0..info.chunks {
+            let chunk = self
+                .object_stream
+                .direct_get_next_for_subject(subject.clone(), next)
+                .await
+                .with_context(|| format!("reading {object}"))?;
+            bytes.extend_from_slice(&chunk.payload);
+            next = Some(chunk.sequence + 1);
+        }
+        anyhow::ensure!(
+            bytes.len() == info.size,
+            "{object}: read {} bytes, its info says {}",
+            bytes.len(),
+            info.size
+        );
+        Ok(bytes)
+    }
+
     /// Fetches a published generation's files and installs them into `dir` (checked against
     /// the manifest's sums); returns the generation.
     pub async fn install(&self, record: &CommitRecord, dir: &Path) -> Result<u64> {
         let mut files = Vec::new();
         for f in &record.files {
-            let mut object = self
-                .store
-                .get(&f.object)
+            let bytes = tokio::time::timeout(FETCH_PATIENCE, self.fetch(&f.object))
                 .await
-                .with_context(|| format!("fetching {}", f.object))?;
-            let mut bytes = Vec::new();
-            object
-                .read_to_end(&mut bytes)
-                .await
-                .with_context(|| format!("reading {}", f.object))?;
+                .map_err(|_| anyhow::anyhow!("fetching {} timed out", f.object))??;
             if sha256_hex(&bytes) != f.sha256 {
                 bail!(
                     "{} does not match the sha256 its commit record gives",
@@ -323,6 +349,9 @@ impl Nats {
             .context("installing a generation")?
     }
 }
+
+/// How long fetching one object may take before the follower tries again.
+const FETCH_PATIENCE: Duration = Duration::from_secs(10);
 
 /// Publishes with an expected-sequence check; transient failures (a cluster electing a new
 /// stream leader after a node went away, a lost acknowledgement) are retried for up to

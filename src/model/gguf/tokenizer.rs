@@ -173,9 +173,15 @@ pub fn build_tokenizer_json(g: &GgufFile) -> Result<BuiltTokenizer> {
     })
 }
 
+/// Pieces longer than this (in bytes) get no merges: splitting a piece of length L costs O(L^2)
+/// (every cut hashes both halves), so one crafted megabyte-long token would stall an import;
+/// real SentencePiece vocabularies stay far below it (Llama 2's longest piece is 16 characters).
+const MAX_MERGED_PIECE_BYTES: usize = 256;
+
 /// SentencePiece GGUF vocabularies carry scores instead of merges. As HF's converter does, every
 /// split of a normal token into two normal tokens is a merge, ranked by the merged token's score
 /// (higher first), ties broken by the merged token's id and then by the ids of the two halves.
+/// Pieces over [`MAX_MERGED_PIECE_BYTES`] are left out, so the work is linear in the vocabulary.
 fn spm_merges(tokens: &[&str], types: &[u64], scores: &[f32]) -> Vec<String> {
     let normal: std::collections::HashMap<&str, usize> = tokens
         .iter()
@@ -187,6 +193,9 @@ fn spm_merges(tokens: &[&str], types: &[u64], scores: &[f32]) -> Vec<String> {
     // (score of merged, merged id, left id, right id, text)
     let mut merges: Vec<(f32, usize, usize, usize, String)> = Vec::new();
     for (&piece, &id) in &normal {
+        if piece.len() > MAX_MERGED_PIECE_BYTES {
+            continue;
+        }
         for (cut, _) in piece.char_indices().skip(1) {
             let (l, r) = piece.split_at(cut);
             if let (Some(&li), Some(&ri)) = (normal.get(l), normal.get(r)) {
@@ -274,4 +283,23 @@ fn string_array<'a>(g: &'a GgufFile, key: &str) -> Result<Vec<&'a str>> {
             })
         })
         .collect()
+}
+
+#[cfg(test)]
+mod merge_tests {
+    use super::*;
+
+    #[test]
+    fn merges_come_from_splits_into_normal_pieces_and_long_pieces_cost_nothing() {
+        let long = "a".repeat(2_000_000);
+        let tokens = ["a", "b", "ab", "ba", "aba", long.as_str(), "c"];
+        let types = [TOKEN_TYPE_NORMAL; 7];
+        let scores = [0.0, 0.0, -1.0, -2.0, -0.5, 5.0, 0.0];
+        // "aba" (score -0.5) splits as a|ba and ab|a; then "ab", then "ba". A quadratic split
+        // of the two-megabyte piece would not finish; it is left out.
+        assert_eq!(
+            spm_merges(&tokens, &types, &scores),
+            ["a ba", "ab a", "a b", "b a"]
+        );
+    }
 }
