@@ -359,6 +359,9 @@ fn dispatch(cmd: Command, devices: DeviceChoice) -> Result<ExitCode> {
                     summary.mean_first_loss,
                     summary.mean_last_loss
                 );
+                if summary.applied > 0 {
+                    println!("{}", summary.rate_and_shares());
+                }
                 warn_skipped_steps(summary.skipped_steps);
             }
             if bad > 0 {
@@ -978,14 +981,22 @@ fn run(
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         println!(
-            "edited {} facts in {:.1} s ({:.2} s/edit, {:.1} iterations/edit, mean loss {:.3} -> {:.3})",
+            "edited {} facts in {:.1} s ({:.2} s/edit, {:.1} iterations/{}, mean loss {:.3} -> {:.3})",
             summary.applied,
             summary.seconds,
             summary.seconds_per_edit,
             summary.mean_iterations,
+            if summary.batches == summary.applied {
+                "edit"
+            } else {
+                "batch"
+            },
             summary.mean_first_loss,
             summary.mean_last_loss
         );
+        if summary.applied > 0 {
+            println!("{}", summary.rate_and_shares());
+        }
         warn_skipped_steps(summary.skipped_steps);
         print!("{}", metrics.table());
         println!("report: {}", state.join("report.json").display());

@@ -16,7 +16,9 @@ use crate::elder::molora::Elder;
 use crate::elder::plan::{self, plan_edit, Replay};
 use crate::elder::state::{config_differences, EditState};
 use crate::elder::train_stored::apply_stored_batch;
-use crate::elder::trainer::{apply_edit_batch, calibrate_query_mean, EditExample, EditReport};
+use crate::elder::trainer::{
+    apply_edit_batch, calibrate_query_mean, EditExample, EditReport, EditTimes,
+};
 use crate::eval::{CpuScorer, Evaluator, Metrics, PairScorer, Protocol, TokenizedEdit};
 use crate::model::loader::{build_model, check_checkpoint};
 use crate::model::tokenizer::Tokenizer;
@@ -380,6 +382,10 @@ pub struct StreamSummary {
     pub mean_iterations: f64,
     /// Optimiser steps skipped because their gradients overflowed (f16 loss scaling on the GPU).
     pub skipped_steps: usize,
+    /// Edits applied per second of `seconds`.
+    pub edits_per_second: f64,
+    /// Of `seconds`, the time in each part of training (summed over batches).
+    pub times: EditTimes,
 }
 
 impl StreamSummary {
@@ -416,7 +422,41 @@ impl StreamSummary {
             mean_last_loss: mean(|p| p.mean_last_loss),
             mean_iterations: mean(|p| p.mean_iterations),
             skipped_steps: parts.iter().map(|p| p.skipped_steps).sum(),
+            edits_per_second: per_second(applied, seconds),
+            times: parts.iter().fold(EditTimes::default(), |mut t, p| {
+                t.add(&p.times);
+                t
+            }),
         }
+    }
+
+    /// Rate and where the time went, for the commands' summary line: "0.75 edits/s; prepare
+    /// 20%, iterations 55%, keys 9%, commit 11%, other 5%" (other: planning, tokenizing,
+    /// scoring with `--protocol each`). Empty when nothing was applied.
+    pub fn rate_and_shares(&self) -> String {
+        if self.applied == 0 || self.seconds <= 0.0 {
+            return String::new();
+        }
+        let share = |x: f64| 100.0 * x / self.seconds;
+        let t = &self.times;
+        let other = self.seconds - t.prepare - t.iterations - t.keys - self.commit_seconds;
+        format!(
+            "{:.2} edits/s; prepare {:.0}%, iterations {:.0}%, keys {:.0}%, commit {:.0}%, other {:.0}%",
+            self.edits_per_second,
+            share(t.prepare),
+            share(t.iterations),
+            share(t.keys),
+            share(self.commit_seconds),
+            share(other.max(0.0)),
+        )
+    }
+}
+
+fn per_second(n: usize, seconds: f64) -> f64 {
+    if seconds > 0.0 {
+        n as f64 / seconds
+    } else {
+        0.0
     }
 }
 
@@ -471,6 +511,7 @@ pub fn apply_stream_on(
     let start = Instant::now();
     let (mut first_sum, mut last_sum, mut batches) = (0.0f64, 0.0f64, 0usize);
     let (mut skipped_steps, mut iterations, mut commit_seconds) = (0, 0usize, 0.0f64);
+    let mut times = EditTimes::default();
     let batch = session.elder.cfg.batch_size.max(1);
     for (chunk, tokenized) in todo.chunks(batch).zip(tokenized_todo.chunks(batch)) {
         let report =
@@ -490,6 +531,7 @@ pub fn apply_stream_on(
             .with_context(|| format!("committing edits {ids:?}"))?;
         commit_seconds += commit_start.elapsed().as_secs_f64();
         iterations += report.iterations;
+        times.add(&report.times);
         if let Some(ev) = each.as_deref_mut() {
             device.score_applied(ev, base, &session.elder, tokenized)?;
         }
@@ -526,6 +568,8 @@ pub fn apply_stream_on(
             last_sum / batches as f64
         },
         skipped_steps,
+        edits_per_second: per_second(n, seconds),
+        times,
     })
 }
 
@@ -652,4 +696,46 @@ fn progress_bar(len: u64, show: bool) -> indicatif::ProgressBar {
         .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     bar
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn summary(applied: usize, seconds: f64, commit: f64, times: EditTimes) -> StreamSummary {
+        StreamSummary {
+            applied,
+            already_applied: 0,
+            total_applied: applied,
+            batches: 1,
+            seconds,
+            seconds_per_edit: seconds / applied.max(1) as f64,
+            commit_seconds: commit,
+            mean_first_loss: 1.0,
+            mean_last_loss: 0.0,
+            mean_iterations: 10.0,
+            skipped_steps: 0,
+            edits_per_second: per_second(applied, seconds),
+            times,
+        }
+    }
+
+    #[test]
+    fn the_summary_line_gives_the_rate_and_where_the_time_went() {
+        let times = EditTimes {
+            prepare: 2.0,
+            iterations: 5.0,
+            keys: 1.0,
+        };
+        let s = summary(4, 10.0, 1.5, times);
+        assert_eq!(
+            s.rate_and_shares(),
+            "0.40 edits/s; prepare 20%, iterations 50%, keys 10%, commit 15%, other 5%"
+        );
+        // Two parts of a stream: rates and times add up over the whole.
+        let both = StreamSummary::combine(&[s.clone(), summary(6, 5.0, 0.5, times)]);
+        assert!((both.edits_per_second - 10.0 / 15.0).abs() < 1e-12);
+        assert_eq!(both.times.iterations, 10.0);
+        assert_eq!(summary(0, 0.0, 0.0, times).rate_and_shares(), "");
+    }
 }

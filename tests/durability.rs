@@ -24,7 +24,9 @@ fn elder() -> Command {
 
 fn edit(model: &Path, edits: &Path, state: &Path) -> Command {
     let mut c = elder();
-    c.args(["edit", "--json", "--model"])
+    // One edit per commit, so that kills a few edits apart land between commits (the default
+    // preset commits every 8 edits; a stream cut between batches resumes the same way).
+    c.args(["edit", "--json", "--batch-size", "1", "--model"])
         .arg(model)
         .arg("--edits")
         .arg(edits)
@@ -187,7 +189,7 @@ fn a_full_disk_fails_cleanly_and_a_damaged_generation_rolls_back() {
         .arg("ulimit -f 100 && exec \"$@\"")
         .arg("elder-under-a-file-size-limit")
         .arg(env!("CARGO_BIN_EXE_elder"))
-        .args(["edit", "--json", "--model"])
+        .args(["edit", "--json", "--batch-size", "1", "--model"])
         .arg(&f.model)
         .arg("--edits")
         .arg(&f.edits)

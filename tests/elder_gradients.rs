@@ -218,3 +218,194 @@ fn fused_head_loss_matches_the_unfused_head_gpt2() {
 fn fused_head_loss_matches_the_unfused_head_llama() {
     check_fused_head(Arch::Llama);
 }
+
+/// `expert_rows = "answer"` trains on the answer windows only (the frozen rows' keys and values
+/// computed once): the losses, argmaxes and every gradient must be those of the full pass that
+/// masks the rows before each answer, on both architectures and with a one-token prompt (no
+/// frozen rows at all) in the batch.
+fn check_answer_window(arch: Arch) {
+    use elder::elder::config::{ExpertRows, InferenceAllocation};
+    use elder::elder::trainer::RowOptions;
+    let model = tiny(arch);
+    let proj = match arch {
+        Arch::Gpt2 => MlpProj::CFc,
+        Arch::Llama => MlpProj::DownProj,
+    };
+    let mut elder = elder_for(&model, proj, false);
+    elder.cfg.inference_allocation = InferenceAllocation::Stored;
+    elder.cfg.expert_rows = ExpertRows::Answer;
+    let mut batch = batch();
+    batch.push(EditExample {
+        prompt: vec![12],
+        target: vec![4, 19],
+        knowledge_id: "c".into(),
+    });
+    let allocations: Vec<Vec<Vec<u32>>> = batch
+        .iter()
+        .map(|e| preset_allocation(&elder.cfg, &e.knowledge_id))
+        .collect();
+    let routing = elder.fixed_routing(
+        &allocations
+            .iter()
+            .map(|a| Some(a.as_slice()))
+            .collect::<Vec<_>>(),
+    );
+    let n_targets: usize = batch.iter().map(|e| e.target.len()).sum();
+    let weights: Vec<f32> = (0..n_targets).map(|i| 0.5 + 0.1 * i as f32).collect();
+    let answer_from: Vec<usize> = batch.iter().map(|e| e.prompt.len() - 1).collect();
+
+    let mut full = PreparedBatch::weighted(&model, &elder, &batch, weights.clone()).unwrap();
+    assert!(!full.is_windowed());
+    let want = full.loss_and_grads_routed(
+        &model,
+        &elder,
+        &routing,
+        RowOptions {
+            answer_from: Some(&answer_from),
+            ..RowOptions::default()
+        },
+    );
+    let mut window = PreparedBatch::answer_window(&model, &elder, &batch, weights).unwrap();
+    assert!(window.is_windowed());
+    let got = window.loss_and_grads_routed(&model, &elder, &routing, RowOptions::default());
+
+    let close = |a: f32, b: f32| (a - b).abs() <= 1e-5 + 1e-4 * a.abs().max(b.abs());
+    let (want_rows, got_rows) = (want.rows.unwrap(), got.rows.unwrap());
+    assert_eq!(want_rows.argmax, got_rows.argmax, "{arch:?}: argmax");
+    for (w, g) in want_rows.loss.iter().zip(&got_rows.loss) {
+        assert!(
+            close(*w, *g),
+            "{arch:?}: row loss {g} (window) vs {w} (full)"
+        );
+    }
+    assert!(
+        close(want.ce, got.ce),
+        "{arch:?}: loss {} vs {}",
+        got.ce,
+        want.ce
+    );
+    let mut nonzero = 0;
+    let (mut diff2, mut norm2) = (0.0f64, 0.0f64);
+    for (wl, gl) in want.grads.iter().zip(&got.grads) {
+        for (wt, gt) in wl.a.iter().chain(&wl.b).zip(gl.a.iter().chain(&gl.b)) {
+            assert!(
+                close(*wt, *gt),
+                "{arch:?}: gradient {gt} (window) vs {wt} (full)"
+            );
+            nonzero += usize::from(wt.abs() > 1e-6);
+            diff2 += f64::from(wt - gt).powi(2);
+            norm2 += f64::from(*wt).powi(2);
+        }
+    }
+    assert!(
+        nonzero > 20,
+        "{arch:?}: the gradients are (nearly) all zero"
+    );
+    // As a whole too: the paths through the cached keys and values carry a small part of the
+    // gradient (on the tiny Llama, about 1e-3 of it), which the element-wise bound could miss.
+    let relative = (diff2 / norm2).sqrt();
+    assert!(
+        relative < 2e-5,
+        "{arch:?}: gradient off by {relative:.2e} of its norm"
+    );
+}
+
+#[test]
+fn answer_window_matches_the_masked_full_pass_gpt2() {
+    check_answer_window(Arch::Gpt2);
+}
+
+#[test]
+fn answer_window_matches_the_masked_full_pass_llama() {
+    check_answer_window(Arch::Llama);
+}
+
+/// Dropping sequences from a prepared batch (`retain`, what a batch of edits does once an edit
+/// has learned) leaves exactly the batch prepared from the kept sequences alone: same row
+/// losses, argmaxes and gradients, for answer windows and for full passes.
+fn check_retain(arch: Arch, windowed: bool) {
+    use elder::elder::config::{ExpertRows, InferenceAllocation};
+    use elder::elder::trainer::RowOptions;
+    let model = tiny(arch);
+    let proj = match arch {
+        Arch::Gpt2 => MlpProj::CFc,
+        Arch::Llama => MlpProj::DownProj,
+    };
+    let mut elder = elder_for(&model, proj, false);
+    elder.cfg.inference_allocation = InferenceAllocation::Stored;
+    elder.cfg.expert_rows = ExpertRows::Answer;
+    let mut batch = batch();
+    batch.push(EditExample {
+        prompt: vec![12, 30, 1, 2, 9, 44],
+        target: vec![4],
+        knowledge_id: "c".into(),
+    });
+    let keep = [true, false, true];
+    let allocation = |e: &EditExample| preset_allocation(&elder.cfg, &e.knowledge_id);
+    let weights_of = |b: &[EditExample]| -> Vec<f32> {
+        b.iter()
+            .flat_map(|e| e.target.iter().map(|&t| 0.25 + 0.01 * t as f32))
+            .collect()
+    };
+    let prepare = |b: &[EditExample]| {
+        if windowed {
+            PreparedBatch::answer_window(&model, &elder, b, weights_of(b)).unwrap()
+        } else {
+            PreparedBatch::weighted(&model, &elder, b, weights_of(b)).unwrap()
+        }
+    };
+    let run = |prepared: &mut PreparedBatch, b: &[EditExample]| {
+        let allocations: Vec<_> = b.iter().map(allocation).collect();
+        let routing = elder.fixed_routing(
+            &allocations
+                .iter()
+                .map(|a| Some(a.as_slice()))
+                .collect::<Vec<_>>(),
+        );
+        let answer_from: Vec<usize> = b.iter().map(|e| e.prompt.len() - 1).collect();
+        let options = RowOptions {
+            answer_from: (!windowed).then_some(answer_from.as_slice()),
+            ..RowOptions::default()
+        };
+        prepared.loss_and_grads_routed(&model, &elder, &routing, options)
+    };
+    let subset: Vec<EditExample> = batch
+        .iter()
+        .zip(keep)
+        .filter(|(_, k)| *k)
+        .map(|(e, _)| e.clone())
+        .collect();
+    let mut alone = prepare(&subset);
+    let want = run(&mut alone, &subset);
+    let mut whole = prepare(&batch);
+    let _ = run(&mut whole, &batch);
+    let kept_rows = whole.retain(&keep);
+    assert_eq!(kept_rows, vec![0, 1, 5], "{arch:?}: kept target rows");
+    let got = run(&mut whole, &subset);
+
+    let close = |a: f32, b: f32| (a - b).abs() <= 1e-5 + 1e-4 * a.abs().max(b.abs());
+    let (w, g) = (want.rows.unwrap(), got.rows.unwrap());
+    assert_eq!(w.argmax, g.argmax, "{arch:?} windowed={windowed}: argmax");
+    for (a, b) in w.loss.iter().zip(&g.loss) {
+        assert!(
+            close(*a, *b),
+            "{arch:?} windowed={windowed}: row loss {b} vs {a}"
+        );
+    }
+    for (wl, gl) in want.grads.iter().zip(&got.grads) {
+        for (a, b) in wl.a.iter().chain(&wl.b).zip(gl.a.iter().chain(&gl.b)) {
+            assert!(
+                close(*a, *b),
+                "{arch:?} windowed={windowed}: gradient {b} vs {a}"
+            );
+        }
+    }
+}
+
+#[test]
+fn retained_sequences_train_as_if_prepared_alone() {
+    for arch in [Arch::Gpt2, Arch::Llama] {
+        check_retain(arch, true);
+        check_retain(arch, false);
+    }
+}

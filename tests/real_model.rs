@@ -186,3 +186,57 @@ fn smollm2_default_preset_keeps_30_edits_of_each_dataset() {
         }
     }
 }
+
+/// A batch of edits with fresh experts trains each edit as it would be trained alone: each
+/// edit's loss is its own, and an edit that has learned stops (its sequences leave the batch)
+/// while the others go on. Negatives are off here, since a batch also offers its other edits'
+/// templates as negatives, which is meant to differ. On the real model, where real facts take
+/// different numbers of iterations to learn.
+#[test]
+fn a_batch_of_edits_trains_each_edit_as_it_would_alone() {
+    let Some(dir) = model_dir("a_batch_of_edits_trains_each_edit_as_it_would_alone") else {
+        return;
+    };
+    let base = BaseModel::open(&dir).unwrap();
+    let data = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("data/geo_facts.jsonl");
+    let mut all = read_edits(&data, DataFormat::Auto).unwrap();
+    all.truncate(4);
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = |batch_size| ElderConfig {
+        negatives: 0,
+        batch_size,
+        ..ElderConfig::preset(Preset::Default, &base.cfg)
+    };
+    let mut alone = EditSession::open(&base, &tmp.path().join("alone"), Some(cfg(1))).unwrap();
+    let mut iterations = Vec::new();
+    for i in 0..all.len() {
+        let s = apply_stream(&base, &mut alone, &all[..=i], false, None).unwrap();
+        iterations.push(s.mean_iterations);
+    }
+    // The edits stop at different iterations, so the batch has to stop them one by one.
+    let limit = alone.elder.cfg.iterations as f64;
+    assert!(
+        iterations.iter().any(|&n| n != iterations[0]) && iterations.iter().all(|&n| n < limit),
+        "the edits did not stop at different iterations ({iterations:?}): nothing is tested"
+    );
+    let mut batched = EditSession::open(&base, &tmp.path().join("batched"), Some(cfg(4))).unwrap();
+    let s = apply_stream(&base, &mut batched, &all, false, None).unwrap();
+    assert_eq!(s.batches, 1);
+    let most = iterations.iter().cloned().fold(0.0, f64::max);
+    assert_eq!(
+        s.mean_iterations, most,
+        "the batch ran until its slowest edit stopped"
+    );
+    assert_eq!(batched.elder.memory, alone.elder.memory);
+    let mut worst = 0.0f32;
+    for (a, b) in alone.elder.layers.iter().zip(&batched.elder.layers) {
+        for (x, y) in a.a.iter().chain(&a.b).zip(b.a.iter().chain(&b.b)) {
+            worst = worst.max((x - y).abs() / (1e-3 + x.abs()));
+        }
+    }
+    eprintln!("iterations alone {iterations:?}; worst relative difference {worst:.2e}");
+    assert!(
+        worst < 1e-4,
+        "an expert weight differs by {worst:.2e} (relative) in the batch"
+    );
+}

@@ -13,10 +13,12 @@ use crate::model::{Model, NoAdapter};
 use crate::util::stable_hash;
 
 use super::codebook::Codebook;
-use super::config::ExpertRows;
+use super::config::{AllocationMode, ExpertRows};
 use super::molora::Elder;
 use super::plan::{EditPlan, KeyText, Replay};
-use super::trainer::{learning_rate, Adam, EditExample, EditReport, PreparedBatch, RowOptions};
+use super::trainer::{
+    learning_rate, Adam, EditExample, EditReport, EditTimes, PreparedBatch, RowOptions,
+};
 
 /// Tokens of the base model's greedy answer a negative keeps: the next token and the one after.
 const NEGATIVE_ANSWER_TOKENS: usize = 2;
@@ -25,6 +27,8 @@ const NEGATIVE_ANSWER_TOKENS: usize = 2;
 /// targets are the edit's (positive) or the base model's (negative).
 struct Sequence {
     example: EditExample,
+    /// The plan it trains (`None`: a replay).
+    edit: Option<usize>,
     allocation: Vec<Vec<u32>>,
     subject_row: usize,
     positive: bool,
@@ -103,16 +107,11 @@ pub fn apply_stored_batch(
                 .collect()
         })
         .collect();
-    let routing = work.fixed_routing(&local.iter().map(|a| Some(a.as_slice())).collect::<Vec<_>>());
-    let rows: Option<Vec<Option<usize>>> = (cfg.expert_rows == ExpertRows::Subject)
+    let mut routing =
+        work.fixed_routing(&local.iter().map(|a| Some(a.as_slice())).collect::<Vec<_>>());
+    let mut rows: Option<Vec<Option<usize>>> = (cfg.expert_rows == ExpertRows::Subject)
         .then(|| sequences.iter().map(|s| Some(s.subject_row)).collect());
-    let answer_from: Option<Vec<usize>> = (cfg.expert_rows == ExpertRows::Answer).then(|| {
-        sequences
-            .iter()
-            .map(|s| s.example.prompt.len() - 1)
-            .collect()
-    });
-    let penalty = (cfg.delta_penalty > 0.0).then(|| {
+    let mut penalty = (cfg.delta_penalty > 0.0).then(|| {
         (
             cfg.delta_penalty,
             sequences.iter().map(|s| !s.positive).collect::<Vec<_>>(),
@@ -120,34 +119,59 @@ pub fn apply_stored_batch(
     });
 
     let examples: Vec<EditExample> = sequences.iter().map(|s| s.example.clone()).collect();
-    let (n_pos, n_neg) = sequences.iter().fold((0, 0), |(p, n), s| {
+    // Each edit's rows (and the replays' together) are one group with a loss of its own: the
+    // edit's positive rows weigh 1 in all, its negatives `negative_weight`, so an edit trains the
+    // same in a batch of many as alone.
+    let groups = plans.len() + 1;
+    let group_of = |s: &Sequence| s.edit.unwrap_or(plans.len());
+    let mut n_pos = vec![0usize; groups];
+    let mut n_neg = vec![0usize; groups];
+    for s in &sequences {
         let t = s.example.target.len();
         if s.positive {
-            (p + t, n)
+            n_pos[group_of(s)] += t;
         } else {
-            (p, n + t)
+            n_neg[group_of(s)] += t;
         }
-    });
-    let positive_rows: Vec<bool> = sequences
+    }
+    // Per target row: its group and whether it is an edit's (positive) row.
+    let mut row_group: Vec<(usize, bool)> = sequences
         .iter()
-        .flat_map(|s| std::iter::repeat_n(s.positive, s.example.target.len()))
+        .flat_map(|s| std::iter::repeat_n((group_of(s), s.positive), s.example.target.len()))
         .collect();
-    let weights: Vec<f32> = positive_rows
+    let weights: Vec<f32> = row_group
         .iter()
-        .map(|&p| {
-            if p {
-                1.0 / n_pos as f32
+        .map(|&(g, positive)| {
+            if positive {
+                1.0 / n_pos[g] as f32
             } else {
-                cfg.negative_weight / n_neg.max(1) as f32
+                cfg.negative_weight / n_neg[g].max(1) as f32
             }
         })
         .collect();
-    let targets: Vec<u32> = examples
+    let mut targets: Vec<u32> = examples
         .iter()
         .flat_map(|e| e.target.iter().copied())
         .collect();
+    // An edit that has learned stops training while the rest of its batch goes on, when no
+    // expert is shared between edits (fresh experts, no replays): its experts are written out
+    // as they were and no later step moves them.
+    let stop_per_edit = cfg.stop_loss > 0.0
+        && cfg.allocation == AllocationMode::Fresh
+        && replays.is_empty()
+        && plans.len() > 1;
+    let mut done = vec![false; plans.len()];
+    // The sequences still in the prepared batch (indices into `sequences`), and each group's
+    // latest mean positive loss (an edit's stays at its value when it stopped).
+    let mut alive: Vec<usize> = (0..sequences.len()).collect();
+    let mut group_loss = vec![0.0f32; groups];
     let t1 = std::time::Instant::now();
-    let mut prepared = PreparedBatch::weighted(model, &work, &examples, weights)?;
+    // Under `expert_rows = "answer"` only the answer windows run each iteration.
+    let mut prepared = if cfg.expert_rows == ExpertRows::Answer {
+        PreparedBatch::answer_window(model, &work, &examples, weights)?
+    } else {
+        PreparedBatch::weighted(model, &work, &examples, weights)?
+    };
     let t_prep = t1.elapsed();
     let t2 = std::time::Instant::now();
     let mut adam = Adam::new(&work.layers);
@@ -158,6 +182,7 @@ pub fn apply_stored_batch(
         iterations: 0,
         skipped_steps: 0,
         loss_scale: 1.0,
+        times: EditTimes::default(),
     };
     for it in 0..cfg.iterations {
         let mut step = prepared.loss_and_grads_routed(
@@ -166,35 +191,80 @@ pub fn apply_stored_batch(
             &routing,
             RowOptions {
                 rows: rows.as_deref(),
-                answer_from: answer_from.as_deref(),
+                answer_from: None,
                 delta_penalty: penalty.clone(),
             },
         );
-        let rows = step
+        let row_losses = step
             .rows
             .take()
             .expect("weighted batches report their rows");
-        let edit_loss = rows
-            .loss
+        // Per group: its mean positive loss, and whether every row is the argmax with every
+        // positive row under `stop_loss`.
+        let mut learned = vec![true; groups];
+        for &(g, _) in &row_group {
+            group_loss[g] = 0.0;
+        }
+        for (((&(g, positive), l), a), t) in row_group
             .iter()
-            .zip(&positive_rows)
-            .filter(|(_, &p)| p)
-            .map(|(l, _)| *l)
-            .sum::<f32>()
-            / n_pos as f32;
+            .zip(&row_losses.loss)
+            .zip(&row_losses.argmax)
+            .zip(&targets)
+        {
+            if positive {
+                group_loss[g] += l / n_pos[g] as f32;
+            }
+            learned[g] &= a == t && (!positive || *l < cfg.stop_loss);
+        }
+        let edit_loss = group_loss[..plans.len()].iter().sum::<f32>() / plans.len() as f32;
         if it == 0 {
             report.first_loss = edit_loss;
         }
         report.last_loss = edit_loss;
         on_iteration(it, edit_loss);
-        let all_argmax = rows.argmax.iter().zip(&targets).all(|(a, t)| a == t);
-        let learned = rows
-            .loss
-            .iter()
-            .zip(&positive_rows)
-            .all(|(l, &p)| !p || *l < cfg.stop_loss);
-        if cfg.stop_loss > 0.0 && all_argmax && learned {
+        if cfg.stop_loss > 0.0 && learned.iter().all(|&l| l) {
             break;
+        }
+        if stop_per_edit {
+            let mut stopped = false;
+            for (e, plan) in plans.iter().enumerate() {
+                if !done[e] && learned[e] {
+                    done[e] = true;
+                    stopped = true;
+                    write_experts(elder, &work, &used, &plan.entry.allocation, r);
+                }
+            }
+            if stopped {
+                // Drop the stopped edits' sequences: later iterations cost only what trains.
+                let keep: Vec<bool> = alive
+                    .iter()
+                    .map(|&i| sequences[i].edit.is_none_or(|e| !done[e]))
+                    .collect();
+                let kept_rows = prepared.retain(&keep);
+                alive = alive
+                    .iter()
+                    .zip(&keep)
+                    .filter(|(_, &k)| k)
+                    .map(|(&i, _)| i)
+                    .collect();
+                row_group = kept_rows.iter().map(|&j| row_group[j]).collect();
+                targets = kept_rows.iter().map(|&j| targets[j]).collect();
+                routing = work.fixed_routing(
+                    &alive
+                        .iter()
+                        .map(|&i| Some(local[i].as_slice()))
+                        .collect::<Vec<_>>(),
+                );
+                if let Some(subject_rows) = &mut rows {
+                    *subject_rows = alive
+                        .iter()
+                        .map(|&i| Some(sequences[i].subject_row))
+                        .collect();
+                }
+                if let Some((_, negative)) = &mut penalty {
+                    *negative = alive.iter().map(|&i| !sequences[i].positive).collect();
+                }
+            }
         }
         adam.step(
             &cfg,
@@ -204,26 +274,50 @@ pub fn apply_stored_batch(
         );
         report.iterations = it + 1;
     }
-    for ((layer, u), trained) in elder.layers.iter_mut().zip(&used).zip(&work.layers) {
-        layer.scatter(r, u, trained);
+    if stop_per_edit {
+        for (plan, _) in plans.iter().zip(&done).filter(|(_, &d)| !d) {
+            write_experts(elder, &work, &used, &plan.entry.allocation, r);
+        }
+    } else {
+        for ((layer, u), trained) in elder.layers.iter_mut().zip(&used).zip(&work.layers) {
+            layer.scatter(r, u, trained);
+        }
     }
     let t_iter = t2.elapsed();
     let t3 = std::time::Instant::now();
     elder.add_keys(model, plans.iter().map(|p| p.key_texts.as_slice()))?;
-    if std::env::var_os("ELDER_TIMING").is_some() {
-        eprintln!(
-            "timing: sequences {:.3} prefix {:.3} iterations {:.3} ({} its, rows {}) keys {:.3}",
-            t_seq.as_secs_f64(),
-            t_prep.as_secs_f64(),
-            t_iter.as_secs_f64(),
-            report.iterations,
-            examples.len(),
-            t3.elapsed().as_secs_f64()
-        );
-    }
+    report.times = EditTimes {
+        prepare: (t_seq + t_prep).as_secs_f64(),
+        iterations: t_iter.as_secs_f64(),
+        keys: t3.elapsed().as_secs_f64(),
+    };
     elder.memory.extend(plans.iter().map(|p| p.entry.clone()));
     elder.refresh_scope_calibration();
     Ok(report)
+}
+
+/// Writes the trained values of one edit's experts (`allocation`, global indices per layer) from
+/// the batch's gathered pool `work` (whose experts are `used`, per layer) back into `elder`.
+fn write_experts(
+    elder: &mut Elder,
+    work: &Elder,
+    used: &[Vec<u32>],
+    allocation: &[Vec<u32>],
+    r: usize,
+) {
+    for (((layer, trained), u), experts) in elder
+        .layers
+        .iter_mut()
+        .zip(&work.layers)
+        .zip(used)
+        .zip(allocation)
+    {
+        let local: Vec<u32> = experts
+            .iter()
+            .map(|e| u.binary_search(e).expect("every used expert is gathered") as u32)
+            .collect();
+        layer.scatter(r, experts, &trained.gather(r, &local));
+    }
 }
 
 /// The batch's sequences: each edit, its prefixed copies, its negatives (continued with the base
@@ -240,9 +334,10 @@ fn sequences(model: &Model, plans: &[EditPlan], replays: &[Replay]) -> Vec<Seque
     }
     .into_iter();
     let mut out = Vec::new();
-    for p in plans {
+    for (e, p) in plans.iter().enumerate() {
         let knowledge_id = p.entry.knowledge_id.clone();
         let positive = |prompt: &KeyText| Sequence {
+            edit: Some(e),
             example: EditExample {
                 prompt: prompt.tokens.clone(),
                 target: p.target.clone(),
@@ -260,6 +355,7 @@ fn sequences(model: &Model, plans: &[EditPlan], replays: &[Replay]) -> Vec<Seque
                 continue;
             }
             out.push(Sequence {
+                edit: Some(e),
                 example: EditExample {
                     prompt: prompt.tokens.clone(),
                     target: answer,
@@ -272,6 +368,7 @@ fn sequences(model: &Model, plans: &[EditPlan], replays: &[Replay]) -> Vec<Seque
         }
     }
     out.extend(replays.iter().map(|r| Sequence {
+        edit: None,
         example: EditExample {
             prompt: r.prompt.tokens.clone(),
             target: r.target.clone(),

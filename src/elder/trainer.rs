@@ -14,7 +14,7 @@ use crate::backend::cpu::molora::Routing;
 use crate::backend::cpu::ops::{self, AdamStep};
 use crate::model::runner::{pad_batch, prompt_rows, target_rows};
 use crate::model::transformer::{AttnTape, MlpTape};
-use crate::model::{BatchShape, KvCache, Model, ModelConfig};
+use crate::model::{BatchShape, KvCache, Model, ModelConfig, NoAdapter};
 
 use super::config::{AllocationMode, ElderConfig};
 use super::molora::{Elder, ElderAdapter, MoloraLayer};
@@ -43,6 +43,28 @@ pub struct EditReport {
     pub skipped_steps: usize,
     /// The loss scale at the end of the batch (1 on the CPU and outside f16).
     pub loss_scale: f32,
+    /// Where the batch's time went (zero where a trainer does not measure a part).
+    pub times: EditTimes,
+}
+
+/// Seconds one edit batch spent in each part of its training.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub struct EditTimes {
+    /// Building the batch's sequences (negatives' base answers included) and running the frozen
+    /// prefix (and, for answer windows, the frozen rows of every block).
+    pub prepare: f64,
+    /// The optimisation steps.
+    pub iterations: f64,
+    /// Reading the new edits' keys into the key store.
+    pub keys: f64,
+}
+
+impl EditTimes {
+    pub fn add(&mut self, other: &EditTimes) {
+        self.prepare += other.prepare;
+        self.iterations += other.iterations;
+        self.keys += other.keys;
+    }
 }
 
 /// The preset allocation of a knowledge id: `k` distinct experts for every MoLoRA layer, drawn from a
@@ -200,6 +222,8 @@ pub struct PreparedBatch {
     cache: KvCache,
     attn_tapes: Vec<AttnTape>,
     mlp_tapes: Vec<MlpTape>,
+    /// Built by [`PreparedBatch::answer_window`]: the rows are each sequence's answer window.
+    windowed: bool,
 }
 
 /// What a routed training pass does beyond the cross-entropy (see the `expert_rows` and
@@ -289,7 +313,153 @@ impl PreparedBatch {
             cache,
             attn_tapes: vec![AttnTape::default(); n],
             mlp_tapes: vec![MlpTape::default(); n],
+            windowed: false,
         })
+    }
+
+    /// [`PreparedBatch::weighted`] for `expert_rows = "answer"` under the stored allocation.
+    ///
+    /// The experts change only each sequence's rows from its last prompt token on, so every
+    /// earlier row is the frozen model's in every block: their keys and values are computed once
+    /// here, and each iteration runs only the *answer window* (the last prompt token and the
+    /// target tokens but the last: exactly the rows whose logits are supervised) against that
+    /// cache. The loss and gradients are those of the full pass with the same option; an
+    /// iteration costs the window's rows instead of the whole sequence's.
+    pub fn answer_window(
+        model: &Model,
+        elder: &Elder,
+        batch: &[EditExample],
+        weights: Vec<f32>,
+    ) -> anyhow::Result<Self> {
+        anyhow::ensure!(
+            !elder.cfg.uses_routers(),
+            "the answer window needs the stored allocation (no router reads the prompt)"
+        );
+        let EditRows { targets, .. } = EditRows::new(&model.cfg, batch)?;
+        anyhow::ensure!(
+            weights.len() == targets.len(),
+            "{} weights for {} target rows",
+            weights.len(),
+            targets.len()
+        );
+        let n_layers = model.cfg.num_layers;
+        let first = elder.cfg.molora_blocks[0];
+        // Frozen rows: the prompt but its last token. Window: that token, then the target's.
+        let frozen: Vec<Vec<u32>> = batch
+            .iter()
+            .map(|ex| ex.prompt[..ex.prompt.len() - 1].to_vec())
+            .collect();
+        let window: Vec<Vec<u32>> = batch
+            .iter()
+            .map(|ex| {
+                let mut w = ex.prompt[ex.prompt.len() - 1..].to_vec();
+                w.extend_from_slice(&ex.target[..ex.target.len() - 1]);
+                w
+            })
+            .collect();
+        let starts: Vec<usize> = frozen.iter().map(Vec::len).collect();
+        let capacity = batch
+            .iter()
+            .map(|ex| ex.prompt.len() + ex.target.len() - 1)
+            .max()
+            .unwrap_or(1);
+        let mut cache = KvCache::new(&model.cfg, batch.len(), capacity);
+        if starts.iter().any(|&s| s > 0) {
+            let (ids, shape) = pad_batch(&frozen, &vec![0; batch.len()]);
+            let mut h = model.embed(&ids, &shape);
+            for l in 0..n_layers {
+                model.attn_half(l, &mut h, &shape, &mut cache, None);
+                // The last block's MLP output is read by no key or value.
+                if l + 1 < n_layers {
+                    model.mlp_half(l, &mut h, &shape, &mut NoAdapter, None);
+                }
+            }
+        }
+        let (ids, shape) = pad_batch(&window, &starts);
+        let target_rows = target_rows(shape.seq, batch.iter().map(|ex| (1, ex.target.len())));
+        let mut prefix = model.embed(&ids, &shape);
+        for l in 0..first {
+            model.attn_half(l, &mut prefix, &shape, &mut cache, None);
+            model.mlp_half(l, &mut prefix, &shape, &mut NoAdapter, None);
+        }
+        model.attn_half(first, &mut prefix, &shape, &mut cache, None);
+        Ok(PreparedBatch {
+            shape,
+            target_rows,
+            targets,
+            weights: Some(weights),
+            prefix,
+            query: Vec::new(),
+            cache,
+            attn_tapes: vec![AttnTape::default(); n_layers],
+            mlp_tapes: vec![MlpTape::default(); n_layers],
+            windowed: true,
+        })
+    }
+
+    /// Keeps only the sequences with `keep[b]` (in order), as if the batch had been prepared
+    /// without the others: each sequence's rows, cache and targets are its own, so what is kept
+    /// trains exactly as before, and an iteration no longer pays for what was dropped (a batch of
+    /// edits drops an edit's sequences once it has learned). Returns the kept target rows'
+    /// indices among the old ones.
+    pub fn retain(&mut self, keep: &[bool]) -> Vec<usize> {
+        let old = &self.shape;
+        assert_eq!(keep.len(), old.batch, "one flag per sequence");
+        let kept: Vec<usize> = (0..old.batch).filter(|&b| keep[b]).collect();
+        let seq = kept.iter().map(|&b| old.valid[b]).max().unwrap_or(1).max(1);
+        let d = self.prefix.len() / old.rows().max(1);
+        let mut prefix = Vec::with_capacity(kept.len() * seq * d);
+        for &b in &kept {
+            prefix.extend_from_slice(&self.prefix[b * old.seq * d..][..seq * d]);
+        }
+        let mut kept_rows = Vec::new();
+        let mut target_rows = Vec::new();
+        for (j, &row) in self.target_rows.iter().enumerate() {
+            let (b, offset) = (row / old.seq, row % old.seq);
+            if let Some(new_b) = kept.iter().position(|&k| k == b) {
+                kept_rows.push(j);
+                target_rows.push(new_b * seq + offset);
+            }
+        }
+        let cap = self.cache.capacity;
+        let w = self.cache.kv_dim;
+        let gather_cache = |layer: &[f32]| -> Vec<f32> {
+            kept.iter()
+                .flat_map(|&b| layer[b * cap * w..(b + 1) * cap * w].iter().copied())
+                .collect()
+        };
+        for l in 0..self.cache.k.len() {
+            self.cache.k[l] = gather_cache(&self.cache.k[l]);
+            self.cache.v[l] = gather_cache(&self.cache.v[l]);
+        }
+        self.cache.lens = kept.iter().map(|&b| self.cache.lens[b]).collect();
+        self.cache.batch = kept.len();
+        if !self.query.is_empty() {
+            let q = self.query.len() / old.batch;
+            self.query = kept
+                .iter()
+                .flat_map(|&b| self.query[b * q..(b + 1) * q].iter().copied())
+                .collect();
+        }
+        self.targets = kept_rows.iter().map(|&j| self.targets[j]).collect();
+        if let Some(w) = &mut self.weights {
+            *w = kept_rows.iter().map(|&j| w[j]).collect();
+        }
+        self.shape = BatchShape {
+            batch: kept.len(),
+            seq,
+            valid: kept.iter().map(|&b| old.valid[b]).collect(),
+            start: kept.iter().map(|&b| old.start[b]).collect(),
+        };
+        self.prefix = prefix;
+        self.target_rows = target_rows;
+        kept_rows
+    }
+
+    /// Whether the rows are answer windows ([`PreparedBatch::answer_window`]): every row is one
+    /// the experts change, so no `answer_from` applies.
+    pub fn is_windowed(&self) -> bool {
+        self.windowed
     }
 
     /// One forward and backward pass from the first MoLoRA block up. `presets` (`[L][B * k]`) are the
@@ -437,7 +607,9 @@ pub fn apply_edit_batch(
     mut on_iteration: impl FnMut(usize, f32),
 ) -> anyhow::Result<EditReport> {
     let cfg = elder.cfg.clone();
+    let started = std::time::Instant::now();
     let mut prepared = PreparedBatch::new(model, elder, batch)?;
+    let prepare = started.elapsed().as_secs_f64();
     let mut presets = batch_presets(&cfg, batch);
     let mut adam = Adam::new(&elder.layers);
     let mut report = EditReport {
@@ -447,6 +619,7 @@ pub fn apply_edit_batch(
         iterations: cfg.iterations,
         skipped_steps: 0,
         loss_scale: 1.0,
+        times: EditTimes::default(),
     };
     for it in 0..cfg.iterations {
         let mut step = prepared.loss_and_grads(model, elder, presets.as_deref());
@@ -466,6 +639,11 @@ pub fn apply_edit_batch(
         report.guide_loss = step.guide;
         on_iteration(it, step.ce);
     }
+    report.times = EditTimes {
+        prepare,
+        iterations: started.elapsed().as_secs_f64() - prepare,
+        keys: 0.0,
+    };
     push_codes(elder, &prepared.query)?;
     Ok(report)
 }

@@ -531,8 +531,9 @@ impl Model {
         }
     }
 
-    /// Backward of [`Model::attn_half`] (training shape: no earlier cache, capacity = T):
-    /// `dh` holds dL/d(attention output residual) and becomes dL/d(block input).
+    /// Backward of [`Model::attn_half`]: `dh` holds dL/d(attention output residual) and becomes
+    /// dL/d(block input). Cache rows written before this call (a frozen prefix) get no gradient:
+    /// nothing trainable made them.
     pub fn attn_backward(&self, l: usize, tape: &AttnTape, shape: &BatchShape, dh: &mut [f32]) {
         let cfg = &self.cfg;
         let blk = &self.blocks[l];
@@ -564,8 +565,15 @@ impl Model {
             &mut dk,
             &mut dv,
         );
-        // The cache rows of this call are rows of the batch when the cache started empty.
-        debug_assert!(shape.start.iter().all(|&s| s == 0) && capacity == shape.seq);
+        let (mut dk, dv) = if shape.start.iter().all(|&s| s == 0) && capacity == shape.seq {
+            // The cache rows are exactly this call's rows.
+            (dk, dv)
+        } else {
+            (
+                this_calls_rows(&dk, shape, capacity, cfg.kv_dim()),
+                this_calls_rows(&dv, shape, capacity, cfg.kv_dim()),
+            )
+        };
         if cfg.arch == Arch::Llama {
             let pos = shape.positions();
             ops::rope(
@@ -606,4 +614,21 @@ impl Model {
         blk.norm1
             .backward_accumulate(&tape.x, &tape.norm, &dnormed, dh);
     }
+}
+
+/// The rows of this call (`[B * seq, width]`, padding rows zero) out of a cache-shaped gradient
+/// `[B, capacity, width]`: each sequence's rows start at its `start`.
+fn this_calls_rows(
+    cache_grad: &[f32],
+    shape: &BatchShape,
+    capacity: usize,
+    width: usize,
+) -> Vec<f32> {
+    let mut out = vec![0.0f32; shape.rows() * width];
+    for b in 0..shape.batch {
+        let src = &cache_grad[(b * capacity + shape.start[b]) * width..];
+        let n = shape.valid[b] * width;
+        out[b * shape.seq * width..][..n].copy_from_slice(&src[..n]);
+    }
+    out
 }

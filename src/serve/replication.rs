@@ -55,9 +55,14 @@ pub struct CommitRecord {
     /// An edit this generation rolled back.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deleted: Option<String>,
-    /// The manifest's text (its files' SHA-256 sums inside) and the objects holding the files;
-    /// empty for an announcement.
-    #[serde(default)]
+    /// The object holding the generation's manifest (its files' SHA-256 sums inside), and the
+    /// objects holding the files; absent for an announcement. The manifest travels as an object,
+    /// not in the record: it grows with the edits (about 20 bytes each), and a record must stay
+    /// under the server's message size (1 MiB by default) at any number of edits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manifest_file: Option<ShippedFile>,
+    /// The manifest's text inline (records written before `manifest_file`; still read).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub manifest: String,
     #[serde(default)]
     pub files: Vec<ShippedFile>,
@@ -266,19 +271,34 @@ impl Nats {
     ) -> Result<u64, LogError> {
         let (manifest, files) = state::generation_files(dir).map_err(LogError::Other)?;
         for (name, bytes) in &files {
-            let object = format!("g{}/{name}", record.generation);
-            self.store
-                .put(object.as_str(), &mut bytes.as_slice())
-                .await
-                .map_err(|e| LogError::Other(anyhow::anyhow!("uploading {object}: {e}")))?;
-            record.files.push(ShippedFile {
-                name: name.clone(),
-                sha256: sha256_hex(bytes),
-                object,
-            });
+            record
+                .files
+                .push(self.upload(record.generation, name, bytes).await?);
         }
-        record.manifest = manifest;
+        record.manifest_file = Some(
+            self.upload(record.generation, MANIFEST_OBJECT, manifest.as_bytes())
+                .await?,
+        );
         self.publish_record(&record, last).await
+    }
+
+    /// Puts one file of generation `generation` into the object store.
+    async fn upload(
+        &self,
+        generation: u64,
+        name: &str,
+        bytes: &[u8],
+    ) -> Result<ShippedFile, LogError> {
+        let object = format!("g{generation}/{name}");
+        self.store
+            .put(object.as_str(), &mut &bytes[..])
+            .await
+            .map_err(|e| LogError::Other(anyhow::anyhow!("uploading {object}: {e}")))?;
+        Ok(ShippedFile {
+            name: name.to_string(),
+            sha256: sha256_hex(bytes),
+            object,
+        })
     }
 
     /// Publishes a commit record (or an announcement) after `last`.
@@ -331,24 +351,38 @@ impl Nats {
     pub async fn install(&self, record: &CommitRecord, dir: &Path) -> Result<u64> {
         let mut files = Vec::new();
         for f in &record.files {
-            let bytes = tokio::time::timeout(FETCH_PATIENCE, self.fetch(&f.object))
-                .await
-                .map_err(|_| anyhow::anyhow!("fetching {} timed out", f.object))??;
-            if sha256_hex(&bytes) != f.sha256 {
-                bail!(
-                    "{} does not match the sha256 its commit record gives",
-                    f.object
-                );
-            }
-            files.push((f.name.clone(), bytes));
+            files.push((f.name.clone(), self.fetch_checked(f).await?));
         }
+        let manifest = match &record.manifest_file {
+            Some(f) => String::from_utf8(self.fetch_checked(f).await?)
+                .with_context(|| format!("{} is not UTF-8", f.object))?,
+            None => record.manifest.clone(),
+        };
         let dir = dir.to_path_buf();
-        let manifest = record.manifest.clone();
         tokio::task::spawn_blocking(move || state::install_generation(&dir, &manifest, &files))
             .await
             .context("installing a generation")?
     }
 }
+
+impl Nats {
+    /// A shipped file's bytes, checked against the sha256 its commit record gives.
+    async fn fetch_checked(&self, f: &ShippedFile) -> Result<Vec<u8>> {
+        let bytes = tokio::time::timeout(FETCH_PATIENCE, self.fetch(&f.object))
+            .await
+            .map_err(|_| anyhow::anyhow!("fetching {} timed out", f.object))??;
+        if sha256_hex(&bytes) != f.sha256 {
+            bail!(
+                "{} does not match the sha256 its commit record gives",
+                f.object
+            );
+        }
+        Ok(bytes)
+    }
+}
+
+/// The object name of a generation's manifest (beside its files, `g<N>/<file>`).
+const MANIFEST_OBJECT: &str = "manifest.json";
 
 /// How long fetching one object may take before the follower tries again.
 const FETCH_PATIENCE: Duration = Duration::from_secs(10);
@@ -401,4 +435,43 @@ fn sha256_hex(bytes: &[u8]) -> String {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(edits: usize) -> CommitRecord {
+        CommitRecord {
+            generation: 7,
+            ids: (0..edits).map(|i| format!("edit-{i}")).collect(),
+            seqs: (0..edits as u64).collect(),
+            deleted: None,
+            manifest_file: Some(ShippedFile {
+                name: MANIFEST_OBJECT.into(),
+                sha256: "ab".repeat(32),
+                object: format!("g7/{MANIFEST_OBJECT}"),
+            }),
+            manifest: String::new(),
+            files: Vec::new(),
+            leader: "http://127.0.0.1:1".into(),
+        }
+    }
+
+    #[test]
+    fn a_commit_record_names_its_manifest_instead_of_carrying_it() {
+        let json = serde_json::to_string(&record(2)).unwrap();
+        assert!(json.contains("\"manifest_file\""), "{json}");
+        assert!(!json.contains("\"manifest\":"), "{json}");
+        let back: CommitRecord = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, record(2));
+    }
+
+    #[test]
+    fn a_record_with_an_inline_manifest_still_reads() {
+        let old = r#"{"generation":3,"ids":["a"],"seqs":[1],"manifest":"{\"format\":3}","files":[],"leader":"x"}"#;
+        let r: CommitRecord = serde_json::from_str(old).unwrap();
+        assert_eq!(r.manifest, "{\"format\":3}");
+        assert!(r.manifest_file.is_none());
+    }
 }

@@ -51,7 +51,8 @@ use crate::backend::cuda::router;
 use crate::elder::config::ElderConfig;
 use crate::elder::molora::{Elder, MoloraLayer};
 use crate::elder::trainer::{
-    batch_presets, mean_query, push_codes, EditExample, EditReport, EditRows, LossAndGrads,
+    batch_presets, mean_query, push_codes, EditExample, EditReport, EditRows, EditTimes,
+    LossAndGrads,
 };
 use crate::model::layers::Site;
 use crate::model::runner::pad_batch;
@@ -203,6 +204,8 @@ where
             iterations,
             skipped_steps: (scaling.skipped_steps - prep.skipped_before) as usize,
             loss_scale: scaling.scale,
+            // The device queues the prefix and the iterations as one graph: not split here.
+            times: EditTimes::default(),
         })
     }
 
