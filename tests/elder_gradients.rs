@@ -219,21 +219,28 @@ fn fused_head_loss_matches_the_unfused_head_llama() {
     check_fused_head(Arch::Llama);
 }
 
+/// Experts under the stored allocation acting on the answer rows (`expert_rows = "answer"`), on
+/// each architecture's MLP projection.
+fn stored_answer_elder(model: &Model) -> Elder {
+    use elder::elder::config::{ExpertRows, InferenceAllocation};
+    let proj = match model.cfg.arch {
+        Arch::Gpt2 => MlpProj::CFc,
+        Arch::Llama => MlpProj::DownProj,
+    };
+    let mut elder = elder_for(model, proj, false);
+    elder.cfg.inference_allocation = InferenceAllocation::Stored;
+    elder.cfg.expert_rows = ExpertRows::Answer;
+    elder
+}
+
 /// `expert_rows = "answer"` trains on the answer windows only (the frozen rows' keys and values
 /// computed once): the losses, argmaxes and every gradient must be those of the full pass that
 /// masks the rows before each answer, on both architectures and with a one-token prompt (no
 /// frozen rows at all) in the batch.
 fn check_answer_window(arch: Arch) {
-    use elder::elder::config::{ExpertRows, InferenceAllocation};
     use elder::elder::trainer::RowOptions;
     let model = tiny(arch);
-    let proj = match arch {
-        Arch::Gpt2 => MlpProj::CFc,
-        Arch::Llama => MlpProj::DownProj,
-    };
-    let mut elder = elder_for(&model, proj, false);
-    elder.cfg.inference_allocation = InferenceAllocation::Stored;
-    elder.cfg.expert_rows = ExpertRows::Answer;
+    let elder = stored_answer_elder(&model);
     let mut batch = batch();
     batch.push(EditExample {
         prompt: vec![12],
@@ -324,16 +331,9 @@ fn answer_window_matches_the_masked_full_pass_llama() {
 /// has learned) leaves exactly the batch prepared from the kept sequences alone: same row
 /// losses, argmaxes and gradients, for answer windows and for full passes.
 fn check_retain(arch: Arch, windowed: bool) {
-    use elder::elder::config::{ExpertRows, InferenceAllocation};
     use elder::elder::trainer::RowOptions;
     let model = tiny(arch);
-    let proj = match arch {
-        Arch::Gpt2 => MlpProj::CFc,
-        Arch::Llama => MlpProj::DownProj,
-    };
-    let mut elder = elder_for(&model, proj, false);
-    elder.cfg.inference_allocation = InferenceAllocation::Stored;
-    elder.cfg.expert_rows = ExpertRows::Answer;
+    let elder = stored_answer_elder(&model);
     let mut batch = batch();
     batch.push(EditExample {
         prompt: vec![12, 30, 1, 2, 9, 44],

@@ -412,11 +412,16 @@ impl PreparedBatch {
         for &b in &kept {
             prefix.extend_from_slice(&self.prefix[b * old.seq * d..][..seq * d]);
         }
+        // Each old sequence's index in the kept batch.
+        let mut new_index = vec![None; old.batch];
+        for (new_b, &b) in kept.iter().enumerate() {
+            new_index[b] = Some(new_b);
+        }
         let mut kept_rows = Vec::new();
         let mut target_rows = Vec::new();
         for (j, &row) in self.target_rows.iter().enumerate() {
             let (b, offset) = (row / old.seq, row % old.seq);
-            if let Some(new_b) = kept.iter().position(|&k| k == b) {
+            if let Some(new_b) = new_index[b] {
                 kept_rows.push(j);
                 target_rows.push(new_b * seq + offset);
             }
