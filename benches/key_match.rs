@@ -7,14 +7,16 @@
 //! three key variants each, width 576 (SmolLM2's hidden size; the key site is block 2's
 //! `up_proj` input); relation keys of width 1536 (block 21's `down_proj` input). The forward is SmolLM2-135M when models/smollm2-135m exists, else the
 //! `gpt2` preset with random weights, on a 12-token prompt (the datasets' prompts are 6-16 tokens).
+//! Also the answer gate's two costs: one head row, and the blocks from the first MoLoRA layer.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
-use elder::elder::config::{KeyKind, RelationKey};
+use elder::elder::config::{ElderConfig, KeyKind, Preset, RelationKey};
 use elder::elder::keystore::{Background, KeyCeilings, KeySpace, KeyStore, RelationKeys};
 use elder::model::layers::{MlpProj, Site};
 use elder::model::loader::{build_model, load_model_dir, RandomSource};
 use elder::model::presets::preset;
-use elder::model::{Arch, NoAdapter};
+use elder::model::runner::pad_batch;
+use elder::model::{Arch, KvCache, NoAdapter};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -107,6 +109,34 @@ fn bench_inference_overhead(c: &mut Criterion) {
             b.iter(|| keys.key(&relation_rows, 2..4))
         });
     }
+    // The answer gate (`answer_gate`): each prompt in scope costs one head row (its matched
+    // edit's answer token at the last prompt row), and a batch where a prompt is turned away
+    // runs the blocks from the first MoLoRA layer again (8 of SmolLM2's 30).
+    let first = ElderConfig::preset(Preset::Default, &model.cfg).molora_blocks[0];
+    let (padded, shape) = pad_batch(std::slice::from_ref(&ids), &[0]);
+    let mut cache = KvCache::new(&model.cfg, 1, PROMPT);
+    let mut h = model.embed(&padded, &shape);
+    for l in 0..first {
+        model.attn_half(l, &mut h, &shape, &mut cache, None);
+        model.mlp_half(l, &mut h, &shape, &mut NoAdapter, None);
+    }
+    let entering = h;
+    let blocks_from = |cache: &mut KvCache| {
+        let mut h = entering.clone();
+        for l in first..model.blocks.len() {
+            model.attn_half(l, &mut h, &shape, cache, None);
+            model.mlp_half(l, &mut h, &shape, &mut NoAdapter, None);
+        }
+        h
+    };
+    let last = blocks_from(&mut cache.clone());
+    group.bench_function(BenchmarkId::new("answer_gate_head_row", name), |b| {
+        b.iter(|| model.head(&last, &[PROMPT - 1]))
+    });
+    let rerun = format!("answer_gate_blocks_{first}_on_12_tokens");
+    group.bench_function(BenchmarkId::new(rerun, name), |b| {
+        b.iter(|| blocks_from(&mut cache.clone()))
+    });
     group.finish();
 }
 

@@ -138,6 +138,11 @@ enum Command {
         /// quantile of the edits' impostor scores, never below the threshold; 0: fixed).
         #[arg(long)]
         scope_quantile: Option<f32>,
+        /// Override `answer_gate` at evaluation time (the least probability a matched edit's
+        /// experts must give its answer, else the base model answers; 0: off). It changes nothing
+        /// in training, so this scores what a stream with this gate would have given.
+        #[arg(long)]
+        answer_gate: Option<f32>,
         /// Rebuild the key store with a key option changed, NAME=VALUE (repeatable; nothing
         /// is written): key, key_ceiling_margin, key_block, key_proj, key_variants, key_dim, key_position_means,
         /// relation_check, relation_key, relation_block, relation_proj, relation_margin. The experts do not
@@ -382,6 +387,7 @@ fn dispatch(cmd: Command, devices: DeviceChoice) -> Result<ExitCode> {
             format,
             threshold,
             scope_quantile,
+            answer_gate,
             rekey,
             details,
             json,
@@ -397,6 +403,14 @@ fn dispatch(cmd: Command, devices: DeviceChoice) -> Result<ExitCode> {
             if let Some(q) = scope_quantile {
                 session.elder.cfg.scope_quantile = q;
                 session.elder.cfg.validate(&base.cfg)?;
+            }
+            if let Some(gate) = answer_gate {
+                session.elder.cfg.answer_gate = gate;
+                session
+                    .elder
+                    .cfg
+                    .validate(&base.cfg)
+                    .context("--answer-gate")?;
             }
             if session.elder.cfg.deferral == elder::elder::config::Deferral::KeyStore {
                 eprintln!("{}", scope_line(&session.elder));

@@ -99,6 +99,20 @@ impl BaseModel {
         Ok((p, t))
     }
 
+    /// The tokens of `target` written after a prompt, up to and including the first that is
+    /// not only whitespace (an edit's answer, as `answer_gate` asks for it).
+    pub fn answer_prefix(&self, target: &str) -> Result<Vec<u32>> {
+        let tokens = self.tokenizer.encode_continuation(&format!(" {target}"))?;
+        let mut prefix = Vec::new();
+        for t in tokens {
+            prefix.push(t);
+            if !self.tokenizer.decode(&[t])?.trim().is_empty() {
+                break;
+            }
+        }
+        Ok(prefix)
+    }
+
     /// The shipped background sentences, tokenized (the key store's background).
     pub fn background_prompts(&self) -> Result<Vec<Vec<u32>>> {
         background_sentences()
@@ -210,6 +224,10 @@ impl EditSession {
         };
         let state = EditState::open_or_create(dir, &cfg_json, &base.fingerprint)?;
         let mut elder = Elder::from_state(cfg, &base.cfg, &state)?;
+        // States written before edits recorded their answer token.
+        for entry in elder.memory.iter_mut().filter(|e| e.answer.is_empty()) {
+            entry.answer = base.answer_prefix(&entry.target)?;
+        }
         if let Some(previous) = previous {
             elder.adopt_derived(previous);
         }
@@ -283,15 +301,18 @@ impl EditDevice {
     ) -> Result<EditReport> {
         let entries: Vec<EditEntry> = records
             .iter()
-            .map(|r| EditEntry {
-                id: r.id.clone(),
-                knowledge_id: r.knowledge_id.clone(),
-                prompt: r.prompt.clone(),
-                target: r.target_new.clone(),
-                subject: plan::find_subject(&r.prompt, r.subject.as_deref()),
-                allocation: Vec::new(),
+            .map(|r| {
+                Ok(EditEntry {
+                    id: r.id.clone(),
+                    knowledge_id: r.knowledge_id.clone(),
+                    prompt: r.prompt.clone(),
+                    target: r.target_new.clone(),
+                    subject: plan::find_subject(&r.prompt, r.subject.as_deref()),
+                    allocation: Vec::new(),
+                    answer: base.answer_prefix(&r.target_new)?,
+                })
             })
-            .collect();
+            .collect::<Result<_>>()?;
         if elder.key_store_needs_background() {
             let background = base.background_prompts()?;
             elder.ensure_key_store(base.model()?, &background)?;

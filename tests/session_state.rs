@@ -124,6 +124,9 @@ fn default_config(base: &BaseModel) -> ElderConfig {
         // One edit per commit: these tests resume streams cut anywhere (a batch plans its edits
         // together, so only a stream cut at its batch boundaries resumes to the same state).
         batch_size: 1,
+        // Off: four iterations on a random model do not teach an edit its answer, so the gate
+        // would turn the edit prompts these tests match away (it has a test of its own).
+        answer_gate: 0.0,
         ..ElderConfig::preset(Preset::Default, &base.cfg)
     }
 }
@@ -599,5 +602,141 @@ fn a_rolled_back_edit_leaves_no_key_and_no_expert() {
         p.state.applied_ids().len(),
         1,
         "a refused rollback changed the state"
+    );
+}
+
+/// `answer_gate`: a prompt in scope keeps its matched edit's experts only when they give that
+/// edit's answer token at least the gate's probability at the last prompt token. A prompt turned
+/// away is answered exactly as the base model answers it (its scores, and its generation through
+/// the KV cache, whose rows the blocks from the first MoLoRA layer wrote again), in a batch beside
+/// prompts that keep their experts, which answer exactly as without the gate.
+#[test]
+fn the_answer_gate_answers_turned_away_prompts_with_the_base_model() {
+    use elder::elder::molora::ElderAdapter;
+    use elder::model::runner::prompt_rows;
+    use elder::model::NoAdapter;
+
+    let tmp = tempfile::tempdir().unwrap();
+    let mut all = records(4);
+    // An answer written after a whitespace-only token (as a tokenizer that splits digits writes
+    // " 44": " ", "4", "4"): the gate reads it through a side step past the prompt.
+    all[1].target_new = " Nairobi".into();
+    let base = tiny_model(&tmp.path().join("model"), 14);
+    let mut session =
+        EditSession::open(&base, &tmp.path().join("s"), Some(default_config(&base))).unwrap();
+    apply_stream(&base, &mut session, &all, false, None).unwrap();
+    let answers: Vec<usize> = session
+        .elder
+        .memory
+        .iter()
+        .map(|e| e.answer.len())
+        .collect();
+    assert!(answers.iter().all(|&n| n >= 1), "{answers:?}");
+    assert!(answers.iter().any(|&n| n > 1), "{answers:?}");
+    // Prompts about the edited subjects: the edit prompts, rephrasings, same-subject probes.
+    let texts: Vec<&str> = all
+        .iter()
+        .flat_map(|r| {
+            let same_subject = r
+                .locality
+                .iter()
+                .find(|l| l.kind.as_deref() == Some("same_subject"));
+            [r.prompt.as_str(), r.rephrases[0].as_str()]
+                .into_iter()
+                .chain(same_subject.map(|l| l.prompt.as_str()))
+        })
+        .collect();
+    let prompts: Vec<Vec<u32>> = texts
+        .iter()
+        .map(|t| base.tokenizer.encode(t).unwrap())
+        .collect();
+    let model = base.model().unwrap();
+    // Without the gate: each in-scope prompt's probability of its matched edit's answer, by
+    // teacher forcing the answer after the prompt (one forward, no side step).
+    let seq = prompts.iter().map(Vec::len).max().unwrap();
+    let rows = prompt_rows(seq, prompts.iter().map(Vec::len));
+    let matched = elder::eval::score_pairs(
+        model,
+        Some(&session.elder),
+        &prompts
+            .iter()
+            .map(|p| (&p[..], &p[..1]))
+            .collect::<Vec<_>>(),
+    );
+    let probability: Vec<Option<f32>> = prompts
+        .iter()
+        .zip(&matched)
+        .map(|(p, m)| {
+            let id = m.matched_edit.as_deref().filter(|_| m.in_scope)?;
+            let edit = session.elder.memory.iter().find(|e| e.id == id).unwrap();
+            let answer =
+                elder::eval::score_pairs(model, Some(&session.elder), &[(p, &edit.answer)]);
+            assert_eq!(answer[0].matched_edit.as_deref(), Some(id));
+            Some(answer[0].logprobs.iter().sum::<f32>().exp())
+        })
+        .collect();
+    assert!(
+        (0..prompts.len()).any(|i| probability[i].is_some()
+            && matched[i].matched_edit.as_deref() == Some(all[1].id.as_str())),
+        "no prompt in scope asks the edit whose answer starts with whitespace"
+    );
+    // A gate between the in-scope prompts' probabilities, so some keep and some lose the experts.
+    let mut sorted: Vec<f32> = probability.iter().flatten().copied().collect();
+    sorted.sort_by(f32::total_cmp);
+    assert!(
+        sorted.len() >= 4,
+        "too few prompts in scope: {probability:?}"
+    );
+    let mid = sorted.len() / 2;
+    assert!(sorted[mid - 1] < sorted[mid], "{sorted:?}");
+    let gate = (sorted[mid - 1] + sorted[mid]) / 2.0;
+
+    let target = base.tokenizer.encode_continuation(" Paris").unwrap();
+    let pairs: Vec<(&[u32], &[u32])> = prompts.iter().map(|p| (&p[..], &target[..])).collect();
+    let edited = elder::eval::score_pairs(model, Some(&session.elder), &pairs);
+    let unedited = elder::eval::score_pairs(model, None, &pairs);
+    let generate =
+        |adapter: &mut dyn elder::model::Adapter| model.generate(&prompts, 3, None, adapter);
+    let edited_text = generate(&mut ElderAdapter::inference(&session.elder, rows.clone()));
+    let base_text = generate(&mut NoAdapter);
+    session.elder.cfg.answer_gate = gate;
+    // What the gate read is the answer's probability (the side step past the prompt included).
+    let mut adapter = ElderAdapter::inference(&session.elder, rows.clone());
+    model.logits(&prompts, &mut adapter);
+    for (i, p) in probability.iter().enumerate() {
+        let read = adapter.answer_logprobs[i].map(f32::exp);
+        assert_eq!(read.is_some(), p.is_some(), "prompt {i}");
+        if let (Some(read), Some(p)) = (read, p) {
+            assert!(
+                (read - p).abs() < 1e-4 * p.max(1e-3),
+                "prompt {i}: {read} vs {p}"
+            );
+        }
+    }
+    let gated = elder::eval::score_pairs(model, Some(&session.elder), &pairs);
+    let gated_text = generate(&mut ElderAdapter::inference(&session.elder, rows.clone()));
+    let mut turned_away = 0;
+    for (i, p) in probability.iter().enumerate() {
+        let away = p.is_some_and(|p| p < gate);
+        let g = &gated[i];
+        assert_eq!(g.gated, away, "prompt {i} ({:?}), p {p:?}", texts[i]);
+        if away {
+            turned_away += 1;
+            assert!(!g.in_scope, "prompt {i}");
+            assert_eq!(g.argmax, unedited[i].argmax, "prompt {i}");
+            assert_eq!(g.logprobs, unedited[i].logprobs, "prompt {i}");
+            assert_eq!(gated_text[i], base_text[i], "prompt {i}");
+        } else {
+            assert_eq!(g.in_scope, edited[i].in_scope, "prompt {i}");
+            assert_eq!(g.argmax, edited[i].argmax, "prompt {i}");
+            assert_eq!(g.logprobs, edited[i].logprobs, "prompt {i}");
+            assert_eq!(gated_text[i], edited_text[i], "prompt {i}");
+        }
+    }
+    assert!(turned_away > 0 && turned_away < sorted.len());
+    // The experts did change what the turned-away prompts would have said.
+    assert!(
+        (0..prompts.len()).any(|i| gated[i].gated && edited[i].logprobs != unedited[i].logprobs),
+        "no turned-away prompt had been changed by its experts"
     );
 }

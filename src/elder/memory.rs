@@ -21,6 +21,12 @@ pub struct EditEntry {
     /// routing, where the routers choose at inference).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub allocation: Vec<Vec<u32>>,
+    /// The first tokens of `target` as the model's tokenizer writes it after the prompt, up to
+    /// and including its first token that is not only whitespace (a tokenizer that splits digits
+    /// writes " 44" as " ", "4", "4"): what `answer_gate` asks the experts for. Empty in states
+    /// written before it existed; filled in when they are opened.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub answer: Vec<u32>,
 }
 
 /// The memory as JSON lines (one entry per line, in the order the edits were applied).
@@ -73,6 +79,7 @@ mod tests {
                 target: "Y".into(),
                 subject: Some("X".into()),
                 allocation: vec![vec![0, 2], vec![1, 3]],
+                answer: Vec::new(),
             },
             EditEntry {
                 id: "b".into(),
@@ -81,6 +88,7 @@ mod tests {
                 target: "W".into(),
                 subject: None,
                 allocation: vec![vec![2, 3], vec![1, 0]],
+                answer: Vec::new(),
             },
         ];
         let bytes = to_jsonl(&entries).unwrap();

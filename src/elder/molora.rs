@@ -7,9 +7,11 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::backend::cpu::molora::{self as ops, MixShape, Routing};
+use crate::backend::cpu::ops as cpu_ops;
 use crate::model::layers::Site;
 use crate::model::names::site_dims;
-use crate::model::{Adapter, BatchShape, ModelConfig};
+use crate::model::runner::pad_batch;
+use crate::model::{Adapter, BatchShape, KvCache, Model, ModelConfig};
 
 use super::capture::SiteCapture;
 use super::codebook::Codebook;
@@ -399,6 +401,11 @@ pub struct ElderAdapter<'a> {
     pub distances: Vec<Option<u32>>,
     /// The key store's best edit for each sequence and its similarity (inference only).
     pub key_matches: Vec<Option<KeyMatch>>,
+    /// Sequences whose key matched in scope but whose matched edit's experts did not give its
+    /// answer (`answer_gate`): answered by the base model.
+    pub gated: Vec<bool>,
+    /// For each sequence the gate asked: log P(its matched edit's answer) under the experts.
+    pub answer_logprobs: Vec<Option<f32>>,
     /// Inputs of the key store's sites, captured from the prompt.
     key_capture: SiteCapture,
     /// `expert_rows = "subject"`: the one row of each sequence (within it, in the prompt call)
@@ -464,6 +471,8 @@ impl<'a> ElderAdapter<'a> {
             in_scope: Vec::new(),
             distances: Vec::new(),
             key_matches: Vec::new(),
+            gated: Vec::new(),
+            answer_logprobs: Vec::new(),
             key_capture: SiteCapture::new(&elder.key_sites()),
             expert_rows: None,
             answer_from: None,
@@ -545,6 +554,57 @@ impl<'a> ElderAdapter<'a> {
         self.routing = Some(routing);
     }
 
+    /// log P(answer | prompt) under the experts for each `(sequence, answer)`: the first token
+    /// from the last prompt row of `h`, the rest (an answer that starts with whitespace tokens)
+    /// from a side step over the answer's tokens that continues a copy of the prompt's cache.
+    fn answer_logprob(
+        &mut self,
+        model: &Model,
+        h: &[f32],
+        shape: &BatchShape,
+        cache: &KvCache,
+        asked: &[(usize, &[u32])],
+    ) -> Vec<f32> {
+        let vocab = model.cfg.vocab_size;
+        let prompt_len = |b: usize| self.prompt_rows[b].len();
+        let rows: Vec<usize> = asked
+            .iter()
+            .map(|&(b, _)| b * shape.seq + prompt_len(b) - 1)
+            .collect();
+        let (logits, _) = model.head(h, &rows);
+        let mut logp: Vec<f32> = asked
+            .iter()
+            .zip(logits.chunks(vocab))
+            .map(|(&(_, a), row)| row[a[0] as usize] - cpu_ops::logsumexp(row))
+            .collect();
+        if asked.iter().all(|(_, a)| a.len() == 1) {
+            return logp;
+        }
+        // Every sequence takes the side step (one padding token where it has nothing to ask).
+        let mut tokens = vec![vec![0u32]; shape.batch];
+        for &(b, a) in asked.iter().filter(|(_, a)| a.len() > 1) {
+            tokens[b] = a[..a.len() - 1].to_vec();
+        }
+        let starts: Vec<usize> = (0..shape.batch).map(prompt_len).collect();
+        let (ids, side) = pad_batch(&tokens, &starts);
+        let capacity = starts.iter().max().copied().unwrap_or(0) + side.seq;
+        let mut side_cache = cache.prefix_copy(&starts, capacity);
+        let hs = model.forward_hidden(&ids, &side, &mut side_cache, self);
+        let rows: Vec<usize> = asked
+            .iter()
+            .flat_map(|&(b, a)| (0..a.len() - 1).map(move |i| b * side.seq + i))
+            .collect();
+        let (logits, _) = model.head(&hs, &rows);
+        let mut next = logits.chunks(vocab);
+        for (lp, &(_, a)) in logp.iter_mut().zip(asked) {
+            for &t in &a[1..] {
+                let row = next.next().expect("one row per answer token");
+                *lp += row[t as usize] - cpu_ops::logsumexp(row);
+            }
+        }
+        logp
+    }
+
     fn mix_shape(&self, shape: &BatchShape, layer: usize) -> MixShape {
         let l = &self.elder.layers[layer];
         MixShape {
@@ -560,6 +620,52 @@ impl<'a> ElderAdapter<'a> {
 }
 
 impl Adapter for ElderAdapter<'_> {
+    fn revisable_from(&self) -> Option<usize> {
+        let gate = self.elder.cfg.answer_gate > 0.0
+            && self.scope == Scope::Deferral
+            && !self.training
+            && self.routing.is_none();
+        gate.then(|| self.elder.cfg.molora_blocks.iter().copied().min())
+            .flatten()
+    }
+
+    /// `answer_gate`: each sequence in scope keeps its matched edit's experts only when they
+    /// give that edit's answer at least the gate's probability after the prompt.
+    fn revise(&mut self, model: &Model, h: &[f32], shape: &BatchShape, cache: &KvCache) -> bool {
+        let gate = self.elder.cfg.answer_gate;
+        if gate <= 0.0 || self.batch() != shape.batch || self.key_matches.len() != shape.batch {
+            return false;
+        }
+        let elder = self.elder;
+        let mut asked: Vec<(usize, &[u32])> = Vec::new();
+        for (b, m) in self.key_matches.iter().enumerate() {
+            let (Some(m), true) = (m, self.in_scope[b]) else {
+                continue;
+            };
+            let answer = elder.memory[m.entry].answer.as_slice();
+            if !answer.is_empty() && self.prompt_rows.get(b).is_some_and(|r| !r.is_empty()) {
+                asked.push((b, answer));
+            }
+        }
+        self.gated = vec![false; shape.batch];
+        self.answer_logprobs = vec![None; shape.batch];
+        if asked.is_empty() {
+            return false;
+        }
+        let floor = gate.ln();
+        for (&(b, _), logp) in asked
+            .iter()
+            .zip(self.answer_logprob(model, h, shape, cache, &asked))
+        {
+            self.answer_logprobs[b] = Some(logp);
+            if logp < floor {
+                self.in_scope[b] = false;
+                self.gated[b] = true;
+            }
+        }
+        self.gated.iter().any(|&g| g)
+    }
+
     fn after_linear(&mut self, site: Site, shape: &BatchShape, x: &[f32], out: &mut [f32]) {
         if self.routing.is_none() {
             self.key_capture.offer(site, x);

@@ -398,6 +398,7 @@ mod tests {
             target: "x".into(),
             subject: subject.map(Into::into),
             allocation: Vec::new(),
+            answer: Vec::new(),
         }
     }
 
@@ -501,6 +502,7 @@ mod tests {
             used.clone(),
             EditEntry {
                 allocation: vec![vec![3, 2], vec![3, 1]],
+                answer: Vec::new(),
                 ..used.clone()
             },
         ];

@@ -51,6 +51,9 @@ pub struct Scored {
     pub matched_edit: Option<String>,
     /// The matched edit's relation-key similarity (key store with a relation check).
     pub relation_similarity: Option<f32>,
+    /// Matched in scope, but the matched edit's experts did not give its answer
+    /// (`answer_gate`): answered by the base model.
+    pub gated: bool,
 }
 
 /// Sequences scored per forward pass (by every backend, so their padding is the same).
@@ -107,6 +110,7 @@ pub fn score_pairs(
                     in_scope: std::mem::take(&mut adapter.in_scope),
                     distances: std::mem::take(&mut adapter.distances),
                     matches,
+                    gated: std::mem::take(&mut adapter.gated),
                 };
                 (h, Some(routed))
             }
@@ -131,6 +135,8 @@ pub struct Routed {
     pub distances: Vec<Option<u32>>,
     /// The key store's best match: similarity, edit id, relation similarity.
     pub matches: Vec<Option<(f32, String, Option<f32>)>>,
+    /// Sequences the answer gate turned away (empty: none).
+    pub gated: Vec<bool>,
 }
 
 /// The [`Scored`] items of one batch of pairs from the logits of their continuation rows
@@ -161,13 +167,19 @@ pub fn scored_chunk(
     } else {
         vec![None; n]
     };
+    let gated = if full(routed.gated.len()) {
+        routed.gated
+    } else {
+        vec![false; n]
+    };
     let mut rows = logits.chunks(vocab);
     chunk
         .iter()
         .zip(in_scope)
         .zip(distances)
         .zip(matches)
-        .map(|((((_, c), in_scope), distance), matched)| {
+        .zip(gated)
+        .map(|(((((_, c), in_scope), distance), matched), gated)| {
             let (similarity, matched_edit, relation_similarity) = match matched {
                 Some((s, id, r)) => (Some(s), Some(id), r),
                 None => (None, None, None),
@@ -188,6 +200,7 @@ pub fn scored_chunk(
                 similarity,
                 matched_edit,
                 relation_similarity,
+                gated,
             }
         })
         .collect()
@@ -206,6 +219,8 @@ struct Mean {
     sum: f64,
     exact: f64,
     in_scope: f64,
+    /// Items the answer gate turned away.
+    gated: f64,
     distance: f64,
     similarity: f64,
     /// Items with a key similarity: with key ceilings a prompt can match no key at all.
@@ -224,6 +239,7 @@ impl Mean {
         self.sum += accuracy;
         self.exact += (accuracy == 1.0) as u8 as f64;
         self.in_scope += in_scope as u8 as f64;
+        self.gated += s.gated as u8 as f64;
         self.n += 1;
     }
     fn value(&self) -> f64 {
@@ -260,6 +276,7 @@ impl Mean {
             locality: self.value(),
             locality_exact: self.exact(),
             in_scope: self.scope(),
+            gated: self.gated(),
         }
     }
     fn scope(&self) -> f64 {
@@ -267,6 +284,13 @@ impl Mean {
             f64::NAN
         } else {
             self.in_scope / self.n as f64
+        }
+    }
+    fn gated(&self) -> f64 {
+        if self.n == 0 {
+            f64::NAN
+        } else {
+            self.gated / self.n as f64
         }
     }
 }
@@ -290,6 +314,11 @@ pub struct Metrics {
     pub in_scope_edits: f64,
     pub in_scope_rephrases: f64,
     pub in_scope_locality: f64,
+    /// Matched in scope by their key but turned away by the answer gate (`answer_gate`): the
+    /// matched edit's experts did not give its answer, so the base model answered.
+    pub gated_edits: f64,
+    pub gated_rephrases: f64,
+    pub gated_locality: f64,
     /// Mean Hamming distance to the nearest codebook entry (diagnostic for the threshold).
     pub mean_distance_edits: f64,
     pub mean_distance_rephrases: f64,
@@ -310,6 +339,8 @@ pub struct KindMetrics {
     pub locality: f64,
     pub locality_exact: f64,
     pub in_scope: f64,
+    /// Turned away by the answer gate.
+    pub gated: f64,
 }
 
 /// Accumulates scores of edits, possibly across several calls (the `each` protocol).
@@ -346,6 +377,9 @@ pub struct ItemScore {
     pub matched_edit: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub relation_similarity: Option<f32>,
+    /// Turned away by the answer gate (see [`Scored::gated`]).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub gated: bool,
     /// The edited model's argmax tokens (and the base model's, for locality).
     pub argmax: Vec<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -397,6 +431,7 @@ impl Evaluator {
             distance: s.distance,
             matched_edit: s.matched_edit.clone(),
             relation_similarity: s.relation_similarity,
+            gated: s.gated,
             argmax: s.argmax.clone(),
             base_argmax: None,
         };
@@ -466,6 +501,9 @@ impl Evaluator {
             in_scope_edits: self.rel.scope(),
             in_scope_rephrases: self.generalization.scope(),
             in_scope_locality: self.loc.scope(),
+            gated_edits: self.rel.gated(),
+            gated_rephrases: self.generalization.gated(),
+            gated_locality: self.loc.gated(),
             mean_distance_edits: self.rel.distance(),
             mean_distance_rephrases: self.generalization.distance(),
             mean_distance_locality: self.loc.distance(),
@@ -558,6 +596,15 @@ impl Metrics {
                 pct(m.locality_exact),
                 pct(m.in_scope),
                 m.probes
+            ));
+        }
+        let gated = [self.gated_edits, self.gated_rephrases, self.gated_locality];
+        if gated.iter().any(|&g| g > 0.0) {
+            s.push_str(&format!(
+                "answer gate turned away: edits {}%, rephrasings {}%, locality probes {}%\n",
+                pct(gated[0]).trim(),
+                pct(gated[1]).trim(),
+                pct(gated[2]).trim()
             ));
         }
         s

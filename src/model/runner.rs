@@ -190,9 +190,26 @@ impl Model {
         adapter: &mut dyn Adapter,
     ) -> Vec<f32> {
         let mut h = self.embed(ids, shape);
+        let revisable = adapter
+            .revisable_from()
+            .filter(|&from| from < self.blocks.len());
+        let mut entering = None;
         for l in 0..self.blocks.len() {
+            if revisable == Some(l) {
+                entering = Some(h.clone());
+            }
             self.attn_half(l, &mut h, shape, cache, None);
             self.mlp_half(l, &mut h, shape, adapter, None);
+        }
+        if let (Some(from), Some(entering)) = (revisable, entering) {
+            if adapter.revise(self, &h, shape, cache) {
+                // The cache rows of these blocks are written again at the same positions.
+                h = entering;
+                for l in from..self.blocks.len() {
+                    self.attn_half(l, &mut h, shape, cache, None);
+                    self.mlp_half(l, &mut h, shape, adapter, None);
+                }
+            }
         }
         for (len, (start, valid)) in cache
             .lens

@@ -94,6 +94,33 @@ pub struct KvCache {
 }
 
 impl KvCache {
+    /// A cache of `capacity` positions holding the first `lens[b]` positions of each sequence of
+    /// this one (what a side computation continues from without touching this cache).
+    pub fn prefix_copy(&self, lens: &[usize], capacity: usize) -> Self {
+        let w = self.kv_dim;
+        let copy = |layers: &[Vec<f32>]| -> Vec<Vec<f32>> {
+            layers
+                .iter()
+                .map(|old| {
+                    let mut new = vec![0.0f32; self.batch * capacity * w];
+                    for (b, &len) in lens.iter().enumerate() {
+                        let (from, to) = (b * self.capacity * w, b * capacity * w);
+                        new[to..to + len * w].copy_from_slice(&old[from..from + len * w]);
+                    }
+                    new
+                })
+                .collect()
+        };
+        KvCache {
+            k: copy(&self.k),
+            v: copy(&self.v),
+            batch: self.batch,
+            capacity,
+            kv_dim: w,
+            lens: lens.to_vec(),
+        }
+    }
+
     pub fn new(cfg: &ModelConfig, batch: usize, capacity: usize) -> Self {
         let size = batch * capacity * cfg.kv_dim();
         KvCache {
@@ -131,6 +158,28 @@ pub trait Adapter {
         dout: &[f32],
         dx: Option<&mut [f32]>,
     );
+
+    /// The first block whose output this forward's [`Adapter::revise`] may want computed again
+    /// (`None`, the default: it never revises). The walk keeps the hidden states entering that
+    /// block, so a revision costs only the blocks from there on.
+    fn revisable_from(&self) -> Option<usize> {
+        None
+    }
+
+    /// Called once a walk has reached the last block, with its hidden states `[rows, d]`
+    /// (before the final norm) and the cache it wrote: returns true when the adapter changed
+    /// what it adds for some sequence, and the blocks from [`Adapter::revisable_from`] then run
+    /// again. A decision that depends on the output, such as ELDER's gate on the matched edit's
+    /// own answer.
+    fn revise(
+        &mut self,
+        _model: &Model,
+        _h: &[f32],
+        _shape: &BatchShape,
+        _cache: &KvCache,
+    ) -> bool {
+        false
+    }
 }
 
 /// The unedited model.

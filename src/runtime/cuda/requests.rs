@@ -104,6 +104,7 @@ where
                     in_scope,
                     distances,
                     matches: Vec::new(),
+                    gated: Vec::new(),
                 })
             } else {
                 None
