@@ -224,8 +224,8 @@ impl EditSession {
         };
         let state = EditState::open_or_create(dir, &cfg_json, &base.fingerprint)?;
         let mut elder = Elder::from_state(cfg, &base.cfg, &state)?;
-        // States written before edits recorded their answer token.
-        for entry in elder.memory.iter_mut().filter(|e| e.answer.is_empty()) {
+        // Each edit's answer as the tokenizer writes it (derived, not stored).
+        for entry in elder.memory.iter_mut() {
             entry.answer = base.answer_prefix(&entry.target)?;
         }
         if let Some(previous) = previous {

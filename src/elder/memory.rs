@@ -23,9 +23,9 @@ pub struct EditEntry {
     pub allocation: Vec<Vec<u32>>,
     /// The first tokens of `target` as the model's tokenizer writes it after the prompt, up to
     /// and including its first token that is not only whitespace (a tokenizer that splits digits
-    /// writes " 44" as " ", "4", "4"): what `answer_gate` asks the experts for. Empty in states
-    /// written before it existed; filled in when they are opened.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    /// writes " 44" as " ", "4", "4"): what `answer_gate` asks the experts for. Derived from
+    /// `target` (by the session, when an edit is made and when a state is opened), never stored.
+    #[serde(skip)]
     pub answer: Vec<u32>,
 }
 
