@@ -24,6 +24,8 @@ const WIDTH: usize = 576;
 const RELATION_WIDTH: usize = 1536;
 const PROMPT: usize = 12;
 const VARIANTS: usize = 3;
+/// Rows per key (the default preset's `key_span`).
+const SPAN: usize = 2;
 /// Rows of the shipped background text at the relation site (SmolLM2's tokenizer).
 const BACKGROUND_ROWS: usize = 1874;
 
@@ -38,7 +40,7 @@ fn unit_rows(rng: &mut ChaCha8Rng, rows: usize, width: usize) -> Vec<f32> {
     v
 }
 
-fn store(edits: usize, rng: &mut ChaCha8Rng) -> KeyStore {
+fn store(edits: usize, span: usize, rng: &mut ChaCha8Rng) -> KeyStore {
     let space = |block, proj, width| {
         let background = Background {
             first: vec![0.01; width],
@@ -53,15 +55,17 @@ fn store(edits: usize, rng: &mut ChaCha8Rng) -> KeyStore {
     );
     relation.rows = unit_rows(rng, edits, RELATION_WIDTH);
     relation.subject_tokens = vec![2; edits];
-    KeyStore {
-        kind: KeyKind::Subject,
-        variants: VARIANTS,
-        space: space(2, MlpProj::UpProj, WIDTH),
-        keys: unit_rows(rng, edits * VARIANTS, WIDTH),
-        relation: Some(relation),
-        impostor: Vec::new(),
-        ceilings: KeyCeilings::off(),
-    }
+    let mut store = KeyStore::new(
+        KeyKind::Subject,
+        VARIANTS,
+        span,
+        space(2, MlpProj::UpProj, WIDTH),
+        Some(relation),
+        KeyCeilings::off(),
+    );
+    // Every key with all its rows: the most work a match can cost.
+    store.set_keys(unit_rows(rng, edits * VARIANTS * span, WIDTH));
+    store
 }
 
 fn bench_inference_overhead(c: &mut Criterion) {
@@ -91,16 +95,20 @@ fn bench_inference_overhead(c: &mut Criterion) {
     };
     let (rows, relation_rows) = (random_rows(WIDTH), random_rows(RELATION_WIDTH));
     let background = random_rows(RELATION_WIDTH * BACKGROUND_ROWS / PROMPT);
+    // Keys of one row (key_span = 1) and of the default preset's two.
     for edits in [1000usize, 10000] {
-        let store = store(edits, &mut rng);
-        group.bench_function(BenchmarkId::new("key_match_12_tokens", edits), |b| {
-            b.iter(|| store.match_prompt(&rows, Some(&relation_rows), 0.05))
-        });
+        for span in [1, SPAN] {
+            let store = store(edits, span, &mut rng);
+            let id = format!("{edits}-span{span}");
+            group.bench_function(BenchmarkId::new("key_match_12_tokens", id), |b| {
+                b.iter(|| store.match_prompt(&rows, Some(&relation_rows), 0.05))
+            });
+        }
     }
     // The relation key of a 12-token prompt (subject at rows 2..4), read when several edits of
     // one subject compete: the plain context mean, and the weighted one, which measures each row
     // against the background text's rows (1874 for SmolLM2 and data/generic_text.txt).
-    let relation_space = store(1, &mut rng).relation.unwrap().space;
+    let relation_space = store(1, 1, &mut rng).relation.unwrap().space;
     for kind in [RelationKey::Context, RelationKey::WeightedContext] {
         let mut keys = RelationKeys::new(kind, relation_space.clone());
         keys.set_background(&[&background]);

@@ -143,9 +143,13 @@ enum Command {
         /// in training, so this scores what a stream with this gate would have given.
         #[arg(long)]
         answer_gate: Option<f32>,
+        /// Override `answer_gate_fallback` at evaluation time (try the edit the relation key ranked
+        /// next when the gate turns the first away; inference only, like the gate).
+        #[arg(long)]
+        answer_gate_fallback: Option<bool>,
         /// Rebuild the key store with a key option changed, NAME=VALUE (repeatable; nothing
-        /// is written): key, key_ceiling_margin, key_block, key_proj, key_variants, key_dim, key_position_means,
-        /// relation_check, relation_key, relation_block, relation_proj, relation_margin. The experts do not
+        /// is written): key, key_span, key_ceiling_margin, key_block, key_proj, key_variants, key_dim, key_position_means,
+        /// relation_check, relation_key, relation_block, relation_proj, relation_margin, relation_by_subject. The experts do not
         /// depend on the keys, so this scores what a stream with these options would have given.
         #[arg(long, value_name = "NAME=VALUE")]
         rekey: Vec<String>,
@@ -388,6 +392,7 @@ fn dispatch(cmd: Command, devices: DeviceChoice) -> Result<ExitCode> {
             threshold,
             scope_quantile,
             answer_gate,
+            answer_gate_fallback,
             rekey,
             details,
             json,
@@ -404,13 +409,15 @@ fn dispatch(cmd: Command, devices: DeviceChoice) -> Result<ExitCode> {
                 session.elder.cfg.scope_quantile = q;
                 session.elder.cfg.validate(&base.cfg)?;
             }
+            // Inference-only settings: a state scores as if it had been made with them.
+            let cfg = &mut session.elder.cfg;
             if let Some(gate) = answer_gate {
-                session.elder.cfg.answer_gate = gate;
-                session
-                    .elder
-                    .cfg
-                    .validate(&base.cfg)
-                    .context("--answer-gate")?;
+                cfg.answer_gate = gate;
+                cfg.validate(&base.cfg).context("--answer-gate")?;
+            }
+            if let Some(fallback) = answer_gate_fallback {
+                cfg.answer_gate_fallback = fallback;
+                cfg.validate(&base.cfg).context("--answer-gate-fallback")?;
             }
             if session.elder.cfg.deferral == elder::elder::config::Deferral::KeyStore {
                 eprintln!("{}", scope_line(&session.elder));
@@ -798,8 +805,9 @@ fn applied_records(session: &EditSession, records: &[EditRecord]) -> Result<Vec<
 }
 
 /// Key options `--rekey` may change: they decide only which keys the key store keeps.
-const REKEY_OPTIONS: [&str; 12] = [
+const REKEY_OPTIONS: [&str; 14] = [
     "key",
+    "key_span",
     "key_ceiling_margin",
     "key_block",
     "key_proj",
@@ -811,6 +819,7 @@ const REKEY_OPTIONS: [&str; 12] = [
     "relation_block",
     "relation_proj",
     "relation_margin",
+    "relation_by_subject",
 ];
 
 /// `--rekey NAME=VALUE ...`: the config with those key options changed (validated), and the key

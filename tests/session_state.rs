@@ -17,6 +17,20 @@ fn records(n: usize) -> Vec<EditRecord> {
     r
 }
 
+/// Texts tokenized as one padded batch: the tokens, the padded length and each prompt's rows.
+fn encode_prompts(
+    base: &BaseModel,
+    texts: &[impl AsRef<str>],
+) -> (Vec<Vec<u32>>, usize, Vec<std::ops::Range<usize>>) {
+    let prompts: Vec<Vec<u32>> = texts
+        .iter()
+        .map(|t| base.tokenizer.encode(t.as_ref()).unwrap())
+        .collect();
+    let seq = prompts.iter().map(Vec::len).max().unwrap();
+    let rows = elder::model::runner::prompt_rows(seq, prompts.iter().map(Vec::len));
+    (prompts, seq, rows)
+}
+
 fn tiny_model(dir: &Path, seed: u64) -> BaseModel {
     write_random_checkpoint(Arch::Llama, "tiny", seed, dir, StoreDtype::F32).unwrap();
     BaseModel::open(dir).unwrap()
@@ -183,9 +197,15 @@ fn rephrasings_and_probes_never_reach_training() {
         batch_size: 8,
         ..default_config(&base)
     };
+    // Reworded negatives are made from the edit prompt alone.
+    let reworded = ElderConfig {
+        reworded_negatives: 2,
+        ..default_config(&base)
+    };
     for (name, cfg) in [
         ("default", default_config(&base)),
         ("default, batch of 8", default_batched),
+        ("default, reworded negatives", reworded),
         ("paper", centred_paper),
     ] {
         let (a, b) = (
@@ -250,6 +270,8 @@ fn key_store_rebuilds_from_memory() {
         key_ceiling_margin: Some(0.1),
         relation_margin: 0.2,
         relation_key: RelationKey::LastToken,
+        key_span: 1,
+        relation_by_subject: false,
         ..default_config(&base)
     };
     let mut other = s.elder.clone();
@@ -262,8 +284,12 @@ fn key_store_rebuilds_from_memory() {
     assert_eq!(rebuilt.space.background.leading.len(), 2);
     assert_eq!(
         rebuilt.ceilings.of_keys.len(),
-        stored.keys.len() / stored.space.dim
+        stored.len() * stored.variants
     );
+    // One row per key instead of the default's two (a subject's last two tokens).
+    assert_eq!((rebuilt.span, stored.span), (1, 2));
+    assert_eq!(rebuilt.keys.len() * 2, stored.keys.len());
+    assert!(rebuilt.subject_group.is_empty() && !stored.subject_group.is_empty());
     assert_ne!(rebuilt.keys, stored.keys);
     let (rebuilt_relation, stored_relation) = (
         rebuilt.relation.as_ref().unwrap(),
@@ -613,7 +639,6 @@ fn a_rolled_back_edit_leaves_no_key_and_no_expert() {
 #[test]
 fn the_answer_gate_answers_turned_away_prompts_with_the_base_model() {
     use elder::elder::molora::ElderAdapter;
-    use elder::model::runner::prompt_rows;
     use elder::model::NoAdapter;
 
     let tmp = tempfile::tempdir().unwrap();
@@ -646,15 +671,10 @@ fn the_answer_gate_answers_turned_away_prompts_with_the_base_model() {
                 .chain(same_subject.map(|l| l.prompt.as_str()))
         })
         .collect();
-    let prompts: Vec<Vec<u32>> = texts
-        .iter()
-        .map(|t| base.tokenizer.encode(t).unwrap())
-        .collect();
+    let (prompts, _, rows) = encode_prompts(&base, &texts);
     let model = base.model().unwrap();
     // Without the gate: each in-scope prompt's probability of its matched edit's answer, by
     // teacher forcing the answer after the prompt (one forward, no side step).
-    let seq = prompts.iter().map(Vec::len).max().unwrap();
-    let rows = prompt_rows(seq, prompts.iter().map(Vec::len));
     let matched = elder::eval::score_pairs(
         model,
         Some(&session.elder),
@@ -739,4 +759,150 @@ fn the_answer_gate_answers_turned_away_prompts_with_the_base_model() {
         (0..prompts.len()).any(|i| gated[i].gated && edited[i].logprobs != unedited[i].logprobs),
         "no turned-away prompt had been changed by its experts"
     );
+}
+
+/// `answer_gate_fallback`: a prompt whose matched edit the gate turns away is answered by the
+/// edit its relation key ranked next when that edit's experts give its own answer at least the
+/// gate, else by the base model; a prompt kept by the gate is answered as without the fallback.
+/// Checked against forward passes with each sequence's experts forced.
+#[test]
+fn the_answer_gate_falls_back_to_the_runner_up_edit() {
+    use elder::elder::molora::ElderAdapter;
+    use elder::model::runner::prompt_rows;
+
+    let tmp = tempfile::tempdir().unwrap();
+    // Two edits about one subject (record 1's relation moved to record 0's subject) and one other.
+    let mut all = records(3);
+    let (subject, other) = (
+        all[0].subject.clone().unwrap(),
+        all[1].subject.clone().unwrap(),
+    );
+    let moved = |t: &str| t.replace(&other, &subject);
+    all[1].prompt = moved(&all[1].prompt);
+    all[1].rephrases = all[1].rephrases.iter().map(|r| moved(r)).collect();
+    all[1].subject = Some(subject.clone());
+    all[1].knowledge_id = format!("{}-moved", all[1].knowledge_id);
+    let base = tiny_model(&tmp.path().join("model"), 21);
+    let mut session = EditSession::open(
+        &base,
+        &tmp.path().join("s"),
+        Some(ElderConfig {
+            iterations: 12,
+            ..default_config(&base)
+        }),
+    )
+    .unwrap();
+    apply_stream(&base, &mut session, &all, false, None).unwrap();
+    let texts: Vec<String> = all[..2]
+        .iter()
+        .flat_map(|r| std::iter::once(r.prompt.clone()).chain(r.rephrases.iter().cloned()))
+        .collect();
+    let (prompts, seq, rows) = encode_prompts(&base, &texts);
+    let model = base.model().unwrap();
+    let elder = &session.elder;
+    let vocab = base.cfg.vocab_size;
+    // Logits of each sequence with the experts of `edits[i]` forced on it (None: the base model).
+    let forced = |seqs: &[Vec<u32>], edits: &[Option<usize>]| -> Vec<Vec<f32>> {
+        let seq = seqs.iter().map(Vec::len).max().unwrap();
+        let mut adapter =
+            ElderAdapter::inference(elder, prompt_rows(seq, seqs.iter().map(Vec::len)));
+        adapter.routing = Some(elder.stored_routing(edits));
+        adapter.in_scope = edits.iter().map(Option::is_some).collect();
+        let (logits, _) = model.logits(seqs, &mut adapter);
+        logits.chunks(seq * vocab).map(<[f32]>::to_vec).collect()
+    };
+    // log P(edit e's answer | prompt i) under e's experts, by teacher forcing.
+    let answer_logprob = |i: usize, e: usize| -> f32 {
+        let answer = &elder.memory[e].answer;
+        let seq = [prompts[i].clone(), answer.clone()].concat();
+        let logits = &forced(&[seq], &[Some(e)])[0];
+        answer
+            .iter()
+            .enumerate()
+            .map(|(k, &t)| {
+                let row = &logits[(prompts[i].len() - 1 + k) * vocab..][..vocab];
+                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let lse = max + row.iter().map(|v| (v - max).exp()).sum::<f32>().ln();
+                row[t as usize] - lse
+            })
+            .sum()
+    };
+    // Each prompt's match and runner-up (the gate off).
+    let mut plain = ElderAdapter::inference(elder, rows.clone());
+    model.logits(&prompts, &mut plain);
+    let threshold = elder.scope_threshold();
+    let mut cases = Vec::new();
+    for (i, m) in plain.key_matches.iter().enumerate() {
+        let m = m.expect("every prompt matches an edit");
+        assert!(plain.in_scope[i], "prompt {i} ({}) out of scope", texts[i]);
+        let next = m
+            .runner_up()
+            .expect("the subject's other edit is the runner-up");
+        assert_eq!(
+            elder.memory[m.entry].subject,
+            elder.memory[next.entry].subject
+        );
+        assert!(next.score >= threshold);
+        cases.push((
+            m.entry,
+            next.entry,
+            answer_logprob(i, m.entry),
+            answer_logprob(i, next.entry),
+        ));
+    }
+    // A gate that turns some picks away whose runner-up it keeps.
+    let mut levels: Vec<f32> = cases.iter().flat_map(|c| [c.2, c.3]).collect();
+    levels.sort_by(f32::total_cmp);
+    let gates: Vec<f32> = levels.windows(2).map(|w| (w[0] + w[1]) / 2.0).collect();
+    let falls_back = |g: f32| cases.iter().filter(|c| c.2 < g && c.3 >= g).count();
+    let log_gate = gates
+        .iter()
+        .copied()
+        .max_by_key(|&g| falls_back(g))
+        .unwrap();
+    assert!(
+        falls_back(log_gate) > 0,
+        "no gate makes a runner-up answer: {cases:?}"
+    );
+    let mut gated = session.elder.clone();
+    gated.cfg.answer_gate = log_gate.exp();
+    gated.cfg.answer_gate_fallback = true;
+    gated.cfg.validate(&base.cfg).unwrap();
+    let mut adapter = ElderAdapter::inference(&gated, rows.clone());
+    let (logits, _) = model.logits(&prompts, &mut adapter);
+    let expected: Vec<Option<usize>> = cases
+        .iter()
+        .map(|&(pick, next, lp_pick, lp_next)| {
+            if lp_pick >= log_gate {
+                Some(pick)
+            } else if lp_next >= log_gate {
+                Some(next)
+            } else {
+                None
+            }
+        })
+        .collect();
+    let want = forced(&prompts, &expected);
+    for (i, e) in expected.iter().enumerate() {
+        let got = &logits[i * seq * vocab..(i + 1) * seq * vocab];
+        let rows = prompts[i].len() * vocab;
+        let worst = got[..rows]
+            .iter()
+            .zip(&want[i][..rows])
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        assert!(worst < 1e-4, "prompt {i} ({}): {worst}", texts[i]);
+        assert_eq!(adapter.in_scope[i], e.is_some(), "prompt {i}");
+        assert_eq!(adapter.gated[i], e.is_none(), "prompt {i}");
+        if let Some(e) = e {
+            assert_eq!(adapter.key_matches[i].unwrap().entry, *e, "prompt {i}");
+        }
+    }
+    // Without the fallback the same gate sends those prompts to the base model.
+    gated.cfg.answer_gate_fallback = false;
+    let mut without = ElderAdapter::inference(&gated, rows.clone());
+    model.logits(&prompts, &mut without);
+    for (i, c) in cases.iter().enumerate() {
+        assert_eq!(without.gated[i], c.2 < log_gate, "prompt {i}");
+    }
 }

@@ -199,6 +199,12 @@ pub struct ElderConfig {
     pub key_variants: bool,
     /// Project keys to this many dimensions with a fixed random matrix (0: keep the full width).
     pub key_dim: usize,
+    /// Subject keys are read at the subject's last this-many tokens (fewer for a shorter
+    /// subject) and a query matches where as many consecutive rows line up (the mean of their
+    /// similarities). Why: names that end alike ("Praseodymium" / "Neodymium", "South Dakota" /
+    /// "North Dakota") share their last token, and an early block's row there is mostly that
+    /// token (cosine 0.86-0.95), so probes about one matched edits of the other.
+    pub key_span: usize,
     /// The first this-many positions of a text are centred on background means of their own
     /// (1: position 0 only, the first states' behaviour); later positions share one mean.
     pub key_position_means: usize,
@@ -223,6 +229,12 @@ pub struct ElderConfig {
     pub relation_block: usize,
     pub relation_proj: MlpProj,
     pub relation_margin: f32,
+    /// The relation key chooses among every edit about the best-matching edit's subject (the
+    /// record's `subject`, compared case-insensitively), not only among the edits whose key
+    /// scores within `relation_margin` of the best. Why: a subject's key rows depend a little on
+    /// the words before it, so a rephrasing can score one of its subject's edits well above the
+    /// others and the relation key never got to choose.
+    pub relation_by_subject: bool,
     pub inference_allocation: InferenceAllocation,
     pub expert_rows: ExpertRows,
     /// Earlier edits that share an expert with the batch, trained again alongside it (most
@@ -236,6 +248,13 @@ pub struct ElderConfig {
     /// Prompts trained to keep the base model's answers (the edit's subject in other edits'
     /// templates, other subjects in its own template, background sentences), per edit.
     pub negatives: usize,
+    /// More negatives, per edit: its prompt with one word of its template (not the subject)
+    /// replaced by a word of the background text ("The atomic number of X is" -> "The atomic
+    /// harbour of X is"), so the experts learn that the relation's words, not only the subject
+    /// and the sentence's shape, ask for the new answer. Off in both presets: two of them per
+    /// edit lifted science's same-subject locality at T = 100 from 0.59 to 0.68 but cost 8
+    /// points of generalization (BENCHMARKS.md).
+    pub reworded_negatives: usize,
     /// Weight of the negatives' loss relative to the edit's.
     pub negative_weight: f32,
     /// Weight of a penalty on the squared output of the experts for the negatives (0: none).
@@ -255,6 +274,11 @@ pub struct ElderConfig {
     /// move X's experts towards the new capital. Costs one head row per sequence in scope, and
     /// the blocks from the first MoLoRA layer again for a batch where a sequence is turned away.
     pub answer_gate: f32,
+    /// When the gate turns a prompt's matched edit away, try the edit its relation key ranked
+    /// next (another edit of the subject) before the base model answers: its experts answer if
+    /// they give its answer at least `answer_gate`. Costs the blocks from the first MoLoRA
+    /// layer once more for such a prompt.
+    pub answer_gate_fallback: bool,
 }
 
 impl Default for ElderConfig {
@@ -293,6 +317,7 @@ impl Default for ElderConfig {
             key_proj: MlpProj::CFc,
             key_variants: false,
             key_dim: 0,
+            key_span: 1,
             key_position_means: 1,
             key_ceiling_margin: None,
             scope_threshold: 0.8,
@@ -302,17 +327,20 @@ impl Default for ElderConfig {
             relation_block: 35,
             relation_proj: MlpProj::CFc,
             relation_margin: 0.05,
+            relation_by_subject: false,
             inference_allocation: InferenceAllocation::Router,
             expert_rows: ExpertRows::All,
             replay: 0,
             augment_prefixes: 0,
             augment_questions: 0,
             negatives: 0,
+            reworded_negatives: 0,
             negative_weight: 1.0,
             delta_penalty: 0.0,
             frame_negatives: false,
             stop_loss: 0.0,
             answer_gate: 0.0,
+            answer_gate_fallback: false,
         }
     }
 }
@@ -396,6 +424,7 @@ impl ElderConfig {
             key_proj: hidden_proj,
             key_variants: true,
             key_dim: 0,
+            key_span: 2,
             key_ceiling_margin: Some(0.25),
             scope_threshold: 0.8,
             scope_quantile: 0.9,
@@ -404,6 +433,7 @@ impl ElderConfig {
             relation_block: first - 1,
             relation_proj: mlp_hidden,
             relation_margin: 0.05,
+            relation_by_subject: true,
             inference_allocation: InferenceAllocation::Stored,
             augment_prefixes: 1,
             augment_questions: 2,
@@ -648,6 +678,19 @@ impl ElderConfig {
             if !(self.relation_margin.is_finite() && self.relation_margin >= 0.0) {
                 bail!("relation_margin must be >= 0, got {}", self.relation_margin);
             }
+            if !(1..=8).contains(&self.key_span) {
+                bail!(
+                    "key_span counts the subject tokens a key is read at, 1 to 8, got {}",
+                    self.key_span
+                );
+            }
+            if self.key_span > 1 && self.key != KeyKind::Subject {
+                bail!(
+                    "key_span = {} needs key = \"subject\": only subject keys are read at \
+                     tokens (the other kinds pool the prompt into one key)",
+                    self.key_span
+                );
+            }
         }
         let stored = self.inference_allocation == InferenceAllocation::Stored;
         if stored && !key_store {
@@ -688,7 +731,8 @@ impl ElderConfig {
             && (self.replay > 0
                 || self.augment_prefixes > 0
                 || self.augment_questions > 0
-                || self.negatives > 0)
+                || self.negatives > 0
+                || self.reworded_negatives > 0)
         {
             bail!(
                 "replay, augment_prefixes and negatives train with each sequence's stored \
@@ -711,6 +755,12 @@ impl ElderConfig {
             bail!(
                 "answer_gate needs inference_allocation = \"stored\": the gate asks the matched \
                  edit's own experts for that edit's answer"
+            );
+        }
+        if self.answer_gate_fallback && !(self.answer_gate > 0.0 && self.relation_check) {
+            bail!(
+                "answer_gate_fallback needs answer_gate > 0 and relation_check = true: it tries \
+                 the edit the relation key ranked next when the gate turns the first away"
             );
         }
         if !(self.stop_loss.is_finite() && self.stop_loss >= 0.0) {
@@ -742,9 +792,11 @@ impl ElderConfig {
             (self.augment_prefixes > 0, "augment_prefixes"),
             (self.augment_questions > 0, "augment_questions"),
             (self.negatives > 0, "negatives"),
+            (self.reworded_negatives > 0, "reworded_negatives"),
             (self.delta_penalty > 0.0, "delta_penalty"),
             (self.stop_loss > 0.0, "stop_loss"),
             (self.answer_gate > 0.0, "answer_gate"),
+            (self.answer_gate_fallback, "answer_gate_fallback"),
             (
                 self.expert_rows == ExpertRows::Subject,
                 "expert_rows = \"subject\"",

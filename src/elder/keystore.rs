@@ -365,12 +365,38 @@ impl RelationKeys {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct KeyMatch {
     pub entry: usize,
-    /// The entry's key similarity (cosine).
+    /// The entry's key similarity (cosine); with subject groups, an edit of the best-scoring
+    /// edit's subject has that edit's similarity (the subject matched that well).
     pub score: f32,
     /// The prompt's key (its position, for subject keys) that matched best.
     pub position: usize,
     /// The entry's relation-key similarity to the prompt's (with a relation check).
     pub relation: Option<f32>,
+    /// The runner-up, when the relation key chose among several candidates: the one it ranked
+    /// next, as a match of its own (with no runner-up).
+    pub next: Option<RunnerUp>,
+}
+
+/// The candidate a relation key ranked second (see [`KeyMatch::next`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RunnerUp {
+    pub entry: usize,
+    pub score: f32,
+    pub position: usize,
+    pub relation: f32,
+}
+
+impl KeyMatch {
+    /// The runner-up as a match of its own.
+    pub fn runner_up(&self) -> Option<KeyMatch> {
+        self.next.map(|r| KeyMatch {
+            entry: r.entry,
+            score: r.score,
+            position: r.position,
+            relation: Some(r.relation),
+            next: None,
+        })
+    }
 }
 
 /// The keys of every applied edit, in the order the edits were applied.
@@ -379,15 +405,27 @@ pub struct KeyStore {
     pub kind: KeyKind,
     /// Keys per edit.
     pub variants: usize,
+    /// Rows per key (`key_span`): a subject key is read at its subject's last `span` tokens
+    /// and a query matches it where as many consecutive rows line up.
+    pub span: usize,
     pub space: KeySpace,
-    /// `[entries * variants, dim]` unit rows.
+    /// `[entries * variants * span, dim]` unit rows: each key's rows, its subject's last token
+    /// first, then the tokens before it; rows before the start of a shorter subject are zero.
     pub keys: Vec<f32>,
+    /// How many of each key's rows are read (`[entries * variants]`, derived from the keys: the
+    /// rows that are not zero).
+    pub key_rows: Vec<u8>,
     /// The relation keys (with `relation_check`).
     pub relation: Option<RelationKeys>,
     /// Each edit's impostor score: its best key similarity to an edit of another subject
     /// (`-inf` while there is none). Derived from the keys and the subjects, never stored;
     /// see [`KeyStore::update_impostors`].
     pub impostor: Vec<f32>,
+    /// With `relation_by_subject`, each edit's subject group (the index of the first edit about
+    /// its subject; empty when off): the relation key then chooses among every edit of the best
+    /// edit's subject, not only those within `relation_margin` of its score. Derived from the
+    /// subjects, never stored; see [`Elder::refresh_scope_calibration`].
+    pub subject_group: Vec<u32>,
     pub ceilings: KeyCeilings,
 }
 
@@ -431,8 +469,10 @@ impl KeyCeilings {
         }
     }
 
-    /// Records the ceilings of one edit's keys (`[variants, dim]`).
-    fn push_edit(&mut self, keys: &[f32], dim: usize) {
+    /// Records the ceilings of one edit's keys (`[variants * span, dim]`, `rows` read of each).
+    /// A key of several rows is lined up with every run of as many consecutive background rows
+    /// (the background texts are concatenated: a run across two texts is one more position).
+    fn push_edit(&mut self, keys: &[f32], dim: usize, span: usize, rows: &[u8]) {
         if !self.is_on() {
             return;
         }
@@ -440,16 +480,52 @@ impl KeyCeilings {
             !self.background.0.is_empty(),
             "key ceilings need the background keys (ensure_key_store first)"
         );
-        for k in keys.chunks(dim) {
-            let c = self
-                .background
-                .0
-                .chunks(dim)
-                .map(|r| r.iter().zip(k).map(|(a, b)| a * b).sum::<f32>())
+        let bg: Vec<&[f32]> = self.background.0.chunks(dim).collect();
+        for (key, &n) in keys.chunks(span * dim).zip(rows) {
+            let key_rows: Vec<&[f32]> = key.chunks(dim).take(n as usize).collect();
+            let c = (key_rows.len().saturating_sub(1)..bg.len())
+                .map(|p| span_similarity(&key_rows, |j| bg[p - j]))
                 .fold(f32::NEG_INFINITY, f32::max);
             self.of_keys.push(c);
         }
     }
+}
+
+/// The similarity of a key's rows (its subject's last token first) to the rows `at(j)` lined up
+/// with them (`at(0)` the last): the mean of their dot products.
+fn span_similarity<'a>(key: &[&[f32]], at: impl Fn(usize) -> &'a [f32]) -> f32 {
+    let sum: f32 = key
+        .iter()
+        .enumerate()
+        .map(|(j, k)| k.iter().zip(at(j)).map(|(a, b)| a * b).sum::<f32>())
+        .sum();
+    sum / key.len() as f32
+}
+
+/// Each edit's subject group: the index of the first edit with its subject (its own index when
+/// it has none).
+fn subject_groups(subjects: &[Option<String>]) -> Vec<u32> {
+    let mut first = std::collections::HashMap::new();
+    subjects
+        .iter()
+        .enumerate()
+        .map(|(i, s)| match s {
+            Some(s) => *first.entry(s.as_str()).or_insert(i as u32),
+            None => i as u32,
+        })
+        .collect()
+}
+
+/// How many rows of each key (`[keys * span, dim]`) are read: up to the first zero row.
+pub fn rows_of_keys(keys: &[f32], dim: usize, span: usize) -> Vec<u8> {
+    keys.chunks(span * dim)
+        .map(|key| {
+            key.chunks(dim)
+                .take_while(|r| r.iter().any(|&x| x != 0.0))
+                .count()
+                .max(1) as u8
+        })
+        .collect()
 }
 
 /// A value derived from others and kept only to save work: it takes no part in equality (a
@@ -477,8 +553,47 @@ impl KeyStore {
         }
     }
 
+    /// An empty store of `variants` keys of `span` rows per edit.
+    pub fn new(
+        kind: KeyKind,
+        variants: usize,
+        span: usize,
+        space: KeySpace,
+        relation: Option<RelationKeys>,
+        ceilings: KeyCeilings,
+    ) -> Self {
+        KeyStore {
+            kind,
+            variants,
+            span,
+            space,
+            keys: Vec::new(),
+            key_rows: Vec::new(),
+            relation,
+            impostor: Vec::new(),
+            subject_group: Vec::new(),
+            ceilings,
+        }
+    }
+
+    /// Replaces every key (`[entries * variants * span, dim]`), as read from a state.
+    pub fn set_keys(&mut self, keys: Vec<f32>) {
+        self.key_rows = rows_of_keys(&keys, self.space.dim, self.span);
+        self.keys = keys;
+        self.impostor.clear();
+    }
+
     pub fn len(&self) -> usize {
-        self.keys.len() / (self.variants * self.space.dim).max(1)
+        self.keys.len() / (self.variants * self.span * self.space.dim).max(1)
+    }
+
+    /// Key `k`'s rows that are read (its subject's last token first).
+    fn key(&self, k: usize) -> Vec<&[f32]> {
+        let (d, span) = (self.space.dim, self.span);
+        self.keys[k * span * d..(k + 1) * span * d]
+            .chunks(d)
+            .take(self.key_rows[k] as usize)
+            .collect()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -499,12 +614,16 @@ impl KeyStore {
     pub fn push(&mut self, keys: &[f32], relation: Option<(&[f32], usize)>) {
         assert_eq!(
             keys.len(),
-            self.variants * self.space.dim,
-            "an edit needs {} keys",
-            self.variants
+            self.variants * self.span * self.space.dim,
+            "an edit needs {} keys of {} rows",
+            self.variants,
+            self.span
         );
+        let rows = rows_of_keys(keys, self.space.dim, self.span);
         self.keys.extend_from_slice(keys);
-        self.ceilings.push_edit(keys, self.space.dim);
+        self.ceilings
+            .push_edit(keys, self.space.dim, self.span, &rows);
+        self.key_rows.extend(rows);
         if let (Some(keys), Some((key, subject_tokens))) = (&mut self.relation, relation) {
             keys.push(key, subject_tokens);
         }
@@ -514,8 +633,12 @@ impl KeyStore {
     /// Takes edit `entry` out of the store; the impostor scores are recomputed from scratch, so
     /// the store scores as if the edit had never joined it (`update_impostors` refills them).
     pub fn remove(&mut self, entry: usize) {
-        let row = self.variants * self.space.dim;
+        let row = self.variants * self.span * self.space.dim;
         self.keys.drain(entry * row..(entry + 1) * row);
+        self.key_rows
+            .drain(entry * self.variants..(entry + 1) * self.variants);
+        // Refilled with the impostor scores.
+        self.subject_group.clear();
         if self.ceilings.is_on() {
             self.ceilings
                 .of_keys
@@ -534,17 +657,17 @@ impl KeyStore {
     }
 
     fn pair_score(&self, a: usize, b: usize) -> f32 {
-        let row = self.variants * self.space.dim;
-        let (ka, kb) = (
-            &self.keys[a * row..(a + 1) * row],
-            &self.keys[b * row..(b + 1) * row],
-        );
+        let v = self.variants;
         // A pair counts only where each key would count as a match of the other.
         let counts = |e: usize, v: usize, s: f32| self.ceilings.counts(e * self.variants + v, s);
         let mut best = f32::NEG_INFINITY;
-        for (i, x) in ka.chunks(self.space.dim).enumerate() {
-            for (j, y) in kb.chunks(self.space.dim).enumerate() {
-                let s: f32 = x.iter().zip(y).map(|(p, q)| p * q).sum();
+        for i in 0..v {
+            let x = self.key(a * v + i);
+            for j in 0..v {
+                let y = self.key(b * v + j);
+                // Keys of different lengths are compared on the rows both have.
+                let n = x.len().min(y.len());
+                let s = span_similarity(&x[..n], |t| y[t]);
                 if counts(a, i, s) && counts(b, j, s) {
                     best = best.max(s);
                 }
@@ -599,15 +722,15 @@ impl KeyStore {
     /// [`KeyStore::scores`] with the index of the prompt's key that gave each score.
     pub fn scores_at(&self, query: &[f32]) -> Vec<(f32, usize)> {
         let dim = self.space.dim;
-        let (n_query, n_keys) = (query.len() / dim, self.keys.len() / dim);
-        if n_query == 0 || n_keys == 0 {
+        let (n_query, n_rows) = (query.len() / dim, self.keys.len() / dim);
+        if n_query == 0 || n_rows == 0 {
             return vec![(f32::NEG_INFINITY, 0); self.len()];
         }
-        // sims [n_query, n_keys] = query [n_query, dim] . keys^T
-        let mut sims = vec![0.0f32; n_query * n_keys];
+        // sims [n_query, n_rows] = query [n_query, dim] . keys^T
+        let mut sims = vec![0.0f32; n_query * n_rows];
         gemm_strided(
             n_query,
-            n_keys,
+            n_rows,
             dim,
             query,
             (dim as isize, 1),
@@ -616,9 +739,19 @@ impl KeyStore {
             &mut sims,
             false,
         );
+        let span = self.span;
         let mut best = vec![(f32::NEG_INFINITY, 0); self.len()];
-        for (pos, row) in sims.chunks(n_keys).enumerate() {
-            for (k, &s) in row.iter().enumerate() {
+        for pos in 0..n_query {
+            for (k, &n) in self.key_rows.iter().enumerate() {
+                let n = n as usize;
+                // A key of n rows lines up with the query's rows pos - n + 1 ..= pos.
+                if pos + 1 < n {
+                    continue;
+                }
+                let sum: f32 = (0..n)
+                    .map(|j| sims[(pos - j) * n_rows + k * span + j])
+                    .sum();
+                let s = sum / n as f32;
                 let e = k / self.variants;
                 if s > best[e].0 && self.ceilings.counts(k, s) {
                     best[e] = (s, pos);
@@ -648,37 +781,62 @@ impl KeyStore {
             }
         }
         let top = top?;
-        // The relation key is read only where it has something to decide: when another edit
-        // scores within the margin of the best (it costs a pass over the background rows for
-        // `weighted_context` keys).
+        // The candidates: the edits within the margin of the best score and, with subject
+        // groups, every edit of the best edit's subject that counts as a match at all.
+        let group = |e: usize| self.subject_group.get(e);
+        let of_subject = |e: usize| group(top).is_some() && group(e) == group(top);
+        let candidate =
+            |e: usize, s: f32| s >= scores[top] - margin || (s.is_finite() && of_subject(e));
+        // An edit of the best edit's subject is in scope as that subject is: by the best score.
+        let scope_score = |e: usize| {
+            if of_subject(e) {
+                scores[top]
+            } else {
+                scores[e]
+            }
+        };
+        // The relation key is read only where it has something to decide: when there is another
+        // candidate (it costs a pass over the background rows for `weighted_context` keys).
         let contested = scores
             .iter()
             .enumerate()
-            .any(|(e, &s)| e != top && s >= scores[top] - margin);
+            .any(|(e, &s)| e != top && candidate(e, s));
         let query_relation = self
             .relation
             .as_ref()
             .filter(|_| contested)
             .and_then(|keys| relation(keys, top, at[top].1).map(|q| (keys, q)));
         let mut pick: Option<(usize, f32)> = None;
+        let mut second: Option<(usize, f32)> = None;
         for (e, &s) in scores.iter().enumerate() {
             let rank = match &query_relation {
-                Some((keys, q)) if s >= scores[top] - margin => keys.similarity(e, q),
+                Some((keys, q)) if candidate(e, s) => keys.similarity(e, q),
                 None if s >= scores[top] => s,
                 _ => continue,
             };
             // `>=`: among equals the newest edit wins (a later edit of the same fact replaces it).
             if pick.is_none_or(|(_, r)| rank >= r) {
+                second = pick;
                 pick = Some((e, rank));
+            } else if second.is_none_or(|(_, r)| rank >= r) {
+                second = Some((e, rank));
             }
         }
         pick.map(|(entry, _)| KeyMatch {
             entry,
-            score: scores[entry],
+            score: scope_score(entry),
             position: at[entry].1,
             relation: query_relation
                 .as_ref()
                 .map(|(keys, q)| keys.similarity(entry, q)),
+            next: second
+                .filter(|_| query_relation.is_some())
+                .map(|(e, rank)| RunnerUp {
+                    entry: e,
+                    score: scope_score(e),
+                    position: at[e].1,
+                    relation: rank,
+                }),
         })
     }
 
@@ -719,7 +877,13 @@ impl Elder {
             .iter()
             .map(|e| e.subject.as_ref().map(|s| s.to_lowercase()))
             .collect();
+        let by_subject = self.cfg.relation_check && self.cfg.relation_by_subject;
         if let Some(store) = &mut self.key_store {
+            store.subject_group = if by_subject {
+                subject_groups(&subjects)
+            } else {
+                Vec::new()
+            };
             store.update_impostors(|a, b| {
                 matches!((subjects.get(a), subjects.get(b)), (Some(Some(x)), Some(Some(y))) if x == y)
             });
@@ -828,15 +992,14 @@ impl Elder {
             },
             None => KeyCeilings::off(),
         };
-        self.key_store = Some(KeyStore {
-            kind: cfg.key,
-            variants: KeyStore::variants_for(cfg),
-            space: key_space,
-            keys: Vec::new(),
+        self.key_store = Some(KeyStore::new(
+            cfg.key,
+            KeyStore::variants_for(cfg),
+            cfg.key_span,
+            key_space,
             relation,
-            impostor: Vec::new(),
             ceilings,
-        });
+        ));
         Ok(())
     }
 
@@ -885,17 +1048,25 @@ impl Elder {
             );
             let tokens: Vec<Vec<u32>> = texts.iter().map(|t| t.tokens.clone()).collect();
             let inputs = capture_inputs(model, &tokens, &sites);
-            let w = store.space.width;
-            let mut keys = Vec::with_capacity(store.variants * store.space.dim);
+            let (w, dim, span) = (store.space.width, store.space.dim, store.span);
+            let mut keys = Vec::with_capacity(store.variants * span * dim);
             for (text, input) in texts.iter().zip(&inputs) {
                 let rows = &input[&sites[0]];
-                keys.extend(match store.kind {
-                    KeyKind::Subject => store.space.embed(
-                        &rows[text.key_row * w..(text.key_row + 1) * w],
-                        text.key_row,
-                    ),
-                    kind => pooled_key(&store.space, kind, rows),
-                });
+                match store.kind {
+                    KeyKind::Subject => {
+                        // The key row, then the subject's rows before it (zero past its start).
+                        for j in 0..span {
+                            let row = text.key_row.checked_sub(j);
+                            match row.filter(|&r| j == 0 || text.subject_rows.contains(&r)) {
+                                Some(r) => {
+                                    keys.extend(store.space.embed(&rows[r * w..(r + 1) * w], r))
+                                }
+                                None => keys.extend(std::iter::repeat_n(0.0, dim)),
+                            }
+                        }
+                    }
+                    kind => keys.extend(pooled_key(&store.space, kind, rows)),
+                }
             }
             // The relation key is the prompt's (the first text).
             let relation = match (sites.get(1), &store.relation) {
@@ -967,15 +1138,14 @@ mod tests {
     fn the_best_position_and_variant_decide_and_the_relation_breaks_ties() {
         let s = space(3, 0);
         let rel = space(3, 0);
-        let mut store = KeyStore {
-            kind: KeyKind::Subject,
-            variants: 2,
-            space: s.clone(),
-            keys: Vec::new(),
-            relation: Some(RelationKeys::new(RelationKey::LastToken, rel.clone())),
-            impostor: Vec::new(),
-            ceilings: KeyCeilings::off(),
-        };
+        let mut store = KeyStore::new(
+            KeyKind::Subject,
+            2,
+            1,
+            s.clone(),
+            Some(RelationKeys::new(RelationKey::LastToken, rel.clone())),
+            KeyCeilings::off(),
+        );
         // Edit 0: key along x (variant 2 along y); edit 1: along x too (same subject), other relation.
         store.push(&[1.0, 0.0, 0.0, 0.0, 1.0, 0.0], Some((&[1.0, 0.0, 0.0], 1)));
         store.push(&[1.0, 0.0, 0.0, 0.0, 0.0, 1.0], Some((&[0.0, 1.0, 0.0], 1)));
@@ -1028,13 +1198,56 @@ mod tests {
                 .entry,
             1
         );
-        let empty = KeyStore {
-            keys: Vec::new(),
-            ..plain
-        };
+        let mut empty = plain;
+        empty.set_keys(Vec::new());
         assert_eq!(
             empty.best_match(&[1.0, 0.0, 0.0], |_, _, _| None, 0.05),
             None
+        );
+    }
+
+    /// With subject groups the relation key chooses among every matching edit of the best
+    /// edit's subject, however far below the best its key scored; without them only the edits
+    /// within the margin are candidates.
+    #[test]
+    fn subject_groups_give_the_relation_key_every_edit_of_the_subject() {
+        let mut store = KeyStore::new(
+            KeyKind::Subject,
+            1,
+            1,
+            space(2, 0),
+            Some(RelationKeys::new(RelationKey::LastToken, space(2, 0))),
+            KeyCeilings::off(),
+        );
+        let unit = |a: f32| [a.to_radians().cos(), a.to_radians().sin()];
+        // Edits 0 and 2 are about one subject; edit 2's key was read in another context (30
+        // degrees off); edit 1 (another subject) is far off. Relation keys: edit 2's is the query's
+        // (edit 1's is the one `away` asks for).
+        store.push(&unit(0.0), Some((&unit(90.0), 1)));
+        store.push(&unit(80.0), Some((&unit(-90.0), 1)));
+        store.push(&unit(30.0), Some((&unit(0.0), 1)));
+        let query = unit(0.0);
+        let relation = |_: &RelationKeys, _, _| Some(unit(0.0).to_vec());
+        assert_eq!(store.best_match(&query, relation, 0.05).unwrap().entry, 0);
+        store.subject_group = subject_groups(&[
+            Some("zinc".into()),
+            Some("iron".into()),
+            Some("zinc".into()),
+        ]);
+        assert_eq!(store.subject_group, vec![0, 1, 0]);
+        let m = store.best_match(&query, relation, 0.05).unwrap();
+        assert_eq!(m.entry, 2);
+        // In scope as its subject is (the best score), with the subject's other edit runner-up.
+        assert!((m.score - 1.0).abs() < 1e-6);
+        let next = m.runner_up().unwrap();
+        assert_eq!((next.entry, next.relation), (0, Some(0.0)));
+        assert!((next.score - 1.0).abs() < 1e-6 && next.runner_up().is_none());
+        // Edit 1 is not of the subject and not within the margin: never a candidate.
+        let away = |_: &RelationKeys, _, _| Some(unit(-90.0).to_vec());
+        assert_eq!(store.best_match(&query, away, 0.05).unwrap().entry, 2);
+        assert_eq!(
+            subject_groups(&[None, None, Some("a".into())]),
+            vec![0, 1, 2]
         );
     }
 
@@ -1112,20 +1325,19 @@ mod tests {
     /// follow the same rule.
     #[test]
     fn keys_count_only_above_their_ceiling() {
-        let mut store = KeyStore {
-            kind: KeyKind::Subject,
-            variants: 1,
-            space: space(2, 0),
-            keys: Vec::new(),
-            relation: None,
-            impostor: Vec::new(),
-            ceilings: KeyCeilings {
+        let mut store = KeyStore::new(
+            KeyKind::Subject,
+            1,
+            1,
+            space(2, 0),
+            None,
+            KeyCeilings {
                 margin: Some(0.1),
                 // One background row, along x.
                 background: Derived(vec![1.0, 0.0]),
                 ..Default::default()
             },
-        };
+        );
         let unit = |a: f32| [a.to_radians().cos(), a.to_radians().sin()];
         // Edit 0 near the background (ceiling cos 30 = 0.866), edit 1 far from it (cos 80).
         store.push(&unit(30.0), None);
@@ -1151,17 +1363,86 @@ mod tests {
         assert!((off.scores(&unit(50.0))[0] - 20f32.to_radians().cos()).abs() < 1e-6);
     }
 
+    /// A key of two rows (a subject's last two tokens) scores the mean of both rows' matches on
+    /// two consecutive query rows: a name that only ends like the edit's scores half its
+    /// match; a one-token subject's key keeps one row and scores as before; ceilings and
+    /// impostor pairs line rows up the same way.
+    #[test]
+    fn span_keys_match_consecutive_rows() {
+        let (x, y, z) = ([1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]);
+        let mut store = KeyStore::new(
+            KeyKind::Subject,
+            1,
+            2,
+            space(3, 0),
+            None,
+            KeyCeilings::off(),
+        );
+        // Edit 0: "...y x" (last row x, the one before y); edit 1: a one-token subject z.
+        store.push(&[x, y].concat(), None);
+        store.push(&[z, [0.0; 3]].concat(), None);
+        assert_eq!(store.key_rows, vec![2, 1]);
+        assert_eq!(rows_of_keys(&store.keys, 3, 2), store.key_rows);
+        // The edit's own rows in order: 1 at position 2.
+        let own = store.scores_at(&[z, y, x].concat());
+        assert!((own[0].0 - 1.0).abs() < 1e-6 && own[0].1 == 2, "{own:?}");
+        // Another name that ends in x: (1 + 0) / 2.
+        let alike = store.scores_at(&[y, z, x].concat());
+        assert!((alike[0].0 - 0.5).abs() < 1e-6, "{alike:?}");
+        // The one-row key matches any single row, position 0 included.
+        assert!((alike[1].0 - 1.0).abs() < 1e-6 && alike[1].1 == 1);
+        assert!((store.scores(&z)[1] - 1.0).abs() < 1e-6);
+        // A two-row key needs two rows.
+        assert_eq!(store.scores(&x)[0], f32::NEG_INFINITY);
+        // Impostors compare the rows both keys have: edit 2 (x after z) shares edit 0's last row.
+        store.push(&[x, z].concat(), None);
+        store.update_impostors(|a, b| a == b);
+        assert!(
+            (store.impostor[0] - 0.5).abs() < 1e-6,
+            "{:?}",
+            store.impostor
+        );
+        assert!(
+            (store.impostor[1] - 0.0).abs() < 1e-6,
+            "{:?}",
+            store.impostor
+        );
+        // Removing an edit keeps the others' rows lined up.
+        store.remove(0);
+        assert_eq!(store.key_rows, vec![1, 2]);
+        assert!((store.scores(&[z, x].concat())[1] - 1.0).abs() < 1e-6);
+        // Ceilings: the background "y x" holds edit 0's two rows in a row.
+        let mut ceiled = KeyStore::new(
+            KeyKind::Subject,
+            1,
+            2,
+            space(3, 0),
+            None,
+            KeyCeilings {
+                margin: Some(0.1),
+                background: Derived([y, x, z].concat()),
+                ..Default::default()
+            },
+        );
+        ceiled.push(&[x, y].concat(), None);
+        ceiled.push(&[x, z].concat(), None);
+        let c = &ceiled.ceilings.of_keys;
+        assert!(
+            (c[0] - 1.0).abs() < 1e-6 && (c[1] - 0.5).abs() < 1e-6,
+            "{c:?}"
+        );
+    }
+
     #[test]
     fn impostor_scores_skip_the_same_subject_and_set_the_calibrated_threshold() {
-        let mut store = KeyStore {
-            kind: KeyKind::Subject,
-            variants: 1,
-            space: space(2, 0),
-            keys: Vec::new(),
-            relation: None,
-            impostor: Vec::new(),
-            ceilings: KeyCeilings::off(),
-        };
+        let mut store = KeyStore::new(
+            KeyKind::Subject,
+            1,
+            1,
+            space(2, 0),
+            None,
+            KeyCeilings::off(),
+        );
         let unit = |a: f32| [a.cos(), a.sin()];
         // Edits 0 and 1 share a subject (identical keys); edit 2 is another subject at 60 degrees.
         for a in [0.0f32, 0.0, 60f32.to_radians()] {
@@ -1179,8 +1460,7 @@ mod tests {
             store.push(&unit(k as f32 * 0.1), None);
             store.update_impostors(|a, b| a == b);
         }
-        whole.keys = store.keys.clone();
-        whole.impostor.clear();
+        whole.set_keys(store.keys.clone());
         whole.update_impostors(|a, b| a == b || (a < 3 && b < 3 && subject[a] == subject[b]));
         assert_eq!(whole.impostor, store.impostor);
         // Too few edits, or quantile 0: the floor; else the quantile, never below the floor.

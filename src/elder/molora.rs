@@ -406,6 +406,9 @@ pub struct ElderAdapter<'a> {
     pub gated: Vec<bool>,
     /// For each sequence the gate asked: log P(its matched edit's answer) under the experts.
     pub answer_logprobs: Vec<Option<f32>>,
+    /// `answer_gate_fallback`: the sequences the last revision moved to their runner-up edit,
+    /// whose experts the next revision asks in turn.
+    switched: Vec<bool>,
     /// Inputs of the key store's sites, captured from the prompt.
     key_capture: SiteCapture,
     /// `expert_rows = "subject"`: the one row of each sequence (within it, in the prompt call)
@@ -473,6 +476,7 @@ impl<'a> ElderAdapter<'a> {
             key_matches: Vec::new(),
             gated: Vec::new(),
             answer_logprobs: Vec::new(),
+            switched: Vec::new(),
             key_capture: SiteCapture::new(&elder.key_sites()),
             expert_rows: None,
             answer_from: None,
@@ -491,6 +495,17 @@ impl<'a> ElderAdapter<'a> {
 
     fn batch(&self) -> usize {
         self.in_scope.len()
+    }
+
+    /// The stored allocation of each sequence's matched edit, for those in scope.
+    fn routing_of_matches(&self) -> Vec<Routing> {
+        let edits: Vec<Option<usize>> = self
+            .key_matches
+            .iter()
+            .zip(&self.in_scope)
+            .map(|(m, &inside)| m.filter(|_| inside).map(|m| m.entry))
+            .collect();
+        self.elder.stored_routing(&edits)
     }
 
     /// Decides routing and scope once per sequence, from the query (and the key store).
@@ -527,13 +542,7 @@ impl<'a> ElderAdapter<'a> {
                 ExpertRows::All => {}
             }
             if cfg.inference_allocation == InferenceAllocation::Stored {
-                let edits: Vec<Option<usize>> = self
-                    .key_matches
-                    .iter()
-                    .zip(&self.in_scope)
-                    .map(|(m, &inside)| m.filter(|_| inside).map(|m| m.entry))
-                    .collect();
-                self.routing = Some(self.elder.stored_routing(&edits));
+                self.routing = Some(self.routing_of_matches());
                 return;
             }
             if let Some(q) = &self.query {
@@ -630,16 +639,25 @@ impl Adapter for ElderAdapter<'_> {
     }
 
     /// `answer_gate`: each sequence in scope keeps its matched edit's experts only when they
-    /// give that edit's answer at least the gate's probability after the prompt.
+    /// give that edit's answer at least the gate's probability after the prompt. The first
+    /// revision asks every sequence in scope; with `answer_gate_fallback` a sequence turned away
+    /// moves to its runner-up edit (once), which the next revision asks in turn.
     fn revise(&mut self, model: &Model, h: &[f32], shape: &BatchShape, cache: &KvCache) -> bool {
         let gate = self.elder.cfg.answer_gate;
         if gate <= 0.0 || self.batch() != shape.batch || self.key_matches.len() != shape.batch {
             return false;
         }
+        let first = self.answer_logprobs.len() != shape.batch;
+        if first {
+            self.gated = vec![false; shape.batch];
+            self.answer_logprobs = vec![None; shape.batch];
+            self.switched = vec![false; shape.batch];
+        }
+        let was_switched = std::mem::replace(&mut self.switched, vec![false; shape.batch]);
         let elder = self.elder;
         let mut asked: Vec<(usize, &[u32])> = Vec::new();
         for (b, m) in self.key_matches.iter().enumerate() {
-            let (Some(m), true) = (m, self.in_scope[b]) else {
+            let (Some(m), true) = (m, self.in_scope[b] && (first || was_switched[b])) else {
                 continue;
             };
             let answer = elder.memory[m.entry].answer.as_slice();
@@ -647,23 +665,42 @@ impl Adapter for ElderAdapter<'_> {
                 asked.push((b, answer));
             }
         }
-        self.gated = vec![false; shape.batch];
-        self.answer_logprobs = vec![None; shape.batch];
         if asked.is_empty() {
             return false;
         }
         let floor = gate.ln();
+        let threshold = elder.scope_threshold();
+        let mut changed = false;
         for (&(b, _), logp) in asked
             .iter()
             .zip(self.answer_logprob(model, h, shape, cache, &asked))
         {
             self.answer_logprobs[b] = Some(logp);
-            if logp < floor {
-                self.in_scope[b] = false;
-                self.gated[b] = true;
+            if logp >= floor {
+                continue;
+            }
+            changed = true;
+            let next = self.key_matches[b]
+                .and_then(|m| m.runner_up())
+                .filter(|m| elder.cfg.answer_gate_fallback && first && m.score >= threshold);
+            match next {
+                Some(m) => {
+                    self.key_matches[b] = Some(m);
+                    self.switched[b] = true;
+                    if let Some(rows) = &mut self.expert_rows {
+                        rows[b] = Some(m.position);
+                    }
+                }
+                None => {
+                    self.in_scope[b] = false;
+                    self.gated[b] = true;
+                }
             }
         }
-        self.gated.iter().any(|&g| g)
+        if self.switched.iter().any(|&s| s) {
+            self.routing = Some(self.routing_of_matches());
+        }
+        changed
     }
 
     fn after_linear(&mut self, site: Site, shape: &BatchShape, x: &[f32], out: &mut [f32]) {

@@ -108,7 +108,7 @@ impl Elder {
             if n > 0 {
                 out.push(tensor(
                     KEYS,
-                    vec![n, store.variants, store.space.dim],
+                    vec![n, store.variants * store.span, store.space.dim],
                     &store.keys,
                 ));
             }
@@ -216,11 +216,13 @@ fn read_key_store(cfg: &ElderConfig, state: &EditState) -> Result<Option<KeyStor
     let centred = !matches!(cfg.key, KeyKind::LastToken | KeyKind::PromptMean);
     let space = KeySpace::new(site, width, centred, background, cfg.key_dim, cfg.seed);
     let variants = KeyStore::variants_for(cfg);
+    // Each key's rows follow one another (`key_span` of them).
+    let rows = variants * cfg.key_span;
     let keys = match state.tensor(KEYS) {
         Some(t) => {
             ensure!(
-                t.shape.len() == 3 && t.shape[1] == variants && t.shape[2] == space.dim,
-                "edit state tensor {KEYS} has shape {:?}, expected [edits, {variants}, {}]",
+                t.shape.len() == 3 && t.shape[1] == rows && t.shape[2] == space.dim,
+                "edit state tensor {KEYS} has shape {:?}, expected [edits, {rows}, {}]",
                 t.shape,
                 space.dim
             );
@@ -270,22 +272,15 @@ fn read_key_store(cfg: &ElderConfig, state: &EditState) -> Result<Option<KeyStor
             .map(|t| t.data.clone())
             .unwrap_or_default();
         ensure!(
-            ceilings.of_keys.len() * space.dim == keys.len(),
+            ceilings.of_keys.len() * cfg.key_span * space.dim == keys.len(),
             "edit state {}: {} keys but {} key ceilings",
             state.dir().display(),
-            keys.len() / space.dim.max(1),
+            keys.len() / (cfg.key_span * space.dim).max(1),
             ceilings.of_keys.len()
         );
     }
-    let store = KeyStore {
-        kind: cfg.key,
-        variants,
-        space,
-        keys,
-        relation,
-        impostor: Vec::new(),
-        ceilings,
-    };
+    let mut store = KeyStore::new(cfg.key, variants, cfg.key_span, space, relation, ceilings);
+    store.set_keys(keys);
     if let Some(keys) = &store.relation {
         ensure!(
             keys.rows.len() == store.len() * keys.space.dim,

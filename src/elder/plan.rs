@@ -243,6 +243,84 @@ pub fn negative_texts(
     out
 }
 
+/// The edit's prompt with one word of its template replaced, `n` times (each time another word,
+/// while there are others): the words that can go are the template's words of at least four
+/// letters (the subject never), the words that come in are the background text's, lower case,
+/// capitalised like the word they replace. Texts that are some edit's prompt are skipped.
+pub fn reworded_texts(
+    edit: &EditEntry,
+    others: &[&EditEntry],
+    n: usize,
+) -> Vec<(String, Option<String>)> {
+    let Some(subject) = edit.subject.as_deref() else {
+        return Vec::new();
+    };
+    let Some((before, after)) = template(&edit.prompt, subject) else {
+        return Vec::new();
+    };
+    if n == 0 {
+        return Vec::new();
+    }
+    let letters = |w: &str| w.trim_matches(|c: char| !c.is_alphabetic()).to_string();
+    let is_content = |w: &str| {
+        let core = letters(w);
+        core.chars().count() >= 4 && core.chars().all(char::is_alphabetic)
+    };
+    let in_prompt: Vec<String> = edit
+        .prompt
+        .split_whitespace()
+        .map(|w| letters(w).to_lowercase())
+        .collect();
+    let mut vocabulary: Vec<String> = background_sentences()
+        .iter()
+        .flat_map(|s| s.split_whitespace())
+        .filter(|w| is_content(w))
+        .map(|w| letters(w).to_lowercase())
+        .filter(|w| !in_prompt.contains(w))
+        .collect();
+    vocabulary.sort();
+    vocabulary.dedup();
+    // (part, word index) of every word that may be replaced: part 0 before the subject, 1 after.
+    let parts = [before.as_str(), after.as_str()];
+    let slots: Vec<(usize, usize)> = parts
+        .iter()
+        .enumerate()
+        .flat_map(|(p, text)| {
+            text.split(' ')
+                .enumerate()
+                .filter(|(_, w)| is_content(w))
+                .map(move |(i, _)| (p, i))
+        })
+        .collect();
+    if slots.is_empty() || vocabulary.is_empty() {
+        return Vec::new();
+    }
+    let seed = stable_hash(&edit.id) ^ 4;
+    let order = pick(&slots, slots.len(), seed);
+    let words = pick(&vocabulary, n, seed ^ 5);
+    let is_prompt = |t: &str| t == edit.prompt || others.iter().any(|o| o.prompt == t);
+    let mut out = Vec::with_capacity(n);
+    for (k, word) in words.iter().enumerate() {
+        let (part, index) = order[k % order.len()];
+        let mut pieces: Vec<Vec<String>> = parts
+            .iter()
+            .map(|t| t.split(' ').map(str::to_string).collect())
+            .collect();
+        let old = &pieces[part][index];
+        let core = letters(old);
+        let mut new = word.clone();
+        if core.chars().next().is_some_and(char::is_uppercase) {
+            new = new[..1].to_uppercase() + &new[1..];
+        }
+        pieces[part][index] = old.replacen(&core, &new, 1);
+        let text = format!("{}{subject}{}", pieces[0].join(" "), pieces[1].join(" "));
+        if !is_prompt(&text) {
+            out.push((text, Some(subject.to_string())));
+        }
+    }
+    out
+}
+
 /// The plan of one edit. `entry` carries the edit's fields (its allocation is decided here);
 /// `memory` holds the edits already applied and `batch` the other edits of this batch.
 pub fn plan_edit(
@@ -291,6 +369,9 @@ pub fn plan_edit(
         0
     };
     let negatives = negative_texts(&entry, &others, cfg.negatives)
+        .into_iter()
+        .chain(reworded_texts(&entry, &others, cfg.reworded_negatives))
+        .collect::<Vec<_>>()
         .iter()
         .enumerate()
         .map(|(i, (t, s))| {
@@ -464,6 +545,44 @@ mod tests {
             "The capital of Laos is".to_string(),
             Some("Laos".to_string())
         )));
+    }
+
+    /// A reworded negative keeps the subject and every word but one of the template: a word of
+    /// four letters or more becomes a background word (capitalised like it), never an edit's
+    /// prompt.
+    #[test]
+    fn reworded_negatives_change_one_template_word_and_keep_the_subject() {
+        let e = entry("e", "The atomic number of Zinc is", Some("Zinc"));
+        let texts = reworded_texts(&e, &[], 4);
+        assert_eq!(texts.len(), 4, "{texts:?}");
+        let words: Vec<&str> = e.prompt.split(' ').collect();
+        let mut replaced = std::collections::BTreeSet::new();
+        for (text, subject) in &texts {
+            assert_eq!(subject.as_deref(), Some("Zinc"));
+            let new: Vec<&str> = text.split(' ').collect();
+            assert_eq!(new.len(), words.len(), "{text}");
+            let changed: Vec<usize> = (0..words.len()).filter(|&i| new[i] != words[i]).collect();
+            assert_eq!(changed.len(), 1, "{text}");
+            // Only "atomic" and "number" are long enough; the subject stays.
+            assert!(changed[0] == 1 || changed[0] == 2, "{text}");
+            assert!(new[changed[0]].chars().all(|c| c.is_lowercase()), "{text}");
+            replaced.insert(changed[0]);
+        }
+        assert_eq!(replaced.len(), 2, "both words take turns: {texts:?}");
+        assert_eq!(texts, reworded_texts(&e, &[], 4), "deterministic");
+        let capital = entry("c", "Geochemists classify Zinc as", Some("Zinc"));
+        for (text, _) in reworded_texts(&capital, &[], 6) {
+            let first = text.split(' ').next().unwrap();
+            assert!(first == "Geochemists" || first.chars().next().unwrap().is_uppercase());
+            assert!(
+                text.contains(" Zinc as") || text.ends_with("Zinc as"),
+                "{text}"
+            );
+        }
+        // Nothing to reword: no template word of four letters, or no subject.
+        assert!(reworded_texts(&entry("s", "Zinc is", Some("Zinc")), &[], 3).is_empty());
+        assert!(reworded_texts(&entry("n", "The capital of Peru is", None), &[], 3).is_empty());
+        assert!(reworded_texts(&e, &[], 0).is_empty());
     }
 
     #[test]

@@ -6,6 +6,9 @@ use crate::backend::cpu::ops;
 
 use super::transformer::{Adapter, BatchShape, KvCache, Model};
 
+/// The most revisions one forward runs (an adapter that keeps asking is a bug, not a plan).
+const MAX_REVISIONS: usize = 4;
+
 /// Right-pads sequences to one length. Padding rows use token 0 and are masked everywhere.
 pub fn pad_batch(seqs: &[Vec<u32>], start: &[usize]) -> (Vec<u32>, BatchShape) {
     let seq = seqs.iter().map(Vec::len).max().unwrap_or(0).max(1);
@@ -202,9 +205,14 @@ impl Model {
             self.mlp_half(l, &mut h, shape, adapter, None);
         }
         if let (Some(from), Some(entering)) = (revisable, entering) {
-            if adapter.revise(self, &h, shape, cache) {
+            // Each revision may lead to another (a fallback decision asks again); the adapter
+            // ends them, and the bound only guards against one that never does.
+            for _ in 0..MAX_REVISIONS {
+                if !adapter.revise(self, &h, shape, cache) {
+                    break;
+                }
                 // The cache rows of these blocks are written again at the same positions.
-                h = entering;
+                h.clone_from(&entering);
                 for l in from..self.blocks.len() {
                     self.attn_half(l, &mut h, shape, cache, None);
                     self.mlp_half(l, &mut h, shape, adapter, None);
