@@ -25,7 +25,7 @@ const RELATION_WIDTH: usize = 1536;
 const PROMPT: usize = 12;
 const VARIANTS: usize = 3;
 /// Rows per key (the default preset's `key_span`).
-const SPAN: usize = 2;
+const SPAN: usize = 3;
 /// Rows of the shipped background text at the relation site (SmolLM2's tokenizer).
 const BACKGROUND_ROWS: usize = 1874;
 

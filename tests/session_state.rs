@@ -286,9 +286,9 @@ fn key_store_rebuilds_from_memory() {
         rebuilt.ceilings.of_keys.len(),
         stored.len() * stored.variants
     );
-    // One row per key instead of the default's two (a subject's last two tokens).
-    assert_eq!((rebuilt.span, stored.span), (1, 2));
-    assert_eq!(rebuilt.keys.len() * 2, stored.keys.len());
+    // One row per key instead of the default's three (a subject's last three tokens).
+    assert_eq!((rebuilt.span, stored.span), (1, 3));
+    assert_eq!(rebuilt.keys.len() * 3, stored.keys.len());
     assert!(rebuilt.subject_group.is_empty() && !stored.subject_group.is_empty());
     assert_ne!(rebuilt.keys, stored.keys);
     let (rebuilt_relation, stored_relation) = (

@@ -203,7 +203,8 @@ pub struct ElderConfig {
     /// subject) and a query matches where as many consecutive rows line up (the mean of their
     /// similarities). Why: names that end alike ("Praseodymium" / "Neodymium", "South Dakota" /
     /// "North Dakota") share their last token, and an early block's row there is mostly that
-    /// token (cosine 0.86-0.95), so probes about one matched edits of the other.
+    /// token (cosine 0.86-0.95), so probes about one matched edits of the other. The default
+    /// preset reads three (two left "Terbium" matching "Ytterbium"; BENCHMARKS.md).
     pub key_span: usize,
     /// The first this-many positions of a text are centred on background means of their own
     /// (1: position 0 only, the first states' behaviour); later positions share one mean.
@@ -424,7 +425,7 @@ impl ElderConfig {
             key_proj: hidden_proj,
             key_variants: true,
             key_dim: 0,
-            key_span: 2,
+            key_span: 3,
             key_ceiling_margin: Some(0.25),
             scope_threshold: 0.8,
             scope_quantile: 0.9,
