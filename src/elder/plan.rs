@@ -171,6 +171,12 @@ fn pick<T: Clone>(pool: &[T], n: usize, seed: u64) -> Vec<T> {
     idx[..take].iter().map(|&i| pool[i].clone()).collect()
 }
 
+/// Whether `text` is the prompt of `edit` or of one of `others` (a negative must not be: that
+/// prompt has an answer of its own now).
+fn is_edit_prompt(text: &str, edit: &EditEntry, others: &[&EditEntry]) -> bool {
+    text == edit.prompt || others.iter().any(|o| o.prompt == text)
+}
+
 /// Texts an edit is trained to leave alone, each with the subject it mentions: round robin over
 /// (1) its subject in the templates of other edits, (2) other edits' subjects in its own template,
 /// (3) the first words of background sentences (no subject). Texts that are some edit's prompt are
@@ -184,7 +190,7 @@ pub fn negative_texts(
         return Vec::new();
     }
     let seed = stable_hash(&edit.id);
-    let is_prompt = |t: &str| t == edit.prompt || others.iter().any(|o| o.prompt == t);
+    let is_prompt = |t: &str| is_edit_prompt(t, edit, others);
     let mut sources: Vec<Vec<(String, Option<String>)>> = Vec::new();
     let own = edit
         .subject
@@ -298,7 +304,7 @@ pub fn reworded_texts(
     let seed = stable_hash(&edit.id) ^ 4;
     let order = pick(&slots, slots.len(), seed);
     let words = pick(&vocabulary, n, seed ^ 5);
-    let is_prompt = |t: &str| t == edit.prompt || others.iter().any(|o| o.prompt == t);
+    let is_prompt = |t: &str| is_edit_prompt(t, edit, others);
     let mut out = Vec::with_capacity(n);
     for (k, word) in words.iter().enumerate() {
         let (part, index) = order[k % order.len()];
@@ -371,14 +377,12 @@ pub fn plan_edit(
     let negatives = negative_texts(&entry, &others, cfg.negatives)
         .into_iter()
         .chain(reworded_texts(&entry, &others, cfg.reworded_negatives))
-        .collect::<Vec<_>>()
-        .iter()
         .enumerate()
         .map(|(i, (t, s))| {
             // Cycle: plain, then each framing in turn, like the edit's own copies.
             let framed = match i % (frames + 1) {
-                0 => t.clone(),
-                f => QUESTION_FRAMES[f - 1].replace("{}", t),
+                0 => t,
+                f => QUESTION_FRAMES[f - 1].replace("{}", &t),
             };
             subject_text(tokenizer, &framed, s.as_deref())
         })
