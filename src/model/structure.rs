@@ -9,6 +9,7 @@ use anyhow::{ensure, Context, Result};
 
 use super::layers::{Linear, Mlp, Norm};
 use super::transformer::{Block, Model, QkvProj};
+use crate::backend::shapes::Layout;
 
 impl<W> Linear<W> {
     /// The same layer with every tensor replaced by `f` of it (weight, then bias).
@@ -56,6 +57,15 @@ impl<W> Mlp<W> {
 }
 
 impl<W> QkvProj<W> {
+    /// The q, k and v projections when they are separate (always so on a device: staging splits
+    /// GPT-2's fused `c_attn`).
+    pub fn split(&self) -> Option<(&Linear<W>, &Linear<W>, &Linear<W>)> {
+        match self {
+            QkvProj::Split { q, k, v } => Some((q, k, v)),
+            QkvProj::Fused(_) => None,
+        }
+    }
+
     pub fn try_map<'a, U>(&'a self, f: &mut impl FnMut(&'a W) -> Result<U>) -> Result<QkvProj<U>> {
         Ok(match self {
             QkvProj::Fused(l) => QkvProj::Fused(l.try_map(f)?),
@@ -81,6 +91,15 @@ impl<W> Block<W> {
 }
 
 impl<W> Model<W> {
+    /// The output projection's weight and layout: a tied head reads the embedding table as
+    /// `[out, in]`.
+    pub fn head_weight(&self) -> (&W, Layout) {
+        match &self.lm_head {
+            Some(l) => (&l.weight, l.layout),
+            None => (&self.embed, Layout::OutIn),
+        }
+    }
+
     /// The same model with every tensor replaced by `f` of it, called in checkpoint order.
     pub fn try_map<'a, U>(&'a self, mut f: impl FnMut(&'a W) -> Result<U>) -> Result<Model<U>> {
         let f = &mut f;

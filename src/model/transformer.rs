@@ -478,14 +478,12 @@ impl Model {
 
     /// The output projection; a tied head reads the embedding table as an `[out, in]` matrix.
     fn lm_head_mat(&self) -> ops::MatRef<'_> {
-        match &self.lm_head {
-            Some(l) => l.mat(),
-            None => ops::MatRef {
-                data: &self.embed,
-                in_dim: self.cfg.hidden_size,
-                out_dim: self.cfg.vocab_size,
-                layout: ops::Layout::OutIn,
-            },
+        let (data, layout) = self.head_weight();
+        ops::MatRef {
+            data,
+            in_dim: self.cfg.hidden_size,
+            out_dim: self.cfg.vocab_size,
+            layout,
         }
     }
 }

@@ -14,7 +14,7 @@ use crate::model::layers::Site;
 use crate::model::BatchShape;
 
 use super::activations::write;
-use super::forward::SiteHook;
+use super::blocks::SiteHook;
 use super::plan::{distance_of, to_u32, Capacity, ElderPlan};
 use crate::backend::cuda::buffers::KernelDtype;
 use crate::backend::cuda::device::GpuDevice;

@@ -1,6 +1,7 @@
 //! The CUDA forward of a padded batch, block by block in the order of the CPU description
-//! (`Model::attn_half` / `Model::mlp_half` / `Model::head`), on the uploaded weights and the
-//! preallocated buffers. Differences from the CPU that do not change results:
+//! (the half-blocks of [`super::blocks`], shared with the training forward, then the head), on the
+//! uploaded weights and the preallocated buffers. Differences from the CPU that do not change
+//! results:
 //! - the residual add is fused into the next norm (`h + delta` is materialised by the norm kernel),
 //!   and GPT-2's position embeddings ride on the first one;
 //! - biases are added after the cuBLAS product (GPT-2's c_fc bias inside bias + GELU), so ELDER's
@@ -16,35 +17,20 @@ use cudarc::driver::{CudaGraph, CudaSlice};
 
 use crate::backend::shapes::Layout;
 use crate::elder::molora::Elder;
-use crate::model::layers::{MlpProj, Site};
-use crate::model::{Arch, BatchShape, ModelConfig};
+use crate::model::{BatchShape, ModelConfig};
 
 use super::activations::{write, Activations};
+use super::blocks::{attn_half, mlp_half, AttnIo, CallRows, Keys, MlpIo, SiteHook};
 use super::elder::GpuElder;
 use super::plan::{check_shape, to_i32, to_u32, Capacity};
 use super::staging::WeightSource;
-use super::weights::{GpuBlock, GpuMlp, GpuNorm, GpuWeights};
-use crate::backend::cuda::attention::{self, AttnDims};
+use super::weights::{self, GpuWeights, NormIo};
 use crate::backend::cuda::buffers::KernelDtype;
 use crate::backend::cuda::device::GpuDevice;
-use crate::backend::cuda::elementwise::{self, KvAppend};
+use crate::backend::cuda::elementwise;
 use crate::backend::cuda::gemm;
-use crate::backend::cuda::norm::{self, NormRows};
-
-/// A hook on the MLP projections of the device forward, the CUDA side of `model::Adapter`:
-/// [`GpuElder`] mixes its experts in here, the trainer's query capture reads the query here.
-pub trait SiteHook<T: KernelDtype> {
-    /// Called right after the frozen product at `site` (for GPT-2's c_fc before its bias, see the
-    /// module comment); `x` is the projection's input `[rows, in]`, `out` its output `[rows, out]`.
-    fn after_linear(
-        &mut self,
-        dev: &GpuDevice,
-        site: Site,
-        shape: &BatchShape,
-        x: &CudaSlice<T>,
-        out: &mut CudaSlice<T>,
-    ) -> Result<()>;
-}
+use crate::model::layers::Norm;
+use crate::model::transformer::Block;
 
 /// What ELDER does during one forward call.
 #[derive(Debug, Clone, Copy)]
@@ -103,7 +89,7 @@ where
     ) -> Result<Self> {
         let source = source.into();
         let cfg = source.config().clone();
-        let weights = GpuWeights::upload(&dev, source)?;
+        let weights = weights::upload(&dev, source)?;
         let act = Activations::new(&dev, &cfg, cap)?;
         // The cuBLAS handle allocates its workspace when created: now, rather than in the first
         // forward (or, worse, inside the capture of a first decode step, where allocating fails).
@@ -289,7 +275,7 @@ where
         let pending = run_blocks(dev, cfg, w, a, shape, 0..first, pending, Some(hook))?;
         let blk = &w.blocks[first];
         add_and_norm(dev, &blk.norm1, rows, d, a, pending, true)?;
-        attn_half(dev, cfg, blk, first, a, shape)
+        attn_of(dev, cfg, blk, first, a, shape)
             .with_context(|| format!("block {first} attention"))?;
         add_and_norm(dev, &blk.norm2, rows, d, a, true, true)?;
         // The head must not read these rows as if a whole forward had run.
@@ -363,7 +349,7 @@ where
             d,
             &mut a.head_in,
         )?;
-        let (head_w, layout): (&CudaSlice<T>, Layout) = self.weights.head();
+        let (head_w, layout): (&CudaSlice<T>, Layout) = self.weights.head_weight();
         gemm::matmul(
             dev,
             &a.head_in,
@@ -445,14 +431,22 @@ where
     for l in blocks {
         let blk = &w.blocks[l];
         add_and_norm(dev, &blk.norm1, rows, cfg.hidden_size, a, pending, true)?;
-        attn_half(dev, cfg, blk, l, a, shape).with_context(|| format!("block {l} attention"))?;
+        attn_of(dev, cfg, blk, l, a, shape).with_context(|| format!("block {l} attention"))?;
         add_and_norm(dev, &blk.norm2, rows, cfg.hidden_size, a, true, true)?;
         // A fresh reborrow per block (`as_deref_mut` would tie it to the hook's own lifetime).
         let block_hook: Option<&mut dyn SiteHook<T>> = match &mut hook {
             Some(h) => Some(&mut **h),
             None => None,
         };
-        mlp_half(dev, blk, l, a, shape, block_hook).with_context(|| format!("block {l} MLP"))?;
+        let io = MlpIo {
+            x: &a.normed,
+            first: &mut a.ffn_a,
+            up: &mut a.ffn_b,
+            keep_pre: None,
+            act: &mut a.act,
+            out: &mut a.delta,
+        };
+        mlp_half(dev, blk, l, shape, io, block_hook).with_context(|| format!("block {l} MLP"))?;
         pending = true;
     }
     Ok(pending)
@@ -463,7 +457,7 @@ where
 /// without, `normed = norm(h)`. `keep_sum = false` skips writing the sum (the final norm).
 fn add_and_norm<T: KernelDtype>(
     dev: &GpuDevice,
-    norm: &GpuNorm<T>,
+    norm: &Norm<CudaSlice<T>>,
     rows: usize,
     d: usize,
     a: &mut Activations<T>,
@@ -475,50 +469,29 @@ fn add_and_norm<T: KernelDtype>(
     } else {
         (&a.h, None)
     };
-    let sum_out = (pending && keep_sum).then_some(&mut a.h_next);
-    match norm {
-        GpuNorm::Layer { w, b, eps } => norm::residual_layernorm(
-            dev,
-            NormRows {
-                n: rows,
-                d,
-                eps: *eps,
-            },
-            x,
-            residual,
-            sum_out,
-            w,
-            Some(b),
-            &mut a.normed,
-            &mut a.mean,
-            &mut a.rstd,
-        )?,
-        GpuNorm::Rms { w, eps } => norm::residual_rmsnorm(
-            dev,
-            NormRows {
-                n: rows,
-                d,
-                eps: *eps,
-            },
-            x,
-            residual,
-            sum_out,
-            w,
-            &mut a.normed,
-            &mut a.rstd,
-        )?,
-    }
+    let io = NormIo {
+        rows,
+        d,
+        x,
+        residual,
+        sum_out: (pending && keep_sum).then_some(&mut a.h_next),
+        out: &mut a.normed,
+        mean: &mut a.mean,
+        rstd: &mut a.rstd,
+    };
+    norm.forward(dev, io)?;
     if pending && keep_sum {
         std::mem::swap(&mut a.h, &mut a.h_next);
     }
     Ok(())
 }
 
-/// `delta = o_proj(attention(rope(q), cache <- rope(k), v))` of `normed`, as `Model::attn_half`.
-fn attn_half<T: KernelDtype>(
+/// Block `l`'s attention half on the inference buffers: `delta = attention(normed)`, this call's
+/// keys and values appended to the layer's cache.
+fn attn_of<T: KernelDtype>(
     dev: &GpuDevice,
     cfg: &ModelConfig,
-    blk: &GpuBlock<T>,
+    blk: &Block<CudaSlice<T>>,
     l: usize,
     a: &mut Activations<T>,
     shape: &BatchShape,
@@ -526,124 +499,25 @@ fn attn_half<T: KernelDtype>(
 where
     CudaBlas: Gemm<T>,
 {
-    let rows = shape.rows();
-    blk.q.forward(dev, &a.normed, rows, &mut a.q)?;
-    blk.k.forward(dev, &a.normed, rows, &mut a.k_new)?;
-    blk.v.forward(dev, &a.normed, rows, &mut a.v_new)?;
-    if cfg.arch == Arch::Llama {
-        let (hd, theta) = (cfg.head_dim, cfg.rope_theta);
-        elementwise::rope(
-            dev,
-            &mut a.q,
-            &a.positions,
-            rows,
-            cfg.num_heads,
-            hd,
-            theta,
-            false,
-        )?;
-        elementwise::rope(
-            dev,
-            &mut a.k_new,
-            &a.positions,
-            rows,
-            cfg.num_kv_heads,
-            hd,
-            theta,
-            false,
-        )?;
-    }
-    let append = KvAppend {
-        batch: shape.batch,
-        seq: shape.seq,
-        cap: a.cap.seq,
-        width: cfg.kv_dim(),
+    let rows = CallRows {
+        shape,
+        positions: &a.positions,
+        q_start: &a.q_start,
+        q_valid: &a.q_valid,
     };
-    elementwise::kv_append(
-        dev,
-        append,
-        &a.k_new,
-        &a.q_start,
-        &a.q_valid,
-        &mut a.cache_k[l],
-    )?;
-    elementwise::kv_append(
-        dev,
-        append,
-        &a.v_new,
-        &a.q_start,
-        &a.q_valid,
-        &mut a.cache_v[l],
-    )?;
-    let dims = AttnDims {
-        batch: shape.batch,
-        q_len: shape.seq,
-        kv_capacity: a.cap.seq,
-        n_heads: cfg.num_heads,
-        n_kv_heads: cfg.num_kv_heads,
-        head_dim: cfg.head_dim,
+    let io = AttnIo {
+        x: &a.normed,
+        q: &mut a.q,
+        k: &mut a.k_new,
+        v: &mut a.v_new,
+        keys: Keys::Cache {
+            k: &mut a.cache_k[l],
+            v: &mut a.cache_v[l],
+            cap: a.cap.seq,
+        },
+        att: &mut a.att,
+        lse: None,
+        out: &mut a.delta,
     };
-    attention::attention_forward::<T, CudaSlice<f32>>(
-        dev,
-        dims,
-        &a.q_start,
-        &a.q_valid,
-        &a.q,
-        &a.cache_k[l],
-        &a.cache_v[l],
-        &mut a.att,
-        None,
-    )?;
-    blk.o_proj.forward(dev, &a.att, rows, &mut a.delta)
-}
-
-/// `delta = mlp(normed)` with ELDER after every projection, as `Model::mlp_half`.
-fn mlp_half<T: KernelDtype>(
-    dev: &GpuDevice,
-    blk: &GpuBlock<T>,
-    l: usize,
-    a: &mut Activations<T>,
-    shape: &BatchShape,
-    mut hook: Option<&mut dyn SiteHook<T>>,
-) -> Result<()>
-where
-    CudaBlas: Gemm<T>,
-{
-    let rows = shape.rows();
-    let site = |proj| Site { block: l, proj };
-    // The site hook; a macro keeps the field borrows of `a` disjoint at each call.
-    macro_rules! adapt {
-        ($proj:expr, $x:expr, $out:expr) => {
-            if let Some(e) = hook.as_deref_mut() {
-                e.after_linear(dev, site($proj), shape, $x, $out)?;
-            }
-        };
-    }
-    match &blk.mlp {
-        GpuMlp::Gpt2 { c_fc, c_proj } => {
-            c_fc.product(dev, &a.normed, rows, &mut a.ffn_a)?;
-            adapt!(MlpProj::CFc, &a.normed, &mut a.ffn_a);
-            elementwise::bias_gelu(
-                dev,
-                &a.ffn_a,
-                c_fc.bias.as_ref(),
-                None::<&mut CudaSlice<T>>,
-                &mut a.act,
-                rows,
-                c_fc.out_dim,
-            )?;
-            c_proj.forward(dev, &a.act, rows, &mut a.delta)?;
-            adapt!(MlpProj::CProj, &a.act, &mut a.delta);
-        }
-        GpuMlp::Llama { gate, up, down } => {
-            gate.forward(dev, &a.normed, rows, &mut a.ffn_a)?;
-            adapt!(MlpProj::GateProj, &a.normed, &mut a.ffn_a);
-            up.forward(dev, &a.normed, rows, &mut a.ffn_b)?;
-            adapt!(MlpProj::UpProj, &a.normed, &mut a.ffn_b);
-            elementwise::silu_mul(dev, &a.ffn_a, &a.ffn_b, &mut a.act, rows * gate.out_dim)?;
-            down.forward(dev, &a.act, rows, &mut a.delta)?;
-            adapt!(MlpProj::DownProj, &a.act, &mut a.delta);
-        }
-    }
-    Ok(())
+    attn_half(dev, cfg, blk, &rows, io)
 }

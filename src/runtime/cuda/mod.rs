@@ -5,17 +5,20 @@
 //!
 //! - [`plan`]: buffer sizes and padded-batch row arithmetic (host only, unit-tested without a GPU);
 //! - [`staging`]: the host half of the upload (each tensor in the device dtype, one at a time;
-//!   unit-tested without a GPU); [`weights`]: the uploaded model; [`activations`]: the
+//!   unit-tested without a GPU); [`weights`]: the uploaded model (the CPU's `Model` type over
+//!   device buffers) and its layers' device methods; [`activations`]: the
 //!   preallocated buffers;
 //! - [`elder`]: the uploaded ELDER state and its per-request routing;
-//! - [`forward`]: the block-by-block forward and the head; [`requests`]: logits, score, eval scoring
-//!   and generation with the CPU runner's semantics;
+//! - [`blocks`]: the one block walk (attention and MLP halves) of the inference forward and the
+//!   training forward; [`forward`]: the inference forward over it and the head; [`requests`]:
+//!   logits, score, eval scoring and generation with the CPU runner's semantics;
 //! - [`train`]: the edit step (ELDER's trainer on the device).
 //!
 //! Compiled only: none of this has run on a GPU yet (`tests/gpu_model.rs` and `tests/gpu_train.rs`
 //! check it against the CPU when one is available).
 
 pub mod activations;
+pub mod blocks;
 pub mod elder;
 pub mod forward;
 pub mod plan;

@@ -1,44 +1,56 @@
-//! The frozen base model on the device: every tensor uploaded once in the activation dtype, in the
-//! structure of the CPU [`Model`](crate::model::Model) (blocks, norms, linear layers and their layouts), so the CUDA
-//! forward walks the same description the CPU does.
+//! The frozen base model on the device: the CPU's own description ([`Model`]`<CudaSlice<T>>`,
+//! the structure every loader walks) with each tensor uploaded once in the activation dtype, and
+//! the device methods of its layers (a linear layer's product and input gradient, a norm fused
+//! with the residual add and its backward). No mirror types: the CUDA forward, the training
+//! forward and the backward walk the same `Block`, `Linear` and `Norm` the CPU does.
 //!
 //! The host prepares the tensors ([`super::staging`]: from the checkpoint's memory map or from an
 //! f32 CPU model, GPT-2's fused `c_attn` split into q, k and v); this module only copies each one to
-//! the device as it comes and puts the buffers in place.
+//! the device as it comes.
 
 use anyhow::{bail, Context, Result};
 use cudarc::cublas::{CudaBlas, Gemm};
 use cudarc::driver::CudaSlice;
 
 use crate::backend::shapes::Layout;
-use crate::model::layers::{Linear, Mlp, MlpProj, Norm};
-use crate::model::transformer::{Block, QkvProj};
+use crate::model::layers::{Linear, Norm};
+use crate::model::transformer::{Block, Model};
 
 use super::staging::WeightSource;
 use crate::backend::cuda::buffers::KernelDtype;
 use crate::backend::cuda::device::GpuDevice;
+use crate::backend::cuda::norm::{self, NormRows};
 use crate::backend::cuda::{elementwise, gemm};
 
-/// A frozen linear layer on the device, weight kept in its checkpoint layout.
-pub struct GpuLinear<T: KernelDtype> {
-    pub w: CudaSlice<T>,
-    pub bias: Option<CudaSlice<T>>,
-    pub in_dim: usize,
-    pub out_dim: usize,
-    pub layout: Layout,
+/// Every weight of the base model on the device (q, k and v always split).
+pub type GpuWeights<T> = Model<CudaSlice<T>>;
+
+/// Uploads the model of `source` (once; nothing here changes afterwards), tensor by tensor as the
+/// host stages them, so host memory holds one staged tensor at a time.
+pub fn upload<T: KernelDtype>(dev: &GpuDevice, source: WeightSource<'_>) -> Result<GpuWeights<T>> {
+    let uploaded = source.stage::<T, CudaSlice<T>>(|s| {
+        dev.upload(&s.values)
+            .with_context(|| format!("uploading {}", s.name))
+    })?;
+    if uploaded.blocks.iter().any(|b| b.qkv.split().is_none()) {
+        bail!("internal: a fused q/k/v projection reached the device (staging splits it)");
+    }
+    Ok(uploaded)
 }
 
-impl<T: KernelDtype> GpuLinear<T> {
-    fn from_uploaded(l: Linear<CudaSlice<T>>) -> Self {
-        GpuLinear {
-            w: l.weight,
-            bias: l.bias,
-            in_dim: l.in_dim,
-            out_dim: l.out_dim,
-            layout: l.layout,
-        }
-    }
+/// A frozen linear layer on the device.
+pub type DeviceLinear<T> = Linear<CudaSlice<T>>;
 
+/// The q, k and v projections of an uploaded block (staging split them; [`upload`] checked).
+pub fn qkv<T: KernelDtype>(
+    blk: &Block<CudaSlice<T>>,
+) -> Result<(&DeviceLinear<T>, &DeviceLinear<T>, &DeviceLinear<T>)> {
+    blk.qkv
+        .split()
+        .context("internal: a fused q/k/v projection on the device")
+}
+
+impl<T: KernelDtype> Linear<CudaSlice<T>> {
     /// `out[rows, out] = x[rows, in] W` without the bias (cuBLAS). The bias is added separately
     /// because ELDER's update and GPT-2's GELU sit between the product and it on some layers.
     pub fn product(
@@ -55,7 +67,7 @@ impl<T: KernelDtype> GpuLinear<T> {
             dev,
             x,
             rows,
-            &self.w,
+            &self.weight,
             self.in_dim,
             self.out_dim,
             self.layout,
@@ -103,7 +115,7 @@ impl<T: KernelDtype> GpuLinear<T> {
             dev,
             dy,
             rows,
-            &self.w,
+            &self.weight,
             self.in_dim,
             self.out_dim,
             self.layout,
@@ -140,134 +152,84 @@ where
     )
 }
 
-/// A pre-norm on the device (weights in the activation dtype, as the norm kernels take them).
-pub enum GpuNorm<T: KernelDtype> {
-    Layer {
-        w: CudaSlice<T>,
-        b: CudaSlice<T>,
-        eps: f32,
-    },
-    Rms {
-        w: CudaSlice<T>,
-        eps: f32,
-    },
+/// Where a norm reads and writes: `out = norm(x + residual)` over `rows` rows of width `d`, the
+/// sum itself into `sum_out` when given (the next residual stream), the statistics its backward
+/// reads into `mean` (LayerNorm only) and `rstd`.
+pub struct NormIo<'a, T: KernelDtype> {
+    pub rows: usize,
+    pub d: usize,
+    pub x: &'a CudaSlice<T>,
+    pub residual: Option<&'a CudaSlice<T>>,
+    pub sum_out: Option<&'a mut CudaSlice<T>>,
+    pub out: &'a mut CudaSlice<T>,
+    pub mean: &'a mut CudaSlice<f32>,
+    pub rstd: &'a mut CudaSlice<f32>,
 }
 
-impl<T: KernelDtype> GpuNorm<T> {
-    fn from_uploaded(n: Norm<CudaSlice<T>>) -> Self {
-        match n {
-            Norm::Layer { weight, bias, eps } => GpuNorm::Layer {
-                w: weight,
-                b: bias,
-                eps,
-            },
-            Norm::Rms { weight, eps } => GpuNorm::Rms { w: weight, eps },
+impl<T: KernelDtype> Norm<CudaSlice<T>> {
+    /// The pre-norm with the residual add fused (one kernel), as `Norm::forward` of `x + residual`.
+    pub fn forward(&self, dev: &GpuDevice, io: NormIo<'_, T>) -> Result<()> {
+        match self {
+            Norm::Layer { weight, bias, eps } => norm::residual_layernorm(
+                dev,
+                NormRows {
+                    n: io.rows,
+                    d: io.d,
+                    eps: *eps,
+                },
+                io.x,
+                io.residual,
+                io.sum_out,
+                weight,
+                Some(bias),
+                io.out,
+                io.mean,
+                io.rstd,
+            ),
+            Norm::Rms { weight, eps } => norm::residual_rmsnorm(
+                dev,
+                NormRows {
+                    n: io.rows,
+                    d: io.d,
+                    eps: *eps,
+                },
+                io.x,
+                io.residual,
+                io.sum_out,
+                weight,
+                io.out,
+                io.rstd,
+            ),
         }
     }
-}
 
-/// The MLP of a block, mirroring [`Mlp`].
-pub enum GpuMlp<T: KernelDtype> {
-    Gpt2 {
-        c_fc: GpuLinear<T>,
-        c_proj: GpuLinear<T>,
-    },
-    Llama {
-        gate: GpuLinear<T>,
-        up: GpuLinear<T>,
-        down: GpuLinear<T>,
-    },
-}
-
-pub struct GpuBlock<T: KernelDtype> {
-    pub norm1: GpuNorm<T>,
-    pub q: GpuLinear<T>,
-    pub k: GpuLinear<T>,
-    pub v: GpuLinear<T>,
-    pub o_proj: GpuLinear<T>,
-    pub norm2: GpuNorm<T>,
-    pub mlp: GpuMlp<T>,
-}
-
-impl<T: KernelDtype> GpuBlock<T> {
-    fn from_uploaded(b: Block<CudaSlice<T>>) -> Result<Self> {
-        let QkvProj::Split { q, k, v } = b.qkv else {
-            bail!("internal: a fused q/k/v projection reached the device (staging splits it)");
+    /// `dx (+)= d(norm)/dx^T dout` over `rows` rows (`Norm::backward_accumulate`); `x` is the
+    /// norm's input (the residual stream it normalised), `mean` / `rstd` what the forward saved.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward(
+        &self,
+        dev: &GpuDevice,
+        (rows, d): (usize, usize),
+        x: &CudaSlice<T>,
+        mean: &CudaSlice<f32>,
+        rstd: &CudaSlice<f32>,
+        dout: &CudaSlice<T>,
+        dx: &mut CudaSlice<T>,
+        accumulate: bool,
+    ) -> Result<()> {
+        // The backward has no epsilon: the saved statistics carry it.
+        let shape = NormRows {
+            n: rows,
+            d,
+            eps: 0.0,
         };
-        let mlp = match b.mlp {
-            Mlp::Gpt2 { c_fc, c_proj } => GpuMlp::Gpt2 {
-                c_fc: GpuLinear::from_uploaded(c_fc),
-                c_proj: GpuLinear::from_uploaded(c_proj),
-            },
-            Mlp::Llama { gate, up, down } => GpuMlp::Llama {
-                gate: GpuLinear::from_uploaded(gate),
-                up: GpuLinear::from_uploaded(up),
-                down: GpuLinear::from_uploaded(down),
-            },
-        };
-        Ok(GpuBlock {
-            norm1: GpuNorm::from_uploaded(b.norm1),
-            q: GpuLinear::from_uploaded(q),
-            k: GpuLinear::from_uploaded(k),
-            v: GpuLinear::from_uploaded(v),
-            o_proj: GpuLinear::from_uploaded(b.o_proj),
-            norm2: GpuNorm::from_uploaded(b.norm2),
-            mlp,
-        })
-    }
-}
-
-impl<T: KernelDtype> GpuMlp<T> {
-    /// The projection at `proj`, as [`Mlp::linear`].
-    pub fn linear(&self, proj: MlpProj) -> Option<&GpuLinear<T>> {
-        match (self, proj) {
-            (GpuMlp::Gpt2 { c_fc, .. }, MlpProj::CFc) => Some(c_fc),
-            (GpuMlp::Gpt2 { c_proj, .. }, MlpProj::CProj) => Some(c_proj),
-            (GpuMlp::Llama { gate, .. }, MlpProj::GateProj) => Some(gate),
-            (GpuMlp::Llama { up, .. }, MlpProj::UpProj) => Some(up),
-            (GpuMlp::Llama { down, .. }, MlpProj::DownProj) => Some(down),
-            _ => None,
-        }
-    }
-}
-
-/// Every weight of the base model on the device.
-pub struct GpuWeights<T: KernelDtype> {
-    /// `[vocab, d]`; also the head when it is tied.
-    pub embed: CudaSlice<T>,
-    /// `[max_positions, d]` (GPT-2).
-    pub pos_embed: Option<CudaSlice<T>>,
-    pub blocks: Vec<GpuBlock<T>>,
-    pub final_norm: GpuNorm<T>,
-    pub lm_head: Option<GpuLinear<T>>,
-}
-
-impl<T: KernelDtype> GpuWeights<T> {
-    /// Uploads the model of `source` (once; nothing here changes afterwards), tensor by tensor as
-    /// the host stages them, so host memory holds one staged tensor at a time.
-    pub fn upload(dev: &GpuDevice, source: WeightSource<'_>) -> Result<Self> {
-        let uploaded = source.stage::<T, CudaSlice<T>>(|s| {
-            dev.upload(&s.values)
-                .with_context(|| format!("uploading {}", s.name))
-        })?;
-        Ok(GpuWeights {
-            embed: uploaded.embed,
-            pos_embed: uploaded.pos_embed,
-            blocks: uploaded
-                .blocks
-                .into_iter()
-                .map(GpuBlock::from_uploaded)
-                .collect::<Result<_>>()?,
-            final_norm: GpuNorm::from_uploaded(uploaded.final_norm),
-            lm_head: uploaded.lm_head.map(GpuLinear::from_uploaded),
-        })
-    }
-
-    /// The output projection `(weight, layout)`: a tied head reads the embedding table as `[out, in]`.
-    pub fn head(&self) -> (&CudaSlice<T>, Layout) {
-        match &self.lm_head {
-            Some(l) => (&l.w, l.layout),
-            None => (&self.embed, Layout::OutIn),
+        match self {
+            Norm::Layer { weight, .. } => {
+                norm::layernorm_backward(dev, shape, x, weight, mean, rstd, dout, dx, accumulate)
+            }
+            Norm::Rms { weight, .. } => {
+                norm::rmsnorm_backward(dev, shape, x, weight, rstd, dout, dx, accumulate)
+            }
         }
     }
 }

@@ -1,6 +1,7 @@
-//! The blocks of the training forward and backward on the device, one function per half-block in
-//! the order of the CPU description (`Model::mlp_half` / `attn_half` / `mlp_backward` /
-//! `attn_backward`), filling and reading the tapes of [`super::buffers`].
+//! The blocks of the training step on the device: the forward is the runtime's one block walk
+//! ([`crate::runtime::cuda::blocks`]) on the tapes of [`super::buffers`] with the trained experts
+//! as its site hook; the backward is one function per half-block in the order of the CPU
+//! description (`Model::mlp_backward` / `attn_backward`), reading those tapes.
 
 use anyhow::Result;
 use cudarc::cublas::{CudaBlas, Gemm};
@@ -10,10 +11,11 @@ use crate::backend::cuda::attention::{self, AttnDims, AttnGrads};
 use crate::backend::cuda::buffers::KernelDtype;
 use crate::backend::cuda::device::GpuDevice;
 use crate::backend::cuda::elementwise;
-use crate::backend::cuda::norm::{self, NormRows};
-use crate::model::layers::{MlpProj, Site};
-use crate::model::Arch;
-use crate::runtime::cuda::weights::{GpuBlock, GpuMlp, GpuNorm};
+use crate::model::layers::{Mlp, MlpProj, Site};
+use crate::model::transformer::Block;
+use crate::model::{Arch, BatchShape};
+use crate::runtime::cuda::blocks::{attn_half, mlp_half, AttnIo, CallRows, Keys, MlpIo, SiteHook};
+use crate::runtime::cuda::weights::qkv;
 
 use super::buffers::{clear, AttnTape, Experts, MlpTape, Scratch};
 use super::step::Step;
@@ -22,8 +24,9 @@ impl<T: KernelDtype> Step<'_, T>
 where
     CudaBlas: Gemm<T>,
 {
-    /// `delta = mlp(tape.normed)` with ELDER after every projection, filling the tape
-    /// (as `Model::mlp_half`).
+    /// Block `l`'s MLP half on its tape: `sc.delta = mlp(tape.normed)` with the trained experts
+    /// after every projection ([`mlp_half`], the inference forward's own walk), keeping what
+    /// [`Self::mlp_backward`] reads.
     pub(super) fn mlp_forward(
         &self,
         l: usize,
@@ -31,41 +34,50 @@ where
         sc: &mut Scratch<T>,
         ex: &mut Experts,
     ) -> Result<()> {
-        let (dev, rows) = (self.dev, self.rows());
-        let site = |proj| Site { block: l, proj };
-        match &self.w.blocks[l].mlp {
-            GpuMlp::Gpt2 { c_fc, c_proj } => {
-                // The mixture joins the product before the bias, as in the inference forward.
-                c_fc.product(dev, &tape.normed, rows, &mut sc.ffn)?;
-                self.molora_forward(site(MlpProj::CFc), ex, &tape.normed, &mut sc.ffn)?;
-                elementwise::bias_gelu(
-                    dev,
-                    &sc.ffn,
-                    c_fc.bias.as_ref(),
-                    Some(&mut tape.pre),
-                    &mut tape.act,
-                    rows,
-                    c_fc.out_dim,
-                )?;
-                c_proj.forward(dev, &tape.act, rows, &mut sc.delta)?;
-                self.molora_forward(site(MlpProj::CProj), ex, &tape.act, &mut sc.delta)
-            }
-            GpuMlp::Llama { gate, up, down } => {
-                gate.forward(dev, &tape.normed, rows, &mut tape.pre)?;
-                self.molora_forward(site(MlpProj::GateProj), ex, &tape.normed, &mut tape.pre)?;
-                up.forward(dev, &tape.normed, rows, &mut tape.up)?;
-                self.molora_forward(site(MlpProj::UpProj), ex, &tape.normed, &mut tape.up)?;
-                elementwise::silu_mul(
-                    dev,
-                    &tape.pre,
-                    &tape.up,
-                    &mut tape.act,
-                    rows * gate.out_dim,
-                )?;
-                down.forward(dev, &tape.act, rows, &mut sc.delta)?;
-                self.molora_forward(site(MlpProj::DownProj), ex, &tape.act, &mut sc.delta)
-            }
-        }
+        let blk = &self.w.blocks[l];
+        // GPT-2 keeps bias + GELU's pre-activation (the product itself goes to scratch); Llama's
+        // gate output is its pre-activation.
+        let (first, keep_pre) = match &blk.mlp {
+            Mlp::Gpt2 { .. } => (&mut sc.ffn, Some(&mut tape.pre)),
+            Mlp::Llama { .. } => (&mut tape.pre, None),
+        };
+        let io = MlpIo {
+            x: &tape.normed,
+            first,
+            up: &mut tape.up,
+            keep_pre,
+            act: &mut tape.act,
+            out: &mut sc.delta,
+        };
+        let mut experts = TrainedExperts { step: self, ex };
+        mlp_half(self.dev, blk, l, self.shape, io, Some(&mut experts))
+    }
+
+    /// Block `l`'s attention half on its tape: `sc.delta = attention(sc.normed)` ([`attn_half`]),
+    /// the call's own rows as the keys, the log-sum-exp kept for [`Self::attn_backward`].
+    pub(super) fn attn_forward(
+        &self,
+        l: usize,
+        at: &mut AttnTape<T>,
+        sc: &mut Scratch<T>,
+    ) -> Result<()> {
+        let rows = CallRows {
+            shape: self.shape,
+            positions: self.positions,
+            q_start: self.q_start,
+            q_valid: self.q_valid,
+        };
+        let io = AttnIo {
+            x: &sc.normed,
+            q: &mut at.q,
+            k: &mut at.k,
+            v: &mut at.v,
+            keys: Keys::OwnRows,
+            att: &mut at.att,
+            lse: Some(&mut at.lse),
+            out: &mut sc.delta,
+        };
+        attn_half(self.dev, self.cfg, &self.w.blocks[l], &rows, io)
     }
 
     fn attn_dims(&self) -> AttnDims {
@@ -81,54 +93,13 @@ where
         }
     }
 
-    /// `delta = o_proj(attention(rope(q), rope(k), v))` of `sc.normed`, filling the tape
-    /// (as `Model::attn_half`).
-    pub(super) fn attn_forward(
-        &self,
-        blk: &GpuBlock<T>,
-        at: &mut AttnTape<T>,
-        sc: &mut Scratch<T>,
-    ) -> Result<()> {
-        let (dev, cfg, rows) = (self.dev, self.cfg, self.rows());
-        blk.q.forward(dev, &sc.normed, rows, &mut at.q)?;
-        blk.k.forward(dev, &sc.normed, rows, &mut at.k)?;
-        blk.v.forward(dev, &sc.normed, rows, &mut at.v)?;
-        if cfg.arch == Arch::Llama {
-            let (hd, theta) = (cfg.head_dim, cfg.rope_theta);
-            let pos = self.positions;
-            elementwise::rope(dev, &mut at.q, pos, rows, cfg.num_heads, hd, theta, false)?;
-            elementwise::rope(
-                dev,
-                &mut at.k,
-                pos,
-                rows,
-                cfg.num_kv_heads,
-                hd,
-                theta,
-                false,
-            )?;
-        }
-        attention::attention_forward::<T, CudaSlice<f32>>(
-            dev,
-            self.attn_dims(),
-            self.q_start,
-            self.q_valid,
-            &at.q,
-            &at.k,
-            &at.v,
-            &mut at.att,
-            Some(&mut at.lse),
-        )?;
-        blk.o_proj.forward(dev, &at.att, rows, &mut sc.delta)
-    }
-
     /// Backward of [`Self::mlp_forward`] (`Model::mlp_backward`): `sc.dh` holds dL/d(block output)
     /// and, with `need_input_grad`, becomes dL/d(MLP input residual); without it only the MoLoRA
     /// gradients are produced (the trainer stops there at its first block).
     pub(super) fn mlp_backward(
         &self,
         l: usize,
-        blk: &GpuBlock<T>,
+        blk: &Block<CudaSlice<T>>,
         tape: &MlpTape<T>,
         sc: &mut Scratch<T>,
         ex: &mut Experts,
@@ -137,7 +108,7 @@ where
         let (dev, rows) = (self.dev, self.rows());
         let site = |proj| Site { block: l, proj };
         match &blk.mlp {
-            GpuMlp::Gpt2 { c_fc, c_proj } => {
+            Mlp::Gpt2 { c_fc, c_proj } => {
                 c_proj.backward_input(dev, &sc.dh, rows, &mut sc.dact, false)?;
                 let s = site(MlpProj::CProj);
                 self.molora_backward(s, ex, &tape.act, &sc.dh, Some(&mut sc.dact))?;
@@ -149,7 +120,7 @@ where
                 let dx = need_input_grad.then_some(&mut sc.dnormed);
                 self.molora_backward(site(MlpProj::CFc), ex, &tape.normed, &sc.dpre, dx)?;
             }
-            GpuMlp::Llama { gate, up, down } => {
+            Mlp::Llama { gate, up, down } => {
                 down.backward_input(dev, &sc.dh, rows, &mut sc.dact, false)?;
                 let s = site(MlpProj::DownProj);
                 self.molora_backward(s, ex, &tape.act, &sc.dh, Some(&mut sc.dact))?;
@@ -173,16 +144,15 @@ where
             }
         }
         if need_input_grad {
-            norm_backward(
+            blk.norm2.backward(
                 dev,
-                &blk.norm2,
-                rows,
-                self.cfg.hidden_size,
+                (rows, self.cfg.hidden_size),
                 &tape.x,
                 &tape.mean,
                 &tape.rstd,
                 &sc.dnormed,
                 &mut sc.dh,
+                true,
             )?;
         }
         Ok(())
@@ -192,7 +162,7 @@ where
     /// output residual) and becomes dL/d(block input).
     pub(super) fn attn_backward(
         &self,
-        blk: &GpuBlock<T>,
+        blk: &Block<CudaSlice<T>>,
         at: &AttnTape<T>,
         sc: &mut Scratch<T>,
     ) -> Result<()> {
@@ -241,89 +211,42 @@ where
         elementwise::cast_f32(dev, &sc.dv32, &mut sc.dv, nkv)?;
         // GPT-2's fused c_attn was split into q | k | v on upload: the sum of the three input
         // gradients is the fused layer's.
-        blk.q
-            .backward_input(dev, &sc.dq, rows, &mut sc.dnormed, false)?;
-        blk.k
-            .backward_input(dev, &sc.dk, rows, &mut sc.dnormed, true)?;
-        blk.v
-            .backward_input(dev, &sc.dv, rows, &mut sc.dnormed, true)?;
-        norm_backward(
+        let (q, k, v) = qkv(blk)?;
+        q.backward_input(dev, &sc.dq, rows, &mut sc.dnormed, false)?;
+        k.backward_input(dev, &sc.dk, rows, &mut sc.dnormed, true)?;
+        v.backward_input(dev, &sc.dv, rows, &mut sc.dnormed, true)?;
+        blk.norm1.backward(
             dev,
-            &blk.norm1,
-            rows,
-            cfg.hidden_size,
+            (rows, cfg.hidden_size),
             &at.x,
             &at.mean,
             &at.rstd,
             &sc.dnormed,
             &mut sc.dh,
+            true,
         )
     }
 }
 
-/// A pre-norm over `(n, d)` rows with the residual add fused: `sum_out = x + residual` (when
-/// given) and `out = norm(x + residual)`, saving the statistics.
-#[allow(clippy::too_many_arguments)]
-pub(super) fn norm_forward<T: KernelDtype>(
-    dev: &GpuDevice,
-    norm: &GpuNorm<T>,
-    (n, d): (usize, usize),
-    x: &CudaSlice<T>,
-    residual: Option<&CudaSlice<T>>,
-    sum_out: Option<&mut CudaSlice<T>>,
-    out: &mut CudaSlice<T>,
-    mean: &mut CudaSlice<f32>,
-    rstd: &mut CudaSlice<f32>,
-) -> Result<()> {
-    match norm {
-        GpuNorm::Layer { w, b, eps } => norm::residual_layernorm(
-            dev,
-            NormRows { n, d, eps: *eps },
-            x,
-            residual,
-            sum_out,
-            w,
-            Some(b),
-            out,
-            mean,
-            rstd,
-        ),
-        GpuNorm::Rms { w, eps } => norm::residual_rmsnorm(
-            dev,
-            NormRows { n, d, eps: *eps },
-            x,
-            residual,
-            sum_out,
-            w,
-            out,
-            rstd,
-        ),
-    }
+/// The experts being trained as the walk's site hook: each MoLoRA site adds its mixture (every
+/// sequence in scope) and saves its shrink for the backward.
+struct TrainedExperts<'s, 'a, T: KernelDtype> {
+    step: &'s Step<'a, T>,
+    ex: &'s mut Experts,
 }
 
-/// `dx += d(norm)/dx^T dout` over `rows` rows (`Norm::backward_accumulate`); `x` is the norm's
-/// input (the residual stream it normalised).
-#[allow(clippy::too_many_arguments)]
-pub(super) fn norm_backward<T: KernelDtype>(
-    dev: &GpuDevice,
-    norm: &GpuNorm<T>,
-    rows: usize,
-    d: usize,
-    x: &CudaSlice<T>,
-    mean: &CudaSlice<f32>,
-    rstd: &CudaSlice<f32>,
-    dout: &CudaSlice<T>,
-    dx: &mut CudaSlice<T>,
-) -> Result<()> {
-    let shape = NormRows {
-        n: rows,
-        d,
-        eps: 0.0,
-    };
-    match norm {
-        GpuNorm::Layer { w, .. } => {
-            norm::layernorm_backward(dev, shape, x, w, mean, rstd, dout, dx, true)
-        }
-        GpuNorm::Rms { w, .. } => norm::rmsnorm_backward(dev, shape, x, w, rstd, dout, dx, true),
+impl<T: KernelDtype> SiteHook<T> for TrainedExperts<'_, '_, T>
+where
+    CudaBlas: Gemm<T>,
+{
+    fn after_linear(
+        &mut self,
+        _dev: &GpuDevice,
+        site: Site,
+        _shape: &BatchShape,
+        x: &CudaSlice<T>,
+        out: &mut CudaSlice<T>,
+    ) -> Result<()> {
+        self.step.molora_forward(site, self.ex, x, out)
     }
 }

@@ -15,7 +15,7 @@ use crate::elder::config::ElderConfig;
 use crate::model::layers::Site;
 use crate::model::BatchShape;
 use crate::runtime::cuda::activations::write;
-use crate::runtime::cuda::forward::SiteHook;
+use crate::runtime::cuda::blocks::SiteHook;
 use crate::runtime::cuda::plan::to_u32;
 
 use super::plan::{ParamSizes, TrainPlan};

@@ -6,11 +6,9 @@ use cudarc::cublas::{CudaBlas, Gemm};
 use cudarc::driver::CudaSlice;
 
 use crate::backend::cuda::buffers::KernelDtype;
-use crate::backend::cuda::norm::{self, NormRows};
 use crate::backend::cuda::{elementwise, gemm, loss};
-use crate::runtime::cuda::weights::{input_grad, GpuNorm};
+use crate::runtime::cuda::weights::{input_grad, NormIo};
 
-use super::blocks::norm_forward;
 use super::buffers::{HeadBuffers, Scratch};
 use super::step::Step;
 
@@ -30,18 +28,20 @@ where
         let (dev, cfg, n) = (self.dev, self.cfg, self.n_targets);
         let (d, vocab) = (cfg.hidden_size, cfg.vocab_size);
         elementwise::embedding(dev, &hb.rows, n, h, self.rows(), d, &mut hb.x)?;
-        norm_forward(
+        self.w.final_norm.forward(
             dev,
-            &self.w.final_norm,
-            (n, d),
-            &hb.x,
-            None,
-            None,
-            &mut hb.normed,
-            &mut hb.mean,
-            &mut hb.rstd,
+            NormIo {
+                rows: n,
+                d,
+                x: &hb.x,
+                residual: None,
+                sum_out: None,
+                out: &mut hb.normed,
+                mean: &mut hb.mean,
+                rstd: &mut hb.rstd,
+            },
         )?;
-        let (head_w, layout) = self.w.head();
+        let (head_w, layout) = self.w.head_weight();
         gemm::matmul(
             dev,
             &hb.normed,
@@ -73,7 +73,7 @@ where
     pub(super) fn head_backward(&self, hb: &mut HeadBuffers<T>, sc: &mut Scratch<T>) -> Result<()> {
         let (dev, cfg, n) = (self.dev, self.cfg, self.n_targets);
         let (d, vocab) = (cfg.hidden_size, cfg.vocab_size);
-        let (head_w, layout) = self.w.head();
+        let (head_w, layout) = self.w.head_weight();
         input_grad(
             dev,
             &hb.dlogits,
@@ -85,30 +85,16 @@ where
             &mut hb.dnormed,
             false,
         )?;
-        let rows = NormRows { n, d, eps: 0.0 }; // the backward has no epsilon
-        match &self.w.final_norm {
-            GpuNorm::Layer { w, .. } => norm::layernorm_backward(
-                dev,
-                rows,
-                &hb.x,
-                w,
-                &hb.mean,
-                &hb.rstd,
-                &hb.dnormed,
-                &mut hb.dx,
-                false,
-            )?,
-            GpuNorm::Rms { w, .. } => norm::rmsnorm_backward(
-                dev,
-                rows,
-                &hb.x,
-                w,
-                &hb.rstd,
-                &hb.dnormed,
-                &mut hb.dx,
-                false,
-            )?,
-        }
+        self.w.final_norm.backward(
+            dev,
+            (n, d),
+            &hb.x,
+            &hb.mean,
+            &hb.rstd,
+            &hb.dnormed,
+            &mut hb.dx,
+            false,
+        )?;
         elementwise::embedding(dev, &hb.scatter, self.rows(), &hb.dx, n + 1, d, &mut sc.dh)
     }
 }

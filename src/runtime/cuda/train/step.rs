@@ -25,9 +25,8 @@ use crate::elder::trainer::{adam_step, learning_rate, tensor_rates};
 use crate::model::layers::Site;
 use crate::model::{BatchShape, ModelConfig};
 use crate::runtime::cuda::activations::write;
-use crate::runtime::cuda::weights::GpuWeights;
+use crate::runtime::cuda::weights::{GpuWeights, NormIo};
 
-use super::blocks::norm_forward;
 use super::buffers::{Experts, TrainBuffers};
 
 /// What an iteration reads and never changes: the model, the batch's shape and its device-side
@@ -112,30 +111,34 @@ where
             let blk = &self.w.blocks[l];
             let at = &mut b.attn[i - 1];
             // residual = previous MLP input + its output; attention norm of it.
-            norm_forward(
+            blk.norm1.forward(
                 self.dev,
-                &blk.norm1,
-                (rows, d),
-                &sc.delta,
-                Some(&b.mlp[i - 1].x),
-                Some(&mut at.x),
-                &mut sc.normed,
-                &mut at.mean,
-                &mut at.rstd,
+                NormIo {
+                    rows,
+                    d,
+                    x: &sc.delta,
+                    residual: Some(&b.mlp[i - 1].x),
+                    sum_out: Some(&mut at.x),
+                    out: &mut sc.normed,
+                    mean: &mut at.mean,
+                    rstd: &mut at.rstd,
+                },
             )?;
-            self.attn_forward(blk, at, sc)
+            self.attn_forward(l, at, sc)
                 .with_context(|| format!("block {l} attention (training forward)"))?;
             let tape = &mut b.mlp[i];
-            norm_forward(
+            blk.norm2.forward(
                 self.dev,
-                &blk.norm2,
-                (rows, d),
-                &sc.delta,
-                Some(&b.attn[i - 1].x),
-                Some(&mut tape.x),
-                &mut tape.normed,
-                &mut tape.mean,
-                &mut tape.rstd,
+                NormIo {
+                    rows,
+                    d,
+                    x: &sc.delta,
+                    residual: Some(&b.attn[i - 1].x),
+                    sum_out: Some(&mut tape.x),
+                    out: &mut tape.normed,
+                    mean: &mut tape.mean,
+                    rstd: &mut tape.rstd,
+                },
             )?;
             self.mlp_forward(l, tape, sc, &mut b.experts)
                 .with_context(|| format!("block {l} MLP (training forward)"))?;
