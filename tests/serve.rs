@@ -1234,3 +1234,75 @@ fn a_second_leader_fences_the_first() {
     second.wait_status("two", "committed");
     assert_eq!(applied_ids(&tmp.path().join("b")), ["one", "two"]);
 }
+
+/// A batch that fails to train is recorded in the JetStream edit log (no commit record can carry
+/// it): a new leader reading the log reports those edits failed with their error and does not
+/// train them again, while the edits after them stay queued.
+#[test]
+fn a_failed_batch_is_kept_in_the_nats_edit_log() {
+    use elder::serve::editlog::Entry;
+    use elder::serve::ledger::{Ledger, Status};
+    use elder::serve::replication::{Nats as NatsLog, NatsOptions, Role};
+
+    let test = "a_failed_batch_is_kept_in_the_nats_edit_log";
+    if !nats_available(test) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let nats = Nats::start(dir.path(), "n1", None);
+    let opts = NatsOptions {
+        urls: vec![nats.url.clone()],
+        stream: "FAILED_BATCH".to_string(),
+        role: Role::Leader,
+        replicas: 1,
+    };
+    let add = |id: &str| Entry::Add {
+        seq: 0,
+        id: id.to_string(),
+        record: json!({
+            "id": id,
+            "knowledge_id": id,
+            "prompt": format!("Fact {id} is"),
+            "target_new": " true"
+        }),
+    };
+    let failed = Entry::Failed {
+        ids: vec!["a".to_string(), "b".to_string()],
+        error: "training diverged".to_string(),
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let entries = rt.block_on(async {
+        let log = NatsLog::connect(&opts).await.unwrap();
+        let (_, last) = log.edit_log().await.unwrap();
+        let last = log.take_over("http://127.0.0.1:9", last).await.unwrap();
+        let last = log
+            .append(&[add("a"), add("b"), add("c")], last)
+            .await
+            .unwrap();
+        let after_adds = last;
+        let last = log
+            .append(std::slice::from_ref(&failed), last)
+            .await
+            .unwrap();
+        assert_eq!(last, after_adds + 1, "the failure is one more log entry");
+        let (entries, read_last) = log.edit_log().await.unwrap();
+        assert_eq!(read_last, last);
+        entries
+    });
+    assert!(
+        entries.contains(&failed),
+        "the failure is in the log: {entries:?}"
+    );
+    let ledger = Ledger::replay(&entries, &[]).unwrap();
+    for id in ["a", "b"] {
+        let e = ledger.get(id).unwrap();
+        assert_eq!(e.status, Status::Failed, "{id}");
+        assert_eq!(e.error.as_deref(), Some("training diverged"), "{id}");
+    }
+    assert_eq!(ledger.get("c").unwrap().status, Status::Queued);
+    assert_eq!(
+        ledger.queued_edits(),
+        1,
+        "only c is trained by a new leader"
+    );
+}

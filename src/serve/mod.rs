@@ -117,8 +117,9 @@ impl Log {
         }
     }
 
-    /// Makes `entries` durable (a local fsync, or JetStream's acknowledgement). On JetStream only
-    /// the promises (`add`, `delete`) go to the log; the outcomes travel in commit records.
+    /// Makes `entries` durable (a local fsync, or JetStream's acknowledgement). On JetStream the
+    /// promises (`add`, `delete`) and failed batches go to the log; the other outcomes travel in
+    /// commit records.
     /// Called from blocking threads only.
     pub fn append(&mut self, entries: &[Entry]) -> Result<(), LogError> {
         match self {

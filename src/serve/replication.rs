@@ -227,19 +227,25 @@ impl Nats {
         Ok(out)
     }
 
-    /// Appends promise entries (`add`, `delete`) to the edit log after `last`; returns the new
-    /// last sequence. Fails as [`LogError::Fenced`] when another writer appended in between.
+    /// Appends entries to the edit log after `last`: the promises (`add`, `delete`) and the one
+    /// outcome a commit record cannot carry, a batch that `failed` (no generation records it, and
+    /// without it a new leader would train the batch again and forget its error). `committed`
+    /// and `deleted` travel in the commit records. Returns the new last sequence; fails as
+    /// [`LogError::Fenced`] when another writer appended in between.
     pub async fn append(&self, entries: &[Entry], mut last: u64) -> Result<u64, LogError> {
         for entry in entries {
-            let (kind, id) = match entry {
-                Entry::Add { id, .. } => ("add", id),
-                Entry::Delete { id, .. } => ("delete", id),
+            let message_id = match entry {
+                Entry::Add { id, .. } => format!("add:{id}"),
+                Entry::Delete { id, .. } => format!("delete:{id}"),
+                // Named by the position it follows: a retried publish is deduplicated, a later
+                // failure of the same edit (submitted again) is not.
+                Entry::Failed { .. } => format!("failed:{}", last + 1),
                 _ => continue,
             };
             let payload = serde_json::to_vec(entry).map_err(|e| LogError::Other(e.into()))?;
             let message = PublishMessage::build()
                 .payload(payload.into())
-                .message_id(format!("{kind}:{id}"))
+                .message_id(message_id)
                 .expected_last_sequence(last);
             last = publish(&self.js, &self.edits_subject, message, last).await?;
         }
