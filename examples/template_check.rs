@@ -27,7 +27,7 @@ fn main() -> Result<()> {
         }
     }
     let pairs: Vec<(&[u32], &[u32])> = items.iter().map(|(_, (p, t))| (&p[..], &t[..])).collect();
-    let scored = score_pairs(base.model()?, None, &pairs);
+    let scored = score_pairs(base.model()?, None, &pairs)?;
     let mut by: BTreeMap<&str, (f64, usize)> = BTreeMap::new();
     for ((tmpl, (_, t)), s) in items.iter().zip(&scored) {
         let acc = s.argmax.iter().zip(t).filter(|(a, b)| a == b).count() as f64 / t.len() as f64;

@@ -7,7 +7,6 @@
 //! CUDA model and trainer are uploaded on first use, and the trainer's uploaded weights also
 //! answer the queries that follow an edit).
 
-use std::ops::Range;
 use std::sync::Arc;
 
 use anyhow::{bail, Result};
@@ -16,10 +15,11 @@ use crate::backend::cuda::GpuDevice;
 use crate::backend::select::{self, Availability, Backend, DeviceRequest};
 use crate::data::EditRecord;
 use crate::elder::config::ElderConfig;
-use crate::elder::molora::{Elder, ElderAdapter};
-use crate::eval::{CpuScorer, Evaluator, Metrics, Protocol, EVAL_BATCH};
-use crate::model::runner::{prompt_rows, Decode, Sampling, Scored, TokenListener};
-use crate::model::{Adapter, NoAdapter};
+use crate::elder::molora::Elder;
+use crate::eval::{
+    self, CpuScorer, ElderRequest, Evaluator, Metrics, Protocol, Routed, EVAL_BATCH,
+};
+use crate::model::runner::{self, CpuForward, Decode, Forward, Sampling, Scored, TokenListener};
 use crate::runtime::cuda::{
     open_gpu_editor, open_gpu_model, Capacity, GpuDtype, GpuRunner, GpuScorer,
 };
@@ -247,21 +247,9 @@ impl Engine {
         if let Some(listener) = listener {
             decode = decode.listen(listener);
         }
-        if let Some(gpu) = self.runtime.gpu(&self.base)? {
-            gpu.set_elder(elder)?;
-            let (out, scope) = gpu.generate(prompts, decode, elder.is_some())?;
-            let scope = (0..prompts.len())
-                .map(|i| elder.and(scope.get(i).copied()))
-                .collect();
-            return Ok((out, scope));
-        }
-        let model = self.base.model()?;
-        let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
-        Ok(with_adapter(
-            elder,
-            prompt_rows(longest, prompts.iter().map(Vec::len)),
-            |a| model.generate_with(prompts, decode, a),
-        ))
+        let (out, report) =
+            self.with_forward(elder, |fwd| runner::generate(fwd, prompts, decode))?;
+        Ok((out, scopes(elder, report, prompts.len())))
     }
 
     /// Scores several `(prompt, target)` pairs in batches (teacher forcing), by the edited model
@@ -279,11 +267,7 @@ impl Engine {
                 .cfg
                 .check_context(&[("the prompt", prompt.len()), ("the target", target.len())])?;
         }
-        if let Some(gpu) = self.runtime.gpu(&self.base)? {
-            gpu.set_elder(elder)?;
-            return gpu.score_pairs(elder.is_some(), pairs);
-        }
-        Ok(crate::eval::score_pairs(self.base.model()?, elder, pairs))
+        self.with_forward(elder, |fwd| eval::score_pairs_on(fwd, pairs))
     }
 
     /// The log-probability and argmax of each token of `target` after `prompt` (teacher
@@ -300,14 +284,26 @@ impl Engine {
         self.base
             .cfg
             .check_context(&[("the prompt", prompt.len()), ("the target", target.len())])?;
+        let (scored, report) =
+            self.with_forward(elder, |fwd| runner::score(fwd, prompt, target))?;
+        Ok((scored, scopes(elder, report, 1).remove(0)))
+    }
+
+    /// Runs one request on the forward of the device chosen at start: the CUDA runtime with
+    /// `elder` uploaded, or the CPU model with `elder`'s adapter (`None`: the base model). The
+    /// one place a request picks its backend; the request itself is written once
+    /// (`model::runner`, `eval::score_pairs_on`).
+    fn with_forward<R>(
+        &mut self,
+        elder: Option<&Elder>,
+        request: impl FnOnce(&mut dyn Forward<Report = Routed>) -> Result<R>,
+    ) -> Result<R> {
         if let Some(gpu) = self.runtime.gpu(&self.base)? {
             gpu.set_elder(elder)?;
-            return gpu.score(prompt, target, elder.is_some());
+            return request(&mut *gpu.request(elder.is_some()));
         }
-        let model = self.base.model()?;
-        let rows = std::iter::once(0..prompt.len()).collect();
-        let (scored, mut scope) = with_adapter(elder, rows, |a| model.score(prompt, target, a));
-        Ok((scored, scope.remove(0)))
+        let mut cpu = CpuForward::new(self.base.model()?, ElderRequest::new(elder));
+        request(&mut cpu)
     }
 
     /// Scores the edited model of `elder` on `records` into `ev` (the paper's final protocol:
@@ -363,24 +359,11 @@ impl Engine {
     }
 }
 
-/// Runs `f` on the edited model of `elder` if given, else on the base model; also returns
-/// whether each prompt (at `prompt_rows` of the first forward) was in scope (`None` without a
-/// state).
-fn with_adapter<T>(
-    elder: Option<&Elder>,
-    prompt_rows: Vec<Range<usize>>,
-    f: impl FnOnce(&mut dyn Adapter) -> T,
-) -> (T, Vec<Option<bool>>) {
-    let n = prompt_rows.len();
-    match elder {
-        None => (f(&mut NoAdapter), vec![None; n]),
-        Some(elder) => {
-            let mut adapter = ElderAdapter::inference(elder, prompt_rows);
-            let out = f(&mut adapter);
-            let scope = (0..n)
-                .map(|i| Some(adapter.in_scope.get(i).copied().unwrap_or(false)))
-                .collect();
-            (out, scope)
-        }
-    }
+/// Whether each of `n` prompts was in scope, from what the forward reported (`None` for every
+/// prompt without an edit state; a prompt the report does not cover was out of scope).
+fn scopes(elder: Option<&Elder>, report: Option<Routed>, n: usize) -> Vec<Option<bool>> {
+    let in_scope = report.map(|r| r.in_scope).unwrap_or_default();
+    (0..n)
+        .map(|i| elder.map(|_| in_scope.get(i).copied().unwrap_or(false)))
+        .collect()
 }

@@ -121,7 +121,7 @@ fn out_of_scope_sequences_get_exactly_the_base_logits() {
     let cont: &[u32] = &[64, 65];
     // Threshold 0: nothing is ever in scope.
     elder.cfg.threshold = 0;
-    let edited = score_pairs(&model, Some(&elder), &[(prompt, cont)]);
+    let edited = score_pairs(&model, Some(&elder), &[(prompt, cont)]).unwrap();
     assert!(!edited[0].in_scope);
     let seq = [prompt, cont].concat();
     let (base, _) = model.logits(std::slice::from_ref(&seq), &mut NoAdapter);
@@ -197,7 +197,8 @@ fn edits_take_with_prompt_mean_pooling() {
         &model,
         Some(&elder),
         &[(e.prompt.as_slice(), e.target.as_slice()), other],
-    );
+    )
+    .unwrap();
     assert!(scored[0].in_scope);
     assert_eq!(scored[0].distance, Some(0), "{:?}", scored[0]);
     assert_eq!(scored[0].argmax, e.target, "{:?}", scored[0]);

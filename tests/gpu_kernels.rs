@@ -13,7 +13,7 @@ mod common;
 use std::sync::Arc;
 
 use cudarc::driver::CudaSlice;
-use elder::backend::cpu::{molora, ops};
+use elder::backend::cpu::ops;
 use elder::backend::cuda::{
     adam, attention, elementwise, gemm, lora, loss, norm, router, GpuDevice, KernelDtype,
 };
@@ -596,7 +596,7 @@ for_dtypes!(gpu_residual_rmsnorm_matches_cpu, check_rmsnorm);
 // ---------------------------------------------------------------- router
 
 /// Reference allocation code: bit l*E + e for every chosen expert.
-fn code_of(routings: &[molora::Routing], b: usize, words: usize) -> Vec<u64> {
+fn code_of(routings: &[ops::Routing], b: usize, words: usize) -> Vec<u64> {
     let mut code = vec![0u64; words];
     for (l, r) in routings.iter().enumerate() {
         for &e in &r.experts[b * r.k..][..r.k] {
@@ -638,10 +638,10 @@ fn check_router<T: KernelDtype>(dev: &Dev, name: &str) {
         } else {
             q.clone()
         };
-        let routings: Vec<molora::Routing> = (0..layers)
+        let routings: Vec<ops::Routing> = (0..layers)
             .map(|l| {
                 let w = &w_r[l * experts * d_in..][..experts * d_in];
-                molora::route(&x, w, &b_r[l * experts..][..experts], k, renormalize)
+                ops::route(&x, w, &b_r[l * experts..][..experts], k, renormalize)
             })
             .collect();
         // 10^5 random codes, then plant: seq 0 exact (d 0), seq 1 two bits off (d 2 < 3: in scope),
@@ -782,7 +782,7 @@ fn check_lora_shape<T: KernelDtype>(
     ),
 ) {
     let mut rng = rng_for(name);
-    let shape = molora::MixShape {
+    let shape = ops::MixShape {
         batch,
         seq,
         d_in,
@@ -816,7 +816,7 @@ fn check_lora_shape<T: KernelDtype>(
 
     let mut want = base.clone();
     let mut shrink_ref = vec![0.0; batch * k * seq * rank];
-    molora::molora_forward(
+    ops::molora_forward(
         shape,
         &x,
         &a,
@@ -892,7 +892,7 @@ fn check_lora_shape<T: KernelDtype>(
     let dx0 = quant::<T>(&rand_vec(&mut rng, batch * seq * d_in, -0.1, 0.1));
     let (mut da_ref, mut db_ref, mut dx_ref) = (da0.clone(), db0.clone(), dx0.clone());
     let mut dg_ref = vec![0.0; batch * k];
-    molora::molora_backward(
+    ops::molora_backward(
         shape,
         &x,
         &a,
@@ -956,7 +956,7 @@ fn check_lora_shape<T: KernelDtype>(
     // Inference keeps no shrink.
     let all = vec![true; batch];
     let mut want = base.clone();
-    molora::molora_forward(shape, &x, &a, &b, &experts, &gates, &all, &mut want, None);
+    ops::molora_forward(shape, &x, &a, &b, &experts, &gates, &all, &mut want, None);
     let mut out = up::<T>(dev, &base);
     lora::lora_forward::<T, CudaSlice<f32>>(
         dev,
@@ -1070,12 +1070,12 @@ fn gpu_router_backward_matches_cpu() {
     let mut rng = rng_for("gpu_router_backward_matches_cpu");
     let (layers, batch, experts, d_in, k, per_seq) = (3, 5, 48, 32, 2, 2);
     for renormalize in [false, true] {
-        let routings: Vec<molora::Routing> = (0..layers)
+        let routings: Vec<ops::Routing> = (0..layers)
             .map(|_| {
                 let q = rand_vec(&mut rng, batch * d_in, -1.0, 1.0);
                 let w = rand_vec(&mut rng, experts * d_in, -0.5, 0.5);
                 let b = rand_vec(&mut rng, experts, -0.5, 0.5);
-                molora::route(&q, &w, &b, k, renormalize)
+                ops::route(&q, &w, &b, k, renormalize)
             })
             .collect();
         let dgates = rand_vec(&mut rng, layers * batch * k, -1.0, 1.0);
@@ -1087,21 +1087,21 @@ fn gpu_router_backward_matches_cpu() {
         let mut want_loss = 0.0;
         for (l, r) in routings.iter().enumerate() {
             let pl = &preset[l * batch * per_seq..][..batch * per_seq];
-            want.extend(molora::route_backward(
+            want.extend(ops::route_backward(
                 r,
                 &dgates[l * batch * k..][..batch * k],
                 renormalize,
                 Some((pl, weight)),
             ));
-            want_loss += molora::guided_loss(r, pl);
+            want_loss += ops::guided_loss(r, pl);
         }
-        let cat_f = |f: &dyn Fn(&molora::Routing) -> Vec<f32>| {
+        let cat_f = |f: &dyn Fn(&ops::Routing) -> Vec<f32>| {
             routings.iter().flat_map(f).collect::<Vec<f32>>()
         };
         let probs = up::<f32>(&dev, &cat_f(&|r| r.probs.clone()));
         let gates = up::<f32>(&dev, &cat_f(&|r| r.gates.clone()));
         let sel: Vec<u32> = routings.iter().flat_map(|r| r.experts.clone()).collect();
-        let shape = loss::RouterGradShape {
+        let shape = router::RouterGradShape {
             rows: layers * batch,
             batch,
             experts,
@@ -1112,7 +1112,7 @@ fn gpu_router_backward_matches_cpu() {
         // With a loss scale, dgates arrive scaled and the guided term is scaled in the kernel.
         let scale_d = dev.upload(&[64.0f32]).unwrap();
         for scale in [1.0f32, 64.0] {
-            let guide = loss::Guide {
+            let guide = router::Guide {
                 preset: &preset_d,
                 per_seq,
                 weight,
@@ -1121,7 +1121,7 @@ fn gpu_router_backward_matches_cpu() {
             let mut dl = poison::<f32>(&dev, layers * batch * experts);
             let mut gl = poison::<f32>(&dev, layers * batch);
             let dgates_scaled: Vec<f32> = dgates.iter().map(|g| g * scale).collect();
-            loss::router_backward(
+            router::router_backward(
                 &dev,
                 shape,
                 &probs,
@@ -1159,7 +1159,7 @@ fn gpu_router_param_grad_matches_cpu() {
     let b0 = rand_vec(&mut rng, layers * experts, -0.5, 0.5);
     let (mut want_w, mut want_b) = (w0.clone(), b0.clone());
     for l in 0..layers {
-        molora::router_param_grad(
+        ops::router_param_grad(
             &dlogits[l * batch * experts..][..batch * experts],
             &q,
             experts,
@@ -1168,13 +1168,13 @@ fn gpu_router_param_grad_matches_cpu() {
         );
     }
     let (mut dw, mut db) = (up::<f32>(&dev, &w0), up::<f32>(&dev, &b0));
-    let shape = loss::RouterParamShape {
+    let shape = router::RouterParamShape {
         layers,
         batch,
         experts,
         d_in,
     };
-    loss::router_param_grad(
+    router::router_param_grad(
         &dev,
         shape,
         &up::<f32>(&dev, &dlogits),

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use cudarc::cublas::{CudaBlas, Gemm};
-use elder::backend::cpu::molora::Routing;
+use elder::backend::cpu::ops::Routing;
 use elder::backend::cuda::{GpuDevice, KernelDtype};
 use elder::elder::config::ElderConfig;
 use elder::elder::molora::{Elder, ElderAdapter};
@@ -137,7 +137,7 @@ where
         seq: shape.seq,
     };
     let mut gpu = GpuModel::<T>::new(dev.clone(), model, cap).unwrap();
-    let (got, gshape) = gpu.logits(&prompts, None).unwrap();
+    let (got, gshape) = gpu.logits(&prompts, false).unwrap();
     assert_eq!(gshape, shape);
     let what = format!("{name} {} batched logits", T::SUFFIX);
     let worst = assert_close(
@@ -150,7 +150,7 @@ where
     if T::SUFFIX == "f32" {
         // Against transformers itself, prompt by prompt.
         for (i, p) in prompts.iter().enumerate() {
-            let (single, _) = gpu.logits(std::slice::from_ref(p), None).unwrap();
+            let (single, _) = gpu.logits(std::slice::from_ref(p), false).unwrap();
             let d = assert_close(
                 &format!("{name} f32 prompt {i} vs transformers"),
                 &single,
@@ -199,8 +199,8 @@ where
         weights: &weights,
     };
     let mut from_map = GpuModel::<T>::new(dev.clone(), source, cap).unwrap();
-    let (want, shape) = from_cpu.logits(&seqs, None).unwrap();
-    let (got, got_shape) = from_map.logits(&seqs, None).unwrap();
+    let (want, shape) = from_cpu.logits(&seqs, false).unwrap();
+    let (got, got_shape) = from_map.logits(&seqs, false).unwrap();
     assert_eq!(got_shape, shape);
     let v = cfg.vocab_size;
     let (got, want) = (
@@ -320,7 +320,7 @@ where
     let seqs = mixed_batch();
     let (want, shape) = cpu.logits(&seqs, &mut NoAdapter);
     let mut gpu = GpuModel::<T>::new(dev.clone(), model, Capacity { batch: 1, seq: 1 }).unwrap();
-    let (got, _) = gpu.logits(&seqs, None).unwrap();
+    let (got, _) = gpu.logits(&seqs, false).unwrap();
     let v = model.cfg.vocab_size;
     let what = format!("random {:?} {} batched logits", model.cfg.arch, T::SUFFIX);
     let worst = assert_close(
@@ -332,8 +332,8 @@ where
     eprintln!("{what}: max |gpu - cpu| {worst:.2e}");
     // The buffers grew once for this batch; the same or a smaller batch allocates nothing more.
     let n = gpu.allocations();
-    gpu.logits(&seqs[..2], None).unwrap();
-    gpu.logits(&seqs, None).unwrap();
+    gpu.logits(&seqs[..2], false).unwrap();
+    gpu.logits(&seqs, false).unwrap();
     assert_eq!(gpu.allocations(), n, "steady-state calls must not allocate");
 
     // Teacher-forced scoring as Model::score.
@@ -525,8 +525,6 @@ where
     let cpu = rounded::<T>(model);
     let (_, shape) = pad_batch(prompts, &vec![0; prompts.len()]);
     let cpu_rows = prompt_rows(shape.seq, prompts.iter().map(Vec::len));
-    // The GPU router reads the last prompt token (the only pooling it has).
-    let query_rows: Vec<usize> = cpu_rows.iter().map(|r| r.end - 1).collect();
     let mut adapter = ElderAdapter::inference(elder, cpu_rows.clone());
     let (want, _) = cpu.logits(prompts, &mut adapter);
     let cap = Capacity {
@@ -535,7 +533,8 @@ where
     };
     let mut gpu = GpuModel::<T>::new(dev.clone(), model, cap).unwrap();
     gpu.set_elder(Some(elder)).unwrap();
-    let (got, _) = gpu.logits(prompts, Some(&query_rows)).unwrap();
+    // The GPU router reads the last prompt token (the only pooling it has).
+    let (got, _) = gpu.logits(prompts, true).unwrap();
     let (scope, dist) = gpu.elder_scope().unwrap();
     let tag = format!(
         "{:?} {} centring={}",
@@ -573,7 +572,7 @@ where
         pairs.len()
     );
     for edited in [true, false] {
-        let want = score_pairs(&cpu, edited.then_some(elder), &pairs);
+        let want = score_pairs(&cpu, edited.then_some(elder), &pairs).unwrap();
         let got = gpu.score_pairs(edited, &pairs).unwrap();
         for ((g, w), _) in got.iter().zip(&want).zip(&decisive).filter(|(_, &d)| d) {
             assert_eq!(
@@ -626,14 +625,11 @@ fn gpu_elder_with_empty_codebook_is_the_base_model() {
     };
     let mut gpu = GpuModel::<f32>::new(dev, &model, Capacity { batch: 4, seq: 11 }).unwrap();
     gpu.set_elder(Some(&elder)).unwrap();
-    let rows: Vec<usize> = (0..seqs.len())
-        .map(|b| b * 11 + seqs[b].len() - 1)
-        .collect();
-    let (edited, _) = gpu.logits(&seqs, Some(&rows)).unwrap();
+    let (edited, _) = gpu.logits(&seqs, true).unwrap();
     let (scope, dist) = gpu.elder_scope().unwrap();
     assert_eq!(scope, vec![false; 4]);
     assert_eq!(dist, vec![None; 4]);
-    let (base, _) = gpu.logits(&seqs, None).unwrap();
+    let (base, _) = gpu.logits(&seqs, false).unwrap();
     assert_eq!(edited, base, "nothing is in scope with an empty codebook");
 }
 

@@ -105,8 +105,8 @@ fn smollm2_edit_stream_takes_and_keeps_locality() {
         })
         .collect();
     let pairs: Vec<(&[u32], &[u32])> = probes.iter().map(|(p, a)| (&p[..], &a[..])).collect();
-    let edited = score_pairs(base.model().unwrap(), Some(&strict), &pairs);
-    let unedited = score_pairs(base.model().unwrap(), None, &pairs);
+    let edited = score_pairs(base.model().unwrap(), Some(&strict), &pairs).unwrap();
+    let unedited = score_pairs(base.model().unwrap(), None, &pairs).unwrap();
     let deferred: Vec<_> = edited
         .iter()
         .zip(&unedited)

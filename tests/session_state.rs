@@ -373,8 +373,8 @@ fn weighted_relation_keys_answer_the_same_after_reopening() {
         .collect();
     let pairs: Vec<(&[u32], &[u32])> = texts.iter().map(|(p, t)| (&p[..], &t[..])).collect();
     let model = base.model().unwrap();
-    let before = elder::eval::score_pairs(model, Some(&trained.elder), &pairs);
-    let after = elder::eval::score_pairs(model, Some(&reopened.elder), &pairs);
+    let before = elder::eval::score_pairs(model, Some(&trained.elder), &pairs).unwrap();
+    let after = elder::eval::score_pairs(model, Some(&reopened.elder), &pairs).unwrap();
     assert_eq!(before, after);
     // An edit prompt always matches its own keys, so the relation key decided it.
     let mut at = 0;
@@ -399,13 +399,13 @@ fn edit_prompts_find_their_own_edit_in_the_key_store() {
         .map(|r| base.encode_pair(&r.prompt, &r.target_new).unwrap())
         .collect();
     let pairs: Vec<(&[u32], &[u32])> = prompts.iter().map(|(p, t)| (&p[..], &t[..])).collect();
-    let scored = elder::eval::score_pairs(base.model().unwrap(), Some(&s.elder), &pairs);
+    let scored = elder::eval::score_pairs(base.model().unwrap(), Some(&s.elder), &pairs).unwrap();
     for (r, sc) in all.iter().zip(&scored) {
         assert_eq!(sc.matched_edit.as_deref(), Some(r.id.as_str()), "{sc:?}");
         assert!(sc.in_scope, "{}: {sc:?}", r.id);
         assert!((sc.similarity.unwrap() - 1.0).abs() < 1e-4, "{sc:?}");
     }
-    let unedited = elder::eval::score_pairs(base.model().unwrap(), None, &pairs);
+    let unedited = elder::eval::score_pairs(base.model().unwrap(), None, &pairs).unwrap();
     assert!(unedited
         .iter()
         .all(|u| !u.in_scope && u.matched_edit.is_none()));
@@ -682,7 +682,8 @@ fn the_answer_gate_answers_turned_away_prompts_with_the_base_model() {
             .iter()
             .map(|p| (&p[..], &p[..1]))
             .collect::<Vec<_>>(),
-    );
+    )
+    .unwrap();
     let probability: Vec<Option<f32>> = prompts
         .iter()
         .zip(&matched)
@@ -690,7 +691,8 @@ fn the_answer_gate_answers_turned_away_prompts_with_the_base_model() {
             let id = m.matched_edit.as_deref().filter(|_| m.in_scope)?;
             let edit = session.elder.memory.iter().find(|e| e.id == id).unwrap();
             let answer =
-                elder::eval::score_pairs(model, Some(&session.elder), &[(p, &edit.answer)]);
+                elder::eval::score_pairs(model, Some(&session.elder), &[(p, &edit.answer)])
+                    .unwrap();
             assert_eq!(answer[0].matched_edit.as_deref(), Some(id));
             Some(answer[0].logprobs.iter().sum::<f32>().exp())
         })
@@ -713,8 +715,8 @@ fn the_answer_gate_answers_turned_away_prompts_with_the_base_model() {
 
     let target = base.tokenizer.encode_continuation(" Paris").unwrap();
     let pairs: Vec<(&[u32], &[u32])> = prompts.iter().map(|p| (&p[..], &target[..])).collect();
-    let edited = elder::eval::score_pairs(model, Some(&session.elder), &pairs);
-    let unedited = elder::eval::score_pairs(model, None, &pairs);
+    let edited = elder::eval::score_pairs(model, Some(&session.elder), &pairs).unwrap();
+    let unedited = elder::eval::score_pairs(model, None, &pairs).unwrap();
     let generate =
         |adapter: &mut dyn elder::model::Adapter| model.generate(&prompts, 3, None, adapter);
     let edited_text = generate(&mut ElderAdapter::inference(&session.elder, rows.clone()));
@@ -733,7 +735,7 @@ fn the_answer_gate_answers_turned_away_prompts_with_the_base_model() {
             );
         }
     }
-    let gated = elder::eval::score_pairs(model, Some(&session.elder), &pairs);
+    let gated = elder::eval::score_pairs(model, Some(&session.elder), &pairs).unwrap();
     let gated_text = generate(&mut ElderAdapter::inference(&session.elder, rows.clone()));
     let mut turned_away = 0;
     for (i, p) in probability.iter().enumerate() {

@@ -6,8 +6,7 @@ use std::ops::Range;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::backend::cpu::molora::{self as ops, MixShape, Routing};
-use crate::backend::cpu::ops as cpu_ops;
+use crate::backend::cpu::ops::{self, MixShape, Routing};
 use crate::model::layers::Site;
 use crate::model::names::site_dims;
 use crate::model::runner::pad_batch;
@@ -584,7 +583,7 @@ impl<'a> ElderAdapter<'a> {
         let mut logp: Vec<f32> = asked
             .iter()
             .zip(logits.chunks(vocab))
-            .map(|(&(_, a), row)| row[a[0] as usize] - cpu_ops::logsumexp(row))
+            .map(|(&(_, a), row)| row[a[0] as usize] - ops::logsumexp(row))
             .collect();
         if asked.iter().all(|(_, a)| a.len() == 1) {
             return logp;
@@ -608,7 +607,7 @@ impl<'a> ElderAdapter<'a> {
         for (lp, &(_, a)) in logp.iter_mut().zip(asked) {
             for &t in &a[1..] {
                 let row = next.next().expect("one row per answer token");
-                *lp += row[t as usize] - cpu_ops::logsumexp(row);
+                *lp += row[t as usize] - ops::logsumexp(row);
             }
         }
         logp

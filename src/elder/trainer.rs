@@ -10,7 +10,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::backend::cpu::linear_ce::RowLosses;
-use crate::backend::cpu::molora::Routing;
+use crate::backend::cpu::ops::Routing;
 use crate::backend::cpu::ops::{self, AdamStep};
 use crate::model::runner::{pad_batch, prompt_rows, target_rows};
 use crate::model::transformer::{AttnTape, MlpTape};

@@ -5,10 +5,14 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
+use std::ops::Range;
+
+use anyhow::{bail, Result};
+
 use crate::backend::cpu::ops;
 use crate::elder::molora::{Elder, ElderAdapter};
-use crate::model::runner::{pad_batch, prompt_rows, target_rows};
-use crate::model::{KvCache, Model, NoAdapter};
+use crate::model::runner::{pad_batch, target_rows, CpuForward, Forward, PromptAdapter};
+use crate::model::{Adapter, Model, NoAdapter};
 
 /// An edit record, tokenized.
 #[derive(Debug, Clone)]
@@ -81,49 +85,96 @@ impl PairScorer for CpuScorer<'_> {
         edited: bool,
         pairs: &[(&[u32], &[u32])],
     ) -> anyhow::Result<Vec<Scored>> {
-        Ok(score_pairs(self.model, edited.then_some(self.elder), pairs))
+        score_pairs(self.model, edited.then_some(self.elder), pairs)
     }
 }
 
-/// Scores `(prompt, continuation)` pairs in batches, with ELDER (`Some`) or the base model.
+/// Scores `(prompt, continuation)` pairs on the CPU in batches, with ELDER (`Some`) or the base
+/// model.
 pub fn score_pairs(
     model: &Model,
     elder: Option<&Elder>,
     pairs: &[(&[u32], &[u32])],
-) -> Vec<Scored> {
+) -> Result<Vec<Scored>> {
+    score_pairs_on(&mut CpuForward::new(model, ElderRequest::new(elder)), pairs)
+}
+
+/// Scores `(prompt, continuation)` pairs on any forward, one request per batch of
+/// [`EVAL_BATCH`] (so every backend pads them alike): the logits of the continuation rows and
+/// the routing the forward reports become [`Scored`] items in [`scored_chunk`].
+pub fn score_pairs_on<F: Forward<Report = Routed> + ?Sized>(
+    fwd: &mut F,
+    pairs: &[(&[u32], &[u32])],
+) -> Result<Vec<Scored>> {
+    let vocab = fwd.config().vocab_size;
     let mut out = Vec::with_capacity(pairs.len());
     for chunk in pairs.chunks(EVAL_BATCH) {
+        if let Some((_, c)) = chunk.iter().find(|(p, _)| p.is_empty()) {
+            bail!(
+                "a scored pair has an empty prompt ({} continuation tokens)",
+                c.len()
+            );
+        }
         let seqs: Vec<Vec<u32>> = chunk.iter().map(|(p, c)| [*p, *c].concat()).collect();
         let (ids, shape) = pad_batch(&seqs, &vec![0; seqs.len()]);
-        let mut cache = KvCache::new(&model.cfg, shape.batch, shape.seq);
-        let query_rows = prompt_rows(shape.seq, chunk.iter().map(|(p, _)| p.len()));
-        let (h, routed) = match elder {
-            Some(e) => {
-                let mut adapter = ElderAdapter::inference(e, query_rows);
-                let h = model.forward_hidden(&ids, &shape, &mut cache, &mut adapter);
-                let matches = adapter
-                    .key_matches
-                    .iter()
-                    .map(|m| m.map(|m| (m.score, e.memory[m.entry].id.clone(), m.relation)))
-                    .collect();
-                let routed = Routed {
-                    in_scope: std::mem::take(&mut adapter.in_scope),
-                    distances: std::mem::take(&mut adapter.distances),
-                    matches,
-                    gated: std::mem::take(&mut adapter.gated),
-                };
-                (h, Some(routed))
-            }
-            None => (
-                model.forward_hidden(&ids, &shape, &mut cache, &mut NoAdapter),
-                None,
-            ),
-        };
+        fwd.begin(shape.batch, shape.seq)?;
+        let prompt_lens: Vec<usize> = chunk.iter().map(|(p, _)| p.len()).collect();
+        fwd.prompt(&ids, &shape, &prompt_lens)?;
+        let routed = fwd.report()?;
         let rows = target_rows(shape.seq, chunk.iter().map(|(p, c)| (p.len(), c.len())));
-        let (logits, _) = model.head(&h, &rows);
-        out.extend(scored_chunk(chunk, &logits, model.cfg.vocab_size, routed));
+        let logits = fwd.head(&rows)?;
+        out.extend(scored_chunk(chunk, &logits, vocab, routed));
     }
-    out
+    Ok(out)
+}
+
+/// ELDER on the CPU forward, one prompt call at a time: each call gets an inference adapter over
+/// its prompt rows, which reports what it decided ([`Routed`]). `None`: the base model.
+pub struct ElderRequest<'a> {
+    elder: Option<&'a Elder>,
+    adapter: Option<ElderAdapter<'a>>,
+    base: NoAdapter,
+}
+
+impl<'a> ElderRequest<'a> {
+    pub fn new(elder: Option<&'a Elder>) -> Self {
+        ElderRequest {
+            elder,
+            adapter: None,
+            base: NoAdapter,
+        }
+    }
+}
+
+impl PromptAdapter for ElderRequest<'_> {
+    type Report = Routed;
+
+    fn start(&mut self, rows: Vec<Range<usize>>) {
+        self.adapter = self.elder.map(|e| ElderAdapter::inference(e, rows));
+    }
+
+    fn adapter(&mut self) -> &mut dyn Adapter {
+        match &mut self.adapter {
+            Some(a) => a,
+            None => &mut self.base,
+        }
+    }
+
+    /// A copy (decode steps keep using the adapter's decisions).
+    fn report(&mut self) -> Option<Routed> {
+        let (elder, a) = (self.elder?, self.adapter.as_ref()?);
+        let matches = a
+            .key_matches
+            .iter()
+            .map(|m| m.map(|m| (m.score, elder.memory[m.entry].id.clone(), m.relation)))
+            .collect();
+        Some(Routed {
+            in_scope: a.in_scope.clone(),
+            distances: a.distances.clone(),
+            matches,
+            gated: a.gated.clone(),
+        })
+    }
 }
 
 /// What the method decided for each sequence of a scored batch, as a forward reports it (a

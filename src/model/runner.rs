@@ -1,9 +1,14 @@
-//! Running the model: padded batches, scoring a continuation, greedy generation with a KV cache.
+//! Running the model: padded batches, and the request layer: logits, scoring a continuation and
+//! generation with a KV cache, written once ([`logits`], [`score`], [`generate`]) over the
+//! [`Forward`] trait that the CPU forward ([`CpuForward`]) and the CUDA runtime implement.
 
 use std::ops::Range;
 
+use anyhow::{bail, Result};
+
 use crate::backend::cpu::ops;
 
+use super::config::ModelConfig;
 use super::transformer::{Adapter, BatchShape, KvCache, Model};
 
 /// The most revisions one forward runs (an adapter that keeps asking is a bug, not a plan).
@@ -232,24 +237,13 @@ impl Model {
     /// Logits `[B, T, vocab]` of every row of a padded batch (padding rows included) — what
     /// transformers returns for `model(input_ids, attention_mask)`.
     pub fn logits(&self, seqs: &[Vec<u32>], adapter: &mut dyn Adapter) -> (Vec<f32>, BatchShape) {
-        let (ids, shape) = pad_batch(seqs, &vec![0; seqs.len()]);
-        let mut cache = KvCache::new(&self.cfg, shape.batch, shape.seq);
-        let h = self.forward_hidden(&ids, &shape, &mut cache, adapter);
-        let rows: Vec<usize> = (0..shape.rows()).collect();
-        (self.head(&h, &rows).0, shape)
+        cpu_never_fails(logits(&mut CpuForward::new(self, adapter), seqs))
     }
 
     /// Log-probability and argmax of each target token given the prompt and the targets before it
     /// (teacher forcing), in one forward pass over `prompt + target`.
     pub fn score(&self, prompt: &[u32], target: &[u32], adapter: &mut dyn Adapter) -> Scored {
-        let mut seq = prompt.to_vec();
-        seq.extend_from_slice(target);
-        let (ids, shape) = pad_batch(&[seq], &[0]);
-        let mut cache = KvCache::new(&self.cfg, 1, shape.seq);
-        let h = self.forward_hidden(&ids, &shape, &mut cache, adapter);
-        let rows = target_rows(shape.seq, [(prompt.len(), target.len())]);
-        let (logits, _) = self.head(&h, &rows);
-        Scored::from_logits(&logits, self.cfg.vocab_size, target)
+        cpu_never_fails(score(&mut CpuForward::new(self, adapter), prompt, target)).0
     }
 
     /// Greedy continuation of each prompt (batched, with a KV cache). A sequence stops at `eos`.
@@ -269,24 +263,213 @@ impl Model {
     pub fn generate_with(
         &self,
         prompts: &[Vec<u32>],
-        mut decode: Decode,
+        decode: Decode,
         adapter: &mut dyn Adapter,
     ) -> Vec<Vec<u32>> {
-        let batch = prompts.len();
-        let max_new_tokens = decode.longest();
-        let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
-        let mut cache = KvCache::new(&self.cfg, batch, longest + max_new_tokens);
-        let (mut ids, mut shape) = pad_batch(prompts, &vec![0; batch]);
-        for _ in 0..max_new_tokens {
-            let h = self.forward_hidden(&ids, &shape, &mut cache, adapter);
-            let (logits, _) = self.head(&h, &last_rows(&shape));
-            let next = decode.step(&logits, self.cfg.vocab_size);
-            if decode.all_done() || cache.lens.iter().any(|&l| l >= self.cfg.max_positions) {
-                break;
-            }
-            (ids, shape) = pad_batch(&next, &cache.lens);
+        cpu_never_fails(generate(
+            &mut CpuForward::new(self, adapter),
+            prompts,
+            decode,
+        ))
+        .0
+    }
+}
+
+/// The CPU forward's requests fail only on input the wrappers above never build (an empty
+/// prompt or target is refused by the engine before it gets here).
+fn cpu_never_fails<T>(r: Result<T>) -> T {
+    r.unwrap_or_else(|e| panic!("the CPU forward failed: {e:#}"))
+}
+
+// ------------------------------------------------------------------ the request layer
+
+/// A forward that whole requests run on: one request at a time, a padded prompt call that fills
+/// a KV cache, then decode steps continuing it. [`CpuForward`] is the CPU model with an adapter;
+/// the CUDA runtime's `GpuRequest` is the same on the device with its uploaded edit state.
+pub trait Forward {
+    /// What the edit method decided for each sequence of the prompt call (ELDER's routing:
+    /// `eval::Routed`; `()` for a forward that reports nothing).
+    type Report;
+
+    fn config(&self) -> &ModelConfig;
+
+    /// Starts a request of `batch` sequences of at most `capacity` tokens each (an empty cache).
+    fn begin(&mut self, batch: usize, capacity: usize) -> Result<()>;
+
+    /// The request's first call: `ids` padded as `shape`, every sequence from position 0; the
+    /// first `prompt_lens[b]` rows of sequence `b` are its prompt, where an edit method reads
+    /// its query.
+    fn prompt(&mut self, ids: &[u32], shape: &BatchShape, prompt_lens: &[usize]) -> Result<()>;
+
+    /// Logits `[rows.len(), vocab]` (f32) of the chosen rows of the prompt call.
+    fn head(&mut self, rows: &[usize]) -> Result<Vec<f32>>;
+
+    /// One new token per sequence (`shape.seq == 1`), continuing the cache with the prompt's
+    /// routing kept: the logits `[batch, vocab]` of those tokens.
+    fn decode_step(&mut self, ids: &[u32], shape: &BatchShape) -> Result<Vec<f32>>;
+
+    /// What the edit method decided in the prompt call (`None`: the base model ran).
+    fn report(&mut self) -> Result<Option<Self::Report>>;
+}
+
+/// Logits `[B, T, vocab]` of every row of a padded batch (padding rows included); an edit method
+/// reads each sequence's query over the whole sequence.
+pub fn logits<F: Forward + ?Sized>(
+    fwd: &mut F,
+    seqs: &[Vec<u32>],
+) -> Result<(Vec<f32>, BatchShape)> {
+    let (ids, shape) = pad_batch(seqs, &vec![0; seqs.len()]);
+    fwd.begin(shape.batch, shape.seq)?;
+    let lens: Vec<usize> = seqs.iter().map(Vec::len).collect();
+    fwd.prompt(&ids, &shape, &lens)?;
+    let rows: Vec<usize> = (0..shape.rows()).collect();
+    Ok((fwd.head(&rows)?, shape))
+}
+
+/// Log-probability and argmax of each target token given the prompt and the targets before it
+/// (teacher forcing), in one call over `prompt + target`; and what the edit method decided.
+pub fn score<F: Forward + ?Sized>(
+    fwd: &mut F,
+    prompt: &[u32],
+    target: &[u32],
+) -> Result<(Scored, Option<F::Report>)> {
+    if prompt.is_empty() || target.is_empty() {
+        bail!("scoring needs at least one prompt and one target token");
+    }
+    let (ids, shape) = pad_batch(&[[prompt, target].concat()], &[0]);
+    fwd.begin(1, shape.seq)?;
+    fwd.prompt(&ids, &shape, &[prompt.len()])?;
+    let report = fwd.report()?;
+    let logits = fwd.head(&target_rows(shape.seq, [(prompt.len(), target.len())]))?;
+    let scored = Scored::from_logits(&logits, fwd.config().vocab_size, target);
+    Ok((scored, report))
+}
+
+/// Each prompt's continuation, and what the edit method decided for the prompts.
+pub type Continuations<R> = (Vec<Vec<u32>>, Option<R>);
+
+/// The continuation of each prompt as `decode` picks it (a batch: a padded prompt call, then one
+/// decode step per token); and what the edit method decided for each prompt.
+pub fn generate<F: Forward + ?Sized>(
+    fwd: &mut F,
+    prompts: &[Vec<u32>],
+    mut decode: Decode,
+) -> Result<Continuations<F::Report>> {
+    if prompts.iter().any(Vec::is_empty) {
+        bail!("every prompt needs at least one token");
+    }
+    let (vocab, max_positions) = (fwd.config().vocab_size, fwd.config().max_positions);
+    let batch = prompts.len();
+    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    fwd.begin(batch, longest + decode.longest())?;
+    let mut report = None;
+    let mut lens = vec![0usize; batch];
+    let (mut ids, mut shape) = pad_batch(prompts, &lens);
+    for step in 0..decode.longest() {
+        let logits = if step == 0 {
+            let prompt_lens: Vec<usize> = prompts.iter().map(Vec::len).collect();
+            fwd.prompt(&ids, &shape, &prompt_lens)?;
+            report = fwd.report()?;
+            fwd.head(&last_rows(&shape))?
+        } else {
+            fwd.decode_step(&ids, &shape)?
+        };
+        for (len, (s, v)) in lens.iter_mut().zip(shape.start.iter().zip(&shape.valid)) {
+            *len = s + v;
         }
-        decode.into_tokens()
+        let next = decode.step(&logits, vocab);
+        if decode.all_done() || lens.iter().any(|&l| l >= max_positions) {
+            break;
+        }
+        (ids, shape) = pad_batch(&next, &lens);
+    }
+    Ok((decode.into_tokens(), report))
+}
+
+/// What a [`CpuForward`] edits a request with: an adapter that learns each prompt call's prompt
+/// rows and reports what it decided.
+pub trait PromptAdapter {
+    type Report;
+    /// A new prompt call whose sequences' prompts are `rows` (`prompt_rows`).
+    fn start(&mut self, rows: Vec<Range<usize>>);
+    /// The adapter the walk calls.
+    fn adapter(&mut self) -> &mut dyn Adapter;
+    /// What it decided in the prompt call.
+    fn report(&mut self) -> Option<Self::Report>;
+}
+
+/// Any adapter as it is: told nothing, reporting nothing (tests, forced experts, the base model).
+impl PromptAdapter for &mut dyn Adapter {
+    type Report = ();
+    fn start(&mut self, _rows: Vec<Range<usize>>) {}
+    fn adapter(&mut self) -> &mut dyn Adapter {
+        &mut **self
+    }
+    fn report(&mut self) -> Option<()> {
+        None
+    }
+}
+
+/// The CPU reference forward of one request: the model, an adapter, the request's KV cache and
+/// the last call's hidden states (what the head reads).
+pub struct CpuForward<'m, A> {
+    pub model: &'m Model,
+    pub adapter: A,
+    cache: Option<KvCache>,
+    hidden: Vec<f32>,
+}
+
+impl<'m, A: PromptAdapter> CpuForward<'m, A> {
+    pub fn new(model: &'m Model, adapter: A) -> Self {
+        CpuForward {
+            model,
+            adapter,
+            cache: None,
+            hidden: Vec::new(),
+        }
+    }
+
+    fn run(&mut self, ids: &[u32], shape: &BatchShape) -> Result<()> {
+        let Some(cache) = self.cache.as_mut() else {
+            bail!("a forward call before the request began");
+        };
+        self.hidden = self
+            .model
+            .forward_hidden(ids, shape, cache, self.adapter.adapter());
+        Ok(())
+    }
+}
+
+impl<A: PromptAdapter> Forward for CpuForward<'_, A> {
+    type Report = A::Report;
+
+    fn config(&self) -> &ModelConfig {
+        &self.model.cfg
+    }
+
+    fn begin(&mut self, batch: usize, capacity: usize) -> Result<()> {
+        self.cache = Some(KvCache::new(&self.model.cfg, batch, capacity));
+        Ok(())
+    }
+
+    fn prompt(&mut self, ids: &[u32], shape: &BatchShape, prompt_lens: &[usize]) -> Result<()> {
+        self.adapter
+            .start(prompt_rows(shape.seq, prompt_lens.iter().copied()));
+        self.run(ids, shape)
+    }
+
+    fn head(&mut self, rows: &[usize]) -> Result<Vec<f32>> {
+        Ok(self.model.head(&self.hidden, rows).0)
+    }
+
+    fn decode_step(&mut self, ids: &[u32], shape: &BatchShape) -> Result<Vec<f32>> {
+        self.run(ids, shape)?;
+        let rows: Vec<usize> = (0..shape.batch).collect();
+        self.head(&rows)
+    }
+
+    fn report(&mut self) -> Result<Option<A::Report>> {
+        Ok(self.adapter.report())
     }
 }
 

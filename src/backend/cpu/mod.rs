@@ -1,5 +1,4 @@
 //! The CPU reference backend.
 pub mod linear_ce;
-pub mod molora;
 pub mod ops;
 pub mod skinny;

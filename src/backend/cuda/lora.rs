@@ -1,7 +1,7 @@
 //! Launchers for `kernels/lora.cu`: the batched MoLoRA mixture of one site (forward: shrink,
 //! gate and expand-and-add in one launch; backward: dh, dgates, dB, dA, dx). Every sequence has its own k experts, gates
 //! and in-scope flag; out-of-scope sequences leave the output untouched.
-//! CPU twins: `molora::molora_forward` / `molora::molora_backward` (same [`MixShape`]).
+//! CPU twins: `ops::molora_forward` / `ops::molora_backward` (`backend/cpu/ops/lora.rs`) (same [`MixShape`]).
 
 use anyhow::{bail, Result};
 use cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig};

@@ -1,7 +1,9 @@
-//! Launcher for `kernels/router.cu`: routing of every MoLoRA layer, allocation codes, the minimum
-//! Hamming distance to the codebook and the in-scope mask, in one launch with no host round trip.
-//! CPU twin: `molora::route` per layer plus the code / distance rule of docs/elder-method.md section 4;
-//! with a mean query, the input is centred first (`molora::center_queries`) in the same launch.
+//! Launchers for `kernels/router.cu`: routing of every MoLoRA layer, allocation codes, the minimum
+//! Hamming distance to the codebook and the in-scope mask, in one launch with no host round trip;
+//! and the routers' backward (logit gradients with ELDER's guided loss, parameter gradients).
+//! CPU twins (`backend/cpu/ops/router.rs`): `ops::route` per layer plus the code / distance rule of docs/elder-method.md
+//! section 4 (with a mean query, the input is centred first, `elder::molora::center_queries`, in the same
+//! launch); `ops::route_backward` + `ops::guided_loss`, and `ops::router_param_grad`.
 
 use anyhow::{bail, Result};
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig};
@@ -237,4 +239,158 @@ mod tests {
         let e = shape(64, 2, 4000).validate().unwrap_err().to_string();
         assert!(e.contains("shared memory"), "{e}");
     }
+}
+
+// ------------------------------------------------------------------ the routers' backward
+
+/// Shapes of a router backward call: `rows = layers * batch` rows of `E` probabilities.
+#[derive(Debug, Clone, Copy)]
+pub struct RouterGradShape {
+    pub rows: usize,
+    /// Sequences per layer (the guided loss divides by it).
+    pub batch: usize,
+    pub experts: usize,
+    pub k: usize,
+    pub renormalize: bool,
+}
+
+/// Guidance for the guided loss: `preset [rows, per_seq]` expert ids pushed up with `weight`
+/// (times the device-side loss scale, when training scales its loss; see `adam::LossScale`).
+pub struct Guide<'a, P> {
+    pub preset: &'a P,
+    pub per_seq: usize,
+    pub weight: f32,
+    pub loss_scale: Option<&'a CudaSlice<f32>>,
+}
+
+/// dL/dlogits `[rows, E]` of the routers from `dgates [rows, k]` and the optional guided loss;
+/// `guide_loss [rows]` receives each row's guided-loss term (unweighted; 0 without guidance).
+#[allow(clippy::too_many_arguments)]
+pub fn router_backward<P: DevicePtr<u32>>(
+    dev: &GpuDevice,
+    s: RouterGradShape,
+    probs: &impl DevicePtr<f32>,
+    experts: &impl DevicePtr<u32>,
+    gates: &impl DevicePtr<f32>,
+    dgates: &impl DevicePtr<f32>,
+    guide: Option<Guide<'_, P>>,
+    dlogits: &mut impl DevicePtrMut<f32>,
+    guide_loss: &mut impl DevicePtrMut<f32>,
+) -> Result<()> {
+    if s.experts == 0 || s.experts > 64 || s.k == 0 || s.k > s.experts || s.batch == 0 {
+        bail!("router_backward: need 1 <= k <= experts <= 64 and batch > 0, found {s:?}");
+    }
+    let st = dev.stream();
+    let (per_seq, weight) = guide.as_ref().map_or((0, 0.0), |g| (g.per_seq, g.weight));
+    let (pp, _g1) = input(
+        st,
+        "router_backward probs [rows, E]",
+        probs,
+        s.rows * s.experts,
+    )?;
+    let (pe, _g2) = input(
+        st,
+        "router_backward experts [rows, k]",
+        experts,
+        s.rows * s.k,
+    )?;
+    let (pg, _g3) = input(st, "router_backward gates [rows, k]", gates, s.rows * s.k)?;
+    let (pdg, _g4) = input(st, "router_backward dgates [rows, k]", dgates, s.rows * s.k)?;
+    let (ppr, _g5) = opt_input(
+        st,
+        "router_backward preset [rows, per_seq]",
+        guide.as_ref().map(|g| g.preset),
+        s.rows * per_seq,
+    )?;
+    let (pdl, _g6) = output(
+        st,
+        "router_backward dlogits [rows, E]",
+        dlogits,
+        s.rows * s.experts,
+    )?;
+    let (pl, _g7) = output(st, "router_backward guide_loss [rows]", guide_loss, s.rows)?;
+    let (pscale, _g8) = opt_input(
+        st,
+        "router_backward loss scale [1]",
+        guide.as_ref().and_then(|g| g.loss_scale),
+        1,
+    )?;
+    let args = [
+        pp,
+        pe,
+        pg,
+        pdg,
+        KArg::I32(as_i32("rows", s.rows)?),
+        KArg::I32(as_i32("experts", s.experts)?),
+        KArg::I32(as_i32("k", s.k)?),
+        KArg::I32(s.renormalize as i32),
+        ppr,
+        KArg::I32(as_i32("per_seq", per_seq)?),
+        KArg::I32(as_i32("batch", s.batch)?),
+        KArg::F32(weight),
+        pscale,
+        pdl,
+        pl,
+    ];
+    let cfg = LaunchConfig {
+        grid_dim: (s.rows.div_ceil(4).max(1) as u32, 1, 1),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: buffer lengths checked above; argument list matches router_backward_f32.
+    unsafe { dev.launch(KernelFamily::Router, "router_backward_f32", cfg, &args) }
+}
+
+/// Shapes of [`router_param_grad`]: `layers` routers of `experts` rows over `d_in` inputs, fed
+/// `batch` sequences.
+#[derive(Debug, Clone, Copy)]
+pub struct RouterParamShape {
+    pub layers: usize,
+    pub batch: usize,
+    pub experts: usize,
+    pub d_in: usize,
+}
+
+/// `dw_r [L, E, d_in] += dlogits[l]^T q` and `db_r [L, E] += column sums of dlogits[l]` for every
+/// layer `l`, from `dlogits [L, B, E]` and the routers' input `q [B, d_in]`.
+pub fn router_param_grad<G: DevicePtrMut<f32>>(
+    dev: &GpuDevice,
+    s: RouterParamShape,
+    dlogits: &impl DevicePtr<f32>,
+    q: &impl DevicePtr<f32>,
+    dw_r: &mut G,
+    db_r: &mut G,
+) -> Result<()> {
+    if s.layers == 0 || s.batch == 0 || s.experts == 0 || s.d_in == 0 {
+        bail!("router_param_grad: empty shape {s:?}");
+    }
+    let (l, b, e, d) = (s.layers, s.batch, s.experts, s.d_in);
+    let st = dev.stream();
+    let (pl, _g1) = input(
+        st,
+        "router_param_grad dlogits [L, B, E]",
+        dlogits,
+        l * b * e,
+    )?;
+    let (pq, _g2) = input(st, "router_param_grad q [B, d_in]", q, b * d)?;
+    let (pw, _g3) = output(st, "router_param_grad dW_r [L, E, d_in]", dw_r, l * e * d)?;
+    let (pb, _g4) = output(st, "router_param_grad db_r [L, E]", db_r, l * e)?;
+    let args = [
+        pl,
+        pq,
+        KArg::I32(as_i32("layers", l)?),
+        KArg::I32(as_i32("batch", b)?),
+        KArg::I32(as_i32("experts", e)?),
+        KArg::I32(as_i32("d_in", d)?),
+        pw,
+        pb,
+    ];
+    let total = l * e * (d + 1);
+    let cfg = LaunchConfig {
+        grid_dim: (dev.grid_for(total, 256), 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: buffer lengths checked above; argument list matches router_param_grad_f32.
+    unsafe { dev.launch(KernelFamily::Router, "router_param_grad_f32", cfg, &args) }
 }

@@ -33,13 +33,14 @@ use anyhow::Result;
 use half::{bf16, f16};
 
 use crate::elder::molora::Elder;
-use crate::eval::{self, PairScorer};
-use crate::model::runner::{Decode, Scored};
+use crate::eval::{self, PairScorer, Routed};
+use crate::model::runner::{Decode, Forward, Scored};
 use crate::model::BatchShape;
 
 use crate::backend::cuda::device::GpuDevice;
 pub use forward::{ElderStep, GpuModel};
 pub use plan::Capacity;
+pub use requests::GpuRequest;
 pub use staging::{Staged, WeightSource};
 pub use train::{open_gpu_editor, GpuEditor, GpuTrainer};
 
@@ -67,11 +68,7 @@ pub trait GpuRunner {
     fn dtype(&self) -> GpuDtype;
     /// Uploads the ELDER state that `edited` requests use (`None` drops it).
     fn set_elder(&mut self, elder: Option<&Elder>) -> Result<()>;
-    fn logits(
-        &mut self,
-        seqs: &[Vec<u32>],
-        query_rows: Option<&[usize]>,
-    ) -> Result<(Vec<f32>, BatchShape)>;
+    fn logits(&mut self, seqs: &[Vec<u32>], edited: bool) -> Result<(Vec<f32>, BatchShape)>;
     fn score(
         &mut self,
         prompt: &[u32],
@@ -91,6 +88,9 @@ pub trait GpuRunner {
     ) -> Result<(Vec<Vec<u32>>, Vec<bool>)>;
     /// Buffer (re)allocations so far.
     fn allocations(&self) -> usize;
+    /// One request on this model as the request layer's [`Forward`] (`edited`: with the
+    /// uploaded ELDER state).
+    fn request(&mut self, edited: bool) -> Box<dyn Forward<Report = Routed> + '_>;
 }
 
 macro_rules! impl_runner {
@@ -105,9 +105,9 @@ macro_rules! impl_runner {
             fn logits(
                 &mut self,
                 seqs: &[Vec<u32>],
-                query_rows: Option<&[usize]>,
+                edited: bool,
             ) -> Result<(Vec<f32>, BatchShape)> {
-                GpuModel::logits(self, seqs, query_rows)
+                GpuModel::logits(self, seqs, edited)
             }
             fn score(
                 &mut self,
@@ -134,6 +134,9 @@ macro_rules! impl_runner {
             }
             fn allocations(&self) -> usize {
                 GpuModel::allocations(self)
+            }
+            fn request(&mut self, edited: bool) -> Box<dyn Forward<Report = Routed> + '_> {
+                Box::new(GpuModel::request(self, edited))
             }
         }
     };

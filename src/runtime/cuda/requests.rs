@@ -1,25 +1,74 @@
-//! Whole requests on the CUDA forward, with the semantics of the CPU runner (`model::runner`) and of
-//! `eval::score_pairs`: padded-batch logits, teacher-forced scoring of a target, batched scoring of
-//! (prompt, continuation) pairs for the metrics, greedy generation with the KV cache. Logits come
-//! back to the host only for the rows a request needs; the log-softmax and argmax there are the CPU
-//! runner's own functions.
+//! Whole requests on the CUDA forward: [`GpuRequest`] is the runtime's [`Forward`], so logits,
+//! scoring, evaluation scoring and generation are the request layer's own functions
+//! (`model::runner::{logits, score, generate}`, `eval::score_pairs_on`), the ones the CPU runs.
+//! Logits come back to the host only for the rows a request needs; decode steps after the prompt
+//! replay a captured CUDA graph ([`GpuModel::decode_step`]).
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use cudarc::cublas::{CudaBlas, Gemm};
 
-use crate::eval::{self, EVAL_BATCH};
-use crate::model::runner::{pad_batch, Decode, Sampling, Scored};
-use crate::model::BatchShape;
+use crate::eval::{self, Routed};
+use crate::model::runner::{self, Decode, Forward, Sampling, Scored};
+use crate::model::{BatchShape, ModelConfig};
 
 use super::forward::{ElderStep, GpuModel};
-use super::plan::{last_rows, prompt_query_rows, target_rows, Capacity};
+use super::plan::{prompt_query_rows, Capacity};
 use crate::backend::cuda::buffers::KernelDtype;
 
-/// A prompt call: with query rows ELDER routes from them, without it stays off.
-fn prompt_step(query_rows: Option<&[usize]>) -> ElderStep<'_> {
-    match query_rows {
-        Some(rows) => ElderStep::Prompt(rows),
-        None => ElderStep::Off,
+/// One request on a [`GpuModel`]: edited by its uploaded ELDER state (`edited`), or the base
+/// model. The router reads each sequence's query at its last prompt row.
+pub struct GpuRequest<'g, T: KernelDtype> {
+    pub model: &'g mut GpuModel<T>,
+    pub edited: bool,
+}
+
+impl<T: KernelDtype> Forward for GpuRequest<'_, T>
+where
+    CudaBlas: Gemm<T>,
+{
+    type Report = Routed;
+
+    fn config(&self) -> &ModelConfig {
+        self.model.config()
+    }
+
+    fn begin(&mut self, batch: usize, capacity: usize) -> Result<()> {
+        self.model.reserve(Capacity {
+            batch,
+            seq: capacity,
+        })
+    }
+
+    fn prompt(&mut self, ids: &[u32], shape: &BatchShape, prompt_lens: &[usize]) -> Result<()> {
+        let query_rows = prompt_query_rows(shape.seq, prompt_lens);
+        let step = if self.edited {
+            ElderStep::Prompt(&query_rows)
+        } else {
+            ElderStep::Off
+        };
+        self.model.forward(ids, shape, step)
+    }
+
+    fn head(&mut self, rows: &[usize]) -> Result<Vec<f32>> {
+        self.model.head(rows)
+    }
+
+    fn decode_step(&mut self, ids: &[u32], shape: &BatchShape) -> Result<Vec<f32>> {
+        self.model.decode_step(ids, shape, self.edited)
+    }
+
+    /// The codebook's decision only: the GPU has no key store (`ElderConfig::gpu_unsupported`).
+    fn report(&mut self) -> Result<Option<Routed>> {
+        if !self.edited {
+            return Ok(None);
+        }
+        let (in_scope, distances) = self.model.elder_scope()?;
+        Ok(Some(Routed {
+            in_scope,
+            distances,
+            matches: Vec::new(),
+            gated: Vec::new(),
+        }))
     }
 }
 
@@ -27,22 +76,18 @@ impl<T: KernelDtype> GpuModel<T>
 where
     CudaBlas: Gemm<T>,
 {
+    /// This model as a request's [`Forward`].
+    pub fn request(&mut self, edited: bool) -> GpuRequest<'_, T> {
+        GpuRequest {
+            model: self,
+            edited,
+        }
+    }
+
     /// Logits `[B, T, vocab]` of every row of a padded batch (padding rows included), as
-    /// `Model::logits`. With `query_rows`, ELDER edits the model reading each sequence's query at
-    /// those rows (what `ElderAdapter::inference(elder, query_rows)` does on the CPU).
-    pub fn logits(
-        &mut self,
-        seqs: &[Vec<u32>],
-        query_rows: Option<&[usize]>,
-    ) -> Result<(Vec<f32>, BatchShape)> {
-        let (ids, shape) = pad_batch(seqs, &vec![0; seqs.len()]);
-        self.reserve(Capacity {
-            batch: shape.batch,
-            seq: shape.seq,
-        })?;
-        self.forward(&ids, &shape, prompt_step(query_rows))?;
-        let rows: Vec<usize> = (0..shape.rows()).collect();
-        Ok((self.head(&rows)?, shape))
+    /// `Model::logits`; `edited`: the uploaded ELDER state routes each sequence from its last row.
+    pub fn logits(&mut self, seqs: &[Vec<u32>], edited: bool) -> Result<(Vec<f32>, BatchShape)> {
+        runner::logits(&mut self.request(edited), seqs)
     }
 
     /// `Model::score` on the device: log p and argmax of each target token given the prompt, and the
@@ -53,72 +98,17 @@ where
         target: &[u32],
         edited: bool,
     ) -> Result<(Scored, Option<bool>)> {
-        if prompt.is_empty() || target.is_empty() {
-            bail!("scoring needs at least one prompt and one target token");
-        }
-        let seq = [prompt, target].concat();
-        let (ids, shape) = pad_batch(&[seq], &[0]);
-        self.reserve(Capacity {
-            batch: 1,
-            seq: shape.seq,
-        })?;
-        let query = [prompt.len() - 1];
-        self.forward(&ids, &shape, prompt_step(edited.then_some(&query[..])))?;
-        let logits = self.head(&target_rows(shape.seq, [(prompt.len(), target.len())]))?;
-        let out = Scored::from_logits(&logits, self.cfg.vocab_size, target);
-        let scope = if edited {
-            self.elder_scope()?.0.first().copied()
-        } else {
-            None
-        };
-        Ok((out, scope))
+        let (scored, report) = runner::score(&mut self.request(edited), prompt, target)?;
+        Ok((scored, report.and_then(|r| r.in_scope.first().copied())))
     }
 
-    /// `eval::score_pairs` on the device, in the same batches of [`EVAL_BATCH`].
+    /// `eval::score_pairs` on the device, in the same batches of [`eval::EVAL_BATCH`].
     pub fn score_pairs(
         &mut self,
         edited: bool,
         pairs: &[(&[u32], &[u32])],
     ) -> Result<Vec<eval::Scored>> {
-        let mut out = Vec::with_capacity(pairs.len());
-        for chunk in pairs.chunks(EVAL_BATCH) {
-            if let Some((p, _)) = chunk.iter().find(|(p, _)| p.is_empty()) {
-                bail!(
-                    "a scored pair has an empty prompt ({} target tokens)",
-                    p.len()
-                );
-            }
-            let seqs: Vec<Vec<u32>> = chunk.iter().map(|(p, c)| [*p, *c].concat()).collect();
-            let (ids, shape) = pad_batch(&seqs, &vec![0; seqs.len()]);
-            self.reserve(Capacity {
-                batch: shape.batch,
-                seq: shape.seq,
-            })?;
-            let prompt_lens: Vec<usize> = chunk.iter().map(|(p, _)| p.len()).collect();
-            let query_rows = prompt_query_rows(shape.seq, &prompt_lens);
-            self.forward(&ids, &shape, prompt_step(edited.then_some(&query_rows[..])))?;
-            let routed = if edited {
-                // The GPU has the codebook only (ElderConfig::gpu_unsupported): no key matches.
-                let (in_scope, distances) = self.elder_scope()?;
-                Some(eval::Routed {
-                    in_scope,
-                    distances,
-                    matches: Vec::new(),
-                    gated: Vec::new(),
-                })
-            } else {
-                None
-            };
-            let lens: Vec<(usize, usize)> = chunk.iter().map(|(p, c)| (p.len(), c.len())).collect();
-            let logits = self.head(&target_rows(shape.seq, lens.iter().copied()))?;
-            out.extend(eval::scored_chunk(
-                chunk,
-                &logits,
-                self.cfg.vocab_size,
-                routed,
-            ));
-        }
-        Ok(out)
+        eval::score_pairs_on(&mut self.request(edited), pairs)
     }
 
     /// Greedy continuation of each prompt with the KV cache, as `Model::generate`; also returns
@@ -139,49 +129,10 @@ where
     pub fn generate_with(
         &mut self,
         prompts: &[Vec<u32>],
-        mut decode: Decode,
+        decode: Decode,
         edited: bool,
     ) -> Result<(Vec<Vec<u32>>, Vec<bool>)> {
-        let max_new_tokens = decode.longest();
-        let batch = prompts.len();
-        if prompts.iter().any(Vec::is_empty) {
-            bail!("every prompt needs at least one token");
-        }
-        let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
-        self.reserve(Capacity {
-            batch,
-            seq: longest + max_new_tokens,
-        })?;
-        let mut scope = Vec::new();
-        let mut lens = vec![0usize; batch];
-        let (mut ids, mut shape) = pad_batch(prompts, &lens);
-        let prompt_rows = last_rows(&shape);
-        for step in 0..max_new_tokens {
-            let elder = match (edited, step) {
-                (false, _) => ElderStep::Off,
-                (true, 0) => ElderStep::Prompt(&prompt_rows),
-                (true, _) => ElderStep::Continue,
-            };
-            // The prompt runs eagerly; every later step is one token per sequence, replayed from
-            // a captured CUDA graph.
-            let logits = if step == 0 {
-                self.forward(&ids, &shape, elder)?;
-                if edited {
-                    scope = self.elder_scope()?.0;
-                }
-                self.head(&last_rows(&shape))?
-            } else {
-                self.decode_step(&ids, &shape, edited)?
-            };
-            for (len, (s, v)) in lens.iter_mut().zip(shape.start.iter().zip(&shape.valid)) {
-                *len = s + v;
-            }
-            let next = decode.step(&logits, self.cfg.vocab_size);
-            if decode.all_done() || lens.iter().any(|&l| l >= self.cfg.max_positions) {
-                break;
-            }
-            (ids, shape) = pad_batch(&next, &lens);
-        }
-        Ok((decode.into_tokens(), scope))
+        let (tokens, report) = runner::generate(&mut self.request(edited), prompts, decode)?;
+        Ok((tokens, report.map(|r| r.in_scope).unwrap_or_default()))
     }
 }

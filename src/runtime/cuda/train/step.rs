@@ -16,8 +16,7 @@ use cudarc::driver::CudaSlice;
 use crate::backend::cuda::buffers::KernelDtype;
 use crate::backend::cuda::device::GpuDevice;
 use crate::backend::cuda::lora::{self, LoraGrads, LoraSite};
-use crate::backend::cuda::loss::{self, Guide, RouterGradShape, RouterParamShape};
-use crate::backend::cuda::router::{self, RouterShape};
+use crate::backend::cuda::router::{self, Guide, RouterGradShape, RouterParamShape, RouterShape};
 use crate::backend::cuda::{adam, elementwise};
 use crate::backend::shapes::MixShape;
 use crate::elder::config::{AllocationMode, ElderConfig};
@@ -262,7 +261,7 @@ where
             weight: self.ecfg.guide_weight,
             loss_scale: Some(ex.loss_scale.scale()),
         };
-        loss::router_backward(
+        router::router_backward(
             self.dev,
             shape,
             &ex.routed.probs,
@@ -279,7 +278,7 @@ where
             experts: self.ecfg.num_experts,
             d_in: self.d_in,
         };
-        loss::router_param_grad(
+        router::router_param_grad(
             self.dev,
             params,
             &ex.dlogits,
