@@ -5,6 +5,8 @@
 #    same checkpoint, PyTorch done the released code's way (dense experts, routing every forward);
 #  - the same edit on the real SmolLM2-135M (models/smollm2-135m, when present): the engine's preset
 #    (6 MoLoRA layers on down_proj from block 22, query at block 21) in both.
+#  Each edit also PyTorch done well (bench_torch_edit.py --done-well --compile: selected experts only,
+#  the frozen prefix cached, the head on the target rows, torch.compile on the trained blocks).
 # Needs the torch venv (tools/setup_torch.sh) at $TORCH_VENV (default .venv-torch).
 # Usage: tools/bench_cpu_compare.sh [threads]   (prints medians and ratios; criterion reports in target/criterion)
 set -euo pipefail
@@ -29,23 +31,34 @@ elder_edit=$(median_ms "target/criterion/cpu_edit_50_iterations_gpt2-124m/new/es
 "$py" tools/bench_torch_forward.py --model "$ckpt" --tokens 32 --threads "$threads" --attn eager --json target/torch_forward.json >/dev/null
 "$py" tools/bench_torch_edit.py --model "$ckpt" --site c_fc --threads "$threads" --random-tokens \
   --prompt-tokens 17 --target-tokens 3 --edits 3 --json target/torch_edit.json >/dev/null
+"$py" tools/bench_torch_edit.py --model "$ckpt" --site c_fc --threads "$threads" --random-tokens \
+  --prompt-tokens 17 --target-tokens 3 --edits 3 --done-well --compile --json target/torch_edit_well.json >/dev/null 2>&1
 rows=()
 smol=models/smollm2-135m
 if [ -f "$smol/config.json" ]; then
   "$py" tools/bench_torch_edit.py --model "$smol" --site down_proj --layers 6 --first-block 22 --threads "$threads" \
     --random-tokens --prompt-tokens 17 --target-tokens 3 --edits 3 --json target/torch_edit_smollm2.json >/dev/null
+  "$py" tools/bench_torch_edit.py --model "$smol" --site down_proj --layers 6 --first-block 22 --threads "$threads" \
+    --random-tokens --prompt-tokens 17 --target-tokens 3 --edits 3 --done-well --compile \
+    --json target/torch_edit_smollm2_well.json >/dev/null 2>&1
   elder_smol=$(median_ms "target/criterion/cpu_edit_50_iterations_smollm2-135m/new/estimates.json")
   torch_smol=$(python3 -c "import json; print(json.load(open('target/torch_edit_smollm2.json'))['median_s_per_edit']*1000)")
-  rows+=("one edit (50 it.), smollm2-135m|$elder_smol|$torch_smol")
+  well_smol=$(python3 -c "import json; print(json.load(open('target/torch_edit_smollm2_well.json'))['median_s_per_edit']*1000)")
+  rows+=("one edit (50 it.), smollm2-135m|$elder_smol|$torch_smol|$well_smol")
 else
   echo "SKIP smollm2-135m: $smol not found (tools/fetch_smollm2.sh)"
 fi
 torch_fwd=$(python3 -c "import json; print(json.load(open('target/torch_forward.json'))['median_ms'])")
 torch_edit=$(python3 -c "import json; print(json.load(open('target/torch_edit.json'))['median_s_per_edit']*1000)")
+well_edit=$(python3 -c "import json; print(json.load(open('target/torch_edit_well.json'))['median_s_per_edit']*1000)")
 
-printf '\nCPU, %s threads, %s\n' "$threads" "$(date -u +%F)"
-printf '%-34s %12s %12s %8s\n' workload "elder (ms)" "torch (ms)" "torch/elder"
-for row in "forward 32 tokens, gpt2-124m|$elder_fwd|$torch_fwd" "one edit (50 it.), gpt2-124m|$elder_edit|$torch_edit" "${rows[@]}"; do
-  IFS='|' read -r name e t <<<"$row"
-  printf '%-34s %12.1f %12.1f %8.2f\n' "$name" "$e" "$t" "$(python3 -c "print($t/$e)")"
+printf '\nCPU, %s threads, %s (torch: the released code way; torch well: done well, see above)\n' "$threads" "$(date -u +%F)"
+printf '%-34s %12s %12s %8s %14s %8s\n' workload "elder (ms)" "torch (ms)" "t/elder" "torch well (ms)" "tw/elder"
+for row in "forward 32 tokens, gpt2-124m|$elder_fwd|$torch_fwd|" "one edit (50 it.), gpt2-124m|$elder_edit|$torch_edit|$well_edit" "${rows[@]}"; do
+  IFS='|' read -r name e t w <<<"$row"
+  if [ -n "$w" ]; then
+    printf '%-34s %12.1f %12.1f %8.2f %14.1f %8.2f\n' "$name" "$e" "$t" "$(python3 -c "print($t/$e)")" "$w" "$(python3 -c "print($w/$e)")"
+  else
+    printf '%-34s %12.1f %12.1f %8.2f %14s %8s\n' "$name" "$e" "$t" "$(python3 -c "print($t/$e)")" "-" "-"
+  fi
 done
