@@ -2,12 +2,10 @@
 //! in-scope rates, scored with teacher forcing on token ids.
 
 use std::collections::BTreeMap;
-
-use serde::Serialize;
-
 use std::ops::Range;
 
 use anyhow::{bail, Result};
+use serde::Serialize;
 
 use crate::backend::cpu::ops;
 use crate::elder::molora::{Elder, ElderAdapter};

@@ -34,8 +34,7 @@ use half::{bf16, f16};
 
 use crate::elder::molora::Elder;
 use crate::eval::{self, PairScorer, Routed};
-use crate::model::runner::{Decode, Forward, Scored};
-use crate::model::BatchShape;
+use crate::model::runner::Forward;
 
 use crate::backend::cuda::device::GpuDevice;
 pub use forward::{ElderStep, GpuModel};
@@ -63,29 +62,12 @@ impl GpuDtype {
     }
 }
 
-/// A [`GpuModel`] of any dtype, for callers that pick the dtype at run time (the command line).
+/// A [`GpuModel`] of any dtype, for callers that pick the dtype at run time (the command line):
+/// requests run on it through [`GpuRunner::request`] and the request layer's functions.
 pub trait GpuRunner {
     fn dtype(&self) -> GpuDtype;
     /// Uploads the ELDER state that `edited` requests use (`None` drops it).
     fn set_elder(&mut self, elder: Option<&Elder>) -> Result<()>;
-    fn logits(&mut self, seqs: &[Vec<u32>], edited: bool) -> Result<(Vec<f32>, BatchShape)>;
-    fn score(
-        &mut self,
-        prompt: &[u32],
-        target: &[u32],
-        edited: bool,
-    ) -> Result<(Scored, Option<bool>)>;
-    fn score_pairs(
-        &mut self,
-        edited: bool,
-        pairs: &[(&[u32], &[u32])],
-    ) -> Result<Vec<eval::Scored>>;
-    fn generate(
-        &mut self,
-        prompts: &[Vec<u32>],
-        decode: Decode,
-        edited: bool,
-    ) -> Result<(Vec<Vec<u32>>, Vec<bool>)>;
     /// Buffer (re)allocations so far.
     fn allocations(&self) -> usize;
     /// One request on this model as the request layer's [`Forward`] (`edited`: with the
@@ -101,36 +83,6 @@ macro_rules! impl_runner {
             }
             fn set_elder(&mut self, elder: Option<&Elder>) -> Result<()> {
                 GpuModel::set_elder(self, elder)
-            }
-            fn logits(
-                &mut self,
-                seqs: &[Vec<u32>],
-                edited: bool,
-            ) -> Result<(Vec<f32>, BatchShape)> {
-                GpuModel::logits(self, seqs, edited)
-            }
-            fn score(
-                &mut self,
-                prompt: &[u32],
-                target: &[u32],
-                edited: bool,
-            ) -> Result<(Scored, Option<bool>)> {
-                GpuModel::score(self, prompt, target, edited)
-            }
-            fn score_pairs(
-                &mut self,
-                edited: bool,
-                pairs: &[(&[u32], &[u32])],
-            ) -> Result<Vec<eval::Scored>> {
-                GpuModel::score_pairs(self, edited, pairs)
-            }
-            fn generate(
-                &mut self,
-                prompts: &[Vec<u32>],
-                decode: Decode,
-                edited: bool,
-            ) -> Result<(Vec<Vec<u32>>, Vec<bool>)> {
-                GpuModel::generate_with(self, prompts, decode, edited)
             }
             fn allocations(&self) -> usize {
                 GpuModel::allocations(self)
@@ -171,6 +123,6 @@ impl PairScorer for GpuScorer<'_> {
         edited: bool,
         pairs: &[(&[u32], &[u32])],
     ) -> Result<Vec<eval::Scored>> {
-        self.0.score_pairs(edited, pairs)
+        eval::score_pairs_on(&mut *self.0.request(edited), pairs)
     }
 }
