@@ -242,6 +242,10 @@ enum Command {
         /// JetStream replicas of the streams and the object store (3 on a 3-node cluster).
         #[arg(long, default_value_t = 1)]
         nats_replicas: usize,
+        /// With `--edit-log`, on a leader: how many of the newest generations the object store
+        /// keeps (older chunks are deleted; a replica further behind skips to the oldest kept).
+        #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..))]
+        keep_generations: u64,
     },
     /// Check or repair an edit state without loading a model.
     State {
@@ -451,6 +455,7 @@ fn dispatch(cmd: Command, devices: DeviceChoice) -> Result<ExitCode> {
             stream,
             role,
             nats_replicas,
+            keep_generations,
         } => {
             let nats = match edit_log {
                 Some(urls) => Some(elder::serve::replication::NatsOptions {
@@ -458,6 +463,7 @@ fn dispatch(cmd: Command, devices: DeviceChoice) -> Result<ExitCode> {
                     stream,
                     role: role.context("--edit-log needs --role leader or --role replica")?,
                     replicas: nats_replicas,
+                    keep_generations: keep_generations as usize,
                 }),
                 None => None,
             };

@@ -223,7 +223,7 @@ impl EditSession {
             }
         };
         let state = EditState::open_or_create(dir, &cfg_json, &base.fingerprint)?;
-        let mut elder = Elder::from_state(cfg, &base.cfg, &state)?;
+        let mut elder = Elder::from_state_after(cfg, &base.cfg, &state, previous)?;
         // Each edit's answer as the tokenizer writes it (derived, not stored).
         for entry in elder.memory.iter_mut() {
             entry.answer = base.answer_prefix(&entry.target)?;

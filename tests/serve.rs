@@ -954,8 +954,66 @@ fn installed(log: &Path) -> Vec<u64> {
     std::fs::read_to_string(log)
         .unwrap()
         .lines()
-        .filter_map(|l| l.strip_prefix("installed generation ")?.trim().parse().ok())
+        .filter_map(|l| {
+            l.strip_prefix("installed generation ")?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
         .collect()
+}
+
+/// `(generation, new bytes, bytes)` of each "published generation" line of a leader's log.
+fn published(log: &Path) -> Vec<(u64, usize, usize)> {
+    std::fs::read_to_string(log)
+        .unwrap()
+        .lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix("published generation ")?;
+            let (g, rest) = rest.split_once(": ")?;
+            let (new, rest) = rest.split_once(" of ")?;
+            let total = rest.split_whitespace().next()?;
+            Some((g.parse().ok()?, new.parse().ok()?, total.parse().ok()?))
+        })
+        .collect()
+}
+
+/// `(fetched, bytes)` of a replica's "installed generation G (fetched F of B bytes)" line.
+fn fetched(log: &Path, generation: u64) -> Option<(usize, usize)> {
+    let text = std::fs::read_to_string(log).unwrap();
+    let prefix = format!("installed generation {generation} (fetched ");
+    let rest = text.lines().find_map(|l| l.strip_prefix(prefix.as_str()))?;
+    let (f, rest) = rest.split_once(" of ")?;
+    Some((
+        f.parse().ok()?,
+        rest.split_whitespace().next()?.parse().ok()?,
+    ))
+}
+
+/// The object names (`c/<sha256>`) of the chunks that ship a state's generation `generation`
+/// (its files, their chunk lists and its manifest), read from the state's own copy of it.
+fn chunks_of_generation(state: &Path, generation: u64) -> std::collections::HashSet<String> {
+    use elder::serve::chunks::{cut, list_bytes};
+    use elder::serve::replication::chunk_object;
+    let manifest = std::fs::read(state.join(format!("manifest-{generation:06}.json"))).unwrap();
+    let parsed: Value = serde_json::from_slice(&manifest).unwrap();
+    let files = &parsed["files"];
+    let mut texts = vec![manifest.clone()];
+    for key in ["experts", "codebook", "memory"] {
+        if let Some(name) = files[key].as_str() {
+            texts.push(std::fs::read(state.join(name)).unwrap());
+        }
+    }
+    let mut out = std::collections::HashSet::new();
+    for bytes in texts {
+        let file = cut(&bytes);
+        let list = list_bytes(file.iter().map(|(d, _)| *d));
+        for (d, _) in file.iter().chain(&cut(&list)) {
+            out.insert(chunk_object(d));
+        }
+    }
+    out
 }
 
 fn scores(server: &Server) -> Vec<Value> {
@@ -1235,6 +1293,129 @@ fn a_second_leader_fences_the_first() {
     assert_eq!(applied_ids(&tmp.path().join("b")), ["one", "two"]);
 }
 
+/// Generations ship as content-defined chunks: a leader uploads only the chunks the object store
+/// lacks (a small part of a generation once the state has grown), the store keeps exactly the
+/// chunks of the newest `--keep-generations` generations, and a replica that starts late goes on
+/// past the generations no longer kept, then fetches only what the next generation changed.
+#[test]
+fn generations_ship_as_chunks_and_the_store_keeps_only_the_newest() {
+    use elder::serve::replication::{Nats as NatsLog, NatsOptions, Role};
+
+    let test = "generations_ship_as_chunks_and_the_store_keeps_only_the_newest";
+    if !nats_available(test) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path());
+    let nats = Nats::start(tmp.path(), "n1", None);
+    // Wide experts (about 100 KB per edit), one generation per edit: a state of many chunks.
+    let cfg = tmp.path().join("wide.toml");
+    std::fs::write(&cfg, "rank = 128\nalpha = 128.0\nbatch_size = 1\n").unwrap();
+    let common = |role: &str| -> Vec<String> {
+        [
+            "--edit-log",
+            &nats.url,
+            "--stream",
+            "CHUNKS",
+            "--role",
+            role,
+            "--keep-generations",
+            "2",
+            "--config",
+            cfg.to_str().unwrap(),
+        ]
+        .map(str::to_string)
+        .to_vec()
+    };
+    let leader_log = tmp.path().join("leader.log");
+    let leader_state = tmp.path().join("leader");
+    let leader = Server::start_logged(
+        &model,
+        &leader_state,
+        &args(&common("leader")),
+        Stdio::from(std::fs::File::create(&leader_log).unwrap()),
+    );
+    let ids: Vec<String> = (0..12).map(|i| format!("w{i}")).collect();
+    for id in &ids {
+        let (status, v) = leader.post(
+            "/v1/edits",
+            json!({"edits": [record(id, &format!("Wide fact {id} is"), "true")]}),
+        );
+        assert_eq!(status, 202, "{v}");
+    }
+    for id in &ids {
+        leader.wait_status(id, "committed");
+    }
+    assert_eq!(served_generation(&leader), 12);
+
+    let shipped = published(&leader_log);
+    assert_eq!(
+        shipped.iter().map(|s| s.0).collect::<Vec<_>>(),
+        (1..=12).collect::<Vec<_>>(),
+        "{shipped:?}"
+    );
+    eprintln!("published: {shipped:?}");
+    let (_, new, total) = shipped[11];
+    assert!(total > 1_000_000, "a state of many chunks: {total} bytes");
+    assert!(
+        new * 3 < total,
+        "generation 12 uploaded {new} of {total} bytes"
+    );
+
+    // The store holds the chunks of generations 11 and 12, and nothing else.
+    let expected: std::collections::HashSet<String> = chunks_of_generation(&leader_state, 11)
+        .union(&chunks_of_generation(&leader_state, 12))
+        .cloned()
+        .collect();
+    let opts = NatsOptions {
+        urls: vec![nats.url.clone()],
+        stream: "CHUNKS".to_string(),
+        role: Role::Replica,
+        replicas: 1,
+        keep_generations: 2,
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let stored = rt.block_on(async {
+        NatsLog::connect(&opts)
+            .await
+            .unwrap()
+            .stored_chunks()
+            .await
+            .unwrap()
+    });
+    assert_eq!(stored, expected, "chunks in the store");
+
+    // A replica that starts now: generations 1..=10 are gone, 11 and 12 are installed.
+    let replica_log = tmp.path().join("replica.log");
+    let replica = Server::start_logged(
+        &model,
+        &tmp.path().join("replica"),
+        &args(&common("replica")),
+        Stdio::from(std::fs::File::create(&replica_log).unwrap()),
+    );
+    replica.wait_until(|s| served_generation(s) == 12, "the replica to catch up");
+    assert_eq!(installed(&replica_log), vec![11, 12]);
+    assert_eq!(
+        scores(&replica),
+        scores(&leader),
+        "the replica answers differently"
+    );
+    let (first, first_total) = fetched(&replica_log, 11).unwrap();
+    let (next, next_total) = fetched(&replica_log, 12).unwrap();
+    eprintln!(
+        "fetched: {first}/{first_total} then {next}/{next_total}; stored {}",
+        stored.len()
+    );
+    assert!(
+        first * 10 > first_total * 9,
+        "a new replica fetches its first generation (nearly) whole: {first} of {first_total} bytes"
+    );
+    assert!(
+        next * 3 < next_total,
+        "generation 12 fetched {next} of {next_total} bytes"
+    );
+}
+
 /// A batch that fails to train is recorded in the JetStream edit log (no commit record can carry
 /// it): a new leader reading the log reports those edits failed with their error and does not
 /// train them again, while the edits after them stay queued.
@@ -1255,6 +1436,7 @@ fn a_failed_batch_is_kept_in_the_nats_edit_log() {
         stream: "FAILED_BATCH".to_string(),
         role: Role::Leader,
         replicas: 1,
+        keep_generations: 8,
     };
     let add = |id: &str| Entry::Add {
         seq: 0,

@@ -676,6 +676,34 @@ impl KeyStore {
         best
     }
 
+    /// Takes `prefix`'s impostor scores when its keys and ceilings are this store's first ones
+    /// (the caller checks that the edits' subjects agree too); [`KeyStore::update_impostors`]
+    /// then scores only the edits after them. Anything else leaves the scores to be computed
+    /// from scratch.
+    pub fn adopt_impostors(&mut self, prefix: &KeyStore) {
+        let n = prefix.impostor.len();
+        let per_edit = self.variants * self.span * self.space.dim;
+        let ceilings = if self.ceilings.is_on() {
+            n * self.variants
+        } else {
+            0
+        };
+        let is_prefix = n == prefix.len()
+            && n <= self.len()
+            && self.impostor.is_empty()
+            && prefix.variants == self.variants
+            && prefix.span == self.span
+            && prefix.space.dim == self.space.dim
+            && prefix.keys[..] == self.keys[..n * per_edit]
+            && prefix.ceilings.margin == self.ceilings.margin
+            && prefix.ceilings.of_keys.len() == ceilings
+            && self.ceilings.of_keys.len() >= ceilings
+            && prefix.ceilings.of_keys[..] == self.ceilings.of_keys[..ceilings];
+        if is_prefix {
+            self.impostor.clone_from(&prefix.impostor);
+        }
+    }
+
     /// Brings the impostor scores up to date with the edits pushed since the last call, one
     /// edit at a time in order (so a reloaded store, replayed from its keys, gets the same
     /// scores bit for bit). `same_subject(a, b)`: edits `a` and `b` are about one subject.
@@ -1478,5 +1506,63 @@ mod tests {
             ..store.clone()
         };
         assert_eq!(few.scope_threshold(0.3, 0.9), 0.3);
+    }
+
+    /// A store that grew from another takes its impostor scores and scores only the new edits,
+    /// bit for bit what scoring everything from scratch gives; a store whose first keys differ
+    /// (an edit rolled back) takes nothing.
+    #[test]
+    fn a_grown_store_adopts_the_impostor_scores_of_its_prefix() {
+        let ceiled = || {
+            KeyStore::new(
+                KeyKind::Subject,
+                2,
+                1,
+                space(3, 0),
+                None,
+                KeyCeilings {
+                    margin: Some(0.05),
+                    background: Derived(vec![1.0, 0.0, 0.0]),
+                    ..Default::default()
+                },
+            )
+        };
+        let key = |a: f32, b: f32| {
+            let v = [a.cos() * b.cos(), a.sin() * b.cos(), b.sin()];
+            let w = [b.cos(), 0.0, b.sin()];
+            [v, w].concat()
+        };
+        let same = |a: usize, b: usize| a == b;
+        let (mut prefix, mut whole) = (ceiled(), ceiled());
+        for i in 0..10 {
+            let k = key(0.3 * i as f32, 0.05 * (i % 4) as f32);
+            if i < 6 {
+                prefix.push(&k, None);
+            }
+            whole.push(&k, None);
+        }
+        prefix.update_impostors(same);
+        let mut grown = whole.clone();
+        whole.update_impostors(same);
+        grown.adopt_impostors(&prefix);
+        assert_eq!(grown.impostor.len(), 6, "took the prefix's scores");
+        grown.update_impostors(same);
+        assert_eq!(
+            grown
+                .impostor
+                .iter()
+                .map(|s| s.to_bits())
+                .collect::<Vec<_>>(),
+            whole
+                .impostor
+                .iter()
+                .map(|s| s.to_bits())
+                .collect::<Vec<_>>()
+        );
+        // The first edit gone: the keys are no longer a prefix.
+        let mut shifted = whole.clone();
+        shifted.remove(0);
+        shifted.adopt_impostors(&prefix);
+        assert!(shifted.impostor.is_empty());
     }
 }

@@ -50,7 +50,7 @@ use crate::util::atomic::{is_atomic_temp_file, sync_dir, write_atomic};
 pub const STATE_FORMAT_VERSION: u32 = 3;
 /// Older formats this build still reads (and upgrades on the next commit).
 const READABLE_FORMATS: &[u32] = &[1, 2, 3];
-const MANIFEST_FILE: &str = "manifest.json";
+pub const MANIFEST_FILE: &str = "manifest.json";
 /// Per-generation copies of the manifest: `manifest-000042.json`.
 const MANIFEST_PREFIX: &str = "manifest-";
 const MANIFEST_SUFFIX: &str = ".json";

@@ -8,6 +8,7 @@
 //! 202, and reports in OpenAI's shapes.
 
 pub mod api;
+pub mod chunks;
 pub mod editlog;
 pub mod http;
 pub mod ledger;
@@ -470,8 +471,11 @@ fn load(shared: &Arc<Shared>, opts: &ServeOptions) -> Result<()> {
             .filter(|(_, r)| !r.files.is_empty())
             .max_by_key(|(_, r)| r.generation);
         if let Some((_, record)) = newest.filter(|(_, r)| r.generation > local) {
-            let g = handle.block_on(nats.install(record, &opts.state))?;
-            eprintln!("installed the published generation {g} (this state was at {local})");
+            let done = handle.block_on(nats.install(record, &opts.state))?;
+            eprintln!(
+                "installed the published generation {} (this state was at {local}; fetched {} of {} bytes)",
+                done.generation, done.fetched, done.bytes
+            );
         }
     }
     let session = EditSession::open(&base, &opts.state, opts.config.clone())?;
@@ -613,6 +617,9 @@ fn load(shared: &Arc<Shared>, opts: &ServeOptions) -> Result<()> {
         *r.commits_last.lock().expect("commits lock") =
             published.map_err(|e| anyhow::anyhow!("announcing this leader: {e}"))?;
         r.latest.fetch_max(generation, Ordering::SeqCst);
+        // The retention window goes on from the generations published before this leader.
+        let published: Vec<CommitRecord> = records.into_iter().map(|(_, r)| r).collect();
+        handle.block_on(r.nats.adopt_published(&published));
     }
     {
         let mut book = shared.book.lock().expect("book lock");
@@ -650,20 +657,42 @@ async fn follow(
     loop {
         match nats.commits_from(next).await {
             Ok(records) => {
-                for (seq, record) in records {
-                    next = seq + 1;
-                    *replication.leader_url.write().expect("leader lock") = record.leader.clone();
+                // Known before installing any: whether a generation that is gone has a successor.
+                for (_, record) in &records {
                     replication
                         .latest
                         .fetch_max(record.generation, Ordering::SeqCst);
+                }
+                for (seq, record) in records {
+                    next = seq + 1;
+                    *replication.leader_url.write().expect("leader lock") = record.leader.clone();
                     if record.files.is_empty() || record.generation <= session.state.generation() {
                         continue;
                     }
+                    let started = std::time::Instant::now();
                     match install(&nats, &record, &base, &dir, &session).await {
-                        Ok(installed) => {
+                        Ok((installed, done, opened)) => {
                             session = installed;
-                            eprintln!("installed generation {}", record.generation);
+                            eprintln!(
+                                "installed generation {} (fetched {} of {} bytes; {:.2} s to fetch and write, {:.2} s to open)",
+                                record.generation,
+                                done.fetched,
+                                done.bytes,
+                                (started.elapsed() - opened).as_secs_f64(),
+                                opened.as_secs_f64()
+                            );
                             shared.publish_served(Served::of(&session));
+                        }
+                        Err(e)
+                            if replication::is_gone(&e)
+                                && replication.latest_generation() > record.generation =>
+                        {
+                            // Left the object store's retention window while this replica was
+                            // behind: a newer generation follows.
+                            eprintln!(
+                                "note: generation {} is no longer kept ({e:#}); going on with a newer one",
+                                record.generation
+                            );
                         }
                         Err(e) => {
                             // Retried from this record on the next round.
@@ -692,13 +721,17 @@ async fn install(
     base: &Arc<BaseModel>,
     dir: &std::path::Path,
     previous: &EditSession,
-) -> Result<EditSession> {
-    nats.install(record, dir).await?;
+) -> Result<(EditSession, replication::Installed, Duration)> {
+    let done = nats.install(record, dir).await?;
     let (base, dir) = (base.clone(), dir.to_path_buf());
     let previous = previous.elder.clone();
-    tokio::task::spawn_blocking(move || EditSession::open_after(&base, &dir, None, Some(&previous)))
-        .await
-        .context("opening an installed generation")?
+    let started = std::time::Instant::now();
+    let session = tokio::task::spawn_blocking(move || {
+        EditSession::open_after(&base, &dir, None, Some(&previous))
+    })
+    .await
+    .context("opening an installed generation")??;
+    Ok((session, done, started.elapsed()))
 }
 
 /// Runs the server until SIGTERM or Ctrl-C (or a failed start, returned as the error).
@@ -732,6 +765,11 @@ fn describe_metrics() {
     describe_counter!("elder_edits_committed_total", "edits trained and committed");
     describe_counter!("elder_edits_failed_total", "edits whose training failed");
     describe_counter!("elder_edits_deleted_total", "edits rolled back");
+    describe_counter!(
+        "elder_published_bytes_total",
+        Unit::Bytes,
+        "bytes a leader uploaded to the object store (the chunks it lacked)"
+    );
     describe_gauge!("elder_edit_queue_depth", "edits waiting for the trainer");
     describe_histogram!(
         "elder_edit_training_seconds",

@@ -6,7 +6,12 @@
 //!   deduplicated) and `Nats-Expected-Last-Sequence` (two leaders cannot both append);
 //! - stream `NAME_COMMITS` (subject `NAME.commits`): one [`CommitRecord`] per generation the
 //!   leader committed (and one when a leader takes over), also with an expected-sequence check;
-//! - object store `NAME_STATE`: each published generation's state files, `g<generation>/<file>`.
+//! - object store `NAME_STATE`: the published generations' state files as content-defined
+//!   chunks, `c/<sha256>` ([`super::chunks`]): a generation uploads only the chunks the store
+//!   lacks (what it changed), and a replica fetches only the chunks its own files lack. The store
+//!   keeps the chunks of the newest `--keep-generations` generations; the leader deletes the rest
+//!   as generations leave that window. (Records published before chunking name whole-file
+//!   objects, `g<generation>/<file>`; they are still read, and deleted the same way.)
 //!
 //! The leader appends edits (a 202 only after JetStream acknowledged the append), trains in log
 //! order, commits locally, uploads the generation and publishes its record. A replica follows
@@ -16,13 +21,16 @@
 //! is older, announces itself (which fences the previous leader: its next append fails the
 //! expected-sequence check) and resumes training from the first uncommitted log entry.
 
+use std::collections::{HashSet, VecDeque};
 use std::path::Path;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use async_nats::jetstream::{self, context::PublishErrorKind, message::PublishMessage, stream};
 use serde::{Deserialize, Serialize};
 
+use super::chunks::{self, ChunkIndex, Cut, Digest};
 use super::editlog::Entry;
 use crate::elder::state;
 
@@ -41,6 +49,9 @@ pub struct NatsOptions {
     pub role: Role,
     /// JetStream replicas of the streams and the object store (3 on a 3-node cluster).
     pub replicas: usize,
+    /// Generations whose files the object store keeps (the newest; at least 1). A replica
+    /// further behind goes on with the oldest one still kept.
+    pub keep_generations: usize,
 }
 
 /// One published generation (or a leader's announcement, with no files).
@@ -74,7 +85,80 @@ pub struct CommitRecord {
 pub struct ShippedFile {
     pub name: String,
     pub sha256: String,
+    /// The whole file as one object (records published before files were chunked; still read).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub object: String,
+    /// The file as content-defined chunks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chunked: Option<Chunked>,
+}
+
+/// A file shipped as chunks (objects `c/<sha256>`): its size and the chunks of its chunk list
+/// (the list of its own chunks' digests, shipped as chunks too; see [`super::chunks`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Chunked {
+    pub size: u64,
+    pub list: Vec<String>,
+}
+
+/// An object the store no longer holds (a generation that left the retention window).
+#[derive(Debug, thiserror::Error)]
+#[error("{0} is no longer in the object store")]
+pub struct Gone(pub String);
+
+/// Whether `e` says an object is gone (rather than, say, a node that did not answer).
+pub fn is_gone(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| c.is::<Gone>())
+}
+
+/// What one generation's upload referenced and added.
+#[derive(Default)]
+struct Shipment {
+    /// Every chunk the generation's files (and their chunk lists) are made of.
+    chunks: HashSet<Digest>,
+    /// Whole-file objects it names (records before chunking; none for new ones).
+    objects: Vec<String>,
+    bytes: usize,
+    new_bytes: usize,
+    new_chunks: usize,
+}
+
+/// The generations the object store keeps, oldest first, with what each references.
+struct Retention {
+    keep: usize,
+    kept: VecDeque<(u64, Shipment)>,
+}
+
+impl Retention {
+    /// Adds `generation` (replacing an earlier record of it) and returns what the generations
+    /// that left the window referenced and no kept generation does.
+    fn push(&mut self, generation: u64, shipment: Shipment) -> (Vec<Digest>, Vec<String>) {
+        self.kept.retain(|(g, _)| *g != generation);
+        self.kept.push_back((generation, shipment));
+        self.kept.make_contiguous().sort_by_key(|(g, _)| *g);
+        let mut dropped = Vec::new();
+        while self.kept.len() > self.keep.max(1) {
+            dropped.extend(self.kept.pop_front());
+        }
+        let still: HashSet<&Digest> = self.kept.iter().flat_map(|(_, s)| &s.chunks).collect();
+        let kept_objects: HashSet<&String> =
+            self.kept.iter().flat_map(|(_, s)| &s.objects).collect();
+        let mut chunks: Vec<Digest> = dropped
+            .iter()
+            .flat_map(|(_, s)| &s.chunks)
+            .filter(|d| !still.contains(d))
+            .copied()
+            .collect();
+        chunks.sort_unstable();
+        chunks.dedup();
+        let objects = dropped
+            .iter()
+            .flat_map(|(_, s)| &s.objects)
+            .filter(|o| !kept_objects.contains(o))
+            .cloned()
+            .collect();
+        (chunks, objects)
+    }
 }
 
 /// The JetStream side of a server.
@@ -87,6 +171,12 @@ pub struct Nats {
     object_stream: stream::Stream,
     edits_subject: String,
     commits_subject: String,
+    /// Chunks known to be in the object store (uploaded or seen there), so that each is looked
+    /// up once per leader rather than once per generation.
+    stored: Mutex<HashSet<Digest>>,
+    retention: Mutex<Retention>,
+    /// A replica's chunks of the generation it installed last.
+    local: Mutex<Option<LocalChunks>>,
 }
 
 /// Why an append or a publish was refused.
@@ -169,6 +259,12 @@ impl Nats {
             object_stream,
             edits_subject,
             commits_subject,
+            stored: Mutex::new(HashSet::new()),
+            retention: Mutex::new(Retention {
+                keep: opts.keep_generations.max(1),
+                kept: VecDeque::new(),
+            }),
+            local: Mutex::new(None),
         })
     }
 
@@ -267,8 +363,10 @@ impl Nats {
         publish(&self.js, &self.edits_subject, message, last).await
     }
 
-    /// Uploads the current generation of the state in `dir` and publishes its record after
-    /// `last` in the commits stream; returns the record's sequence number.
+    /// Uploads the current generation of the state in `dir` (the chunks the store lacks) and
+    /// publishes its record after `last` in the commits stream; returns the record's sequence
+    /// number. Then the generations that left the retention window are deleted (a failure there
+    /// is only reported: the next generation tries again).
     pub async fn publish_generation(
         &self,
         dir: &Path,
@@ -276,35 +374,157 @@ impl Nats {
         last: u64,
     ) -> Result<u64, LogError> {
         let (manifest, files) = state::generation_files(dir).map_err(LogError::Other)?;
+        let mut shipment = Shipment::default();
         for (name, bytes) in &files {
             record
                 .files
-                .push(self.upload(record.generation, name, bytes).await?);
+                .push(self.ship(name, bytes, &mut shipment).await?);
         }
         record.manifest_file = Some(
-            self.upload(record.generation, MANIFEST_OBJECT, manifest.as_bytes())
+            self.ship(MANIFEST_OBJECT, manifest.as_bytes(), &mut shipment)
                 .await?,
         );
-        self.publish_record(&record, last).await
+        let seq = self.publish_record(&record, last).await?;
+        eprintln!(
+            "published generation {}: {} of {} bytes new ({} of {} chunks)",
+            record.generation,
+            shipment.new_bytes,
+            shipment.bytes,
+            shipment.new_chunks,
+            shipment.chunks.len()
+        );
+        metrics::counter!("elder_published_bytes_total").increment(shipment.new_bytes as u64);
+        self.retire(record.generation, shipment).await;
+        Ok(seq)
     }
 
-    /// Puts one file of generation `generation` into the object store.
-    async fn upload(
+    /// Uploads the chunks of one file (and of its chunk list) that the store lacks.
+    async fn ship(
         &self,
-        generation: u64,
         name: &str,
         bytes: &[u8],
+        shipment: &mut Shipment,
     ) -> Result<ShippedFile, LogError> {
-        let object = format!("g{generation}/{name}");
-        self.store
-            .put(object.as_str(), &mut &bytes[..])
-            .await
-            .map_err(|e| LogError::Other(anyhow::anyhow!("uploading {object}: {e}")))?;
+        let cut = chunks::cut(bytes);
+        let list = chunks::list_bytes(cut.iter().map(|(d, _)| *d));
+        let list_cut = chunks::cut(&list);
+        for (d, range) in &cut {
+            self.put_chunk(d, &bytes[range.clone()], shipment).await?;
+        }
+        for (d, range) in &list_cut {
+            self.put_chunk(d, &list[range.clone()], shipment).await?;
+        }
         Ok(ShippedFile {
             name: name.to_string(),
             sha256: sha256_hex(bytes),
-            object,
+            object: String::new(),
+            chunked: Some(Chunked {
+                size: bytes.len() as u64,
+                list: list_cut.iter().map(|(d, _)| chunks::to_hex(d)).collect(),
+            }),
         })
+    }
+
+    async fn put_chunk(
+        &self,
+        d: &Digest,
+        bytes: &[u8],
+        shipment: &mut Shipment,
+    ) -> Result<(), LogError> {
+        shipment.bytes += bytes.len();
+        if !shipment.chunks.insert(*d) || self.stored.lock().expect("chunks lock").contains(d) {
+            return Ok(());
+        }
+        let object = chunk_object(d);
+        let present = matches!(self.store.info(&object).await, Ok(info) if !info.deleted);
+        if !present {
+            self.store
+                .put(object.as_str(), &mut &bytes[..])
+                .await
+                .map_err(|e| LogError::Other(anyhow::anyhow!("uploading {object}: {e}")))?;
+            shipment.new_bytes += bytes.len();
+            shipment.new_chunks += 1;
+        }
+        self.stored.lock().expect("chunks lock").insert(*d);
+        Ok(())
+    }
+
+    /// Keeps `generation` in the retention window and deletes what the generations that left
+    /// it referenced and no kept generation does.
+    async fn retire(&self, generation: u64, shipment: Shipment) {
+        let (chunks, objects) = self
+            .retention
+            .lock()
+            .expect("retention lock")
+            .push(generation, shipment);
+        for d in &chunks {
+            self.stored.lock().expect("chunks lock").remove(d);
+        }
+        let names = chunks.iter().map(chunk_object).chain(objects);
+        let mut failed = 0;
+        for name in names {
+            match self.store.delete(&name).await {
+                Ok(()) => {}
+                Err(e) if e.kind() == jetstream::object_store::DeleteErrorKind::NotFound => {}
+                Err(e) => {
+                    failed += 1;
+                    if failed == 1 {
+                        eprintln!("warning: deleting {name} from the object store: {e}");
+                    }
+                }
+            }
+        }
+        if failed > 1 {
+            eprintln!("warning: {failed} objects could not be deleted from the object store");
+        }
+    }
+
+    /// A new leader takes over the retention window from the records published before it:
+    /// the newest `keep` generations are kept (their chunk lists are read to know what they
+    /// reference), and everything older is deleted.
+    pub async fn adopt_published(&self, records: &[CommitRecord]) {
+        let mut newest: Vec<&CommitRecord> =
+            records.iter().filter(|r| !r.files.is_empty()).collect();
+        newest.sort_by_key(|r| r.generation);
+        // One record per generation (the last published).
+        let mut by_generation: Vec<&CommitRecord> = Vec::new();
+        for r in newest {
+            match by_generation.last_mut() {
+                Some(last) if last.generation == r.generation => *last = r,
+                _ => by_generation.push(r),
+            }
+        }
+        for r in by_generation {
+            let mut shipment = Shipment::default();
+            for f in r.files.iter().chain(&r.manifest_file) {
+                if let Err(e) = self.referenced(f, &mut shipment).await {
+                    // What cannot be read cannot be told apart from what is kept: left alone.
+                    if !is_gone(&e) {
+                        eprintln!(
+                            "warning: reading what generation {} references: {e:#}",
+                            r.generation
+                        );
+                    }
+                }
+            }
+            self.retire(r.generation, shipment).await;
+        }
+    }
+
+    /// Adds what a shipped file references (its chunks, or its whole-file object) to `shipment`.
+    async fn referenced(&self, f: &ShippedFile, shipment: &mut Shipment) -> Result<()> {
+        let Some(c) = &f.chunked else {
+            shipment.objects.push(f.object.clone());
+            return Ok(());
+        };
+        let mut index = ChunkIndex::default();
+        let list_chunks = hex_digests(&c.list)?;
+        shipment.chunks.extend(list_chunks.iter().copied());
+        self.fetch_missing(&list_chunks, &mut index).await?;
+        shipment
+            .chunks
+            .extend(chunks::parse_list(&index.assemble(&list_chunks)?)?);
+        Ok(())
     }
 
     /// Publishes a commit record (or an announcement) after `last`.
@@ -326,11 +546,14 @@ impl Nats {
     /// object store's stream, so no consumer has to be created: after a node of a cluster goes
     /// away, creating one waits for a new meta leader, while direct gets go on).
     async fn fetch(&self, object: &str) -> Result<Vec<u8>> {
-        let info = self
-            .store
-            .info(object)
-            .await
-            .with_context(|| format!("looking up {object}"))?;
+        let info = match self.store.info(object).await {
+            Ok(info) if !info.deleted => info,
+            Ok(_) => return Err(Gone(object.to_string()).into()),
+            Err(e) if e.kind() == jetstream::object_store::InfoErrorKind::NotFound => {
+                return Err(Gone(object.to_string()).into())
+            }
+            Err(e) => return Err(e).with_context(|| format!("looking up {object}")),
+        };
         let subject = format!("$O.{}.C.{}", info.bucket, info.nuid);
         let mut bytes = Vec::with_capacity(info.size);
         let mut next = None;
@@ -353,26 +576,144 @@ impl Nats {
     }
 
     /// Fetches a published generation's files and installs them into `dir` (checked against
-    /// the manifest's sums); returns the generation.
-    pub async fn install(&self, record: &CommitRecord, dir: &Path) -> Result<u64> {
-        let mut files = Vec::new();
-        for f in &record.files {
-            files.push((f.name.clone(), self.fetch_checked(f).await?));
-        }
-        let manifest = match &record.manifest_file {
-            Some(f) => String::from_utf8(self.fetch_checked(f).await?)
-                .with_context(|| format!("{} is not UTF-8", f.object))?,
-            None => record.manifest.clone(),
+    /// the manifest's sums). Only the chunks that the state already in `dir` lacks are fetched.
+    pub async fn install(&self, record: &CommitRecord, dir: &Path) -> Result<Installed> {
+        let cached = self.local.lock().expect("local chunks lock").take();
+        let mut index = {
+            let dir = dir.to_path_buf();
+            tokio::task::spawn_blocking(move || local_chunks(&dir, cached))
+                .await
+                .context("reading the state's own chunks")?
         };
+        let mut files = Vec::new();
+        let mut cuts = Vec::new();
+        let mut legacy = 0;
+        for f in record.files.iter().chain(&record.manifest_file) {
+            let (bytes, cut) = self.fetch_file(f, &mut index).await?;
+            if cut.is_none() {
+                legacy += bytes.len();
+            }
+            files.push((f.name.clone(), bytes));
+            cuts.push(cut);
+        }
+        let (manifest, manifest_cut) = match &record.manifest_file {
+            Some(_) => {
+                let (_, bytes) = files.pop().expect("the manifest was fetched last");
+                let text = String::from_utf8(bytes).with_context(|| {
+                    format!(
+                        "the manifest of generation {} is not UTF-8",
+                        record.generation
+                    )
+                })?;
+                (text, cuts.pop().flatten())
+            }
+            None => (record.manifest.clone(), None),
+        };
+        let bytes = files.iter().map(|(_, b)| b.len()).sum::<usize>() + manifest.len();
+        let fetched = index.added_bytes() + legacy;
         let dir = dir.to_path_buf();
-        tokio::task::spawn_blocking(move || state::install_generation(&dir, &manifest, &files))
+        let (generation, files, manifest) = tokio::task::spawn_blocking(move || {
+            let done = state::install_generation(&dir, &manifest, &files);
+            (done.map(|g| (g, dir)), files, manifest)
+        })
+        .await
+        .context("installing a generation")?;
+        let (generation, dir) = generation?;
+        // The installed files are the next install's chunks at hand, cut as they were fetched.
+        let mut next = ChunkIndex::default();
+        let manifest_sha256 = sha256_hex(manifest.as_bytes());
+        let shipped = files.into_iter().map(|(_, bytes)| bytes);
+        for (bytes, cut) in shipped
+            .chain([manifest.into_bytes()])
+            .zip(cuts.into_iter().chain([manifest_cut]))
+        {
+            match cut {
+                Some(cut) => next.add_cut_file(bytes, cut),
+                None => next.add_file(bytes),
+            }
+        }
+        *self.local.lock().expect("local chunks lock") = Some(LocalChunks {
+            dir,
+            manifest_sha256,
+            index: next,
+        });
+        Ok(Installed {
+            generation,
+            bytes,
+            fetched,
+        })
+    }
+
+    /// The chunk objects the store holds (`c/<sha256>`, deleted ones left out), by name.
+    pub async fn stored_chunks(&self) -> Result<HashSet<String>> {
+        use tokio_stream::StreamExt;
+        let mut list = self
+            .store
+            .list()
             .await
-            .context("installing a generation")?
+            .context("listing the object store")?;
+        let mut out = HashSet::new();
+        while let Some(info) = list.next().await {
+            let info = info.context("listing the object store")?;
+            if !info.deleted && info.name.starts_with("c/") {
+                out.insert(info.name);
+            }
+        }
+        Ok(out)
     }
 }
 
+/// What installing a generation took.
+#[derive(Debug, Clone, Copy)]
+pub struct Installed {
+    pub generation: u64,
+    /// The generation's files (its manifest included), in bytes.
+    pub bytes: usize,
+    /// The bytes fetched for it (the rest came from the files the state had).
+    pub fetched: usize,
+}
+
 impl Nats {
-    /// A shipped file's bytes, checked against the sha256 its commit record gives.
+    /// A shipped file's bytes and, for a chunked one, its cut. Every chunk is checked against
+    /// its name and the chunk list's chunks are named by the record, so the bytes are the ones
+    /// the leader shipped (installing checks them against the manifest's sums once more).
+    async fn fetch_file(
+        &self,
+        f: &ShippedFile,
+        index: &mut ChunkIndex,
+    ) -> Result<(Vec<u8>, Option<Cut>)> {
+        let Some(c) = &f.chunked else {
+            return Ok((self.fetch_checked(f).await?, None));
+        };
+        let list_chunks = hex_digests(&c.list)?;
+        self.fetch_missing(&list_chunks, index).await?;
+        let list = chunks::parse_list(&index.assemble(&list_chunks)?)?;
+        self.fetch_missing(&list, index).await?;
+        let (bytes, cut) = index.assemble_cut(&list)?;
+        if bytes.len() as u64 != c.size {
+            bail!(
+                "{}: its chunks make {} bytes, its commit record says {}",
+                f.name,
+                bytes.len(),
+                c.size
+            );
+        }
+        Ok((bytes, Some(cut)))
+    }
+
+    /// Fetches the chunks of `wanted` that `index` lacks (each checked against its name).
+    async fn fetch_missing(&self, wanted: &[Digest], index: &mut ChunkIndex) -> Result<()> {
+        for d in index.missing(wanted) {
+            let object = chunk_object(&d);
+            let bytes = tokio::time::timeout(FETCH_PATIENCE, self.fetch(&object))
+                .await
+                .map_err(|_| anyhow::anyhow!("fetching {object} timed out"))??;
+            index.add_chunk(d, bytes)?;
+        }
+        Ok(())
+    }
+
+    /// A whole-file object's bytes, checked against the sha256 its commit record gives.
     async fn fetch_checked(&self, f: &ShippedFile) -> Result<Vec<u8>> {
         let bytes = tokio::time::timeout(FETCH_PATIENCE, self.fetch(&f.object))
             .await
@@ -387,7 +728,44 @@ impl Nats {
     }
 }
 
-/// The object name of a generation's manifest (beside its files, `g<N>/<file>`).
+/// The chunks of the generation a replica installed last (see [`Nats::install`]).
+struct LocalChunks {
+    dir: std::path::PathBuf,
+    /// The SHA-256 of that generation's manifest (which holds its files' sums).
+    manifest_sha256: String,
+    index: ChunkIndex,
+}
+
+/// The chunks of the state's current generation in `dir`: those kept from the last install when
+/// that is still what `dir` holds, else read and cut from its files (none for a new or
+/// unreadable state: then every chunk is fetched).
+fn local_chunks(dir: &Path, cached: Option<LocalChunks>) -> ChunkIndex {
+    let current = std::fs::read(dir.join(state::MANIFEST_FILE)).ok();
+    if let (Some(text), Some(c)) = (&current, cached) {
+        if c.dir == dir && c.manifest_sha256 == sha256_hex(text) {
+            return c.index;
+        }
+    }
+    let mut index = ChunkIndex::default();
+    if let Ok((manifest, files)) = state::generation_files(dir) {
+        for (_, bytes) in files {
+            index.add_file(bytes);
+        }
+        index.add_file(manifest.into_bytes());
+    }
+    index
+}
+
+fn hex_digests(list: &[String]) -> Result<Vec<Digest>> {
+    list.iter().map(|h| chunks::from_hex(h)).collect()
+}
+
+/// The object that holds the chunk named `d`.
+pub fn chunk_object(d: &Digest) -> String {
+    format!("c/{}", chunks::to_hex(d))
+}
+
+/// The name a generation's manifest is shipped under (beside its files).
 const MANIFEST_OBJECT: &str = "manifest.json";
 
 /// How long fetching one object may take before the follower tries again.
@@ -457,6 +835,7 @@ mod tests {
                 name: MANIFEST_OBJECT.into(),
                 sha256: "ab".repeat(32),
                 object: format!("g7/{MANIFEST_OBJECT}"),
+                chunked: None,
             }),
             manifest: String::new(),
             files: Vec::new(),
