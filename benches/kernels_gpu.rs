@@ -2,6 +2,7 @@
 //! Criterion reports bytes/s from the minimum bytes each kernel must move (see the kernel headers);
 //! the first group measures the ceiling they are compared with: a device-to-device copy of 512 MiB
 //! (bytes read plus written; docs/gpu.md quotes about 3.0 TB/s on an H100, 4.3 TB/s on an H200).
+//! Then the key store's match against 10^5 stored edits (issue 15's scale).
 //! Then the whole edit step: seconds per edit (time) and edits per second (thrpt, "elem/s") of one
 //! 20-token edit with the preset config (6 MoLoRA layers, 50 iterations) on random GPT-2 124M and
 //! GPT2-XL checkpoints in bf16, each edit continuing the state of the previous ones.
@@ -21,7 +22,8 @@ use std::time::{Duration, Instant};
 use criterion::{Criterion, Throughput};
 use cudarc::driver::CudaSlice;
 use elder::backend::cuda::{
-    adam, attention, elementwise, gpu_or_skip, lora, loss, norm, router, GpuDevice, KernelDtype,
+    adam, attention, elementwise, gpu_or_skip, keystore, lora, loss, norm, router, GpuDevice,
+    KernelDtype,
 };
 use elder::backend::shapes::MixShape;
 use elder::elder::config::ElderConfig;
@@ -217,6 +219,53 @@ fn bench_router(c: &mut Criterion, dev: &GpuDevice, rng: &mut ChaCha8Rng) {
             })
         })
     });
+    g.finish();
+}
+
+/// The key store's match at the scale of issue 15: 10^5 stored edits (three keys each, three
+/// rows per key, SmolLM2's width 576: 2.1 GB of f32 keys) against one 16-token prompt and a
+/// batch of 8, each one launch; bytes: the stored keys, read once per launch.
+fn bench_key_match(c: &mut Criterion, dev: &GpuDevice, rng: &mut ChaCha8Rng) {
+    let (entries, variants, span, dim, seq) = (100_000, 3, 3, 576, 16);
+    let keys = random::<f32>(dev, rng, entries * variants * span * dim, 0.05);
+    let rows: Vec<u8> = (0..entries * variants)
+        .map(|_| rng.gen_range(1..=span as u8))
+        .collect();
+    let key_rows = dev.upload(&rows).unwrap();
+    let ceilings = random::<f32>(dev, rng, entries * variants, 0.5);
+    let stored = keystore::StoredKeys {
+        keys: &keys,
+        key_rows: &key_rows,
+        ceilings: Some((&ceilings, 0.25)),
+    };
+    let mut g = c.benchmark_group("key_match");
+    g.throughput(Throughput::Bytes(
+        (entries * variants * span * dim * 4) as u64,
+    ));
+    for batch in [1usize, 8] {
+        let s = keystore::KeyMatchShape {
+            batch,
+            seq,
+            dim,
+            entries,
+            variants,
+            span,
+        };
+        let queries = random::<f32>(dev, rng, batch * seq * dim, 0.05);
+        let lens = dev.upload(&vec![seq as i32; batch]).unwrap();
+        let mut out = keystore::KeyMatchOutputs::alloc(dev, batch, entries).unwrap();
+        g.bench_function(
+            format!("key_match_f32 1e5 edits x3 keys x3 rows d576 B{batch} S{seq}"),
+            |bch| {
+                bch.iter_custom(|iters| {
+                    timed(dev, iters, || {
+                        keystore::key_match(dev, &s, &queries, &lens, &stored, &mut out)
+                            .expect("launch")
+                    })
+                })
+            },
+        );
+    }
     g.finish();
 }
 
@@ -428,6 +477,7 @@ fn main() {
         ),
         (&["lora"], Box::new(|c, r| bench_lora(c, &dev, r))),
         (&["router"], Box::new(|c, r| bench_router(c, &dev, r))),
+        (&["key_match"], Box::new(|c, r| bench_key_match(c, &dev, r))),
         (
             &["attention"],
             Box::new(|c, r| bench_attention_decode(c, &dev, r)),

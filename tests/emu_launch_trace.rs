@@ -407,3 +407,47 @@ fn edit_iterations_launch_work_and_never_wait_for_the_host() {
         );
     }
 }
+
+/// The key store's match at the scale: 10^5 stored keys (three per edit) against a batch
+/// of prompts is one launch, with only a clear of its output before it, no host wait and no
+/// allocation.
+#[test]
+fn matching_a_hundred_thousand_stored_keys_is_one_launch() {
+    use elder::backend::cuda::keystore::{self, KeyMatchOutputs, KeyMatchShape, StoredKeys};
+    let Some(dev) = common::traced_device("matching_a_hundred_thousand_stored_keys_is_one_launch")
+    else {
+        return;
+    };
+    let s = KeyMatchShape {
+        batch: 2,
+        seq: 3,
+        dim: 8,
+        entries: 33_334,
+        variants: 3,
+        span: 1,
+    };
+    let keys = dev
+        .upload(&vec![0.125f32; s.entries * s.variants * s.span * s.dim])
+        .unwrap();
+    let key_rows = dev.upload(&vec![1u8; s.entries * s.variants]).unwrap();
+    let queries = dev.upload(&vec![0.25f32; s.batch * s.seq * s.dim]).unwrap();
+    let lens = dev.upload(&[3i32, 2]).unwrap();
+    let mut out = KeyMatchOutputs::alloc(&dev, s.batch, s.entries).unwrap();
+    let stored = StoredKeys {
+        keys: &keys,
+        key_rows: &key_rows,
+        ceilings: None,
+    };
+    let (trace, r) =
+        Trace::record(|| keystore::key_match(&dev, &s, &queries, &lens, &stored, &mut out));
+    r.unwrap();
+    eprintln!("key match: {:?}", trace.histogram());
+    assert_eq!(trace.launches("key_match_"), 1);
+    assert_eq!(trace.count("launch"), 1, "one launch in all");
+    assert_eq!(host_waits(&trace), 0);
+    assert_eq!(trace.count("alloc"), 0);
+    // Every key scores the same: the newest edit wins, as on the CPU.
+    let top = keystore::unpack_top(&dev.download(&out.top).unwrap());
+    assert_eq!(top[0].map(|(_, e)| e), Some(s.entries - 1));
+    assert_eq!(top[1].map(|(_, e)| e), Some(s.entries - 1));
+}

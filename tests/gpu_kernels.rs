@@ -15,8 +15,11 @@ use std::sync::Arc;
 use cudarc::driver::CudaSlice;
 use elder::backend::cpu::ops;
 use elder::backend::cuda::{
-    adam, attention, elementwise, gemm, lora, loss, norm, router, GpuDevice, KernelDtype,
+    adam, attention, elementwise, gemm, keystore, lora, loss, norm, router, GpuDevice, KernelDtype,
 };
+use elder::elder::config::KeyKind;
+use elder::elder::keystore::{Background, KeyCeilings, KeySpace, KeyStore};
+use elder::model::layers::{MlpProj, Site};
 use half::{bf16, f16};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -755,6 +758,238 @@ fn check_router<T: KernelDtype>(dev: &Dev, name: &str) {
     }
 }
 for_dtypes!(gpu_router_fused_matches_cpu, check_router);
+
+// ---------------------------------------------------------------- key store
+
+/// A unit vector of `dim` random values.
+fn unit(rng: &mut ChaCha8Rng, dim: usize) -> Vec<f32> {
+    let v = rand_vec(rng, dim, -1.0, 1.0);
+    let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    v.iter().map(|x| x / n).collect()
+}
+
+fn key_site() -> Site {
+    Site {
+        block: 2,
+        proj: MlpProj::UpProj,
+    }
+}
+
+/// The background means, stacked as the kernel reads them: position 0, each leading position,
+/// then every later position.
+fn stacked_means(bg: &Background) -> Vec<f32> {
+    let mut m = bg.first.clone();
+    for l in &bg.leading {
+        m.extend_from_slice(l);
+    }
+    m.extend_from_slice(&bg.rest);
+    m
+}
+
+fn check_key_embed<T: KernelDtype>(dev: &Dev, name: &str) {
+    let mut rng = rng_for(name);
+    let (batch, seq, width) = (3, 7, 150);
+    // Rows with a large shared component, as a site's inputs have; means for positions 0, 1, 2
+    // and the rest.
+    let texts: Vec<Vec<f32>> = (0..4)
+        .map(|_| rand_vec(&mut rng, 9 * width, 1.0, 3.0))
+        .collect();
+    let bg = Background::from_rows(&texts, width, 3);
+    let rows = quant::<T>(&rand_vec(&mut rng, batch * seq * width, 1.0, 3.0));
+    for centred in [true, false] {
+        let space = KeySpace::new(key_site(), width, centred, bg.clone(), 0, 7);
+        let want: Vec<f32> = rows
+            .chunks(seq * width)
+            .flat_map(|prompt| space.embed_rows(prompt, 0))
+            .collect();
+        let means = up::<f32>(dev, &stacked_means(&bg));
+        let mut out = poison::<f32>(dev, batch * seq * width);
+        keystore::key_embed::<T>(
+            dev,
+            batch * seq,
+            seq,
+            width,
+            &up::<T>(dev, &rows),
+            centred.then_some((&means, 2 + bg.leading.len())),
+            &mut out,
+        )
+        .unwrap();
+        assert_close(
+            &format!("{name} keys (centred {centred})"),
+            &down(dev, &out),
+            &want,
+            (1e-5, 1e-4),
+        );
+    }
+}
+
+for_dtypes!(gpu_key_embed_matches_cpu, check_key_embed);
+
+/// Every entry's best score and position, and each prompt's best entry, against the CPU's
+/// `KeyStore::scores_at` and `best_match`'s first pick: keys of one to three rows (zero rows
+/// after a shorter subject), three variants per entry, ceilings that keep some keys from
+/// counting, prompts of different lengths whose padding holds values that would win if read, and
+/// stored keys planted in the prompts (exact matches at known positions).
+#[test]
+fn gpu_key_match_matches_cpu() {
+    let name = "gpu_key_match_matches_cpu";
+    let Some(dev) = common::test_device(name) else {
+        return;
+    };
+    let mut rng = rng_for(name);
+    let (dim, span, variants, entries) = (40, 3, 3, 57);
+    let (batch, seq) = (4, 9);
+    let lens = [9usize, 5, 1, 7];
+    let space = KeySpace::new(
+        key_site(),
+        dim,
+        false,
+        Background::from_rows(&[vec![0.0; dim]], dim, 1),
+        0,
+        1,
+    );
+    let mut store = KeyStore::new(
+        KeyKind::Subject,
+        variants,
+        span,
+        space,
+        None,
+        KeyCeilings::off(),
+    );
+    let mut rows_of = Vec::new();
+    for _ in 0..entries {
+        let mut edit = Vec::new();
+        for _ in 0..variants {
+            let n = rng.gen_range(1..=span);
+            rows_of.push(n);
+            for j in 0..span {
+                if j < n {
+                    edit.extend(unit(&mut rng, dim));
+                } else {
+                    edit.extend(vec![0.0; dim]);
+                }
+            }
+        }
+        store.push(&edit, None);
+    }
+    // Ceilings: most keys count from about their planted score, some never (ceiling near 1).
+    let margin = 0.1;
+    store.ceilings = KeyCeilings {
+        margin: Some(margin),
+        of_keys: (0..entries * variants)
+            .map(|k| {
+                if k % 11 == 0 {
+                    0.95
+                } else {
+                    rng.gen_range(-0.6..0.2)
+                }
+            })
+            .collect(),
+        ..Default::default()
+    };
+    let mut queries = vec![100.0f32; batch * seq * dim];
+    for (b, &len) in lens.iter().enumerate() {
+        for p in 0..len {
+            queries[(b * seq + p) * dim..][..dim].copy_from_slice(&unit(&mut rng, dim));
+        }
+    }
+    // Plant key k's rows (last token first) ending at position p of prompt b.
+    let mut plant = |b: usize, k: usize, p: usize| {
+        for j in 0..rows_of[k] {
+            let row = store.keys[(k * span + j) * dim..][..dim].to_vec();
+            queries[(b * seq + p - j) * dim..][..dim].copy_from_slice(&row);
+        }
+    };
+    plant(0, 5 * variants + 1, 6);
+    plant(1, 20 * variants + 2, 4);
+    plant(3, 44 * variants, 3);
+    plant(3, 11 * variants + 2, 6);
+
+    let shape = keystore::KeyMatchShape {
+        batch,
+        seq,
+        dim,
+        entries,
+        variants,
+        span,
+    };
+    let keys_d = up::<f32>(&dev, &store.keys);
+    let rows_d = dev.upload(&store.key_rows).unwrap();
+    let ceil_d = up::<f32>(&dev, &store.ceilings.of_keys);
+    let lens_d = dev
+        .upload(&lens.iter().map(|&l| l as i32).collect::<Vec<_>>())
+        .unwrap();
+    let mut out = keystore::KeyMatchOutputs::alloc(&dev, batch, entries).unwrap();
+    // Poison: a forgotten write reads as a match.
+    out.best = dev.upload(&vec![u64::MAX; batch * entries]).unwrap();
+    out.top = dev.upload(&vec![u64::MAX; batch]).unwrap();
+    keystore::key_match(
+        &dev,
+        &shape,
+        &up::<f32>(&dev, &queries),
+        &lens_d,
+        &keystore::StoredKeys {
+            keys: &keys_d,
+            key_rows: &rows_d,
+            ceilings: Some((&ceil_d, margin)),
+        },
+        &mut out,
+    )
+    .unwrap();
+    let best = keystore::unpack_best(&dev.download(&out.best).unwrap(), entries);
+    let top = keystore::unpack_top(&dev.download(&out.top).unwrap());
+
+    let mut counted = 0;
+    for (b, &len) in lens.iter().enumerate() {
+        let want = store.scores_at(&queries[b * seq * dim..][..len * dim]);
+        for (e, &(s, pos)) in want.iter().enumerate() {
+            match best[b][e] {
+                None => assert_eq!(
+                    s,
+                    f32::NEG_INFINITY,
+                    "prompt {b} entry {e}: nothing counted on the GPU"
+                ),
+                Some((gs, gp)) => {
+                    counted += 1;
+                    assert!(
+                        (gs - s).abs() <= 1e-5,
+                        "prompt {b} entry {e}: score {gs} vs {s}"
+                    );
+                    assert_eq!(gp, pos, "prompt {b} entry {e}: position");
+                }
+            }
+        }
+        // The best entry: the highest finite score, the newest among equals.
+        let mut pick: Option<usize> = None;
+        for (e, &(s, _)) in want.iter().enumerate() {
+            if s.is_finite() && pick.is_none_or(|t| s >= want[t].0) {
+                pick = Some(e);
+            }
+        }
+        assert_eq!(top[b].map(|(_, e)| e), pick, "prompt {b}: best entry");
+        if let (Some((gs, _)), Some(t)) = (top[b], pick) {
+            assert!((gs - want[t].0).abs() <= 1e-5);
+        }
+    }
+    assert!(
+        counted > entries,
+        "the test should count many entries, counted {counted}"
+    );
+    // The planted keys are found where they were planted (exact rows: score 1).
+    for (b, e, p) in [(0, 5, 6), (1, 20, 4), (3, 44, 3), (3, 11, 6)] {
+        let (s, pos) = best[b][e].expect("a planted key counts");
+        assert!(
+            (s - 1.0).abs() < 1e-5 && pos == p,
+            "prompt {b} entry {e}: {s} at {pos}"
+        );
+    }
+    assert_eq!(top[0].map(|(_, e)| e), Some(5));
+    // Prompt 2 has one position: only one-row keys can match it.
+    assert!(best[2]
+        .iter()
+        .enumerate()
+        .all(|(e, m)| m.is_none() || (0..variants).any(|v| rows_of[e * variants + v] == 1)));
+}
 
 // ---------------------------------------------------------------- MoLoRA
 

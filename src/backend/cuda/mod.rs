@@ -14,6 +14,7 @@ pub mod buffers;
 pub mod device;
 pub mod elementwise;
 pub mod gemm;
+pub mod keystore;
 pub mod lora;
 pub mod loss;
 pub mod norm;
@@ -31,6 +32,7 @@ pub enum KernelFamily {
     Adam,
     Attention,
     Elementwise,
+    KeyStore,
     Lora,
     Loss,
     Norm,
@@ -38,10 +40,11 @@ pub enum KernelFamily {
 }
 
 impl KernelFamily {
-    pub const ALL: [KernelFamily; 7] = [
+    pub const ALL: [KernelFamily; 8] = [
         KernelFamily::Adam,
         KernelFamily::Attention,
         KernelFamily::Elementwise,
+        KernelFamily::KeyStore,
         KernelFamily::Lora,
         KernelFamily::Loss,
         KernelFamily::Norm,
@@ -54,6 +57,7 @@ impl KernelFamily {
             KernelFamily::Adam => "adam",
             KernelFamily::Attention => "attention",
             KernelFamily::Elementwise => "elementwise",
+            KernelFamily::KeyStore => "keystore",
             KernelFamily::Lora => "lora",
             KernelFamily::Loss => "loss",
             KernelFamily::Norm => "norm",

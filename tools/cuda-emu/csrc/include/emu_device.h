@@ -155,11 +155,22 @@ inline int atomicMax(int* a, int v) {
     }
     return old;
 }
+inline unsigned long long atomicMax(unsigned long long* a, unsigned long long v) {
+    unsigned long long old = __atomic_load_n(a, __ATOMIC_RELAXED);
+    while (old < v && !__atomic_compare_exchange_n(a, &old, v, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
+    }
+    return old;
+}
 inline int atomicMin(int* a, int v) {
     int old = __atomic_load_n(a, __ATOMIC_RELAXED);
     while (old > v && !__atomic_compare_exchange_n(a, &old, v, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
     }
     return old;
+}
+inline uint32_t __float_as_uint(float x) {
+    uint32_t b;
+    memcpy(&b, &x, 4);
+    return b;
 }
 template <typename T>
 inline T __ldg(const T* p) {
