@@ -52,13 +52,27 @@ impl DeviceChoice {
         Ok(())
     }
 
-    /// The device for a command that runs the method with `cfg` (`None`: the base model only).
+    /// The device for a command that edits with `cfg` and answers (`None`: the base model only).
     /// Settings the GPU path does not have keep the command on the CPU (`auto`, with a note) or
     /// are refused (`cuda`). `auto` also falls back to the CPU, with a note, when a driver loads
     /// but no device opens.
     pub fn resolve(&self, cfg: Option<&ElderConfig>) -> Result<Device> {
+        self.resolve_lacking(cfg, ElderConfig::gpu_unsupported)
+    }
+
+    /// [`DeviceChoice::resolve`] for a command that only answers with an edited state (generate,
+    /// score, a final evaluation): only what GPU queries lack keeps it on the CPU.
+    pub fn resolve_queries(&self, cfg: Option<&ElderConfig>) -> Result<Device> {
+        self.resolve_lacking(cfg, ElderConfig::gpu_inference_unsupported)
+    }
+
+    fn resolve_lacking(
+        &self,
+        cfg: Option<&ElderConfig>,
+        lacking: fn(&ElderConfig) -> Vec<&'static str>,
+    ) -> Result<Device> {
         let reason = cfg.and_then(|cfg| {
-            let missing = cfg.gpu_unsupported();
+            let missing = lacking(cfg);
             (!missing.is_empty()).then(|| {
                 format!(
                     "the {} preset's {} {} not on the GPU yet",

@@ -427,7 +427,11 @@ fn dispatch(cmd: Command, devices: DeviceChoice) -> Result<ExitCode> {
                 eprintln!("{}", scope_line(&session.elder));
             }
             let (records, _) = read_records(&base, &data, format, None)?;
-            let device = devices.resolve(Some(&session.elder.cfg))?;
+            // The final protocol only answers; `each` replays the edits too.
+            let device = match protocol {
+                Protocol::Final => devices.resolve_queries(Some(&session.elder.cfg))?,
+                Protocol::Each => devices.resolve(Some(&session.elder.cfg))?,
+            };
             let mut engine = Engine::new(base, device);
             let metrics = match details {
                 Some(path) => eval_details(&mut engine, &session, &records, &path, !json)?,
@@ -655,7 +659,7 @@ fn open_engine(
 ) -> Result<(Engine, Option<EditSession>)> {
     let base = BaseModel::open(model)?;
     let session = state.map(|d| open_state(&base, d)).transpose()?;
-    let device = devices.resolve(session.as_ref().map(|s| &s.elder.cfg))?;
+    let device = devices.resolve_queries(session.as_ref().map(|s| &s.elder.cfg))?;
     Ok((Engine::new(base, device), session))
 }
 

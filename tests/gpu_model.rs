@@ -684,3 +684,153 @@ fn gpu_decode_graph_replays_the_eager_step() {
         assert_eq!(graphed.decode_graph_count(), 0);
     }
 }
+
+// ---------------------------------------------------------------- key store
+
+/// A default-preset state (the answer gate off: the GPU lacks it) edited on the CPU, answered on
+/// the device as on the CPU: per sequence the same matched edit and scope, the same edited
+/// logits, and generation keeps the prompt's decision. The batch mixes edit prompts (in scope,
+/// two edits of one subject among them, so the relation check decides) with prompts about other
+/// subjects.
+#[test]
+fn gpu_key_store_state_matches_cpu() {
+    use elder::data::EditRecord;
+    use elder::elder::config::Preset;
+    use elder::eval::reported_matches;
+    use elder::model::checkpoint::StoreDtype;
+    use elder::model::presets::write_random_checkpoint;
+    use elder::session::{apply_stream, BaseModel, EditSession};
+
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("model");
+    write_random_checkpoint(Arch::Llama, "tiny", 5, &dir, StoreDtype::F32).unwrap();
+    let base = BaseModel::open(&dir).unwrap();
+    let cfg = ElderConfig {
+        iterations: 6,
+        batch_size: 1,
+        answer_gate: 0.0,
+        ..ElderConfig::preset(Preset::Default, &base.cfg)
+    };
+    assert!(cfg.gpu_inference_unsupported().is_empty(), "{cfg:?}");
+    let record = |id: &str, subject: &str, prompt: &str, target: &str| EditRecord {
+        id: id.into(),
+        knowledge_id: id.into(),
+        prompt: prompt.into(),
+        target_new: target.into(),
+        target_true: None,
+        subject: Some(subject.into()),
+        rephrases: Vec::new(),
+        locality: Vec::new(),
+    };
+    let records = vec![
+        record("a", "Zorbia", "The capital of Zorbia is", " Quell"),
+        record("b", "Zorbia", "The currency of Zorbia is", " marks"),
+        record("c", "Plimsoll", "Plimsoll was born in", " Varn"),
+        record("d", "Ostrava", "Ostrava is located in", " Kettle"),
+    ];
+    let mut session = EditSession::open(&base, &tmp.path().join("state"), Some(cfg)).unwrap();
+    apply_stream(&base, &mut session, &records, false, None).unwrap();
+    let elder = &session.elder;
+    let texts = [
+        "The capital of Zorbia is",
+        "The currency of Zorbia is",
+        "Plimsoll was born in",
+        "Ostrava is located in",
+        "The river through Lund is",
+        "My favourite colour is",
+    ];
+    let prompts: Vec<Vec<u32>> = texts
+        .iter()
+        .map(|t| base.tokenizer.encode(t).unwrap())
+        .collect();
+    let model = base.model().unwrap();
+    let Some(dev) = common::test_device("gpu_key_store_state_matches_cpu") else {
+        return;
+    };
+    for_each_dtype!(&dev, check_key_store_state(model, elder, &prompts));
+    fn check_key_store_state<T: KernelDtype>(
+        dev: &Dev,
+        model: &Model,
+        elder: &Elder,
+        prompts: &[Vec<u32>],
+    ) where
+        CudaBlas: Gemm<T>,
+    {
+        let cpu = rounded::<T>(model);
+        let (_, shape) = pad_batch(prompts, &vec![0; prompts.len()]);
+        let rows = prompt_rows(shape.seq, prompts.iter().map(Vec::len));
+        let mut adapter = ElderAdapter::inference(elder, rows.clone());
+        let (want, _) = cpu.logits(prompts, &mut adapter);
+        let tag = format!("key store {}", T::SUFFIX);
+        let cpu_scope = adapter.in_scope.clone();
+        assert_eq!(
+            &cpu_scope[..],
+            &[true, true, true, true, false, false],
+            "{tag}: the case needs these prompts in and out of scope"
+        );
+        let cpu_matches = reported_matches(elder, &adapter.key_matches);
+        let cap = Capacity {
+            batch: prompts.len(),
+            seq: shape.seq,
+        };
+        let mut gpu = GpuModel::<T>::new(dev.clone(), model, cap).unwrap();
+        gpu.set_elder(Some(elder)).unwrap();
+        let (got, _) = gpu.logits(prompts, true).unwrap();
+        let report = gpu.elder_report().unwrap();
+        assert_eq!(report.in_scope, cpu_scope, "{tag}: in scope");
+        let ids = |m: &[Option<(f32, String, Option<f32>)>]| -> Vec<Option<String>> {
+            m.iter().map(|m| m.as_ref().map(|m| m.1.clone())).collect()
+        };
+        let expected: Vec<Option<String>> = ["a", "b", "c", "d"]
+            .iter()
+            .map(|id| Some(id.to_string()))
+            .chain([None, None])
+            .collect();
+        assert_eq!(
+            ids(&cpu_matches),
+            expected,
+            "{tag}: the case's matches on the CPU"
+        );
+        assert_eq!(
+            ids(&report.matches),
+            ids(&cpu_matches),
+            "{tag}: matched edits"
+        );
+        for (g, c) in report.matches.iter().zip(&cpu_matches) {
+            if let (Some(g), Some(c)) = (g, c) {
+                assert!(
+                    (g.0 - c.0).abs() < 2e-2,
+                    "{tag}: key similarity {} vs {}",
+                    g.0,
+                    c.0
+                );
+            }
+        }
+        let v = model.cfg.vocab_size;
+        let worst = assert_close(
+            &format!("{tag}: edited logits"),
+            &valid_rows(&got, prompts, shape.seq, v),
+            &valid_rows(&want, prompts, shape.seq, v),
+            tol::<T>(),
+        );
+        eprintln!("{tag}: edited logits max |gpu - cpu| {worst:.2e}");
+        // The edits moved their prompts: the comparison is not of two base models.
+        let (base_logits, _) = cpu.logits(prompts, &mut NoAdapter);
+        let moved = valid_rows(&want, &prompts[..1], shape.seq, v)
+            .iter()
+            .zip(&valid_rows(&base_logits, &prompts[..1], shape.seq, v))
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        assert!(
+            moved > 1e-2,
+            "{tag}: the edit barely moved its prompt ({moved})"
+        );
+        if T::SUFFIX == "f32" {
+            let mut adapter = ElderAdapter::inference(elder, rows);
+            let want = cpu.generate(prompts, 4, None, &mut adapter);
+            let (got, scope) = gpu.generate(prompts, 4, None, true).unwrap();
+            assert_eq!(scope, cpu_scope, "{tag}: generation scope");
+            assert_eq!(got, want, "{tag}: edited greedy generation");
+        }
+    }
+}

@@ -774,8 +774,20 @@ impl ElderConfig {
     }
 
     /// The settings this configuration uses that the CUDA path does not have yet, by name
-    /// (empty: it runs on the GPU).
+    /// (empty: it runs on the GPU): what editing lacks there and what answering lacks.
     pub fn gpu_unsupported(&self) -> Vec<&'static str> {
+        let mut out = self.gpu_training_unsupported();
+        for name in self.gpu_inference_unsupported() {
+            if !out.contains(&name) {
+                out.push(name);
+            }
+        }
+        out
+    }
+
+    /// What the GPU's edit step lacks: it trains the paper's routers and a fixed pool of experts
+    /// (the stored allocation, its growing pool and its training options train on the CPU).
+    pub fn gpu_training_unsupported(&self) -> Vec<&'static str> {
         let mut out = Vec::new();
         if self.deferral != Deferral::Codebook {
             out.push("deferral = \"key_store\"");
@@ -796,6 +808,20 @@ impl ElderConfig {
             (self.reworded_negatives > 0, "reworded_negatives"),
             (self.delta_penalty > 0.0, "delta_penalty"),
             (self.stop_loss > 0.0, "stop_loss"),
+        ] {
+            if set {
+                out.push(name);
+            }
+        }
+        out
+    }
+
+    /// What answering on the GPU lacks: the key store and the stored allocation are there
+    /// (`runtime::cuda::elder_keys`), the answer gate and the other expert rows not yet.
+    pub fn gpu_inference_unsupported(&self) -> Vec<&'static str> {
+        let mut out = Vec::new();
+        let key_store = self.deferral == Deferral::KeyStore;
+        for (set, name) in [
             (self.answer_gate > 0.0, "answer_gate"),
             (self.answer_gate_fallback, "answer_gate_fallback"),
             (
@@ -809,6 +835,15 @@ impl ElderConfig {
             (
                 self.query_pooling != QueryPooling::LastToken,
                 "query_pooling = \"prompt_mean\"",
+            ),
+            (
+                key_store && self.key != KeyKind::Subject,
+                "a key other than key = \"subject\"",
+            ),
+            (key_store && self.key_dim != 0, "key_dim"),
+            (
+                key_store && self.inference_allocation == InferenceAllocation::Router,
+                "deferral = \"key_store\" with inference_allocation = \"router\"",
             ),
         ] {
             if set {
@@ -901,6 +936,41 @@ mod tests {
         };
         let err = routed.validate(&model).unwrap_err().to_string();
         assert!(err.contains("answer_gate needs"), "{err}");
+    }
+
+    /// What the GPU lacks, by what a command does: the default preset's queries lack only the
+    /// answer gate (the key store and the stored allocation answer there), its edits everything
+    /// the stored allocation trains with; the paper's method lacks nothing.
+    #[test]
+    fn the_gpu_lacks_the_default_presets_training_and_its_answer_gate() {
+        let model = cfg(Arch::Llama, 30);
+        let default = ElderConfig::preset(Preset::Default, &model);
+        assert_eq!(default.gpu_inference_unsupported(), vec!["answer_gate"]);
+        let training = default.gpu_training_unsupported();
+        for name in [
+            "deferral = \"key_store\"",
+            "allocation = \"fresh\"",
+            "negatives",
+            "stop_loss",
+        ] {
+            assert!(training.contains(&name), "{name}: {training:?}");
+        }
+        assert!(!training.contains(&"answer_gate"));
+        let all = default.gpu_unsupported();
+        assert_eq!(all.len(), training.len() + 1, "{all:?}");
+        let ungated = ElderConfig {
+            answer_gate: 0.0,
+            ..default.clone()
+        };
+        assert!(ungated.gpu_inference_unsupported().is_empty());
+        let routed_keys = ElderConfig {
+            inference_allocation: InferenceAllocation::Router,
+            ..ungated
+        };
+        assert_eq!(routed_keys.gpu_inference_unsupported().len(), 1);
+        assert!(ElderConfig::preset(Preset::Paper, &model)
+            .gpu_unsupported()
+            .is_empty());
     }
 
     #[test]

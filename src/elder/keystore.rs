@@ -799,7 +799,17 @@ impl KeyStore {
         relation: impl FnOnce(&RelationKeys, usize, usize) -> Option<Vec<f32>>,
         margin: f32,
     ) -> Option<KeyMatch> {
-        let at = self.scores_at(query);
+        self.decide(self.scores_at(query), relation, margin)
+    }
+
+    /// [`KeyStore::best_match`] from each edit's `(score, position)` as [`KeyStore::scores_at`]
+    /// gives them (`-inf`: nothing counted), computed here or by the GPU's key match.
+    pub fn decide(
+        &self,
+        at: Vec<(f32, usize)>,
+        relation: impl FnOnce(&RelationKeys, usize, usize) -> Option<Vec<f32>>,
+        margin: f32,
+    ) -> Option<KeyMatch> {
         let scores: Vec<f32> = at.iter().map(|(s, _)| *s).collect();
         // The best edit (the newest among equals) and where its key matched.
         let mut top: Option<usize> = None;
@@ -877,9 +887,19 @@ impl KeyStore {
         relation_rows: Option<&[f32]>,
         margin: f32,
     ) -> Option<KeyMatch> {
-        let query = self.query_keys(key_rows);
-        self.best_match(
-            &query,
+        let scores = self.scores_at(&self.query_keys(key_rows));
+        self.match_scores(scores, relation_rows, margin)
+    }
+
+    /// [`KeyStore::match_prompt`] from the prompt's scores (`scores_at`'s, or the GPU's).
+    pub fn match_scores(
+        &self,
+        at: Vec<(f32, usize)>,
+        relation_rows: Option<&[f32]>,
+        margin: f32,
+    ) -> Option<KeyMatch> {
+        self.decide(
+            at,
             |keys, entry, position| {
                 relation_rows.map(|rows| keys.key(rows, keys.query_subject(entry, position)))
             },

@@ -254,21 +254,49 @@ impl Elder {
         let Some(key_input) = capture.inputs.get(&sites[0]) else {
             return vec![None; prompt_rows.len()];
         };
-        let relation_input = sites.get(1).and_then(|s| capture.inputs.get(s));
         let w = store.space.width;
-        prompt_rows
+        let scores = prompt_rows
             .iter()
             .map(|rows| {
-                let relation_rows = relation_input.map(|x| {
-                    let rw = x.len() / (key_input.len() / w);
-                    &x[rows.start * rw..rows.end * rw]
-                });
-                store.match_prompt(
-                    &key_input[rows.start * w..rows.end * w],
-                    relation_rows,
-                    self.cfg.relation_margin,
-                )
+                store.scores_at(&store.query_keys(&key_input[rows.start * w..rows.end * w]))
             })
+            .collect();
+        let relation_input = sites.get(1).and_then(|s| capture.inputs.get(s)).map(|x| {
+            let rw = x.len() / (key_input.len() / w);
+            (x.as_slice(), rw)
+        });
+        self.decide_matches(scores, relation_input, prompt_rows)
+    }
+
+    /// The key-store decision of each prompt from its edits' `(score, position)`
+    /// ([`KeyStore::scores_at`]'s, or the GPU's key match) and, with a relation check, the
+    /// relation site's rows of the whole batch (`[rows, width]` and the width).
+    pub fn decide_matches(
+        &self,
+        scores: Vec<Vec<(f32, usize)>>,
+        relation_input: Option<(&[f32], usize)>,
+        prompt_rows: &[Range<usize>],
+    ) -> Vec<Option<KeyMatch>> {
+        let Some(store) = self.key_store.as_ref().filter(|s| !s.is_empty()) else {
+            return vec![None; prompt_rows.len()];
+        };
+        prompt_rows
+            .iter()
+            .zip(scores)
+            .map(|(rows, at)| {
+                let relation_rows =
+                    relation_input.map(|(x, rw)| &x[rows.start * rw..rows.end * rw]);
+                store.match_scores(at, relation_rows, self.cfg.relation_margin)
+            })
+            .collect()
+    }
+
+    /// Whether each matched prompt is in scope: its match reaches the scope threshold.
+    pub fn matches_in_scope(&self, matches: &[Option<KeyMatch>]) -> Vec<bool> {
+        let threshold = self.scope_threshold();
+        matches
+            .iter()
+            .map(|m| m.is_some_and(|m| m.score >= threshold))
             .collect()
     }
 
@@ -515,12 +543,7 @@ impl<'a> ElderAdapter<'a> {
         let cfg = &self.elder.cfg;
         if self.scope == Scope::Deferral && cfg.deferral == Deferral::KeyStore {
             self.key_matches = self.elder.match_keys(&self.key_capture, &self.prompt_rows);
-            let threshold = self.elder.scope_threshold();
-            self.in_scope = self
-                .key_matches
-                .iter()
-                .map(|m| m.is_some_and(|m| m.score >= threshold))
-                .collect();
+            self.in_scope = self.elder.matches_in_scope(&self.key_matches);
             match cfg.expert_rows {
                 ExpertRows::Subject => {
                     self.expert_rows = Some(

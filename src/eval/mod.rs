@@ -8,6 +8,7 @@ use anyhow::{bail, Result};
 use serde::Serialize;
 
 use crate::backend::cpu::ops;
+use crate::elder::keystore::KeyMatch;
 use crate::elder::molora::{Elder, ElderAdapter};
 use crate::model::runner::{pad_batch, target_rows, CpuForward, Forward, PromptAdapter};
 use crate::model::{Adapter, Model, NoAdapter};
@@ -161,18 +162,24 @@ impl PromptAdapter for ElderRequest<'_> {
     /// A copy (decode steps keep using the adapter's decisions).
     fn report(&mut self) -> Option<Routed> {
         let (elder, a) = (self.elder?, self.adapter.as_ref()?);
-        let matches = a
-            .key_matches
-            .iter()
-            .map(|m| m.map(|m| (m.score, elder.memory[m.entry].id.clone(), m.relation)))
-            .collect();
         Some(Routed {
             in_scope: a.in_scope.clone(),
             distances: a.distances.clone(),
-            matches,
+            matches: reported_matches(elder, &a.key_matches),
             gated: a.gated.clone(),
         })
     }
+}
+
+/// The key store's matches as a report gives them: similarity, the edit's id, relation similarity.
+pub fn reported_matches(
+    elder: &Elder,
+    matches: &[Option<KeyMatch>],
+) -> Vec<Option<(f32, String, Option<f32>)>> {
+    matches
+        .iter()
+        .map(|m| m.map(|m| (m.score, elder.memory[m.entry].id.clone(), m.relation)))
+        .collect()
 }
 
 /// What the method decided for each sequence of a scored batch, as a forward reports it (a

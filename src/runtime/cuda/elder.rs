@@ -8,13 +8,15 @@ use anyhow::{bail, Context, Result};
 use cudarc::driver::CudaSlice;
 
 use crate::backend::shapes::MixShape;
-use crate::elder::config::{ElderConfig, QueryPooling};
+use crate::elder::config::{Deferral, ElderConfig, QueryPooling};
 use crate::elder::molora::Elder;
+use crate::eval::Routed;
 use crate::model::layers::Site;
 use crate::model::BatchShape;
 
 use super::activations::write;
 use super::blocks::SiteHook;
+use super::elder_keys::GpuKeyElder;
 use super::plan::{distance_of, to_u32, Capacity, ElderPlan};
 use crate::backend::cuda::buffers::KernelDtype;
 use crate::backend::cuda::device::GpuDevice;
@@ -35,6 +37,31 @@ pub fn stack_routers(elder: &Elder) -> (Vec<f32>, Vec<f32>) {
         .flat_map(|l| l.b_r.iter().copied())
         .collect();
     (w, b)
+}
+
+/// An uploaded ELDER state as the device forward drives it, whichever way it decides scope: the
+/// paper's routers and codebook ([`GpuElder`]) or the key store
+/// ([`super::elder_keys::GpuKeyElder`]). The forward calls `begin` before a prompt call and the
+/// site hook at every projection; decode calls keep the prompt's decision.
+pub trait DeviceElder<T: KernelDtype>: SiteHook<T> {
+    /// Grows the per-call buffers to `cap` (never shrinks).
+    fn reserve(&mut self, dev: &GpuDevice, cap: Capacity) -> Result<()>;
+    /// Starts a request: sequence `b`'s prompt is rows `b * seq ..= query_rows[b]`.
+    fn begin(&mut self, dev: &GpuDevice, query_rows: &[usize], seq: usize) -> Result<()>;
+    /// What the request decided for each sequence, as the CPU reports it (waits for the device).
+    fn report(&self, dev: &GpuDevice) -> Result<Routed>;
+}
+
+/// The uploaded form of `elder` for its deferral.
+pub fn upload_elder<T: KernelDtype>(
+    dev: &GpuDevice,
+    elder: &Elder,
+    cap: Capacity,
+) -> Result<Box<dyn DeviceElder<T>>> {
+    Ok(match elder.cfg.deferral {
+        Deferral::Codebook => Box::new(GpuElder::<T>::upload(dev, elder, cap)?),
+        Deferral::KeyStore => Box::new(GpuKeyElder::upload(dev, elder, cap)?),
+    })
 }
 
 pub struct GpuElder<T: KernelDtype> {
@@ -131,16 +158,12 @@ impl<T: KernelDtype> GpuElder<T> {
             routed: false,
             cfg,
         };
-        this.reserve(dev, cap)?;
+        this.grow(dev, cap)?;
         Ok(this)
     }
 
-    pub fn cfg(&self) -> &ElderConfig {
-        &self.cfg
-    }
-
     /// Grows the per-call buffers to `cap` (never shrinks).
-    pub fn reserve(&mut self, dev: &GpuDevice, cap: Capacity) -> Result<()> {
+    fn grow(&mut self, dev: &GpuDevice, cap: Capacity) -> Result<()> {
         if self.cap.covers(cap) {
             return Ok(());
         }
@@ -155,7 +178,7 @@ impl<T: KernelDtype> GpuElder<T> {
 
     /// Starts a request: the query of sequence `b` will be read at row `query_rows[b]` of the query
     /// site's input, and routing is decided then (once; later calls keep it).
-    pub fn begin(&mut self, dev: &GpuDevice, query_rows: &[usize]) -> Result<()> {
+    fn start(&mut self, dev: &GpuDevice, query_rows: &[usize]) -> Result<()> {
         if query_rows.len() > self.cap.batch {
             bail!(
                 "{} sequences exceed the {} reserved for ELDER",
@@ -211,20 +234,31 @@ impl<T: KernelDtype> GpuElder<T> {
         self.routed = true;
         Ok(())
     }
+}
 
-    /// The request's scope decision and code distances, as the CPU adapter reports them (waits for
-    /// the device). Empty before the router ran.
-    pub fn scope(&self, dev: &GpuDevice) -> Result<(Vec<bool>, Vec<Option<u32>>)> {
+impl<T: KernelDtype> DeviceElder<T> for GpuElder<T> {
+    fn reserve(&mut self, dev: &GpuDevice, cap: Capacity) -> Result<()> {
+        self.grow(dev, cap)
+    }
+
+    fn begin(&mut self, dev: &GpuDevice, query_rows: &[usize], _seq: usize) -> Result<()> {
+        self.start(dev, query_rows)
+    }
+
+    /// The codebook's decision and code distances (empty before the router ran).
+    fn report(&self, dev: &GpuDevice) -> Result<Routed> {
         if !self.routed {
-            return Ok((Vec::new(), Vec::new()));
+            return Ok(Routed::default());
         }
         let b = self.batch;
         let in_scope = dev.download(&self.out.in_scope.slice(0..b))?;
         let dist = dev.download(&self.out.min_dist.slice(0..b))?;
-        Ok((
-            in_scope.iter().map(|&s| s != 0).collect(),
-            dist.iter().map(|&d| distance_of(d, self.n_codes)).collect(),
-        ))
+        Ok(Routed {
+            in_scope: in_scope.iter().map(|&s| s != 0).collect(),
+            distances: dist.iter().map(|&d| distance_of(d, self.n_codes)).collect(),
+            matches: Vec::new(),
+            gated: Vec::new(),
+        })
     }
 }
 

@@ -17,11 +17,12 @@ use cudarc::driver::{CudaGraph, CudaSlice};
 
 use crate::backend::shapes::Layout;
 use crate::elder::molora::Elder;
+use crate::eval::Routed;
 use crate::model::{BatchShape, ModelConfig};
 
 use super::activations::{write, Activations};
 use super::blocks::{attn_half, mlp_half, AttnIo, CallRows, Keys, MlpIo, SiteHook};
-use super::elder::GpuElder;
+use super::elder::{upload_elder, DeviceElder};
 use super::plan::{check_shape, to_i32, to_u32, Capacity};
 use super::staging::WeightSource;
 use super::weights::{self, GpuWeights, NormIo};
@@ -49,7 +50,7 @@ pub struct GpuModel<T: KernelDtype> {
     pub(super) cfg: ModelConfig,
     pub(super) weights: GpuWeights<T>,
     pub(super) act: Activations<T>,
-    pub(super) elder: Option<GpuElder<T>>,
+    pub(super) elder: Option<Box<dyn DeviceElder<T>>>,
     /// Rows of the last forward call (what the head may read).
     last_rows: usize,
     /// Captured decode steps (see [`Self::decode_step`]); they hold the addresses of the buffers,
@@ -140,7 +141,7 @@ where
     pub fn set_elder(&mut self, elder: Option<&Elder>) -> Result<()> {
         self.decode_graphs.clear();
         self.elder = match elder {
-            Some(e) => Some(GpuElder::upload(&self.dev, e, self.act.cap)?),
+            Some(e) => Some(upload_elder::<T>(&self.dev, e, self.act.cap)?),
             None => None,
         };
         Ok(())
@@ -235,10 +236,10 @@ where
         let hook: Option<&mut dyn SiteHook<T>> = match (elder, self.elder.as_mut()) {
             (ElderStep::Off, _) => None,
             (ElderStep::Prompt(rows), Some(e)) => {
-                e.begin(dev, rows)?;
-                Some(e)
+                e.begin(dev, rows, shape.seq)?;
+                Some(e.as_mut())
             }
-            (ElderStep::Continue, Some(e)) => Some(e),
+            (ElderStep::Continue, Some(e)) => Some(e.as_mut()),
             (_, None) => bail!("an edited forward was asked for, but no ELDER state is uploaded"),
         };
         let (cfg, w, a) = (&self.cfg, &self.weights, &mut self.act);
@@ -371,9 +372,15 @@ where
 
     /// In-scope flags and code distances of the current ELDER request (empty without one).
     pub fn elder_scope(&self) -> Result<(Vec<bool>, Vec<Option<u32>>)> {
+        let r = self.elder_report()?;
+        Ok((r.in_scope, r.distances))
+    }
+
+    /// What the current ELDER request decided, as the CPU reports it (empty without one).
+    pub fn elder_report(&self) -> Result<Routed> {
         match &self.elder {
-            Some(e) => e.scope(&self.dev),
-            None => Ok((Vec::new(), Vec::new())),
+            Some(e) => e.report(&self.dev),
+            None => Ok(Routed::default()),
         }
     }
 }

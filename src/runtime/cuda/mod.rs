@@ -20,6 +20,7 @@
 pub mod activations;
 pub mod blocks;
 pub mod elder;
+pub mod elder_keys;
 pub mod forward;
 pub mod plan;
 pub mod requests;

@@ -57,18 +57,11 @@ where
         self.model.decode_step(ids, shape, self.edited)
     }
 
-    /// The codebook's decision only: the GPU has no key store (`ElderConfig::gpu_unsupported`).
     fn report(&mut self) -> Result<Option<Routed>> {
         if !self.edited {
             return Ok(None);
         }
-        let (in_scope, distances) = self.model.elder_scope()?;
-        Ok(Some(Routed {
-            in_scope,
-            distances,
-            matches: Vec::new(),
-            gated: Vec::new(),
-        }))
+        self.model.elder_report().map(Some)
     }
 }
 
