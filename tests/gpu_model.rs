@@ -687,16 +687,16 @@ fn gpu_decode_graph_replays_the_eager_step() {
 
 // ---------------------------------------------------------------- key store
 
-/// A default-preset state (the answer gate off: the GPU lacks it) edited on the CPU, answered on
-/// the device as on the CPU: per sequence the same matched edit and scope, the same edited
-/// logits, and generation keeps the prompt's decision. The batch mixes edit prompts (in scope,
-/// two edits of one subject among them, so the relation check decides) with prompts about other
-/// subjects.
+/// Default-preset states edited on the CPU answer on the device as on the CPU: per sequence the
+/// same matched edit, scope and answer-gate decision, the same edited logits, and generation
+/// keeps the prompt's decision. The batch mixes edit prompts (two edits of one subject among
+/// them, so the relation check decides), prompts about other subjects, and a question about an
+/// edited subject that none of its edits answers (the gate's case). Two states: the gate off
+/// (a short training, every edit prompt in scope) and the default preset's gate.
 #[test]
 fn gpu_key_store_state_matches_cpu() {
     use elder::data::EditRecord;
     use elder::elder::config::Preset;
-    use elder::eval::reported_matches;
     use elder::model::checkpoint::StoreDtype;
     use elder::model::presets::write_random_checkpoint;
     use elder::session::{apply_stream, BaseModel, EditSession};
@@ -705,13 +705,6 @@ fn gpu_key_store_state_matches_cpu() {
     let dir = tmp.path().join("model");
     write_random_checkpoint(Arch::Llama, "tiny", 5, &dir, StoreDtype::F32).unwrap();
     let base = BaseModel::open(&dir).unwrap();
-    let cfg = ElderConfig {
-        iterations: 6,
-        batch_size: 1,
-        answer_gate: 0.0,
-        ..ElderConfig::preset(Preset::Default, &base.cfg)
-    };
-    assert!(cfg.gpu_inference_unsupported().is_empty(), "{cfg:?}");
     let record = |id: &str, subject: &str, prompt: &str, target: &str| EditRecord {
         id: id.into(),
         knowledge_id: id.into(),
@@ -728,9 +721,6 @@ fn gpu_key_store_state_matches_cpu() {
         record("c", "Plimsoll", "Plimsoll was born in", " Varn"),
         record("d", "Ostrava", "Ostrava is located in", " Kettle"),
     ];
-    let mut session = EditSession::open(&base, &tmp.path().join("state"), Some(cfg)).unwrap();
-    apply_stream(&base, &mut session, &records, false, None).unwrap();
-    let elder = &session.elder;
     let texts = [
         "The capital of Zorbia is",
         "The currency of Zorbia is",
@@ -738,99 +728,163 @@ fn gpu_key_store_state_matches_cpu() {
         "Ostrava is located in",
         "The river through Lund is",
         "My favourite colour is",
+        "The tallest mountain of Zorbia is",
     ];
     let prompts: Vec<Vec<u32>> = texts
         .iter()
         .map(|t| base.tokenizer.encode(t).unwrap())
         .collect();
     let model = base.model().unwrap();
+    let default = ElderConfig::preset(Preset::Default, &base.cfg);
+    let cases = [
+        (
+            "gate off",
+            ElderConfig {
+                iterations: 6,
+                batch_size: 1,
+                answer_gate: 0.0,
+                ..default.clone()
+            },
+        ),
+        // Four edits on a random tiny model learn their answers only a little (log-probabilities
+        // of -10 to -17 after training): a gate of 2e-6 (log -13.1) keeps some and turns the
+        // others away, so both outcomes are compared.
+        (
+            "gate on",
+            ElderConfig {
+                answer_gate: 2e-6,
+                ..default.clone()
+            },
+        ),
+    ];
+    let mut states = Vec::new();
+    for (i, (name, cfg)) in cases.into_iter().enumerate() {
+        assert!(cfg.gpu_inference_unsupported().is_empty(), "{cfg:?}");
+        let mut session =
+            EditSession::open(&base, &tmp.path().join(format!("state{i}")), Some(cfg)).unwrap();
+        apply_stream(&base, &mut session, &records, false, None).unwrap();
+        states.push((name, session));
+    }
     let Some(dev) = common::test_device("gpu_key_store_state_matches_cpu") else {
         return;
     };
-    for_each_dtype!(&dev, check_key_store_state(model, elder, &prompts));
-    fn check_key_store_state<T: KernelDtype>(
-        dev: &Dev,
-        model: &Model,
-        elder: &Elder,
-        prompts: &[Vec<u32>],
-    ) where
-        CudaBlas: Gemm<T>,
-    {
-        let cpu = rounded::<T>(model);
-        let (_, shape) = pad_batch(prompts, &vec![0; prompts.len()]);
-        let rows = prompt_rows(shape.seq, prompts.iter().map(Vec::len));
-        let mut adapter = ElderAdapter::inference(elder, rows.clone());
-        let (want, _) = cpu.logits(prompts, &mut adapter);
-        let tag = format!("key store {}", T::SUFFIX);
-        let cpu_scope = adapter.in_scope.clone();
+    for (name, session) in &states {
+        for_each_dtype!(
+            &dev,
+            check_key_store_state(model, &session.elder, &prompts, name)
+        );
+    }
+}
+
+fn check_key_store_state<T: KernelDtype>(
+    dev: &Dev,
+    model: &Model,
+    elder: &Elder,
+    prompts: &[Vec<u32>],
+    case: &str,
+) where
+    CudaBlas: Gemm<T>,
+{
+    use elder::eval::ElderRequest;
+    use elder::model::runner::{logits, CpuForward, Forward};
+
+    let cpu = rounded::<T>(model);
+    let (_, shape) = pad_batch(prompts, &vec![0; prompts.len()]);
+    let tag = format!("key store, {case}, {}", T::SUFFIX);
+    // The CPU's request layer, as the GPU's: logits and what ELDER reported.
+    let request = ElderRequest::new(Some(elder));
+    let mut fwd = CpuForward::new(&cpu, request);
+    let (want, _) = logits(&mut fwd, prompts).unwrap();
+    let cpu_report = fwd.report().unwrap().expect("an edited request reports");
+    let ids = |m: &[Option<(f32, String, Option<f32>)>]| -> Vec<Option<String>> {
+        m.iter().map(|m| m.as_ref().map(|m| m.1.clone())).collect()
+    };
+    // The case means something.
+    let some = |id: &str| Some(id.to_string());
+    assert_eq!(
+        ids(&cpu_report.matches)[..4],
+        [some("a"), some("b"), some("c"), some("d")],
+        "{tag}: the edit prompts match their edits on the CPU"
+    );
+    assert_eq!(ids(&cpu_report.matches)[4..6], [None, None], "{tag}");
+    if elder.cfg.answer_gate > 0.0 {
+        // The gate keeps some matched sequences and turns others away (the question among them).
+        let kept = cpu_report.in_scope.iter().filter(|&&s| s).count();
+        let gated = cpu_report.gated.iter().filter(|&&g| g).count();
+        assert!(kept > 0 && gated > 0, "{tag}: {cpu_report:?}");
+        assert!(
+            cpu_report.gated[6],
+            "{tag}: the question no edit answers is turned away"
+        );
+        // Answers of several tokens: the GPU asks with its teacher-forced pass.
+        assert!(elder.memory.iter().any(|e| e.answer.len() > 1), "{tag}");
+    } else {
+        assert!(cpu_report.gated.is_empty());
         assert_eq!(
-            &cpu_scope[..],
+            &cpu_report.in_scope[..6],
             &[true, true, true, true, false, false],
-            "{tag}: the case needs these prompts in and out of scope"
+            "{tag}"
         );
-        let cpu_matches = reported_matches(elder, &adapter.key_matches);
-        let cap = Capacity {
-            batch: prompts.len(),
-            seq: shape.seq,
-        };
-        let mut gpu = GpuModel::<T>::new(dev.clone(), model, cap).unwrap();
-        gpu.set_elder(Some(elder)).unwrap();
-        let (got, _) = gpu.logits(prompts, true).unwrap();
-        let report = gpu.elder_report().unwrap();
-        assert_eq!(report.in_scope, cpu_scope, "{tag}: in scope");
-        let ids = |m: &[Option<(f32, String, Option<f32>)>]| -> Vec<Option<String>> {
-            m.iter().map(|m| m.as_ref().map(|m| m.1.clone())).collect()
-        };
-        let expected: Vec<Option<String>> = ["a", "b", "c", "d"]
-            .iter()
-            .map(|id| Some(id.to_string()))
-            .chain([None, None])
-            .collect();
-        assert_eq!(
-            ids(&cpu_matches),
-            expected,
-            "{tag}: the case's matches on the CPU"
-        );
-        assert_eq!(
-            ids(&report.matches),
-            ids(&cpu_matches),
-            "{tag}: matched edits"
-        );
-        for (g, c) in report.matches.iter().zip(&cpu_matches) {
-            if let (Some(g), Some(c)) = (g, c) {
-                assert!(
-                    (g.0 - c.0).abs() < 2e-2,
-                    "{tag}: key similarity {} vs {}",
-                    g.0,
-                    c.0
-                );
-            }
+    }
+
+    let cap = Capacity {
+        batch: prompts.len(),
+        seq: shape.seq,
+    };
+    let mut gpu = GpuModel::<T>::new(dev.clone(), model, cap).unwrap();
+    gpu.set_elder(Some(elder)).unwrap();
+    let (got, _) = gpu.logits(prompts, true).unwrap();
+    let report = gpu.elder_report().unwrap();
+    assert_eq!(report.in_scope, cpu_report.in_scope, "{tag}: in scope");
+    assert_eq!(report.gated, cpu_report.gated, "{tag}: gated");
+    assert_eq!(
+        ids(&report.matches),
+        ids(&cpu_report.matches),
+        "{tag}: matched edits"
+    );
+    for (g, c) in report.matches.iter().zip(&cpu_report.matches) {
+        if let (Some(g), Some(c)) = (g, c) {
+            assert!(
+                (g.0 - c.0).abs() < 2e-2,
+                "{tag}: key similarity {} vs {}",
+                g.0,
+                c.0
+            );
         }
-        let v = model.cfg.vocab_size;
-        let worst = assert_close(
-            &format!("{tag}: edited logits"),
-            &valid_rows(&got, prompts, shape.seq, v),
-            &valid_rows(&want, prompts, shape.seq, v),
-            tol::<T>(),
-        );
-        eprintln!("{tag}: edited logits max |gpu - cpu| {worst:.2e}");
-        // The edits moved their prompts: the comparison is not of two base models.
-        let (base_logits, _) = cpu.logits(prompts, &mut NoAdapter);
-        let moved = valid_rows(&want, &prompts[..1], shape.seq, v)
+    }
+    let v = model.cfg.vocab_size;
+    let worst = assert_close(
+        &format!("{tag}: edited logits"),
+        &valid_rows(&got, prompts, shape.seq, v),
+        &valid_rows(&want, prompts, shape.seq, v),
+        tol::<T>(),
+    );
+    eprintln!("{tag}: edited logits max |gpu - cpu| {worst:.2e}");
+    // The edits moved the prompts in scope and only those: the comparison is not of two base
+    // models.
+    let (base_logits, _) = cpu.logits(prompts, &mut NoAdapter);
+    for (b, &inside) in cpu_report.in_scope.iter().enumerate() {
+        let rows = b * shape.seq * v..(b * shape.seq + prompts[b].len()) * v;
+        let moved = want[rows.clone()]
             .iter()
-            .zip(&valid_rows(&base_logits, &prompts[..1], shape.seq, v))
+            .zip(&base_logits[rows])
             .map(|(a, b)| (a - b).abs())
             .fold(0.0f32, f32::max);
-        assert!(
-            moved > 1e-2,
-            "{tag}: the edit barely moved its prompt ({moved})"
-        );
-        if T::SUFFIX == "f32" {
-            let mut adapter = ElderAdapter::inference(elder, rows);
-            let want = cpu.generate(prompts, 4, None, &mut adapter);
-            let (got, scope) = gpu.generate(prompts, 4, None, true).unwrap();
-            assert_eq!(scope, cpu_scope, "{tag}: generation scope");
-            assert_eq!(got, want, "{tag}: edited greedy generation");
+        if inside {
+            assert!(
+                moved > 1e-2,
+                "{tag}: sequence {b} in scope barely moved ({moved})"
+            );
+        } else {
+            assert_eq!(moved, 0.0, "{tag}: sequence {b} out of scope moved");
         }
+    }
+    if T::SUFFIX == "f32" {
+        let rows = prompt_rows(shape.seq, prompts.iter().map(Vec::len));
+        let mut adapter = ElderAdapter::inference(elder, rows);
+        let want = cpu.generate(prompts, 4, None, &mut adapter);
+        let (got, scope) = gpu.generate(prompts, 4, None, true).unwrap();
+        assert_eq!(scope, cpu_report.in_scope, "{tag}: generation scope");
+        assert_eq!(got, want, "{tag}: edited greedy generation");
     }
 }

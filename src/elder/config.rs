@@ -816,13 +816,13 @@ impl ElderConfig {
         out
     }
 
-    /// What answering on the GPU lacks: the key store and the stored allocation are there
-    /// (`runtime::cuda::elder_keys`), the answer gate and the other expert rows not yet.
+    /// What answering on the GPU lacks: the key store, the stored allocation and the answer gate
+    /// are there (`runtime::cuda::elder_keys`), the gate's fallback and the other expert rows not
+    /// yet.
     pub fn gpu_inference_unsupported(&self) -> Vec<&'static str> {
         let mut out = Vec::new();
         let key_store = self.deferral == Deferral::KeyStore;
         for (set, name) in [
-            (self.answer_gate > 0.0, "answer_gate"),
             (self.answer_gate_fallback, "answer_gate_fallback"),
             (
                 self.expert_rows == ExpertRows::Subject,
@@ -921,7 +921,14 @@ mod tests {
         old.as_object_mut().unwrap().remove("answer_gate");
         let old: ElderConfig = serde_json::from_value(old).unwrap();
         assert_eq!(old.answer_gate, 0.0);
-        assert!(default.gpu_unsupported().contains(&"answer_gate"));
+        assert!(!default.gpu_unsupported().contains(&"answer_gate"));
+        let fallback = ElderConfig {
+            answer_gate_fallback: true,
+            ..default.clone()
+        };
+        assert!(fallback
+            .gpu_inference_unsupported()
+            .contains(&"answer_gate_fallback"));
         for bad in [-0.1, 1.0, f32::NAN] {
             let c = ElderConfig {
                 answer_gate: bad,
@@ -938,14 +945,14 @@ mod tests {
         assert!(err.contains("answer_gate needs"), "{err}");
     }
 
-    /// What the GPU lacks, by what a command does: the default preset's queries lack only the
-    /// answer gate (the key store and the stored allocation answer there), its edits everything
-    /// the stored allocation trains with; the paper's method lacks nothing.
+    /// What the GPU lacks, by what a command does: the default preset's queries lack nothing
+    /// (the key store, the stored allocation and the answer gate answer there), its edits
+    /// everything the stored allocation trains with; the paper's method lacks nothing.
     #[test]
-    fn the_gpu_lacks_the_default_presets_training_and_its_answer_gate() {
+    fn the_gpu_lacks_only_the_default_presets_training() {
         let model = cfg(Arch::Llama, 30);
         let default = ElderConfig::preset(Preset::Default, &model);
-        assert_eq!(default.gpu_inference_unsupported(), vec!["answer_gate"]);
+        assert!(default.gpu_inference_unsupported().is_empty());
         let training = default.gpu_training_unsupported();
         for name in [
             "deferral = \"key_store\"",
@@ -955,17 +962,10 @@ mod tests {
         ] {
             assert!(training.contains(&name), "{name}: {training:?}");
         }
-        assert!(!training.contains(&"answer_gate"));
-        let all = default.gpu_unsupported();
-        assert_eq!(all.len(), training.len() + 1, "{all:?}");
-        let ungated = ElderConfig {
-            answer_gate: 0.0,
-            ..default.clone()
-        };
-        assert!(ungated.gpu_inference_unsupported().is_empty());
+        assert_eq!(default.gpu_unsupported(), training);
         let routed_keys = ElderConfig {
             inference_allocation: InferenceAllocation::Router,
-            ..ungated
+            ..default.clone()
         };
         assert_eq!(routed_keys.gpu_inference_unsupported().len(), 1);
         assert!(ElderConfig::preset(Preset::Paper, &model)

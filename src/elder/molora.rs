@@ -291,6 +291,27 @@ impl Elder {
             .collect()
     }
 
+    /// The answer gate's question about a sequence matched to `m`: the matched edit's answer
+    /// tokens, when the gate is on, the sequence is in scope and there is something to ask.
+    pub fn gate_question(
+        &self,
+        m: Option<&KeyMatch>,
+        in_scope: bool,
+        prompt_len: usize,
+    ) -> Option<&[u32]> {
+        if self.cfg.answer_gate <= 0.0 || !in_scope || prompt_len == 0 {
+            return None;
+        }
+        let answer = self.memory.get(m?.entry)?.answer.as_slice();
+        (!answer.is_empty()).then_some(answer)
+    }
+
+    /// Whether the answer gate keeps a sequence whose experts give its matched edit's answer
+    /// log-probability `logp`.
+    pub fn gate_keeps(&self, logp: f32) -> bool {
+        logp >= self.cfg.answer_gate.ln()
+    }
+
     /// Whether each matched prompt is in scope: its match reaches the scope threshold.
     pub fn matches_in_scope(&self, matches: &[Option<KeyMatch>]) -> Vec<bool> {
         let threshold = self.scope_threshold();
@@ -679,18 +700,15 @@ impl Adapter for ElderAdapter<'_> {
         let elder = self.elder;
         let mut asked: Vec<(usize, &[u32])> = Vec::new();
         for (b, m) in self.key_matches.iter().enumerate() {
-            let (Some(m), true) = (m, self.in_scope[b] && (first || was_switched[b])) else {
-                continue;
-            };
-            let answer = elder.memory[m.entry].answer.as_slice();
-            if !answer.is_empty() && self.prompt_rows.get(b).is_some_and(|r| !r.is_empty()) {
+            let asking = self.in_scope[b] && (first || was_switched[b]);
+            let prompt_len = self.prompt_rows.get(b).map_or(0, |r| r.len());
+            if let Some(answer) = elder.gate_question(m.as_ref(), asking, prompt_len) {
                 asked.push((b, answer));
             }
         }
         if asked.is_empty() {
             return false;
         }
-        let floor = gate.ln();
         let threshold = elder.scope_threshold();
         let mut changed = false;
         for (&(b, _), logp) in asked
@@ -698,7 +716,7 @@ impl Adapter for ElderAdapter<'_> {
             .zip(self.answer_logprob(model, h, shape, cache, &asked))
         {
             self.answer_logprobs[b] = Some(logp);
-            if logp >= floor {
+            if elder.gate_keeps(logp) {
                 continue;
             }
             changed = true;

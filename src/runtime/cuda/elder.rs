@@ -50,6 +50,16 @@ pub trait DeviceElder<T: KernelDtype>: SiteHook<T> {
     fn begin(&mut self, dev: &GpuDevice, query_rows: &[usize], seq: usize) -> Result<()>;
     /// What the request decided for each sequence, as the CPU reports it (waits for the device).
     fn report(&self, dev: &GpuDevice) -> Result<Routed>;
+    /// The answer gate's questions about the current request: each sequence it asks and the
+    /// answer tokens it asks for (none without a gate).
+    fn gate_questions(&self) -> Vec<(usize, Vec<u32>)> {
+        Vec::new()
+    }
+    /// The experts' log-probability of each asked answer; returns whether the gate turned a
+    /// sequence away (then the prompt runs again without its experts).
+    fn gate_answers(&mut self, _dev: &GpuDevice, _logps: &[(usize, f32)]) -> Result<bool> {
+        Ok(false)
+    }
 }
 
 /// The uploaded form of `elder` for its deferral.

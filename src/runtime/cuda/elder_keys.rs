@@ -160,10 +160,31 @@ impl Matcher {
     }
 }
 
-/// The decision of the current request.
+/// The decision of the current request, and what went to the device of it.
 struct Decision {
     matches: Vec<Option<KeyMatch>>,
     in_scope: Vec<bool>,
+    /// Sequences the answer gate turned away (empty without a gate).
+    gated: Vec<bool>,
+    /// Per layer `[B, k]`: each sequence's experts and gates.
+    experts: Vec<u32>,
+    gates: Vec<f32>,
+}
+
+impl Decision {
+    /// Writes the decision where the LoRA kernels read it.
+    fn upload(
+        &self,
+        dev: &GpuDevice,
+        experts: &mut CudaSlice<u32>,
+        gates: &mut CudaSlice<f32>,
+        in_scope: &mut CudaSlice<u8>,
+    ) -> Result<()> {
+        write(dev, experts, &self.experts, "stored experts")?;
+        write(dev, gates, &self.gates, "stored gates")?;
+        let mask: Vec<u8> = self.in_scope.iter().map(|&s| s as u8).collect();
+        write(dev, in_scope, &mask, "in-scope mask")
+    }
 }
 
 pub struct GpuKeyElder {
@@ -287,11 +308,20 @@ impl GpuKeyElder {
                 gates[at..at + k].fill(1.0);
             }
         }
-        write(dev, &mut self.experts, &experts, "stored experts")?;
-        write(dev, &mut self.gates, &gates, "stored gates")?;
-        let mask: Vec<u8> = in_scope.iter().map(|&s| s as u8).collect();
-        write(dev, &mut self.in_scope, &mask, "in-scope mask")?;
-        self.decision = Some(Decision { matches, in_scope });
+        let gated = if self.host.cfg.answer_gate > 0.0 {
+            vec![false; batch]
+        } else {
+            Vec::new()
+        };
+        let decision = Decision {
+            matches,
+            in_scope,
+            gated,
+            experts,
+            gates,
+        };
+        decision.upload(dev, &mut self.experts, &mut self.gates, &mut self.in_scope)?;
+        self.decision = Some(decision);
         Ok(())
     }
 }
@@ -311,6 +341,10 @@ impl GpuKeyElder {
         self.gates = dev.zeros(l * cap.batch * k)?;
         self.in_scope = dev.zeros(cap.batch)?;
         self.cap = cap;
+        // A request growing mid-way (the answer gate's longer pass) keeps its decision.
+        if let Some(d) = &self.decision {
+            d.upload(dev, &mut self.experts, &mut self.gates, &mut self.in_scope)?;
+        }
         Ok(())
     }
 }
@@ -348,8 +382,42 @@ impl<T: KernelDtype> DeviceElder<T> for GpuKeyElder {
             in_scope: d.in_scope.clone(),
             distances: vec![None; d.in_scope.len()],
             matches: eval::reported_matches(&self.host, &d.matches),
-            gated: Vec::new(),
+            gated: d.gated.clone(),
         })
+    }
+
+    fn gate_questions(&self) -> Vec<(usize, Vec<u32>)> {
+        let Some(d) = &self.decision else {
+            return Vec::new();
+        };
+        d.matches
+            .iter()
+            .zip(&d.in_scope)
+            .zip(&self.prompt_rows)
+            .enumerate()
+            .filter_map(|(b, ((m, &inside), rows))| {
+                let answer = self.host.gate_question(m.as_ref(), inside, rows.len())?;
+                Some((b, answer.to_vec()))
+            })
+            .collect()
+    }
+
+    fn gate_answers(&mut self, dev: &GpuDevice, logps: &[(usize, f32)]) -> Result<bool> {
+        let Some(d) = &mut self.decision else {
+            return Ok(false);
+        };
+        let mut changed = false;
+        for &(b, logp) in logps {
+            if !self.host.gate_keeps(logp) {
+                d.in_scope[b] = false;
+                d.gated[b] = true;
+                changed = true;
+            }
+        }
+        if changed {
+            d.upload(dev, &mut self.experts, &mut self.gates, &mut self.in_scope)?;
+        }
+        Ok(changed)
     }
 }
 

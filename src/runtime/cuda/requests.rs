@@ -7,8 +7,9 @@
 use anyhow::Result;
 use cudarc::cublas::{CudaBlas, Gemm};
 
+use crate::backend::cpu::ops;
 use crate::eval::{self, Routed};
-use crate::model::runner::{self, Decode, Forward, Sampling, Scored};
+use crate::model::runner::{self, pad_batch, Decode, Forward, Sampling, Scored};
 use crate::model::{BatchShape, ModelConfig};
 
 use super::forward::{ElderStep, GpuModel};
@@ -40,13 +41,13 @@ where
     }
 
     fn prompt(&mut self, ids: &[u32], shape: &BatchShape, prompt_lens: &[usize]) -> Result<()> {
+        if !self.edited {
+            return self.model.forward(ids, shape, ElderStep::Off);
+        }
         let query_rows = prompt_query_rows(shape.seq, prompt_lens);
-        let step = if self.edited {
-            ElderStep::Prompt(&query_rows)
-        } else {
-            ElderStep::Off
-        };
-        self.model.forward(ids, shape, step)
+        self.model
+            .forward(ids, shape, ElderStep::Prompt(&query_rows))?;
+        self.model.answer_gate(ids, shape, prompt_lens)
     }
 
     fn head(&mut self, rows: &[usize]) -> Result<Vec<f32>> {
@@ -69,6 +70,85 @@ impl<T: KernelDtype> GpuModel<T>
 where
     CudaBlas: Gemm<T>,
 {
+    /// The answer gate after an edited prompt call (`answer_gate`, the CPU's
+    /// `ElderAdapter::revise`): each sequence in scope whose matched edit's experts give that
+    /// edit's answer less than the gate's probability is answered by the base model. The answers'
+    /// log-probabilities come from the prompt call's last rows when every answer is one token;
+    /// else from one teacher-forced pass over each prompt and its answer but the last token, under
+    /// the same decision. The prompt runs again when the gate turned a sequence away (or the
+    /// longer pass replaced its activations and cache).
+    fn answer_gate(
+        &mut self,
+        ids: &[u32],
+        shape: &BatchShape,
+        prompt_lens: &[usize],
+    ) -> Result<()> {
+        let questions = match &self.elder {
+            Some(e) => e.gate_questions(),
+            None => return Ok(()),
+        };
+        if questions.is_empty() {
+            return Ok(());
+        }
+        let vocab = self.config().vocab_size;
+        let one_token = questions.iter().all(|(_, a)| a.len() == 1);
+        let (rows, logits) = if one_token {
+            let rows: Vec<usize> = questions
+                .iter()
+                .map(|&(b, _)| b * shape.seq + prompt_lens[b] - 1)
+                .collect();
+            (rows.len(), self.head(&rows)?)
+        } else {
+            let seqs: Vec<Vec<u32>> = (0..shape.batch)
+                .map(|b| {
+                    let mut s = ids[b * shape.seq..][..prompt_lens[b]].to_vec();
+                    if let Some((_, a)) = questions.iter().find(|(q, _)| *q == b) {
+                        s.extend_from_slice(&a[..a.len() - 1]);
+                    }
+                    s
+                })
+                .collect();
+            let (longer_ids, longer) = pad_batch(&seqs, &vec![0; seqs.len()]);
+            self.reserve(Capacity {
+                batch: longer.batch,
+                seq: longer.seq,
+            })?;
+            self.forward(&longer_ids, &longer, ElderStep::Continue)?;
+            let rows: Vec<usize> = questions
+                .iter()
+                .flat_map(|(b, a)| {
+                    (0..a.len()).map(move |i| b * longer.seq + prompt_lens[*b] - 1 + i)
+                })
+                .collect();
+            (rows.len(), self.head(&rows)?)
+        };
+        debug_assert_eq!(logits.len(), rows * vocab);
+        let mut next = logits.chunks(vocab);
+        let logps: Vec<(usize, f32)> = questions
+            .iter()
+            .map(|(b, answer)| {
+                let logp = answer
+                    .iter()
+                    .map(|&t| {
+                        let row = next.next().expect("one row per answer token");
+                        row[t as usize] - ops::logsumexp(row)
+                    })
+                    .sum();
+                (*b, logp)
+            })
+            .collect();
+        let dev = self.dev.clone();
+        let turned_away = self
+            .elder
+            .as_mut()
+            .expect("asked above")
+            .gate_answers(&dev, &logps)?;
+        if turned_away || !one_token {
+            self.forward(ids, shape, ElderStep::Continue)?;
+        }
+        Ok(())
+    }
+
     /// This model as a request's [`Forward`].
     pub fn request(&mut self, edited: bool) -> GpuRequest<'_, T> {
         GpuRequest {
