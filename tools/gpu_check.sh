@@ -118,8 +118,8 @@ sys.exit(0 if ok and same else 1)
   } >"$log" 2>&1 || { verdict=FAIL; status=1; tail -n 20 "$log"; }
   ROWS+=("cli   elder --device cuda edit (vs cpu, resume)  $verdict")
 
-  # The server on the GPU (the paper preset: the default preset's mechanisms are not on the GPU
-  # yet, issue 15): one edit through the log, then tools/bench_serve.py on loopback, 1 and 8
+  # The server on the GPU (the paper preset: the default preset's edits train on the CPU only,
+  # issue 15): one edit through the log, then tools/bench_serve.py on loopback, 1 and 8
   # clients for 20 s each (scores), bounded; the rows give QPS and latency.
   log="$LOG_DIR/serve.log"
   verdict=ok
@@ -142,6 +142,65 @@ sys.exit(0 if ok and same else 1)
   } >"$log" 2>&1 || { verdict=FAIL; status=1; tail -n 20 "$log"; }
   ROWS+=("serve elder --device cuda serve (edit, completions, bench_serve 1 and 8 clients)  $verdict")
   while read -r line; do ROWS+=("serve $line"); done < <(grep -A1 '^ *clients' "$log" | grep -v -e '^ *clients' -e '^--')
+
+  # The default preset's queries on the GPU (issue 15; its edits train on the CPU): 12 edits with
+  # the default preset on the CPU, its answer gate off (a random tiny model learns too little for
+  # its experts to pass the gate), then an edit prompt and another prompt scored on the CPU and on
+  # CUDA: the same scope and log-probabilities (f32 within 1e-3, bf16 within 0.1), the edit's
+  # moved away from the base model's; then the gated default state's final evaluation, CPU
+  # against CUDA f32.
+  log="$LOG_DIR/default_preset.log"
+  verdict=ok
+  {
+    printf '{"id":"k%d","subject":"Subject%d","prompt":"The code of Subject%d is","target_new":" v%d","rephrases":["Subject%d has the code"],"locality":[{"prompt":"Other%d is","answer":" w"}]}\n' \
+      $(for i in $(seq 12); do echo "$i $i $i $i $i $i"; done) >"$smoke/default-edits.jsonl" &&
+      printf 'answer_gate = 0.0\n' >"$smoke/ungated.toml" &&
+      "$BUNDLE/elder" --device cpu edit --model "$smoke/model" --edits "$smoke/default-edits.jsonl" \
+        --state "$smoke/ungated-state" --config "$smoke/ungated.toml" --json >/dev/null &&
+      "$BUNDLE/elder" --device cpu edit --model "$smoke/model" --edits "$smoke/default-edits.jsonl" \
+        --state "$smoke/default-state" --json >/dev/null &&
+      runs_ok=1 &&
+      for d in "cpu f32" "cuda f32" "cuda bf16"; do
+        read -r device dtype <<<"$d"
+        for p in "The code of Subject3 is| v3|edit" "Other3 is| w|other"; do
+          IFS='|' read -r prompt target tag <<<"$p"
+          "$BUNDLE/elder" --device "$device" --gpu-dtype "$dtype" score --model "$smoke/model" \
+            --state "$smoke/ungated-state" --prompt "$prompt" --target "$target" --json \
+            >"$smoke/default-score-$tag-$device-$dtype.json" || runs_ok=0
+        done
+        "$BUNDLE/elder" --device "$device" --gpu-dtype "$dtype" score --model "$smoke/model" \
+          --prompt "The code of Subject3 is" --target " v3" --json >"$smoke/default-score-base-$device-$dtype.json" ||
+          runs_ok=0
+        "$BUNDLE/elder" --device "$device" --gpu-dtype "$dtype" eval --model "$smoke/model" \
+          --state "$smoke/default-state" --data "$smoke/default-edits.jsonl" --json \
+          >"$smoke/default-eval-$device-$dtype.json" || runs_ok=0
+      done &&
+      [ "$runs_ok" = 1 ] &&
+      python3 -c '
+import json, sys
+d = sys.argv[1]
+load = lambda kind, dev: json.load(open(f"{d}/default-{kind}-{dev}.json"))
+ok = True
+for dev, tol in (("cuda-f32", 1e-3), ("cuda-bf16", 0.1)):
+    for tag in ("edit", "other"):
+        a, b = load("score-" + tag, "cpu-f32"), load("score-" + tag, dev)
+        diff = max(abs(x - y) for x, y in zip(a["logprobs"], b["logprobs"]))
+        sa, sb = a["in_scope"], b["in_scope"]
+        print(f"{dev} {tag}: in scope cpu {sa} cuda {sb}, max |logprob diff| {diff:.2e}")
+        ok = ok and a["in_scope"] == b["in_scope"] and diff <= tol
+    e, m = load("eval", "cpu-f32"), load("eval", dev)
+    for k in ("reliability", "generalization", "locality", "in_scope_edits"):
+        print(f"{dev} eval {k}: cpu {e[k]:.4f} cuda {m[k]:.4f}")
+        ok = ok and abs(e[k] - m[k]) <= (0.02 if dev == "cuda-f32" else 0.1)
+edit, base = load("score-edit", "cpu-f32"), load("score-base", "cpu-f32")
+moved = max(abs(x - y) for x, y in zip(edit["logprobs"], base["logprobs"]))
+scoped = edit["in_scope"]
+print(f"the edit moved its prompt by {moved:.3f} (in scope: {scoped})")
+ok = ok and edit["in_scope"] is True and moved > 0.05
+sys.exit(0 if ok else 1)
+' "$smoke"
+  } >"$log" 2>&1 || { verdict=FAIL; status=1; tail -n 20 "$log"; }
+  ROWS+=("cli   default preset: edits on the cpu, score and eval on cuda f32/bf16 (vs cpu)  $verdict")
 else
   ROWS+=("cli   elder binary MISSING from $BUNDLE")
   status=1
