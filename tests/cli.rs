@@ -1,5 +1,7 @@
 //! The `elder` command line end to end on a tiny random checkpoint.
 
+use std::path::Path;
+
 use assert_cmd::Command;
 use elder::backend::cuda::{announce, BUILT_WITH_KERNELS, NO_KERNELS_MSG};
 use serde_json::Value;
@@ -307,6 +309,131 @@ fn cuda_command_line_on_the_emulator_matches_the_cpu() {
                 (x - y).abs() <= 1e-4,
                 "{arch}: logprobs {a:?} (cpu) vs {b:?} (cuda)"
             );
+        }
+    }
+}
+
+/// The default preset's queries on `--device cuda` (the emulator, loaded as a driver is): a state
+/// edited on the CPU scores an edit prompt (in scope, moved by its edit) and another prompt (out
+/// of scope) as `--device cpu` does; editing with the default preset on `--device cuda` is refused
+/// naming what the GPU trainer lacks, and `--device auto` edits on the CPU saying why.
+#[test]
+fn default_preset_queries_on_the_emulator_match_the_cpu() {
+    let name = "default_preset_queries_on_the_emulator_match_the_cpu";
+    let Some(emu) = elder_cuda_emu::LIBRARY_DIR else {
+        announce(&format!("SKIP {name}: the CUDA emulator was not built"));
+        return;
+    };
+    if !BUILT_WITH_KERNELS {
+        announce(&format!("SKIP {name}: {NO_KERNELS_MSG}"));
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("model");
+    elder()
+        .args([
+            "init-random",
+            "--arch",
+            "llama",
+            "--preset",
+            "tiny",
+            "--seed",
+            "3",
+            "--out",
+        ])
+        .arg(&model)
+        .assert()
+        .success();
+    let edits = tmp.path().join("edits.jsonl");
+    let lines: Vec<String> = (1..=6)
+        .map(|i| {
+            format!(
+                r#"{{"id":"k{i}","subject":"Subject{i}","prompt":"The code of Subject{i} is","target_new":" v{i}"}}"#
+            )
+        })
+        .collect();
+    std::fs::write(&edits, lines.join("\n")).unwrap();
+    // The gate off: a random tiny model learns too little for its experts to pass it.
+    let config = tmp.path().join("ungated.toml");
+    std::fs::write(&config, "answer_gate = 0.0\n").unwrap();
+    let state = tmp.path().join("state");
+    let cmd = |device: &str| {
+        let mut c = elder();
+        c.env("LD_LIBRARY_PATH", emu)
+            .env("ELDER_CUDA_EMU", "0")
+            .args(["--device", device, "--gpu-dtype", "f32"]);
+        c
+    };
+    let edit = |device: &str, state: &Path| {
+        cmd(device)
+            .arg("edit")
+            .arg("--model")
+            .arg(&model)
+            .arg("--edits")
+            .arg(&edits)
+            .arg("--state")
+            .arg(state)
+            .arg("--config")
+            .arg(&config)
+            .output()
+            .unwrap()
+    };
+    let refused = edit("cuda", &tmp.path().join("refused"));
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains("allocation = \"fresh\""), "{err}");
+    let auto = edit("auto", &state);
+    assert!(
+        auto.status.success(),
+        "{}",
+        String::from_utf8_lossy(&auto.stderr)
+    );
+    let note = String::from_utf8_lossy(&auto.stderr);
+    assert!(note.contains("note: running on the CPU"), "{note}");
+    let score = |device: &str, prompt: &str, target: &str, state: Option<&Path>| -> Value {
+        let mut c = cmd(device);
+        c.args([
+            "score", "--prompt", prompt, "--target", target, "--json", "--model",
+        ])
+        .arg(&model);
+        if let Some(s) = state {
+            c.arg("--state").arg(s);
+        }
+        let out = c.output().unwrap();
+        assert!(
+            out.status.success(),
+            "--device {device} score {prompt:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        json(&out.stdout)
+    };
+    let lp = |v: &Value| -> Vec<f64> {
+        v["logprobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect()
+    };
+    for (prompt, target, inside) in [
+        ("The code of Subject3 is", " v3", true),
+        ("My favourite colour is", " red", false),
+    ] {
+        let cpu = score("cpu", prompt, target, Some(&state));
+        let cuda = score("cuda", prompt, target, Some(&state));
+        assert_eq!(cpu["in_scope"], inside, "{prompt}: {cpu}");
+        assert_eq!(cuda["in_scope"], cpu["in_scope"], "{prompt}");
+        for (x, y) in lp(&cpu).iter().zip(&lp(&cuda)) {
+            assert!((x - y).abs() <= 1e-4, "{prompt}: {cpu} vs {cuda}");
+        }
+        if inside {
+            let base = score("cpu", prompt, target, None);
+            let moved = lp(&cpu)
+                .iter()
+                .zip(&lp(&base))
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0, f64::max);
+            assert!(moved > 0.05, "{prompt}: the edit moved it by {moved}");
         }
     }
 }
