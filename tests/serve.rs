@@ -54,10 +54,25 @@ impl Server {
 
     /// [`Server::start`] with the server's stderr (its request log) going to `stderr`.
     fn start_logged(model: &Path, state: &Path, extra: &[&str], stderr: Stdio) -> Server {
+        Self::start_on("cpu", &[], model, state, extra, stderr)
+    }
+
+    /// [`Server::start_logged`] on `device` (a GPU in f32), with `env` set for the server.
+    fn start_on(
+        device: &str,
+        env: &[(&str, &str)],
+        model: &Path,
+        state: &Path,
+        extra: &[&str],
+        stderr: Stdio,
+    ) -> Server {
         let mut child = elder()
+            .envs(env.iter().copied())
             .args([
                 "--device",
-                "cpu",
+                device,
+                "--gpu-dtype",
+                "f32",
                 "serve",
                 "--addr",
                 "127.0.0.1:0",
@@ -205,6 +220,73 @@ fn config(dir: &Path) -> PathBuf {
     let path = dir.join("serve.toml");
     std::fs::write(&path, "iterations = 40\nanswer_gate = 0.0\n").unwrap();
     path
+}
+
+/// The default preset served on `--device cuda` (the CUDA emulator, loaded as a driver is):
+/// queries run on the GPU, edits train on the CPU beside them (the server says so), and an edit
+/// committed through the API answers as on a CPU server: the same scope and log-probabilities.
+#[test]
+fn the_default_preset_answers_on_the_gpu_and_trains_on_the_cpu() {
+    use elder::backend::cuda::{announce, BUILT_WITH_KERNELS, NO_KERNELS_MSG};
+    let name = "the_default_preset_answers_on_the_gpu_and_trains_on_the_cpu";
+    let Some(emu) = elder_cuda_emu::LIBRARY_DIR else {
+        announce(&format!("SKIP {name}: the CUDA emulator was not built"));
+        return;
+    };
+    if !BUILT_WITH_KERNELS {
+        announce(&format!("SKIP {name}: {NO_KERNELS_MSG}"));
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path());
+    let cfg = config(tmp.path());
+    let mut answers = Vec::new();
+    for device in ["cpu", "cuda"] {
+        let log = tmp.path().join(format!("{device}.log"));
+        let server = Server::start_on(
+            device,
+            &[("LD_LIBRARY_PATH", emu), ("ELDER_CUDA_EMU", "0")],
+            &model,
+            &tmp.path().join(format!("state-{device}")),
+            &["--config", cfg.to_str().unwrap()],
+            Stdio::from(std::fs::File::create(&log).unwrap()),
+        );
+        let (status, v) = server.post(
+            "/v1/edits",
+            json!({"edits": [record("g1", "The code of Zorbia is", " Quell")]}),
+        );
+        assert_eq!(status, 202, "{v}");
+        server.wait_status("g1", "committed");
+        let mut scored = Vec::new();
+        for prompt in ["The code of Zorbia is", "My favourite colour is"] {
+            let (status, v) =
+                server.post("/v1/score", json!({"prompt": prompt, "target": " Quell"}));
+            assert_eq!(status, 200, "{v}");
+            scored.push(v);
+        }
+        drop(server);
+        let text = std::fs::read_to_string(&log).unwrap();
+        let split = text.contains("note: queries run on the GPU, edits train on the CPU");
+        assert_eq!(split, device == "cuda", "{device}: {text}");
+        answers.push(scored);
+    }
+    let (cpu, cuda) = (&answers[0], &answers[1]);
+    assert_eq!(cpu[0]["in_scope"], true, "{}", cpu[0]);
+    assert_eq!(cpu[1]["in_scope"], false, "{}", cpu[1]);
+    for (a, b) in cpu.iter().zip(cuda) {
+        assert_eq!(a["in_scope"], b["in_scope"]);
+        let lp = |v: &Value| -> Vec<f64> {
+            v["logprobs"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap())
+                .collect()
+        };
+        for (x, y) in lp(a).iter().zip(&lp(b)) {
+            assert!((x - y).abs() <= 1e-4, "cpu {a} vs cuda {b}");
+        }
+    }
 }
 
 #[test]

@@ -479,8 +479,25 @@ fn load(shared: &Arc<Shared>, opts: &ServeOptions) -> Result<()> {
         }
     }
     let session = EditSession::open(&base, &opts.state, opts.config.clone())?;
-    let device = opts.devices.resolve(Some(&session.elder.cfg))?;
-    if matches!(device, Device::Cpu) {
+    // Queries go to the GPU when it has what answering with this state needs; edits train there
+    // only when the GPU trainer has the state's method too, else on the CPU beside it.
+    let cfg = &session.elder.cfg;
+    let query_device = opts.devices.resolve_queries(Some(cfg))?;
+    let trains = !matches!(&opts.nats, Some(n) if n.role == Role::Replica);
+    let device = match &query_device {
+        Device::Cuda(..) if !cfg.gpu_training_unsupported().is_empty() => {
+            if trains {
+                eprintln!(
+                "note: queries run on the GPU, edits train on the CPU: the {} preset's {} not in the GPU trainer yet",
+                cfg.preset.as_str(),
+                cfg.gpu_training_unsupported().join(", ")
+                );
+            }
+            Device::Cpu
+        }
+        d => d.clone(),
+    };
+    if matches!(device, Device::Cpu) || matches!(query_device, Device::Cpu) {
         base.model()?; // built now, not by the first query
     }
     let (log, entries) = match &nats {
@@ -564,7 +581,7 @@ fn load(shared: &Arc<Shared>, opts: &ServeOptions) -> Result<()> {
     // Each thread makes its own engine (a GPU runtime stays on the thread that uses it); the
     // CPU model is shared.
     let reader = shared.clone();
-    let (query_base, query_device) = (base.clone(), device.clone());
+    let query_base = base.clone();
     std::thread::Builder::new()
         .name("elder-queries".into())
         .spawn(move || {
