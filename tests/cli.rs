@@ -1,9 +1,10 @@
 //! The `elder` command line end to end on a tiny random checkpoint.
 
+mod common;
+
 use std::path::Path;
 
 use assert_cmd::Command;
-use elder::backend::cuda::{announce, BUILT_WITH_KERNELS, NO_KERNELS_MSG};
 use serde_json::Value;
 
 fn elder() -> Command {
@@ -245,15 +246,11 @@ fn bad_inputs_are_clear_errors() {
 /// (no C++ compiler) or the embedded kernels (no nvcc) it prints SKIP.
 #[test]
 fn cuda_command_line_on_the_emulator_matches_the_cpu() {
-    let name = "cuda_command_line_on_the_emulator_matches_the_cpu";
-    let Some(emu) = elder_cuda_emu::LIBRARY_DIR else {
-        announce(&format!("SKIP {name}: the CUDA emulator was not built"));
+    let Some(emu) =
+        common::emulator_library_or_skip("cuda_command_line_on_the_emulator_matches_the_cpu")
+    else {
         return;
     };
-    if !BUILT_WITH_KERNELS {
-        announce(&format!("SKIP {name}: {NO_KERNELS_MSG}"));
-        return;
-    }
     let tmp = tempfile::tempdir().unwrap();
     for arch in ["gpt2", "llama"] {
         let model = tmp.path().join(arch);
@@ -319,15 +316,11 @@ fn cuda_command_line_on_the_emulator_matches_the_cpu() {
 /// naming what the GPU trainer lacks, and `--device auto` edits on the CPU saying why.
 #[test]
 fn default_preset_queries_on_the_emulator_match_the_cpu() {
-    let name = "default_preset_queries_on_the_emulator_match_the_cpu";
-    let Some(emu) = elder_cuda_emu::LIBRARY_DIR else {
-        announce(&format!("SKIP {name}: the CUDA emulator was not built"));
+    let Some(emu) =
+        common::emulator_library_or_skip("default_preset_queries_on_the_emulator_match_the_cpu")
+    else {
         return;
     };
-    if !BUILT_WITH_KERNELS {
-        announce(&format!("SKIP {name}: {NO_KERNELS_MSG}"));
-        return;
-    }
     let tmp = tempfile::tempdir().unwrap();
     let model = tmp.path().join("model");
     elder()

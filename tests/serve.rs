@@ -2,6 +2,8 @@
 //! client, on a tiny random checkpoint. Every request is bounded (timeouts on the client and on
 //! each wait).
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -227,16 +229,11 @@ fn config(dir: &Path) -> PathBuf {
 /// committed through the API answers as on a CPU server: the same scope and log-probabilities.
 #[test]
 fn the_default_preset_answers_on_the_gpu_and_trains_on_the_cpu() {
-    use elder::backend::cuda::{announce, BUILT_WITH_KERNELS, NO_KERNELS_MSG};
-    let name = "the_default_preset_answers_on_the_gpu_and_trains_on_the_cpu";
-    let Some(emu) = elder_cuda_emu::LIBRARY_DIR else {
-        announce(&format!("SKIP {name}: the CUDA emulator was not built"));
+    let Some(emu) = common::emulator_library_or_skip(
+        "the_default_preset_answers_on_the_gpu_and_trains_on_the_cpu",
+    ) else {
         return;
     };
-    if !BUILT_WITH_KERNELS {
-        announce(&format!("SKIP {name}: {NO_KERNELS_MSG}"));
-        return;
-    }
     let tmp = tempfile::tempdir().unwrap();
     let model = tiny_model(tmp.path());
     let cfg = config(tmp.path());

@@ -160,3 +160,21 @@ pub fn traced_device(test_name: &str) -> Option<Arc<GpuDevice>> {
     }
     Some(dev)
 }
+
+/// The CUDA emulator's library folder, for running the `elder` binary with `--device cuda` the way
+/// a real driver is loaded (`LD_LIBRARY_PATH`); `None` after a visible `SKIP` line when the
+/// emulator or the embedded kernels were not built.
+pub fn emulator_library_or_skip(test_name: &str) -> Option<&'static str> {
+    use elder::backend::cuda::{BUILT_WITH_KERNELS, NO_KERNELS_MSG};
+    let Some(dir) = elder_cuda_emu::LIBRARY_DIR else {
+        announce(&format!(
+            "SKIP {test_name}: the CUDA emulator was not built"
+        ));
+        return None;
+    };
+    if !BUILT_WITH_KERNELS {
+        announce(&format!("SKIP {test_name}: {NO_KERNELS_MSG}"));
+        return None;
+    }
+    Some(dir)
+}
