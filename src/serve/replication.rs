@@ -130,11 +130,14 @@ struct Retention {
 }
 
 impl Retention {
-    /// Adds `generation` (replacing an earlier record of it) and returns what the generations
-    /// that left the window referenced and no kept generation does.
-    fn push(&mut self, generation: u64, shipment: Shipment) -> (Vec<Digest>, Vec<String>) {
-        self.kept.retain(|(g, _)| *g != generation);
-        self.kept.push_back((generation, shipment));
+    /// Adds the generations (each replacing an earlier record of it) and returns what the
+    /// generations that left the window referenced and no kept generation does. All at once:
+    /// what a dropped generation shares with any generation kept in the end stays.
+    fn push(&mut self, shipments: Vec<(u64, Shipment)>) -> (Vec<Digest>, Vec<String>) {
+        for (generation, shipment) in shipments {
+            self.kept.retain(|(g, _)| *g != generation);
+            self.kept.push_back((generation, shipment));
+        }
         self.kept.make_contiguous().sort_by_key(|(g, _)| *g);
         let mut dropped = Vec::new();
         while self.kept.len() > self.keep.max(1) {
@@ -394,7 +397,7 @@ impl Nats {
             shipment.chunks.len()
         );
         metrics::counter!("elder_published_bytes_total").increment(shipment.new_bytes as u64);
-        self.retire(record.generation, shipment).await;
+        self.retire(vec![(record.generation, shipment)], true).await;
         Ok(seq)
     }
 
@@ -449,14 +452,17 @@ impl Nats {
         Ok(())
     }
 
-    /// Keeps `generation` in the retention window and deletes what the generations that left
-    /// it referenced and no kept generation does.
-    async fn retire(&self, generation: u64, shipment: Shipment) {
+    /// Keeps the generations in the retention window and deletes what the generations that left
+    /// it referenced and no kept generation does (`delete` false: only the window moves).
+    async fn retire(&self, shipments: Vec<(u64, Shipment)>, delete: bool) {
         let (chunks, objects) = self
             .retention
             .lock()
             .expect("retention lock")
-            .push(generation, shipment);
+            .push(shipments);
+        if !delete {
+            return;
+        }
         for d in &chunks {
             self.stored.lock().expect("chunks lock").remove(d);
         }
@@ -494,21 +500,32 @@ impl Nats {
                 _ => by_generation.push(r),
             }
         }
+        let mut shipments = Vec::new();
+        let mut unreadable = false;
         for r in by_generation {
             let mut shipment = Shipment::default();
             for f in r.files.iter().chain(&r.manifest_file) {
-                if let Err(e) = self.referenced(f, &mut shipment).await {
-                    // What cannot be read cannot be told apart from what is kept: left alone.
-                    if !is_gone(&e) {
+                match self.referenced(f, &mut shipment).await {
+                    Ok(()) => {}
+                    // Already deleted (it left the window before): nothing of it to keep.
+                    Err(e) if is_gone(&e) => {}
+                    Err(e) => {
                         eprintln!(
                             "warning: reading what generation {} references: {e:#}",
                             r.generation
                         );
+                        unreadable = true;
                     }
                 }
             }
-            self.retire(r.generation, shipment).await;
+            shipments.push((r.generation, shipment));
         }
+        // A generation whose references could not be read might share any chunk: then nothing
+        // is deleted this time (the next published generation deletes what it can).
+        if unreadable {
+            eprintln!("note: the object store is not cleaned at this start (see the warnings)");
+        }
+        self.retire(shipments, !unreadable).await;
     }
 
     /// Adds what a shipped file references (its chunks, or its whole-file object) to `shipment`.
@@ -850,6 +867,46 @@ mod tests {
         assert!(!json.contains("\"manifest\":"), "{json}");
         let back: CommitRecord = serde_json::from_str(&json).unwrap();
         assert_eq!(back, record(2));
+    }
+
+    fn shipment(chunks: &[u8]) -> Shipment {
+        Shipment {
+            chunks: chunks.iter().map(|&c| [c; 32]).collect(),
+            ..Default::default()
+        }
+    }
+
+    /// The window keeps the newest generations; a dropped generation's chunks are deleted only
+    /// when no kept generation has them, also when generations arrive together (a new leader
+    /// adopting the records before it) and one shares a chunk only with the newest.
+    #[test]
+    fn retention_deletes_only_what_no_kept_generation_references() {
+        let mut r = Retention {
+            keep: 2,
+            kept: VecDeque::new(),
+        };
+        assert_eq!(r.push(vec![(1, shipment(&[1, 2]))]).0, Vec::<Digest>::new());
+        assert!(r.push(vec![(2, shipment(&[1, 3]))]).0.is_empty());
+        // Generation 1 leaves: chunk 2 only it had, chunk 1 generation 2 has too.
+        assert_eq!(r.push(vec![(3, shipment(&[1, 4]))]).0, vec![[2u8; 32]]);
+        let mut adopting = Retention {
+            keep: 2,
+            kept: VecDeque::new(),
+        };
+        let (deleted, _) = adopting.push(vec![
+            (10, shipment(&[7, 8])),
+            (11, shipment(&[9])),
+            (12, shipment(&[9, 5])),
+            (13, shipment(&[7])),
+        ]);
+        // Chunk 7 (generations 10 and 13) stays; 8 (only 10) goes, and 9 (10 and 11's, and 12's,
+        // which is kept) stays.
+        assert_eq!(deleted, vec![[8u8; 32]]);
+        let kept: Vec<u64> = adopting.kept.iter().map(|(g, _)| *g).collect();
+        assert_eq!(kept, vec![12, 13]);
+        // A generation published again replaces its earlier record.
+        let (deleted, _) = adopting.push(vec![(13, shipment(&[7, 6]))]);
+        assert!(deleted.is_empty());
     }
 
     #[test]
