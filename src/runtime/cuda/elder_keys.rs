@@ -10,8 +10,10 @@
 //! gather/scatter launch, as with the paper's routing. Decode steps keep the prompt's decision.
 //!
 //! One host round trip per prompt call (the scores and the relation rows come back once the
-//! match ran); the decision on the device is the next step of issue 15. The answer gate is not
-//! here yet (`ElderConfig::gpu_unsupported` refuses it by name).
+//! match ran); the decision on the device is the next step of issue 15. The answer gate asks
+//! through [`DeviceElder::gate_questions`] / [`DeviceElder::gate_answers`], driven by the request
+//! layer (`GpuModel::answer_gate`); its fallback to the runner-up edit is refused by name
+//! (`ElderConfig::gpu_inference_unsupported`).
 
 use std::ops::Range;
 
