@@ -451,3 +451,83 @@ fn matching_a_hundred_thousand_stored_keys_is_one_launch() {
     assert_eq!(top[0].map(|(_, e)| e), Some(s.entries - 1));
     assert_eq!(top[1].map(|(_, e)| e), Some(s.entries - 1));
 }
+
+/// An edited prompt forward of a key-store state (the default preset, its gate off): the prompt's
+/// keys are embedded once and matched once, before the first MoLoRA site; the host waits exactly
+/// twice (the relation site's rows, then the match's scores: the decision still runs there) and
+/// writes the decision up once; each MoLoRA site is one launch; nothing is allocated.
+#[test]
+fn a_key_store_forward_matches_once_and_waits_for_the_host_twice() {
+    use elder::data::EditRecord;
+    use elder::elder::config::Preset;
+    use elder::model::checkpoint::StoreDtype;
+    use elder::model::presets::write_random_checkpoint;
+    use elder::session::{apply_stream, BaseModel, EditSession};
+
+    let name = "a_key_store_forward_matches_once_and_waits_for_the_host_twice";
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("model");
+    write_random_checkpoint(Arch::Llama, "tiny", 5, &dir, StoreDtype::F32).unwrap();
+    let base = BaseModel::open(&dir).unwrap();
+    let cfg = ElderConfig {
+        iterations: 3,
+        batch_size: 1,
+        answer_gate: 0.0,
+        ..ElderConfig::preset(Preset::Default, &base.cfg)
+    };
+    let records: Vec<EditRecord> = ["Zorbia", "Plimsoll"]
+        .iter()
+        .map(|s| EditRecord {
+            id: s.to_string(),
+            knowledge_id: s.to_string(),
+            prompt: format!("The capital of {s} is"),
+            target_new: " Quell".into(),
+            target_true: None,
+            subject: Some(s.to_string()),
+            rephrases: Vec::new(),
+            locality: Vec::new(),
+        })
+        .collect();
+    let mut session = EditSession::open(&base, &tmp.path().join("state"), Some(cfg)).unwrap();
+    apply_stream(&base, &mut session, &records, false, None).unwrap();
+    let Some(dev) = common::traced_device(name) else {
+        return;
+    };
+    let prompts: Vec<Vec<u32>> = ["The capital of Zorbia is", "My favourite colour is"]
+        .iter()
+        .map(|t| base.tokenizer.encode(t).unwrap())
+        .collect();
+    let (ids, shape) = pad_batch(&prompts, &[0, 0]);
+    let rows: Vec<usize> = (0..2)
+        .map(|b| b * shape.seq + prompts[b].len() - 1)
+        .collect();
+    let cap = Capacity {
+        batch: 2,
+        seq: shape.seq,
+    };
+    let model = base.model().unwrap();
+    let mut gpu = GpuModel::<f32>::new(dev.clone(), model, cap).unwrap();
+    gpu.set_elder(Some(&session.elder)).unwrap();
+    let allocations = gpu.allocations();
+    let (t, r) = Trace::record(|| gpu.forward(&ids, &shape, ElderStep::Prompt(&rows)));
+    r.unwrap();
+    eprintln!("key-store forward: {:?}", t.histogram());
+    assert_eq!(t.launches("key_embed_"), 1);
+    assert_eq!(t.launches("key_match_"), 1);
+    let sites = session.elder.cfg.molora_blocks.len();
+    assert_eq!(
+        t.launches("lora_forward_"),
+        sites,
+        "one launch per MoLoRA site"
+    );
+    assert_eq!(t.count("dtoh"), 2, "the relation rows and the scores");
+    assert_eq!(t.count("alloc"), 0);
+    let matched = t.position(|e| e.starts_with("launch key_match_")).unwrap();
+    let first_site = t
+        .position(|e| e.starts_with("launch lora_forward_"))
+        .unwrap();
+    assert!(matched < first_site, "a MoLoRA site ran before the match");
+    assert_eq!(gpu.allocations(), allocations);
+    let report = gpu.elder_report().unwrap();
+    assert_eq!(report.in_scope, vec![true, false]);
+}
