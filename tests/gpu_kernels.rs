@@ -775,17 +775,6 @@ fn key_site() -> Site {
     }
 }
 
-/// The background means, stacked as the kernel reads them: position 0, each leading position,
-/// then every later position.
-fn stacked_means(bg: &Background) -> Vec<f32> {
-    let mut m = bg.first.clone();
-    for l in &bg.leading {
-        m.extend_from_slice(l);
-    }
-    m.extend_from_slice(&bg.rest);
-    m
-}
-
 fn check_key_embed<T: KernelDtype>(dev: &Dev, name: &str) {
     let mut rng = rng_for(name);
     let (batch, seq, width) = (3, 7, 150);
@@ -802,7 +791,9 @@ fn check_key_embed<T: KernelDtype>(dev: &Dev, name: &str) {
             .chunks(seq * width)
             .flat_map(|prompt| space.embed_rows(prompt, 0))
             .collect();
-        let means = up::<f32>(dev, &stacked_means(&bg));
+        let (stacked, n_means) = bg.stacked();
+        assert_eq!(stacked.len(), n_means * width);
+        let means = up::<f32>(dev, &stacked);
         let mut out = poison::<f32>(dev, batch * seq * width);
         keystore::key_embed::<T>(
             dev,
@@ -810,7 +801,7 @@ fn check_key_embed<T: KernelDtype>(dev: &Dev, name: &str) {
             seq,
             width,
             &up::<T>(dev, &rows),
-            centred.then_some((&means, 2 + bg.leading.len())),
+            centred.then_some((&means, n_means)),
             &mut out,
         )
         .unwrap();

@@ -50,6 +50,36 @@ fn tol<T: KernelDtype>() -> (f32, f32) {
     }
 }
 
+/// The case means something: the edited logits `[B, seq, V]` of each sequence in scope moved
+/// away from `model`'s base logits, those of every other sequence not at all.
+fn assert_moved_in_scope_only(
+    model: &Model,
+    prompts: &[Vec<u32>],
+    edited: &[f32],
+    seq: usize,
+    in_scope: &[bool],
+    tag: &str,
+) {
+    let (base, _) = model.logits(prompts, &mut NoAdapter);
+    let v = model.cfg.vocab_size;
+    for (b, p) in prompts.iter().enumerate() {
+        let rows = b * seq * v..(b * seq + p.len()) * v;
+        let moved = edited[rows.clone()]
+            .iter()
+            .zip(&base[rows])
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        if in_scope[b] {
+            assert!(
+                moved > 1e-2,
+                "{tag}: in-scope sequence {b} barely moved ({moved})"
+            );
+        } else {
+            assert_eq!(moved, 0.0, "{tag}: out-of-scope sequence {b} moved");
+        }
+    }
+}
+
 /// The logits of the real (non-padding) rows of a padded `[B, T, V]` batch.
 fn valid_rows(logits: &[f32], seqs: &[Vec<u32>], seq: usize, vocab: usize) -> Vec<f32> {
     seqs.iter()
@@ -494,21 +524,14 @@ fn elder_case(arch: Arch, centering: bool) -> ElderCase {
         "the case needs in- and out-of-scope sequences, got {cpu_scope:?}"
     );
     // The case means something: in-scope rows move away from the base model, the others not at all.
-    let (base, _) = model.logits(&prompts, &mut NoAdapter);
-    let v = model.cfg.vocab_size;
-    for (b, p) in prompts.iter().enumerate() {
-        let rows = b * shape.seq * v..(b * shape.seq + p.len()) * v;
-        let moved = edited[rows.clone()]
-            .iter()
-            .zip(&base[rows])
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0f32, f32::max);
-        if cpu_scope[b] {
-            assert!(moved > 1e-2, "in-scope sequence {b} barely moved ({moved})");
-        } else {
-            assert_eq!(moved, 0.0, "out-of-scope sequence {b} moved");
-        }
-    }
+    assert_moved_in_scope_only(
+        &model,
+        &prompts,
+        &edited,
+        shape.seq,
+        &cpu_scope,
+        "ELDER case",
+    );
     ElderCase {
         model,
         elder,
@@ -862,23 +885,7 @@ fn check_key_store_state<T: KernelDtype>(
     eprintln!("{tag}: edited logits max |gpu - cpu| {worst:.2e}");
     // The edits moved the prompts in scope and only those: the comparison is not of two base
     // models.
-    let (base_logits, _) = cpu.logits(prompts, &mut NoAdapter);
-    for (b, &inside) in cpu_report.in_scope.iter().enumerate() {
-        let rows = b * shape.seq * v..(b * shape.seq + prompts[b].len()) * v;
-        let moved = want[rows.clone()]
-            .iter()
-            .zip(&base_logits[rows])
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0f32, f32::max);
-        if inside {
-            assert!(
-                moved > 1e-2,
-                "{tag}: sequence {b} in scope barely moved ({moved})"
-            );
-        } else {
-            assert_eq!(moved, 0.0, "{tag}: sequence {b} out of scope moved");
-        }
-    }
+    assert_moved_in_scope_only(&cpu, prompts, &want, shape.seq, &cpu_report.in_scope, &tag);
     if T::SUFFIX == "f32" {
         let rows = prompt_rows(shape.seq, prompts.iter().map(Vec::len));
         let mut adapter = ElderAdapter::inference(elder, rows);

@@ -91,6 +91,18 @@ impl Background {
         }
     }
 
+    /// The means stacked `[M, width]` as [`Background::centre`] picks them (position 0, each
+    /// leading position, then every later one: row `min(pos, M - 1)`), and `M`; the GPU's
+    /// `key_embed` reads them so.
+    pub fn stacked(&self) -> (Vec<f32>, usize) {
+        let mut m = self.first.clone();
+        for l in &self.leading {
+            m.extend_from_slice(l);
+        }
+        m.extend_from_slice(&self.rest);
+        (m, 2 + self.leading.len())
+    }
+
     /// The mean a row at `pos` is centred on.
     pub fn centre(&self, pos: usize) -> &[f32] {
         match pos {

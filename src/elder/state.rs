@@ -503,13 +503,18 @@ fn load_generation(
     Ok((tensors, Some(codebook), memory))
 }
 
-/// A state file shipped to another machine: its name in the state directory and its bytes.
-pub type ShippedFile = (String, Vec<u8>);
+/// A state file to ship to another machine: its name in the state directory, its SHA-256 (as
+/// the manifest gives it, checked) and its bytes.
+pub struct StateFile {
+    pub name: String,
+    pub sha256: String,
+    pub bytes: Vec<u8>,
+}
 
 /// The current generation of the state in `dir` as files to ship elsewhere (a replica): the
 /// manifest's text and each data file it names, by name. Every byte is checked against the
 /// manifest's checksums first.
-pub fn generation_files(dir: &Path) -> Result<(String, Vec<ShippedFile>)> {
+pub fn generation_files(dir: &Path) -> Result<(String, Vec<StateFile>)> {
     let text = fs::read_to_string(dir.join(MANIFEST_FILE))
         .with_context(|| format!("reading {}", dir.join(MANIFEST_FILE).display()))?;
     let manifest = parse_manifest(&dir.join(MANIFEST_FILE), &text)?;
@@ -523,7 +528,11 @@ pub fn generation_files(dir: &Path) -> Result<(String, Vec<ShippedFile>)> {
                 "{} does not match its checksum in the manifest",
                 dir.join(name).display()
             );
-            out.push((name.to_string(), bytes));
+            out.push(StateFile {
+                name: name.to_string(),
+                sha256: sum.to_string(),
+                bytes,
+            });
         }
     }
     Ok((text, out))

@@ -378,14 +378,21 @@ impl Nats {
     ) -> Result<u64, LogError> {
         let (manifest, files) = state::generation_files(dir).map_err(LogError::Other)?;
         let mut shipment = Shipment::default();
-        for (name, bytes) in &files {
-            record
-                .files
-                .push(self.ship(name, bytes, &mut shipment).await?);
+        for f in &files {
+            record.files.push(
+                self.ship(&f.name, &f.sha256, &f.bytes, &mut shipment)
+                    .await?,
+            );
         }
+        let manifest_sum = sha256_hex(manifest.as_bytes());
         record.manifest_file = Some(
-            self.ship(MANIFEST_OBJECT, manifest.as_bytes(), &mut shipment)
-                .await?,
+            self.ship(
+                MANIFEST_OBJECT,
+                &manifest_sum,
+                manifest.as_bytes(),
+                &mut shipment,
+            )
+            .await?,
         );
         let seq = self.publish_record(&record, last).await?;
         eprintln!(
@@ -401,10 +408,12 @@ impl Nats {
         Ok(seq)
     }
 
-    /// Uploads the chunks of one file (and of its chunk list) that the store lacks.
+    /// Uploads the chunks of one file (and of its chunk list) that the store lacks; `sha256` is
+    /// the file's, as its manifest gives it (already checked: not hashed again here).
     async fn ship(
         &self,
         name: &str,
+        sha256: &str,
         bytes: &[u8],
         shipment: &mut Shipment,
     ) -> Result<ShippedFile, LogError> {
@@ -419,7 +428,7 @@ impl Nats {
         }
         Ok(ShippedFile {
             name: name.to_string(),
-            sha256: sha256_hex(bytes),
+            sha256: sha256.to_string(),
             object: String::new(),
             chunked: Some(Chunked {
                 size: bytes.len() as u64,
@@ -765,8 +774,8 @@ fn local_chunks(dir: &Path, cached: Option<LocalChunks>) -> ChunkIndex {
     }
     let mut index = ChunkIndex::default();
     if let Ok((manifest, files)) = state::generation_files(dir) {
-        for (_, bytes) in files {
-            index.add_file(bytes);
+        for f in files {
+            index.add_file(f.bytes);
         }
         index.add_file(manifest.into_bytes());
     }
@@ -831,11 +840,7 @@ async fn publish(
 const PUBLISH_PATIENCE: Duration = Duration::from_secs(20);
 
 fn sha256_hex(bytes: &[u8]) -> String {
-    use sha2::Digest;
-    sha2::Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    chunks::to_hex(&chunks::digest(bytes))
 }
 
 #[cfg(test)]

@@ -85,13 +85,7 @@ impl Matcher {
             _ => None,
         };
         let means = if store.space.centred {
-            let bg = &store.space.background;
-            let mut m = bg.first.clone();
-            for l in &bg.leading {
-                m.extend_from_slice(l);
-            }
-            m.extend_from_slice(&bg.rest);
-            let n = 2 + bg.leading.len();
+            let (m, n) = store.space.background.stacked();
             Some((dev.upload(&m).context("uploading the background means")?, n))
         } else {
             None
