@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
 """Times transformers' forward pass of one prompt on a checkpoint: the PyTorch number to compare with.
 
-What is timed: `model(input_ids)` of one sequence of --tokens token ids (batch 1, no KV cache, under
-torch.inference_mode), after --warmup untimed runs, --reps times; the median is the headline.
-With --decode-tokens N it also times greedy decoding of N tokens through the KV cache after the prompt
-(ms per generated token), the comparison for the engine's decode step.
+What is timed: `model(input_ids)` of --batch sequences (default 1) of --tokens token ids (no KV
+cache, under torch.inference_mode), after --warmup untimed runs, --reps times; the median is the
+headline. With --decode-tokens N it also times greedy decoding of N tokens per sequence through the
+KV cache after the prompt (ms per decode step, one token of each sequence), the comparison for the
+engine's decode step (`cargo bench --bench cpu_forward -- cpu_decode_step`).
 
 Attention: --attn sdpa (default; transformers' default, torch's fused scaled_dot_product_attention)
 or --attn eager (the plain matmul-softmax-matmul path the parity fixtures use). Precision: float32
@@ -62,12 +63,13 @@ def main() -> int:
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--decode-tokens", type=int, default=0, help="also time N cached decode steps")
+    ap.add_argument("--batch", type=int, default=1, help="sequences per call (prompt and decode)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, help="also write the JSON result here")
     args = ap.parse_args()
 
-    if args.tokens < 1 or args.reps < 1:
-        ap.error("--tokens and --reps must be positive")
+    if args.tokens < 1 or args.reps < 1 or args.batch < 1:
+        ap.error("--tokens, --reps and --batch must be positive")
     if args.device == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but torch sees no CUDA device", file=sys.stderr)
         return 2
@@ -82,7 +84,7 @@ def main() -> int:
     model = model.to(args.device).eval()
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(args.seed)
-    ids = torch.randint(0, vocab, (1, args.tokens), generator=gen).to(args.device)
+    ids = torch.randint(0, vocab, (args.batch, args.tokens), generator=gen).to(args.device)
 
     with torch.inference_mode():
         times = time_it(lambda: model(input_ids=ids, use_cache=False), args.device, args.warmup, args.reps)
@@ -109,6 +111,7 @@ def main() -> int:
         "bench": "torch_forward",
         "model": str(args.model),
         "tokens": args.tokens,
+        "batch": args.batch,
         "threads": args.threads,
         "attn": args.attn,
         "dtype": args.dtype,
@@ -118,16 +121,17 @@ def main() -> int:
         "median_ms": med,
         "min_ms": min(times),
         "mean_ms": statistics.fmean(times),
-        "prefill_tokens_per_s": args.tokens / (med / 1e3),
+        "prefill_tokens_per_s": args.batch * args.tokens / (med / 1e3),
         "decode_ms_per_token": decode_ms,
+        "decode_tokens_per_s": None if decode_ms is None else args.batch / (decode_ms / 1e3),
         "times_ms": times,
         "torch_version": torch.__version__,
         "transformers_version": transformers.__version__,
     }
     print(
-        f"forward {args.tokens} tokens ({args.attn}, {args.dtype}, {args.device}, {args.threads} threads): "
+        f"forward {args.batch} x {args.tokens} tokens ({args.attn}, {args.dtype}, {args.device}, {args.threads} threads): "
         f"median {med:.2f} ms, min {min(times):.2f} ms over {args.reps} reps"
-        + (f"; decode {decode_ms:.2f} ms/token" if decode_ms is not None else "")
+        + (f"; decode {decode_ms:.2f} ms/step" if decode_ms is not None else "")
     )
     line = json.dumps(result)
     print(line)

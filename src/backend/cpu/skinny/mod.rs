@@ -36,6 +36,10 @@ pub fn enabled() -> bool {
 /// Largest row count these kernels take in any form.
 pub const MAX_ROWS: usize = 32;
 
+/// Largest row count the axpy form takes: its packed path beats the `gemm` crate by 2.2x at 64
+/// rows of gpt2's `c_fc` forward and ties it at 128 (`cargo bench --bench cpu_gemm`).
+pub const AXPY_MAX_ROWS: usize = 64;
+
 /// How B's entries `B[kk, j]` are laid out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BOrder {
@@ -47,12 +51,13 @@ pub enum BOrder {
 
 impl BOrder {
     /// Largest row count worth sending to this form; above it the general GEMM's packing pays for
-    /// itself (measured with `cargo bench --bench cpu_gemm`: the axpy form loses to the `gemm`
-    /// crate at 32 rows of gpt2's `c_fc`, the dot form still wins there by 4x).
+    /// itself (measured with `cargo bench --bench cpu_gemm`: the dot form wins by 4x at 32 rows of
+    /// gpt2's `c_fc` input gradient; the axpy form, which copies blocks of B from 13 rows on,
+    /// wins by 2x at 32 and 64 rows of its forward).
     pub fn max_rows(self) -> usize {
         match self {
             BOrder::Columns { .. } => MAX_ROWS,
-            BOrder::Rows { .. } => 24,
+            BOrder::Rows { .. } => AXPY_MAX_ROWS,
         }
     }
 }
@@ -128,7 +133,7 @@ impl Isa {
                 Isa::Avx2 if dot => dot_avx2(p, cols),
                 #[cfg(target_arch = "x86_64")]
                 Isa::Avx2 => axpy_avx2(p, cols),
-                Isa::Portable if dot => tiles::dot_cols::<simd::Portable, 2>(p, cols),
+                Isa::Portable if dot => tiles::dot_cols::<simd::Portable, 4, 2>(p, cols),
                 Isa::Portable => tiles::axpy_cols::<simd::Portable, 2>(p, cols),
             }
         }
@@ -141,7 +146,7 @@ impl Isa {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma")]
 unsafe fn dot_avx512(p: &Product, cols: Range<usize>) {
-    unsafe { tiles::dot_cols::<simd::Avx512, 4>(p, cols) }
+    unsafe { tiles::dot_cols::<simd::Avx512, 4, 4>(p, cols) }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -153,7 +158,7 @@ unsafe fn axpy_avx512(p: &Product, cols: Range<usize>) {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn dot_avx2(p: &Product, cols: Range<usize>) {
-    unsafe { tiles::dot_cols::<simd::Avx2, 2>(p, cols) }
+    unsafe { tiles::dot_cols::<simd::Avx2, 4, 2>(p, cols) }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -175,7 +180,11 @@ fn product(
     c: &mut [f32],
     accumulate: bool,
 ) -> Product {
-    assert!(m <= MAX_ROWS, "few-row product with {m} rows");
+    assert!(
+        m <= order.max_rows(),
+        "few-row product with {m} rows ({order:?} takes at most {})",
+        order.max_rows()
+    );
     assert!(lda >= k, "A's row stride {lda} is shorter than k = {k}");
     assert!(
         m == 0 || a.len() >= (m - 1) * lda + k,
@@ -316,11 +325,21 @@ mod tests {
         // Shapes hit every tile size and tail: rows 1..=13 (dot tiles of 4, axpy tiles of 6),
         // k off the vector width, columns off the groups, padded strides, accumulation.
         for isa in Isa::available() {
-            for &(m, n, k) in &[(1, 5, 3), (5, 70, 37), (13, 131, 301), (32, 100, 64)] {
+            // 45 rows only in the axpy form (the dot form stops at 32), with k in three blocks.
+            for &(m, n, k) in &[
+                (1, 5, 3),
+                (5, 70, 37),
+                (13, 131, 301),
+                (32, 100, 64),
+                (45, 150, 301),
+            ] {
                 for order in [
                     BOrder::Columns { stride: k + 3 },
                     BOrder::Rows { stride: n + 5 },
                 ] {
+                    if m > order.max_rows() {
+                        continue;
+                    }
                     for accumulate in [false, true] {
                         let a = values(m * k, 1);
                         let b = values((n + 5) * (k + 3), 2);

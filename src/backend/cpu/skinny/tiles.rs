@@ -38,37 +38,38 @@ pub(super) struct Product {
 unsafe impl Send for Product {}
 unsafe impl Sync for Product {}
 
-/// Rows per dot tile.
-const DOT_ROWS: usize = 4;
 /// Rows per axpy tile.
 const AXPY_ROWS: usize = 6;
 /// How many rows of B ahead the axpy tile prefetches. Its rows lie a whole weight row apart, often
 /// on different pages, where the hardware prefetchers do not follow.
 const AXPY_PREFETCH_ROWS: usize = 24;
 
-/// Dot form over the columns `cols`, in groups of C columns.
+/// Dot form over the columns `cols`, in groups of C columns, R rows per tile (at most 4).
 #[inline(always)]
-pub(super) unsafe fn dot_cols<S: Simd, const C: usize>(p: &Product, cols: Range<usize>) {
+pub(super) unsafe fn dot_cols<S: Simd, const R: usize, const C: usize>(
+    p: &Product,
+    cols: Range<usize>,
+) {
     let mut j = cols.start;
     unsafe {
         while j + C <= cols.end {
-            dot_col_group::<S, C>(p, j);
+            dot_col_group::<S, R, C>(p, j);
             j += C;
         }
         while j < cols.end {
-            dot_col_group::<S, 1>(p, j);
+            dot_col_group::<S, R, 1>(p, j);
             j += 1;
         }
     }
 }
 
 #[inline(always)]
-unsafe fn dot_col_group<S: Simd, const C: usize>(p: &Product, j0: usize) {
+unsafe fn dot_col_group<S: Simd, const R: usize, const C: usize>(p: &Product, j0: usize) {
     let mut i = 0;
     unsafe {
-        while i + DOT_ROWS <= p.m {
-            dot_tile::<S, DOT_ROWS, C>(p, i, j0);
-            i += DOT_ROWS;
+        while i + R <= p.m {
+            dot_tile::<S, R, C>(p, i, j0);
+            i += R;
         }
         match p.m - i {
             1 => dot_tile::<S, 1, C>(p, i, j0),
@@ -130,12 +131,18 @@ unsafe fn dot_tile<S: Simd, const R: usize, const C: usize>(p: &Product, i0: usi
 }
 
 /// Axpy form over the columns `cols`, in groups of C vectors; the last columns go one vector at a
-/// time, the very last one masked.
+/// time, the very last one masked. From [`AXPY_PACK_ROWS`] rows on, the full groups go through
+/// [`axpy_packed`].
 #[inline(always)]
 pub(super) unsafe fn axpy_cols<S: Simd, const C: usize>(p: &Product, cols: Range<usize>) {
     let width = C * S::LANES;
+    let full_end = cols.start + cols.len() / width * width;
     let mut j = cols.start;
     unsafe {
+        if p.m >= AXPY_PACK_ROWS && full_end > j {
+            axpy_packed::<S, C>(p, j..full_end);
+            j = full_end;
+        }
         while j + width <= cols.end {
             axpy_col_group::<S, C>(p, j, S::LANES);
             j += width;
@@ -148,43 +155,176 @@ pub(super) unsafe fn axpy_cols<S: Simd, const C: usize>(p: &Product, cols: Range
     }
 }
 
+/// Rows of B one pass over the row tiles reads (AVX-512: 128 rows of a 64-column group, 32 KB).
+const AXPY_K_BLOCK: usize = 128;
+
+/// From this many rows of A on (three row tiles), blocks of B are copied before the row tiles
+/// read them; fewer read B in place, in one pass (`cargo bench --bench cpu_gemm`, gpt2 `c_fc`
+/// forward: 12 rows 0.58 ms in place against 0.78 copied; 20 rows 0.97 in place, 0.70 copied).
+const AXPY_PACK_ROWS: usize = 2 * AXPY_ROWS + 1;
+
+std::thread_local! {
+    /// Each thread's panel for [`axpy_packed`], kept between products.
+    static PANEL: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Full column groups with many rows of A, group by group, k in blocks of [`AXPY_K_BLOCK`] rows:
+/// each block of a group's columns is copied into a panel (its rows back to back), then every row
+/// tile reads it there.
+///
+/// Why the copy: the row tiles of a group read the same rows of B, which in place lie a weight
+/// row apart (12 KB for gpt2's `c_fc`), a multiple of 4 KB: every row of a block falls in the
+/// same few L1 sets, so a block never stayed in L1 and each tile read it from L2 again (the
+/// 32-row `c_fc` forward ran at about a third of the cores' multiply-add peak). Each output's
+/// accumulator goes through C between blocks, which changes no bit: the multiply-adds stay in
+/// the order of k. (Copying eight groups at once, for longer runs of memory per row, measured no
+/// faster.)
+#[inline(always)]
+unsafe fn axpy_packed<S: Simd, const C: usize>(p: &Product, cols: Range<usize>) {
+    let width = C * S::LANES;
+    // Taken out of the thread's slot and put back, not borrowed in a closure: a closure would
+    // not inherit the caller's `target_feature`s, and every vector operation in it would become
+    // a call (40x slower).
+    let mut panel = PANEL.take();
+    if panel.len() < AXPY_K_BLOCK * width {
+        panel.resize(AXPY_K_BLOCK * width, 0.0);
+    }
+    for j0 in cols.step_by(width) {
+        let mut k0 = 0;
+        // At least one pass, so that an empty k still writes C (zeros without accumulation).
+        loop {
+            let ks = k0..(k0 + AXPY_K_BLOCK).min(p.k);
+            let next = ks.end..(ks.end + AXPY_K_BLOCK).min(p.k);
+            unsafe { pack_rows::<S>(p, j0, width, ks.clone(), &mut panel) };
+            let b = BRows {
+                at: panel.as_ptr(),
+                stride: width,
+                prefetch_limit: 0,
+                // While the tiles compute on this block, the first one brings the next block's
+                // rows towards L2, so that the next copy does not wait on memory.
+                next: unsafe {
+                    p.b.add(next.start.min(p.k.saturating_sub(1)) * p.b_stride + j0)
+                },
+                next_rows: next.len(),
+                next_stride: p.b_stride,
+            };
+            let from_c = p.accumulate || k0 > 0;
+            unsafe { axpy_row_tiles::<S, C>(p, j0, S::LANES, &b, ks.clone(), from_c) };
+            k0 = ks.end;
+            if k0 >= p.k {
+                break;
+            }
+        }
+    }
+    PANEL.set(panel);
+}
+
+/// Copies the rows `ks` of B's columns `j0..j0 + width` into `panel`, back to back, prefetching
+/// B's rows ahead (they lie a weight row apart, where the hardware prefetchers do not follow).
+#[inline(always)]
+unsafe fn pack_rows<S: Simd>(
+    p: &Product,
+    j0: usize,
+    width: usize,
+    ks: Range<usize>,
+    panel: &mut [f32],
+) {
+    assert!(panel.len() >= ks.len() * width);
+    unsafe {
+        for (t, kk) in ks.enumerate() {
+            let row = p.b.add(kk * p.b_stride + j0);
+            if kk + AXPY_PREFETCH_ROWS < p.k {
+                let ahead = row.add(AXPY_PREFETCH_ROWS * p.b_stride);
+                for v in (0..width).step_by(S::LANES) {
+                    S::prefetch(ahead.add(v));
+                }
+            }
+            let dst = panel.as_mut_ptr().add(t * width);
+            for v in (0..width).step_by(S::LANES) {
+                S::store(dst.add(v), S::load(row.add(v)));
+            }
+        }
+    }
+}
+
+/// One group of columns in place, every row of A, k in one pass (the first row tile prefetches
+/// B's rows ahead).
 #[inline(always)]
 unsafe fn axpy_col_group<S: Simd, const C: usize>(p: &Product, j0: usize, last: usize) {
+    let b = BRows {
+        at: unsafe { p.b.add(j0) },
+        stride: p.b_stride,
+        prefetch_limit: p.k,
+        next: p.b,
+        next_rows: 0,
+        next_stride: 0,
+    };
+    unsafe { axpy_row_tiles::<S, C>(p, j0, last, &b, 0..p.k, p.accumulate) }
+}
+
+/// Every row tile of A over one group's rows `ks` of B.
+#[inline(always)]
+unsafe fn axpy_row_tiles<S: Simd, const C: usize>(
+    p: &Product,
+    j0: usize,
+    last: usize,
+    b: &BRows,
+    ks: Range<usize>,
+    from_c: bool,
+) {
     let mut i = 0;
     unsafe {
         while i + AXPY_ROWS <= p.m {
-            axpy_tile::<S, AXPY_ROWS, C>(p, i, j0, last);
+            axpy_tile::<S, AXPY_ROWS, C>(p, i, j0, last, b, ks.clone(), from_c);
             i += AXPY_ROWS;
         }
         match p.m - i {
-            1 => axpy_tile::<S, 1, C>(p, i, j0, last),
-            2 => axpy_tile::<S, 2, C>(p, i, j0, last),
-            3 => axpy_tile::<S, 3, C>(p, i, j0, last),
-            4 => axpy_tile::<S, 4, C>(p, i, j0, last),
-            5 => axpy_tile::<S, 5, C>(p, i, j0, last),
+            1 => axpy_tile::<S, 1, C>(p, i, j0, last, b, ks, from_c),
+            2 => axpy_tile::<S, 2, C>(p, i, j0, last, b, ks, from_c),
+            3 => axpy_tile::<S, 3, C>(p, i, j0, last, b, ks, from_c),
+            4 => axpy_tile::<S, 4, C>(p, i, j0, last, b, ks, from_c),
+            5 => axpy_tile::<S, 5, C>(p, i, j0, last, b, ks, from_c),
             _ => {}
         }
     }
 }
 
-/// `last`: how many lanes of the final vector are columns of C (`LANES` for a full group).
+/// Rows of B as a tile reads them: row `t` of the block at `at + t * stride`; in place (B
+/// itself), the first row tile prefetches rows ahead while fewer than `prefetch_limit` rows
+/// from `at` remain (0: never, the rows are already in cache). From a panel, the first row tile
+/// prefetches row `t` of the next block, `next_rows` rows at `next + t * next_stride` in B.
+struct BRows {
+    at: *const f32,
+    stride: usize,
+    prefetch_limit: usize,
+    next: *const f32,
+    next_rows: usize,
+    next_stride: usize,
+}
+
+/// `last`: how many lanes of the final vector are columns of C (`LANES` for a full group); `b`:
+/// the rows `ks` of B's group; `from_c`: start from C's values (accumulation, or a later block
+/// of k) instead of zero.
 #[inline(always)]
 unsafe fn axpy_tile<S: Simd, const R: usize, const C: usize>(
     p: &Product,
     i0: usize,
     j0: usize,
     last: usize,
+    b: &BRows,
+    ks: Range<usize>,
+    from_c: bool,
 ) {
     let partial = last < S::LANES;
     unsafe {
         let mut a = [p.a; R];
         let mut out = [p.c; R];
         for r in 0..R {
-            a[r] = p.a.add((i0 + r) * p.lda);
+            a[r] = p.a.add((i0 + r) * p.lda + ks.start);
             out[r] = p.c.add((i0 + r) * p.ldc + j0);
         }
         let mut acc = [[S::zero(); C]; R];
-        if p.accumulate {
+        if from_c {
             for r in 0..R {
                 for c in 0..C {
                     let at = out[r].add(c * S::LANES);
@@ -196,10 +336,17 @@ unsafe fn axpy_tile<S: Simd, const R: usize, const C: usize>(
                 }
             }
         }
-        for kk in 0..p.k {
-            let row = p.b.add(kk * p.b_stride + j0);
-            if kk + AXPY_PREFETCH_ROWS < p.k {
-                let ahead = row.add(AXPY_PREFETCH_ROWS * p.b_stride);
+        let prefetch = i0 == 0;
+        for t in 0..ks.len() {
+            let row = b.at.add(t * b.stride);
+            if prefetch && t + AXPY_PREFETCH_ROWS < b.prefetch_limit {
+                let ahead = row.add(AXPY_PREFETCH_ROWS * b.stride);
+                for c in 0..C {
+                    S::prefetch(ahead.add(c * S::LANES));
+                }
+            }
+            if prefetch && t < b.next_rows {
+                let ahead = b.next.add(t * b.next_stride);
                 for c in 0..C {
                     S::prefetch(ahead.add(c * S::LANES));
                 }
@@ -213,7 +360,7 @@ unsafe fn axpy_tile<S: Simd, const R: usize, const C: usize>(
                 };
             }
             for r in 0..R {
-                let av = S::splat(*a[r].add(kk));
+                let av = S::splat(*a[r].add(t));
                 for c in 0..C {
                     acc[r][c] = S::mul_add(av, bv[c], acc[r][c]);
                 }
