@@ -33,7 +33,7 @@ pub fn enabled() -> bool {
     *ENABLED.get_or_init(|| std::env::var("ELDER_FEW_ROW_KERNEL").map_or(true, |v| v != "0"))
 }
 
-/// Largest row count these kernels take in any form.
+/// Largest row count the dot form takes (the axpy form: [`AXPY_MAX_ROWS`]).
 pub const MAX_ROWS: usize = 32;
 
 /// Largest row count the axpy form takes: its packed path beats the `gemm` crate by 2.2x at 64
@@ -133,7 +133,7 @@ impl Isa {
                 Isa::Avx2 if dot => dot_avx2(p, cols),
                 #[cfg(target_arch = "x86_64")]
                 Isa::Avx2 => axpy_avx2(p, cols),
-                Isa::Portable if dot => tiles::dot_cols::<simd::Portable, 4, 2>(p, cols),
+                Isa::Portable if dot => tiles::dot_cols::<simd::Portable, 2>(p, cols),
                 Isa::Portable => tiles::axpy_cols::<simd::Portable, 2>(p, cols),
             }
         }
@@ -146,7 +146,7 @@ impl Isa {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma")]
 unsafe fn dot_avx512(p: &Product, cols: Range<usize>) {
-    unsafe { tiles::dot_cols::<simd::Avx512, 4, 4>(p, cols) }
+    unsafe { tiles::dot_cols::<simd::Avx512, 4>(p, cols) }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -158,7 +158,7 @@ unsafe fn axpy_avx512(p: &Product, cols: Range<usize>) {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn dot_avx2(p: &Product, cols: Range<usize>) {
-    unsafe { tiles::dot_cols::<simd::Avx2, 4, 2>(p, cols) }
+    unsafe { tiles::dot_cols::<simd::Avx2, 2>(p, cols) }
 }
 
 #[cfg(target_arch = "x86_64")]

@@ -38,38 +38,37 @@ pub(super) struct Product {
 unsafe impl Send for Product {}
 unsafe impl Sync for Product {}
 
+/// Rows per dot tile.
+const DOT_ROWS: usize = 4;
 /// Rows per axpy tile.
 const AXPY_ROWS: usize = 6;
 /// How many rows of B ahead the axpy tile prefetches. Its rows lie a whole weight row apart, often
 /// on different pages, where the hardware prefetchers do not follow.
 const AXPY_PREFETCH_ROWS: usize = 24;
 
-/// Dot form over the columns `cols`, in groups of C columns, R rows per tile (at most 4).
+/// Dot form over the columns `cols`, in groups of C columns.
 #[inline(always)]
-pub(super) unsafe fn dot_cols<S: Simd, const R: usize, const C: usize>(
-    p: &Product,
-    cols: Range<usize>,
-) {
+pub(super) unsafe fn dot_cols<S: Simd, const C: usize>(p: &Product, cols: Range<usize>) {
     let mut j = cols.start;
     unsafe {
         while j + C <= cols.end {
-            dot_col_group::<S, R, C>(p, j);
+            dot_col_group::<S, C>(p, j);
             j += C;
         }
         while j < cols.end {
-            dot_col_group::<S, R, 1>(p, j);
+            dot_col_group::<S, 1>(p, j);
             j += 1;
         }
     }
 }
 
 #[inline(always)]
-unsafe fn dot_col_group<S: Simd, const R: usize, const C: usize>(p: &Product, j0: usize) {
+unsafe fn dot_col_group<S: Simd, const C: usize>(p: &Product, j0: usize) {
     let mut i = 0;
     unsafe {
-        while i + R <= p.m {
-            dot_tile::<S, R, C>(p, i, j0);
-            i += R;
+        while i + DOT_ROWS <= p.m {
+            dot_tile::<S, DOT_ROWS, C>(p, i, j0);
+            i += DOT_ROWS;
         }
         match p.m - i {
             1 => dot_tile::<S, 1, C>(p, i, j0),
@@ -199,14 +198,11 @@ unsafe fn axpy_packed<S: Simd, const C: usize>(p: &Product, cols: Range<usize>) 
             let b = BRows {
                 at: panel.as_ptr(),
                 stride: width,
-                prefetch_limit: 0,
                 // While the tiles compute on this block, the first one brings the next block's
                 // rows towards L2, so that the next copy does not wait on memory.
-                next: unsafe {
-                    p.b.add(next.start.min(p.k.saturating_sub(1)) * p.b_stride + j0)
-                },
-                next_rows: next.len(),
-                next_stride: p.b_stride,
+                ahead: p.b.wrapping_add(next.start * p.b_stride + j0),
+                ahead_rows: next.len(),
+                ahead_stride: p.b_stride,
             };
             let from_c = p.accumulate || k0 > 0;
             unsafe { axpy_row_tiles::<S, C>(p, j0, S::LANES, &b, ks.clone(), from_c) };
@@ -252,12 +248,11 @@ unsafe fn pack_rows<S: Simd>(
 #[inline(always)]
 unsafe fn axpy_col_group<S: Simd, const C: usize>(p: &Product, j0: usize, last: usize) {
     let b = BRows {
-        at: unsafe { p.b.add(j0) },
+        at: p.b.wrapping_add(j0),
         stride: p.b_stride,
-        prefetch_limit: p.k,
-        next: p.b,
-        next_rows: 0,
-        next_stride: 0,
+        ahead: p.b.wrapping_add(j0 + AXPY_PREFETCH_ROWS * p.b_stride),
+        ahead_rows: p.k.saturating_sub(AXPY_PREFETCH_ROWS),
+        ahead_stride: p.b_stride,
     };
     unsafe { axpy_row_tiles::<S, C>(p, j0, last, &b, 0..p.k, p.accumulate) }
 }
@@ -289,17 +284,16 @@ unsafe fn axpy_row_tiles<S: Simd, const C: usize>(
     }
 }
 
-/// Rows of B as a tile reads them: row `t` of the block at `at + t * stride`; in place (B
-/// itself), the first row tile prefetches rows ahead while fewer than `prefetch_limit` rows
-/// from `at` remain (0: never, the rows are already in cache). From a panel, the first row tile
-/// prefetches row `t` of the next block, `next_rows` rows at `next + t * next_stride` in B.
+/// Rows of B as a tile reads them: row `t` of the block at `at + t * stride`. While reading row
+/// `t`, the first row tile prefetches the row at `ahead + t * ahead_stride` in B, for `t` below
+/// `ahead_rows`: in place, B's row `AXPY_PREFETCH_ROWS` further on; from a panel, row `t` of the
+/// next block to copy. (`ahead` is only a hint address, never read unless `ahead_rows > 0`.)
 struct BRows {
     at: *const f32,
     stride: usize,
-    prefetch_limit: usize,
-    next: *const f32,
-    next_rows: usize,
-    next_stride: usize,
+    ahead: *const f32,
+    ahead_rows: usize,
+    ahead_stride: usize,
 }
 
 /// `last`: how many lanes of the final vector are columns of C (`LANES` for a full group); `b`:
@@ -339,14 +333,8 @@ unsafe fn axpy_tile<S: Simd, const R: usize, const C: usize>(
         let prefetch = i0 == 0;
         for t in 0..ks.len() {
             let row = b.at.add(t * b.stride);
-            if prefetch && t + AXPY_PREFETCH_ROWS < b.prefetch_limit {
-                let ahead = row.add(AXPY_PREFETCH_ROWS * b.stride);
-                for c in 0..C {
-                    S::prefetch(ahead.add(c * S::LANES));
-                }
-            }
-            if prefetch && t < b.next_rows {
-                let ahead = b.next.add(t * b.next_stride);
+            if prefetch && t < b.ahead_rows {
+                let ahead = b.ahead.add(t * b.ahead_stride);
                 for c in 0..C {
                     S::prefetch(ahead.add(c * S::LANES));
                 }
