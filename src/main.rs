@@ -147,6 +147,11 @@ enum Command {
         /// next when the gate turns the first away; inference only, like the gate).
         #[arg(long)]
         answer_gate_fallback: Option<bool>,
+        /// Override `answer_gate_candidates` at evaluation time (how many of a prompt's candidate
+        /// edits the gate asks, keeping the one whose experts give their answer most likely;
+        /// inference only, like the gate).
+        #[arg(long)]
+        answer_gate_candidates: Option<usize>,
         /// Rebuild the key store with a key option changed, NAME=VALUE (repeatable; nothing
         /// is written): key, key_span, key_ceiling_margin, key_block, key_proj, key_variants, key_dim, key_position_means,
         /// relation_check, relation_key, relation_block, relation_proj, relation_margin, relation_by_subject. The experts do not
@@ -397,6 +402,7 @@ fn dispatch(cmd: Command, devices: DeviceChoice) -> Result<ExitCode> {
             scope_quantile,
             answer_gate,
             answer_gate_fallback,
+            answer_gate_candidates,
             rekey,
             details,
             json,
@@ -422,6 +428,11 @@ fn dispatch(cmd: Command, devices: DeviceChoice) -> Result<ExitCode> {
             if let Some(fallback) = answer_gate_fallback {
                 cfg.answer_gate_fallback = fallback;
                 cfg.validate(&base.cfg).context("--answer-gate-fallback")?;
+            }
+            if let Some(n) = answer_gate_candidates {
+                cfg.answer_gate_candidates = n;
+                cfg.validate(&base.cfg)
+                    .context("--answer-gate-candidates")?;
             }
             if session.elder.cfg.deferral == elder::elder::config::Deferral::KeyStore {
                 eprintln!("{}", scope_line(&session.elder));

@@ -202,10 +202,16 @@ fn rephrasings_and_probes_never_reach_training() {
         reworded_negatives: 2,
         ..default_config(&base)
     };
+    // So are the subject's negatives in other edits' templates.
+    let subject_negatives = ElderConfig {
+        subject_negatives: 3,
+        ..default_config(&base)
+    };
     for (name, cfg) in [
         ("default", default_config(&base)),
         ("default, batch of 8", default_batched),
         ("default, reworded negatives", reworded),
+        ("default, subject negatives", subject_negatives),
         ("paper", centred_paper),
     ] {
         let (a, b) = (
@@ -906,5 +912,145 @@ fn the_answer_gate_falls_back_to_the_runner_up_edit() {
     model.logits(&prompts, &mut without);
     for (i, c) in cases.iter().enumerate() {
         assert_eq!(without.gated[i], c.2 < log_gate, "prompt {i}");
+    }
+}
+
+/// `answer_gate_candidates`: a prompt is answered by the candidate edit (of the key store's
+/// ranking, the first N in scope) whose experts give their own answer the highest probability,
+/// when that reaches the gate, else by the base model; the relation key's first choice is not
+/// kept because it came first. Checked against forward passes with each sequence's experts
+/// forced and against each candidate's answer log-probability by teacher forcing.
+#[test]
+fn the_answer_gate_keeps_the_candidate_whose_experts_answer_best() {
+    use elder::elder::molora::ElderAdapter;
+    use elder::model::runner::prompt_rows;
+
+    let tmp = tempfile::tempdir().unwrap();
+    // Three edits about one subject (records 1 and 2 moved to record 0's subject) and one other.
+    let mut all = records(4);
+    let subject = all[0].subject.clone().unwrap();
+    for r in &mut all[1..3] {
+        let other = r.subject.clone().unwrap();
+        let moved = |t: &str| t.replace(&other, &subject);
+        r.prompt = moved(&r.prompt);
+        r.rephrases = r.rephrases.iter().map(|t| moved(t)).collect();
+        r.subject = Some(subject.clone());
+        r.knowledge_id = format!("{}-moved", r.knowledge_id);
+    }
+    let base = tiny_model(&tmp.path().join("model"), 23);
+    let mut session = EditSession::open(
+        &base,
+        &tmp.path().join("s"),
+        Some(ElderConfig {
+            iterations: 12,
+            ..default_config(&base)
+        }),
+    )
+    .unwrap();
+    apply_stream(&base, &mut session, &all, false, None).unwrap();
+    let texts: Vec<String> = all[..3]
+        .iter()
+        .flat_map(|r| std::iter::once(r.prompt.clone()).chain(r.rephrases.iter().cloned()))
+        .collect();
+    let (prompts, seq, rows) = encode_prompts(&base, &texts);
+    let model = base.model().unwrap();
+    let vocab = base.cfg.vocab_size;
+    let elder = &session.elder;
+    let forced = |seqs: &[Vec<u32>], edits: &[Option<usize>]| -> Vec<Vec<f32>> {
+        let seq = seqs.iter().map(Vec::len).max().unwrap();
+        let mut adapter =
+            ElderAdapter::inference(elder, prompt_rows(seq, seqs.iter().map(Vec::len)));
+        adapter.routing = Some(elder.stored_routing(edits));
+        adapter.in_scope = edits.iter().map(Option::is_some).collect();
+        let (logits, _) = model.logits(seqs, &mut adapter);
+        logits.chunks(seq * vocab).map(<[f32]>::to_vec).collect()
+    };
+    let answer_logprob = |i: usize, e: usize| -> f32 {
+        let answer = &elder.memory[e].answer;
+        let seq = [prompts[i].clone(), answer.clone()].concat();
+        let logits = &forced(&[seq], &[Some(e)])[0];
+        answer
+            .iter()
+            .enumerate()
+            .map(|(k, &t)| {
+                let row = &logits[(prompts[i].len() - 1 + k) * vocab..][..vocab];
+                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let lse = max + row.iter().map(|v| (v - max).exp()).sum::<f32>().ln();
+                row[t as usize] - lse
+            })
+            .sum()
+    };
+    // Each prompt's ranked candidates (the gate off) and their answers' log-probabilities.
+    let mut plain = ElderAdapter::inference(elder, rows.clone());
+    model.logits(&prompts, &mut plain);
+    let threshold = elder.scope_threshold();
+    let asked = 3;
+    let cases: Vec<Vec<(usize, f32)>> = plain
+        .candidates()
+        .iter()
+        .enumerate()
+        .map(|(i, ranked)| {
+            assert!(plain.in_scope[i], "prompt {i} ({}) out of scope", texts[i]);
+            ranked
+                .iter()
+                .filter(|m| m.score >= threshold)
+                .take(asked)
+                .map(|m| (m.entry, answer_logprob(i, m.entry)))
+                .collect()
+        })
+        .collect();
+    assert!(
+        cases.iter().all(|c| c.len() >= 2) && cases.iter().any(|c| c.len() == 3),
+        "the prompts have their subject's edits as candidates: {cases:?}"
+    );
+    // The best candidate of each prompt (the first among equals) and a gate between the best
+    // log-probabilities, so that some prompts are kept and some turned away.
+    let best: Vec<(usize, f32)> = cases
+        .iter()
+        .map(|c| {
+            c.iter()
+                .copied()
+                .fold(c[0], |b, x| if x.1 > b.1 { x } else { b })
+        })
+        .collect();
+    let mut levels: Vec<f32> = best.iter().map(|b| b.1).collect();
+    levels.sort_by(f32::total_cmp);
+    let log_gate = (levels[levels.len() / 2 - 1] + levels[levels.len() / 2]) / 2.0;
+    assert!(
+        best.iter()
+            .zip(&cases)
+            .any(|(b, c)| b.1 >= log_gate && b.0 != c[0].0),
+        "no kept prompt moved off the relation key's first choice: {cases:?}"
+    );
+    let mut gated = session.elder.clone();
+    gated.cfg.answer_gate = log_gate.exp();
+    gated.cfg.answer_gate_candidates = asked;
+    gated.cfg.validate(&base.cfg).unwrap();
+    let mut adapter = ElderAdapter::inference(&gated, rows.clone());
+    let (logits, _) = model.logits(&prompts, &mut adapter);
+    let expected: Vec<Option<usize>> = best
+        .iter()
+        .map(|&(e, lp)| (lp >= log_gate).then_some(e))
+        .collect();
+    let want = forced(&prompts, &expected);
+    for (i, e) in expected.iter().enumerate() {
+        let got = &logits[i * seq * vocab..(i + 1) * seq * vocab];
+        let rows = prompts[i].len() * vocab;
+        let worst = got[..rows]
+            .iter()
+            .zip(&want[i][..rows])
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        assert!(worst < 1e-4, "prompt {i} ({}): {worst}", texts[i]);
+        assert_eq!(adapter.in_scope[i], e.is_some(), "prompt {i}");
+        assert_eq!(adapter.gated[i], e.is_none(), "prompt {i}");
+        let reported = adapter.answer_logprobs[i].unwrap();
+        assert!(
+            (reported - best[i].1).abs() < 1e-3,
+            "prompt {i}: {reported} vs {best:?}"
+        );
+        if let Some(e) = e {
+            assert_eq!(adapter.key_matches[i].unwrap().entry, *e, "prompt {i}");
+        }
     }
 }

@@ -249,6 +249,17 @@ pub struct ElderConfig {
     /// Prompts trained to keep the base model's answers (the edit's subject in other edits'
     /// templates, other subjects in its own template, background sentences), per edit.
     pub negatives: usize,
+    /// More negatives of the edit's subject in other edits' templates, per edit (beyond those
+    /// among `negatives`), so that its experts learn to leave the subject's other relations
+    /// alone. Why: with `negatives = 4` an edit's experts saw about two of its subject's other
+    /// templates and gave their answer to most other questions about the subject (science at
+    /// T = 1000: the chemical-symbol edit's experts answered "Ru" to "The atomic number of Zinc
+    /// is" with probability 0.9999), so neither the answer gate nor its candidates could tell
+    /// a subject's relations apart. Each costs one more sequence per training step. Off in both
+    /// presets: twelve of them lifted science's same-subject locality at T = 300 from 0.52 to
+    /// 0.83 and cost 12 points of generalization (the experts refuse paraphrases too;
+    /// BENCHMARKS.md).
+    pub subject_negatives: usize,
     /// More negatives, per edit: its prompt with one word of its template (not the subject)
     /// replaced by a word of the background text ("The atomic number of X is" -> "The atomic
     /// harbour of X is"), so the experts learn that the relation's words, not only the subject
@@ -280,6 +291,18 @@ pub struct ElderConfig {
     /// they give its answer at least `answer_gate`. Costs the blocks from the first MoLoRA
     /// layer once more for such a prompt.
     pub answer_gate_fallback: bool,
+    /// How many of a prompt's candidate edits the answer gate asks (1: only the matched one).
+    /// With more, the experts of each of the relation key's first `answer_gate_candidates`
+    /// candidates (its subject's edits) are asked for their own edit's answer, and the one that
+    /// gives it the highest probability answers, when that probability reaches `answer_gate`.
+    /// Why: a frozen relation key does not tell which of a subject's edits a paraphrase asks
+    /// about ("How many protons does an atom of Zinc have?" for its atomic number); the edits'
+    /// experts learned exactly that from their own prompts and negatives. Costs the blocks from
+    /// the first MoLoRA layer once per further candidate for such a prompt. 1 in both presets:
+    /// experts trained with today's negatives answer most questions about their subject, so
+    /// the most confident candidate was as often a wrong one (science at T = 1000: Rel 0.76
+    /// with 8 candidates; BENCHMARKS.md).
+    pub answer_gate_candidates: usize,
 }
 
 impl Default for ElderConfig {
@@ -336,12 +359,14 @@ impl Default for ElderConfig {
             augment_questions: 0,
             negatives: 0,
             reworded_negatives: 0,
+            subject_negatives: 0,
             negative_weight: 1.0,
             delta_penalty: 0.0,
             frame_negatives: false,
             stop_loss: 0.0,
             answer_gate: 0.0,
             answer_gate_fallback: false,
+            answer_gate_candidates: 1,
         }
     }
 }
@@ -361,6 +386,10 @@ pub const MAX_EXPERTS: usize = 1 << 16;
 
 /// Number of MoLoRA layers the defaults use.
 const DEFAULT_LAYERS: usize = 6;
+
+/// The most candidate edits the answer gate asks per prompt (`answer_gate_candidates`): each
+/// costs the blocks from the first MoLoRA layer once more.
+pub const MAX_GATE_CANDIDATES: usize = 8;
 
 impl ElderConfig {
     /// The named preset for a base model (see [`Preset`]).
@@ -733,6 +762,7 @@ impl ElderConfig {
                 || self.augment_prefixes > 0
                 || self.augment_questions > 0
                 || self.negatives > 0
+                || self.subject_negatives > 0
                 || self.reworded_negatives > 0)
         {
             bail!(
@@ -763,6 +793,27 @@ impl ElderConfig {
                 "answer_gate_fallback needs answer_gate > 0 and relation_check = true: it tries \
                  the edit the relation key ranked next when the gate turns the first away"
             );
+        }
+        if !(1..=MAX_GATE_CANDIDATES).contains(&self.answer_gate_candidates) {
+            bail!(
+                "answer_gate_candidates is how many candidate edits the gate asks, 1 to \
+                 {MAX_GATE_CANDIDATES}, got {}",
+                self.answer_gate_candidates
+            );
+        }
+        if self.answer_gate_candidates > 1 {
+            if !(self.answer_gate > 0.0 && self.relation_check) {
+                bail!(
+                    "answer_gate_candidates > 1 needs answer_gate > 0 and relation_check = true: \
+                     it asks the experts of the edits the relation key ranked"
+                );
+            }
+            if self.answer_gate_fallback {
+                bail!(
+                    "answer_gate_candidates > 1 already asks the runner-up: set \
+                     answer_gate_fallback = false"
+                );
+            }
         }
         if !(self.stop_loss.is_finite() && self.stop_loss >= 0.0) {
             bail!(
@@ -806,6 +857,7 @@ impl ElderConfig {
             (self.augment_questions > 0, "augment_questions"),
             (self.negatives > 0, "negatives"),
             (self.reworded_negatives > 0, "reworded_negatives"),
+            (self.subject_negatives > 0, "subject_negatives"),
             (self.delta_penalty > 0.0, "delta_penalty"),
             (self.stop_loss > 0.0, "stop_loss"),
         ] {
@@ -824,6 +876,10 @@ impl ElderConfig {
         let key_store = self.deferral == Deferral::KeyStore;
         for (set, name) in [
             (self.answer_gate_fallback, "answer_gate_fallback"),
+            (
+                self.answer_gate_candidates > 1,
+                "answer_gate_candidates > 1",
+            ),
             (
                 self.expert_rows == ExpertRows::Subject,
                 "expert_rows = \"subject\"",
@@ -943,6 +999,67 @@ mod tests {
         };
         let err = routed.validate(&model).unwrap_err().to_string();
         assert!(err.contains("answer_gate needs"), "{err}");
+    }
+
+    /// How many candidates the gate asks: 1 (only the match) in states written before the
+    /// option, 1 to 8, only with the gate and a relation check, not beside the fallback (which
+    /// it covers); the GPU names it.
+    #[test]
+    fn the_gate_asks_one_to_eight_candidates() {
+        let model = cfg(Arch::Llama, 30);
+        let default = ElderConfig::preset(Preset::Default, &model);
+        let mut old = serde_json::to_value(&default).unwrap();
+        old.as_object_mut()
+            .unwrap()
+            .remove("answer_gate_candidates");
+        let old: ElderConfig = serde_json::from_value(old).unwrap();
+        assert_eq!(old.answer_gate_candidates, 1);
+        let asking = |n: usize| ElderConfig {
+            answer_gate_candidates: n,
+            ..default.clone()
+        };
+        for n in [1, 2, MAX_GATE_CANDIDATES] {
+            asking(n).validate(&model).unwrap();
+        }
+        for n in [0, MAX_GATE_CANDIDATES + 1] {
+            let err = asking(n).validate(&model).unwrap_err().to_string();
+            assert!(
+                err.contains("answer_gate_candidates is how many"),
+                "{n}: {err}"
+            );
+        }
+        for (c, why) in [
+            (
+                ElderConfig {
+                    answer_gate: 0.0,
+                    ..asking(3)
+                },
+                "needs answer_gate > 0",
+            ),
+            (
+                ElderConfig {
+                    relation_check: false,
+                    ..asking(3)
+                },
+                "needs answer_gate > 0",
+            ),
+            (
+                ElderConfig {
+                    answer_gate_fallback: true,
+                    ..asking(3)
+                },
+                "already asks the runner-up",
+            ),
+        ] {
+            let err = c.validate(&model).unwrap_err().to_string();
+            assert!(err.contains(why), "{err}");
+        }
+        assert!(asking(3)
+            .gpu_inference_unsupported()
+            .contains(&"answer_gate_candidates > 1"));
+        assert!(!asking(1)
+            .gpu_inference_unsupported()
+            .contains(&"answer_gate_candidates > 1"));
     }
 
     /// What the GPU lacks, by what a command does: the default preset's queries lack nothing

@@ -399,6 +399,20 @@ pub struct RunnerUp {
 }
 
 impl KeyMatch {
+    /// The first of a ranking ([`KeyStore::rank`]) with the second as its runner-up.
+    pub fn first_of(ranked: &[KeyMatch]) -> Option<KeyMatch> {
+        let mut best = *ranked.first()?;
+        best.next = ranked.get(1).and_then(|r| {
+            Some(RunnerUp {
+                entry: r.entry,
+                score: r.score,
+                position: r.position,
+                relation: r.relation?,
+            })
+        });
+        Some(best)
+    }
+
     /// The runner-up as a match of its own.
     pub fn runner_up(&self) -> Option<KeyMatch> {
         self.next.map(|r| KeyMatch {
@@ -815,13 +829,28 @@ impl KeyStore {
     }
 
     /// [`KeyStore::best_match`] from each edit's `(score, position)` as [`KeyStore::scores_at`]
-    /// gives them (`-inf`: nothing counted), computed here or by the GPU's key match.
+    /// gives them (`-inf`: nothing counted), computed here or by the GPU's key match: the first
+    /// of [`KeyStore::rank`]'s candidates, with the second as its runner-up.
     pub fn decide(
         &self,
         at: Vec<(f32, usize)>,
         relation: impl FnOnce(&RelationKeys, usize, usize) -> Option<Vec<f32>>,
         margin: f32,
     ) -> Option<KeyMatch> {
+        KeyMatch::first_of(&self.rank(at, relation, margin))
+    }
+
+    /// Every candidate edit for one prompt, best first (empty with an empty store): the edits
+    /// within `margin` of the best score and, with subject groups, every edit of the best
+    /// edit's subject that counts as a match at all, ranked by relation similarity when a
+    /// relation key had something to decide (newest first among equals). Without a relation
+    /// decision only the best edit is a candidate. No candidate has a runner-up of its own.
+    pub fn rank(
+        &self,
+        at: Vec<(f32, usize)>,
+        relation: impl FnOnce(&RelationKeys, usize, usize) -> Option<Vec<f32>>,
+        margin: f32,
+    ) -> Vec<KeyMatch> {
         let scores: Vec<f32> = at.iter().map(|(s, _)| *s).collect();
         // The best edit (the newest among equals) and where its key matched.
         let mut top: Option<usize> = None;
@@ -830,9 +859,9 @@ impl KeyStore {
                 top = Some(e);
             }
         }
-        let top = top?;
-        // The candidates: the edits within the margin of the best score and, with subject
-        // groups, every edit of the best edit's subject that counts as a match at all.
+        let Some(top) = top else {
+            return Vec::new();
+        };
         let group = |e: usize| self.subject_group.get(e);
         let of_subject = |e: usize| group(top).is_some() && group(e) == group(top);
         let candidate =
@@ -856,38 +885,30 @@ impl KeyStore {
             .as_ref()
             .filter(|_| contested)
             .and_then(|keys| relation(keys, top, at[top].1).map(|q| (keys, q)));
-        let mut pick: Option<(usize, f32)> = None;
-        let mut second: Option<(usize, f32)> = None;
-        for (e, &s) in scores.iter().enumerate() {
-            let rank = match &query_relation {
-                Some((keys, q)) if candidate(e, s) => keys.similarity(e, q),
-                None if s >= scores[top] => s,
-                _ => continue,
-            };
-            // `>=`: among equals the newest edit wins (a later edit of the same fact replaces it).
-            if pick.is_none_or(|(_, r)| rank >= r) {
-                second = pick;
-                pick = Some((e, rank));
-            } else if second.is_none_or(|(_, r)| rank >= r) {
-                second = Some((e, rank));
-            }
+        let mut ranked: Vec<(usize, f32)> = scores
+            .iter()
+            .enumerate()
+            .filter_map(|(e, &s)| match &query_relation {
+                Some((keys, q)) if candidate(e, s) => Some((e, keys.similarity(e, q))),
+                None if s >= scores[top] => Some((e, s)),
+                _ => None,
+            })
+            .collect();
+        // Best first; among equals the newest edit (a later edit of the same fact replaces it).
+        ranked.sort_by(|a, b| b.1.total_cmp(&a.1).then(b.0.cmp(&a.0)));
+        if query_relation.is_none() {
+            ranked.truncate(1);
         }
-        pick.map(|(entry, _)| KeyMatch {
-            entry,
-            score: scope_score(entry),
-            position: at[entry].1,
-            relation: query_relation
-                .as_ref()
-                .map(|(keys, q)| keys.similarity(entry, q)),
-            next: second
-                .filter(|_| query_relation.is_some())
-                .map(|(e, rank)| RunnerUp {
-                    entry: e,
-                    score: scope_score(e),
-                    position: at[e].1,
-                    relation: rank,
-                }),
-        })
+        ranked
+            .into_iter()
+            .map(|(entry, rank)| KeyMatch {
+                entry,
+                score: scope_score(entry),
+                position: at[entry].1,
+                relation: query_relation.as_ref().map(|_| rank),
+                next: None,
+            })
+            .collect()
     }
 
     /// The best edit for a prompt from its rows at the key site `[len, width]` and, with relation
@@ -910,7 +931,18 @@ impl KeyStore {
         relation_rows: Option<&[f32]>,
         margin: f32,
     ) -> Option<KeyMatch> {
-        self.decide(
+        KeyMatch::first_of(&self.rank_scores(at, relation_rows, margin))
+    }
+
+    /// Every candidate for a prompt from its scores, best first ([`KeyStore::rank`] with the
+    /// relation key read from the prompt's relation-site rows).
+    pub fn rank_scores(
+        &self,
+        at: Vec<(f32, usize)>,
+        relation_rows: Option<&[f32]>,
+        margin: f32,
+    ) -> Vec<KeyMatch> {
+        self.rank(
             at,
             |keys, entry, position| {
                 relation_rows.map(|rows| keys.key(rows, keys.query_subject(entry, position)))
@@ -1310,6 +1342,55 @@ mod tests {
             subject_groups(&[None, None, Some("a".into())]),
             vec![0, 1, 2]
         );
+    }
+
+    /// The ranking behind a match lists every candidate once, best relation first: the
+    /// subject's edits however far below the best they scored, not another subject's edit
+    /// outside the margin; its first, with the second as runner-up, is the match itself.
+    #[test]
+    fn the_ranking_lists_every_candidate_best_relation_first() {
+        let mut store = KeyStore::new(
+            KeyKind::Subject,
+            1,
+            1,
+            space(2, 0),
+            Some(RelationKeys::new(RelationKey::LastToken, space(2, 0))),
+            KeyCeilings::off(),
+        );
+        let unit = |a: f32| [a.to_radians().cos(), a.to_radians().sin()];
+        // Edits 0, 2 and 3 are about one subject (keys 0, 30 and 60 degrees off the query's);
+        // edit 1, another subject, is 80 degrees off. Relation keys at 60, -90, 0 and 20 degrees.
+        store.push(&unit(0.0), Some((&unit(60.0), 1)));
+        store.push(&unit(80.0), Some((&unit(-90.0), 1)));
+        store.push(&unit(30.0), Some((&unit(0.0), 1)));
+        store.push(&unit(60.0), Some((&unit(20.0), 1)));
+        store.subject_group = subject_groups(&[
+            Some("zinc".into()),
+            Some("iron".into()),
+            Some("zinc".into()),
+            Some("zinc".into()),
+        ]);
+        let query = unit(0.0);
+        let relation = |_: &RelationKeys, _, _| Some(unit(0.0).to_vec());
+        let ranked = store.rank(store.scores_at(&query), relation, 0.05);
+        let order: Vec<usize> = ranked.iter().map(|m| m.entry).collect();
+        assert_eq!(order, vec![2, 3, 0]);
+        for m in &ranked {
+            // In scope as the subject is, each with its own relation similarity.
+            assert!((m.score - 1.0).abs() < 1e-6, "{m:?}");
+            assert!(m.next.is_none());
+        }
+        let rel: Vec<f32> = ranked.iter().map(|m| m.relation.unwrap()).collect();
+        assert!(rel.windows(2).all(|w| w[0] > w[1]), "{rel:?}");
+        let first = KeyMatch::first_of(&ranked).unwrap();
+        assert_eq!(first, store.best_match(&query, relation, 0.05).unwrap());
+        assert_eq!(first.runner_up().unwrap().entry, 3);
+        // Uncontested (no subject groups, nothing within the margin): the best edit alone.
+        store.subject_group.clear();
+        let alone = store.rank(store.scores_at(&query), relation, 0.05);
+        assert_eq!(alone.len(), 1);
+        assert_eq!((alone[0].entry, alone[0].relation), (0, None));
+        assert!(KeyMatch::first_of(&[]).is_none());
     }
 
     /// A context relation key is the centred mean of the rows outside position 0 and the subject

@@ -240,19 +240,20 @@ impl Elder {
             .collect()
     }
 
-    /// The key-store decision for each sequence of a batch whose key-site inputs were captured:
-    /// the best-matching edit and whether it is in scope.
-    pub fn match_keys(
+    /// The key-store candidates for each sequence of a batch whose key-site inputs were
+    /// captured, best first ([`KeyStore::rank`]); empty where nothing matched. The first is the
+    /// sequence's match ([`KeyMatch::first_of`]), in scope by [`Elder::matches_in_scope`].
+    pub fn rank_keys(
         &self,
         capture: &SiteCapture,
         prompt_rows: &[Range<usize>],
-    ) -> Vec<Option<KeyMatch>> {
+    ) -> Vec<Vec<KeyMatch>> {
         let Some(store) = self.key_store.as_ref().filter(|s| !s.is_empty()) else {
-            return vec![None; prompt_rows.len()];
+            return vec![Vec::new(); prompt_rows.len()];
         };
         let sites = self.key_sites();
         let Some(key_input) = capture.inputs.get(&sites[0]) else {
-            return vec![None; prompt_rows.len()];
+            return vec![Vec::new(); prompt_rows.len()];
         };
         let w = store.space.width;
         let scores = prompt_rows
@@ -265,7 +266,7 @@ impl Elder {
             let rw = x.len() / (key_input.len() / w);
             (x.as_slice(), rw)
         });
-        self.decide_matches(scores, relation_input, prompt_rows)
+        self.rank_matches(scores, relation_input, prompt_rows)
     }
 
     /// The key-store decision of each prompt from its edits' `(score, position)`
@@ -277,8 +278,21 @@ impl Elder {
         relation_input: Option<(&[f32], usize)>,
         prompt_rows: &[Range<usize>],
     ) -> Vec<Option<KeyMatch>> {
+        self.rank_matches(scores, relation_input, prompt_rows)
+            .iter()
+            .map(|ranked| KeyMatch::first_of(ranked))
+            .collect()
+    }
+
+    /// [`Elder::decide_matches`] with every candidate of each prompt, best first.
+    pub fn rank_matches(
+        &self,
+        scores: Vec<Vec<(f32, usize)>>,
+        relation_input: Option<(&[f32], usize)>,
+        prompt_rows: &[Range<usize>],
+    ) -> Vec<Vec<KeyMatch>> {
         let Some(store) = self.key_store.as_ref().filter(|s| !s.is_empty()) else {
-            return vec![None; prompt_rows.len()];
+            return vec![Vec::new(); prompt_rows.len()];
         };
         prompt_rows
             .iter()
@@ -286,7 +300,7 @@ impl Elder {
             .map(|(rows, at)| {
                 let relation_rows =
                     relation_input.map(|(x, rw)| &x[rows.start * rw..rows.end * rw]);
-                store.match_scores(at, relation_rows, self.cfg.relation_margin)
+                store.rank_scores(at, relation_rows, self.cfg.relation_margin)
             })
             .collect()
     }
@@ -454,9 +468,15 @@ pub struct ElderAdapter<'a> {
     pub gated: Vec<bool>,
     /// For each sequence the gate asked: log P(its matched edit's answer) under the experts.
     pub answer_logprobs: Vec<Option<f32>>,
-    /// `answer_gate_fallback`: the sequences the last revision moved to their runner-up edit,
-    /// whose experts the next revision asks in turn.
+    /// `answer_gate_fallback` / `answer_gate_candidates`: the sequences the last revision moved
+    /// to another candidate edit, whose experts the next revision asks in turn.
     switched: Vec<bool>,
+    /// Every candidate edit of each sequence, best first (the key store's ranking; the first is
+    /// `key_matches`'s before the gate moved it).
+    candidates: Vec<Vec<KeyMatch>>,
+    /// Every edit the gate asked for each sequence, in order, with log P(its answer) under its
+    /// experts.
+    pub asked: Vec<Vec<(usize, f32)>>,
     /// Inputs of the key store's sites, captured from the prompt.
     key_capture: SiteCapture,
     /// `expert_rows = "subject"`: the one row of each sequence (within it, in the prompt call)
@@ -525,6 +545,8 @@ impl<'a> ElderAdapter<'a> {
             gated: Vec::new(),
             answer_logprobs: Vec::new(),
             switched: Vec::new(),
+            candidates: Vec::new(),
+            asked: Vec::new(),
             key_capture: SiteCapture::new(&elder.key_sites()),
             expert_rows: None,
             answer_from: None,
@@ -545,6 +567,12 @@ impl<'a> ElderAdapter<'a> {
         self.in_scope.len()
     }
 
+    /// Every candidate edit of each sequence, best first, as the key store ranked them (empty
+    /// before the prompt call, or without a key store).
+    pub fn candidates(&self) -> &[Vec<KeyMatch>] {
+        &self.candidates
+    }
+
     /// The stored allocation of each sequence's matched edit, for those in scope.
     fn routing_of_matches(&self) -> Vec<Routing> {
         let edits: Vec<Option<usize>> = self
@@ -563,7 +591,12 @@ impl<'a> ElderAdapter<'a> {
         }
         let cfg = &self.elder.cfg;
         if self.scope == Scope::Deferral && cfg.deferral == Deferral::KeyStore {
-            self.key_matches = self.elder.match_keys(&self.key_capture, &self.prompt_rows);
+            self.candidates = self.elder.rank_keys(&self.key_capture, &self.prompt_rows);
+            self.key_matches = self
+                .candidates
+                .iter()
+                .map(|ranked| KeyMatch::first_of(ranked))
+                .collect();
             self.in_scope = self.elder.matches_in_scope(&self.key_matches);
             match cfg.expert_rows {
                 ExpertRows::Subject => {
@@ -657,6 +690,66 @@ impl<'a> ElderAdapter<'a> {
         logp
     }
 
+    /// `answer_gate_candidates`: after sequence `b`'s candidate was asked (its answer's
+    /// log-probability is the last of `asked[b]`), moves on to its next candidate (in scope by
+    /// `threshold`, with an answer to ask), or, when every one was asked, settles on the one
+    /// whose experts gave their own answer the highest log-probability (the relation key's
+    /// order among equals): it answers when the gate keeps it, else the base model does.
+    /// Returns (the sequence moved to another edit, the blocks must run again).
+    fn choose_candidate(&mut self, b: usize, threshold: f32) -> (bool, bool) {
+        let elder = self.elder;
+        let prompt_len = self.prompt_rows.get(b).map_or(0, |r| r.len());
+        let pool: Vec<KeyMatch> = self
+            .candidates
+            .get(b)
+            .into_iter()
+            .flatten()
+            .filter(|m| m.score >= threshold)
+            .filter(|m| elder.gate_question(Some(m), true, prompt_len).is_some())
+            .take(elder.cfg.answer_gate_candidates)
+            .copied()
+            .collect();
+        let asked: Vec<f32> = self.asked[b].iter().map(|&(_, lp)| lp).collect();
+        if let Some(&next) = pool.get(asked.len()) {
+            self.move_to(b, next);
+            self.switched[b] = true;
+            return (true, true);
+        }
+        let mut best = 0;
+        for (i, &lp) in asked.iter().enumerate() {
+            if lp > asked[best] {
+                best = i;
+            }
+        }
+        let (best_logp, last) = (asked[best], asked.len() - 1);
+        self.answer_logprobs[b] = Some(best_logp);
+        if !elder.gate_keeps(best_logp) {
+            self.turn_away(b);
+            return (false, true);
+        }
+        match pool.get(best).filter(|_| best != last) {
+            Some(&m) => {
+                self.move_to(b, m);
+                (true, true)
+            }
+            None => (false, false),
+        }
+    }
+
+    /// Sequence `b` is answered by edit `m`'s experts from now on.
+    fn move_to(&mut self, b: usize, m: KeyMatch) {
+        self.key_matches[b] = Some(m);
+        if let Some(rows) = &mut self.expert_rows {
+            rows[b] = Some(m.position);
+        }
+    }
+
+    /// The gate turned sequence `b` away: the base model answers it.
+    fn turn_away(&mut self, b: usize) {
+        self.in_scope[b] = false;
+        self.gated[b] = true;
+    }
+
     fn mix_shape(&self, shape: &BatchShape, layer: usize) -> MixShape {
         let l = &self.elder.layers[layer];
         MixShape {
@@ -684,7 +777,9 @@ impl Adapter for ElderAdapter<'_> {
     /// `answer_gate`: each sequence in scope keeps its matched edit's experts only when they
     /// give that edit's answer at least the gate's probability after the prompt. The first
     /// revision asks every sequence in scope; with `answer_gate_fallback` a sequence turned away
-    /// moves to its runner-up edit (once), which the next revision asks in turn.
+    /// moves to its runner-up edit (once), which the next revision asks in turn; with
+    /// `answer_gate_candidates` each revision asks the next candidate until all were asked,
+    /// then the best answers (see [`ElderAdapter::choose_candidate`]).
     fn revise(&mut self, model: &Model, h: &[f32], shape: &BatchShape, cache: &KvCache) -> bool {
         let gate = self.elder.cfg.answer_gate;
         if gate <= 0.0 || self.batch() != shape.batch || self.key_matches.len() != shape.batch {
@@ -695,6 +790,7 @@ impl Adapter for ElderAdapter<'_> {
             self.gated = vec![false; shape.batch];
             self.answer_logprobs = vec![None; shape.batch];
             self.switched = vec![false; shape.batch];
+            self.asked = vec![Vec::new(); shape.batch];
         }
         let was_switched = std::mem::replace(&mut self.switched, vec![false; shape.batch]);
         let elder = self.elder;
@@ -711,11 +807,19 @@ impl Adapter for ElderAdapter<'_> {
         }
         let threshold = elder.scope_threshold();
         let mut changed = false;
-        for (&(b, _), logp) in asked
-            .iter()
-            .zip(self.answer_logprob(model, h, shape, cache, &asked))
-        {
+        let mut rerouted = false;
+        let logprobs = self.answer_logprob(model, h, shape, cache, &asked);
+        for (&(b, _), logp) in asked.iter().zip(logprobs) {
             self.answer_logprobs[b] = Some(logp);
+            if let Some(m) = self.key_matches[b] {
+                self.asked[b].push((m.entry, logp));
+            }
+            if elder.cfg.answer_gate_candidates > 1 {
+                let (moved, rerun) = self.choose_candidate(b, threshold);
+                changed |= rerun;
+                rerouted |= moved;
+                continue;
+            }
             if elder.gate_keeps(logp) {
                 continue;
             }
@@ -725,19 +829,14 @@ impl Adapter for ElderAdapter<'_> {
                 .filter(|m| elder.cfg.answer_gate_fallback && first && m.score >= threshold);
             match next {
                 Some(m) => {
-                    self.key_matches[b] = Some(m);
+                    self.move_to(b, m);
                     self.switched[b] = true;
-                    if let Some(rows) = &mut self.expert_rows {
-                        rows[b] = Some(m.position);
-                    }
+                    rerouted = true;
                 }
-                None => {
-                    self.in_scope[b] = false;
-                    self.gated[b] = true;
-                }
+                None => self.turn_away(b),
             }
         }
-        if self.switched.iter().any(|&s| s) {
+        if rerouted {
             self.routing = Some(self.routing_of_matches());
         }
         changed

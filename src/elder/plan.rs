@@ -197,19 +197,7 @@ pub fn negative_texts(
         .as_deref()
         .and_then(|s| template(&edit.prompt, s).map(|t| (s, t)));
     if let Some((subject, (before, after))) = &own {
-        let mut templates: Vec<(String, String)> = others
-            .iter()
-            .filter_map(|o| template(&o.prompt, o.subject.as_deref()?))
-            .filter(|(b, a)| !(b == before && a == after))
-            .collect();
-        templates.sort();
-        templates.dedup();
-        let swapped: Vec<(String, Option<String>)> = templates
-            .iter()
-            .map(|(b, a)| (format!("{b}{subject}{a}"), Some(subject.to_string())))
-            .filter(|(t, _)| !is_prompt(t))
-            .collect();
-        sources.push(pick(&swapped, n, seed ^ 1));
+        sources.push(pick(&subject_in_other_templates(edit, others), n, seed ^ 1));
         let mut subjects: Vec<&str> = others
             .iter()
             .filter_map(|o| o.subject.as_deref())
@@ -247,6 +235,50 @@ pub fn negative_texts(
         }
     }
     out
+}
+
+/// The edit's subject in every other edit's template (each template once, in a fixed order),
+/// leaving out texts that are some edit's prompt.
+fn subject_in_other_templates(
+    edit: &EditEntry,
+    others: &[&EditEntry],
+) -> Vec<(String, Option<String>)> {
+    let Some(subject) = edit.subject.as_deref() else {
+        return Vec::new();
+    };
+    let Some((before, after)) = template(&edit.prompt, subject) else {
+        return Vec::new();
+    };
+    let mut templates: Vec<(String, String)> = others
+        .iter()
+        .filter_map(|o| template(&o.prompt, o.subject.as_deref()?))
+        .filter(|(b, a)| !(*b == before && *a == after))
+        .collect();
+    templates.sort();
+    templates.dedup();
+    templates
+        .iter()
+        .map(|(b, a)| (format!("{b}{subject}{a}"), Some(subject.to_string())))
+        .filter(|(t, _)| !is_edit_prompt(t, edit, others))
+        .collect()
+}
+
+/// Up to `n` more texts of the edit's subject in other edits' templates, none of them already
+/// in `taken` (the edit's other negatives): `subject_negatives`.
+pub fn subject_negative_texts(
+    edit: &EditEntry,
+    others: &[&EditEntry],
+    n: usize,
+    taken: &[(String, Option<String>)],
+) -> Vec<(String, Option<String>)> {
+    if n == 0 {
+        return Vec::new();
+    }
+    let fresh: Vec<(String, Option<String>)> = subject_in_other_templates(edit, others)
+        .into_iter()
+        .filter(|(t, _)| !taken.iter().any(|(u, _)| u == t))
+        .collect();
+    pick(&fresh, n, stable_hash(&edit.id) ^ 6)
 }
 
 /// The edit's prompt with one word of its template replaced, `n` times (each time another word,
@@ -374,7 +406,10 @@ pub fn plan_edit(
     } else {
         0
     };
-    let negatives = negative_texts(&entry, &others, cfg.negatives)
+    let mut negatives = negative_texts(&entry, &others, cfg.negatives);
+    let more = subject_negative_texts(&entry, &others, cfg.subject_negatives, &negatives);
+    negatives.extend(more);
+    let negatives = negatives
         .into_iter()
         .chain(reworded_texts(&entry, &others, cfg.reworded_negatives))
         .enumerate()
@@ -514,6 +549,52 @@ mod tests {
         assert_eq!(
             find_subject("The capital of Chile is", Some("Peru")).as_deref(),
             Some("Chile")
+        );
+    }
+
+    /// `subject_negatives`: the subject in further templates of other edits, none already
+    /// among the negatives, none an edit's prompt, as many as there are templates left.
+    #[test]
+    fn subject_negatives_put_the_subject_in_the_templates_left() {
+        let e = entry("e", "The capital of Peru is", Some("Peru"));
+        let others = [
+            entry("a", "Chile is a country in", Some("Chile")),
+            entry("b", "The currency of Chile is the", Some("Chile")),
+            entry("c", "The language of Chile is", Some("Chile")),
+            entry("d", "Chile borders", Some("Chile")),
+            entry("f", "Peru borders", Some("Peru")),
+        ];
+        let refs: Vec<&EditEntry> = others.iter().collect();
+        let taken = negative_texts(&e, &refs, 2);
+        let more = subject_negative_texts(&e, &refs, 10, &taken);
+        let mut texts: Vec<&str> = more.iter().map(|(t, _)| t.as_str()).collect();
+        texts.sort();
+        let all = [
+            "Peru is a country in",
+            "The currency of Peru is the",
+            "The language of Peru is",
+        ];
+        let taken_texts: Vec<&str> = taken.iter().map(|(t, _)| t.as_str()).collect();
+        let mut want: Vec<&str> = all
+            .iter()
+            .copied()
+            .filter(|t| !taken_texts.contains(t))
+            .collect();
+        want.sort();
+        assert_eq!(texts, want, "taken: {taken_texts:?}");
+        assert!(more.iter().all(|(_, s)| s.as_deref() == Some("Peru")));
+        // "Peru borders" is an edit's prompt: never a negative.
+        assert!(!texts.contains(&"Peru borders"));
+        assert_eq!(
+            more.len(),
+            3 - taken_texts.iter().filter(|t| all.contains(t)).count()
+        );
+        assert_eq!(subject_negative_texts(&e, &refs, 1, &taken).len(), 1);
+        assert!(subject_negative_texts(&e, &refs, 0, &taken).is_empty());
+        assert_eq!(
+            more,
+            subject_negative_texts(&e, &refs, 10, &taken),
+            "deterministic"
         );
     }
 

@@ -57,6 +57,8 @@ pub struct Scored {
     /// Matched in scope, but the matched edit's experts did not give its answer
     /// (`answer_gate`): answered by the base model.
     pub gated: bool,
+    /// The edits the answer gate asked, in order, with log P(its answer) under its experts.
+    pub asked: Vec<(String, f32)>,
 }
 
 /// Sequences scored per forward pass (by every backend, so their padding is the same).
@@ -167,6 +169,16 @@ impl PromptAdapter for ElderRequest<'_> {
             distances: a.distances.clone(),
             matches: reported_matches(elder, &a.key_matches),
             gated: a.gated.clone(),
+            asked: a
+                .asked
+                .iter()
+                .map(|asked| {
+                    asked
+                        .iter()
+                        .map(|&(e, lp)| (elder.memory[e].id.clone(), lp))
+                        .collect()
+                })
+                .collect(),
         })
     }
 }
@@ -193,6 +205,9 @@ pub struct Routed {
     pub matches: Vec<Option<(f32, String, Option<f32>)>>,
     /// Sequences the answer gate turned away (empty: none).
     pub gated: Vec<bool>,
+    /// The edits the answer gate asked for each sequence, in order: id and log P(its answer)
+    /// under its experts (empty: none reported).
+    pub asked: Vec<Vec<(String, f32)>>,
 }
 
 /// The [`Scored`] items of one batch of pairs from the logits of their continuation rows
@@ -228,6 +243,11 @@ pub fn scored_chunk(
     } else {
         vec![false; n]
     };
+    let asked = if full(routed.asked.len()) {
+        routed.asked
+    } else {
+        vec![Vec::new(); n]
+    };
     let mut rows = logits.chunks(vocab);
     chunk
         .iter()
@@ -235,30 +255,34 @@ pub fn scored_chunk(
         .zip(distances)
         .zip(matches)
         .zip(gated)
-        .map(|(((((_, c), in_scope), distance), matched), gated)| {
-            let (similarity, matched_edit, relation_similarity) = match matched {
-                Some((s, id, r)) => (Some(s), Some(id), r),
-                None => (None, None, None),
-            };
-            // One logits row per continuation token, in order.
-            let (argmax, logprobs) = c
-                .iter()
-                .map_while(|&t| {
-                    let r = rows.next()?;
-                    Some((ops::argmax(r) as u32, r[t as usize] - ops::logsumexp(r)))
-                })
-                .unzip();
-            Scored {
-                argmax,
-                logprobs,
-                in_scope,
-                distance,
-                similarity,
-                matched_edit,
-                relation_similarity,
-                gated,
-            }
-        })
+        .zip(asked)
+        .map(
+            |((((((_, c), in_scope), distance), matched), gated), asked)| {
+                let (similarity, matched_edit, relation_similarity) = match matched {
+                    Some((s, id, r)) => (Some(s), Some(id), r),
+                    None => (None, None, None),
+                };
+                // One logits row per continuation token, in order.
+                let (argmax, logprobs) = c
+                    .iter()
+                    .map_while(|&t| {
+                        let r = rows.next()?;
+                        Some((ops::argmax(r) as u32, r[t as usize] - ops::logsumexp(r)))
+                    })
+                    .unzip();
+                Scored {
+                    argmax,
+                    logprobs,
+                    in_scope,
+                    distance,
+                    similarity,
+                    matched_edit,
+                    relation_similarity,
+                    gated,
+                    asked,
+                }
+            },
+        )
         .collect()
 }
 
@@ -436,6 +460,9 @@ pub struct ItemScore {
     /// Turned away by the answer gate (see [`Scored::gated`]).
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub gated: bool,
+    /// The edits the answer gate asked (see [`Scored::asked`]).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub gate_asked: Vec<(String, f32)>,
     /// The edited model's argmax tokens (and the base model's, for locality).
     pub argmax: Vec<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -488,6 +515,7 @@ impl Evaluator {
             matched_edit: s.matched_edit.clone(),
             relation_similarity: s.relation_similarity,
             gated: s.gated,
+            gate_asked: s.asked.clone(),
             argmax: s.argmax.clone(),
             base_argmax: None,
         };

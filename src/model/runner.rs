@@ -11,8 +11,9 @@ use crate::backend::cpu::ops;
 use super::config::ModelConfig;
 use super::transformer::{Adapter, BatchShape, KvCache, Model};
 
-/// The most revisions one forward runs (an adapter that keeps asking is a bug, not a plan).
-const MAX_REVISIONS: usize = 4;
+/// The most revisions one forward runs (an adapter that keeps asking is a bug, not a plan;
+/// ELDER's gate asks at most 8 candidate edits, one revision each, and settles in one more).
+const MAX_REVISIONS: usize = 16;
 
 /// Right-pads sequences to one length. Padding rows use token 0 and are masked everywhere.
 pub fn pad_batch(seqs: &[Vec<u32>], start: &[usize]) -> (Vec<u32>, BatchShape) {

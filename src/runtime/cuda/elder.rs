@@ -268,6 +268,7 @@ impl<T: KernelDtype> DeviceElder<T> for GpuElder<T> {
             distances: dist.iter().map(|&d| distance_of(d, self.n_codes)).collect(),
             matches: Vec::new(),
             gated: Vec::new(),
+            asked: Vec::new(),
         })
     }
 }

@@ -379,6 +379,7 @@ impl<T: KernelDtype> DeviceElder<T> for GpuKeyElder {
             distances: vec![None; d.in_scope.len()],
             matches: eval::reported_matches(&self.host, &d.matches),
             gated: d.gated.clone(),
+            asked: Vec::new(),
         })
     }
 
