@@ -860,6 +860,35 @@ fn check_key_store_state<T: KernelDtype>(
     let report = gpu.elder_report().unwrap();
     assert_eq!(report.in_scope, cpu_report.in_scope, "{tag}: in scope");
     assert_eq!(report.gated, cpu_report.gated, "{tag}: gated");
+    // The same edits asked by the gate, with the same answers' log-probabilities.
+    let asked_ids = |a: &[Vec<(String, f32)>]| -> Vec<Vec<String>> {
+        a.iter()
+            .map(|v| v.iter().map(|(id, _)| id.clone()).collect())
+            .collect()
+    };
+    assert_eq!(
+        asked_ids(&report.asked),
+        asked_ids(&cpu_report.asked),
+        "{tag}: asked"
+    );
+    assert_eq!(
+        cpu_report.asked.iter().all(Vec::is_empty),
+        cpu_report.gated.is_empty(),
+        "{tag}: the gate asks when it is on"
+    );
+    for (g, c) in report
+        .asked
+        .iter()
+        .flatten()
+        .zip(cpu_report.asked.iter().flatten())
+    {
+        assert!(
+            (g.1 - c.1).abs() < 0.25,
+            "{tag}: answer log-probability {} vs {}",
+            g.1,
+            c.1
+        );
+    }
     assert_eq!(
         ids(&report.matches),
         ids(&cpu_report.matches),

@@ -169,16 +169,7 @@ impl PromptAdapter for ElderRequest<'_> {
             distances: a.distances.clone(),
             matches: reported_matches(elder, &a.key_matches),
             gated: a.gated.clone(),
-            asked: a
-                .asked
-                .iter()
-                .map(|asked| {
-                    asked
-                        .iter()
-                        .map(|&(e, lp)| (elder.memory[e].id.clone(), lp))
-                        .collect()
-                })
-                .collect(),
+            asked: reported_asked(elder, &a.asked),
         })
     }
 }
@@ -191,6 +182,19 @@ pub fn reported_matches(
     matches
         .iter()
         .map(|m| m.map(|m| (m.score, elder.memory[m.entry].id.clone(), m.relation)))
+        .collect()
+}
+
+/// The edits the answer gate asked, as a report gives them: the edit's id and log P(its answer).
+pub fn reported_asked(elder: &Elder, asked: &[Vec<(usize, f32)>]) -> Vec<Vec<(String, f32)>> {
+    asked
+        .iter()
+        .map(|asked| {
+            asked
+                .iter()
+                .map(|&(e, lp)| (elder.memory[e].id.clone(), lp))
+                .collect()
+        })
         .collect()
 }
 

@@ -162,6 +162,8 @@ struct Decision {
     in_scope: Vec<bool>,
     /// Sequences the answer gate turned away (empty without a gate).
     gated: Vec<bool>,
+    /// The edit the gate asked for each sequence and log P(its answer) under its experts.
+    asked: Vec<Vec<(usize, f32)>>,
     /// Per layer `[B, k]`: each sequence's experts and gates.
     experts: Vec<u32>,
     gates: Vec<f32>,
@@ -304,12 +306,15 @@ impl GpuKeyElder {
                 gates[at..at + k].fill(1.0);
             }
         }
-        let gated = if self.host.cfg.answer_gate > 0.0 {
-            vec![false; batch]
+        // Without a gate nothing is turned away or asked (empty, as the CPU reports it).
+        let gate = self.host.cfg.answer_gate > 0.0;
+        let (gated, asked) = if gate {
+            (vec![false; batch], vec![Vec::new(); batch])
         } else {
-            Vec::new()
+            (Vec::new(), Vec::new())
         };
         let decision = Decision {
+            asked,
             matches,
             in_scope,
             gated,
@@ -379,7 +384,7 @@ impl<T: KernelDtype> DeviceElder<T> for GpuKeyElder {
             distances: vec![None; d.in_scope.len()],
             matches: eval::reported_matches(&self.host, &d.matches),
             gated: d.gated.clone(),
-            asked: Vec::new(),
+            asked: eval::reported_asked(&self.host, &d.asked),
         })
     }
 
@@ -405,6 +410,9 @@ impl<T: KernelDtype> DeviceElder<T> for GpuKeyElder {
         };
         let mut changed = false;
         for &(b, logp) in logps {
+            if let (Some(m), Some(asked)) = (d.matches[b], d.asked.get_mut(b)) {
+                asked.push((m.entry, logp));
+            }
             if !self.host.gate_keeps(logp) {
                 d.in_scope[b] = false;
                 d.gated[b] = true;
