@@ -776,65 +776,16 @@ fn the_answer_gate_answers_turned_away_prompts_with_the_base_model() {
 #[test]
 fn the_answer_gate_falls_back_to_the_runner_up_edit() {
     use elder::elder::molora::ElderAdapter;
-    use elder::model::runner::prompt_rows;
 
     let tmp = tempfile::tempdir().unwrap();
     // Two edits about one subject (record 1's relation moved to record 0's subject) and one other.
-    let mut all = records(3);
-    let (subject, other) = (
-        all[0].subject.clone().unwrap(),
-        all[1].subject.clone().unwrap(),
-    );
-    let moved = |t: &str| t.replace(&other, &subject);
-    all[1].prompt = moved(&all[1].prompt);
-    all[1].rephrases = all[1].rephrases.iter().map(|r| moved(r)).collect();
-    all[1].subject = Some(subject.clone());
-    all[1].knowledge_id = format!("{}-moved", all[1].knowledge_id);
-    let base = tiny_model(&tmp.path().join("model"), 21);
-    let mut session = EditSession::open(
-        &base,
-        &tmp.path().join("s"),
-        Some(ElderConfig {
-            iterations: 12,
-            ..default_config(&base)
-        }),
-    )
-    .unwrap();
-    apply_stream(&base, &mut session, &all, false, None).unwrap();
-    let texts: Vec<String> = all[..2]
-        .iter()
-        .flat_map(|r| std::iter::once(r.prompt.clone()).chain(r.rephrases.iter().cloned()))
-        .collect();
-    let (prompts, seq, rows) = encode_prompts(&base, &texts);
+    let all = one_subject_records(3, 1);
+    let (base, session) = edited_tiny_model(tmp.path(), 21, &all);
+    let texts = prompts_and_rephrases(&all[..2]);
+    let (prompts, _, rows) = encode_prompts(&base, &texts);
     let model = base.model().unwrap();
     let elder = &session.elder;
-    let vocab = base.cfg.vocab_size;
-    // Logits of each sequence with the experts of `edits[i]` forced on it (None: the base model).
-    let forced = |seqs: &[Vec<u32>], edits: &[Option<usize>]| -> Vec<Vec<f32>> {
-        let seq = seqs.iter().map(Vec::len).max().unwrap();
-        let mut adapter =
-            ElderAdapter::inference(elder, prompt_rows(seq, seqs.iter().map(Vec::len)));
-        adapter.routing = Some(elder.stored_routing(edits));
-        adapter.in_scope = edits.iter().map(Option::is_some).collect();
-        let (logits, _) = model.logits(seqs, &mut adapter);
-        logits.chunks(seq * vocab).map(<[f32]>::to_vec).collect()
-    };
-    // log P(edit e's answer | prompt i) under e's experts, by teacher forcing.
-    let answer_logprob = |i: usize, e: usize| -> f32 {
-        let answer = &elder.memory[e].answer;
-        let seq = [prompts[i].clone(), answer.clone()].concat();
-        let logits = &forced(&[seq], &[Some(e)])[0];
-        answer
-            .iter()
-            .enumerate()
-            .map(|(k, &t)| {
-                let row = &logits[(prompts[i].len() - 1 + k) * vocab..][..vocab];
-                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let lse = max + row.iter().map(|v| (v - max).exp()).sum::<f32>().ln();
-                row[t as usize] - lse
-            })
-            .sum()
-    };
+    let answer_logprob = |i: usize, e: usize| forced_answer_logprob(model, elder, &prompts[i], e);
     // Each prompt's match and runner-up (the gate off).
     let mut plain = ElderAdapter::inference(elder, rows.clone());
     model.logits(&prompts, &mut plain);
@@ -890,22 +841,7 @@ fn the_answer_gate_falls_back_to_the_runner_up_edit() {
             }
         })
         .collect();
-    let want = forced(&prompts, &expected);
-    for (i, e) in expected.iter().enumerate() {
-        let got = &logits[i * seq * vocab..(i + 1) * seq * vocab];
-        let rows = prompts[i].len() * vocab;
-        let worst = got[..rows]
-            .iter()
-            .zip(&want[i][..rows])
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0f32, f32::max);
-        assert!(worst < 1e-4, "prompt {i} ({}): {worst}", texts[i]);
-        assert_eq!(adapter.in_scope[i], e.is_some(), "prompt {i}");
-        assert_eq!(adapter.gated[i], e.is_none(), "prompt {i}");
-        if let Some(e) = e {
-            assert_eq!(adapter.key_matches[i].unwrap().entry, *e, "prompt {i}");
-        }
-    }
+    assert_answered_as_forced(model, elder, &adapter, &logits, &prompts, &texts, &expected);
     // Without the fallback the same gate sends those prompts to the base model.
     gated.cfg.answer_gate_fallback = false;
     let mut without = ElderAdapter::inference(&gated, rows.clone());
@@ -923,63 +859,16 @@ fn the_answer_gate_falls_back_to_the_runner_up_edit() {
 #[test]
 fn the_answer_gate_keeps_the_candidate_whose_experts_answer_best() {
     use elder::elder::molora::ElderAdapter;
-    use elder::model::runner::prompt_rows;
 
     let tmp = tempfile::tempdir().unwrap();
     // Three edits about one subject (records 1 and 2 moved to record 0's subject) and one other.
-    let mut all = records(4);
-    let subject = all[0].subject.clone().unwrap();
-    for r in &mut all[1..3] {
-        let other = r.subject.clone().unwrap();
-        let moved = |t: &str| t.replace(&other, &subject);
-        r.prompt = moved(&r.prompt);
-        r.rephrases = r.rephrases.iter().map(|t| moved(t)).collect();
-        r.subject = Some(subject.clone());
-        r.knowledge_id = format!("{}-moved", r.knowledge_id);
-    }
-    let base = tiny_model(&tmp.path().join("model"), 23);
-    let mut session = EditSession::open(
-        &base,
-        &tmp.path().join("s"),
-        Some(ElderConfig {
-            iterations: 12,
-            ..default_config(&base)
-        }),
-    )
-    .unwrap();
-    apply_stream(&base, &mut session, &all, false, None).unwrap();
-    let texts: Vec<String> = all[..3]
-        .iter()
-        .flat_map(|r| std::iter::once(r.prompt.clone()).chain(r.rephrases.iter().cloned()))
-        .collect();
-    let (prompts, seq, rows) = encode_prompts(&base, &texts);
+    let all = one_subject_records(4, 2);
+    let (base, session) = edited_tiny_model(tmp.path(), 23, &all);
+    let texts = prompts_and_rephrases(&all[..3]);
+    let (prompts, _, rows) = encode_prompts(&base, &texts);
     let model = base.model().unwrap();
-    let vocab = base.cfg.vocab_size;
     let elder = &session.elder;
-    let forced = |seqs: &[Vec<u32>], edits: &[Option<usize>]| -> Vec<Vec<f32>> {
-        let seq = seqs.iter().map(Vec::len).max().unwrap();
-        let mut adapter =
-            ElderAdapter::inference(elder, prompt_rows(seq, seqs.iter().map(Vec::len)));
-        adapter.routing = Some(elder.stored_routing(edits));
-        adapter.in_scope = edits.iter().map(Option::is_some).collect();
-        let (logits, _) = model.logits(seqs, &mut adapter);
-        logits.chunks(seq * vocab).map(<[f32]>::to_vec).collect()
-    };
-    let answer_logprob = |i: usize, e: usize| -> f32 {
-        let answer = &elder.memory[e].answer;
-        let seq = [prompts[i].clone(), answer.clone()].concat();
-        let logits = &forced(&[seq], &[Some(e)])[0];
-        answer
-            .iter()
-            .enumerate()
-            .map(|(k, &t)| {
-                let row = &logits[(prompts[i].len() - 1 + k) * vocab..][..vocab];
-                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let lse = max + row.iter().map(|v| (v - max).exp()).sum::<f32>().ln();
-                row[t as usize] - lse
-            })
-            .sum()
-    };
+    let answer_logprob = |i: usize, e: usize| forced_answer_logprob(model, elder, &prompts[i], e);
     // Each prompt's ranked candidates (the gate off) and their answers' log-probabilities.
     let mut plain = ElderAdapter::inference(elder, rows.clone());
     model.logits(&prompts, &mut plain);
@@ -1032,7 +921,74 @@ fn the_answer_gate_keeps_the_candidate_whose_experts_answer_best() {
         .iter()
         .map(|&(e, lp)| (lp >= log_gate).then_some(e))
         .collect();
-    let want = forced(&prompts, &expected);
+    assert_answered_as_forced(model, elder, &adapter, &logits, &prompts, &texts, &expected);
+    for (i, b) in best.iter().enumerate() {
+        let reported = adapter.answer_logprobs[i].unwrap();
+        assert!(
+            (reported - b.1).abs() < 1e-3,
+            "prompt {i}: {reported} vs {best:?}"
+        );
+    }
+}
+
+/// Logits `[seq * vocab]` of each sequence with the experts of `edits[i]` forced on it (None:
+/// the base model).
+fn forced_logits(
+    model: &elder::model::Model,
+    elder: &elder::elder::molora::Elder,
+    seqs: &[Vec<u32>],
+    edits: &[Option<usize>],
+) -> Vec<Vec<f32>> {
+    use elder::elder::molora::ElderAdapter;
+    use elder::model::runner::prompt_rows;
+
+    let seq = seqs.iter().map(Vec::len).max().unwrap();
+    let mut adapter = ElderAdapter::inference(elder, prompt_rows(seq, seqs.iter().map(Vec::len)));
+    adapter.routing = Some(elder.stored_routing(edits));
+    adapter.in_scope = edits.iter().map(Option::is_some).collect();
+    let (logits, _) = model.logits(seqs, &mut adapter);
+    let vocab = model.cfg.vocab_size;
+    logits.chunks(seq * vocab).map(<[f32]>::to_vec).collect()
+}
+
+/// log P(edit `e`'s answer | `prompt`) under e's experts, by teacher forcing.
+fn forced_answer_logprob(
+    model: &elder::model::Model,
+    elder: &elder::elder::molora::Elder,
+    prompt: &[u32],
+    e: usize,
+) -> f32 {
+    let vocab = model.cfg.vocab_size;
+    let answer = &elder.memory[e].answer;
+    let seq = [prompt, &answer[..]].concat();
+    let logits = &forced_logits(model, elder, &[seq], &[Some(e)])[0];
+    answer
+        .iter()
+        .enumerate()
+        .map(|(k, &t)| {
+            let row = &logits[(prompt.len() - 1 + k) * vocab..][..vocab];
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let lse = max + row.iter().map(|v| (v - max).exp()).sum::<f32>().ln();
+            row[t as usize] - lse
+        })
+        .sum()
+}
+
+/// A gated forward (`adapter`, its `logits` of the padded batch) answered each prompt as the
+/// `expected` edit's experts forced on it would (None: the base model, turned away by the gate),
+/// and says so in its decisions.
+fn assert_answered_as_forced(
+    model: &elder::model::Model,
+    elder: &elder::elder::molora::Elder,
+    adapter: &elder::elder::molora::ElderAdapter,
+    logits: &[f32],
+    prompts: &[Vec<u32>],
+    texts: &[String],
+    expected: &[Option<usize>],
+) {
+    let vocab = model.cfg.vocab_size;
+    let seq = prompts.iter().map(Vec::len).max().unwrap();
+    let want = forced_logits(model, elder, prompts, expected);
     for (i, e) in expected.iter().enumerate() {
         let got = &logits[i * seq * vocab..(i + 1) * seq * vocab];
         let rows = prompts[i].len() * vocab;
@@ -1044,13 +1000,48 @@ fn the_answer_gate_keeps_the_candidate_whose_experts_answer_best() {
         assert!(worst < 1e-4, "prompt {i} ({}): {worst}", texts[i]);
         assert_eq!(adapter.in_scope[i], e.is_some(), "prompt {i}");
         assert_eq!(adapter.gated[i], e.is_none(), "prompt {i}");
-        let reported = adapter.answer_logprobs[i].unwrap();
-        assert!(
-            (reported - best[i].1).abs() < 1e-3,
-            "prompt {i}: {reported} vs {best:?}"
-        );
         if let Some(e) = e {
             assert_eq!(adapter.key_matches[i].unwrap().entry, *e, "prompt {i}");
         }
     }
+}
+
+/// `n` records, the relations of records `1..=moved` moved to record 0's subject (so that many
+/// edits are about one subject).
+fn one_subject_records(n: usize, moved: usize) -> Vec<EditRecord> {
+    let mut all = records(n);
+    let subject = all[0].subject.clone().unwrap();
+    for r in &mut all[1..=moved] {
+        let other = r.subject.clone().unwrap();
+        let moved = |t: &str| t.replace(&other, &subject);
+        r.prompt = moved(&r.prompt);
+        r.rephrases = r.rephrases.iter().map(|t| moved(t)).collect();
+        r.subject = Some(subject.clone());
+        r.knowledge_id = format!("{}-moved", r.knowledge_id);
+    }
+    all
+}
+
+/// A tiny Llama (seeded) with `records` applied by the default preset (12 iterations).
+fn edited_tiny_model(dir: &Path, seed: u64, records: &[EditRecord]) -> (BaseModel, EditSession) {
+    let base = tiny_model(&dir.join("model"), seed);
+    let mut session = EditSession::open(
+        &base,
+        &dir.join("s"),
+        Some(ElderConfig {
+            iterations: 12,
+            ..default_config(&base)
+        }),
+    )
+    .unwrap();
+    apply_stream(&base, &mut session, records, false, None).unwrap();
+    (base, session)
+}
+
+/// Each record's prompt followed by its rephrasings.
+fn prompts_and_rephrases(records: &[EditRecord]) -> Vec<String> {
+    records
+        .iter()
+        .flat_map(|r| std::iter::once(r.prompt.clone()).chain(r.rephrases.iter().cloned()))
+        .collect()
 }
