@@ -1180,6 +1180,28 @@ mod tests {
     use super::*;
     use crate::model::layers::MlpProj;
 
+    /// A unit vector of the plane at `degrees`.
+    fn unit(degrees: f32) -> [f32; 2] {
+        [degrees.to_radians().cos(), degrees.to_radians().sin()]
+    }
+
+    /// A store of one-row subject keys in the plane with last-token relation keys: one edit per
+    /// `(key angle, relation angle)`, in degrees.
+    fn plane_store(edits: &[(f32, f32)]) -> KeyStore {
+        let mut store = KeyStore::new(
+            KeyKind::Subject,
+            1,
+            1,
+            space(2, 0),
+            Some(RelationKeys::new(RelationKey::LastToken, space(2, 0))),
+            KeyCeilings::off(),
+        );
+        for &(key, relation) in edits {
+            store.push(&unit(key), Some((&unit(relation), 1)));
+        }
+        store
+    }
+
     fn space(width: usize, key_dim: usize) -> KeySpace {
         let site = Site {
             block: 0,
@@ -1303,21 +1325,10 @@ mod tests {
     /// within the margin are candidates.
     #[test]
     fn subject_groups_give_the_relation_key_every_edit_of_the_subject() {
-        let mut store = KeyStore::new(
-            KeyKind::Subject,
-            1,
-            1,
-            space(2, 0),
-            Some(RelationKeys::new(RelationKey::LastToken, space(2, 0))),
-            KeyCeilings::off(),
-        );
-        let unit = |a: f32| [a.to_radians().cos(), a.to_radians().sin()];
         // Edits 0 and 2 are about one subject; edit 2's key was read in another context (30
         // degrees off); edit 1 (another subject) is far off. Relation keys: edit 2's is the query's
         // (edit 1's is the one `away` asks for).
-        store.push(&unit(0.0), Some((&unit(90.0), 1)));
-        store.push(&unit(80.0), Some((&unit(-90.0), 1)));
-        store.push(&unit(30.0), Some((&unit(0.0), 1)));
+        let mut store = plane_store(&[(0.0, 90.0), (80.0, -90.0), (30.0, 0.0)]);
         let query = unit(0.0);
         let relation = |_: &RelationKeys, _, _| Some(unit(0.0).to_vec());
         assert_eq!(store.best_match(&query, relation, 0.05).unwrap().entry, 0);
@@ -1349,21 +1360,9 @@ mod tests {
     /// outside the margin; its first, with the second as runner-up, is the match itself.
     #[test]
     fn the_ranking_lists_every_candidate_best_relation_first() {
-        let mut store = KeyStore::new(
-            KeyKind::Subject,
-            1,
-            1,
-            space(2, 0),
-            Some(RelationKeys::new(RelationKey::LastToken, space(2, 0))),
-            KeyCeilings::off(),
-        );
-        let unit = |a: f32| [a.to_radians().cos(), a.to_radians().sin()];
         // Edits 0, 2 and 3 are about one subject (keys 0, 30 and 60 degrees off the query's);
         // edit 1, another subject, is 80 degrees off. Relation keys at 60, -90, 0 and 20 degrees.
-        store.push(&unit(0.0), Some((&unit(60.0), 1)));
-        store.push(&unit(80.0), Some((&unit(-90.0), 1)));
-        store.push(&unit(30.0), Some((&unit(0.0), 1)));
-        store.push(&unit(60.0), Some((&unit(20.0), 1)));
+        let mut store = plane_store(&[(0.0, 60.0), (80.0, -90.0), (30.0, 0.0), (60.0, 20.0)]);
         store.subject_group = subject_groups(&[
             Some("zinc".into()),
             Some("iron".into()),
