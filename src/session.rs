@@ -15,7 +15,9 @@ use crate::elder::memory::EditEntry;
 use crate::elder::molora::Elder;
 use crate::elder::plan::{self, plan_edit, Replay};
 use crate::elder::state::{config_differences, EditState};
-use crate::elder::train_stored::apply_stored_batch;
+use crate::elder::train_stored::{
+    apply_stored_batch_on, finish_stored_batch, CpuSteps, StoredSteps,
+};
 use crate::elder::trainer::{
     apply_edit_batch, calibrate_query_mean, EditExample, EditReport, EditTimes,
 };
@@ -318,10 +320,15 @@ impl EditDevice {
             elder.ensure_key_store(base.model()?, &background)?;
         }
         if !elder.cfg.uses_routers() {
-            let EditDevice::Cpu = self else {
-                anyhow::bail!("the stored allocation trains on the CPU only (see ElderConfig::gpu_unsupported)");
+            return match self {
+                EditDevice::Cpu => {
+                    let mut steps = CpuSteps::new(base.model()?);
+                    stored_batch(base, elder, entries, &mut steps, on_iteration)
+                }
+                EditDevice::Cuda(editor) => {
+                    stored_batch(base, elder, entries, editor.stored_steps(), on_iteration)
+                }
             };
-            return stored_batch(base, elder, entries, on_iteration);
         }
         let batch: Vec<EditExample> = tokenized
             .iter()
@@ -595,11 +602,13 @@ pub fn apply_stream_on(
 }
 
 /// Trains one batch under the stored allocation: a plan per edit, the replays its allocations
-/// call for, then [`apply_stored_batch`].
+/// call for, then [`apply_stored_batch_on`] the device's `steps` and the keys read on the CPU
+/// ([`finish_stored_batch`]).
 fn stored_batch(
     base: &BaseModel,
     elder: &mut Elder,
     entries: Vec<EditEntry>,
+    steps: &mut dyn StoredSteps,
     on_iteration: impl FnMut(usize, f32),
 ) -> Result<EditReport> {
     let cfg = elder.cfg.clone();
@@ -641,7 +650,8 @@ fn stored_batch(
             })
         })
         .collect::<Result<Vec<_>>>()?;
-    apply_stored_batch(base.model()?, elder, &plans, &replays, on_iteration)
+    let report = apply_stored_batch_on(steps, elder, &plans, &replays, on_iteration)?;
+    finish_stored_batch(base.model()?, elder, &plans, report)
 }
 
 /// Prompts for the mean query: the edit prompts of the first `n` records and the shipped

@@ -310,14 +310,15 @@ fn cuda_command_line_on_the_emulator_matches_the_cpu() {
     }
 }
 
-/// The default preset's queries on `--device cuda` (the emulator, loaded as a driver is): a state
-/// edited on the CPU scores an edit prompt (in scope, moved by its edit) and another prompt (out
-/// of scope) as `--device cpu` does; editing with the default preset on `--device cuda` is refused
-/// naming what the GPU trainer lacks, and `--device auto` edits on the CPU saying why.
+/// The default preset on `--device cuda` (the emulator, loaded as a driver is): a state edited
+/// on the CPU scores an edit prompt (in scope, moved by its edit) and another prompt (out of
+/// scope) as `--device cpu` does; the same edits trained on the GPU (`--device auto` picks it)
+/// leave a state that answers as the CPU-trained one; an option the GPU trainer lacks is refused
+/// on `--device cuda` by name, and `--device auto` edits such a state on the CPU saying why.
 #[test]
-fn default_preset_queries_on_the_emulator_match_the_cpu() {
+fn default_preset_on_the_emulator_matches_the_cpu() {
     let Some(emu) =
-        common::emulator_library_or_skip("default_preset_queries_on_the_emulator_match_the_cpu")
+        common::emulator_library_or_skip("default_preset_on_the_emulator_matches_the_cpu")
     else {
         return;
     };
@@ -357,8 +358,11 @@ fn default_preset_queries_on_the_emulator_match_the_cpu() {
             .args(["--device", device, "--gpu-dtype", "f32"]);
         c
     };
-    let edit = |device: &str, state: &Path| {
-        cmd(device)
+    // A config the GPU trainer lacks an option of (`delta_penalty`).
+    let penalised = tmp.path().join("penalised.toml");
+    std::fs::write(&penalised, "answer_gate = 0.0\ndelta_penalty = 0.1\n").unwrap();
+    let edit = |device: &str, state: &Path, config: &Path| {
+        let out = cmd(device)
             .arg("edit")
             .arg("--model")
             .arg(&model)
@@ -367,22 +371,23 @@ fn default_preset_queries_on_the_emulator_match_the_cpu() {
             .arg("--state")
             .arg(state)
             .arg("--config")
-            .arg(&config)
+            .arg(config)
             .output()
-            .unwrap()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
     };
-    let refused = edit("cuda", &tmp.path().join("refused"));
-    assert!(!refused.status.success());
-    let err = String::from_utf8_lossy(&refused.stderr);
-    assert!(err.contains("allocation = \"fresh\""), "{err}");
-    let auto = edit("auto", &state);
-    assert!(
-        auto.status.success(),
-        "{}",
-        String::from_utf8_lossy(&auto.stderr)
-    );
-    let note = String::from_utf8_lossy(&auto.stderr);
-    assert!(note.contains("note: running on the CPU"), "{note}");
+    let (ok, err) = edit("cuda", &tmp.path().join("refused"), &penalised);
+    assert!(!ok && err.contains("delta_penalty"), "{err}");
+    let (ok, err) = edit("auto", &tmp.path().join("penalised"), &penalised);
+    assert!(ok && err.contains("note: running on the CPU"), "{err}");
+    let (ok, err) = edit("cpu", &state, &config);
+    assert!(ok, "{err}");
+    let gpu_state = tmp.path().join("gpu-state");
+    let (ok, err) = edit("auto", &gpu_state, &config);
+    assert!(ok && !err.contains("running on the CPU"), "{err}");
     let score = |device: &str, prompt: &str, target: &str, state: Option<&Path>| -> Value {
         let mut c = cmd(device);
         c.args([
@@ -418,6 +423,12 @@ fn default_preset_queries_on_the_emulator_match_the_cpu() {
         assert_eq!(cuda["in_scope"], cpu["in_scope"], "{prompt}");
         for (x, y) in lp(&cpu).iter().zip(&lp(&cuda)) {
             assert!((x - y).abs() <= 1e-4, "{prompt}: {cpu} vs {cuda}");
+        }
+        // Trained on the GPU (f32): the same scope, the same answers up to training's rounding.
+        let gpu_trained = score("cuda", prompt, target, Some(&gpu_state));
+        assert_eq!(gpu_trained["in_scope"], cpu["in_scope"], "{prompt}");
+        for (x, y) in lp(&cpu).iter().zip(&lp(&gpu_trained)) {
+            assert!((x - y).abs() <= 1e-3, "{prompt}: {cpu} vs {gpu_trained}");
         }
         if inside {
             let base = score("cpu", prompt, target, None);

@@ -531,3 +531,81 @@ fn a_key_store_forward_matches_once_and_waits_for_the_host_twice() {
     let report = gpu.elder_report().unwrap();
     assert_eq!(report.in_scope, vec![true, false]);
 }
+
+/// The stored allocation's iterations (`StoredSteps` on the device): no router anywhere, one
+/// LoRA launch per MoLoRA site and an Adam launch for A and B only (a fixed pool has no routers);
+/// after the first two iterations each one is two graph replays (forward-backward, Adam), one
+/// upload (Adam's step sizes) and the row losses and argmaxes read back (the early stop decides
+/// on them before the Adam step, as on the CPU): nothing launched eagerly, nothing allocated.
+#[test]
+fn stored_iterations_replay_two_graphs_and_read_their_losses_once() {
+    use elder::elder::train_stored::{StoredBatch, StoredSteps};
+    let Some(dev) =
+        common::traced_device("stored_iterations_replay_two_graphs_and_read_their_losses_once")
+    else {
+        return;
+    };
+    for arch in [Arch::Gpt2, Arch::Llama] {
+        let tag = format!("{arch:?} stored");
+        let model = tiny(arch, 17);
+        let cfg = ElderConfig {
+            molora_blocks: vec![1, 2],
+            ..ElderConfig::default_preset_for(&model.cfg)
+        };
+        let mut work = Elder::new(cfg, &model.cfg).unwrap();
+        let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(3);
+        for layer in &mut work.layers {
+            layer.push_experts(4, 3, &mut rng);
+        }
+        let examples = edit_batch(&model);
+        let rows: usize = examples.iter().map(|e| e.target.len()).sum();
+        let batch = StoredBatch {
+            weights: vec![0.5; rows],
+            allocations: (0..3).map(|s| vec![vec![s as u32]; 2]).collect(),
+            subject_rows: vec![0; 3],
+            positive: vec![true; 3],
+            examples,
+        };
+        let mut gpu =
+            GpuTrainer::<f32>::new(dev.clone(), &model, Capacity { batch: 1, seq: 1 }).unwrap();
+        gpu.set_iteration_graphs(true);
+        let (first, r) = Trace::record(|| -> anyhow::Result<()> {
+            gpu.prepare(&work, &batch)?;
+            gpu.losses()?;
+            gpu.step(0)
+        });
+        r.unwrap();
+        assert_eq!(first.launches("router_"), 0, "{tag}: a router ran");
+        assert_eq!(first.launches("lora_forward_"), 2, "{tag}: one per site");
+        assert_eq!(first.launches("adam_"), 2, "{tag}: A and B");
+        assert_eq!(first.launches("cross_entropy_"), 1, "{tag}");
+        let (capture, r) = Trace::record(|| -> anyhow::Result<()> {
+            gpu.losses()?;
+            gpu.step(1)
+        });
+        r.unwrap();
+        assert_eq!(
+            capture.count("graph_launch"),
+            2,
+            "{tag}: captured and launched"
+        );
+        assert_eq!(capture.captured_launches("router_"), 0, "{tag}");
+        let allocations = gpu.allocations();
+        let (later, r) = Trace::record(|| -> anyhow::Result<()> {
+            for it in 2..5 {
+                gpu.losses()?;
+                gpu.step(it)?;
+            }
+            Ok(())
+        });
+        r.unwrap();
+        eprintln!("{tag}: three later iterations: {:?}", later.histogram());
+        assert_eq!(later.count("graph_launch"), 6, "{tag}: two replays each");
+        for kind in ["launch", "gemm", "memset", "alloc", "free", "sync"] {
+            assert_eq!(later.count(kind), 0, "{tag}: eager {kind}");
+        }
+        assert_eq!(later.count("htod"), 3, "{tag}: the Adam schedule");
+        assert_eq!(later.count("dtoh"), 6, "{tag}: row losses and argmaxes");
+        assert_eq!(gpu.allocations(), allocations);
+    }
+}

@@ -1273,6 +1273,70 @@ fn check_cross_entropy<T: KernelDtype>(dev: &Dev, name: &str) {
                 (1e-4, 1e-5),
             );
         }
+        // A weight per row and each row's argmax (the stored allocation's trainer), with a
+        // planted tie in row 0: the first of two equal maxima is the argmax.
+        let mut tied = logits.clone();
+        tied[3] = 100.0;
+        tied[vocab - 7] = 100.0;
+        let row_w: Vec<f32> = (0..n).map(|i| 0.25 + i as f32 * 0.5).collect();
+        let mut want_rows = vec![0.0; n * vocab];
+        let mut want_loss_rows = Vec::new();
+        for (i, (row, dl)) in tied
+            .chunks(vocab)
+            .zip(want_rows.chunks_mut(vocab))
+            .enumerate()
+        {
+            let w = weight * row_w[i] * 2.0;
+            want_loss_rows.push(ops::cross_entropy(row, vocab, &targets[i..=i], w, dl));
+        }
+        let want_argmax: Vec<u32> = tied
+            .chunks(vocab)
+            .zip(&targets)
+            .map(|(row, t)| t.map_or(u32::MAX, |_| ops::argmax(row) as u32))
+            .collect();
+        assert_eq!(want_argmax[0], 3, "the planted tie");
+        let scale2 = dev.upload(&[2.0f32]).unwrap();
+        let mut dl = poison::<T>(dev, n * vocab);
+        let mut rl = poison::<f32>(dev, n);
+        let mut am = dev.upload(&vec![0xdead_beefu32; n]).unwrap();
+        loss::cross_entropy_rows::<T>(
+            dev,
+            &up::<T>(dev, &tied),
+            &dev.upload(&t_i32).unwrap(),
+            (n, vocab),
+            weight,
+            Some(&scale2),
+            &mut dl,
+            &mut rl,
+            loss::PerRow {
+                weights: Some(&dev.upload(&row_w).unwrap()),
+                argmax: Some(&mut am),
+            },
+        )
+        .unwrap();
+        let sfx = format!("{} row weights", T::SUFFIX);
+        let t = if T::SUFFIX == "f32" {
+            (2e-6, 1e-4)
+        } else {
+            (2e-4, 2e-2)
+        };
+        assert_close(
+            &format!("cross_entropy dlogits V={vocab} {sfx}"),
+            &down(dev, &dl),
+            &want_rows,
+            t,
+        );
+        assert_close(
+            &format!("cross_entropy row losses V={vocab} {sfx}"),
+            &down(dev, &rl),
+            &want_loss_rows,
+            (1e-4, 1e-5),
+        );
+        assert_eq!(
+            dev.download(&am).unwrap(),
+            want_argmax,
+            "cross_entropy argmax V={vocab} {sfx}"
+        );
         if T::SUFFIX == "f16" && vocab == 50257 {
             // Why the trainer scales its loss in f16: unscaled, part of the gradient is lost.
             eprintln!(

@@ -225,13 +225,14 @@ fn config(dir: &Path) -> PathBuf {
 }
 
 /// The default preset served on `--device cuda` (the CUDA emulator, loaded as a driver is):
-/// queries run on the GPU, edits train on the CPU beside them (the server says so), and an edit
-/// committed through the API answers as on a CPU server: the same scope and log-probabilities.
+/// queries run and edits train on the GPU (no note of a CPU trainer), and an edit committed
+/// through the API answers as on a CPU server: the same scope, and log-probabilities equal up to
+/// training's rounding (f32).
 #[test]
-fn the_default_preset_answers_on_the_gpu_and_trains_on_the_cpu() {
-    let Some(emu) = common::emulator_library_or_skip(
-        "the_default_preset_answers_on_the_gpu_and_trains_on_the_cpu",
-    ) else {
+fn the_default_preset_answers_and_trains_on_the_gpu() {
+    let Some(emu) =
+        common::emulator_library_or_skip("the_default_preset_answers_and_trains_on_the_gpu")
+    else {
         return;
     };
     let tmp = tempfile::tempdir().unwrap();
@@ -263,8 +264,13 @@ fn the_default_preset_answers_on_the_gpu_and_trains_on_the_cpu() {
         }
         drop(server);
         let text = std::fs::read_to_string(&log).unwrap();
-        let split = text.contains("note: queries run on the GPU, edits train on the CPU");
-        assert_eq!(split, device == "cuda", "{device}: {text}");
+        let trains_on = if device == "cuda" {
+            "to train on the GPU (f32)"
+        } else {
+            "to train on the CPU"
+        };
+        assert!(text.contains(trains_on), "{device}: {text}");
+        assert!(!text.contains("edits train on the CPU"), "{device}: {text}");
         answers.push(scored);
     }
     let (cpu, cuda) = (&answers[0], &answers[1]);
@@ -281,7 +287,7 @@ fn the_default_preset_answers_on_the_gpu_and_trains_on_the_cpu() {
                 .collect()
         };
         for (x, y) in lp(a).iter().zip(&lp(b)) {
-            assert!((x - y).abs() <= 1e-4, "cpu {a} vs cuda {b}");
+            assert!((x - y).abs() <= 1e-3, "cpu {a} vs cuda {b}");
         }
     }
 }

@@ -836,15 +836,32 @@ impl ElderConfig {
         out
     }
 
-    /// What the GPU's edit step lacks: it trains the paper's routers and a fixed pool of experts
-    /// (the stored allocation, its growing pool and its training options train on the CPU).
+    /// What the GPU's edit step lacks. Under the stored allocation the device trains each
+    /// sequence's own experts (`runtime::cuda::train::stored`, driven by the CPU's batch logic:
+    /// fresh experts, prefixed and reworded copies, negatives, replays, early stops), all but
+    /// the options below; under routers it trains the paper's routers on a fixed pool.
     pub fn gpu_training_unsupported(&self) -> Vec<&'static str> {
         let mut out = Vec::new();
+        if !self.uses_routers() {
+            for (set, name) in [
+                (self.delta_penalty > 0.0, "delta_penalty"),
+                (
+                    self.expert_rows == ExpertRows::Subject,
+                    "expert_rows = \"subject\"",
+                ),
+                (
+                    self.expert_rows == ExpertRows::Answer,
+                    "expert_rows = \"answer\"",
+                ),
+            ] {
+                if set {
+                    out.push(name);
+                }
+            }
+            return out;
+        }
         if self.deferral != Deferral::Codebook {
             out.push("deferral = \"key_store\"");
-        }
-        if self.inference_allocation != InferenceAllocation::Router {
-            out.push("inference_allocation = \"stored\"");
         }
         match self.allocation {
             AllocationMode::LeastUsed => out.push("allocation = \"least_used\""),
@@ -1062,29 +1079,50 @@ mod tests {
             .contains(&"answer_gate_candidates > 1"));
     }
 
-    /// What the GPU lacks, by what a command does: the default preset's queries lack nothing
-    /// (the key store, the stored allocation and the answer gate answer there), its edits
-    /// everything the stored allocation trains with; the paper's method lacks nothing.
+    /// What the GPU lacks, by what a command does: the default preset lacks nothing (its queries
+    /// answer there and its edits train there); the stored allocation's options the device does
+    /// not train are named; the paper's method lacks nothing.
     #[test]
-    fn the_gpu_lacks_only_the_default_presets_training() {
+    fn the_gpu_runs_both_presets() {
         let model = cfg(Arch::Llama, 30);
         let default = ElderConfig::preset(Preset::Default, &model);
         assert!(default.gpu_inference_unsupported().is_empty());
-        let training = default.gpu_training_unsupported();
-        for name in [
-            "deferral = \"key_store\"",
-            "allocation = \"fresh\"",
-            "negatives",
-            "stop_loss",
-        ] {
-            assert!(training.contains(&name), "{name}: {training:?}");
-        }
-        assert_eq!(default.gpu_unsupported(), training);
+        assert!(
+            default.gpu_training_unsupported().is_empty(),
+            "{:?}",
+            default.gpu_training_unsupported()
+        );
+        let heavier = ElderConfig {
+            replay: 2,
+            subject_negatives: 3,
+            reworded_negatives: 2,
+            ..default.clone()
+        };
+        assert!(heavier.gpu_unsupported().is_empty());
+        let penalised = ElderConfig {
+            delta_penalty: 0.1,
+            expert_rows: ExpertRows::Answer,
+            ..default.clone()
+        };
+        assert_eq!(
+            penalised.gpu_training_unsupported(),
+            vec!["delta_penalty", "expert_rows = \"answer\""]
+        );
         let routed_keys = ElderConfig {
             inference_allocation: InferenceAllocation::Router,
             ..default.clone()
         };
         assert_eq!(routed_keys.gpu_inference_unsupported().len(), 1);
+        for name in [
+            "deferral = \"key_store\"",
+            "allocation = \"fresh\"",
+            "stop_loss",
+        ] {
+            assert!(
+                routed_keys.gpu_training_unsupported().contains(&name),
+                "{name}"
+            );
+        }
         assert!(ElderConfig::preset(Preset::Paper, &model)
             .gpu_unsupported()
             .is_empty());
@@ -1125,12 +1163,9 @@ mod tests {
                     .unwrap_or_else(|e| panic!("{p:?} {arch:?}: {e:#}"));
                 assert_eq!(c.preset, p);
             }
-            assert!(ElderConfig::preset(Preset::Paper, &m)
-                .gpu_unsupported()
-                .is_empty());
-            assert!(!ElderConfig::preset(Preset::Default, &m)
-                .gpu_unsupported()
-                .is_empty());
+            for p in [Preset::Paper, Preset::Default] {
+                assert!(ElderConfig::preset(p, &m).gpu_unsupported().is_empty());
+            }
         }
         let m = cfg(Arch::Llama, 30);
         let c = ElderConfig::from_toml_str("preset = \"paper\"\nrank = 2", &m, Preset::Default)

@@ -15,10 +15,13 @@ use crate::util::stable_hash;
 use super::codebook::Codebook;
 use super::config::{AllocationMode, ExpertRows};
 use super::molora::Elder;
+use super::molora::MoloraLayer;
 use super::plan::{EditPlan, KeyText, Replay};
 use super::trainer::{
     learning_rate, Adam, EditExample, EditReport, EditTimes, PreparedBatch, RowOptions,
 };
+use crate::backend::cpu::linear_ce::RowLosses;
+use crate::backend::cpu::ops::Routing;
 
 /// Tokens of the base model's greedy answer a negative keeps: the next token and the one after.
 const NEGATIVE_ANSWER_TOKENS: usize = 2;
@@ -34,11 +37,208 @@ struct Sequence {
     positive: bool,
 }
 
-/// Trains `plans` (with `replays`) into `elder`, then adds their keys to the key store and their
-/// entries to the memory. The plans' allocations must name experts of the pool, except fresh
-/// ones, which are created here (in plan order, so they get the indices the plans name).
+/// One stored-allocation batch as the iterations see it: its sequences (in order), each target
+/// row's loss weight, and per sequence its experts (indices into the batch's gathered pool, per
+/// layer), its subject row and whether its targets are the edit's (`false`: a negative).
+pub struct StoredBatch {
+    pub examples: Vec<EditExample>,
+    pub weights: Vec<f32>,
+    pub allocations: Vec<Vec<Vec<u32>>>,
+    pub subject_rows: Vec<usize>,
+    pub positive: Vec<bool>,
+}
+
+/// Where a stored-allocation batch's iterations run: the CPU reference ([`CpuSteps`]) or the
+/// CUDA trainer. Everything around them (the sequences, each edit's loss group and early stop,
+/// which experts go back when) is [`apply_stored_batch`]'s, one for both devices.
+pub trait StoredSteps {
+    /// The base model's greedy continuation of each prompt, `tokens` long (a negative's target).
+    fn greedy(&mut self, prompts: &[Vec<u32>], tokens: usize) -> anyhow::Result<Vec<Vec<u32>>>;
+    /// Readies `batch` to train `work`'s experts (the pool of only what it trains) from fresh
+    /// Adam moments.
+    fn prepare(&mut self, work: &Elder, batch: &StoredBatch) -> anyhow::Result<()>;
+    /// Forward and backward at the current parameters: each kept target row's loss and argmax.
+    fn losses(&mut self) -> anyhow::Result<RowLosses>;
+    /// Keeps only the kept sequences with `keep[i]` (in order): what is dropped no longer moves
+    /// any gradient from the next [`Self::losses`] on. Returns the kept target rows' indices
+    /// among the previously kept rows.
+    fn retain(&mut self, keep: &[bool]) -> anyhow::Result<Vec<usize>>;
+    /// Adam step `it` (0-based) with the gradients of the last [`Self::losses`].
+    fn step(&mut self, it: usize) -> anyhow::Result<()>;
+    /// The trained pool now (its experts in the order of the prepared `work`).
+    fn trained(&mut self) -> anyhow::Result<Vec<MoloraLayer>>;
+    /// Optimiser steps skipped for overflow in this batch and the loss scale after it (devices
+    /// that scale their loss; the CPU never does).
+    fn scaling(&mut self) -> anyhow::Result<(usize, f32)> {
+        Ok((0, 1.0))
+    }
+}
+
+/// The CPU reference of [`StoredSteps`]: `PreparedBatch` and `Adam` on `model`'s weights.
+pub struct CpuSteps<'m> {
+    model: &'m Model,
+    batch: Option<CpuBatch>,
+}
+
+/// A prepared batch of [`CpuSteps`].
+struct CpuBatch {
+    work: Elder,
+    prepared: PreparedBatch,
+    adam: Adam,
+    /// The kept sequences' experts, subject rows and kinds.
+    allocations: Vec<Vec<Vec<u32>>>,
+    subject_rows: Vec<usize>,
+    positive: Vec<bool>,
+    routing: Vec<Routing>,
+    grads: Vec<MoloraLayer>,
+}
+
+impl<'m> CpuSteps<'m> {
+    pub fn new(model: &'m Model) -> Self {
+        CpuSteps { model, batch: None }
+    }
+
+    fn batch(&mut self) -> anyhow::Result<&mut CpuBatch> {
+        self.batch
+            .as_mut()
+            .ok_or_else(|| anyhow::anyhow!("no stored batch prepared"))
+    }
+}
+
+impl StoredSteps for CpuSteps<'_> {
+    fn greedy(&mut self, prompts: &[Vec<u32>], tokens: usize) -> anyhow::Result<Vec<Vec<u32>>> {
+        Ok(self.model.generate(prompts, tokens, None, &mut NoAdapter))
+    }
+
+    fn prepare(&mut self, work: &Elder, batch: &StoredBatch) -> anyhow::Result<()> {
+        let work = work.clone();
+        // Under `expert_rows = "answer"` only the answer windows run each iteration.
+        let prepared = if work.cfg.expert_rows == ExpertRows::Answer {
+            PreparedBatch::answer_window(self.model, &work, &batch.examples, batch.weights.clone())?
+        } else {
+            PreparedBatch::weighted(self.model, &work, &batch.examples, batch.weights.clone())?
+        };
+        let routing = work.fixed_routing(
+            &batch
+                .allocations
+                .iter()
+                .map(|a| Some(a.as_slice()))
+                .collect::<Vec<_>>(),
+        );
+        self.batch = Some(CpuBatch {
+            adam: Adam::new(&work.layers),
+            grads: Vec::new(),
+            work,
+            prepared,
+            allocations: batch.allocations.clone(),
+            subject_rows: batch.subject_rows.clone(),
+            positive: batch.positive.clone(),
+            routing,
+        });
+        Ok(())
+    }
+
+    fn losses(&mut self) -> anyhow::Result<RowLosses> {
+        let model = self.model;
+        let b = self.batch()?;
+        let cfg = &b.work.cfg;
+        let rows: Option<Vec<Option<usize>>> = (cfg.expert_rows == ExpertRows::Subject)
+            .then(|| b.subject_rows.iter().map(|&r| Some(r)).collect());
+        let penalty = (cfg.delta_penalty > 0.0)
+            .then(|| (cfg.delta_penalty, b.positive.iter().map(|p| !p).collect()));
+        let mut step = b.prepared.loss_and_grads_routed(
+            model,
+            &b.work,
+            &b.routing,
+            RowOptions {
+                rows: rows.as_deref(),
+                answer_from: None,
+                delta_penalty: penalty,
+            },
+        );
+        b.grads = std::mem::take(&mut step.grads);
+        step.rows
+            .ok_or_else(|| anyhow::anyhow!("weighted batches report their rows"))
+    }
+
+    fn retain(&mut self, keep: &[bool]) -> anyhow::Result<Vec<usize>> {
+        let b = self.batch()?;
+        let kept_rows = b.prepared.retain(keep);
+        retain_flagged(&mut b.allocations, keep);
+        retain_flagged(&mut b.subject_rows, keep);
+        retain_flagged(&mut b.positive, keep);
+        b.routing = b.work.fixed_routing(
+            &b.allocations
+                .iter()
+                .map(|a| Some(a.as_slice()))
+                .collect::<Vec<_>>(),
+        );
+        Ok(kept_rows)
+    }
+
+    fn step(&mut self, it: usize) -> anyhow::Result<()> {
+        let b = self.batch()?;
+        let cfg = b.work.cfg.clone();
+        b.adam.step(
+            &cfg,
+            learning_rate(&cfg, it),
+            &mut b.work.layers,
+            &mut b.grads,
+        );
+        Ok(())
+    }
+
+    fn trained(&mut self) -> anyhow::Result<Vec<MoloraLayer>> {
+        Ok(self.batch()?.work.layers.clone())
+    }
+}
+
+/// Keeps the items of `v` whose flag in `keep` is set.
+fn retain_flagged<X>(v: &mut Vec<X>, keep: &[bool]) {
+    let mut flags = keep.iter();
+    v.retain(|_| *flags.next().expect("one flag per sequence"));
+}
+
+/// Trains `plans` (with `replays`) into `elder` on the CPU: [`apply_stored_batch_on`] with
+/// [`CpuSteps`].
 pub fn apply_stored_batch(
     model: &Model,
+    elder: &mut Elder,
+    plans: &[EditPlan],
+    replays: &[Replay],
+    on_iteration: impl FnMut(usize, f32),
+) -> anyhow::Result<EditReport> {
+    let report = apply_stored_batch_on(
+        &mut CpuSteps::new(model),
+        elder,
+        plans,
+        replays,
+        on_iteration,
+    )?;
+    finish_stored_batch(model, elder, plans, report)
+}
+
+/// Adds a trained batch's keys to the key store and its entries to the memory (after
+/// [`apply_stored_batch_on`]; the keys are read by `model`, the CPU's).
+pub fn finish_stored_batch(
+    model: &Model,
+    elder: &mut Elder,
+    plans: &[EditPlan],
+    mut report: EditReport,
+) -> anyhow::Result<EditReport> {
+    let t3 = std::time::Instant::now();
+    elder.add_keys(model, plans.iter().map(|p| p.key_texts.as_slice()))?;
+    report.times.keys = t3.elapsed().as_secs_f64();
+    elder.memory.extend(plans.iter().map(|p| p.entry.clone()));
+    elder.refresh_scope_calibration();
+    Ok(report)
+}
+
+/// Trains `plans` (with `replays`) into `elder`'s experts on `steps`. The plans' allocations must
+/// name experts of the pool, except fresh ones, which are created here (in plan order, so they
+/// get the indices the plans name). Keys and memory entries are [`finish_stored_batch`]'s.
+pub fn apply_stored_batch_on(
+    steps: &mut dyn StoredSteps,
     elder: &mut Elder,
     plans: &[EditPlan],
     replays: &[Replay],
@@ -64,7 +264,7 @@ pub fn apply_stored_batch(
         }
     }
     let t0 = std::time::Instant::now();
-    let sequences = sequences(model, plans, replays);
+    let sequences = sequences(steps, plans, replays)?;
     let t_seq = t0.elapsed();
 
     // The pool this batch trains: the experts its sequences use, per layer, in index order.
@@ -79,7 +279,7 @@ pub fn apply_stored_batch(
             u
         })
         .collect();
-    let mut work = Elder {
+    let work = Elder {
         cfg: cfg.clone(),
         layers: elder
             .layers
@@ -107,18 +307,7 @@ pub fn apply_stored_batch(
                 .collect()
         })
         .collect();
-    let mut routing =
-        work.fixed_routing(&local.iter().map(|a| Some(a.as_slice())).collect::<Vec<_>>());
-    let mut rows: Option<Vec<Option<usize>>> = (cfg.expert_rows == ExpertRows::Subject)
-        .then(|| sequences.iter().map(|s| Some(s.subject_row)).collect());
-    let mut penalty = (cfg.delta_penalty > 0.0).then(|| {
-        (
-            cfg.delta_penalty,
-            sequences.iter().map(|s| !s.positive).collect::<Vec<_>>(),
-        )
-    });
 
-    let examples: Vec<EditExample> = sequences.iter().map(|s| s.example.clone()).collect();
     // Each edit's rows (and the replays' together) are one group with a loss of its own: the
     // edit's positive rows weigh 1 in all, its negatives `negative_weight`, so an edit trains the
     // same in a batch of many as alone.
@@ -149,7 +338,15 @@ pub fn apply_stored_batch(
             }
         })
         .collect();
-    let mut targets: Vec<u32> = examples
+    let batch = StoredBatch {
+        examples: sequences.iter().map(|s| s.example.clone()).collect(),
+        weights,
+        allocations: local,
+        subject_rows: sequences.iter().map(|s| s.subject_row).collect(),
+        positive: sequences.iter().map(|s| s.positive).collect(),
+    };
+    let mut targets: Vec<u32> = batch
+        .examples
         .iter()
         .flat_map(|e| e.target.iter().copied())
         .collect();
@@ -161,20 +358,14 @@ pub fn apply_stored_batch(
         && replays.is_empty()
         && plans.len() > 1;
     let mut done = vec![false; plans.len()];
-    // The sequences still in the prepared batch (indices into `sequences`), and each group's
-    // latest mean positive loss (an edit's stays at its value when it stopped).
+    // The sequences still trained (indices into `sequences`), and each group's latest mean
+    // positive loss (an edit's stays at its value when it stopped).
     let mut alive: Vec<usize> = (0..sequences.len()).collect();
     let mut group_loss = vec![0.0f32; groups];
     let t1 = std::time::Instant::now();
-    // Under `expert_rows = "answer"` only the answer windows run each iteration.
-    let mut prepared = if cfg.expert_rows == ExpertRows::Answer {
-        PreparedBatch::answer_window(model, &work, &examples, weights)?
-    } else {
-        PreparedBatch::weighted(model, &work, &examples, weights)?
-    };
+    steps.prepare(&work, &batch)?;
     let t_prep = t1.elapsed();
     let t2 = std::time::Instant::now();
-    let mut adam = Adam::new(&work.layers);
     let mut report = EditReport {
         first_loss: 0.0,
         last_loss: 0.0,
@@ -185,20 +376,13 @@ pub fn apply_stored_batch(
         times: EditTimes::default(),
     };
     for it in 0..cfg.iterations {
-        let mut step = prepared.loss_and_grads_routed(
-            model,
-            &work,
-            &routing,
-            RowOptions {
-                rows: rows.as_deref(),
-                answer_from: None,
-                delta_penalty: penalty.clone(),
-            },
+        let row_losses = steps.losses()?;
+        anyhow::ensure!(
+            row_losses.loss.len() == row_group.len() && row_losses.argmax.len() == row_group.len(),
+            "{} row losses for {} target rows",
+            row_losses.loss.len(),
+            row_group.len()
         );
-        let row_losses = step
-            .rows
-            .take()
-            .expect("weighted batches report their rows");
         // Per group: its mean positive loss, and whether every row is the argmax with every
         // positive row under `stop_loss`.
         let mut learned = vec![true; groups];
@@ -226,21 +410,21 @@ pub fn apply_stored_batch(
             break;
         }
         if stop_per_edit {
-            let mut stopped = false;
-            for (e, plan) in plans.iter().enumerate() {
-                if !done[e] && learned[e] {
+            let newly: Vec<usize> = (0..plans.len())
+                .filter(|&e| !done[e] && learned[e])
+                .collect();
+            if !newly.is_empty() {
+                let trained = steps.trained()?;
+                for &e in &newly {
                     done[e] = true;
-                    stopped = true;
-                    write_experts(elder, &work, &used, &plan.entry.allocation, r);
+                    write_experts(elder, &trained, &used, &plans[e].entry.allocation, r);
                 }
-            }
-            if stopped {
                 // Drop the stopped edits' sequences: later iterations cost only what trains.
                 let keep: Vec<bool> = alive
                     .iter()
                     .map(|&i| sequences[i].edit.is_none_or(|e| !done[e]))
                     .collect();
-                let kept_rows = prepared.retain(&keep);
+                let kept_rows = steps.retain(&keep)?;
                 alive = alive
                     .iter()
                     .zip(&keep)
@@ -249,50 +433,27 @@ pub fn apply_stored_batch(
                     .collect();
                 row_group = kept_rows.iter().map(|&j| row_group[j]).collect();
                 targets = kept_rows.iter().map(|&j| targets[j]).collect();
-                routing = work.fixed_routing(
-                    &alive
-                        .iter()
-                        .map(|&i| Some(local[i].as_slice()))
-                        .collect::<Vec<_>>(),
-                );
-                if let Some(subject_rows) = &mut rows {
-                    *subject_rows = alive
-                        .iter()
-                        .map(|&i| Some(sequences[i].subject_row))
-                        .collect();
-                }
-                if let Some((_, negative)) = &mut penalty {
-                    *negative = alive.iter().map(|&i| !sequences[i].positive).collect();
-                }
             }
         }
-        adam.step(
-            &cfg,
-            learning_rate(&cfg, it),
-            &mut work.layers,
-            &mut step.grads,
-        );
+        steps.step(it)?;
         report.iterations = it + 1;
     }
+    let trained = steps.trained()?;
     if stop_per_edit {
         for (plan, _) in plans.iter().zip(&done).filter(|(_, &d)| !d) {
-            write_experts(elder, &work, &used, &plan.entry.allocation, r);
+            write_experts(elder, &trained, &used, &plan.entry.allocation, r);
         }
     } else {
-        for ((layer, u), trained) in elder.layers.iter_mut().zip(&used).zip(&work.layers) {
+        for ((layer, u), trained) in elder.layers.iter_mut().zip(&used).zip(&trained) {
             layer.scatter(r, u, trained);
         }
     }
-    let t_iter = t2.elapsed();
-    let t3 = std::time::Instant::now();
-    elder.add_keys(model, plans.iter().map(|p| p.key_texts.as_slice()))?;
+    (report.skipped_steps, report.loss_scale) = steps.scaling()?;
     report.times = EditTimes {
         prepare: (t_seq + t_prep).as_secs_f64(),
-        iterations: t_iter.as_secs_f64(),
-        keys: t3.elapsed().as_secs_f64(),
+        iterations: t2.elapsed().as_secs_f64(),
+        keys: 0.0,
     };
-    elder.memory.extend(plans.iter().map(|p| p.entry.clone()));
-    elder.refresh_scope_calibration();
     Ok(report)
 }
 
@@ -300,17 +461,13 @@ pub fn apply_stored_batch(
 /// the batch's gathered pool `work` (whose experts are `used`, per layer) back into `elder`.
 fn write_experts(
     elder: &mut Elder,
-    work: &Elder,
+    work: &[MoloraLayer],
     used: &[Vec<u32>],
     allocation: &[Vec<u32>],
     r: usize,
 ) {
-    for (((layer, trained), u), experts) in elder
-        .layers
-        .iter_mut()
-        .zip(&work.layers)
-        .zip(used)
-        .zip(allocation)
+    for (((layer, trained), u), experts) in
+        elder.layers.iter_mut().zip(work).zip(used).zip(allocation)
     {
         let local: Vec<u32> = experts
             .iter()
@@ -322,7 +479,11 @@ fn write_experts(
 
 /// The batch's sequences: each edit, its prefixed copies, its negatives (continued with the base
 /// model's greedy answer), then the replays.
-fn sequences(model: &Model, plans: &[EditPlan], replays: &[Replay]) -> Vec<Sequence> {
+fn sequences(
+    steps: &mut dyn StoredSteps,
+    plans: &[EditPlan],
+    replays: &[Replay],
+) -> anyhow::Result<Vec<Sequence>> {
     let negatives: Vec<Vec<u32>> = plans
         .iter()
         .flat_map(|p| p.negatives.iter().map(|n| n.tokens.clone()))
@@ -330,7 +491,7 @@ fn sequences(model: &Model, plans: &[EditPlan], replays: &[Replay]) -> Vec<Seque
     let mut answers = if negatives.is_empty() {
         Vec::new()
     } else {
-        model.generate(&negatives, NEGATIVE_ANSWER_TOKENS, None, &mut NoAdapter)
+        steps.greedy(&negatives, NEGATIVE_ANSWER_TOKENS)?
     }
     .into_iter();
     let mut out = Vec::new();
@@ -378,5 +539,5 @@ fn sequences(model: &Model, plans: &[EditPlan], replays: &[Replay]) -> Vec<Seque
         subject_row: r.prompt.key_row,
         positive: true,
     }));
-    out
+    Ok(out)
 }

@@ -644,12 +644,16 @@ fn load(shared: &Arc<Shared>, opts: &ServeOptions) -> Result<()> {
         book.ledger = ledger;
     }
     let writer = shared.clone();
+    let trains_on = match &device {
+        Device::Cpu => "the CPU".to_string(),
+        Device::Cuda(_, dtype) => format!("the GPU ({})", dtype.as_str()),
+    };
     let handle = std::thread::Builder::new()
         .name("elder-trainer".into())
         .spawn(move || trainer::run(writer, Engine::shared(base, device), session))?;
     *shared.trainer.lock().expect("trainer lock") = Some(handle);
     eprintln!(
-        "ready: generation {}, {pending} logged edits to train",
+        "ready: generation {}, {pending} logged edits to train on {trains_on}",
         shared.served().generation
     );
     shared.phase.store(READY, Ordering::SeqCst);

@@ -25,7 +25,9 @@ fn alloc<T: DeviceRepr + ValidAsZeroBits>(
     n: usize,
     what: &str,
 ) -> Result<CudaSlice<T>> {
-    dev.zeros::<T>(n)
+    // At least one element: a fixed pool has no routers, and an empty device buffer is not a
+    // buffer every driver accepts.
+    dev.zeros::<T>(n.max(1))
         .with_context(|| format!("allocating the trainer's {what} ({n} elements)"))
 }
 
@@ -129,7 +131,9 @@ impl ParamSet {
                     h.len()
                 );
             }
-            write(dev, t, h, "MoLoRA parameters")?;
+            if n > 0 {
+                write(dev, t, h, "MoLoRA parameters")?;
+            }
         }
         Ok(())
     }
@@ -138,11 +142,17 @@ impl ParamSet {
     pub fn download(&self, dev: &GpuDevice) -> Result<[Vec<f32>; 4]> {
         let sizes = self.sizes.as_array();
         let [a, b, w, br] = self.all();
+        let get = |t: &CudaSlice<f32>, n: usize| -> Result<Vec<f32>> {
+            if n == 0 {
+                return Ok(Vec::new());
+            }
+            dev.download(&t.slice(0..n))
+        };
         Ok([
-            dev.download(&a.slice(0..sizes[0]))?,
-            dev.download(&b.slice(0..sizes[1]))?,
-            dev.download(&w.slice(0..sizes[2]))?,
-            dev.download(&br.slice(0..sizes[3]))?,
+            get(a, sizes[0])?,
+            get(b, sizes[1])?,
+            get(w, sizes[2])?,
+            get(br, sizes[3])?,
         ])
     }
 }
@@ -225,6 +235,10 @@ pub struct HeadBuffers<T: KernelDtype> {
     /// The current iteration's per-row cross-entropy `[n]`, copied into `ce` after the iteration
     /// (an iteration writes the same address every time, so a captured graph can replay it).
     pub ce_now: CudaSlice<f32>,
+    /// A fixed pool's loss weight of every supervised row `[n]` and each row's argmax `[n]`
+    /// (read back every iteration for the early stop).
+    pub weights: CudaSlice<f32>,
+    pub argmax: CudaSlice<u32>,
 }
 
 /// ELDER's trainable state (f32, as the project keeps trainables) and its routing buffers.
@@ -414,6 +428,8 @@ impl<T: KernelDtype> TrainBuffers<T> {
             dx: alloc(dev, p.head_dx, "head")?,
             ce: alloc(dev, p.ce, "head")?,
             ce_now: alloc(dev, rows, "head")?,
+            weights: alloc(dev, rows, "head")?,
+            argmax: alloc(dev, rows, "head")?,
         };
         let router_shape = RouterShape {
             batch: p.cap.batch,

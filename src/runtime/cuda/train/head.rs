@@ -10,6 +10,7 @@ use crate::backend::cuda::{elementwise, gemm, loss};
 use crate::runtime::cuda::weights::{input_grad, NormIo};
 
 use super::buffers::{HeadBuffers, Scratch};
+use super::plan::Pool;
 use super::step::Step;
 
 impl<T: KernelDtype> Step<'_, T>
@@ -17,8 +18,9 @@ where
     CudaBlas: Gemm<T>,
 {
     /// Final norm and lm_head on the supervised rows of `h` (as `Model::head`), then the
-    /// cross-entropy with weight `1 / n` (as the CPU trainer) into `hb.ce_now`; its gradient is
-    /// multiplied by the device-side `loss_scale` (see `adam::LossScale`).
+    /// cross-entropy with weight `1 / n` (as the CPU trainer; a fixed pool's batch: each row's own
+    /// weight, and its argmax into `hb.argmax`) into `hb.ce_now`; its gradient is multiplied by
+    /// the device-side `loss_scale` (see `adam::LossScale`).
     pub(super) fn head_forward(
         &self,
         hb: &mut HeadBuffers<T>,
@@ -53,17 +55,29 @@ where
             &mut hb.logits,
             false,
         )?;
-        let weight = 1.0 / n as f32;
-        loss::cross_entropy(
+        // A fixed pool's batch weighs every row on its own (each edit's loss is its own group)
+        // and reads each row's argmax for its early stop.
+        let per_row = match self.pool {
+            Pool::Routed => loss::PerRow::default(),
+            Pool::Fixed(_) => loss::PerRow {
+                weights: Some(&hb.weights),
+                argmax: Some(&mut hb.argmax),
+            },
+        };
+        let weight = match self.pool {
+            Pool::Routed => 1.0 / n as f32,
+            Pool::Fixed(_) => 1.0,
+        };
+        loss::cross_entropy_rows(
             dev,
             &hb.logits,
             &hb.targets,
-            n,
-            vocab,
+            (n, vocab),
             weight,
             Some(loss_scale),
             &mut hb.dlogits,
             &mut hb.ce_now,
+            per_row,
         )
     }
 

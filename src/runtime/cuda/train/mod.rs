@@ -36,6 +36,7 @@ pub mod buffers;
 mod head;
 pub mod plan;
 pub mod step;
+mod stored;
 
 use std::sync::Arc;
 
@@ -50,6 +51,7 @@ use crate::backend::cuda::device::GpuDevice;
 use crate::backend::cuda::router;
 use crate::elder::config::ElderConfig;
 use crate::elder::molora::{Elder, MoloraLayer};
+use crate::elder::train_stored::StoredSteps;
 use crate::elder::trainer::{
     batch_presets, mean_query, push_codes, EditExample, EditReport, EditRows, EditTimes,
     LossAndGrads,
@@ -63,7 +65,7 @@ use super::plan::{prompt_query_rows, to_u32, Capacity};
 use super::staging::WeightSource;
 use super::{GpuDtype, GpuRunner};
 use buffers::{copy, QueryCapture, TrainBuffers};
-use plan::{check_trainable, head_scatter_ids, stack_params, unstack_params, TrainPlan};
+use plan::{check_trainable, head_scatter_ids, stack_params, unstack_params, Pool, TrainPlan};
 use step::Step;
 
 /// Calibration prompts per frozen-prefix forward (the CPU's `trainer::queries` takes 16 too).
@@ -81,6 +83,9 @@ pub struct GpuTrainer<T: KernelDtype> {
     /// Whether iterations after the first replay a captured CUDA graph (`ELDER_CUDA_GRAPHS=0`
     /// turns it off, as for decode steps).
     iteration_graphs: bool,
+    /// The stored allocation's batch in training (`stored::FixedBatch`, driven through
+    /// `elder::train_stored::StoredSteps`).
+    fixed: Option<stored::FixedBatch>,
 }
 
 /// An edit batch made ready on the device (prefix run, inputs written).
@@ -88,10 +93,12 @@ struct Prepared {
     rows: EditRows,
     /// Steps skipped for overflow before this batch (the counter lives on the device).
     skipped_before: u32,
-    /// The queries `[B, d_in]` as the prefix computed them (f32 on the host).
+    /// The queries `[B, d_in]` as the prefix computed them (f32 on the host; empty for a fixed
+    /// pool, which has no routers).
     query: Vec<f32>,
     d_in: usize,
     d_out: usize,
+    pool: Pool,
 }
 
 impl<T: KernelDtype> GpuTrainer<T>
@@ -115,6 +122,7 @@ where
             loss_scale: LossScalePolicy::for_dtype::<T>(),
             allocations: 0,
             iteration_graphs: super::forward::graphs_enabled(),
+            fixed: None,
         }
     }
 
@@ -163,7 +171,7 @@ where
         mut on_iteration: impl FnMut(usize, f32),
     ) -> Result<EditReport> {
         let cfg = elder.cfg.clone();
-        let prep = self.prepare(elder, batch)?;
+        let prep = self.prepare_batch(elder, batch, Pool::Routed)?;
         let iterations = cfg.iterations;
         let use_graphs = self.iteration_graphs;
         {
@@ -260,7 +268,7 @@ where
     /// `PreparedBatch::loss_and_grads` with the batch's presets): what the GPU-vs-CPU tests compare.
     pub fn loss_and_grads(&mut self, elder: &Elder, batch: &[EditExample]) -> Result<LossAndGrads> {
         let cfg = elder.cfg.clone();
-        let prep = self.prepare(elder, batch)?;
+        let prep = self.prepare_batch(elder, batch, Pool::Routed)?;
         {
             let (step, bufs) = self.parts(&cfg, &prep)?;
             step.forward(bufs, 0)?;
@@ -303,12 +311,12 @@ where
     fn reserve(
         &mut self,
         ecfg: &ElderConfig,
-        d_in: usize,
-        d_out: usize,
+        widths: (usize, usize),
         need: Capacity,
+        pool: Pool,
     ) -> Result<()> {
         let cap = self.bufs.as_ref().map_or(need, |b| b.plan.cap.union(need));
-        let mut plan = TrainPlan::new(&self.model.cfg, ecfg, d_in, d_out, cap)?;
+        let mut plan = TrainPlan::new(&self.model.cfg, ecfg, widths, cap, pool)?;
         if let Some(b) = &self.bufs {
             plan.ce = plan.ce.max(b.plan.ce);
         }
@@ -321,7 +329,7 @@ where
             &self.model.dev,
             &plan,
             ecfg,
-            d_in,
+            widths.0,
             self.loss_scale,
         )?);
         self.allocations += 1;
@@ -329,11 +337,20 @@ where
     }
 
     /// Runs the frozen prefix and writes everything an iteration reads: tape 0 (block `first`'s
-    /// MLP input and norm), the router input, the current parameters with fresh Adam moments, the
-    /// guided loss's presets, the supervised rows and their targets.
-    fn prepare(&mut self, elder: &Elder, batch: &[EditExample]) -> Result<Prepared> {
+    /// MLP input and norm), the current parameters (`elder`'s, `pool.experts` per layer) with
+    /// fresh Adam moments, the supervised rows and their targets; for a routed pool also the
+    /// router input and the guided loss's presets (a fixed pool's routing is the caller's).
+    fn prepare_batch(
+        &mut self,
+        elder: &Elder,
+        batch: &[EditExample],
+        pool: Pool,
+    ) -> Result<Prepared> {
         let cfg = &elder.cfg;
-        check_trainable(cfg)?;
+        let routed = pool == Pool::Routed;
+        if routed {
+            check_trainable(cfg)?;
+        }
         let rows = EditRows::new(&self.model.cfg, batch)?;
         let layer = elder
             .layers
@@ -346,7 +363,7 @@ where
             seq: shape.seq,
         };
         self.model.reserve(cap)?;
-        self.reserve(cfg, d_in, d_out, cap)?;
+        self.reserve(cfg, (d_in, d_out), cap, pool)?;
         let dev = self.model.dev.clone();
         let bufs = self.bufs.as_mut().context("training buffers missing")?;
         let first = cfg.molora_blocks[0];
@@ -366,7 +383,7 @@ where
         self.model
             .forward_prefix(&rows.ids, shape, first, &mut bufs.capture)?;
         anyhow::ensure!(
-            bufs.capture.captured(),
+            bufs.capture.captured() || !routed,
             "the query site (block {}, {:?}) was not reached below block {first}",
             cfg.query_block,
             cfg.query_proj
@@ -384,45 +401,19 @@ where
         copy(&dev, &act.mean, &mut tape.mean, n_rows, "prefix norm mean")?;
         copy(&dev, &act.rstd, &mut tape.rstd, n_rows, "prefix norm rstd")?;
 
-        // The routers' input, made on the device (centred on the state's mean query if configured).
-        let ex = &mut bufs.experts;
-        let centre = match (&elder.query_mean, cfg.query_centering) {
-            (Some(mean), true) => {
-                anyhow::ensure!(
-                    mean.len() == d_in,
-                    "the state's mean query has {} values, the query site is {d_in} wide",
-                    mean.len()
-                );
-                write(&dev, &mut ex.query_mean, mean, "mean query")?;
-                true
-            }
-            _ => false,
+        let query = if routed {
+            self.prepare_routers(elder, batch, shape.batch, d_in)?
+        } else {
+            Vec::new()
         };
-        router::router_input::<T>(
-            &dev,
-            shape.batch,
-            d_in,
-            &bufs.capture.query,
-            centre.then_some(&ex.query_mean),
-            &mut ex.router_in,
-        )
-        .context("making the router input")?;
-        // The raw queries stay on the host for the codebook entries pushed after training.
-        let query = dev.download_f32::<T, _>(&bufs.capture.query.slice(0..shape.batch * d_in))?;
-        // Already synchronised by the download: reading the counter costs no extra wait.
+        let bufs = self.bufs.as_mut().context("training buffers missing")?;
+        let ex = &mut bufs.experts;
+        // A routed batch's query download has synchronised already: reading the counter then
+        // costs no extra wait.
         let skipped_before = ex.loss_scale.status(&dev)?.skipped_steps;
         ex.params.upload(&dev, &stack_params(&elder.layers))?;
         ex.adam_m.clear(&dev)?;
         ex.adam_v.clear(&dev)?;
-        // Knowledge-seeded presets now; router-chosen ones are copied at the first iteration.
-        if let Some(presets) = batch_presets(cfg, batch) {
-            write(
-                &dev,
-                &mut ex.presets,
-                &presets.concat(),
-                "guided-loss presets",
-            )?;
-        }
 
         let hb = &mut bufs.head;
         let n = rows.target_rows.len();
@@ -448,7 +439,56 @@ where
             query,
             d_in,
             d_out,
+            pool,
         })
+    }
+
+    /// The routers' input, made on the device (centred on the state's mean query if configured),
+    /// and the guided loss's presets; returns the queries (f32, on the host).
+    fn prepare_routers(
+        &mut self,
+        elder: &Elder,
+        batch: &[EditExample],
+        n_seq: usize,
+        d_in: usize,
+    ) -> Result<Vec<f32>> {
+        let cfg = &elder.cfg;
+        let dev = self.model.dev.clone();
+        let bufs = self.bufs.as_mut().context("training buffers missing")?;
+        let ex = &mut bufs.experts;
+        let centre = match (&elder.query_mean, cfg.query_centering) {
+            (Some(mean), true) => {
+                anyhow::ensure!(
+                    mean.len() == d_in,
+                    "the state's mean query has {} values, the query site is {d_in} wide",
+                    mean.len()
+                );
+                write(&dev, &mut ex.query_mean, mean, "mean query")?;
+                true
+            }
+            _ => false,
+        };
+        router::router_input::<T>(
+            &dev,
+            n_seq,
+            d_in,
+            &bufs.capture.query,
+            centre.then_some(&ex.query_mean),
+            &mut ex.router_in,
+        )
+        .context("making the router input")?;
+        // The raw queries stay on the host for the codebook entries pushed after training.
+        let query = dev.download_f32::<T, _>(&bufs.capture.query.slice(0..n_seq * d_in))?;
+        // Knowledge-seeded presets now; router-chosen ones are copied at the first iteration.
+        if let Some(presets) = batch_presets(cfg, batch) {
+            write(
+                &dev,
+                &mut ex.presets,
+                &presets.concat(),
+                "guided-loss presets",
+            )?;
+        }
+        Ok(query)
     }
 
     /// The iteration's read-only context and the buffers it works on.
@@ -471,6 +511,7 @@ where
             n_targets: prep.rows.target_rows.len(),
             d_in: prep.d_in,
             d_out: prep.d_out,
+            pool: prep.pool,
         };
         Ok((step, bufs))
     }
@@ -513,6 +554,8 @@ pub trait GpuEditor {
     ) -> Result<EditReport>;
     /// [`GpuTrainer::calibrate_query_mean`].
     fn calibrate_query_mean(&mut self, elder: &mut Elder, prompts: &[Vec<u32>]) -> Result<()>;
+    /// The stored allocation's iterations on this trainer (`elder::train_stored`).
+    fn stored_steps(&mut self) -> &mut dyn StoredSteps;
     /// The same uploaded model for inference (evaluation after or between edits).
     fn runner(&mut self) -> &mut dyn GpuRunner;
     fn allocations(&self) -> usize;
@@ -538,6 +581,9 @@ macro_rules! impl_editor {
                 prompts: &[Vec<u32>],
             ) -> Result<()> {
                 GpuTrainer::calibrate_query_mean(self, elder, prompts)
+            }
+            fn stored_steps(&mut self) -> &mut dyn StoredSteps {
+                self
             }
             fn runner(&mut self) -> &mut dyn GpuRunner {
                 &mut self.model

@@ -25,19 +25,43 @@ pub struct ParamSizes {
 }
 
 impl ParamSizes {
-    pub fn new(cfg: &ElderConfig, d_in: usize, d_out: usize) -> Self {
-        let (l, e, r) = (cfg.molora_blocks.len(), cfg.num_experts, cfg.rank);
+    /// `pool`'s experts per layer, with a router over them when it is routed.
+    pub fn new(cfg: &ElderConfig, pool: Pool, d_in: usize, d_out: usize) -> Self {
+        let (l, r) = (cfg.molora_blocks.len(), cfg.rank);
+        let (e, routed) = match pool {
+            Pool::Routed => (cfg.num_experts, cfg.num_experts),
+            Pool::Fixed(e) => (e, 0),
+        };
         ParamSizes {
             a: l * e * d_in * r,
             b: l * e * r * d_out,
-            w_r: l * e * d_in,
-            b_r: l * e,
+            w_r: l * routed * d_in,
+            b_r: l * routed,
         }
     }
 
     /// In `MoloraLayer::tensors_mut` order (A, B, router weight, router bias).
     pub fn as_array(&self) -> [usize; 4] {
         [self.a, self.b, self.w_r, self.b_r]
+    }
+}
+
+/// The experts a batch trains: the config's pool chosen by its routers (the paper), or a pool of
+/// `n` experts per layer with every sequence's experts given (the stored allocation: no
+/// routers; the pool is the batch's gathered experts, padded with unused ones up to `n`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pool {
+    Routed,
+    Fixed(usize),
+}
+
+impl Pool {
+    /// Experts per layer of the device layout.
+    pub fn experts(self, cfg: &ElderConfig) -> usize {
+        match self {
+            Pool::Routed => cfg.num_experts,
+            Pool::Fixed(e) => e,
+        }
     }
 }
 
@@ -111,6 +135,8 @@ pub struct TrainPlan {
     /// Per-row cross-entropy of every iteration `[iterations, rows]` (read back once per batch).
     pub ce: usize,
     pub params: ParamSizes,
+    /// Which experts train (and how many per layer the parameters hold).
+    pub pool: Pool,
     /// MoLoRA layers.
     pub layers: usize,
     /// Router rows `[L, batch]`, their top-k `[L, batch, k]` and logits `[L, batch, E]`.
@@ -125,9 +151,9 @@ impl TrainPlan {
     pub fn new(
         cfg: &ModelConfig,
         ecfg: &ElderConfig,
-        d_in: usize,
-        d_out: usize,
+        (d_in, d_out): (usize, usize),
         cap: Capacity,
+        pool: Pool,
     ) -> Result<Self> {
         let first = *ecfg
             .molora_blocks
@@ -161,7 +187,8 @@ impl TrainPlan {
             logits: rows * cfg.vocab_size,
             head_dx: (rows + 1) * cfg.hidden_size,
             ce: ecfg.iterations * rows,
-            params: ParamSizes::new(ecfg, d_in, d_out),
+            params: ParamSizes::new(ecfg, pool, d_in, d_out),
+            pool,
             layers,
             router_rows: layers * cap.batch,
             chosen: layers * cap.batch * ecfg.top_k,
@@ -212,7 +239,7 @@ mod tests {
     fn gpt2_xl_plan(cap: Capacity) -> TrainPlan {
         let cfg = preset(Arch::Gpt2, "gpt2-xl").unwrap();
         let ecfg = ElderConfig::preset_for(&cfg); // 6 layers from block 36, c_fc, E=4, k=2, r=8
-        TrainPlan::new(&cfg, &ecfg, 1600, 6400, cap).unwrap()
+        TrainPlan::new(&cfg, &ecfg, (1600, 6400), cap, Pool::Routed).unwrap()
     }
 
     #[test]
@@ -257,12 +284,40 @@ mod tests {
             ..ElderConfig::preset_for(&cfg)
         };
         let cap = Capacity { batch: 3, seq: 5 };
-        let p = TrainPlan::new(&cfg, &ecfg, cfg.intermediate_size, 64, cap).unwrap();
+        let p =
+            TrainPlan::new(&cfg, &ecfg, (cfg.intermediate_size, 64), cap, Pool::Routed).unwrap();
         assert_eq!((p.mlp_tapes, p.attn_tapes), (1, 0));
         assert_eq!(p.q, 15 * 96);
         assert_eq!(p.kv, 15 * 48);
         assert_eq!(p.up, 15 * cfg.intermediate_size);
         assert_eq!(p.lse, 3 * 4 * 5);
+    }
+
+    #[test]
+    fn a_fixed_pool_holds_its_experts_and_no_routers() {
+        let cfg = preset(Arch::Gpt2, "tiny").unwrap();
+        let ecfg = ElderConfig {
+            query_block: 0,
+            molora_blocks: vec![1],
+            ..ElderConfig::preset_for(&cfg)
+        };
+        let cap = Capacity { batch: 2, seq: 4 };
+        let r = ecfg.rank;
+        let p = TrainPlan::new(&cfg, &ecfg, (64, 256), cap, Pool::Fixed(7)).unwrap();
+        assert_eq!(
+            p.params,
+            ParamSizes {
+                a: 7 * 64 * r,
+                b: 7 * r * 256,
+                w_r: 0,
+                b_r: 0
+            }
+        );
+        assert_eq!(Pool::Fixed(7).experts(&ecfg), 7);
+        assert_eq!(Pool::Routed.experts(&ecfg), ecfg.num_experts);
+        let routed = TrainPlan::new(&cfg, &ecfg, (64, 256), cap, Pool::Routed).unwrap();
+        assert_ne!(routed, p, "a pool change reallocates");
+        assert_eq!(routed.params.b_r, ecfg.num_experts);
     }
 
     #[test]
@@ -274,12 +329,12 @@ mod tests {
             ..ElderConfig::preset_for(&cfg)
         };
         let cap = Capacity { batch: 1, seq: 4 };
-        assert!(TrainPlan::new(&cfg, &ecfg, 64, 256, cap).is_err());
+        assert!(TrainPlan::new(&cfg, &ecfg, (64, 256), cap, Pool::Routed).is_err());
         let empty = ElderConfig {
             molora_blocks: vec![],
             ..ecfg
         };
-        assert!(TrainPlan::new(&cfg, &empty, 64, 256, cap).is_err());
+        assert!(TrainPlan::new(&cfg, &empty, (64, 256), cap, Pool::Routed).is_err());
     }
 
     #[test]
@@ -304,7 +359,7 @@ mod tests {
             molora_blocks: vec![1, 2],
             ..ecfg
         };
-        let sizes = ParamSizes::new(&two, d_in, d_out).as_array();
+        let sizes = ParamSizes::new(&two, Pool::Routed, d_in, d_out).as_array();
         for (kind, values) in stacked.iter().enumerate() {
             assert_eq!(values.len(), sizes[kind], "tensor {kind}");
             let half = values.len() / 2;

@@ -27,6 +27,7 @@ use crate::runtime::cuda::activations::write;
 use crate::runtime::cuda::weights::{GpuWeights, NormIo};
 
 use super::buffers::{Experts, TrainBuffers};
+use super::plan::Pool;
 
 /// What an iteration reads and never changes: the model, the batch's shape and its device-side
 /// positions (written by the prefix forward), the ELDER config and the MoLoRA widths.
@@ -44,6 +45,8 @@ pub struct Step<'a, T: KernelDtype> {
     /// Input and output width of the MoLoRA projections.
     pub d_in: usize,
     pub d_out: usize,
+    /// The routed pool, or a fixed one whose routing `prepare` wrote once for the batch.
+    pub pool: Pool,
 }
 
 impl<T: KernelDtype> Step<'_, T>
@@ -148,6 +151,13 @@ where
         self.head_forward(&mut b.head, &sc.delta, b.experts.loss_scale.scale())
     }
 
+    /// The forward and the backward of an iteration (no Adam): what a fixed pool's batch runs
+    /// before it reads the row losses back.
+    pub fn forward_backward(&self, b: &mut TrainBuffers<T>, it: usize) -> Result<()> {
+        self.forward(b, it)?;
+        self.backward(b)
+    }
+
     /// The backward of the iteration down to block `first`'s MoLoRA site, then the routers'.
     pub fn backward(&self, b: &mut TrainBuffers<T>) -> Result<()> {
         let first = self.first();
@@ -182,11 +192,17 @@ where
             .zip(ex.grads.all())
             .zip(ex.adam_m.all_mut())
             .zip(ex.adam_v.all_mut());
-        // Every tensor's check before any step, so an overflow anywhere skips all of them.
+        // Every tensor's check before any step, so an overflow anywhere skips all of them. (A
+        // fixed pool has no routers: their tensors are empty.)
         for (g, &n) in ex.grads.all().into_iter().zip(&sizes) {
-            ex.loss_scale.check(self.dev, g, n)?;
+            if n > 0 {
+                ex.loss_scale.check(self.dev, g, n)?;
+            }
         }
         for (i, ((((p, g), m), v), n)) in tensors.zip(sizes).enumerate() {
+            if n == 0 {
+                continue;
+            }
             let schedule = ex.adam_schedule.slice(2 * i..2 * i + 2);
             let schedule = adam::Schedule::Device {
                 betas,
@@ -216,6 +232,9 @@ where
     /// guided loss's targets (a device-to-device copy).
     fn route(&self, ex: &mut Experts, it: usize) -> Result<()> {
         ex.grads.clear(self.dev)?;
+        if self.pool != Pool::Routed {
+            return Ok(());
+        }
         router::router_fused::<f32>(
             self.dev,
             &self.router_shape(),
@@ -247,6 +266,9 @@ where
     }
 
     fn router_backward(&self, ex: &mut Experts) -> Result<()> {
+        if self.pool != Pool::Routed {
+            return Ok(());
+        }
         let (l, batch) = (self.ecfg.molora_blocks.len(), self.shape.batch);
         let shape = RouterGradShape {
             rows: l * batch,
@@ -301,7 +323,7 @@ where
                 k: self.ecfg.top_k,
                 scale: self.ecfg.scale(),
             },
-            n_experts: self.ecfg.num_experts,
+            n_experts: self.pool.experts(self.ecfg),
         }
     }
 
@@ -314,7 +336,7 @@ where
         std::ops::Range<usize>,
         std::ops::Range<usize>,
     ) {
-        let (e, r) = (self.ecfg.num_experts, self.ecfg.rank);
+        let (e, r) = (self.pool.experts(self.ecfg), self.ecfg.rank);
         let (a, bm) = (e * self.d_in * r, e * r * self.d_out);
         let bk = self.shape.batch * self.ecfg.top_k;
         (
