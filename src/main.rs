@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 
 use elder::backend::select::DeviceRequest;
 use elder::data::{read_edits_lenient, DataFormat, EditRecord};
+use elder::elder::capture::CpuSites;
 use elder::elder::config::{ElderConfig, Preset};
 use elder::elder::state;
 use elder::engine::{DeviceChoice, Engine};
@@ -878,7 +879,11 @@ fn rekey_state(
         elder.memory.len(),
         settings.join(" ")
     );
-    elder.rebuild_key_store(base.model()?, &base.tokenizer, &base.background_prompts()?)?;
+    elder.rebuild_key_store(
+        &mut CpuSites(base.model()?),
+        &base.tokenizer,
+        &base.background_prompts()?,
+    )?;
     Ok(())
 }
 

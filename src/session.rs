@@ -10,14 +10,13 @@ use serde::Serialize;
 
 use crate::data::background::background_sentences;
 use crate::data::EditRecord;
+use crate::elder::capture::{CpuSites, SiteReader};
 use crate::elder::config::{ElderConfig, Preset};
 use crate::elder::memory::EditEntry;
 use crate::elder::molora::Elder;
 use crate::elder::plan::{self, plan_edit, Replay};
 use crate::elder::state::{config_differences, EditState};
-use crate::elder::train_stored::{
-    apply_stored_batch_on, finish_stored_batch, CpuSteps, StoredSteps,
-};
+use crate::elder::train_stored::{apply_stored_batch_on, finish_stored_batch, CpuSteps};
 use crate::elder::trainer::{
     apply_edit_batch, calibrate_query_mean, EditExample, EditReport, EditTimes,
 };
@@ -238,7 +237,7 @@ impl EditSession {
             // storing it (the rows that `weighted_context` relation keys are measured against):
             // read again here, once per process, so every query can be matched (about 3.5 s for
             // SmolLM2 on 2 cores; an edit stream reads it anyway).
-            elder.ensure_key_store(base.model()?, &base.background_prompts()?)?;
+            elder.ensure_key_store(&mut CpuSites(base.model()?), &base.background_prompts()?)?;
         }
         Ok(EditSession { elder, state })
     }
@@ -317,18 +316,10 @@ impl EditDevice {
             .collect::<Result<_>>()?;
         if elder.key_store_needs_background() {
             let background = base.background_prompts()?;
-            elder.ensure_key_store(base.model()?, &background)?;
+            self.with_sites(base, |sites| elder.ensure_key_store(sites, &background))?;
         }
         if !elder.cfg.uses_routers() {
-            return match self {
-                EditDevice::Cpu => {
-                    let mut steps = CpuSteps::new(base.model()?);
-                    stored_batch(base, elder, entries, &mut steps, on_iteration)
-                }
-                EditDevice::Cuda(editor) => {
-                    stored_batch(base, elder, entries, editor.stored_steps(), on_iteration)
-                }
-            };
+            return stored_batch(self, base, elder, entries, on_iteration);
         }
         let batch: Vec<EditExample> = tokenized
             .iter()
@@ -347,11 +338,26 @@ impl EditDevice {
                 .iter()
                 .map(|e| plan::key_texts(&elder.cfg, &base.tokenizer, e, base.cfg.max_positions))
                 .collect::<Result<Vec<_>>>()?;
-            elder.add_keys(base.model()?, texts.iter().map(Vec::as_slice))?;
+            self.with_sites(base, |sites| {
+                elder.add_keys(sites, texts.iter().map(Vec::as_slice))
+            })?;
         }
         elder.memory.extend(entries);
         elder.refresh_scope_calibration();
         Ok(report)
+    }
+
+    /// Runs `f` with this device's reader of the key store's sites: the CPU model, or the GPU's
+    /// uploaded one (which then needs no CPU model).
+    fn with_sites<R>(
+        &mut self,
+        base: &BaseModel,
+        f: impl FnOnce(&mut dyn SiteReader) -> Result<R>,
+    ) -> Result<R> {
+        match self {
+            EditDevice::Cpu => f(&mut CpuSites(base.model()?)),
+            EditDevice::Cuda(editor) => f(editor.site_reader()),
+        }
     }
 
     /// Sets the state's mean query (`query_centering`) from `prompts`, on this device's forward.
@@ -601,14 +607,14 @@ pub fn apply_stream_on(
     })
 }
 
-/// Trains one batch under the stored allocation: a plan per edit, the replays its allocations
-/// call for, then [`apply_stored_batch_on`] the device's `steps` and the keys read on the CPU
-/// ([`finish_stored_batch`]).
+/// Trains one batch under the stored allocation on `device`: a plan per edit, the replays its
+/// allocations call for, then [`apply_stored_batch_on`] the device's iterations and the keys read
+/// on its forward ([`finish_stored_batch`]).
 fn stored_batch(
+    device: &mut EditDevice,
     base: &BaseModel,
     elder: &mut Elder,
     entries: Vec<EditEntry>,
-    steps: &mut dyn StoredSteps,
     on_iteration: impl FnMut(usize, f32),
 ) -> Result<EditReport> {
     let cfg = elder.cfg.clone();
@@ -650,8 +656,21 @@ fn stored_batch(
             })
         })
         .collect::<Result<Vec<_>>>()?;
-    let report = apply_stored_batch_on(steps, elder, &plans, &replays, on_iteration)?;
-    finish_stored_batch(base.model()?, elder, &plans, report)
+    let report = match device {
+        EditDevice::Cpu => apply_stored_batch_on(
+            &mut CpuSteps::new(base.model()?),
+            elder,
+            &plans,
+            &replays,
+            on_iteration,
+        )?,
+        EditDevice::Cuda(editor) => {
+            apply_stored_batch_on(editor.stored_steps(), elder, &plans, &replays, on_iteration)?
+        }
+    };
+    device.with_sites(base, |sites| {
+        finish_stored_batch(sites, elder, &plans, report)
+    })
 }
 
 /// Prompts for the mean query: the edit prompts of the first `n` records and the shipped

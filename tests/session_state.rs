@@ -4,6 +4,7 @@
 use std::path::Path;
 
 use elder::data::{read_edits, DataFormat, EditRecord};
+use elder::elder::capture::CpuSites;
 use elder::elder::config::{ElderConfig, Preset, RelationKey};
 use elder::model::checkpoint::StoreDtype;
 use elder::model::presets::write_random_checkpoint;
@@ -264,7 +265,7 @@ fn key_store_rebuilds_from_memory() {
     let model = base.model().unwrap();
     let background = base.background_prompts().unwrap();
     let mut same = s.elder.clone();
-    same.rebuild_key_store(model, &base.tokenizer, &background)
+    same.rebuild_key_store(&mut CpuSites(model), &base.tokenizer, &background)
         .unwrap();
     assert!(same.key_store.as_ref() == Some(&stored));
     assert_eq!(same.scope_threshold(), s.elder.scope_threshold());
@@ -283,7 +284,7 @@ fn key_store_rebuilds_from_memory() {
     let mut other = s.elder.clone();
     other.cfg = other_cfg.clone();
     other
-        .rebuild_key_store(model, &base.tokenizer, &background)
+        .rebuild_key_store(&mut CpuSites(model), &base.tokenizer, &background)
         .unwrap();
     let rebuilt = other.key_store.as_ref().unwrap();
     assert_eq!(rebuilt.len(), stored.len());
@@ -595,7 +596,7 @@ fn a_rolled_back_edit_leaves_no_key_and_no_expert() {
     let mut rebuilt = session.elder.clone();
     rebuilt
         .rebuild_key_store(
-            base.model().unwrap(),
+            &mut CpuSites(base.model().unwrap()),
             &base.tokenizer,
             &base.background_prompts().unwrap(),
         )

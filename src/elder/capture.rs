@@ -5,7 +5,42 @@ use std::collections::BTreeMap;
 
 use crate::model::layers::Site;
 use crate::model::runner::pad_batch;
-use crate::model::{Adapter, BatchShape, KvCache, Model};
+use crate::model::{Adapter, BatchShape, KvCache, Model, ModelConfig};
+
+/// Each prompt's inputs of some sites: site -> `[prompt.len(), width]` (f32).
+pub type SiteInputs = BTreeMap<Site, Vec<f32>>;
+
+/// What reads the frozen model's inputs of MLP sites for prompts (the key store's keys and its
+/// background): the CPU model ([`CpuSites`]) or a device's forward (the CUDA model), so the key
+/// store is written once for both.
+pub trait SiteReader {
+    /// The model it reads.
+    fn model_config(&self) -> &ModelConfig;
+    /// For each prompt, the inputs of every site in `sites`, through the frozen blocks up to the
+    /// last site's block only.
+    fn site_inputs(
+        &mut self,
+        prompts: &[Vec<u32>],
+        sites: &[Site],
+    ) -> anyhow::Result<Vec<SiteInputs>>;
+}
+
+/// The CPU model as a [`SiteReader`] ([`capture_inputs`]).
+pub struct CpuSites<'m>(pub &'m Model);
+
+impl SiteReader for CpuSites<'_> {
+    fn model_config(&self) -> &ModelConfig {
+        &self.0.cfg
+    }
+
+    fn site_inputs(
+        &mut self,
+        prompts: &[Vec<u32>],
+        sites: &[Site],
+    ) -> anyhow::Result<Vec<SiteInputs>> {
+        Ok(capture_inputs(self.0, prompts, sites))
+    }
+}
 
 /// An adapter that keeps the input of each wanted site, every row of the first call that
 /// reaches it (later calls, such as decode steps, leave it as it is).
@@ -55,11 +90,7 @@ impl Adapter for SiteCapture {
 
 /// The inputs of `sites` for each prompt, through the frozen blocks up to the last site's block
 /// only: per prompt, site -> `[prompt.len(), width]`.
-pub fn capture_inputs(
-    model: &Model,
-    prompts: &[Vec<u32>],
-    sites: &[Site],
-) -> Vec<BTreeMap<Site, Vec<f32>>> {
+pub fn capture_inputs(model: &Model, prompts: &[Vec<u32>], sites: &[Site]) -> Vec<SiteInputs> {
     let Some(last) = sites.iter().map(|s| s.block).max() else {
         return vec![BTreeMap::new(); prompts.len()];
     };

@@ -29,9 +29,8 @@ use anyhow::{Context, Result};
 use crate::backend::cpu::ops::gemm_strided;
 use crate::model::layers::Site;
 use crate::model::names::site_dims;
-use crate::model::Model;
 
-use super::capture::capture_inputs;
+use super::capture::SiteReader;
 use super::config::{Deferral, ElderConfig, KeyKind, RelationKey};
 use super::molora::Elder;
 use super::plan::KeyText;
@@ -1033,13 +1032,17 @@ impl Elder {
     /// Creates the key store (`deferral = "key_store"`, once): its spaces are centred on the
     /// inputs of `background` (the shipped background sentences, tokenized). With key ceilings
     /// the background rows are also kept as keys (recomputed here for a reloaded store).
-    pub fn ensure_key_store(&mut self, model: &Model, background: &[Vec<u32>]) -> Result<()> {
+    pub fn ensure_key_store(
+        &mut self,
+        reader: &mut dyn SiteReader,
+        background: &[Vec<u32>],
+    ) -> Result<()> {
         if !self.key_store_needs_background() {
             return Ok(());
         }
-        let cfg = &self.cfg;
         let sites = self.key_sites();
-        let inputs = capture_inputs(model, background, &sites);
+        let inputs = reader.site_inputs(background, &sites)?;
+        let cfg = &self.cfg;
         let background_keys = |space: &KeySpace| -> Vec<f32> {
             inputs
                 .iter()
@@ -1060,7 +1063,7 @@ impl Elder {
             return Ok(());
         }
         let space = |site: Site, key_dim: usize, centred: bool| -> Result<KeySpace> {
-            let (width, _) = site_dims(&model.cfg, site.proj)
+            let (width, _) = site_dims(reader.model_config(), site.proj)
                 .with_context(|| format!("{:?} does not exist in this model", site.proj))?;
             let rows: Vec<Vec<f32>> = inputs.iter().map(|m| m[&site].clone()).collect();
             let bg = Background::from_rows(&rows, width, cfg.key_position_means);
@@ -1100,18 +1103,19 @@ impl Elder {
     /// the keys, so this is what a stream run with these key options would have stored.
     pub fn rebuild_key_store(
         &mut self,
-        model: &Model,
+        reader: &mut dyn SiteReader,
         tokenizer: &crate::model::tokenizer::Tokenizer,
         background: &[Vec<u32>],
     ) -> Result<()> {
         self.key_store = None;
-        self.ensure_key_store(model, background)?;
+        self.ensure_key_store(reader, background)?;
+        let max_positions = reader.model_config().max_positions;
         let texts = self
             .memory
             .iter()
-            .map(|e| super::plan::key_texts(&self.cfg, tokenizer, e, model.cfg.max_positions))
+            .map(|e| super::plan::key_texts(&self.cfg, tokenizer, e, max_positions))
             .collect::<Result<Vec<_>>>()?;
-        self.add_keys(model, texts.iter().map(Vec::as_slice))?;
+        self.add_keys(reader, texts.iter().map(Vec::as_slice))?;
         self.refresh_scope_calibration();
         Ok(())
     }
@@ -1120,7 +1124,7 @@ impl Elder {
     /// the first also gives the relation key). Nothing to do without a key store.
     pub fn add_keys<'a>(
         &mut self,
-        model: &Model,
+        reader: &mut dyn SiteReader,
         edits: impl Iterator<Item = &'a [KeyText]>,
     ) -> Result<()> {
         if self.cfg.deferral != Deferral::KeyStore {
@@ -1139,7 +1143,7 @@ impl Elder {
                 texts.len()
             );
             let tokens: Vec<Vec<u32>> = texts.iter().map(|t| t.tokens.clone()).collect();
-            let inputs = capture_inputs(model, &tokens, &sites);
+            let inputs = reader.site_inputs(&tokens, &sites)?;
             let (w, dim, span) = (store.space.width, store.space.dim, store.span);
             let mut keys = Vec::with_capacity(store.variants * span * dim);
             for (text, input) in texts.iter().zip(&inputs) {

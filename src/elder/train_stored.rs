@@ -12,6 +12,7 @@ use rand_chacha::ChaCha8Rng;
 use crate::model::{Model, NoAdapter};
 use crate::util::stable_hash;
 
+use super::capture::{CpuSites, SiteReader};
 use super::codebook::Codebook;
 use super::config::{AllocationMode, ExpertRows};
 use super::molora::Elder;
@@ -215,19 +216,19 @@ pub fn apply_stored_batch(
         replays,
         on_iteration,
     )?;
-    finish_stored_batch(model, elder, plans, report)
+    finish_stored_batch(&mut CpuSites(model), elder, plans, report)
 }
 
-/// Adds a trained batch's keys to the key store and its entries to the memory (after
-/// [`apply_stored_batch_on`]; the keys are read by `model`, the CPU's).
+/// Adds a trained batch's keys to the key store (read by `sites`, the device's forward) and its
+/// entries to the memory, after [`apply_stored_batch_on`].
 pub fn finish_stored_batch(
-    model: &Model,
+    sites: &mut dyn SiteReader,
     elder: &mut Elder,
     plans: &[EditPlan],
     mut report: EditReport,
 ) -> anyhow::Result<EditReport> {
     let t3 = std::time::Instant::now();
-    elder.add_keys(model, plans.iter().map(|p| p.key_texts.as_slice()))?;
+    elder.add_keys(sites, plans.iter().map(|p| p.key_texts.as_slice()))?;
     report.times.keys = t3.elapsed().as_secs_f64();
     elder.memory.extend(plans.iter().map(|p| p.entry.clone()));
     elder.refresh_scope_calibration();

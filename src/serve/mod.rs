@@ -25,6 +25,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use metrics_exporter_prometheus::PrometheusHandle;
 
+use crate::elder::capture::CpuSites;
 use crate::elder::config::ElderConfig;
 use crate::elder::molora::Elder;
 use crate::engine::{Device, DeviceChoice, Engine};
@@ -597,7 +598,7 @@ fn load(shared: &Arc<Shared>, opts: &ServeOptions) -> Result<()> {
         if session.elder.key_store_needs_background() {
             session
                 .elder
-                .ensure_key_store(base.model()?, &base.background_prompts()?)?;
+                .ensure_key_store(&mut CpuSites(base.model()?), &base.background_prompts()?)?;
         }
         let follower = shared.clone();
         let (nats, dir) = (nats.clone(), opts.state.clone());

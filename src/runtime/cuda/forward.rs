@@ -284,6 +284,30 @@ where
         Ok(())
     }
 
+    /// Embeds `ids` and runs blocks `0..=last` with `hook` on their MLP projections, nothing after
+    /// them (what reads the key store's sites).
+    pub(super) fn forward_through(
+        &mut self,
+        ids: &[u32],
+        shape: &BatchShape,
+        last: usize,
+        hook: &mut dyn SiteHook<T>,
+    ) -> Result<()> {
+        if last >= self.cfg.num_layers {
+            bail!(
+                "block {last} is past the model's {} blocks",
+                self.cfg.num_layers
+            );
+        }
+        self.start(ids, shape)?;
+        let (dev, cfg, w, a) = (&*self.dev, &self.cfg, &self.weights, &mut self.act);
+        let pending = embed(dev, cfg, w, a, shape.rows())?;
+        run_blocks(dev, cfg, w, a, shape, 0..last + 1, pending, Some(hook))?;
+        // The head must not read these rows as if a whole forward had run.
+        self.last_rows = 0;
+        Ok(())
+    }
+
     /// Checks a call and writes its per-row and per-sequence inputs to the device.
     fn start(&mut self, ids: &[u32], shape: &BatchShape) -> Result<()> {
         check_shape(shape, self.act.cap, &self.cfg)?;

@@ -24,6 +24,7 @@ pub mod elder_keys;
 pub mod forward;
 pub mod plan;
 pub mod requests;
+pub mod sites;
 pub mod staging;
 pub mod train;
 pub mod weights;

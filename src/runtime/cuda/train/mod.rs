@@ -49,6 +49,7 @@ use crate::backend::cuda::adam::{LossScale, LossScalePolicy, LossScaleStatus};
 use crate::backend::cuda::buffers::KernelDtype;
 use crate::backend::cuda::device::GpuDevice;
 use crate::backend::cuda::router;
+use crate::elder::capture::SiteReader;
 use crate::elder::config::ElderConfig;
 use crate::elder::molora::{Elder, MoloraLayer};
 use crate::elder::train_stored::StoredSteps;
@@ -556,6 +557,8 @@ pub trait GpuEditor {
     fn calibrate_query_mean(&mut self, elder: &mut Elder, prompts: &[Vec<u32>]) -> Result<()>;
     /// The stored allocation's iterations on this trainer (`elder::train_stored`).
     fn stored_steps(&mut self) -> &mut dyn StoredSteps;
+    /// The uploaded model reading the key store's sites (keys and background).
+    fn site_reader(&mut self) -> &mut dyn SiteReader;
     /// The same uploaded model for inference (evaluation after or between edits).
     fn runner(&mut self) -> &mut dyn GpuRunner;
     fn allocations(&self) -> usize;
@@ -584,6 +587,9 @@ macro_rules! impl_editor {
             }
             fn stored_steps(&mut self) -> &mut dyn StoredSteps {
                 self
+            }
+            fn site_reader(&mut self) -> &mut dyn SiteReader {
+                &mut self.model
             }
             fn runner(&mut self) -> &mut dyn GpuRunner {
                 &mut self.model
