@@ -361,7 +361,8 @@ fn dispatch(cmd: Command, devices: DeviceChoice) -> Result<ExitCode> {
             let base = BaseModel::open(&model)?;
             let (records, bad) = read_records(&base, &edits, format, limit)?;
             let cfg = load_config(config.as_deref(), preset, batch_size, &base)?;
-            let mut session = EditSession::open(&base, &state, cfg)?;
+            // The stream derives what a reloaded key store needs on its own device.
+            let mut session = EditSession::open_for_stream(&base, &state, cfg)?;
             let device = devices.resolve(Some(&session.elder.cfg))?;
             let mut engine = Engine::new(base, device);
             let summary = engine.apply_stream(&mut session, &records, !json, None)?;

@@ -194,6 +194,18 @@ impl EditSession {
         Self::open_after(base, dir, config, None)
     }
 
+    /// [`EditSession::open`] for an edit stream: what a reloaded key store derives from the
+    /// shipped background text is left to the stream, which reads it on its own device before
+    /// its first batch ([`apply_stream_on`]), so a stream on the GPU builds no CPU model for it.
+    /// Query it only after a stream has run.
+    pub fn open_for_stream(
+        base: &BaseModel,
+        dir: &Path,
+        config: Option<ElderConfig>,
+    ) -> Result<Self> {
+        Self::open_inner(base, dir, config, None, false)
+    }
+
     /// [`EditSession::open`] for a state that replaces `previous` (a replica installing the next
     /// generation): what the key store derives from the shipped background text is taken from
     /// `previous` instead of recomputed, when both have the same config.
@@ -202,6 +214,16 @@ impl EditSession {
         dir: &Path,
         config: Option<ElderConfig>,
         previous: Option<&Elder>,
+    ) -> Result<Self> {
+        Self::open_inner(base, dir, config, previous, true)
+    }
+
+    fn open_inner(
+        base: &BaseModel,
+        dir: &Path,
+        config: Option<ElderConfig>,
+        previous: Option<&Elder>,
+        derive_background: bool,
     ) -> Result<Self> {
         let (cfg, cfg_json) = match EditState::stored_config(dir)? {
             Some(stored_json) => {
@@ -232,7 +254,7 @@ impl EditSession {
         if let Some(previous) = previous {
             elder.adopt_derived(previous);
         }
-        if elder.queries_need_background() {
+        if derive_background && elder.queries_need_background() {
             // What a reloaded key store derives from the shipped background text instead of
             // storing it (the rows that `weighted_context` relation keys are measured against):
             // read again here, once per process, so every query can be matched (about 3.5 s for
@@ -349,7 +371,7 @@ impl EditDevice {
 
     /// Runs `f` with this device's reader of the key store's sites: the CPU model, or the GPU's
     /// uploaded one (which then needs no CPU model).
-    fn with_sites<R>(
+    pub fn with_sites<R>(
         &mut self,
         base: &BaseModel,
         f: impl FnOnce(&mut dyn SiteReader) -> Result<R>,
@@ -540,6 +562,12 @@ pub fn apply_stream_on(
         // Once per state: later batches (and resumed runs) keep the stored mean.
         let prompts = calibration_prompts(base, records, session.elder.cfg.calibration_records)?;
         device.calibrate_query_mean(base, &mut session.elder, &prompts)?;
+    }
+    if session.elder.queries_need_background() {
+        // A reloaded key store opened for the stream: its background, on this device's forward.
+        let background = base.background_prompts()?;
+        let elder = &mut session.elder;
+        device.with_sites(base, |sites| elder.ensure_key_store(sites, &background))?;
     }
     let bar = progress_bar(todo.len() as u64, show_progress);
     let start = Instant::now();

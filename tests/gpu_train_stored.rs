@@ -321,18 +321,30 @@ fn gpu_default_preset_stream_matches_the_cpu() {
     let mut device = EditDevice::Cuda(editor);
     for ((name, cfg, records), (cpu_dir, cpu_summary)) in streams.iter().zip(&cpu_runs) {
         let gpu_dir = tmp.path().join(format!("gpu {name}"));
+        // Three edits (one batch), then the state reopened for the rest of the stream: the
+        // reloaded key store's background is read on the GPU too.
         let mut gpu = EditSession::open(&gpu_base, &gpu_dir, Some(cfg.clone())).unwrap();
+        let first =
+            apply_stream_on(&mut device, &gpu_base, &mut gpu, &records[..3], false, None).unwrap();
+        drop(gpu);
+        let mut gpu = EditSession::open_for_stream(&gpu_base, &gpu_dir, None).unwrap();
+        assert!(gpu.elder.queries_need_background(), "{name}: reopened");
         let gpu_summary =
             apply_stream_on(&mut device, &gpu_base, &mut gpu, records, false, None).unwrap();
-        assert_eq!(gpu_summary.applied, 6);
+        assert_eq!((gpu_summary.applied, gpu_summary.already_applied), (3, 3));
+        assert!(!gpu.elder.queries_need_background(), "{name}: derived");
         assert!(
             !gpu_base.cpu_model_built(),
             "{name}: the GPU stream built the f32 CPU model (keys and negatives are the GPU's)"
         );
+        // The CPU ran the same two batches in one stream: the same iterations in all.
+        assert_eq!(cpu_summary.batches, 2);
         assert_eq!(
-            gpu_summary.mean_iterations, cpu_summary.mean_iterations,
-            "{name}: iterations per batch"
+            first.mean_iterations + gpu_summary.mean_iterations,
+            2.0 * cpu_summary.mean_iterations,
+            "{name}: iterations"
         );
+
         let on_disk = EditSession::open(&base, &gpu_dir, None).unwrap();
         let cpu = EditSession::open(&base, cpu_dir, None).unwrap();
         assert_eq!(on_disk.state.applied_ids(), cpu.state.applied_ids());
@@ -378,7 +390,7 @@ fn gpu_default_preset_stream_matches_the_cpu() {
         let e = rel_l2(&b(&on_disk), &b(&cpu));
         eprintln!(
             "{name}: trained B rel. L2 {e:.2e}, {} iterations per batch",
-            gpu_summary.mean_iterations
+            cpu_summary.mean_iterations
         );
         assert!(e <= 1e-4, "{name}: trained B rel. L2 {e}");
     }
