@@ -715,7 +715,8 @@ fn gpu_decode_graph_replays_the_eager_step() {
 /// keeps the prompt's decision. The batch mixes edit prompts (two edits of one subject among
 /// them, so the relation check decides), prompts about other subjects, and a question about an
 /// edited subject that none of its edits answers (the gate's case). Two states: the gate off
-/// (a short training, every edit prompt in scope) and the default preset's gate.
+/// (a short training, every edit prompt in scope), the default preset's gate, and the gate with
+/// its fallback to the runner-up edit.
 #[test]
 fn gpu_key_store_state_matches_cpu() {
     use elder::data::EditRecord;
@@ -779,6 +780,16 @@ fn gpu_key_store_state_matches_cpu() {
                 ..default.clone()
             },
         ),
+        // The same gate with its fallback: a turned-away Zorbia prompt asks the subject's other
+        // edit next, on a pass with that edit's experts.
+        (
+            "gate with fallback",
+            ElderConfig {
+                answer_gate: 2e-6,
+                answer_gate_fallback: true,
+                ..default.clone()
+            },
+        ),
     ];
     let mut states = Vec::new();
     for (i, (name, cfg)) in cases.into_iter().enumerate() {
@@ -824,21 +835,41 @@ fn check_key_store_state<T: KernelDtype>(
     };
     // The case means something.
     let some = |id: &str| Some(id.to_string());
+    // Each edit prompt matches its edit first (the fallback may move it on afterwards: the
+    // first edit the gate asked is the first match then).
+    let first_matches: Vec<Option<String>> = if elder.cfg.answer_gate_fallback {
+        cpu_report.asked[..4]
+            .iter()
+            .map(|a| a.first().map(|(id, _)| id.clone()))
+            .collect()
+    } else {
+        ids(&cpu_report.matches)[..4].to_vec()
+    };
     assert_eq!(
-        ids(&cpu_report.matches)[..4],
+        first_matches,
         [some("a"), some("b"), some("c"), some("d")],
         "{tag}: the edit prompts match their edits on the CPU"
     );
     assert_eq!(ids(&cpu_report.matches)[4..6], [None, None], "{tag}");
     if elder.cfg.answer_gate > 0.0 {
         // The gate keeps some matched sequences and turns others away (the question among them).
+        // With the fallback, the question first goes to the subject's other edit.
         let kept = cpu_report.in_scope.iter().filter(|&&s| s).count();
         let gated = cpu_report.gated.iter().filter(|&&g| g).count();
         assert!(kept > 0 && gated > 0, "{tag}: {cpu_report:?}");
-        assert!(
-            cpu_report.gated[6],
-            "{tag}: the question no edit answers is turned away"
-        );
+        if elder.cfg.answer_gate_fallback {
+            assert_eq!(
+                cpu_report.asked[6].len(),
+                2,
+                "{tag}: the question moved to its runner-up edit: {:?}",
+                cpu_report.asked
+            );
+        } else {
+            assert!(
+                cpu_report.gated[6],
+                "{tag}: the question no edit answers is turned away"
+            );
+        }
         // Answers of several tokens: the GPU asks with its teacher-forced pass.
         assert!(elder.memory.iter().any(|e| e.answer.len() > 1), "{tag}");
     } else {

@@ -886,13 +886,12 @@ impl ElderConfig {
     }
 
     /// What answering on the GPU lacks: the key store, the stored allocation and the answer gate
-    /// are there (`runtime::cuda::elder_keys`), the gate's fallback and the other expert rows not
-    /// yet.
+    /// with its fallback are there (`runtime::cuda::elder_keys`); asking several candidates and
+    /// the other expert rows not yet.
     pub fn gpu_inference_unsupported(&self) -> Vec<&'static str> {
         let mut out = Vec::new();
         let key_store = self.deferral == Deferral::KeyStore;
         for (set, name) in [
-            (self.answer_gate_fallback, "answer_gate_fallback"),
             (
                 self.answer_gate_candidates > 1,
                 "answer_gate_candidates > 1",
@@ -999,9 +998,7 @@ mod tests {
             answer_gate_fallback: true,
             ..default.clone()
         };
-        assert!(fallback
-            .gpu_inference_unsupported()
-            .contains(&"answer_gate_fallback"));
+        assert!(fallback.gpu_unsupported().is_empty());
         for bad in [-0.1, 1.0, f32::NAN] {
             let c = ElderConfig {
                 answer_gate: bad,

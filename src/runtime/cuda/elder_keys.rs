@@ -12,8 +12,9 @@
 //! One host round trip per prompt call (the scores and the relation rows come back once the
 //! match ran); the decision on the device is the next step of issue 15. The answer gate asks
 //! through [`DeviceElder::gate_questions`] / [`DeviceElder::gate_answers`], driven by the request
-//! layer (`GpuModel::answer_gate`); its fallback to the runner-up edit is refused by name
-//! (`ElderConfig::gpu_inference_unsupported`).
+//! layer (`GpuModel::answer_gate`), in rounds as the CPU's revisions: the first asks every
+//! sequence in scope; with `answer_gate_fallback` a sequence turned away moves to its runner-up
+//! edit (once), which the next round asks on a pass with that edit's experts.
 
 use std::ops::Range;
 
@@ -164,6 +165,10 @@ struct Decision {
     gated: Vec<bool>,
     /// The edit the gate asked for each sequence and log P(its answer) under its experts.
     asked: Vec<Vec<(usize, f32)>>,
+    /// Gate rounds answered so far, and the sequences the last one moved to their runner-up
+    /// edit (`answer_gate_fallback`: the next round asks them).
+    rounds: usize,
+    switched: Vec<bool>,
     /// Per layer `[B, k]`: each sequence's experts and gates.
     experts: Vec<u32>,
     gates: Vec<f32>,
@@ -284,12 +289,42 @@ impl GpuKeyElder {
             .host
             .decide_matches(scores, relation, &self.prompt_rows);
         let in_scope = self.host.matches_in_scope(&matches);
-        // Per layer `[B, k]`: the matched edit's stored experts, gate 1 (out of scope: 0).
-        let k = self.host.cfg.top_k;
-        let layers = self.pools.len();
+        let (experts, gates) = self.stored_experts(&matches, &in_scope)?;
+        // Without a gate nothing is turned away or asked (empty, as the CPU reports it).
+        let gate = self.host.cfg.answer_gate > 0.0;
+        let (gated, asked) = if gate {
+            (vec![false; batch], vec![Vec::new(); batch])
+        } else {
+            (Vec::new(), Vec::new())
+        };
+        let decision = Decision {
+            asked,
+            rounds: 0,
+            switched: vec![false; batch],
+            matches,
+            in_scope,
+            gated,
+            experts,
+            gates,
+        };
+        decision.upload(dev, &mut self.experts, &mut self.gates, &mut self.in_scope)?;
+        self.decision = Some(decision);
+        Ok(())
+    }
+}
+
+impl GpuKeyElder {
+    /// Per layer `[B, k]`: each sequence in scope gets its matched edit's stored experts, gate 1
+    /// (out of scope: gate 0).
+    fn stored_experts(
+        &self,
+        matches: &[Option<KeyMatch>],
+        in_scope: &[bool],
+    ) -> Result<(Vec<u32>, Vec<f32>)> {
+        let (k, layers, batch) = (self.host.cfg.top_k, self.pools.len(), matches.len());
         let mut experts = vec![0u32; layers * batch * k];
         let mut gates = vec![0.0f32; layers * batch * k];
-        for (b, (m, &inside)) in matches.iter().zip(&in_scope).enumerate() {
+        for (b, (m, &inside)) in matches.iter().zip(in_scope).enumerate() {
             let Some(m) = m.filter(|_| inside) else {
                 continue;
             };
@@ -306,28 +341,9 @@ impl GpuKeyElder {
                 gates[at..at + k].fill(1.0);
             }
         }
-        // Without a gate nothing is turned away or asked (empty, as the CPU reports it).
-        let gate = self.host.cfg.answer_gate > 0.0;
-        let (gated, asked) = if gate {
-            (vec![false; batch], vec![Vec::new(); batch])
-        } else {
-            (Vec::new(), Vec::new())
-        };
-        let decision = Decision {
-            asked,
-            matches,
-            in_scope,
-            gated,
-            experts,
-            gates,
-        };
-        decision.upload(dev, &mut self.experts, &mut self.gates, &mut self.in_scope)?;
-        self.decision = Some(decision);
-        Ok(())
+        Ok((experts, gates))
     }
-}
 
-impl GpuKeyElder {
     /// Grows the per-call buffers to `cap` (never shrinks).
     fn grow(&mut self, dev: &GpuDevice, cap: Capacity) -> Result<()> {
         if self.cap.covers(cap) {
@@ -398,7 +414,8 @@ impl<T: KernelDtype> DeviceElder<T> for GpuKeyElder {
             .zip(&self.prompt_rows)
             .enumerate()
             .filter_map(|(b, ((m, &inside), rows))| {
-                let answer = self.host.gate_question(m.as_ref(), inside, rows.len())?;
+                let asking = inside && (d.rounds == 0 || d.switched[b]);
+                let answer = self.host.gate_question(m.as_ref(), asking, rows.len())?;
                 Some((b, answer.to_vec()))
             })
             .collect()
@@ -408,18 +425,39 @@ impl<T: KernelDtype> DeviceElder<T> for GpuKeyElder {
         let Some(d) = &mut self.decision else {
             return Ok(false);
         };
+        let first = d.rounds == 0;
+        d.rounds += 1;
+        d.switched.fill(false);
+        let threshold = self.host.scope_threshold();
         let mut changed = false;
         for &(b, logp) in logps {
             if let (Some(m), Some(asked)) = (d.matches[b], d.asked.get_mut(b)) {
                 asked.push((m.entry, logp));
             }
-            if !self.host.gate_keeps(logp) {
-                d.in_scope[b] = false;
-                d.gated[b] = true;
-                changed = true;
+            if self.host.gate_keeps(logp) {
+                continue;
+            }
+            changed = true;
+            // As the CPU's revision: once, to a runner-up edit still over the scope threshold.
+            let next = d.matches[b]
+                .and_then(|m| m.runner_up())
+                .filter(|m| self.host.cfg.answer_gate_fallback && first && m.score >= threshold);
+            match next {
+                Some(m) => {
+                    d.matches[b] = Some(m);
+                    d.switched[b] = true;
+                }
+                None => {
+                    d.in_scope[b] = false;
+                    d.gated[b] = true;
+                }
             }
         }
         if changed {
+            let d = self.decision.as_ref().expect("decided above");
+            let (experts, gates) = self.stored_experts(&d.matches, &d.in_scope)?;
+            let d = self.decision.as_mut().expect("decided above");
+            (d.experts, d.gates) = (experts, gates);
             d.upload(dev, &mut self.experts, &mut self.gates, &mut self.in_scope)?;
         }
         Ok(changed)

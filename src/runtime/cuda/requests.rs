@@ -83,13 +83,33 @@ where
         shape: &BatchShape,
         prompt_lens: &[usize],
     ) -> Result<()> {
-        let questions = match &self.elder {
-            Some(e) => e.gate_questions(),
-            None => return Ok(()),
-        };
-        if questions.is_empty() {
-            return Ok(());
+        // In rounds, as the CPU's revisions: each asks what the gate still asks (every sequence in
+        // scope, then those `answer_gate_fallback` moved to a runner-up edit) on the pass of the
+        // current decision, and runs the prompt again when the decision changed.
+        loop {
+            let questions = match &self.elder {
+                Some(e) => e.gate_questions(),
+                None => return Ok(()),
+            };
+            if questions.is_empty() {
+                return Ok(());
+            }
+            if !self.gate_round(ids, shape, prompt_lens, &questions)? {
+                return Ok(());
+            }
         }
+    }
+
+    /// One round of [`Self::answer_gate`]: the experts' log-probability of each asked answer,
+    /// handed to the decision; the prompt runs again when the decision changed (or a longer pass
+    /// replaced its activations). Returns whether the decision changed.
+    fn gate_round(
+        &mut self,
+        ids: &[u32],
+        shape: &BatchShape,
+        prompt_lens: &[usize],
+        questions: &[(usize, Vec<u32>)],
+    ) -> Result<bool> {
         let vocab = self.config().vocab_size;
         let one_token = questions.iter().all(|(_, a)| a.len() == 1);
         let (rows, logits) = if one_token {
@@ -146,7 +166,7 @@ where
         if turned_away || !one_token {
             self.forward(ids, shape, ElderStep::Continue)?;
         }
-        Ok(())
+        Ok(turned_away)
     }
 
     /// This model as a request's [`Forward`].
