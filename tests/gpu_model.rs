@@ -715,8 +715,8 @@ fn gpu_decode_graph_replays_the_eager_step() {
 /// keeps the prompt's decision. The batch mixes edit prompts (two edits of one subject among
 /// them, so the relation check decides), prompts about other subjects, and a question about an
 /// edited subject that none of its edits answers (the gate's case). Two states: the gate off
-/// (a short training, every edit prompt in scope), the default preset's gate, and the gate with
-/// its fallback to the runner-up edit.
+/// (a short training, every edit prompt in scope), the default preset's gate, the gate with its
+/// fallback to the runner-up edit, and the gate asking every candidate.
 #[test]
 fn gpu_key_store_state_matches_cpu() {
     use elder::data::EditRecord;
@@ -790,6 +790,16 @@ fn gpu_key_store_state_matches_cpu() {
                 ..default.clone()
             },
         ),
+        // The same gate asking three candidates: each Zorbia prompt asks both Zorbia edits in
+        // turn and the better answer decides.
+        (
+            "gate asking candidates",
+            ElderConfig {
+                answer_gate: 2e-6,
+                answer_gate_candidates: 3,
+                ..default.clone()
+            },
+        ),
     ];
     let mut states = Vec::new();
     for (i, (name, cfg)) in cases.into_iter().enumerate() {
@@ -837,7 +847,8 @@ fn check_key_store_state<T: KernelDtype>(
     let some = |id: &str| Some(id.to_string());
     // Each edit prompt matches its edit first (the fallback may move it on afterwards: the
     // first edit the gate asked is the first match then).
-    let first_matches: Vec<Option<String>> = if elder.cfg.answer_gate_fallback {
+    let moves = elder.cfg.answer_gate_fallback || elder.cfg.answer_gate_candidates > 1;
+    let first_matches: Vec<Option<String>> = if moves {
         cpu_report.asked[..4]
             .iter()
             .map(|a| a.first().map(|(id, _)| id.clone()))
@@ -857,11 +868,11 @@ fn check_key_store_state<T: KernelDtype>(
         let kept = cpu_report.in_scope.iter().filter(|&&s| s).count();
         let gated = cpu_report.gated.iter().filter(|&&g| g).count();
         assert!(kept > 0 && gated > 0, "{tag}: {cpu_report:?}");
-        if elder.cfg.answer_gate_fallback {
+        if moves {
             assert_eq!(
                 cpu_report.asked[6].len(),
                 2,
-                "{tag}: the question moved to its runner-up edit: {:?}",
+                "{tag}: the question asked the subject's other edit: {:?}",
                 cpu_report.asked
             );
         } else {

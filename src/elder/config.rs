@@ -886,16 +886,12 @@ impl ElderConfig {
     }
 
     /// What answering on the GPU lacks: the key store, the stored allocation and the answer gate
-    /// with its fallback are there (`runtime::cuda::elder_keys`); asking several candidates and
-    /// the other expert rows not yet.
+    /// with its fallback and candidates are there (`runtime::cuda::elder_keys`); the other expert
+    /// rows and pooled queries not yet.
     pub fn gpu_inference_unsupported(&self) -> Vec<&'static str> {
         let mut out = Vec::new();
         let key_store = self.deferral == Deferral::KeyStore;
         for (set, name) in [
-            (
-                self.answer_gate_candidates > 1,
-                "answer_gate_candidates > 1",
-            ),
             (
                 self.expert_rows == ExpertRows::Subject,
                 "expert_rows = \"subject\"",
@@ -1017,7 +1013,7 @@ mod tests {
 
     /// How many candidates the gate asks: 1 (only the match) in states written before the
     /// option, 1 to 8, only with the gate and a relation check, not beside the fallback (which
-    /// it covers); the GPU names it.
+    /// it covers); the GPU has it.
     #[test]
     fn the_gate_asks_one_to_eight_candidates() {
         let model = cfg(Arch::Llama, 30);
@@ -1068,12 +1064,8 @@ mod tests {
             let err = c.validate(&model).unwrap_err().to_string();
             assert!(err.contains(why), "{err}");
         }
-        assert!(asking(3)
-            .gpu_inference_unsupported()
-            .contains(&"answer_gate_candidates > 1"));
-        assert!(!asking(1)
-            .gpu_inference_unsupported()
-            .contains(&"answer_gate_candidates > 1"));
+        // The GPU asks the candidates as the CPU does.
+        assert!(asking(3).gpu_unsupported().is_empty());
     }
 
     /// What the GPU lacks, by what a command does: the default preset lacks nothing (its queries

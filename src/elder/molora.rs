@@ -144,6 +144,20 @@ impl MoloraLayer {
     }
 }
 
+/// The next step of `answer_gate_candidates` for one sequence ([`Elder::candidate_step`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum CandidateStep {
+    /// Ask this candidate next (the sequence moves to it).
+    Ask(KeyMatch),
+    /// Every candidate was asked: the best answer's log-probability, and what answers: `None`,
+    /// the base model (the gate turned the best away); `Some(None)`, the candidate asked last;
+    /// `Some(Some(m))`, candidate `m`.
+    Settle {
+        best_logp: f32,
+        answer: Option<Option<KeyMatch>>,
+    },
+}
+
 /// Everything ELDER adds to a frozen model: the config, the MoLoRA layers and the deferral codebook.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Elder {
@@ -324,6 +338,42 @@ impl Elder {
     /// log-probability `logp`.
     pub fn gate_keeps(&self, logp: f32) -> bool {
         logp >= self.cfg.answer_gate.ln()
+    }
+
+    /// `answer_gate_candidates`: what a sequence does after its candidates (best first, from
+    /// [`Elder::rank_matches`]) were asked in turn, `asked` being their answers'
+    /// log-probabilities so far: ask the next candidate (in scope by `threshold`, with an answer
+    /// to ask), or, once every one was asked, settle on the one whose experts gave their own
+    /// answer the highest log-probability (the ranking's order among equals). One rule for the
+    /// CPU's revisions and the GPU's gate rounds.
+    pub fn candidate_step(
+        &self,
+        candidates: &[KeyMatch],
+        asked: &[f32],
+        prompt_len: usize,
+        threshold: f32,
+    ) -> CandidateStep {
+        let pool: Vec<KeyMatch> = candidates
+            .iter()
+            .filter(|m| m.score >= threshold)
+            .filter(|m| self.gate_question(Some(m), true, prompt_len).is_some())
+            .take(self.cfg.answer_gate_candidates)
+            .copied()
+            .collect();
+        if let Some(&next) = pool.get(asked.len()) {
+            return CandidateStep::Ask(next);
+        }
+        let mut best = 0;
+        for (i, &lp) in asked.iter().enumerate() {
+            if lp > asked[best] {
+                best = i;
+            }
+        }
+        let (best_logp, last) = (asked[best], asked.len() - 1);
+        let answer = self
+            .gate_keeps(best_logp)
+            .then(|| pool.get(best).filter(|_| best != last).copied());
+        CandidateStep::Settle { best_logp, answer }
     }
 
     /// Whether each matched prompt is in scope: its match reaches the scope threshold.
@@ -697,42 +747,32 @@ impl<'a> ElderAdapter<'a> {
     /// order among equals): it answers when the gate keeps it, else the base model does.
     /// Returns (the sequence moved to another edit, the blocks must run again).
     fn choose_candidate(&mut self, b: usize, threshold: f32) -> (bool, bool) {
-        let elder = self.elder;
         let prompt_len = self.prompt_rows.get(b).map_or(0, |r| r.len());
-        let pool: Vec<KeyMatch> = self
-            .candidates
-            .get(b)
-            .into_iter()
-            .flatten()
-            .filter(|m| m.score >= threshold)
-            .filter(|m| elder.gate_question(Some(m), true, prompt_len).is_some())
-            .take(elder.cfg.answer_gate_candidates)
-            .copied()
-            .collect();
         let asked: Vec<f32> = self.asked[b].iter().map(|&(_, lp)| lp).collect();
-        if let Some(&next) = pool.get(asked.len()) {
-            self.move_to(b, next);
-            self.switched[b] = true;
-            return (true, true);
-        }
-        let mut best = 0;
-        for (i, &lp) in asked.iter().enumerate() {
-            if lp > asked[best] {
-                best = i;
-            }
-        }
-        let (best_logp, last) = (asked[best], asked.len() - 1);
-        self.answer_logprobs[b] = Some(best_logp);
-        if !elder.gate_keeps(best_logp) {
-            self.turn_away(b);
-            return (false, true);
-        }
-        match pool.get(best).filter(|_| best != last) {
-            Some(&m) => {
-                self.move_to(b, m);
+        let candidates = self.candidates.get(b).map_or(&[][..], Vec::as_slice);
+        match self
+            .elder
+            .candidate_step(candidates, &asked, prompt_len, threshold)
+        {
+            CandidateStep::Ask(next) => {
+                self.move_to(b, next);
+                self.switched[b] = true;
                 (true, true)
             }
-            None => (false, false),
+            CandidateStep::Settle { best_logp, answer } => {
+                self.answer_logprobs[b] = Some(best_logp);
+                match answer {
+                    None => {
+                        self.turn_away(b);
+                        (false, true)
+                    }
+                    Some(Some(m)) => {
+                        self.move_to(b, m);
+                        (true, true)
+                    }
+                    Some(None) => (false, false),
+                }
+            }
         }
     }
 

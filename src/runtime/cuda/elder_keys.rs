@@ -14,7 +14,9 @@
 //! through [`DeviceElder::gate_questions`] / [`DeviceElder::gate_answers`], driven by the request
 //! layer (`GpuModel::answer_gate`), in rounds as the CPU's revisions: the first asks every
 //! sequence in scope; with `answer_gate_fallback` a sequence turned away moves to its runner-up
-//! edit (once), which the next round asks on a pass with that edit's experts.
+//! edit (once), which the next round asks on a pass with that edit's experts; with
+//! `answer_gate_candidates` each round asks the next candidate until all were asked, then the
+//! best answers (`Elder::candidate_step`, the CPU's rule).
 
 use std::ops::Range;
 
@@ -28,7 +30,7 @@ use crate::backend::cuda::lora::{self, LoraSite};
 use crate::backend::shapes::MixShape;
 use crate::elder::codebook::Codebook;
 use crate::elder::keystore::KeyMatch;
-use crate::elder::molora::Elder;
+use crate::elder::molora::{CandidateStep, Elder};
 use crate::eval::{self, Routed};
 use crate::model::layers::Site;
 use crate::model::BatchShape;
@@ -160,6 +162,8 @@ impl Matcher {
 /// The decision of the current request, and what went to the device of it.
 struct Decision {
     matches: Vec<Option<KeyMatch>>,
+    /// Each sequence's candidates, best first (`matches` holds the first).
+    candidates: Vec<Vec<KeyMatch>>,
     in_scope: Vec<bool>,
     /// Sequences the answer gate turned away (empty without a gate).
     gated: Vec<bool>,
@@ -285,9 +289,12 @@ impl GpuKeyElder {
             .relation_rows
             .as_ref()
             .map(|(rows, width)| (rows.as_slice(), *width));
-        let matches = self
-            .host
-            .decide_matches(scores, relation, &self.prompt_rows);
+        // Every candidate when the gate asks several (`answer_gate_candidates`), else the first.
+        let candidates = self.host.rank_matches(scores, relation, &self.prompt_rows);
+        let matches: Vec<Option<KeyMatch>> = candidates
+            .iter()
+            .map(|ranked| KeyMatch::first_of(ranked))
+            .collect();
         let in_scope = self.host.matches_in_scope(&matches);
         let (experts, gates) = self.stored_experts(&matches, &in_scope)?;
         // Without a gate nothing is turned away or asked (empty, as the CPU reports it).
@@ -299,6 +306,7 @@ impl GpuKeyElder {
         };
         let decision = Decision {
             asked,
+            candidates,
             rounds: 0,
             switched: vec![false; batch],
             matches,
@@ -433,6 +441,37 @@ impl<T: KernelDtype> DeviceElder<T> for GpuKeyElder {
         for &(b, logp) in logps {
             if let (Some(m), Some(asked)) = (d.matches[b], d.asked.get_mut(b)) {
                 asked.push((m.entry, logp));
+            }
+            if self.host.cfg.answer_gate_candidates > 1 {
+                // The CPU's rule: the next candidate, or the best of those asked.
+                let lps: Vec<f32> = d.asked[b].iter().map(|&(_, lp)| lp).collect();
+                let prompt_len = self.prompt_rows.get(b).map_or(0, |r| r.len());
+                match self
+                    .host
+                    .candidate_step(&d.candidates[b], &lps, prompt_len, threshold)
+                {
+                    CandidateStep::Ask(next) => {
+                        d.matches[b] = Some(next);
+                        d.switched[b] = true;
+                        changed = true;
+                    }
+                    CandidateStep::Settle { answer: None, .. } => {
+                        d.in_scope[b] = false;
+                        d.gated[b] = true;
+                        changed = true;
+                    }
+                    CandidateStep::Settle {
+                        answer: Some(Some(m)),
+                        ..
+                    } => {
+                        d.matches[b] = Some(m);
+                        changed = true;
+                    }
+                    CandidateStep::Settle {
+                        answer: Some(None), ..
+                    } => {}
+                }
+                continue;
             }
             if self.host.gate_keeps(logp) {
                 continue;
