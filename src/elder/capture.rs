@@ -104,18 +104,29 @@ pub fn capture_inputs(model: &Model, prompts: &[Vec<u32>], sites: &[Site]) -> Ve
             model.attn_half(l, &mut h, &shape, &mut cache, None);
             model.mlp_half(l, &mut h, &shape, &mut capture, None);
         }
-        for (b, prompt) in chunk.iter().enumerate() {
-            let per_site = capture
-                .inputs
+        out.extend(per_prompt(&capture.inputs, chunk, &shape));
+    }
+    out
+}
+
+/// A padded batch's inputs of some sites (`[rows, width]` each) split into each prompt's own rows.
+pub fn per_prompt(
+    inputs: &BTreeMap<Site, Vec<f32>>,
+    prompts: &[Vec<u32>],
+    shape: &BatchShape,
+) -> Vec<SiteInputs> {
+    prompts
+        .iter()
+        .enumerate()
+        .map(|(b, prompt)| {
+            inputs
                 .iter()
                 .map(|(&site, x)| {
                     let width = x.len() / shape.rows();
                     let start = b * shape.seq * width;
                     (site, x[start..start + prompt.len() * width].to_vec())
                 })
-                .collect();
-            out.push(per_site);
-        }
-    }
-    out
+                .collect()
+        })
+        .collect()
 }

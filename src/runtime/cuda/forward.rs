@@ -263,25 +263,14 @@ where
         first: usize,
         hook: &mut dyn SiteHook<T>,
     ) -> Result<()> {
-        if first >= self.cfg.num_layers {
-            bail!(
-                "block {first} is past the model's {} blocks",
-                self.cfg.num_layers
-            );
-        }
-        self.start(ids, shape)?;
+        let pending = self.embed_and_run(ids, shape, 0..first, first, hook)?;
         let (dev, cfg, w, a) = (&*self.dev, &self.cfg, &self.weights, &mut self.act);
         let (rows, d) = (shape.rows(), cfg.hidden_size);
-        let pending = embed(dev, cfg, w, a, rows)?;
-        let pending = run_blocks(dev, cfg, w, a, shape, 0..first, pending, Some(hook))?;
         let blk = &w.blocks[first];
         add_and_norm(dev, &blk.norm1, rows, d, a, pending, true)?;
         attn_of(dev, cfg, blk, first, a, shape)
             .with_context(|| format!("block {first} attention"))?;
-        add_and_norm(dev, &blk.norm2, rows, d, a, true, true)?;
-        // The head must not read these rows as if a whole forward had run.
-        self.last_rows = 0;
-        Ok(())
+        add_and_norm(dev, &blk.norm2, rows, d, a, true, true)
     }
 
     /// Embeds `ids` and runs blocks `0..=last` with `hook` on their MLP projections, nothing after
@@ -293,19 +282,33 @@ where
         last: usize,
         hook: &mut dyn SiteHook<T>,
     ) -> Result<()> {
-        if last >= self.cfg.num_layers {
+        self.embed_and_run(ids, shape, 0..last + 1, last, hook)
+            .map(|_| ())
+    }
+
+    /// The start of [`Self::forward_prefix`] and [`Self::forward_through`]: checks that block
+    /// `reaches` exists, embeds `ids` and runs `blocks` with `hook`; returns whether the last
+    /// sublayer's output is still to be added to the stream (as `run_blocks`).
+    fn embed_and_run(
+        &mut self,
+        ids: &[u32],
+        shape: &BatchShape,
+        blocks: std::ops::Range<usize>,
+        reaches: usize,
+        hook: &mut dyn SiteHook<T>,
+    ) -> Result<bool> {
+        if reaches >= self.cfg.num_layers {
             bail!(
-                "block {last} is past the model's {} blocks",
+                "block {reaches} is past the model's {} blocks",
                 self.cfg.num_layers
             );
         }
         self.start(ids, shape)?;
-        let (dev, cfg, w, a) = (&*self.dev, &self.cfg, &self.weights, &mut self.act);
-        let pending = embed(dev, cfg, w, a, shape.rows())?;
-        run_blocks(dev, cfg, w, a, shape, 0..last + 1, pending, Some(hook))?;
         // The head must not read these rows as if a whole forward had run.
         self.last_rows = 0;
-        Ok(())
+        let (dev, cfg, w, a) = (&*self.dev, &self.cfg, &self.weights, &mut self.act);
+        let pending = embed(dev, cfg, w, a, shape.rows())?;
+        run_blocks(dev, cfg, w, a, shape, blocks, pending, Some(hook))
     }
 
     /// Checks a call and writes its per-row and per-sequence inputs to the device.

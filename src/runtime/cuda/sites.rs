@@ -10,7 +10,7 @@ use cudarc::driver::CudaSlice;
 
 use crate::backend::cuda::buffers::KernelDtype;
 use crate::backend::cuda::device::GpuDevice;
-use crate::elder::capture::{SiteInputs, SiteReader};
+use crate::elder::capture::{per_prompt, SiteInputs, SiteReader};
 use crate::model::layers::Site;
 use crate::model::names::site_dims;
 use crate::model::runner::pad_batch;
@@ -87,18 +87,7 @@ where
                     "the forward never reached {site:?}"
                 );
             }
-            for (b, prompt) in chunk.iter().enumerate() {
-                let per_site = hook
-                    .inputs
-                    .iter()
-                    .map(|(&site, x)| {
-                        let width = x.len() / shape.rows();
-                        let start = b * shape.seq * width;
-                        (site, x[start..start + prompt.len() * width].to_vec())
-                    })
-                    .collect();
-                out.push(per_site);
-            }
+            out.extend(per_prompt(&hook.inputs, chunk, &shape));
         }
         Ok(out)
     }
