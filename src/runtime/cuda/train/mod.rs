@@ -182,18 +182,13 @@ where
             let mut graph: Option<CudaGraph> = None;
             for it in 0..iterations {
                 step.write_schedule(&mut bufs.experts, it)?;
-                match &graph {
-                    Some(g) => g.launch().context("replaying the edit iteration")?,
-                    None if use_graphs && it > 0 => {
-                        let g = step
-                            .dev
-                            .capture_graph(|| step.iteration(bufs, it))
-                            .context("capturing the edit iteration")?;
-                        g.launch().context("launching the edit iteration")?;
-                        graph = Some(g);
-                    }
-                    None => step.iteration(bufs, it)?,
-                }
+                replay_or_capture(
+                    step.dev,
+                    &mut graph,
+                    use_graphs && it > 0,
+                    "edit iteration",
+                    || step.iteration(bufs, it),
+                )?;
                 step.keep_losses(bufs, it)?;
             }
         }
@@ -541,6 +536,30 @@ where
             .sum();
         Ok((ce, guide))
     }
+}
+
+/// Runs `work` as one step of an iterated batch: replays `graph` once it holds one; with
+/// `capture`, records `work` into it and launches that; else launches `work` eagerly.
+fn replay_or_capture(
+    dev: &GpuDevice,
+    graph: &mut Option<CudaGraph>,
+    capture: bool,
+    what: &str,
+    work: impl FnOnce() -> Result<()>,
+) -> Result<()> {
+    if let Some(g) = graph {
+        return g.launch().with_context(|| format!("replaying the {what}"));
+    }
+    if !capture {
+        return work();
+    }
+    let g = dev
+        .capture_graph(work)
+        .with_context(|| format!("capturing the {what}"))?;
+    g.launch()
+        .with_context(|| format!("launching the {what}"))?;
+    *graph = Some(g);
+    Ok(())
 }
 
 /// A [`GpuTrainer`] of any dtype, for callers that pick the dtype at run time (the command line).

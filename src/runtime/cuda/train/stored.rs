@@ -28,7 +28,7 @@ use crate::elder::train_stored::{StoredBatch, StoredSteps};
 use crate::runtime::cuda::activations::write;
 
 use super::plan::{unstack_params, Pool};
-use super::{GpuTrainer, Prepared};
+use super::{replay_or_capture, GpuTrainer, Prepared};
 
 /// A prepared fixed-pool batch: what [`StoredSteps`] keeps between calls.
 pub(super) struct FixedBatch {
@@ -150,18 +150,13 @@ where
         let result = (|| -> Result<RowLosses> {
             let (step, bufs) = self.parts(&fixed.cfg, &fixed.prep)?;
             let it = fixed.passes;
-            match &fixed.forward_graph {
-                Some(g) => g.launch().context("replaying the forward-backward")?,
-                None if use_graphs && it > 0 => {
-                    let g = step
-                        .dev
-                        .capture_graph(|| step.forward_backward(bufs, it))
-                        .context("capturing the forward-backward")?;
-                    g.launch().context("launching the forward-backward")?;
-                    fixed.forward_graph = Some(g);
-                }
-                None => step.forward_backward(bufs, it)?,
-            }
+            replay_or_capture(
+                step.dev,
+                &mut fixed.forward_graph,
+                use_graphs && it > 0,
+                "forward-backward",
+                || step.forward_backward(bufs, it),
+            )?;
             fixed.passes += 1;
             let n = step.n_targets;
             let loss = step.dev.download(&bufs.head.ce_now.slice(0..n))?;
@@ -211,19 +206,13 @@ where
         let result = (|| -> Result<()> {
             let (step, bufs) = self.parts(&fixed.cfg, &fixed.prep)?;
             step.write_schedule(&mut bufs.experts, it)?;
-            match &fixed.adam_graph {
-                Some(g) => g.launch().context("replaying the Adam step")?,
-                None if use_graphs && it > 0 => {
-                    let g = step
-                        .dev
-                        .capture_graph(|| step.adam(&mut bufs.experts))
-                        .context("capturing the Adam step")?;
-                    g.launch().context("launching the Adam step")?;
-                    fixed.adam_graph = Some(g);
-                }
-                None => step.adam(&mut bufs.experts)?,
-            }
-            Ok(())
+            replay_or_capture(
+                step.dev,
+                &mut fixed.adam_graph,
+                use_graphs && it > 0,
+                "Adam step",
+                || step.adam(&mut bufs.experts),
+            )
         })();
         self.fixed = Some(fixed);
         result
