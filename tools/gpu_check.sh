@@ -11,6 +11,7 @@
 #
 # Dry run without a GPU (checks this script and the bundle, not the GPU): put the CUDA emulator's
 # libraries first on the library path, where the bundle's programs load the driver from, e.g.
+#   cargo build --release -p elder-cuda-emu   # after any kernel change: the emulator embeds the kernels
 #   LD_LIBRARY_PATH=$(ls -td target/release/build/elder-cuda-emu-*/out | head -1) \
 #     GPU_CHECK_BENCH_FILTER='copy|norm' gpu-bundle/gpu_check.sh
 set -uo pipefail
