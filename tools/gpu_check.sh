@@ -207,7 +207,8 @@ for dev, tol in (("cuda-f32", 1e-3), ("cuda-bf16", 0.1)):
         print(f"{dev} trained on the GPU, eval {k}: cpu-trained {e[k]:.4f} gpu-trained {t[k]:.4f}")
         ok = ok and abs(e[k] - t[k]) <= (0.02 if dev == "cuda-f32" else 0.1)
     s = load("edit", dev)
-    print(f"{dev} edit: {s.get('seconds_per_edit')} s per edit, {s.get('mean_iterations')} iterations per batch")
+    spe, its = s.get("seconds_per_edit"), s.get("mean_iterations")
+    print(f"{dev} edit: {spe} s per edit, {its} iterations per batch")
 edit, base = load("score-edit", "cpu-f32"), load("score-base", "cpu-f32")
 moved = max(abs(x - y) for x, y in zip(edit["logprobs"], base["logprobs"]))
 scoped = edit["in_scope"]
