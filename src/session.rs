@@ -336,10 +336,7 @@ impl EditDevice {
                 })
             })
             .collect::<Result<_>>()?;
-        if elder.key_store_needs_background() {
-            let background = base.background_prompts()?;
-            self.with_sites(base, |sites| elder.ensure_key_store(sites, &background))?;
-        }
+        self.ensure_key_store(base, elder)?;
         if !elder.cfg.uses_routers() {
             return stored_batch(self, base, elder, entries, on_iteration);
         }
@@ -369,9 +366,19 @@ impl EditDevice {
         Ok(report)
     }
 
+    /// Creates the key store, or derives what a reloaded one reads from the shipped background
+    /// text, on this device's forward (nothing to do when it has it).
+    pub fn ensure_key_store(&mut self, base: &BaseModel, elder: &mut Elder) -> Result<()> {
+        if !elder.key_store_needs_background() {
+            return Ok(());
+        }
+        let background = base.background_prompts()?;
+        self.with_sites(base, |sites| elder.ensure_key_store(sites, &background))
+    }
+
     /// Runs `f` with this device's reader of the key store's sites: the CPU model, or the GPU's
     /// uploaded one (which then needs no CPU model).
-    pub fn with_sites<R>(
+    fn with_sites<R>(
         &mut self,
         base: &BaseModel,
         f: impl FnOnce(&mut dyn SiteReader) -> Result<R>,
@@ -563,12 +570,10 @@ pub fn apply_stream_on(
         let prompts = calibration_prompts(base, records, session.elder.cfg.calibration_records)?;
         device.calibrate_query_mean(base, &mut session.elder, &prompts)?;
     }
-    if session.elder.queries_need_background() {
-        // A reloaded key store opened for the stream: its background, on this device's forward.
-        let background = base.background_prompts()?;
-        let elder = &mut session.elder;
-        device.with_sites(base, |sites| elder.ensure_key_store(sites, &background))?;
-    }
+    // A state opened for the stream (`EditSession::open_for_stream`) gets what its key store
+    // derives here, before any batch: on this device's forward, and also when nothing is left
+    // to apply.
+    device.ensure_key_store(base, &mut session.elder)?;
     let bar = progress_bar(todo.len() as u64, show_progress);
     let start = Instant::now();
     let (mut first_sum, mut last_sum, mut batches) = (0.0f64, 0.0f64, 0usize);

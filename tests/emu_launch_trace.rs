@@ -570,7 +570,7 @@ fn stored_iterations_replay_two_graphs_and_read_their_losses_once() {
             GpuTrainer::<f32>::new(dev.clone(), &model, Capacity { batch: 1, seq: 1 }).unwrap();
         gpu.set_iteration_graphs(true);
         let (first, r) = Trace::record(|| -> anyhow::Result<()> {
-            gpu.prepare(&work, &batch)?;
+            gpu.prepare(work.clone(), &batch)?;
             gpu.losses()?;
             gpu.step(0)
         });

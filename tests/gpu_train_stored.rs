@@ -129,7 +129,7 @@ fn drive(
     work: &Elder,
     batch: &StoredBatch,
 ) -> (Vec<RowLosses>, Vec<usize>, Vec<MoloraLayer>) {
-    steps.prepare(work, batch).unwrap();
+    steps.prepare(work.clone(), batch).unwrap();
     let mut rows = vec![steps.losses().unwrap()];
     steps.step(0).unwrap();
     rows.push(steps.losses().unwrap());

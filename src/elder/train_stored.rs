@@ -51,13 +51,13 @@ pub struct StoredBatch {
 
 /// Where a stored-allocation batch's iterations run: the CPU reference ([`CpuSteps`]) or the
 /// CUDA trainer. Everything around them (the sequences, each edit's loss group and early stop,
-/// which experts go back when) is [`apply_stored_batch`]'s, one for both devices.
+/// which experts go back when) is [`apply_stored_batch_on`]'s, one for both devices.
 pub trait StoredSteps {
     /// The base model's greedy continuation of each prompt, `tokens` long (a negative's target).
     fn greedy(&mut self, prompts: &[Vec<u32>], tokens: usize) -> anyhow::Result<Vec<Vec<u32>>>;
     /// Readies `batch` to train `work`'s experts (the pool of only what it trains) from fresh
     /// Adam moments.
-    fn prepare(&mut self, work: &Elder, batch: &StoredBatch) -> anyhow::Result<()>;
+    fn prepare(&mut self, work: Elder, batch: &StoredBatch) -> anyhow::Result<()>;
     /// Forward and backward at the current parameters: each kept target row's loss and argmax.
     fn losses(&mut self) -> anyhow::Result<RowLosses>;
     /// Keeps only the kept sequences with `keep[i]` (in order): what is dropped no longer moves
@@ -111,8 +111,7 @@ impl StoredSteps for CpuSteps<'_> {
         Ok(self.model.generate(prompts, tokens, None, &mut NoAdapter))
     }
 
-    fn prepare(&mut self, work: &Elder, batch: &StoredBatch) -> anyhow::Result<()> {
-        let work = work.clone();
+    fn prepare(&mut self, work: Elder, batch: &StoredBatch) -> anyhow::Result<()> {
         // Under `expert_rows = "answer"` only the answer windows run each iteration.
         let prepared = if work.cfg.expert_rows == ExpertRows::Answer {
             PreparedBatch::answer_window(self.model, &work, &batch.examples, batch.weights.clone())?
@@ -364,7 +363,7 @@ pub fn apply_stored_batch_on(
     let mut alive: Vec<usize> = (0..sequences.len()).collect();
     let mut group_loss = vec![0.0f32; groups];
     let t1 = std::time::Instant::now();
-    steps.prepare(&work, &batch)?;
+    steps.prepare(work, &batch)?;
     let t_prep = t1.elapsed();
     let t2 = std::time::Instant::now();
     let mut report = EditReport {

@@ -73,16 +73,39 @@ where
         Ok(answers)
     }
 
-    fn prepare(&mut self, work: &Elder, batch: &StoredBatch) -> Result<()> {
-        let cfg = &work.cfg;
-        let r = cfg.rank;
+    fn prepare(&mut self, work: Elder, batch: &StoredBatch) -> Result<()> {
+        let r = work.cfg.rank;
         let used = work.layers.first().map_or(0, |l| l.experts(r));
+        // Each sequence's own experts, gate 1, as the CPU routes them; the device's `[L, B, k]`
+        // layout needs exactly `top_k` of them per layer.
+        let k = work.cfg.top_k;
+        for (s, allocation) in batch.allocations.iter().enumerate() {
+            anyhow::ensure!(
+                allocation.len() == work.layers.len()
+                    && allocation.iter().all(|chosen| chosen.len() == k),
+                "sequence {s} needs {k} experts (top_k) in each of {} layers",
+                work.layers.len()
+            );
+            anyhow::ensure!(
+                allocation.iter().flatten().all(|&e| (e as usize) < used),
+                "sequence {s} names an expert outside the batch's pool of {used}"
+            );
+        }
+        let routing = work.fixed_routing(
+            &batch
+                .allocations
+                .iter()
+                .map(|a| Some(a.as_slice()))
+                .collect::<Vec<_>>(),
+        );
+        let experts: Vec<u32> = routing.iter().flat_map(|l| l.experts.clone()).collect();
+        let gates: Vec<f32> = routing.iter().flat_map(|l| l.gates.clone()).collect();
         // Reuse the largest pool so far (padded), so smaller batches allocate nothing.
         let pool = match self.bufs.as_ref().map(|b| b.plan.pool) {
             Some(Pool::Fixed(e)) => e.max(used),
             _ => used,
         };
-        let mut padded = work.clone();
+        let mut padded = work;
         for layer in &mut padded.layers {
             layer.a.resize(pool * layer.d_in * r, 0.0);
             layer.b.resize(pool * r * layer.d_out, 0.0);
@@ -90,31 +113,10 @@ where
         self.fixed = None;
         let prep = self.prepare_batch(&padded, &batch.examples, Pool::Fixed(pool))?;
         let n_seq = batch.examples.len();
-        let k = cfg.top_k;
-        // The routing `[L, B, k]`: each sequence's own experts, gate 1 (as `Elder::fixed_routing`).
-        let mut experts = Vec::with_capacity(work.layers.len() * n_seq * k);
-        for l in 0..work.layers.len() {
-            for (s, allocation) in batch.allocations.iter().enumerate() {
-                let chosen = allocation
-                    .get(l)
-                    .with_context(|| format!("sequence {s} has no experts for layer {l}"))?;
-                anyhow::ensure!(
-                    chosen.len() == k,
-                    "sequence {s} has {} experts in layer {l}, the device routes top_k = {k}",
-                    chosen.len()
-                );
-                anyhow::ensure!(
-                    chosen.iter().all(|&e| (e as usize) < used),
-                    "sequence {s} names an expert outside the batch's pool of {used}"
-                );
-                experts.extend_from_slice(chosen);
-            }
-        }
         let dev = self.model.dev.clone();
         let bufs = self.bufs.as_mut().context("training buffers missing")?;
         let ex = &mut bufs.experts;
         write(&dev, &mut ex.routed.experts, &experts, "fixed routing")?;
-        let gates = vec![1.0f32; experts.len()];
         write(&dev, &mut ex.routed.gates, &gates, "fixed gates")?;
         anyhow::ensure!(
             batch.weights.len() == prep.rows.target_rows.len(),
@@ -130,7 +132,7 @@ where
             start += ex.target.len();
         }
         self.fixed = Some(FixedBatch {
-            cfg: cfg.clone(),
+            cfg: padded.cfg,
             prep,
             padded: padded.layers,
             used,
@@ -185,13 +187,14 @@ where
         let mut kept = Vec::new();
         for (&s, &k) in f.kept.iter().zip(keep) {
             let rows = f.seq_rows[s].clone();
+            let n = rows.len();
             if k {
                 kept.push(s);
-                kept_rows.extend(position..position + rows.len());
+                kept_rows.extend(position..position + n);
             } else {
                 f.weights[rows].fill(0.0);
             }
-            position += f.seq_rows[s].len();
+            position += n;
         }
         f.kept = kept;
         let weights = f.weights.clone();
