@@ -391,6 +391,45 @@ mod tests {
     }
 
     #[test]
+    fn panels_of_several_column_groups_match_a_naive_product() {
+        // From 13 rows on the axpy form copies B in panels of up to eight column groups; one task
+        // over 1100 columns takes two full panels, a panel of one group and a masked tail, with
+        // k in three blocks. The threaded split (other panels) gives the same bits.
+        let (m, n, k) = (20, 1100, 301);
+        let a = values(m * k, 8);
+        let b = values(k * (n + 7), 9);
+        let order = BOrder::Rows { stride: n + 7 };
+        for isa in Isa::available() {
+            for accumulate in [false, true] {
+                let start = values(m * n, 10);
+                let (mut single, mut threaded) = (start.clone(), start.clone());
+                gemm_on(isa, m, n, k, &a, &b, order, &mut single, accumulate, false);
+                gemm_on(isa, m, n, k, &a, &b, order, &mut threaded, accumulate, true);
+                assert_eq!(single, threaded, "{isa:?} acc={accumulate}");
+                for i in 0..m {
+                    for j in 0..n {
+                        let (mut want, mut scale) = if accumulate {
+                            (start[i * n + j] as f64, start[i * n + j].abs() as f64)
+                        } else {
+                            (0.0, 0.0)
+                        };
+                        for kk in 0..k {
+                            let t = a[i * k + kk] as f64 * b_at(&b, order, kk, j) as f64;
+                            want += t;
+                            scale += t.abs();
+                        }
+                        let got = single[i * n + j] as f64;
+                        assert!(
+                            (got - want).abs() <= 1e-6 * scale + 1e-7,
+                            "{isa:?} acc={accumulate} [{i},{j}]: {got} vs {want}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
     fn serial_entry_honours_the_row_stride_of_a() {
         let (m, n, k, lda) = (3, 40, 20, 29);
         let a = values(m * lda, 6);

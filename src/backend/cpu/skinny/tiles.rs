@@ -157,6 +157,9 @@ pub(super) unsafe fn axpy_cols<S: Simd, const C: usize>(p: &Product, cols: Range
 /// Rows of B one pass over the row tiles reads (AVX-512: 128 rows of a 64-column group, 32 KB).
 const AXPY_K_BLOCK: usize = 128;
 
+/// Column groups one copy of B takes at once (AVX-512: 512 columns, a 256 KB panel in L2).
+const AXPY_PANEL_GROUPS: usize = 8;
+
 /// From this many rows of A on (three row tiles), blocks of B are copied before the row tiles
 /// read them; fewer read B in place, in one pass (`cargo bench --bench cpu_gemm`, gpt2 `c_fc`
 /// forward: 12 rows 0.58 ms in place against 0.78 copied; 20 rows 0.97 in place, 0.70 copied).
@@ -167,45 +170,52 @@ std::thread_local! {
     static PANEL: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// Full column groups with many rows of A, group by group, k in blocks of [`AXPY_K_BLOCK`] rows:
-/// each block of a group's columns is copied into a panel (its rows back to back), then every row
-/// tile reads it there.
+/// Full column groups with many rows of A, k in blocks of [`AXPY_K_BLOCK`] rows: each block of
+/// up to [`AXPY_PANEL_GROUPS`] groups is copied into a panel (each group's rows back to back),
+/// then every row tile of each group reads it there.
 ///
 /// Why the copy: the row tiles of a group read the same rows of B, which in place lie a weight
 /// row apart (12 KB for gpt2's `c_fc`), a multiple of 4 KB: every row of a block falls in the
 /// same few L1 sets, so a block never stayed in L1 and each tile read it from L2 again (the
-/// 32-row `c_fc` forward ran at about a third of the cores' multiply-add peak). Each output's
-/// accumulator goes through C between blocks, which changes no bit: the multiply-adds stay in
-/// the order of k. (Copying eight groups at once, for longer runs of memory per row, measured no
-/// faster.)
+/// 32-row `c_fc` forward ran at about a third of the cores' multiply-add peak).
+/// Why several groups per copy: a forward reads each weight once, from L3 or memory, and the
+/// copy is where it is read. Copying one group's 256 bytes per row, a weight row apart, left the
+/// hardware prefetchers nothing to follow (gpt2's four block products took 1.5x as long
+/// streaming over the 12 blocks as repeating one block's); copying eight groups reads each row
+/// in one 2 KB run, and the streamed products got 1.16-1.19x faster (`cargo bench --bench
+/// cpu_gemm -- cpu_gemm_streamed`; BENCHMARKS.md, issue 19).
+/// Each output's accumulator goes through C between blocks, which changes no bit: the
+/// multiply-adds stay in the order of k.
 #[inline(always)]
 unsafe fn axpy_packed<S: Simd, const C: usize>(p: &Product, cols: Range<usize>) {
     let width = C * S::LANES;
+    let chunk = AXPY_PANEL_GROUPS * width;
     // Taken out of the thread's slot and put back, not borrowed in a closure: a closure would
     // not inherit the caller's `target_feature`s, and every vector operation in it would become
     // a call (40x slower).
     let mut panel = PANEL.take();
-    if panel.len() < AXPY_K_BLOCK * width {
-        panel.resize(AXPY_K_BLOCK * width, 0.0);
+    if panel.len() < AXPY_K_BLOCK * chunk {
+        panel.resize(AXPY_K_BLOCK * chunk, 0.0);
     }
-    for j0 in cols.step_by(width) {
+    for c0 in cols.clone().step_by(chunk) {
+        let groups = (cols.end.min(c0 + chunk) - c0) / width;
         let mut k0 = 0;
         // At least one pass, so that an empty k still writes C (zeros without accumulation).
         loop {
             let ks = k0..(k0 + AXPY_K_BLOCK).min(p.k);
-            let next = ks.end..(ks.end + AXPY_K_BLOCK).min(p.k);
-            unsafe { pack_rows::<S>(p, j0, width, ks.clone(), &mut panel) };
-            let b = BRows {
-                at: panel.as_ptr(),
-                stride: width,
-                // While the tiles compute on this block, the first one brings the next block's
-                // rows towards L2, so that the next copy does not wait on memory.
-                ahead: p.b.wrapping_add(next.start * p.b_stride + j0),
-                ahead_rows: next.len(),
-                ahead_stride: p.b_stride,
-            };
+            unsafe { pack_rows::<S>(p, c0, width, groups, ks.clone(), &mut panel) };
             let from_c = p.accumulate || k0 > 0;
-            unsafe { axpy_row_tiles::<S, C>(p, j0, S::LANES, &b, ks.clone(), from_c) };
+            for g in 0..groups {
+                let b = BRows {
+                    at: panel.as_ptr().wrapping_add(g * AXPY_K_BLOCK * width),
+                    stride: width,
+                    ahead: panel.as_ptr(),
+                    ahead_rows: 0,
+                    ahead_stride: 0,
+                };
+                let j0 = c0 + g * width;
+                unsafe { axpy_row_tiles::<S, C>(p, j0, S::LANES, &b, ks.clone(), from_c) };
+            }
             k0 = ks.end;
             if k0 >= p.k {
                 break;
@@ -215,29 +225,27 @@ unsafe fn axpy_packed<S: Simd, const C: usize>(p: &Product, cols: Range<usize>) 
     PANEL.set(panel);
 }
 
-/// Copies the rows `ks` of B's columns `j0..j0 + width` into `panel`, back to back, prefetching
-/// B's rows ahead (they lie a weight row apart, where the hardware prefetchers do not follow).
+/// Copies the rows `ks` of B's columns `c0 .. c0 + groups * width` into `panel`: group `g`'s
+/// rows back to back from `g * AXPY_K_BLOCK * width`. Each row of B is read in one run.
 #[inline(always)]
 unsafe fn pack_rows<S: Simd>(
     p: &Product,
-    j0: usize,
+    c0: usize,
     width: usize,
+    groups: usize,
     ks: Range<usize>,
     panel: &mut [f32],
 ) {
-    assert!(panel.len() >= ks.len() * width);
+    assert!(ks.len() <= AXPY_K_BLOCK && panel.len() >= AXPY_K_BLOCK * width * groups);
     unsafe {
         for (t, kk) in ks.enumerate() {
-            let row = p.b.add(kk * p.b_stride + j0);
-            if kk + AXPY_PREFETCH_ROWS < p.k {
-                let ahead = row.add(AXPY_PREFETCH_ROWS * p.b_stride);
+            let row = p.b.add(kk * p.b_stride + c0);
+            for g in 0..groups {
+                let dst = panel.as_mut_ptr().add((g * AXPY_K_BLOCK + t) * width);
+                let src = row.add(g * width);
                 for v in (0..width).step_by(S::LANES) {
-                    S::prefetch(ahead.add(v));
+                    S::store(dst.add(v), S::load(src.add(v)));
                 }
-            }
-            let dst = panel.as_mut_ptr().add(t * width);
-            for v in (0..width).step_by(S::LANES) {
-                S::store(dst.add(v), S::load(row.add(v)));
             }
         }
     }
@@ -286,8 +294,9 @@ unsafe fn axpy_row_tiles<S: Simd, const C: usize>(
 
 /// Rows of B as a tile reads them: row `t` of the block at `at + t * stride`. While reading row
 /// `t`, the first row tile prefetches the row at `ahead + t * ahead_stride` in B, for `t` below
-/// `ahead_rows`: in place, B's row `AXPY_PREFETCH_ROWS` further on; from a panel, row `t` of the
-/// next block to copy. (`ahead` is only a hint address, never read unless `ahead_rows > 0`.)
+/// `ahead_rows`: in place, B's row `AXPY_PREFETCH_ROWS` further on; from a panel, nothing (a
+/// prefetch of the next block there measured 5% slower: the copy's runs are what the hardware
+/// prefetchers follow). (`ahead` is only a hint address, never read unless `ahead_rows > 0`.)
 struct BRows {
     at: *const f32,
     stride: usize,
