@@ -40,6 +40,8 @@ unsafe impl Sync for Product {}
 
 /// Rows per dot tile.
 const DOT_ROWS: usize = 4;
+/// f32 values per 64-byte cache line.
+const FLOATS_PER_LINE: usize = 16;
 /// Rows per axpy tile.
 const AXPY_ROWS: usize = 6;
 /// How many rows of B ahead the axpy tile prefetches. Its rows lie a whole weight row apart, often
@@ -66,7 +68,20 @@ pub(super) unsafe fn dot_cols<S: Simd, const C: usize>(p: &Product, cols: Range<
 unsafe fn dot_col_group<S: Simd, const C: usize>(p: &Product, j0: usize) {
     let mut i = 0;
     unsafe {
+        // While the row tiles compute on this group's columns, they bring the next group's
+        // towards L2, a share before each tile: a forward reads each weight once, and without
+        // this the first tile of every group waited on memory that the last tiles of the group
+        // before could have asked for (SmolLM2's 32-token forward, all of its products in this
+        // form, 1.09-1.20x faster; BENCHMARKS.md, issue 19).
+        let ahead = p.b.wrapping_add((j0 + C) * p.b_stride);
+        let lines = (C * p.b_stride).div_ceil(FLOATS_PER_LINE);
+        let share = lines.div_ceil((p.m / DOT_ROWS).max(1));
+        let mut tile = 0;
         while i + DOT_ROWS <= p.m {
+            for line in tile * share..((tile + 1) * share).min(lines) {
+                S::prefetch(ahead.wrapping_add(line * FLOATS_PER_LINE));
+            }
+            tile += 1;
             dot_tile::<S, DOT_ROWS, C>(p, i, j0);
             i += DOT_ROWS;
         }
