@@ -320,6 +320,39 @@ mod tests {
         }
     }
 
+    /// Checks C against the product in f64, within the rounding of a k-term f32 sum.
+    #[allow(clippy::too_many_arguments)]
+    fn assert_matches_naive(
+        what: &str,
+        (m, n, k): (usize, usize, usize),
+        a: &[f32],
+        b: &[f32],
+        order: BOrder,
+        start: &[f32],
+        accumulate: bool,
+        c: &[f32],
+    ) {
+        for i in 0..m {
+            for j in 0..n {
+                let (mut want, mut scale) = if accumulate {
+                    (start[i * n + j] as f64, start[i * n + j].abs() as f64)
+                } else {
+                    (0.0, 0.0)
+                };
+                for kk in 0..k {
+                    let t = a[i * k + kk] as f64 * b_at(b, order, kk, j) as f64;
+                    want += t;
+                    scale += t.abs();
+                }
+                let got = c[i * n + j] as f64;
+                assert!(
+                    (got - want).abs() <= 1e-6 * scale + 1e-7,
+                    "{what} acc={accumulate} m{m} n{n} k{k} [{i},{j}]: {got} vs {want}"
+                );
+            }
+        }
+    }
+
     #[test]
     fn every_instruction_set_matches_a_naive_product() {
         // Shapes hit every tile size and tail: rows 1..=13 (dot tiles of 4, axpy tiles of 6),
@@ -346,27 +379,17 @@ mod tests {
                         let start = values(m * n, 3);
                         let mut c = start.clone();
                         gemm_on(isa, m, n, k, &a, &b, order, &mut c, accumulate, true);
-                        for i in 0..m {
-                            for j in 0..n {
-                                let mut want: f64 = if accumulate {
-                                    start[i * n + j] as f64
-                                } else {
-                                    0.0
-                                };
-                                let mut scale = want.abs();
-                                for kk in 0..k {
-                                    let t = a[i * k + kk] as f64 * b_at(&b, order, kk, j) as f64;
-                                    want += t;
-                                    scale += t.abs();
-                                }
-                                let got = c[i * n + j] as f64;
-                                assert!(
-                                    (got - want).abs() <= 1e-6 * scale + 1e-7,
-                                    "{isa:?} {order:?} acc={accumulate} m{m} n{n} k{k} \
-                                     [{i},{j}]: {got} vs {want}"
-                                );
-                            }
-                        }
+                        let what = format!("{isa:?} {order:?}");
+                        assert_matches_naive(
+                            &what,
+                            (m, n, k),
+                            &a,
+                            &b,
+                            order,
+                            &start,
+                            accumulate,
+                            &c,
+                        );
                     }
                 }
             }
@@ -406,25 +429,9 @@ mod tests {
                 gemm_on(isa, m, n, k, &a, &b, order, &mut single, accumulate, false);
                 gemm_on(isa, m, n, k, &a, &b, order, &mut threaded, accumulate, true);
                 assert_eq!(single, threaded, "{isa:?} acc={accumulate}");
-                for i in 0..m {
-                    for j in 0..n {
-                        let (mut want, mut scale) = if accumulate {
-                            (start[i * n + j] as f64, start[i * n + j].abs() as f64)
-                        } else {
-                            (0.0, 0.0)
-                        };
-                        for kk in 0..k {
-                            let t = a[i * k + kk] as f64 * b_at(&b, order, kk, j) as f64;
-                            want += t;
-                            scale += t.abs();
-                        }
-                        let got = single[i * n + j] as f64;
-                        assert!(
-                            (got - want).abs() <= 1e-6 * scale + 1e-7,
-                            "{isa:?} acc={accumulate} [{i},{j}]: {got} vs {want}"
-                        );
-                    }
-                }
+                let what = format!("{isa:?}");
+                let shape = (m, n, k);
+                assert_matches_naive(&what, shape, &a, &b, order, &start, accumulate, &single);
             }
         }
     }
