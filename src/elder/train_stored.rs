@@ -49,6 +49,18 @@ pub struct StoredBatch {
     pub positive: Vec<bool>,
 }
 
+impl StoredBatch {
+    /// Per layer, each sequence's own experts with gate 1: how every device routes the batch.
+    pub fn routing(&self, work: &Elder) -> Vec<Routing> {
+        let allocations: Vec<_> = self
+            .allocations
+            .iter()
+            .map(|a| Some(a.as_slice()))
+            .collect();
+        work.fixed_routing(&allocations)
+    }
+}
+
 /// Where a stored-allocation batch's iterations run: the CPU reference ([`CpuSteps`]) or the
 /// CUDA trainer. Everything around them (the sequences, each edit's loss group and early stop,
 /// which experts go back when) is [`apply_stored_batch_on`]'s, one for both devices.
@@ -118,13 +130,7 @@ impl StoredSteps for CpuSteps<'_> {
         } else {
             PreparedBatch::weighted(self.model, &work, &batch.examples, batch.weights.clone())?
         };
-        let routing = work.fixed_routing(
-            &batch
-                .allocations
-                .iter()
-                .map(|a| Some(a.as_slice()))
-                .collect::<Vec<_>>(),
-        );
+        let routing = batch.routing(&work);
         self.batch = Some(CpuBatch {
             adam: Adam::new(&work.layers),
             grads: Vec::new(),

@@ -91,13 +91,7 @@ where
                 "sequence {s} names an expert outside the batch's pool of {used}"
             );
         }
-        let routing = work.fixed_routing(
-            &batch
-                .allocations
-                .iter()
-                .map(|a| Some(a.as_slice()))
-                .collect::<Vec<_>>(),
-        );
+        let routing = batch.routing(&work);
         let experts: Vec<u32> = routing.iter().flat_map(|l| l.experts.clone()).collect();
         let gates: Vec<f32> = routing.iter().flat_map(|l| l.gates.clone()).collect();
         // Reuse the largest pool so far (padded), so smaller batches allocate nothing.
