@@ -320,7 +320,7 @@ impl EditDevice {
         elder: &mut Elder,
         records: &[&EditRecord],
         tokenized: &[TokenizedEdit],
-        mut on_iteration: impl FnMut(usize, f32),
+        mut on_iteration: impl FnMut(usize, f32) + Send,
     ) -> Result<EditReport> {
         let entries: Vec<EditEntry> = records
             .iter()

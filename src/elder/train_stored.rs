@@ -21,6 +21,7 @@ use super::plan::{EditPlan, KeyText, Replay};
 use super::trainer::{
     learning_rate, Adam, EditExample, EditReport, EditTimes, PreparedBatch, RowOptions,
 };
+use crate::backend::cpu::in_pool;
 use crate::backend::cpu::linear_ce::RowLosses;
 use crate::backend::cpu::ops::Routing;
 
@@ -207,21 +208,24 @@ fn retain_flagged<X>(v: &mut Vec<X>, keep: &[bool]) {
 
 /// Trains `plans` (with `replays`) into `elder` on the CPU: [`apply_stored_batch_on`] with
 /// [`CpuSteps`].
+/// Runs inside the CPU pool ([`in_pool`]): an edit is thousands of small parallel steps.
 pub fn apply_stored_batch(
     model: &Model,
     elder: &mut Elder,
     plans: &[EditPlan],
     replays: &[Replay],
-    on_iteration: impl FnMut(usize, f32),
+    on_iteration: impl FnMut(usize, f32) + Send,
 ) -> anyhow::Result<EditReport> {
-    let report = apply_stored_batch_on(
-        &mut CpuSteps::new(model),
-        elder,
-        plans,
-        replays,
-        on_iteration,
-    )?;
-    finish_stored_batch(&mut CpuSites(model), elder, plans, report)
+    in_pool(|| {
+        let report = apply_stored_batch_on(
+            &mut CpuSteps::new(model),
+            elder,
+            plans,
+            replays,
+            on_iteration,
+        )?;
+        finish_stored_batch(&mut CpuSites(model), elder, plans, report)
+    })
 }
 
 /// Adds a trained batch's keys to the key store (read by `sites`, the device's forward) and its

@@ -9,6 +9,7 @@ use std::ops::Range;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+use crate::backend::cpu::in_pool;
 use crate::backend::cpu::linear_ce::RowLosses;
 use crate::backend::cpu::ops::Routing;
 use crate::backend::cpu::ops::{self, AdamStep};
@@ -605,7 +606,17 @@ pub fn batch_presets(cfg: &ElderConfig, batch: &[EditExample]) -> Option<Vec<Vec
 
 /// Trains `elder` on one batch of edits and appends their codes to the codebook.
 /// `on_iteration(i, loss)` is called after every iteration (for progress display).
+/// Runs inside the CPU pool ([`in_pool`]): an edit is thousands of small parallel steps.
 pub fn apply_edit_batch(
+    model: &Model,
+    elder: &mut Elder,
+    batch: &[EditExample],
+    on_iteration: impl FnMut(usize, f32) + Send,
+) -> anyhow::Result<EditReport> {
+    in_pool(|| train_edit_batch(model, elder, batch, on_iteration))
+}
+
+fn train_edit_batch(
     model: &Model,
     elder: &mut Elder,
     batch: &[EditExample],

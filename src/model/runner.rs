@@ -6,7 +6,7 @@ use std::ops::Range;
 
 use anyhow::{bail, Result};
 
-use crate::backend::cpu::ops;
+use crate::backend::cpu::{in_pool, ops};
 
 use super::config::ModelConfig;
 use super::transformer::{Adapter, BatchShape, KvCache, Model};
@@ -434,9 +434,8 @@ impl<'m, A: PromptAdapter> CpuForward<'m, A> {
         let Some(cache) = self.cache.as_mut() else {
             bail!("a forward call before the request began");
         };
-        self.hidden = self
-            .model
-            .forward_hidden(ids, shape, cache, self.adapter.adapter());
+        let (model, adapter) = (self.model, self.adapter.adapter());
+        self.hidden = in_pool(|| model.forward_hidden(ids, shape, cache, adapter));
         Ok(())
     }
 }
@@ -460,7 +459,8 @@ impl<A: PromptAdapter> Forward for CpuForward<'_, A> {
     }
 
     fn head(&mut self, rows: &[usize]) -> Result<Vec<f32>> {
-        Ok(self.model.head(&self.hidden, rows).0)
+        let (model, hidden) = (self.model, &self.hidden);
+        Ok(in_pool(|| model.head(hidden, rows).0))
     }
 
     fn decode_step(&mut self, ids: &[u32], shape: &BatchShape) -> Result<Vec<f32>> {

@@ -142,8 +142,9 @@ impl KvCache {
     }
 }
 
-/// A hook on the MLP projections: ELDER's mixture of LoRA experts plugs in here.
-pub trait Adapter {
+/// A hook on the MLP projections: ELDER's mixture of LoRA experts plugs in here. `Send`, so that
+/// a forward can run inside the CPU thread pool (`backend::cpu::in_pool`).
+pub trait Adapter: Send {
     /// Called right after the frozen projection at `site`; `x` is its input `[rows, in]` and `out` its
     /// output `[rows, out]`, which the adapter may add to.
     fn after_linear(&mut self, site: Site, shape: &BatchShape, x: &[f32], out: &mut [f32]);

@@ -224,6 +224,48 @@ fn product(
     }
 }
 
+/// A's rows copied so that each starts on a cache line.
+struct AlignedRows {
+    lines: Vec<tiles::Line>,
+    lda: usize,
+}
+
+impl AlignedRows {
+    fn view(&self) -> (&[f32], usize) {
+        (bytemuck::cast_slice(&self.lines), self.lda)
+    }
+}
+
+/// For the dot form, a copy of A whose rows start on cache lines, unless they already do. Its
+/// tiles load a vector of every row of A per step, and a load that straddles two lines costs
+/// two: with A at the allocator's usual 16-byte offset, the 32-row gpt2 lm_head took 1.2x as
+/// long (BENCHMARKS.md, issue 19). A is a few rows, so the copy is small next to the product; B
+/// (the weight) is read once per tile column and mattered less. The values and their summation
+/// order are the same, so the product's bits are too. A too short for its shape is left to
+/// [`product`] to refuse.
+fn aligned_rows_for(
+    order: BOrder,
+    a: &[f32],
+    m: usize,
+    k: usize,
+    lda: usize,
+) -> Option<AlignedRows> {
+    let line = tiles::FLOATS_PER_LINE;
+    let on_lines = (a.as_ptr() as usize).is_multiple_of(std::mem::align_of::<tiles::Line>())
+        && (m <= 1 || lda.is_multiple_of(line));
+    let fits = a.len() >= (m.max(1) - 1) * lda + k;
+    if !matches!(order, BOrder::Columns { .. }) || on_lines || m == 0 || k == 0 || !fits {
+        return None;
+    }
+    let stride = k.next_multiple_of(line);
+    let mut lines = vec![tiles::Line::default(); m * stride / line];
+    let copy: &mut [f32] = bytemuck::cast_slice_mut(&mut lines);
+    for (row, dst) in copy.chunks_exact_mut(stride).enumerate() {
+        dst[..k].copy_from_slice(&a[row * lda..row * lda + k]);
+    }
+    Some(AlignedRows { lines, lda: stride })
+}
+
 /// `C[m, n] (+)= A[m, k] B[k, n]` with A (row stride `k`) and C dense row-major, threaded over
 /// column blocks with rayon. `m` must be at most [`MAX_ROWS`].
 #[allow(clippy::too_many_arguments)]
@@ -254,6 +296,8 @@ pub fn gemm_serial(
     c: &mut [f32],
     accumulate: bool,
 ) {
+    let aligned = aligned_rows_for(order, a, m, k, lda);
+    let (a, lda) = aligned.as_ref().map_or((a, lda), AlignedRows::view);
     let p = product(m, n, k, a, lda, b, order, c, accumulate);
     if m > 0 && n > 0 {
         // SAFETY: `product` checked the buffers for all n columns; the ISA is the CPU's.
@@ -274,7 +318,9 @@ fn gemm_on(
     accumulate: bool,
     threaded: bool,
 ) {
-    let p = product(m, n, k, a, k, b, order, c, accumulate);
+    let aligned = aligned_rows_for(order, a, m, k, k);
+    let (a, lda) = aligned.as_ref().map_or((a, k), AlignedRows::view);
+    let p = product(m, n, k, a, lda, b, order, c, accumulate);
     if m == 0 || n == 0 {
         return;
     }
@@ -449,6 +495,41 @@ mod tests {
         gemm_serial(m, n, k, &a, lda, &b, order, &mut strided, false);
         gemm(m, n, k, &dense, &b, order, &mut packed, false);
         assert_eq!(strided, packed);
+    }
+
+    #[test]
+    fn the_dot_form_gives_the_same_bits_wherever_a_lies() {
+        // A at every float offset within a cache line (aligned rows read in place, the others
+        // copied onto lines first), through both entries, with a row stride off the line length
+        // in the serial one: every result is the naive product and the same bits as A on a line.
+        let (m, n, k) = (7, 36, 45);
+        let b = values(n * k, 9);
+        let order = BOrder::Columns { stride: k };
+        let dense = values(m * k, 8);
+        let mut first: Option<Vec<f32>> = None;
+        let mut buffer = vec![tiles::Line::default(); (m * 64 + k) / tiles::FLOATS_PER_LINE + 2];
+        let flat: &mut [f32] = bytemuck::cast_slice_mut(&mut buffer);
+        for offset in 0..tiles::FLOATS_PER_LINE {
+            for lda in [k, k + 3] {
+                for i in 0..m {
+                    let row = offset + i * lda;
+                    flat[row..row + k].copy_from_slice(&dense[i * k..(i + 1) * k]);
+                }
+                let a = &flat[offset..offset + (m - 1) * lda + k];
+                let mut c = vec![0.0; m * n];
+                if lda == k {
+                    gemm(m, n, k, a, &b, order, &mut c, false);
+                } else {
+                    gemm_serial(m, n, k, a, lda, &b, order, &mut c, false);
+                }
+                let what = format!("A at float {offset} of a line, row stride {lda}");
+                assert_matches_naive(&what, (m, n, k), &dense, &b, order, &[], false, &c);
+                match &first {
+                    None => first = Some(c),
+                    Some(want) => assert_eq!(&c, want, "{what}"),
+                }
+            }
+        }
     }
 
     #[test]
