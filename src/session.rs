@@ -8,6 +8,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use serde::Serialize;
 
+use crate::backend::cpu::in_pool;
 use crate::data::background::background_sentences;
 use crate::data::EditRecord;
 use crate::elder::capture::{CpuSites, SiteReader};
@@ -378,13 +379,16 @@ impl EditDevice {
 
     /// Runs `f` with this device's reader of the key store's sites: the CPU model, or the GPU's
     /// uploaded one (which then needs no CPU model).
-    fn with_sites<R>(
+    fn with_sites<R: Send>(
         &mut self,
         base: &BaseModel,
-        f: impl FnOnce(&mut dyn SiteReader) -> Result<R>,
+        f: impl FnOnce(&mut dyn SiteReader) -> Result<R> + Send,
     ) -> Result<R> {
         match self {
-            EditDevice::Cpu => f(&mut CpuSites(base.model()?)),
+            EditDevice::Cpu => {
+                let model = base.model()?;
+                in_pool(|| f(&mut CpuSites(model)))
+            }
             EditDevice::Cuda(editor) => f(editor.site_reader()),
         }
     }
@@ -648,7 +652,7 @@ fn stored_batch(
     base: &BaseModel,
     elder: &mut Elder,
     entries: Vec<EditEntry>,
-    on_iteration: impl FnMut(usize, f32),
+    on_iteration: impl FnMut(usize, f32) + Send,
 ) -> Result<EditReport> {
     let cfg = elder.cfg.clone();
     let pool = elder.layers[0].experts(cfg.rank);
@@ -690,13 +694,18 @@ fn stored_batch(
         })
         .collect::<Result<Vec<_>>>()?;
     let report = match device {
-        EditDevice::Cpu => apply_stored_batch_on(
-            &mut CpuSteps::new(base.model()?),
-            elder,
-            &plans,
-            &replays,
-            on_iteration,
-        )?,
+        EditDevice::Cpu => {
+            let model = base.model()?;
+            in_pool(|| {
+                apply_stored_batch_on(
+                    &mut CpuSteps::new(model),
+                    elder,
+                    &plans,
+                    &replays,
+                    on_iteration,
+                )
+            })?
+        }
         EditDevice::Cuda(editor) => {
             apply_stored_batch_on(editor.stored_steps(), elder, &plans, &replays, on_iteration)?
         }
