@@ -208,6 +208,7 @@ fn retain_flagged<X>(v: &mut Vec<X>, keep: &[bool]) {
 
 /// Trains `plans` (with `replays`) into `elder` on the CPU: [`apply_stored_batch_on`] with
 /// [`CpuSteps`].
+///
 /// Runs inside the CPU pool ([`in_pool`]): an edit is thousands of small parallel steps.
 pub fn apply_stored_batch(
     model: &Model,

@@ -606,6 +606,7 @@ pub fn batch_presets(cfg: &ElderConfig, batch: &[EditExample]) -> Option<Vec<Vec
 
 /// Trains `elder` on one batch of edits and appends their codes to the codebook.
 /// `on_iteration(i, loss)` is called after every iteration (for progress display).
+///
 /// Runs inside the CPU pool ([`in_pool`]): an edit is thousands of small parallel steps.
 pub fn apply_edit_batch(
     model: &Model,
