@@ -17,7 +17,7 @@ use crate::elder::memory::EditEntry;
 use crate::elder::molora::Elder;
 use crate::elder::plan::{self, plan_edit, Replay};
 use crate::elder::state::{config_differences, EditState};
-use crate::elder::train_stored::{apply_stored_batch_on, finish_stored_batch, CpuSteps};
+use crate::elder::train_stored::{apply_stored_batch, apply_stored_batch_on, finish_stored_batch};
 use crate::elder::trainer::{
     apply_edit_batch, calibrate_query_mean, EditExample, EditReport, EditTimes,
 };
@@ -693,26 +693,19 @@ fn stored_batch(
             })
         })
         .collect::<Result<Vec<_>>>()?;
-    let report = match device {
-        EditDevice::Cpu => {
-            let model = base.model()?;
-            in_pool(|| {
-                apply_stored_batch_on(
-                    &mut CpuSteps::new(model),
-                    elder,
-                    &plans,
-                    &replays,
-                    on_iteration,
-                )
-            })?
-        }
+    match device {
+        EditDevice::Cpu => apply_stored_batch(base.model()?, elder, &plans, &replays, on_iteration),
         EditDevice::Cuda(editor) => {
-            apply_stored_batch_on(editor.stored_steps(), elder, &plans, &replays, on_iteration)?
+            let report = apply_stored_batch_on(
+                editor.stored_steps(),
+                elder,
+                &plans,
+                &replays,
+                on_iteration,
+            )?;
+            finish_stored_batch(editor.site_reader(), elder, &plans, report)
         }
-    };
-    device.with_sites(base, |sites| {
-        finish_stored_batch(sites, elder, &plans, report)
-    })
+    }
 }
 
 /// Prompts for the mean query: the edit prompts of the first `n` records and the shipped

@@ -53,13 +53,14 @@ pub struct StoredBatch {
 impl StoredBatch {
     /// Per layer, each sequence's own experts with gate 1: how every device routes the batch.
     pub fn routing(&self, work: &Elder) -> Vec<Routing> {
-        let allocations: Vec<_> = self
-            .allocations
-            .iter()
-            .map(|a| Some(a.as_slice()))
-            .collect();
-        work.fixed_routing(&allocations)
+        own_routing(work, &self.allocations)
     }
+}
+
+/// Per layer, each sequence's experts (`allocations`, one per sequence) with gate 1.
+fn own_routing(work: &Elder, allocations: &[Vec<Vec<u32>>]) -> Vec<Routing> {
+    let allocations: Vec<_> = allocations.iter().map(|a| Some(a.as_slice())).collect();
+    work.fixed_routing(&allocations)
 }
 
 /// Where a stored-allocation batch's iterations run: the CPU reference ([`CpuSteps`]) or the
@@ -174,12 +175,7 @@ impl StoredSteps for CpuSteps<'_> {
         retain_flagged(&mut b.allocations, keep);
         retain_flagged(&mut b.subject_rows, keep);
         retain_flagged(&mut b.positive, keep);
-        b.routing = b.work.fixed_routing(
-            &b.allocations
-                .iter()
-                .map(|a| Some(a.as_slice()))
-                .collect::<Vec<_>>(),
-        );
+        b.routing = own_routing(&b.work, &b.allocations);
         Ok(kept_rows)
     }
 

@@ -507,7 +507,8 @@ mod tests {
         let order = BOrder::Columns { stride: k };
         let dense = values(m * k, 8);
         let mut first: Option<Vec<f32>> = None;
-        let mut buffer = vec![tiles::Line::default(); (m * 64 + k) / tiles::FLOATS_PER_LINE + 2];
+        let widest = tiles::FLOATS_PER_LINE + (m - 1) * (k + 3) + k;
+        let mut buffer = vec![tiles::Line::default(); widest.div_ceil(tiles::FLOATS_PER_LINE)];
         let flat: &mut [f32] = bytemuck::cast_slice_mut(&mut buffer);
         for offset in 0..tiles::FLOATS_PER_LINE {
             for lda in [k, k + 3] {
