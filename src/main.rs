@@ -153,6 +153,11 @@ enum Command {
         /// inference only, like the gate).
         #[arg(long)]
         answer_gate_candidates: Option<usize>,
+        /// Override `relation_words` at evaluation time (the weight of the words a prompt shares
+        /// with each candidate edit's prompt in the relation choice; 0: off). Inference only:
+        /// it changes nothing in training or in the keys.
+        #[arg(long)]
+        relation_words: Option<f32>,
         /// Rebuild the key store with a key option changed, NAME=VALUE (repeatable; nothing
         /// is written): key, key_span, key_ceiling_margin, key_block, key_proj, key_variants, key_dim, key_position_means,
         /// relation_check, relation_key, relation_block, relation_proj, relation_margin, relation_by_subject. The experts do not
@@ -405,6 +410,7 @@ fn dispatch(cmd: Command, devices: DeviceChoice) -> Result<ExitCode> {
             answer_gate,
             answer_gate_fallback,
             answer_gate_candidates,
+            relation_words,
             rekey,
             details,
             json,
@@ -435,6 +441,11 @@ fn dispatch(cmd: Command, devices: DeviceChoice) -> Result<ExitCode> {
                 cfg.answer_gate_candidates = n;
                 cfg.validate(&base.cfg)
                     .context("--answer-gate-candidates")?;
+            }
+            if let Some(w) = relation_words {
+                cfg.relation_words = w;
+                cfg.validate(&base.cfg).context("--relation-words")?;
+                base.derive_relation_words(&mut session.elder)?;
             }
             if session.elder.cfg.deferral == elder::elder::config::Deferral::KeyStore {
                 eprintln!("{}", scope_line(&session.elder));

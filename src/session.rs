@@ -2,7 +2,7 @@
 //! open or create an edit state, apply an edit stream durably, evaluate.
 
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use anyhow::{Context, Result};
@@ -12,7 +12,8 @@ use crate::backend::cpu::in_pool;
 use crate::data::background::background_sentences;
 use crate::data::EditRecord;
 use crate::elder::capture::{CpuSites, SiteReader};
-use crate::elder::config::{ElderConfig, Preset};
+use crate::elder::config::{ElderConfig, Preset, QUESTION_FRAMES};
+use crate::elder::keystore::Derived;
 use crate::elder::memory::EditEntry;
 use crate::elder::molora::Elder;
 use crate::elder::plan::{self, plan_edit, Replay};
@@ -21,6 +22,7 @@ use crate::elder::train_stored::{apply_stored_batch, apply_stored_batch_on, fini
 use crate::elder::trainer::{
     apply_edit_batch, calibrate_query_mean, EditExample, EditReport, EditTimes,
 };
+use crate::elder::words::WordMap;
 use crate::eval::{CpuScorer, Evaluator, Metrics, PairScorer, Protocol, TokenizedEdit};
 use crate::model::loader::{build_model, check_checkpoint};
 use crate::model::tokenizer::Tokenizer;
@@ -40,6 +42,8 @@ pub struct BaseModel {
     pub weights: Weights,
     /// The CPU model, once something has asked for it.
     cpu: OnceLock<Model>,
+    /// The tokenizer's words (`relation_words`), once something has asked for them.
+    words: OnceLock<Arc<WordMap>>,
     pub tokenizer: Tokenizer,
     /// Identifies the weights; an edit state records it and refuses other models.
     pub fingerprint: String,
@@ -61,6 +65,7 @@ impl BaseModel {
             cfg,
             weights,
             cpu: OnceLock::new(),
+            words: OnceLock::new(),
             tokenizer,
         })
     }
@@ -113,6 +118,56 @@ impl BaseModel {
             }
         }
         Ok(prefix)
+    }
+
+    /// Each token's word for the relation words ([`crate::elder::words`]): the tokenizer's
+    /// vocabulary without the common words of the shipped generic text and the question
+    /// framings' words. Built the first time it is asked for (a decode per vocabulary entry).
+    pub fn word_map(&self) -> Result<Arc<WordMap>> {
+        if let Some(m) = self.words.get() {
+            return Ok(m.clone());
+        }
+        let framing: Vec<Vec<u32>> = QUESTION_FRAMES
+            .iter()
+            .map(|f| self.tokenizer.encode_continuation(&f.replace("{}", " ")))
+            .collect::<Result<_>>()?;
+        let map = WordMap::from_vocab(self.tokenizer.vocab_size(), |t| {
+            self.tokenizer.decode(&[t]).ok()
+        })
+        .without_common(&self.background_prompts()?, &framing);
+        Ok(self.words.get_or_init(|| Arc::new(map)).clone())
+    }
+
+    /// An edit prompt's words outside its subject (the relation words of an edit).
+    pub fn prompt_words(
+        &self,
+        map: &WordMap,
+        prompt: &str,
+        subject: Option<&str>,
+    ) -> Result<Vec<u32>> {
+        let (tokens, span) = self
+            .tokenizer
+            .encode_with_subject_span(prompt, subject.unwrap_or(""))?;
+        Ok(map.words(&tokens, span.unwrap_or(0..0)))
+    }
+
+    /// Gives `elder` what its relation words derive from the tokenizer (`relation_words`): the
+    /// word map and each remembered edit's prompt words, then rebuilds the key store's words.
+    pub fn derive_relation_words(&self, elder: &mut Elder) -> Result<()> {
+        if elder.cfg.relation_words > 0.0 {
+            elder.word_map = Derived(Some(self.fill_relation_words(&mut elder.memory)?));
+        }
+        elder.refresh_relation_words();
+        Ok(())
+    }
+
+    /// Derives each entry's prompt words (`words`); returns the word map they were read with.
+    pub fn fill_relation_words(&self, entries: &mut [EditEntry]) -> Result<Arc<WordMap>> {
+        let map = self.word_map()?;
+        for entry in entries {
+            entry.words = self.prompt_words(&map, &entry.prompt, entry.subject.as_deref())?;
+        }
+        Ok(map)
     }
 
     /// The shipped background sentences, tokenized (the key store's background).
@@ -252,6 +307,7 @@ impl EditSession {
         for entry in elder.memory.iter_mut() {
             entry.answer = base.answer_prefix(&entry.target)?;
         }
+        base.derive_relation_words(&mut elder)?;
         if let Some(previous) = previous {
             elder.adopt_derived(previous);
         }
@@ -323,7 +379,7 @@ impl EditDevice {
         tokenized: &[TokenizedEdit],
         mut on_iteration: impl FnMut(usize, f32) + Send,
     ) -> Result<EditReport> {
-        let entries: Vec<EditEntry> = records
+        let mut entries: Vec<EditEntry> = records
             .iter()
             .map(|r| {
                 Ok(EditEntry {
@@ -334,9 +390,13 @@ impl EditDevice {
                     subject: plan::find_subject(&r.prompt, r.subject.as_deref()),
                     allocation: Vec::new(),
                     answer: base.answer_prefix(&r.target_new)?,
+                    words: Vec::new(),
                 })
             })
             .collect::<Result<_>>()?;
+        if elder.cfg.relation_words > 0.0 {
+            elder.word_map = Derived(Some(base.fill_relation_words(&mut entries)?));
+        }
         self.ensure_key_store(base, elder)?;
         if !elder.cfg.uses_routers() {
             return stored_batch(self, base, elder, entries, on_iteration);

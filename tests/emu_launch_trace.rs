@@ -122,7 +122,8 @@ fn edited_forward_routes_in_one_launch_and_each_molora_site_is_one_launch() {
             .collect();
         let allocations = gpu.allocations();
 
-        let (edited, r) = Trace::record(|| gpu.forward(&ids, &shape, ElderStep::Prompt(&rows)));
+        let (edited, r) =
+            Trace::record(|| gpu.forward(&ids, &shape, ElderStep::Prompt(&rows, &ids)));
         r.unwrap();
         let tag = format!("{arch:?} edited forward");
         eprintln!("{tag}: {:?}", edited.histogram());
@@ -199,7 +200,8 @@ fn decode_step_is_one_graph_replay_with_one_launch_per_molora_site() {
         let rows: Vec<usize> = (0..2)
             .map(|b| b * shape.seq + prompts[b].len() - 1)
             .collect();
-        gpu.forward(&ids, &shape, ElderStep::Prompt(&rows)).unwrap();
+        gpu.forward(&ids, &shape, ElderStep::Prompt(&rows, &ids))
+            .unwrap();
         let mut lens: Vec<usize> = prompts.iter().map(Vec::len).collect();
         let mut step = |gpu: &mut GpuModel<f32>, token: u32| {
             let next = vec![vec![token], vec![token + 1]];
@@ -509,7 +511,7 @@ fn a_key_store_forward_matches_once_and_waits_for_the_host_twice() {
     let mut gpu = GpuModel::<f32>::new(dev.clone(), model, cap).unwrap();
     gpu.set_elder(Some(&session.elder)).unwrap();
     let allocations = gpu.allocations();
-    let (t, r) = Trace::record(|| gpu.forward(&ids, &shape, ElderStep::Prompt(&rows)));
+    let (t, r) = Trace::record(|| gpu.forward(&ids, &shape, ElderStep::Prompt(&rows, &ids)));
     r.unwrap();
     eprintln!("key-store forward: {:?}", t.histogram());
     assert_eq!(t.launches("key_embed_"), 1);

@@ -391,6 +391,67 @@ fn weighted_relation_keys_answer_the_same_after_reopening() {
     }
 }
 
+/// Relation words (`relation_words`): among one subject's edits, a prompt picks the edit whose
+/// prompt shares its rarest word, the same after reopening the state (the session derives the
+/// words again); edit prompts keep matching their own edits.
+#[test]
+fn relation_words_pick_the_edit_that_shares_the_prompt_s_word() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tiny_model(&tmp.path().join("model"), 9);
+    // Ecuador's capital, city, country and currency edits.
+    let all = one_subject_records(4, 3);
+    let cfg = default_config(&base);
+    assert!(cfg.relation_words > 0.0 && cfg.relation_by_subject);
+    let dir = tmp.path().join("s");
+    let mut trained = EditSession::open(&base, &dir, Some(cfg)).unwrap();
+    apply_stream(&base, &mut trained, &all, false, None).unwrap();
+    let reopened = EditSession::open(&base, &dir, None).unwrap();
+    assert!(reopened.elder.memory.iter().all(|e| !e.words.is_empty()));
+    // Each query names one edit's relation word in another sentence (the tiny tokenizer splits
+    // "currency" into pieces common in the generic text, so "official" stands for that edit).
+    let queries = [
+        ("Tell me, for Ecuador, the capital", &all[0].id),
+        ("Tell me, for Ecuador, the city", &all[1].id),
+        ("Tell me, for Ecuador, the country", &all[2].id),
+        ("Tell me, for Ecuador, the official", &all[3].id),
+        ("So Ecuador: official", &all[3].id),
+        ("So Ecuador: country", &all[2].id),
+        ("So Ecuador: capital", &all[0].id),
+        ("So Ecuador: city", &all[1].id),
+    ];
+    let texts: Vec<(Vec<u32>, Vec<u32>)> = queries
+        .iter()
+        .map(|(q, _)| base.encode_pair(q, "Quito").unwrap())
+        .chain(
+            all.iter()
+                .map(|r| base.encode_pair(&r.prompt, &r.target_new).unwrap()),
+        )
+        .collect();
+    let pairs: Vec<(&[u32], &[u32])> = texts.iter().map(|(p, t)| (&p[..], &t[..])).collect();
+    let model = base.model().unwrap();
+    let matched = |session: &EditSession| -> Vec<Option<String>> {
+        elder::eval::score_pairs(model, Some(&session.elder), &pairs)
+            .unwrap()
+            .into_iter()
+            .map(|s| s.matched_edit)
+            .collect()
+    };
+    let expected: Vec<Option<String>> = queries
+        .iter()
+        .map(|(_, id)| Some(id.to_string()))
+        .chain(all.iter().map(|r| Some(r.id.clone())))
+        .collect();
+    assert_eq!(matched(&trained), expected);
+    assert_eq!(matched(&reopened), expected);
+    // The relation key alone (weight 0) picks another edit for some of the queries here: the
+    // words decided them.
+    let mut off = reopened;
+    off.elder.cfg.relation_words = 0.0;
+    base.derive_relation_words(&mut off.elder).unwrap();
+    assert!(off.elder.key_store.as_ref().unwrap().words.0.is_none());
+    assert_ne!(matched(&off), expected);
+}
+
 /// Under the key store every edit prompt finds its own edit (similarity 1 at its subject) and is
 /// answered with that edit's experts; the base model without a state matches nothing.
 #[test]

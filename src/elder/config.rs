@@ -236,6 +236,15 @@ pub struct ElderConfig {
     /// the words before it, so a rephrasing can score one of its subject's edits well above the
     /// others and the relation key never got to choose.
     pub relation_by_subject: bool,
+    /// Weight of the words a prompt shares with each candidate edit's prompt (outside the
+    /// subject) in the relation choice, added to the relation key's similarity (0: off). Words
+    /// are cut-off stems weighted by how rare they are among the stream's edit prompts; common
+    /// English words (those in at least 1/40 of the shipped generic sentences) and the words of
+    /// the question framings count for nothing. Why: a paraphrase keeps the words that name its
+    /// relation ("Zinc has the atomic number"), and the frozen relation key picked a science
+    /// rephrasing's own edit among its element's edits 71% of the time, words and key together
+    /// 82% (geo unchanged at 94%; BENCHMARKS.md). See `elder::words`.
+    pub relation_words: f32,
     pub inference_allocation: InferenceAllocation,
     pub expert_rows: ExpertRows,
     /// Earlier edits that share an expert with the batch, trained again alongside it (most
@@ -352,6 +361,7 @@ impl Default for ElderConfig {
             relation_proj: MlpProj::CFc,
             relation_margin: 0.05,
             relation_by_subject: false,
+            relation_words: 0.0,
             inference_allocation: InferenceAllocation::Router,
             expert_rows: ExpertRows::All,
             replay: 0,
@@ -464,6 +474,7 @@ impl ElderConfig {
             relation_proj: mlp_hidden,
             relation_margin: 0.05,
             relation_by_subject: true,
+            relation_words: 10.0,
             inference_allocation: InferenceAllocation::Stored,
             augment_prefixes: 1,
             augment_questions: 2,
@@ -703,6 +714,16 @@ impl ElderConfig {
                     "key_position_means counts leading positions with a background mean of their \
                      own, 1 to 64 (1: position 0 only), got {}",
                     self.key_position_means
+                );
+            }
+            if !(self.relation_words.is_finite() && self.relation_words >= 0.0) {
+                bail!("relation_words must be >= 0, got {}", self.relation_words);
+            }
+            if self.relation_words > 0.0 && !self.relation_check {
+                bail!(
+                    "relation_words = {} needs relation_check = true: the words weigh in the \
+                     relation key's choice among a subject's edits",
+                    self.relation_words
                 );
             }
             if !(self.relation_margin.is_finite() && self.relation_margin >= 0.0) {
@@ -1049,6 +1070,7 @@ mod tests {
             (
                 ElderConfig {
                     relation_check: false,
+                    relation_words: 0.0,
                     ..asking(3)
                 },
                 "needs answer_gate > 0",
@@ -1066,6 +1088,37 @@ mod tests {
         }
         // The GPU asks the candidates as the CPU does.
         assert!(asking(3).gpu_unsupported().is_empty());
+    }
+
+    /// Relation words weigh in the relation key's choice: they need it, and a weight is >= 0.
+    #[test]
+    fn relation_words_need_the_relation_check() {
+        let model = cfg(Arch::Llama, 30);
+        let default = ElderConfig::preset(Preset::Default, &model);
+        assert!(default.relation_words > 0.0 && default.validate(&model).is_ok());
+        assert_eq!(
+            ElderConfig::preset(Preset::Paper, &model).relation_words,
+            0.0
+        );
+        for (c, why) in [
+            (
+                ElderConfig {
+                    relation_check: false,
+                    ..default.clone()
+                },
+                "needs relation_check = true",
+            ),
+            (
+                ElderConfig {
+                    relation_words: -1.0,
+                    ..default.clone()
+                },
+                "must be >= 0",
+            ),
+        ] {
+            let err = c.validate(&model).unwrap_err().to_string();
+            assert!(err.contains(why), "{err}");
+        }
     }
 
     /// What the GPU lacks, by what a command does: the default preset lacks nothing (its queries

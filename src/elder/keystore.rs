@@ -34,6 +34,7 @@ use super::capture::SiteReader;
 use super::config::{Deferral, ElderConfig, KeyKind, RelationKey};
 use super::molora::Elder;
 use super::plan::KeyText;
+use super::words::{RelationWords, WordMap};
 
 /// Mean inputs of a key site over the background sentences, by position.
 ///
@@ -451,6 +452,9 @@ pub struct KeyStore {
     /// edit's subject, not only those within `relation_margin` of its score. Derived from the
     /// subjects, never stored; see [`Elder::refresh_scope_calibration`].
     pub subject_group: Vec<u32>,
+    /// With `relation_words`, every edit's prompt words and their weight in the relation choice
+    /// (derived from the memory; see [`Elder::refresh_relation_words`]).
+    pub words: Derived<Option<RelationWords>>,
     pub ceilings: KeyCeilings,
 }
 
@@ -597,6 +601,7 @@ impl KeyStore {
             relation,
             impostor: Vec::new(),
             subject_group: Vec::new(),
+            words: Derived(None),
             ceilings,
         }
     }
@@ -850,6 +855,19 @@ impl KeyStore {
         relation: impl FnOnce(&RelationKeys, usize, usize) -> Option<Vec<f32>>,
         margin: f32,
     ) -> Vec<KeyMatch> {
+        self.rank_by(at, relation, |_| Vec::new(), margin)
+    }
+
+    /// [`KeyStore::rank`] with the relation words (`relation_words`) of the query outside the
+    /// subject rows the best edit matched, as `query_words(rows)` gives them: each candidate's
+    /// relation similarity gains the words' weight times their similarity to its prompt's words.
+    pub fn rank_by(
+        &self,
+        at: Vec<(f32, usize)>,
+        relation: impl FnOnce(&RelationKeys, usize, usize) -> Option<Vec<f32>>,
+        query_words: impl FnOnce(Range<usize>) -> Vec<u32>,
+        margin: f32,
+    ) -> Vec<KeyMatch> {
         let scores: Vec<f32> = at.iter().map(|(s, _)| *s).collect();
         // The best edit (the newest among equals) and where its key matched.
         let mut top: Option<usize> = None;
@@ -884,11 +902,23 @@ impl KeyStore {
             .as_ref()
             .filter(|_| contested)
             .and_then(|keys| relation(keys, top, at[top].1).map(|q| (keys, q)));
+        let words = match (&query_relation, &self.words.0) {
+            (Some((keys, _)), Some(words)) => {
+                Some((words, query_words(keys.query_subject(top, at[top].1))))
+            }
+            _ => None,
+        };
+        let relation_similarity = |keys: &RelationKeys, e: usize, q: &[f32]| {
+            keys.similarity(e, q)
+                + words
+                    .as_ref()
+                    .map_or(0.0, |(w, query)| w.weight * w.similarity(e, query))
+        };
         let mut ranked: Vec<(usize, f32)> = scores
             .iter()
             .enumerate()
             .filter_map(|(e, &s)| match &query_relation {
-                Some((keys, q)) if candidate(e, s) => Some((e, keys.similarity(e, q))),
+                Some((keys, q)) if candidate(e, s) => Some((e, relation_similarity(keys, e, q))),
                 None if s >= scores[top] => Some((e, s)),
                 _ => None,
             })
@@ -941,11 +971,24 @@ impl KeyStore {
         relation_rows: Option<&[f32]>,
         margin: f32,
     ) -> Vec<KeyMatch> {
-        self.rank(
+        self.rank_scores_with(at, relation_rows, None, margin)
+    }
+
+    /// [`KeyStore::rank_scores`] with the prompt's tokens and the map of their words, for the
+    /// relation words (without them, or without `relation_words`, the key alone ranks).
+    pub fn rank_scores_with(
+        &self,
+        at: Vec<(f32, usize)>,
+        relation_rows: Option<&[f32]>,
+        tokens: Option<(&WordMap, &[u32])>,
+        margin: f32,
+    ) -> Vec<KeyMatch> {
+        self.rank_by(
             at,
             |keys, entry, position| {
                 relation_rows.map(|rows| keys.key(rows, keys.query_subject(entry, position)))
             },
+            |subject| tokens.map_or_else(Vec::new, |(map, t)| map.words(t, subject)),
             margin,
         )
     }
@@ -979,6 +1022,23 @@ impl Elder {
                 matches!((subjects.get(a), subjects.get(b)), (Some(Some(x)), Some(Some(y))) if x == y)
             });
         }
+        self.refresh_relation_words();
+    }
+
+    /// Rebuilds the key store's relation words from the memory's (`relation_words`; each
+    /// entry's `words`, which the session derives): after edits join or leave, and once the
+    /// session has derived the words of a reopened state.
+    pub fn refresh_relation_words(&mut self) {
+        let weight = self.cfg.relation_words;
+        let Some(store) = &mut self.key_store else {
+            return;
+        };
+        store.words = Derived((weight > 0.0).then(|| {
+            RelationWords::new(
+                weight,
+                self.memory.iter().map(|e| e.words.clone()).collect(),
+            )
+        }));
     }
 
     /// Whether [`Elder::ensure_key_store`] has work to do: no key store yet, or key ceilings
@@ -1357,6 +1417,52 @@ mod tests {
             subject_groups(&[None, None, Some("a".into())]),
             vec![0, 1, 2]
         );
+    }
+
+    /// Relation words (`relation_words`) weigh in the relation choice: a query that shares a
+    /// rare word with one edit's prompt picks it over the edit the relation key prefers, the
+    /// words are read outside the subject rows the best key matched, and without words (no
+    /// tokens, or weight 0) the key alone ranks as before.
+    #[test]
+    fn relation_words_outweigh_the_relation_key_where_they_are_shared() {
+        // Three edits of one subject; the relation key prefers edit 2 (0 degrees), then edit 0.
+        let mut store = plane_store(&[(0.0, 40.0), (20.0, 90.0), (10.0, 0.0)]);
+        store.subject_group = subject_groups(&vec![Some("zinc".into()); 3]);
+        // Token t's word is t (tokens 0..8); prompts: edit 0 "5 6", edit 1 "6 7", edit 2 "6".
+        let map = crate::elder::words::WordMap::from_vocab(8, |t| Some(format!("w{t}")));
+        let at = |w: &[u32]| map.words(w, 0..0);
+        let words = |weight: f32| {
+            Derived(Some(RelationWords::new(
+                weight,
+                vec![at(&[5, 6]), at(&[6, 7]), at(&[6])],
+            )))
+        };
+        let query = unit(0.0);
+        let relation = |_: &RelationKeys, _: usize, _: usize| Some(unit(0.0).to_vec());
+        let order = |store: &KeyStore, tokens: Option<&[u32]>| -> Vec<usize> {
+            store
+                .rank_by(
+                    store.scores_at(&query),
+                    relation,
+                    |subject| tokens.map_or_else(Vec::new, |t| map.words(t, subject)),
+                    0.05,
+                )
+                .iter()
+                .map(|m| m.entry)
+                .collect()
+        };
+        assert_eq!(order(&store, Some(&[5, 3])), vec![2, 0, 1], "no words yet");
+        store.words = words(2.0);
+        // The query "5 3" (its key matched at row 0, a one-token subject: "5" is the subject).
+        assert_eq!(order(&store, Some(&[5, 3])), vec![2, 0, 1]);
+        // "3 5": "5" is outside the subject row (row 0) and only edit 0's prompt has it.
+        assert_eq!(order(&store, Some(&[3, 5])), vec![0, 2, 1]);
+        // "3 7": edit 1's word, enough at weight 2 to pass both relation keys.
+        assert_eq!(order(&store, Some(&[3, 7])), vec![1, 2, 0]);
+        // Without tokens, or at weight 0, the relation key alone.
+        assert_eq!(order(&store, None), vec![2, 0, 1]);
+        store.words = words(0.0);
+        assert_eq!(order(&store, Some(&[3, 7])), vec![2, 0, 1]);
     }
 
     /// The ranking behind a match lists every candidate once, best relation first: the

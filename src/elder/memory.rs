@@ -27,6 +27,10 @@ pub struct EditEntry {
     /// `target` (by the session, when an edit is made and when a state is opened), never stored.
     #[serde(skip)]
     pub answer: Vec<u32>,
+    /// The prompt's words outside its subject (`relation_words`; [`crate::elder::words`]).
+    /// Derived from `prompt` by the session, like `answer`; never stored.
+    #[serde(skip)]
+    pub words: Vec<u32>,
 }
 
 /// The memory as JSON lines (one entry per line, in the order the edits were applied).
@@ -80,6 +84,7 @@ mod tests {
                 subject: Some("X".into()),
                 allocation: vec![vec![0, 2], vec![1, 3]],
                 answer: Vec::new(),
+                words: Vec::new(),
             },
             EditEntry {
                 id: "b".into(),
@@ -89,6 +94,7 @@ mod tests {
                 subject: None,
                 allocation: vec![vec![2, 3], vec![1, 0]],
                 answer: Vec::new(),
+                words: Vec::new(),
             },
         ];
         let bytes = to_jsonl(&entries).unwrap();

@@ -12,3 +12,4 @@ pub mod plan;
 pub mod state;
 pub mod train_stored;
 pub mod trainer;
+pub mod words;

@@ -2,6 +2,7 @@
 //! plugs them into the frozen model's forward (routing, deferral, mixture) and backward.
 
 use std::ops::Range;
+use std::sync::Arc;
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -17,8 +18,9 @@ use super::codebook::Codebook;
 use super::config::{
     AllocationMode, Deferral, ElderConfig, ExpertRows, InferenceAllocation, QueryPooling,
 };
-use super::keystore::{KeyMatch, KeyStore};
+use super::keystore::{Derived, KeyMatch, KeyStore};
 use super::memory::EditEntry;
+use super::words::WordMap;
 
 /// The parameters of one MoLoRA layer (all f32, all trainable).
 #[derive(Debug, Clone, PartialEq)]
@@ -172,6 +174,9 @@ pub struct Elder {
     pub key_store: Option<KeyStore>,
     /// Every applied edit's training fields and allocation, in the order they were applied.
     pub memory: Vec<EditEntry>,
+    /// The tokenizer's words (`relation_words`): what a query's tokens are matched by. Set by the
+    /// session from the tokenizer; derived, never stored.
+    pub word_map: Derived<Option<Arc<WordMap>>>,
 }
 
 impl Elder {
@@ -192,6 +197,7 @@ impl Elder {
             query_mean: None,
             key_store: None,
             memory: Vec::new(),
+            word_map: Derived(None),
         })
     }
 
@@ -261,6 +267,7 @@ impl Elder {
         &self,
         capture: &SiteCapture,
         prompt_rows: &[Range<usize>],
+        tokens: Option<&[u32]>,
     ) -> Vec<Vec<KeyMatch>> {
         let Some(store) = self.key_store.as_ref().filter(|s| !s.is_empty()) else {
             return vec![Vec::new(); prompt_rows.len()];
@@ -280,7 +287,7 @@ impl Elder {
             let rw = x.len() / (key_input.len() / w);
             (x.as_slice(), rw)
         });
-        self.rank_matches(scores, relation_input, prompt_rows)
+        self.rank_matches(scores, relation_input, prompt_rows, tokens)
     }
 
     /// The key-store decision of each prompt from its edits' `(score, position)`
@@ -291,19 +298,22 @@ impl Elder {
         scores: Vec<Vec<(f32, usize)>>,
         relation_input: Option<(&[f32], usize)>,
         prompt_rows: &[Range<usize>],
+        tokens: Option<&[u32]>,
     ) -> Vec<Option<KeyMatch>> {
-        self.rank_matches(scores, relation_input, prompt_rows)
+        self.rank_matches(scores, relation_input, prompt_rows, tokens)
             .iter()
             .map(|ranked| KeyMatch::first_of(ranked))
             .collect()
     }
 
-    /// [`Elder::decide_matches`] with every candidate of each prompt, best first.
+    /// [`Elder::decide_matches`] with every candidate of each prompt, best first. `tokens`: the
+    /// call's token ids (`[rows]`, each prompt at its `prompt_rows`), for the relation words.
     pub fn rank_matches(
         &self,
         scores: Vec<Vec<(f32, usize)>>,
         relation_input: Option<(&[f32], usize)>,
         prompt_rows: &[Range<usize>],
+        tokens: Option<&[u32]>,
     ) -> Vec<Vec<KeyMatch>> {
         let Some(store) = self.key_store.as_ref().filter(|s| !s.is_empty()) else {
             return vec![Vec::new(); prompt_rows.len()];
@@ -314,7 +324,13 @@ impl Elder {
             .map(|(rows, at)| {
                 let relation_rows =
                     relation_input.map(|(x, rw)| &x[rows.start * rw..rows.end * rw]);
-                store.rank_scores(at, relation_rows, self.cfg.relation_margin)
+                // The prompt's own tokens: positions count from its first row, as the key's do.
+                let words = self
+                    .word_map
+                    .0
+                    .as_deref()
+                    .zip(tokens.and_then(|t| t.get(rows.clone())));
+                store.rank_scores_with(at, relation_rows, words, self.cfg.relation_margin)
             })
             .collect()
     }
@@ -504,6 +520,8 @@ pub struct ElderAdapter<'a> {
     pub elder: &'a Elder,
     /// Rows of each sequence's prompt in the first forward call (see `prompt_rows`).
     pub prompt_rows: Vec<Range<usize>>,
+    /// That call's token ids, when the caller gave them ([`ElderAdapter::inference_on`]).
+    prompt_tokens: Option<Vec<u32>>,
     pub scope: Scope,
     /// `[B, d_in]`, captured at the query site or provided by the trainer.
     pub query: Option<Vec<f32>>,
@@ -555,6 +573,14 @@ impl<'a> ElderAdapter<'a> {
         Self::build(elder, prompt_rows, Scope::Deferral, false)
     }
 
+    /// Inference that also knows the call's token ids (`[rows]`): what the relation words
+    /// (`relation_words`) read of each prompt.
+    pub fn inference_on(elder: &'a Elder, prompt_rows: Vec<Range<usize>>, ids: &[u32]) -> Self {
+        let mut a = Self::inference(elder, prompt_rows);
+        a.prompt_tokens = Some(ids.to_vec());
+        a
+    }
+
     /// Inference on one sequence whose first `prompt_len` tokens are the prompt.
     pub fn single(elder: &'a Elder, prompt_len: usize) -> Self {
         Self::inference(elder, std::iter::once(0..prompt_len).collect())
@@ -586,6 +612,7 @@ impl<'a> ElderAdapter<'a> {
         ElderAdapter {
             elder,
             prompt_rows,
+            prompt_tokens: None,
             scope,
             query: None,
             routing: None,
@@ -641,7 +668,11 @@ impl<'a> ElderAdapter<'a> {
         }
         let cfg = &self.elder.cfg;
         if self.scope == Scope::Deferral && cfg.deferral == Deferral::KeyStore {
-            self.candidates = self.elder.rank_keys(&self.key_capture, &self.prompt_rows);
+            self.candidates = self.elder.rank_keys(
+                &self.key_capture,
+                &self.prompt_rows,
+                self.prompt_tokens.as_deref(),
+            );
             self.key_matches = self
                 .candidates
                 .iter()

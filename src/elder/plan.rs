@@ -519,6 +519,7 @@ mod tests {
             subject: subject.map(Into::into),
             allocation: Vec::new(),
             answer: Vec::new(),
+            words: Vec::new(),
         }
     }
 
@@ -707,6 +708,7 @@ mod tests {
             EditEntry {
                 allocation: vec![vec![3, 2], vec![3, 1]],
                 answer: Vec::new(),
+                words: Vec::new(),
                 ..used.clone()
             },
         ];

@@ -15,6 +15,7 @@ use crate::util::stable_hash;
 use super::capture::{CpuSites, SiteReader};
 use super::codebook::Codebook;
 use super::config::{AllocationMode, ExpertRows};
+use super::keystore::Derived;
 use super::molora::Elder;
 use super::molora::MoloraLayer;
 use super::plan::{EditPlan, KeyText, Replay};
@@ -298,6 +299,7 @@ pub fn apply_stored_batch_on(
         query_mean: None,
         key_store: None,
         memory: Vec::new(),
+        word_map: Derived(None),
     };
     let local: Vec<Vec<Vec<u32>>> = sequences
         .iter()

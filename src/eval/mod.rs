@@ -150,8 +150,8 @@ impl<'a> ElderRequest<'a> {
 impl PromptAdapter for ElderRequest<'_> {
     type Report = Routed;
 
-    fn start(&mut self, rows: Vec<Range<usize>>) {
-        self.adapter = self.elder.map(|e| ElderAdapter::inference(e, rows));
+    fn start(&mut self, rows: Vec<Range<usize>>, ids: &[u32]) {
+        self.adapter = self.elder.map(|e| ElderAdapter::inference_on(e, rows, ids));
     }
 
     fn adapter(&mut self) -> &mut dyn Adapter {

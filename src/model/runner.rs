@@ -391,8 +391,9 @@ pub fn generate<F: Forward + ?Sized>(
 /// rows and reports what it decided.
 pub trait PromptAdapter {
     type Report;
-    /// A new prompt call whose sequences' prompts are `rows` (`prompt_rows`).
-    fn start(&mut self, rows: Vec<Range<usize>>);
+    /// A new prompt call of token ids `ids` (`[batch * seq]`) whose sequences' prompts are
+    /// `rows` (`prompt_rows`).
+    fn start(&mut self, rows: Vec<Range<usize>>, ids: &[u32]);
     /// The adapter the walk calls.
     fn adapter(&mut self) -> &mut dyn Adapter;
     /// What it decided in the prompt call.
@@ -402,7 +403,7 @@ pub trait PromptAdapter {
 /// Any adapter as it is: told nothing, reporting nothing (tests, forced experts, the base model).
 impl PromptAdapter for &mut dyn Adapter {
     type Report = ();
-    fn start(&mut self, _rows: Vec<Range<usize>>) {}
+    fn start(&mut self, _rows: Vec<Range<usize>>, _ids: &[u32]) {}
     fn adapter(&mut self) -> &mut dyn Adapter {
         &mut **self
     }
@@ -454,7 +455,7 @@ impl<A: PromptAdapter> Forward for CpuForward<'_, A> {
 
     fn prompt(&mut self, ids: &[u32], shape: &BatchShape, prompt_lens: &[usize]) -> Result<()> {
         self.adapter
-            .start(prompt_rows(shape.seq, prompt_lens.iter().copied()));
+            .start(prompt_rows(shape.seq, prompt_lens.iter().copied()), ids);
         self.run(ids, shape)
     }
 

@@ -46,8 +46,15 @@ pub fn stack_routers(elder: &Elder) -> (Vec<f32>, Vec<f32>) {
 pub trait DeviceElder<T: KernelDtype>: SiteHook<T> {
     /// Grows the per-call buffers to `cap` (never shrinks).
     fn reserve(&mut self, dev: &GpuDevice, cap: Capacity) -> Result<()>;
-    /// Starts a request: sequence `b`'s prompt is rows `b * seq ..= query_rows[b]`.
-    fn begin(&mut self, dev: &GpuDevice, query_rows: &[usize], seq: usize) -> Result<()>;
+    /// Starts a request: sequence `b`'s prompt is rows `b * seq ..= query_rows[b]` of the call's
+    /// token ids `ids`.
+    fn begin(
+        &mut self,
+        dev: &GpuDevice,
+        query_rows: &[usize],
+        seq: usize,
+        ids: &[u32],
+    ) -> Result<()>;
     /// What the request decided for each sequence, as the CPU reports it (waits for the device).
     fn report(&self, dev: &GpuDevice) -> Result<Routed>;
     /// The answer gate's questions about the current request: each sequence it asks and the
@@ -251,7 +258,13 @@ impl<T: KernelDtype> DeviceElder<T> for GpuElder<T> {
         self.grow(dev, cap)
     }
 
-    fn begin(&mut self, dev: &GpuDevice, query_rows: &[usize], _seq: usize) -> Result<()> {
+    fn begin(
+        &mut self,
+        dev: &GpuDevice,
+        query_rows: &[usize],
+        _seq: usize,
+        _ids: &[u32],
+    ) -> Result<()> {
         self.start(dev, query_rows)
     }
 

@@ -208,6 +208,8 @@ pub struct GpuKeyElder {
     in_scope: CudaSlice<u8>,
     /// The request's prompt rows (`b * seq ..` of the prompt call) and what was read of it.
     prompt_rows: Vec<Range<usize>>,
+    /// The prompt call's token ids (the relation words read them).
+    prompt_ids: Vec<u32>,
     keys_read: bool,
     relation_rows: Option<(Vec<f32>, usize)>,
     decision: Option<Decision>,
@@ -247,6 +249,7 @@ impl GpuKeyElder {
             query_mean: None,
             key_store: elder.key_store.clone(),
             memory: elder.memory.clone(),
+            word_map: elder.word_map.clone(),
         };
         let mut this = GpuKeyElder {
             matcher: Matcher::upload(dev, elder)?,
@@ -258,6 +261,7 @@ impl GpuKeyElder {
             gates: dev.zeros(1)?,
             in_scope: dev.zeros(1)?,
             prompt_rows: Vec::new(),
+            prompt_ids: Vec::new(),
             keys_read: false,
             relation_rows: None,
             decision: None,
@@ -290,7 +294,9 @@ impl GpuKeyElder {
             .as_ref()
             .map(|(rows, width)| (rows.as_slice(), *width));
         // Every candidate when the gate asks several (`answer_gate_candidates`), else the first.
-        let candidates = self.host.rank_matches(scores, relation, &self.prompt_rows);
+        let candidates =
+            self.host
+                .rank_matches(scores, relation, &self.prompt_rows, Some(&self.prompt_ids));
         let matches: Vec<Option<KeyMatch>> = candidates
             .iter()
             .map(|ranked| KeyMatch::first_of(ranked))
@@ -381,7 +387,13 @@ impl<T: KernelDtype> DeviceElder<T> for GpuKeyElder {
 
     /// A new request: sequence `b`'s prompt ends at row `query_rows[b]` (its rows start at
     /// `b * seq`, so the prompt is `b * seq ..= query_rows[b]`).
-    fn begin(&mut self, _dev: &GpuDevice, query_rows: &[usize], seq: usize) -> Result<()> {
+    fn begin(
+        &mut self,
+        _dev: &GpuDevice,
+        query_rows: &[usize],
+        seq: usize,
+        ids: &[u32],
+    ) -> Result<()> {
         ensure!(
             query_rows.len() <= self.cap.batch,
             "{} sequences exceed the {} reserved for ELDER",
@@ -393,6 +405,7 @@ impl<T: KernelDtype> DeviceElder<T> for GpuKeyElder {
             .enumerate()
             .map(|(b, &last)| b * seq..last + 1)
             .collect();
+        self.prompt_ids = ids.to_vec();
         self.keys_read = false;
         self.relation_rows = None;
         self.decision = None;

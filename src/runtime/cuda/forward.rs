@@ -38,8 +38,9 @@ use crate::model::transformer::Block;
 pub enum ElderStep<'a> {
     /// The base model: no ELDER at all.
     Off,
-    /// A prompt: read each sequence's query at these rows and route.
-    Prompt(&'a [usize]),
+    /// A prompt: read each sequence's query at these rows and route; the call's token ids with
+    /// them (the key store's relation words read the prompts' words).
+    Prompt(&'a [usize], &'a [u32]),
     /// A later call of the same request (decode): keep the prompt's routing.
     Continue,
 }
@@ -235,8 +236,8 @@ where
         let dev = &*self.dev;
         let hook: Option<&mut dyn SiteHook<T>> = match (elder, self.elder.as_mut()) {
             (ElderStep::Off, _) => None,
-            (ElderStep::Prompt(rows), Some(e)) => {
-                e.begin(dev, rows, shape.seq)?;
+            (ElderStep::Prompt(rows, ids), Some(e)) => {
+                e.begin(dev, rows, shape.seq, ids)?;
                 Some(e.as_mut())
             }
             (ElderStep::Continue, Some(e)) => Some(e.as_mut()),

@@ -46,7 +46,7 @@ where
         }
         let query_rows = prompt_query_rows(shape.seq, prompt_lens);
         self.model
-            .forward(ids, shape, ElderStep::Prompt(&query_rows))?;
+            .forward(ids, shape, ElderStep::Prompt(&query_rows, ids))?;
         self.model.answer_gate(ids, shape, prompt_lens)
     }
 
