@@ -1,6 +1,7 @@
 //! Diagnostic: every candidate the key store ranks for each rephrasing and locality probe of the
 //! records a state holds, with its key score and relation similarity, as JSONL (for analysis
-//! outside the engine of signals that could choose among an edited subject's edits).
+//! outside the engine of signals that could choose among an edited subject's edits). The ranking
+//! is the relation key's alone (no `relation_words`): the baseline such a signal is added to.
 //!
 //! Usage: cargo run --release --example rank_dump -- MODEL STATE DATA.jsonl OUT.jsonl
 use std::io::{BufRead, Write};

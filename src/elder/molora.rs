@@ -290,23 +290,9 @@ impl Elder {
         self.rank_matches(scores, relation_input, prompt_rows, tokens)
     }
 
-    /// The key-store decision of each prompt from its edits' `(score, position)`
+    /// Every candidate edit of each prompt, best first, from its edits' `(score, position)`
     /// ([`KeyStore::scores_at`]'s, or the GPU's key match) and, with a relation check, the
-    /// relation site's rows of the whole batch (`[rows, width]` and the width).
-    pub fn decide_matches(
-        &self,
-        scores: Vec<Vec<(f32, usize)>>,
-        relation_input: Option<(&[f32], usize)>,
-        prompt_rows: &[Range<usize>],
-        tokens: Option<&[u32]>,
-    ) -> Vec<Option<KeyMatch>> {
-        self.rank_matches(scores, relation_input, prompt_rows, tokens)
-            .iter()
-            .map(|ranked| KeyMatch::first_of(ranked))
-            .collect()
-    }
-
-    /// [`Elder::decide_matches`] with every candidate of each prompt, best first. `tokens`: the
+    /// relation site's rows of the whole batch (`[rows, width]` and the width). `tokens`: the
     /// call's token ids (`[rows]`, each prompt at its `prompt_rows`), for the relation words.
     pub fn rank_matches(
         &self,

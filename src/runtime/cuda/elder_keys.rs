@@ -4,7 +4,7 @@
 //! Per prompt call: the key site's rows become unit keys on the device (`key_embed`); the
 //! relation site's rows are copied to the host; at the first MoLoRA site one launch matches every
 //! stored key against every position of every prompt (`key_match`), and the host takes the
-//! decision from those scores with the CPU's own code (`Elder::decide_matches`: the relation
+//! decision from those scores with the CPU's own code (`Elder::rank_matches`: the relation
 //! tie-break among the best edit's subject, the calibrated scope threshold); each sequence in
 //! scope then gets its matched edit's stored experts, and every MoLoRA site adds them in one
 //! gather/scatter launch, as with the paper's routing. Decode steps keep the prompt's decision.
