@@ -269,12 +269,14 @@ fn gpu_default_preset_stream_matches_the_cpu() {
         answer_gate: 0.0,
         ..ElderConfig::default_preset_for(&base.cfg)
     };
-    assert!(preset.negatives > 0 && preset.stop_loss > 0.0);
+    assert!(preset.stop_loss > 0.0);
     let streams = [
         (
             "negatives",
             ElderConfig {
                 iterations: 20,
+                // Off in the preset since 2026-12-07; the device must still build them alike.
+                negatives: 4,
                 ..preset.clone()
             },
             records(&|i| format!(" v{i} w")),

@@ -131,8 +131,8 @@ fn state_refuses_another_model_or_config() {
     assert!(format!("{err:#}").contains("num_experts"), "{err:#}");
 }
 
-/// The default preset (key store, stored allocations, fresh experts, prefixed copies, negatives)
-/// on a tiny model, few iterations.
+/// The default preset (key store, stored allocations, fresh experts, prefixed and question
+/// copies) on a tiny model, few iterations.
 fn default_config(base: &BaseModel) -> ElderConfig {
     ElderConfig {
         iterations: 4,
@@ -192,10 +192,12 @@ fn rephrasings_and_probes_never_reach_training() {
         query_centering: true,
         ..config(&base, false)
     };
-    // The default preset as shipped plans 8 edits together (negatives from each other's
-    // templates): that path must not read the test set either.
+    // The default preset as shipped plans 8 edits together; with negatives (off in the preset,
+    // an option) they come from each other's templates: that path must not read the test set
+    // either.
     let default_batched = ElderConfig {
         batch_size: 8,
+        negatives: 4,
         ..default_config(&base)
     };
     // Reworded negatives are made from the edit prompt alone.
@@ -210,7 +212,7 @@ fn rephrasings_and_probes_never_reach_training() {
     };
     for (name, cfg) in [
         ("default", default_config(&base)),
-        ("default, batch of 8", default_batched),
+        ("default, batch of 8 with negatives", default_batched),
         ("default, reworded negatives", reworded),
         ("default, subject negatives", subject_negatives),
         ("paper", centred_paper),

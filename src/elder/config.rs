@@ -289,10 +289,10 @@ pub struct ElderConfig {
     /// Answer only where the matched edit's own experts agree (0: off): a prompt in scope whose
     /// experts give the edit's answer (the first token of its target) less than this probability
     /// at the last prompt token is answered by the base model instead. The experts learned the
-    /// edit from its prompt's variants and to keep the base model's answers on negatives, so
-    /// they tell what frozen keys cannot: a question about an edited subject's *other* relation
-    /// ("X has a population of about" after an edit of X's capital) matches X's key but does not
-    /// move X's experts towards the new capital. Costs one head row per sequence in scope, and
+    /// edit from its prompt's variants (and, with `negatives`, to keep the base model's answers
+    /// elsewhere), so they tell what frozen keys cannot: a question about an edited subject's
+    /// *other* relation ("X has a population of about" after an edit of X's capital) matches X's
+    /// key but does not move X's experts towards the new capital. Costs one head row per sequence in scope, and
     /// the blocks from the first MoLoRA layer again for a batch where a sequence is turned away.
     pub answer_gate: f32,
     /// When the gate turns a prompt's matched edit away, try the edit its relation key ranked
@@ -423,9 +423,11 @@ impl ElderConfig {
     ///   so no edit overwrites another;
     /// - a scope threshold calibrated from the stream (the 0.9 quantile of the edits' impostor
     ///   scores, never below 0.8);
-    /// - per edit while training: one prefixed copy, two generic question framings and four
-    ///   negatives; learning rate 1e-2, stopped early once every target token is the argmax and
-    ///   the loss is below 0.01;
+    /// - per edit while training: one prefixed copy and one generic question framing, no
+    ///   negatives (the key store and the answer gate keep other prompts' answers; negatives
+    ///   cost generalization and time and bought no locality: BENCHMARKS.md, "Three sequences
+    ///   per edit"); learning rate 1e-2, stopped early once every target token is the argmax
+    ///   and the loss is below 0.01;
     /// - edits trained 8 at a time: each edit keeps its own loss and stops on its own (its
     ///   sequences leave the batch), so a batch trains each edit as alone while the frozen
     ///   weights are read once for all of them (1.3x the edits per second, same quality,
@@ -477,8 +479,8 @@ impl ElderConfig {
             relation_words: 10.0,
             inference_allocation: InferenceAllocation::Stored,
             augment_prefixes: 1,
-            augment_questions: 2,
-            negatives: 4,
+            augment_questions: 1,
+            negatives: 0,
             negative_weight: 1.0,
             stop_loss: 0.01,
             batch_size: 8,
