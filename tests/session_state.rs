@@ -192,13 +192,15 @@ fn rephrasings_and_probes_never_reach_training() {
         query_centering: true,
         ..config(&base, false)
     };
-    // The default preset as shipped plans 8 edits together; with negatives (off in the preset,
-    // an option) they come from each other's templates: that path must not read the test set
-    // either.
+    // The default preset as shipped plans 8 edits together, and with negatives (an option, off
+    // in the preset) they come from each other's templates: neither path may read the test set.
     let default_batched = ElderConfig {
         batch_size: 8,
-        negatives: 4,
         ..default_config(&base)
+    };
+    let batched_negatives = ElderConfig {
+        negatives: 4,
+        ..default_batched.clone()
     };
     // Reworded negatives are made from the edit prompt alone.
     let reworded = ElderConfig {
@@ -212,7 +214,8 @@ fn rephrasings_and_probes_never_reach_training() {
     };
     for (name, cfg) in [
         ("default", default_config(&base)),
-        ("default, batch of 8 with negatives", default_batched),
+        ("default, batch of 8", default_batched),
+        ("default, batch of 8 with negatives", batched_negatives),
         ("default, reworded negatives", reworded),
         ("default, subject negatives", subject_negatives),
         ("paper", centred_paper),

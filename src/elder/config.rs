@@ -260,8 +260,8 @@ pub struct ElderConfig {
     pub negatives: usize,
     /// More negatives of the edit's subject in other edits' templates, per edit (beyond those
     /// among `negatives`), so that its experts learn to leave the subject's other relations
-    /// alone. Why: with `negatives = 4` an edit's experts saw about two of its subject's other
-    /// templates and gave their answer to most other questions about the subject (science at
+    /// alone. Why: with `negatives = 4` (the default until 2026-12-07) an edit's experts saw
+    /// about two of its subject's other templates and gave their answer to most other questions about the subject (science at
     /// T = 1000: the chemical-symbol edit's experts answered "Ru" to "The atomic number of Zinc
     /// is" with probability 0.9999), so neither the answer gate nor its candidates could tell
     /// a subject's relations apart. Each costs one more sequence per training step. Off in both
@@ -292,8 +292,9 @@ pub struct ElderConfig {
     /// edit from its prompt's variants (and, with `negatives`, to keep the base model's answers
     /// elsewhere), so they tell what frozen keys cannot: a question about an edited subject's
     /// *other* relation ("X has a population of about" after an edit of X's capital) matches X's
-    /// key but does not move X's experts towards the new capital. Costs one head row per sequence in scope, and
-    /// the blocks from the first MoLoRA layer again for a batch where a sequence is turned away.
+    /// key but does not move X's experts towards the new capital. Costs one head row per sequence
+    /// in scope, and the blocks from the first MoLoRA layer again for a batch where a sequence is
+    /// turned away.
     pub answer_gate: f32,
     /// When the gate turns a prompt's matched edit away, try the edit its relation key ranked
     /// next (another edit of the subject) before the base model answers: its experts answer if
