@@ -261,9 +261,9 @@ pub struct ElderConfig {
     /// More negatives of the edit's subject in other edits' templates, per edit (beyond those
     /// among `negatives`), so that its experts learn to leave the subject's other relations
     /// alone. Why: with `negatives = 4` (the default until 2026-12-07) an edit's experts saw
-    /// about two of its subject's other templates and gave their answer to most other questions about the subject (science at
-    /// T = 1000: the chemical-symbol edit's experts answered "Ru" to "The atomic number of Zinc
-    /// is" with probability 0.9999), so neither the answer gate nor its candidates could tell
+    /// about two of its subject's other templates and gave their answer to most other questions
+    /// about the subject (science at T = 1000: the chemical-symbol edit's experts answered "Ru"
+    /// to "The atomic number of Zinc is" with probability 0.9999), so neither the answer gate nor its candidates could tell
     /// a subject's relations apart. Each costs one more sequence per training step. Off in both
     /// presets: twelve of them lifted science's same-subject locality at T = 300 from 0.52 to
     /// 0.83 and cost 12 points of generalization (the experts refuse paraphrases too;
