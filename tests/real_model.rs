@@ -235,8 +235,12 @@ fn a_batch_of_edits_trains_each_edit_as_it_would_alone() {
         }
     }
     eprintln!("iterations alone {iterations:?}; worst relative difference {worst:.2e}");
+    // Rounding, not a leak: the batch sums each expert's gradient over other row blocks, and
+    // Adam's normalisation turns those last-bit differences into about 1e-4 (measured 5e-4 on
+    // AMD Zen 1 with three sequences per edit). Another edit's loss in the gradient, or a stop
+    // one iteration off, moves a weight by a learning-rate step (1e-2), far above this bound.
     assert!(
-        worst < 1e-4,
+        worst < 2e-3,
         "an expert weight differs by {worst:.2e} (relative) in the batch"
     );
 }
