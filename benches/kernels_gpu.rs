@@ -178,6 +178,7 @@ fn bench_lora(c: &mut Criterion, dev: &GpuDevice, rng: &mut ChaCha8Rng) {
                     &experts,
                     &gates,
                     Some(&scope),
+                    None::<&CudaSlice<u32>>,
                     None,
                     &mut out,
                 )

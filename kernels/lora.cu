@@ -4,14 +4,19 @@
 //   shrink[b, j, t, :] = x[b, t, :] A[e]                      e = experts[b, j]; f32 [B, k, T, r]
 //   out[b, t, :]      += in_scope[b] * sum_j gates[b, j] * scale * shrink[b, j, t, :] B[e]
 // Shapes: x [B, T, d_in] T; A [E, d_in, r] f32; Bm [E, r, d_out] f32; experts [B, k] u32;
-//   gates [B, k] f32; in_scope [B] u8 (null = all in scope, as while training); out [B, T, d_out] T;
-//   shrink is written only when the caller keeps it for the backward (null at inference).
+//   gates [B, k] f32; in_scope [B] u8 (null = all in scope, as while training); first_row [B] u32
+//   (null = 0): the rows of sequence b before first_row[b] are left as if it were out of scope
+//   (`expert_rows = "answer"`: the prompt keeps the base model's activations, the experts change
+//   the rows from the last prompt token on); out [B, T, d_out] T; shrink is written only when the
+//   caller keeps it for the backward (null at inference).
 // Backward (scale folded into g = gates * scale):
 //   dh_raw[b, j, t, :] = dout[b, t, :] Bm[e]^T                               f32 [B, k, T, r]
 //   dgates[b, j]      = scale * <shrink[b, j], dh_raw[b, j]>                (0 when out of scope)
 //   dB[e]            += (g shrink[b, j])^T dout[b]                           f32 atomics
 //   dA[e]            += x[b]^T (g dh_raw[b, j])                              f32 atomics
 //   dx[b]            += sum_j (g dh_raw[b, j]) A[e]^T
+// Rows before first_row[b]: the forward saves zeros for their shrink and dh_raw is zero there, so
+// dB, dA and dgates get nothing from them without a mask of their own; dx is left untouched.
 // Launch shapes:
 //   forward (lora_forward): one launch per site. Grid (B*T, chunks), 256 threads: block (token,
 //     chunk) reduces its token's k*r shrink values over d_in (threads stride over d_in with r
@@ -41,11 +46,17 @@ constexpr int FORWARD_WARPS = FORWARD_THREADS / 32;
 
 __device__ __forceinline__ bool seq_in_scope(const uint8_t* in_scope, int b) { return !in_scope || in_scope[b]; }
 
+// Whether row t of sequence b comes before the first row the experts change.
+__device__ __forceinline__ bool before_first_row(const uint32_t* first_row, int b, int t) {
+    return first_row && (uint32_t)t < first_row[b];
+}
+
 // The whole forward of a site for one token and one chunk of its output columns (see the launch
 // shapes above). Must run with FORWARD_THREADS threads.
 template <typename T>
 __device__ void mix_forward(const T* x, const float* a, const float* bm, const uint32_t* experts,
-                            const float* gates, const uint8_t* in_scope, int batch, int seq, int d_in, int d_out,
+                            const float* gates, const uint8_t* in_scope, const uint32_t* first_row, int batch,
+                            int seq, int d_in, int d_out,
                             int rank, int k, int n_experts, float scale, float* shrink, T* out) {
     __shared__ float partial[FORWARD_WARPS][MAX_RANK];
     __shared__ float coef[MAX_K * MAX_RANK];
@@ -55,8 +66,9 @@ __device__ void mix_forward(const T* x, const float* a, const float* bm, const u
     if (b >= batch) return;
     // Only the first chunk of a token writes its shrink (every chunk computes the same values).
     float* shrink_out = (shrink != nullptr && blockIdx.y == 0) ? shrink : nullptr;
-    if (!seq_in_scope(in_scope, b)) {
-        // Out of scope: the output is untouched and the saved shrink is defined zeros.
+    if (!seq_in_scope(in_scope, b) || before_first_row(first_row, b, t)) {
+        // Out of scope (or before the first changed row): the output is untouched and the saved
+        // shrink is defined zeros.
         if (shrink_out)
             for (int jc = threadIdx.x; jc < k * rank; jc += blockDim.x)
                 shrink_out[(((size_t)b * k + jc / rank) * seq + t) * rank + jc % rank] = 0.0f;
@@ -119,15 +131,17 @@ __device__ void mix_forward(const T* x, const float* a, const float* bm, const u
 // dh_raw[b, j, t, c] = sum_o dout[b, t, o] * Bm[e, c, o]   (Bm [E, r, d_out]).
 template <typename T>
 __device__ void project_to_rank(const T* src, const float* m, const uint32_t* experts, const uint8_t* in_scope,
-                                int batch, int seq, int d, int rank, int k, int n_experts, float* y) {
+                                const uint32_t* first_row, int batch, int seq, int d, int rank, int k,
+                                int n_experts, float* y) {
     const int bj = blockIdx.x, b = bj / k;
     const int t = blockIdx.y * TOKENS_PER_BLOCK + (threadIdx.x >> 5), lane = threadIdx.x & 31;
     if (b >= batch || t >= seq) return;
     float* yrow = y + ((size_t)bj * seq + t) * rank;
     const uint32_t e = experts[bj];
-    if (!seq_in_scope(in_scope, b) || e >= (uint32_t)n_experts) {
-        // Out of scope: defined zeros. Bad expert index: NaN so the error cannot pass silently.
-        const float fill = seq_in_scope(in_scope, b) ? NAN : 0.0f;
+    const bool unused = !seq_in_scope(in_scope, b) || before_first_row(first_row, b, t);
+    if (unused || e >= (uint32_t)n_experts) {
+        // Unused row: defined zeros. Bad expert index: NaN so the error cannot pass silently.
+        const float fill = unused ? 0.0f : NAN;
         for (int c = lane; c < rank; c += 32) yrow[c] = fill;
         return;
     }
@@ -155,12 +169,13 @@ __device__ void project_to_rank(const T* src, const float* m, const uint32_t* ex
 // (A [E, d_in, r]).
 template <typename T>
 __device__ void expand_from_rank(const float* src, const float* m, const uint32_t* experts, const float* gates,
-                                 const uint8_t* in_scope, int batch, int seq, int d, int rank, int k,
-                                 int n_experts, float scale, T* dst) {
+                                 const uint8_t* in_scope, const uint32_t* first_row, int batch, int seq, int d,
+                                 int rank, int k, int n_experts, float scale, T* dst) {
     __shared__ float coef[MAX_K * MAX_RANK];
     __shared__ uint32_t chosen[MAX_K];
     const int bt = blockIdx.x, b = bt / seq, t = bt % seq;
-    if (b >= batch || !seq_in_scope(in_scope, b)) return;  // out of scope: dst untouched
+    // Out of scope or before the first changed row: dst untouched.
+    if (b >= batch || !seq_in_scope(in_scope, b) || before_first_row(first_row, b, t)) return;
     for (int jc = threadIdx.x; jc < k * rank; jc += blockDim.x) {
         const int j = jc / rank, c = jc % rank;
         coef[jc] = gates[b * k + j] * scale * src[(((size_t)b * k + j) * seq + t) * rank + c];
@@ -235,15 +250,17 @@ __device__ void lora_dgates(const float* shrink, const float* dh_raw, const uint
 #define LORA_ENTRY_POINTS(S, T)                                                                                 \
     extern "C" __global__ void __launch_bounds__(FORWARD_THREADS)                                               \
         lora_forward_##S(const T* x, const float* a, const float* bm, const uint32_t* experts, const float* gates, \
-                         const uint8_t* in_scope, int batch, int seq, int d_in, int d_out, int rank, int k,     \
-                         int n_experts, float scale, float* shrink, T* out) {                                   \
-        mix_forward<T>(x, a, bm, experts, gates, in_scope, batch, seq, d_in, d_out, rank, k, n_experts, scale,  \
-                       shrink, out);                                                                            \
+                         const uint8_t* in_scope, const uint32_t* first_row, int batch, int seq, int d_in,      \
+                         int d_out, int rank, int k, int n_experts, float scale, float* shrink, T* out) {       \
+        mix_forward<T>(x, a, bm, experts, gates, in_scope, first_row, batch, seq, d_in, d_out, rank, k, n_experts, \
+                       scale, shrink, out);                                                                     \
     }                                                                                                           \
     extern "C" __global__ void lora_bwd_dh_##S(const T* dout, const float* bm, const uint32_t* experts,         \
-                                               const uint8_t* in_scope, int batch, int seq, int d_out, int rank, \
-                                               int k, int n_experts, float* dh_raw) {                            \
-        project_to_rank<T>(dout, bm, experts, in_scope, batch, seq, d_out, rank, k, n_experts, dh_raw);  \
+                                               const uint8_t* in_scope, const uint32_t* first_row, int batch,   \
+                                               int seq, int d_out, int rank, int k, int n_experts,              \
+                                               float* dh_raw) {                                                  \
+        project_to_rank<T>(dout, bm, experts, in_scope, first_row, batch, seq, d_out, rank, k, n_experts,       \
+                           dh_raw);                                                                             \
     }                                                                                                           \
     extern "C" __global__ void lora_bwd_db_##S(const T* dout, const float* shrink, const uint32_t* experts,     \
                                                const float* gates, const uint8_t* in_scope, int batch, int seq, \
@@ -260,10 +277,11 @@ __device__ void lora_dgates(const float* shrink, const float* dh_raw, const uint
                                      n_experts, scale, da);                                                     \
     }                                                                                                           \
     extern "C" __global__ void lora_bwd_dx_##S(const float* dh_raw, const float* a, const uint32_t* experts,    \
-                                               const float* gates, const uint8_t* in_scope, int batch, int seq, \
-                                               int d_in, int rank, int k, int n_experts, float scale, T* dx) {   \
-        expand_from_rank<T>(dh_raw, a, experts, gates, in_scope, batch, seq, d_in, rank, k, n_experts,   \
-                                  scale, dx);                                                                   \
+                                               const float* gates, const uint8_t* in_scope,                     \
+                                               const uint32_t* first_row, int batch, int seq, int d_in,         \
+                                               int rank, int k, int n_experts, float scale, T* dx) {            \
+        expand_from_rank<T>(dh_raw, a, experts, gates, in_scope, first_row, batch, seq, d_in, rank, k,          \
+                            n_experts, scale, dx);                                                              \
     }
 
 ELDER_FOR_DTYPES(LORA_ENTRY_POINTS)

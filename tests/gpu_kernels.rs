@@ -1070,6 +1070,7 @@ fn check_lora_shape<T: KernelDtype>(
         &ed,
         &gd,
         Some(&sd),
+        None::<&CudaSlice<u32>>,
         Some(&mut shrink),
         &mut out,
     )
@@ -1152,6 +1153,7 @@ fn check_lora_shape<T: KernelDtype>(
         &ed,
         &gd,
         Some(&sd),
+        None::<&CudaSlice<u32>>,
         &shrink,
         &up::<T>(dev, &dout),
         &mut dh,
@@ -1178,6 +1180,126 @@ fn check_lora_shape<T: KernelDtype>(
         tol::<T>(),
     );
 
+    // Answer rows: each sequence's rows before its first row are left alone (from row 0, from
+    // the middle, and none at all where the first row is past the end). The CPU twin is the
+    // mixture of the input with those rows zeroed (what the CPU's answer windows train).
+    let first_row: Vec<u32> = (0..batch)
+        .map(|b| [seq / 2, 0, seq + 1, 0][b % 4] as u32)
+        .collect();
+    assert!(first_row.contains(&0) && first_row.iter().any(|&f| f as usize >= seq));
+    let zero_before = |v: &[f32], width: usize| -> Vec<f32> {
+        let mut v = v.to_vec();
+        for (b, &f) in first_row.iter().enumerate() {
+            let rows = (f as usize).min(seq);
+            v[b * seq * width..(b * seq + rows) * width].fill(0.0);
+        }
+        v
+    };
+    let fd = dev.upload(&first_row).unwrap();
+    let mut want = base.clone();
+    let mut shrink_ref = vec![0.0; batch * k * seq * rank];
+    ops::molora_forward(
+        shape,
+        &zero_before(&x, d_in),
+        &a,
+        &b,
+        &experts,
+        &gates,
+        &in_scope,
+        &mut want,
+        Some(&mut shrink_ref),
+    );
+    let mut shrink = poison::<f32>(dev, batch * k * seq * rank);
+    let mut out = up::<T>(dev, &base);
+    lora::lora_forward::<T, CudaSlice<f32>>(
+        dev,
+        site,
+        &xd,
+        &ad,
+        &bd,
+        &ed,
+        &gd,
+        Some(&sd),
+        Some(&fd),
+        Some(&mut shrink),
+        &mut out,
+    )
+    .unwrap();
+    let got_out = down(dev, &out);
+    assert_close(
+        &format!("lora out answer rows {sfx}"),
+        &got_out,
+        &want,
+        tol::<T>(),
+    );
+    let got_shrink = down(dev, &shrink);
+    for (bb, &f) in first_row.iter().enumerate() {
+        let rows = (f as usize).min(seq);
+        let kept = bb * seq * d_out..(bb * seq + rows) * d_out;
+        assert_eq!(
+            &got_out[kept.clone()],
+            &base[kept],
+            "lora rows before sequence {bb}'s first row touched ({sfx})"
+        );
+        for j in 0..k {
+            let at = ((bb * k + j) * seq) * rank;
+            assert!(
+                got_shrink[at..at + rows * rank].iter().all(|&v| v == 0.0),
+                "shrink before sequence {bb}'s first row must be zero ({sfx})"
+            );
+        }
+    }
+    let (mut da_ref, mut db_ref, mut dx_ref) = (da0.clone(), db0.clone(), dx0.clone());
+    let mut dg_ref = vec![0.0; batch * k];
+    ops::molora_backward(
+        shape,
+        &zero_before(&x, d_in),
+        &a,
+        &b,
+        &experts,
+        &gates,
+        &in_scope,
+        &shrink_ref,
+        &zero_before(&dout, d_out),
+        &mut da_ref,
+        &mut db_ref,
+        &mut dg_ref,
+        Some(&mut dx_ref),
+    );
+    let (mut da, mut db) = (up::<f32>(dev, &da0), up::<f32>(dev, &db0));
+    let mut dgates = poison::<f32>(dev, batch * k);
+    let mut dx = up::<T>(dev, &dx0);
+    let mut dh = poison::<f32>(dev, batch * k * seq * rank);
+    lora::lora_backward::<T, _, _>(
+        dev,
+        site,
+        &xd,
+        &ad,
+        &bd,
+        &ed,
+        &gd,
+        Some(&sd),
+        Some(&fd),
+        &shrink,
+        &up::<T>(dev, &dout),
+        &mut dh,
+        lora::LoraGrads {
+            da: &mut da,
+            db: &mut db,
+            dgates: &mut dgates,
+            dx: Some(&mut dx),
+        },
+    )
+    .unwrap();
+    for (what, got, want, t) in [
+        ("dA", down(dev, &da), da_ref, t32),
+        ("dB", down(dev, &db), db_ref, t32),
+        ("dgates", down(dev, &dgates), dg_ref, t32),
+        ("dx", down(dev, &dx), dx_ref, tol::<T>()),
+    ] {
+        assert_close(&format!("lora {what} answer rows {sfx}"), &got, &want, t);
+    }
+
     // Training mode: no scope mask means every sequence is in scope.
     // Inference keeps no shrink.
     let all = vec![true; batch];
@@ -1193,6 +1315,7 @@ fn check_lora_shape<T: KernelDtype>(
         &ed,
         &gd,
         None::<&CudaSlice<u8>>,
+        None::<&CudaSlice<u32>>,
         None,
         &mut out,
     )

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use cudarc::cublas::{CudaBlas, Gemm};
 use elder::backend::cpu::ops::Routing;
 use elder::backend::cuda::{GpuDevice, KernelDtype};
-use elder::elder::config::ElderConfig;
+use elder::elder::config::{ElderConfig, ExpertRows};
 use elder::elder::molora::{Elder, ElderAdapter};
 use elder::eval::score_pairs;
 use elder::model::layers::MlpProj;
@@ -52,23 +52,36 @@ fn tol<T: KernelDtype>() -> (f32, f32) {
 
 /// The case means something: the edited logits `[B, seq, V]` of each sequence in scope moved
 /// away from `model`'s base logits, those of every other sequence not at all.
+/// `answer_rows`: the experts change an in-scope prompt from its last token only (`expert_rows
+/// = "answer"`), so its earlier rows must be the base model's exactly.
 fn assert_moved_in_scope_only(
     model: &Model,
     prompts: &[Vec<u32>],
     edited: &[f32],
     seq: usize,
     in_scope: &[bool],
+    answer_rows: bool,
     tag: &str,
 ) {
     let (base, _) = model.logits(prompts, &mut NoAdapter);
     let v = model.cfg.vocab_size;
-    for (b, p) in prompts.iter().enumerate() {
-        let rows = b * seq * v..(b * seq + p.len()) * v;
-        let moved = edited[rows.clone()]
+    let moved = |rows: std::ops::Range<usize>| {
+        edited[rows.clone()]
             .iter()
             .zip(&base[rows])
             .map(|(a, b)| (a - b).abs())
-            .fold(0.0f32, f32::max);
+            .fold(0.0f32, f32::max)
+    };
+    for (b, p) in prompts.iter().enumerate() {
+        let last = b * seq + p.len() - 1;
+        if answer_rows && in_scope[b] {
+            assert_eq!(
+                moved(b * seq * v..last * v),
+                0.0,
+                "{tag}: sequence {b} moved before its last prompt token"
+            );
+        }
+        let moved = moved(b * seq * v..(last + 1) * v);
         if in_scope[b] {
             assert!(
                 moved > 1e-2,
@@ -530,6 +543,7 @@ fn elder_case(arch: Arch, centering: bool) -> ElderCase {
         &edited,
         shape.seq,
         &cpu_scope,
+        false,
         "ELDER case",
     );
     ElderCase {
@@ -790,6 +804,15 @@ fn gpu_key_store_state_matches_cpu() {
                 ..default.clone()
             },
         ),
+        // Experts that change each prompt from its last token on, the gate on.
+        (
+            "answer rows",
+            ElderConfig {
+                answer_gate: 2e-6,
+                expert_rows: ExpertRows::Answer,
+                ..default.clone()
+            },
+        ),
         // The same gate asking three candidates: each Zorbia prompt asks both Zorbia edits in
         // turn and the better answer decides.
         (
@@ -956,7 +979,16 @@ fn check_key_store_state<T: KernelDtype>(
     eprintln!("{tag}: edited logits max |gpu - cpu| {worst:.2e}");
     // The edits moved the prompts in scope and only those: the comparison is not of two base
     // models.
-    assert_moved_in_scope_only(&cpu, prompts, &want, shape.seq, &cpu_report.in_scope, &tag);
+    let answer_rows = elder.cfg.expert_rows == ExpertRows::Answer;
+    assert_moved_in_scope_only(
+        &cpu,
+        prompts,
+        &want,
+        shape.seq,
+        &cpu_report.in_scope,
+        answer_rows,
+        &tag,
+    );
     if T::SUFFIX == "f32" {
         let rows = prompt_rows(shape.seq, prompts.iter().map(Vec::len));
         let mut adapter = ElderAdapter::inference(elder, rows);

@@ -17,7 +17,7 @@ use cudarc::cublas::{CudaBlas, Gemm};
 use elder::backend::cpu::linear_ce::RowLosses;
 use elder::backend::cuda::{GpuDevice, KernelDtype};
 use elder::data::EditRecord;
-use elder::elder::config::ElderConfig;
+use elder::elder::config::{ElderConfig, ExpertRows};
 use elder::elder::molora::{Elder, MoloraLayer};
 use elder::elder::train_stored::{CpuSteps, StoredBatch, StoredSteps};
 use elder::elder::trainer::EditExample;
@@ -238,7 +238,8 @@ fn gpu_stored_steps_match_the_cpu() {
 /// batches of three) trained on the device in f32 against the same streams on the CPU: one with
 /// negatives (continued with the base model's greedy answers, on each device's own forward), and
 /// one whose edits stop early, each on its own (no negatives, whose answers a random tiny model
-/// cannot keep while it learns; the loss threshold lenient, so the argmax decides).
+/// cannot keep while it learns; the loss threshold lenient, so the argmax decides), and one whose
+/// experts change only the answer rows (`expert_rows = "answer"`).
 #[test]
 fn gpu_default_preset_stream_matches_the_cpu() {
     let tmp = tempfile::tempdir().unwrap();
@@ -291,6 +292,18 @@ fn gpu_default_preset_stream_matches_the_cpu() {
                 ..preset.clone()
             },
             records(&|i| format!("x{i}")),
+        ),
+        (
+            // The CPU trains answer windows over a cache of the frozen prompt rows; the device
+            // runs every row with the experts masked before the last prompt token.
+            "answer rows",
+            ElderConfig {
+                iterations: 20,
+                negatives: 0,
+                expert_rows: ExpertRows::Answer,
+                ..preset.clone()
+            },
+            records(&|i| format!(" v{i} w")),
         ),
     ];
     let mut cpu_runs = Vec::new();

@@ -873,10 +873,6 @@ impl ElderConfig {
                     self.expert_rows == ExpertRows::Subject,
                     "expert_rows = \"subject\"",
                 ),
-                (
-                    self.expert_rows == ExpertRows::Answer,
-                    "expert_rows = \"answer\"",
-                ),
             ] {
                 if set {
                     out.push(name);
@@ -909,9 +905,9 @@ impl ElderConfig {
         out
     }
 
-    /// What answering on the GPU lacks: the key store, the stored allocation and the answer gate
-    /// with its fallback and candidates are there (`runtime::cuda::elder_keys`); the other expert
-    /// rows and pooled queries not yet.
+    /// What answering on the GPU lacks: the key store, the stored allocation, the answer rows
+    /// and the answer gate with its fallback and candidates are there
+    /// (`runtime::cuda::elder_keys`); the subject's row and pooled queries not yet.
     pub fn gpu_inference_unsupported(&self) -> Vec<&'static str> {
         let mut out = Vec::new();
         let key_store = self.deferral == Deferral::KeyStore;
@@ -919,10 +915,6 @@ impl ElderConfig {
             (
                 self.expert_rows == ExpertRows::Subject,
                 "expert_rows = \"subject\"",
-            ),
-            (
-                self.expert_rows == ExpertRows::Answer,
-                "expert_rows = \"answer\"",
             ),
             (
                 self.query_pooling != QueryPooling::LastToken,
@@ -1144,14 +1136,19 @@ mod tests {
             ..default.clone()
         };
         assert!(heavier.gpu_unsupported().is_empty());
+        let answer_rows = ElderConfig {
+            expert_rows: ExpertRows::Answer,
+            ..default.clone()
+        };
+        assert!(answer_rows.gpu_unsupported().is_empty());
         let penalised = ElderConfig {
             delta_penalty: 0.1,
-            expert_rows: ExpertRows::Answer,
+            expert_rows: ExpertRows::Subject,
             ..default.clone()
         };
         assert_eq!(
             penalised.gpu_training_unsupported(),
-            vec!["delta_penalty", "expert_rows = \"answer\""]
+            vec!["delta_penalty", "expert_rows = \"subject\""]
         );
         let routed_keys = ElderConfig {
             inference_allocation: InferenceAllocation::Router,

@@ -1,6 +1,7 @@
 //! Launchers for `kernels/lora.cu`: the batched MoLoRA mixture of one site (forward: shrink,
-//! gate and expand-and-add in one launch; backward: dh, dgates, dB, dA, dx). Every sequence has its own k experts, gates
-//! and in-scope flag; out-of-scope sequences leave the output untouched.
+//! gate and expand-and-add in one launch; backward: dh, dgates, dB, dA, dx). Every sequence has its own k experts, gates,
+//! in-scope flag and first changed row; out-of-scope sequences, and the rows of a sequence before
+//! its first changed row, leave the output untouched.
 //! CPU twins: `ops::molora_forward` / `ops::molora_backward` (`backend/cpu/ops/lora.rs`) (same [`MixShape`]).
 
 use anyhow::{bail, Result};
@@ -91,7 +92,8 @@ pub fn forward_chunks(sm_count: u32, tokens: usize, d_out: usize) -> usize {
 /// `out [B, T, d_out] += in_scope * sum_j gates * scale * (x A_e) B_e`, in one launch. When
 /// `shrink` is given it receives `x A_e` `[B, k, T, r]` (f32, zeros for out-of-scope sequences) for
 /// the backward; inference passes `None`. `in_scope = None` means every sequence is in scope
-/// (training).
+/// (training). `first_row` `[B]`: the rows of sequence b before `first_row[b]` are left as if it
+/// were out of scope (`expert_rows = "answer"`); `None`: every row is changed.
 #[allow(clippy::too_many_arguments)]
 pub fn lora_forward<T: KernelDtype, S: DevicePtrMut<f32>>(
     dev: &GpuDevice,
@@ -102,6 +104,7 @@ pub fn lora_forward<T: KernelDtype, S: DevicePtrMut<f32>>(
     experts: &impl DevicePtr<u32>,
     gates: &impl DevicePtr<f32>,
     in_scope: Option<&impl DevicePtr<u8>>,
+    first_row: Option<&impl DevicePtr<u32>>,
     shrink: Option<&mut S>,
     out: &mut impl DevicePtrMut<T>,
 ) -> Result<()> {
@@ -115,6 +118,7 @@ pub fn lora_forward<T: KernelDtype, S: DevicePtrMut<f32>>(
     let (pe, _g4) = input(st, "lora experts [B, k]", experts, bk)?;
     let (pg, _g5) = input(st, "lora gates [B, k]", gates, bk)?;
     let (pi, _g6) = opt_input(st, "lora in_scope [B]", in_scope, s.batch)?;
+    let (pf, _g6b) = opt_input(st, "lora first_row [B]", first_row, s.batch)?;
     let (ph, _g7) = opt_output(st, "lora shrink [B, k, T, r]", shrink, bk * s.seq * s.rank)?;
     let (po, _g8) = output(st, "lora out [B, T, d_out]", out, bt * s.d_out)?;
     let args = [
@@ -124,6 +128,7 @@ pub fn lora_forward<T: KernelDtype, S: DevicePtrMut<f32>>(
         pe,
         pg,
         pi,
+        pf,
         KArg::I32(as_i32("batch", s.batch)?),
         KArg::I32(as_i32("seq", s.seq)?),
         KArg::I32(as_i32("d_in", s.d_in)?),
@@ -158,8 +163,8 @@ pub struct LoraGrads<'a, G, X> {
     pub dx: Option<&'a mut X>,
 }
 
-/// Backward of [`lora_forward`]. `shrink` is what the forward saved; `dh_raw` is f32 scratch of
-/// `B * k * T * r` elements (see [`super::Workspace`]).
+/// Backward of [`lora_forward`] with the same `in_scope` and `first_row`. `shrink` is what the
+/// forward saved; `dh_raw` is f32 scratch of `B * k * T * r` elements (see [`super::Workspace`]).
 #[allow(clippy::too_many_arguments)]
 pub fn lora_backward<T: KernelDtype, G: DevicePtrMut<f32>, X: DevicePtrMut<T>>(
     dev: &GpuDevice,
@@ -170,6 +175,7 @@ pub fn lora_backward<T: KernelDtype, G: DevicePtrMut<f32>, X: DevicePtrMut<T>>(
     experts: &impl DevicePtr<u32>,
     gates: &impl DevicePtr<f32>,
     in_scope: Option<&impl DevicePtr<u8>>,
+    first_row: Option<&impl DevicePtr<u32>>,
     shrink: &impl DevicePtr<f32>,
     dout: &impl DevicePtr<T>,
     dh_raw: &mut impl DevicePtrMut<f32>,
@@ -186,6 +192,7 @@ pub fn lora_backward<T: KernelDtype, G: DevicePtrMut<f32>, X: DevicePtrMut<T>>(
     let (pe, _g4) = input(st, "lora experts [B, k]", experts, bk)?;
     let (pg, _g5) = input(st, "lora gates [B, k]", gates, bk)?;
     let (pi, _g6) = opt_input(st, "lora in_scope [B]", in_scope, s.batch)?;
+    let (pf, _g6b) = opt_input(st, "lora first_row [B]", first_row, s.batch)?;
     let (ph, _g7) = input(st, "lora shrink [B, k, T, r]", shrink, low)?;
     let (pdo, _g8) = input(st, "lora dout [B, T, d_out]", dout, bt * s.d_out)?;
     let (pdh, _g9) = output(st, "lora dh_raw scratch [B, k, T, r]", dh_raw, low)?;
@@ -195,8 +202,8 @@ pub fn lora_backward<T: KernelDtype, G: DevicePtrMut<f32>, X: DevicePtrMut<T>>(
     let (pdx, _g13) = opt_output(st, "lora dx [B, T, d_in]", grads.dx, bt * s.d_in)?;
     let sfx = T::SUFFIX;
 
-    // 1. dh_raw = dout B_e^T
-    let mut args = vec![pdo, pb, pe, pi];
+    // 1. dh_raw = dout B_e^T (zero before each sequence's first row, so 2-4 need no mask)
+    let mut args = vec![pdo, pb, pe, pi, pf];
     args.extend(site.dims(s.d_out)?);
     args.push(pdh);
     // SAFETY: shapes validated and buffer lengths checked above; arguments match lora_bwd_dh_{T}.
@@ -259,7 +266,7 @@ pub fn lora_backward<T: KernelDtype, G: DevicePtrMut<f32>, X: DevicePtrMut<T>>(
 
     // 5. dx += (g dh_raw) A_e^T
     if pdx_is_set(&pdx) {
-        let mut args = vec![pdh, pa, pe, pg, pi];
+        let mut args = vec![pdh, pa, pe, pg, pi, pf];
         args.extend(site.dims(s.d_in)?);
         args.extend([KArg::F32(s.scale), pdx]);
         // SAFETY: as above; arguments match lora_bwd_dx_{T}.

@@ -338,6 +338,7 @@ impl<T: KernelDtype> SiteHook<T> for GpuElder<T> {
             &self.out.experts.slice(chosen.clone()),
             &self.out.gates.slice(chosen),
             Some(&self.out.in_scope),
+            None::<&CudaSlice<u32>>,
             None::<&mut CudaSlice<f32>>,
             out,
         )

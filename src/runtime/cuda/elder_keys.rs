@@ -29,6 +29,7 @@ use crate::backend::cuda::keystore::{self, KeyMatchOutputs, KeyMatchShape, Store
 use crate::backend::cuda::lora::{self, LoraSite};
 use crate::backend::shapes::MixShape;
 use crate::elder::codebook::Codebook;
+use crate::elder::config::ExpertRows;
 use crate::elder::keystore::KeyMatch;
 use crate::elder::molora::{CandidateStep, Elder};
 use crate::eval::{self, Routed};
@@ -176,21 +177,41 @@ struct Decision {
     /// Per layer `[B, k]`: each sequence's experts and gates.
     experts: Vec<u32>,
     gates: Vec<f32>,
+    /// `expert_rows = "answer"`: each sequence's last prompt row (within it), the first the
+    /// experts change in the prompt call.
+    first_rows: Option<Vec<u32>>,
 }
 
 impl Decision {
     /// Writes the decision where the LoRA kernels read it.
-    fn upload(
-        &self,
-        dev: &GpuDevice,
-        experts: &mut CudaSlice<u32>,
-        gates: &mut CudaSlice<f32>,
-        in_scope: &mut CudaSlice<u8>,
-    ) -> Result<()> {
-        write(dev, experts, &self.experts, "stored experts")?;
-        write(dev, gates, &self.gates, "stored gates")?;
+    fn upload(&self, dev: &GpuDevice, to: &mut RequestBuffers) -> Result<()> {
+        write(dev, &mut to.experts, &self.experts, "stored experts")?;
+        write(dev, &mut to.gates, &self.gates, "stored gates")?;
         let mask: Vec<u8> = self.in_scope.iter().map(|&s| s as u8).collect();
-        write(dev, in_scope, &mask, "in-scope mask")
+        write(dev, &mut to.in_scope, &mask, "in-scope mask")?;
+        match &self.first_rows {
+            Some(rows) => write(dev, &mut to.first_rows, rows, "first changed rows"),
+            None => Ok(()),
+        }
+    }
+}
+
+/// What the LoRA kernels read of a request's decision, sized for the reserved batch.
+struct RequestBuffers {
+    experts: CudaSlice<u32>,
+    gates: CudaSlice<f32>,
+    in_scope: CudaSlice<u8>,
+    first_rows: CudaSlice<u32>,
+}
+
+impl RequestBuffers {
+    fn new(dev: &GpuDevice, layers: usize, batch: usize, k: usize) -> Result<Self> {
+        Ok(RequestBuffers {
+            experts: dev.zeros(layers * batch * k)?,
+            gates: dev.zeros(layers * batch * k)?,
+            in_scope: dev.zeros(batch.max(1))?,
+            first_rows: dev.zeros(batch.max(1))?,
+        })
     }
 }
 
@@ -203,9 +224,7 @@ pub struct GpuKeyElder {
     d_in: usize,
     d_out: usize,
     cap: Capacity,
-    experts: CudaSlice<u32>,
-    gates: CudaSlice<f32>,
-    in_scope: CudaSlice<u8>,
+    bufs: RequestBuffers,
     /// The request's prompt rows (`b * seq ..` of the prompt call) and what was read of it.
     prompt_rows: Vec<Range<usize>>,
     /// The prompt call's token ids (the relation words read them).
@@ -257,9 +276,7 @@ impl GpuKeyElder {
             d_in,
             d_out,
             cap: Capacity { batch: 0, seq: 0 },
-            experts: dev.zeros(1)?,
-            gates: dev.zeros(1)?,
-            in_scope: dev.zeros(1)?,
+            bufs: RequestBuffers::new(dev, 1, 1, 1)?,
             prompt_rows: Vec::new(),
             prompt_ids: Vec::new(),
             keys_read: false,
@@ -310,6 +327,13 @@ impl GpuKeyElder {
         } else {
             (Vec::new(), Vec::new())
         };
+        // Under `expert_rows = "answer"` the prompt call's rows change from the last prompt token.
+        let first_rows = (self.host.cfg.expert_rows == ExpertRows::Answer).then(|| {
+            self.prompt_rows
+                .iter()
+                .map(|r| r.len().saturating_sub(1) as u32)
+                .collect()
+        });
         let decision = Decision {
             asked,
             candidates,
@@ -320,8 +344,9 @@ impl GpuKeyElder {
             gated,
             experts,
             gates,
+            first_rows,
         };
-        decision.upload(dev, &mut self.experts, &mut self.gates, &mut self.in_scope)?;
+        decision.upload(dev, &mut self.bufs)?;
         self.decision = Some(decision);
         Ok(())
     }
@@ -368,13 +393,11 @@ impl GpuKeyElder {
         if let Some(m) = &mut self.matcher {
             m.reserve(dev, cap)?;
         }
-        self.experts = dev.zeros(l * cap.batch * k)?;
-        self.gates = dev.zeros(l * cap.batch * k)?;
-        self.in_scope = dev.zeros(cap.batch)?;
+        self.bufs = RequestBuffers::new(dev, l, cap.batch, k)?;
         self.cap = cap;
         // A request growing mid-way (the answer gate's longer pass) keeps its decision.
         if let Some(d) = &self.decision {
-            d.upload(dev, &mut self.experts, &mut self.gates, &mut self.in_scope)?;
+            d.upload(dev, &mut self.bufs)?;
         }
         Ok(())
     }
@@ -510,7 +533,7 @@ impl<T: KernelDtype> DeviceElder<T> for GpuKeyElder {
             let (experts, gates) = self.stored_experts(&d.matches, &d.in_scope)?;
             let d = self.decision.as_mut().expect("decided above");
             (d.experts, d.gates) = (experts, gates);
-            d.upload(dev, &mut self.experts, &mut self.gates, &mut self.in_scope)?;
+            d.upload(dev, &mut self.bufs)?;
         }
         Ok(changed)
     }
@@ -578,15 +601,20 @@ impl<T: KernelDtype> SiteHook<T> for GpuKeyElder {
             n_experts: pool.experts,
         };
         let chosen = layer * bk..(layer + 1) * bk;
+        // The prompt call changes each sequence from its first row on; later calls (decode steps,
+        // after the cache) change every row, as on the CPU.
+        let prompt_call = shape.start.iter().all(|&s| s == 0);
+        let first_rows = (d.first_rows.is_some() && prompt_call).then_some(&self.bufs.first_rows);
         lora::lora_forward(
             dev,
             site_shape,
             x,
             &pool.a,
             &pool.b,
-            &self.experts.slice(chosen.clone()),
-            &self.gates.slice(chosen),
-            Some(&self.in_scope),
+            &self.bufs.experts.slice(chosen.clone()),
+            &self.bufs.gates.slice(chosen),
+            Some(&self.bufs.in_scope),
+            first_rows,
             None::<&mut CudaSlice<f32>>,
             out,
         )

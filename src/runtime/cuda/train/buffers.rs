@@ -261,6 +261,9 @@ pub struct Experts {
     /// `adam::step_schedule`), written before every iteration and read by its Adam launches.
     pub adam_schedule: CudaSlice<f32>,
     pub routed: RouterOutputs,
+    /// `expert_rows = "answer"`: each sequence's first row the experts change (its last prompt
+    /// token) `[batch]`, written once per stored batch.
+    pub first_rows: CudaSlice<u32>,
     /// The fused router also checks codes against a codebook; training passes none (a stand-in).
     pub no_codes: CudaSlice<u64>,
     /// The guided loss's targets `[L, batch, k]`, the gates' gradients `[L, batch, k]`, the router
@@ -454,6 +457,7 @@ impl<T: KernelDtype> TrainBuffers<T> {
             loss_scale: LossScale::new(dev, loss_scale)?,
             adam_schedule: alloc(dev, 2 * PARAM_TENSORS, "Adam schedule")?,
             routed: RouterOutputs::alloc(dev, &router_shape)?,
+            first_rows: alloc(dev, p.cap.batch, "first changed rows")?,
             no_codes: alloc(dev, 1, "empty codebook")?,
             presets: alloc(dev, p.chosen, "guided-loss presets")?,
             dgates: alloc(dev, p.chosen, "gate gradients")?,

@@ -19,7 +19,7 @@ use crate::backend::cuda::lora::{self, LoraGrads, LoraSite};
 use crate::backend::cuda::router::{self, Guide, RouterGradShape, RouterParamShape, RouterShape};
 use crate::backend::cuda::{adam, elementwise};
 use crate::backend::shapes::MixShape;
-use crate::elder::config::{AllocationMode, ElderConfig};
+use crate::elder::config::{AllocationMode, ElderConfig, ExpertRows};
 use crate::elder::trainer::{adam_step, learning_rate, tensor_rates};
 use crate::model::layers::Site;
 use crate::model::{BatchShape, ModelConfig};
@@ -346,6 +346,11 @@ where
         )
     }
 
+    /// Each sequence's first changed row under `expert_rows = "answer"` (`None`: every row).
+    fn first_rows<'e>(&self, rows: &'e CudaSlice<u32>) -> Option<&'e CudaSlice<u32>> {
+        (self.ecfg.expert_rows == ExpertRows::Answer).then_some(rows)
+    }
+
     /// `out += mixture(x)` when `site` is a MoLoRA site (every sequence in scope, as while
     /// training on the CPU), saving the shrink for the backward.
     pub(super) fn molora_forward(
@@ -368,6 +373,7 @@ where
             &ex.routed.experts.slice(rc.clone()),
             &ex.routed.gates.slice(rc),
             None::<&CudaSlice<u8>>,
+            self.first_rows(&ex.first_rows),
             Some(&mut ex.shrink[layer]),
             out,
         )
@@ -388,6 +394,7 @@ where
             return Ok(());
         };
         let (ra, rb, rc) = self.layer_ranges(layer);
+        let first_rows = self.first_rows(&ex.first_rows);
         let mut da = ex.grads.a.slice_mut(ra.clone());
         let mut db = ex.grads.b.slice_mut(rb.clone());
         let mut dgates = ex.dgates.slice_mut(rc.clone());
@@ -400,6 +407,7 @@ where
             &ex.routed.experts.slice(rc.clone()),
             &ex.routed.gates.slice(rc),
             None::<&CudaSlice<u8>>,
+            first_rows,
             &ex.shrink[layer],
             dout,
             &mut ex.dh_raw,

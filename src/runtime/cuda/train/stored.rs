@@ -112,6 +112,14 @@ where
         let ex = &mut bufs.experts;
         write(&dev, &mut ex.routed.experts, &experts, "fixed routing")?;
         write(&dev, &mut ex.routed.gates, &gates, "fixed gates")?;
+        // `expert_rows = "answer"`: the experts change each sequence from its last prompt token
+        // (the CPU trains the same rows as answer windows).
+        let first_rows: Vec<u32> = batch
+            .examples
+            .iter()
+            .map(|e| e.prompt.len().saturating_sub(1) as u32)
+            .collect();
+        write(&dev, &mut ex.first_rows, &first_rows, "first changed rows")?;
         anyhow::ensure!(
             batch.weights.len() == prep.rows.target_rows.len(),
             "{} weights for {} target rows",
