@@ -5,7 +5,7 @@ use std::path::Path;
 
 use elder::data::{read_edits, DataFormat, EditRecord};
 use elder::elder::capture::CpuSites;
-use elder::elder::config::{ElderConfig, Preset, RelationKey};
+use elder::elder::config::{ElderConfig, ExpertRows, Preset, RelationKey};
 use elder::model::checkpoint::StoreDtype;
 use elder::model::presets::write_random_checkpoint;
 use elder::model::Arch;
@@ -999,11 +999,13 @@ fn the_answer_gate_keeps_the_candidate_whose_experts_answer_best() {
 }
 
 /// Logits `[seq * vocab]` of each sequence with the experts of `edits[i]` forced on it (None:
-/// the base model).
+/// the base model); each sequence's prompt is its first `prompt_lens[i]` tokens (under
+/// `expert_rows = "answer"` the experts change it from its last prompt token on).
 fn forced_logits(
     model: &elder::model::Model,
     elder: &elder::elder::molora::Elder,
     seqs: &[Vec<u32>],
+    prompt_lens: &[usize],
     edits: &[Option<usize>],
 ) -> Vec<Vec<f32>> {
     use elder::elder::molora::ElderAdapter;
@@ -1013,6 +1015,8 @@ fn forced_logits(
     let mut adapter = ElderAdapter::inference(elder, prompt_rows(seq, seqs.iter().map(Vec::len)));
     adapter.routing = Some(elder.stored_routing(edits));
     adapter.in_scope = edits.iter().map(Option::is_some).collect();
+    adapter.answer_from = (elder.cfg.expert_rows == ExpertRows::Answer)
+        .then(|| prompt_lens.iter().map(|l| l - 1).collect());
     let (logits, _) = model.logits(seqs, &mut adapter);
     let vocab = model.cfg.vocab_size;
     logits.chunks(seq * vocab).map(<[f32]>::to_vec).collect()
@@ -1028,7 +1032,7 @@ fn forced_answer_logprob(
     let vocab = model.cfg.vocab_size;
     let answer = &elder.memory[e].answer;
     let seq = [prompt, &answer[..]].concat();
-    let logits = &forced_logits(model, elder, &[seq], &[Some(e)])[0];
+    let logits = &forced_logits(model, elder, &[seq], &[prompt.len()], &[Some(e)])[0];
     answer
         .iter()
         .enumerate()
@@ -1055,7 +1059,8 @@ fn assert_answered_as_forced(
 ) {
     let vocab = model.cfg.vocab_size;
     let seq = prompts.iter().map(Vec::len).max().unwrap();
-    let want = forced_logits(model, elder, prompts, expected);
+    let lens: Vec<usize> = prompts.iter().map(Vec::len).collect();
+    let want = forced_logits(model, elder, prompts, &lens, expected);
     for (i, e) in expected.iter().enumerate() {
         let got = &logits[i * seq * vocab..(i + 1) * seq * vocab];
         let rows = prompts[i].len() * vocab;
