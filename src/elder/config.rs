@@ -429,10 +429,10 @@ impl ElderConfig {
     ///   cost generalization and time and bought no locality: BENCHMARKS.md, "Three sequences
     ///   per edit"); learning rate 1e-2, stopped early once every target token is the argmax
     ///   and the loss is below 0.01;
-    /// - experts that change a prompt from its last token on (`expert_rows = "answer"`): the
-    ///   prompt's own rows keep the base model's activations, so the CPU trains only each
-    ///   sequence's answer window against a cache of the frozen rows (about 2x the edits per
-    ///   second, quality equal at T = 1000: BENCHMARKS.md "Answer rows in the default");
+    /// - experts on every row (`expert_rows = "all"`): answer rows (`"answer"`, the prompt's own
+    ///   rows kept as the base model's) train about 2x faster on the CPU and keep geo's quality,
+    ///   but the answer gate then turns away more of science's rephrasings (generalization
+    ///   0.77 -> 0.72 at T = 1000: BENCHMARKS.md "Answer rows, measured for the default");
     /// - edits trained 8 at a time: each edit keeps its own loss and stops on its own (its
     ///   sequences leave the batch), so a batch trains each edit as alone while the frozen
     ///   weights are read once for all of them (1.3x the edits per second, same quality,
@@ -483,7 +483,6 @@ impl ElderConfig {
             relation_by_subject: true,
             relation_words: 10.0,
             inference_allocation: InferenceAllocation::Stored,
-            expert_rows: ExpertRows::Answer,
             augment_prefixes: 1,
             augment_questions: 1,
             negatives: 0,
