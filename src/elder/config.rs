@@ -432,7 +432,8 @@ impl ElderConfig {
     /// - experts on every row (`expert_rows = "all"`): answer rows (`"answer"`, the prompt's own
     ///   rows kept as the base model's) train about 2x faster on the CPU and keep geo's quality,
     ///   but the answer gate then turns away more of science's rephrasings (generalization
-    ///   0.77 -> 0.72 at T = 1000: BENCHMARKS.md "Answer rows, measured for the default");
+    ///   0.748 -> 0.722 on a third of its records at T = 1000: BENCHMARKS.md "Answer rows,
+    ///   measured for the default");
     /// - edits trained 8 at a time: each edit keeps its own loss and stops on its own (its
     ///   sequences leave the batch), so a batch trains each edit as alone while the frozen
     ///   weights are read once for all of them (1.3x the edits per second, same quality,
