@@ -409,3 +409,144 @@ fn retained_sequences_train_as_if_prepared_alone() {
         check_retain(arch, false);
     }
 }
+
+/// The CPU's stored steps run a batch in length buckets, each padded on its own: the row
+/// losses, argmaxes and summed gradients are those of the batch padded as one, before and after
+/// sequences leave it (one leaving a bucket it shares, one emptying its bucket), with answer
+/// windows and with full passes.
+fn check_buckets(arch: Arch, windowed: bool) {
+    use elder::elder::config::ExpertRows;
+    use elder::elder::train_stored::{CpuSteps, StoredBatch, StoredSteps};
+    use elder::elder::trainer::RowOptions;
+    let model = tiny(arch);
+    let mut elder = stored_answer_elder(&model);
+    if !windowed {
+        elder.cfg.expert_rows = ExpertRows::All;
+    }
+    let seq = |prompt: &[u32], target: &[u32], kid: &str| EditExample {
+        prompt: prompt.to_vec(),
+        target: target.to_vec(),
+        knowledge_id: kid.into(),
+    };
+    let examples = vec![
+        seq(&[3, 17], &[40], "a"),
+        seq(&[5, 8, 1, 2, 3, 4, 5, 6, 7], &[33, 2], "b"),
+        seq(&[9, 21], &[12], "c"),
+        seq(&[12, 30, 1, 2, 9, 44, 7, 7, 8, 9], &[4], "d"),
+        seq(
+            &[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14],
+            &[6, 50],
+            "e",
+        ),
+    ];
+    let weights_of = |b: &[EditExample]| -> Vec<f32> {
+        b.iter()
+            .flat_map(|e| e.target.iter().map(|&t| 0.25 + 0.01 * t as f32))
+            .collect()
+    };
+    let allocations_of = |b: &[EditExample]| -> Vec<Vec<Vec<u32>>> {
+        b.iter()
+            .map(|e| preset_allocation(&elder.cfg, &e.knowledge_id))
+            .collect()
+    };
+    // The reference: the sequences padded as one batch.
+    let reference = |b: &[EditExample]| {
+        let mut prepared = if windowed {
+            PreparedBatch::answer_window(&model, &elder, b, weights_of(b)).unwrap()
+        } else {
+            PreparedBatch::weighted(&model, &elder, b, weights_of(b)).unwrap()
+        };
+        let allocations = allocations_of(b);
+        let routing = elder.fixed_routing(
+            &allocations
+                .iter()
+                .map(|a| Some(a.as_slice()))
+                .collect::<Vec<_>>(),
+        );
+        prepared.loss_and_grads_routed(&model, &elder, &routing, RowOptions::default())
+    };
+    let close = |a: f32, b: f32| (a - b).abs() <= 1e-5 + 1e-4 * a.abs().max(b.abs());
+    let compare = |steps: &mut CpuSteps, b: &[EditExample], what: &str| {
+        let want = reference(b);
+        let got = steps.losses().unwrap();
+        let w = want.rows.unwrap();
+        assert_eq!(
+            w.argmax, got.argmax,
+            "{arch:?} windowed={windowed} {what}: argmax"
+        );
+        assert_eq!(w.loss.len(), got.loss.len());
+        for (a, g) in w.loss.iter().zip(&got.loss) {
+            assert!(
+                close(*a, *g),
+                "{arch:?} windowed={windowed} {what}: loss {g} vs {a}"
+            );
+        }
+        let mut moved = 0;
+        for (wl, gl) in want.grads.iter().zip(steps.last_grads()) {
+            assert_eq!(wl.b.len(), gl.b.len());
+            for (a, g) in wl.a.iter().chain(&wl.b).zip(gl.a.iter().chain(&gl.b)) {
+                assert!(
+                    close(*a, *g),
+                    "{arch:?} windowed={windowed} {what}: grad {g} vs {a}"
+                );
+                moved += (*a != 0.0) as usize;
+            }
+        }
+        assert!(moved > 0, "{what}: no gradient to compare");
+    };
+
+    let batch = StoredBatch {
+        weights: weights_of(&examples),
+        allocations: allocations_of(&examples),
+        subject_rows: vec![0; examples.len()],
+        positive: vec![true; examples.len()],
+        examples: examples.clone(),
+    };
+    let mut steps = CpuSteps::new(&model).with_bucket_overhead(1);
+    steps.prepare(elder.clone(), &batch).unwrap();
+    // Lengths 3, 11, 3, 11, 16: the two short ones together, the two of 11 together. Answer
+    // windows iterate as one batch; their frozen pass ran in those buckets (prompt lengths).
+    let buckets = |n: usize| if windowed { 1 } else { n };
+    assert_eq!(
+        steps.buckets(),
+        buckets(3),
+        "{arch:?} windowed={windowed}: buckets"
+    );
+    compare(&mut steps, &examples, "whole batch");
+
+    let keep = [true, true, false, false, true];
+    let kept_rows = steps.retain(&keep).unwrap();
+    assert_eq!(kept_rows, vec![0, 1, 2, 5, 6], "{arch:?}: kept target rows");
+    assert_eq!(steps.buckets(), buckets(3));
+    let subset: Vec<EditExample> = examples
+        .iter()
+        .zip(keep)
+        .filter(|(_, k)| *k)
+        .map(|(e, _)| e.clone())
+        .collect();
+    compare(&mut steps, &subset, "after retain");
+    // Dropping the last of a bucket leaves the others.
+    let kept_rows = steps.retain(&[true, false, true]).unwrap();
+    assert_eq!(kept_rows, vec![0, 3, 4]);
+    assert_eq!(steps.buckets(), buckets(2));
+    compare(
+        &mut steps,
+        &[examples[0].clone(), examples[4].clone()],
+        "after a bucket left",
+    );
+
+    // A bucket dearer than any padding: one batch, bit for bit the reference.
+    let mut one = CpuSteps::new(&model).with_bucket_overhead(10_000);
+    one.prepare(elder.clone(), &batch).unwrap();
+    assert_eq!(one.buckets(), 1);
+    let got = one.losses().unwrap();
+    assert_eq!(got.loss, reference(&examples).rows.unwrap().loss);
+}
+
+#[test]
+fn length_buckets_train_as_one_padded_batch() {
+    for arch in [Arch::Gpt2, Arch::Llama] {
+        check_buckets(arch, true);
+        check_buckets(arch, false);
+    }
+}

@@ -1182,6 +1182,11 @@ impl Elder {
 
     /// Appends the keys of edits to the key store, each edit's from its key texts (its variants;
     /// the first also gives the relation key). Nothing to do without a key store.
+    ///
+    /// Only the prompt runs up to the relation site; the other variants (a prefixed prompt, the
+    /// bare subject) stop at the key site, which is where most of a read's blocks went. Each
+    /// edit is read on its own, so its keys are the same bits whichever edits share its batch
+    /// (a product's rounding depends on its row count): a rebuild gives back a stream's keys.
     pub fn add_keys<'a>(
         &mut self,
         reader: &mut dyn SiteReader,
@@ -1202,8 +1207,11 @@ impl Elder {
                 store.variants,
                 texts.len()
             );
-            let tokens: Vec<Vec<u32>> = texts.iter().map(|t| t.tokens.clone()).collect();
-            let inputs = reader.site_inputs(&tokens, &sites)?;
+            let tokens = |texts: &[KeyText]| -> Vec<Vec<u32>> {
+                texts.iter().map(|t| t.tokens.clone()).collect()
+            };
+            let mut inputs = reader.site_inputs(&tokens(&texts[..1]), &sites)?;
+            inputs.extend(reader.site_inputs(&tokens(&texts[1..]), &sites[..1])?);
             let (w, dim, span) = (store.space.width, store.space.dim, store.span);
             let mut keys = Vec::with_capacity(store.variants * span * dim);
             for (text, input) in texts.iter().zip(&inputs) {

@@ -1,5 +1,6 @@
 //! ELDER: mixture-of-LoRA experts with per-sequence routers, guided loss and a deferral codebook,
 //! plus what goes beyond the paper (the key store, stored allocations, per-edit experts).
+pub mod buckets;
 pub mod capture;
 pub mod codebook;
 pub mod config;

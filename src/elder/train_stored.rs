@@ -12,6 +12,7 @@ use rand_chacha::ChaCha8Rng;
 use crate::model::{Model, NoAdapter};
 use crate::util::stable_hash;
 
+use super::buckets::{length_buckets, BUCKET_OVERHEAD_ROWS};
 use super::capture::{CpuSites, SiteReader};
 use super::codebook::Codebook;
 use super::config::{AllocationMode, ExpertRows};
@@ -94,24 +95,75 @@ pub trait StoredSteps {
 pub struct CpuSteps<'m> {
     model: &'m Model,
     batch: Option<CpuBatch>,
+    /// See [`BUCKET_OVERHEAD_ROWS`].
+    bucket_overhead: usize,
 }
 
-/// A prepared batch of [`CpuSteps`].
+/// A prepared batch of [`CpuSteps`]: its kept sequences in [`LengthBucket`]s.
 struct CpuBatch {
     work: Elder,
-    prepared: PreparedBatch,
+    buckets: Vec<LengthBucket>,
+    /// Each kept sequence's number of target rows, in batch order.
+    target_lens: Vec<usize>,
     adam: Adam,
-    /// The kept sequences' experts, subject rows and kinds.
+    grads: Vec<MoloraLayer>,
+}
+
+/// Sequences of similar length padded and run together ([`length_buckets`]). Answer windows
+/// (one to three rows a sequence, nothing to pad) run as one bucket; their frozen pass is
+/// bucketed inside [`PreparedBatch::answer_window_in_buckets`].
+struct LengthBucket {
+    prepared: PreparedBatch,
+    /// Its sequences' indices among the batch's kept sequences, ascending.
+    members: Vec<usize>,
+    /// Per member: its experts, subject row and kind.
     allocations: Vec<Vec<Vec<u32>>>,
     subject_rows: Vec<usize>,
     positive: Vec<bool>,
     routing: Vec<Routing>,
-    grads: Vec<MoloraLayer>,
+}
+
+/// Adds gradients `g` into `acc` (the same pool's).
+fn add_grads(acc: &mut [MoloraLayer], g: &[MoloraLayer]) {
+    for (acc, g) in acc.iter_mut().zip(g) {
+        for (x, y) in [
+            (&mut acc.a, &g.a),
+            (&mut acc.b, &g.b),
+            (&mut acc.w_r, &g.w_r),
+        ]
+        .into_iter()
+        .chain([(&mut acc.b_r, &g.b_r)])
+        {
+            assert_eq!(x.len(), y.len(), "gradients of different pools");
+            x.iter_mut().zip(y).for_each(|(x, y)| *x += y);
+        }
+    }
 }
 
 impl<'m> CpuSteps<'m> {
     pub fn new(model: &'m Model) -> Self {
-        CpuSteps { model, batch: None }
+        CpuSteps {
+            model,
+            batch: None,
+            bucket_overhead: BUCKET_OVERHEAD_ROWS,
+        }
+    }
+
+    /// With another price of a bucket in padded rows (0: every length runs apart; a price
+    /// above any batch's padding: one padded batch).
+    pub fn with_bucket_overhead(mut self, rows: usize) -> Self {
+        self.bucket_overhead = rows;
+        self
+    }
+
+    /// How many length buckets the prepared batch runs now.
+    pub fn buckets(&self) -> usize {
+        self.batch.as_ref().map_or(0, |b| b.buckets.len())
+    }
+
+    /// The gradients of the last [`StoredSteps::losses`] (every bucket's summed).
+    pub fn last_grads(&self) -> &[MoloraLayer] {
+        self.batch.as_ref().map_or(&[], |b| b.grads.as_slice())
     }
 
     fn batch(&mut self) -> anyhow::Result<&mut CpuBatch> {
@@ -127,22 +179,73 @@ impl StoredSteps for CpuSteps<'_> {
     }
 
     fn prepare(&mut self, work: Elder, batch: &StoredBatch) -> anyhow::Result<()> {
-        // Under `expert_rows = "answer"` only the answer windows run each iteration.
-        let prepared = if work.cfg.expert_rows == ExpertRows::Answer {
-            PreparedBatch::answer_window(self.model, &work, &batch.examples, batch.weights.clone())?
+        let target_lens: Vec<usize> = batch.examples.iter().map(|e| e.target.len()).collect();
+        anyhow::ensure!(
+            batch.weights.len() == target_lens.iter().sum::<usize>(),
+            "{} weights for {} target rows",
+            batch.weights.len(),
+            target_lens.iter().sum::<usize>()
+        );
+        let mut first_row = vec![0usize; target_lens.len() + 1];
+        for (i, t) in target_lens.iter().enumerate() {
+            first_row[i + 1] = first_row[i] + t;
+        }
+        let lens: Vec<usize> = batch
+            .examples
+            .iter()
+            .map(|e| e.prompt.len() + e.target.len())
+            .collect();
+        let windowed = work.cfg.expert_rows == ExpertRows::Answer;
+        let buckets = if windowed {
+            vec![(0..lens.len()).collect()]
         } else {
-            PreparedBatch::weighted(self.model, &work, &batch.examples, batch.weights.clone())?
+            length_buckets(&lens, self.bucket_overhead)
         };
-        let routing = batch.routing(&work);
+        let buckets = buckets
+            .into_iter()
+            .map(|members| {
+                let pick = |i: &usize| batch.examples[*i].clone();
+                let examples: Vec<EditExample> = members.iter().map(pick).collect();
+                let weights: Vec<f32> = members
+                    .iter()
+                    .flat_map(|&i| {
+                        batch.weights[first_row[i]..first_row[i + 1]]
+                            .iter()
+                            .copied()
+                    })
+                    .collect();
+                // Under `expert_rows = "answer"` only the answer windows run each iteration.
+                let prepared = if windowed {
+                    PreparedBatch::answer_window_in_buckets(
+                        self.model,
+                        &work,
+                        &examples,
+                        weights,
+                        self.bucket_overhead,
+                    )?
+                } else {
+                    PreparedBatch::weighted(self.model, &work, &examples, weights)?
+                };
+                let allocations: Vec<_> = members
+                    .iter()
+                    .map(|&i| batch.allocations[i].clone())
+                    .collect();
+                Ok(LengthBucket {
+                    prepared,
+                    routing: own_routing(&work, &allocations),
+                    allocations,
+                    subject_rows: members.iter().map(|&i| batch.subject_rows[i]).collect(),
+                    positive: members.iter().map(|&i| batch.positive[i]).collect(),
+                    members,
+                })
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
         self.batch = Some(CpuBatch {
             adam: Adam::new(&work.layers),
             grads: Vec::new(),
             work,
-            prepared,
-            allocations: batch.allocations.clone(),
-            subject_rows: batch.subject_rows.clone(),
-            positive: batch.positive.clone(),
-            routing,
+            buckets,
+            target_lens,
         });
         Ok(())
     }
@@ -151,32 +254,90 @@ impl StoredSteps for CpuSteps<'_> {
         let model = self.model;
         let b = self.batch()?;
         let cfg = &b.work.cfg;
-        let rows: Option<Vec<Option<usize>>> = (cfg.expert_rows == ExpertRows::Subject)
-            .then(|| b.subject_rows.iter().map(|&r| Some(r)).collect());
-        let penalty = (cfg.delta_penalty > 0.0)
-            .then(|| (cfg.delta_penalty, b.positive.iter().map(|p| !p).collect()));
-        let mut step = b.prepared.loss_and_grads_routed(
-            model,
-            &b.work,
-            &b.routing,
-            RowOptions {
-                rows: rows.as_deref(),
-                answer_from: None,
-                delta_penalty: penalty,
-            },
-        );
-        b.grads = std::mem::take(&mut step.grads);
-        step.rows
-            .ok_or_else(|| anyhow::anyhow!("weighted batches report their rows"))
+        let mut first_row = vec![0usize; b.target_lens.len() + 1];
+        for (i, t) in b.target_lens.iter().enumerate() {
+            first_row[i + 1] = first_row[i] + t;
+        }
+        let total = first_row[b.target_lens.len()];
+        let mut out = RowLosses {
+            loss: vec![0.0; total],
+            argmax: vec![0; total],
+        };
+        let mut grads: Option<Vec<MoloraLayer>> = None;
+        for bucket in &mut b.buckets {
+            let rows: Option<Vec<Option<usize>>> = (cfg.expert_rows == ExpertRows::Subject)
+                .then(|| bucket.subject_rows.iter().map(|&r| Some(r)).collect());
+            let penalty = (cfg.delta_penalty > 0.0).then(|| {
+                (
+                    cfg.delta_penalty,
+                    bucket.positive.iter().map(|p| !p).collect(),
+                )
+            });
+            let step = bucket.prepared.loss_and_grads_routed(
+                model,
+                &b.work,
+                &bucket.routing,
+                RowOptions {
+                    rows: rows.as_deref(),
+                    answer_from: None,
+                    delta_penalty: penalty,
+                },
+            );
+            let rows = step
+                .rows
+                .ok_or_else(|| anyhow::anyhow!("weighted batches report their rows"))?;
+            // The bucket's rows are its members' targets in order: back to batch order.
+            let mut at = 0;
+            for &m in &bucket.members {
+                let (start, end) = (first_row[m], first_row[m + 1]);
+                out.loss[start..end].copy_from_slice(&rows.loss[at..at + end - start]);
+                out.argmax[start..end].copy_from_slice(&rows.argmax[at..at + end - start]);
+                at += end - start;
+            }
+            match &mut grads {
+                None => grads = Some(step.grads),
+                Some(acc) => add_grads(acc, &step.grads),
+            }
+        }
+        b.grads = grads.unwrap_or_default();
+        Ok(out)
     }
 
     fn retain(&mut self, keep: &[bool]) -> anyhow::Result<Vec<usize>> {
         let b = self.batch()?;
-        let kept_rows = b.prepared.retain(keep);
-        retain_flagged(&mut b.allocations, keep);
-        retain_flagged(&mut b.subject_rows, keep);
-        retain_flagged(&mut b.positive, keep);
-        b.routing = own_routing(&b.work, &b.allocations);
+        anyhow::ensure!(
+            keep.len() == b.target_lens.len(),
+            "{} flags for {} sequences",
+            keep.len(),
+            b.target_lens.len()
+        );
+        // Each kept sequence's new index, and the kept target rows among the old ones.
+        let mut new_index = vec![None; keep.len()];
+        let (mut kept_rows, mut kept, mut row) = (Vec::new(), 0, 0);
+        for (i, (&k, &t)) in keep.iter().zip(&b.target_lens).enumerate() {
+            if k {
+                new_index[i] = Some(kept);
+                kept += 1;
+                kept_rows.extend(row..row + t);
+            }
+            row += t;
+        }
+        for bucket in &mut b.buckets {
+            let local: Vec<bool> = bucket.members.iter().map(|&m| keep[m]).collect();
+            if local.iter().any(|&k| k) {
+                bucket.prepared.retain(&local);
+            }
+            retain_flagged(&mut bucket.allocations, &local);
+            retain_flagged(&mut bucket.subject_rows, &local);
+            retain_flagged(&mut bucket.positive, &local);
+            retain_flagged(&mut bucket.members, &local);
+            for m in &mut bucket.members {
+                *m = new_index[*m].expect("a kept member has a new index");
+            }
+            bucket.routing = own_routing(&b.work, &bucket.allocations);
+        }
+        b.buckets.retain(|bucket| !bucket.members.is_empty());
+        retain_flagged(&mut b.target_lens, keep);
         Ok(kept_rows)
     }
 

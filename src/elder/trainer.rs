@@ -17,6 +17,7 @@ use crate::model::runner::{pad_batch, prompt_rows, target_rows};
 use crate::model::transformer::{AttnTape, MlpTape};
 use crate::model::{BatchShape, KvCache, Model, ModelConfig, NoAdapter};
 
+use super::buckets::{length_buckets, BUCKET_OVERHEAD_ROWS};
 use super::config::{AllocationMode, ElderConfig};
 use super::molora::{Elder, ElderAdapter, MoloraLayer};
 use crate::util::stable_hash;
@@ -332,6 +333,19 @@ impl PreparedBatch {
         batch: &[EditExample],
         weights: Vec<f32>,
     ) -> anyhow::Result<Self> {
+        Self::answer_window_in_buckets(model, elder, batch, weights, BUCKET_OVERHEAD_ROWS)
+    }
+
+    /// [`PreparedBatch::answer_window`] whose frozen pass runs the prompts in length buckets
+    /// ([`length_buckets`] with a bucket's price `overhead` in padded rows), each padded on its
+    /// own: the frozen rows are the same, the padding computed is less.
+    pub fn answer_window_in_buckets(
+        model: &Model,
+        elder: &Elder,
+        batch: &[EditExample],
+        weights: Vec<f32>,
+        overhead: usize,
+    ) -> anyhow::Result<Self> {
         anyhow::ensure!(
             !elder.cfg.uses_routers(),
             "the answer window needs the stored allocation (no router reads the prompt)"
@@ -365,16 +379,22 @@ impl PreparedBatch {
             .max()
             .unwrap_or(1);
         let mut cache = KvCache::new(&model.cfg, batch.len(), capacity);
-        if starts.iter().any(|&s| s > 0) {
-            let (ids, shape) = pad_batch(&frozen, &vec![0; batch.len()]);
+        for members in length_buckets(&starts, overhead) {
+            if members.iter().all(|&i| starts[i] == 0) {
+                continue;
+            }
+            let rows: Vec<Vec<u32>> = members.iter().map(|&i| frozen[i].clone()).collect();
+            let mut part = KvCache::new(&model.cfg, members.len(), capacity);
+            let (ids, shape) = pad_batch(&rows, &vec![0; members.len()]);
             let mut h = model.embed(&ids, &shape);
             for l in 0..n_layers {
-                model.attn_half(l, &mut h, &shape, &mut cache, None);
+                model.attn_half(l, &mut h, &shape, &mut part, None);
                 // The last block's MLP output is read by no key or value.
                 if l + 1 < n_layers {
                     model.mlp_half(l, &mut h, &shape, &mut NoAdapter, None);
                 }
             }
+            cache.place(&part, &members);
         }
         let (ids, shape) = pad_batch(&window, &starts);
         let target_rows = target_rows(shape.seq, batch.iter().map(|ex| (1, ex.target.len())));

@@ -121,6 +121,34 @@ impl KvCache {
         }
     }
 
+    /// Writes the sequences of `part` (a cache of the same capacity) into this one, its `i`th
+    /// as this one's `members[i]`th (a batch whose sequences were run in groups).
+    pub fn place(&mut self, part: &KvCache, members: &[usize]) {
+        assert_eq!(
+            part.capacity, self.capacity,
+            "caches of different capacities"
+        );
+        assert_eq!(
+            part.batch,
+            members.len(),
+            "one member per sequence of the part"
+        );
+        let n = self.capacity * self.kv_dim;
+        for (mine, theirs) in self
+            .k
+            .iter_mut()
+            .zip(&part.k)
+            .chain(self.v.iter_mut().zip(&part.v))
+        {
+            for (i, &b) in members.iter().enumerate() {
+                mine[b * n..(b + 1) * n].copy_from_slice(&theirs[i * n..(i + 1) * n]);
+            }
+        }
+        for (i, &b) in members.iter().enumerate() {
+            self.lens[b] = part.lens[i];
+        }
+    }
+
     pub fn new(cfg: &ModelConfig, batch: usize, capacity: usize) -> Self {
         let size = batch * capacity * cfg.kv_dim();
         KvCache {
