@@ -1039,265 +1039,169 @@ fn check_lora_shape<T: KernelDtype>(
     let in_scope: Vec<bool> = (0..batch).map(|b| ![1, 4].contains(&(b % 6))).collect();
     let base = quant::<T>(&rand_vec(&mut rng, batch * seq * d_out, -1.0, 1.0));
     let sfx = T::SUFFIX;
-
-    let mut want = base.clone();
-    let mut shrink_ref = vec![0.0; batch * k * seq * rank];
-    ops::molora_forward(
-        shape,
-        &x,
-        &a,
-        &b,
-        &experts,
-        &gates,
-        &in_scope,
-        &mut want,
-        Some(&mut shrink_ref),
-    );
+    let dout = quant::<T>(&rand_vec(&mut rng, batch * seq * d_out, -1.0, 1.0));
+    let da0 = rand_vec(&mut rng, n_experts * d_in * rank, -0.1, 0.1);
+    let db0 = rand_vec(&mut rng, n_experts * rank * d_out, -0.1, 0.1);
+    let dx0 = quant::<T>(&rand_vec(&mut rng, batch * seq * d_in, -0.1, 0.1));
 
     let (xd, ad, bd) = (up::<T>(dev, &x), up::<f32>(dev, &a), up::<f32>(dev, &b));
     let ed = dev.upload(&experts).unwrap();
     let gd = up::<f32>(dev, &gates);
     let scope_u8: Vec<u8> = in_scope.iter().map(|&s| s as u8).collect();
     let sd = dev.upload(&scope_u8).unwrap();
-    let mut shrink = poison::<f32>(dev, batch * k * seq * rank);
-    let mut out = up::<T>(dev, &base);
-    lora::lora_forward::<T, CudaSlice<f32>>(
-        dev,
-        site,
-        &xd,
-        &ad,
-        &bd,
-        &ed,
-        &gd,
-        Some(&sd),
-        None::<&CudaSlice<u32>>,
-        Some(&mut shrink),
-        &mut out,
-    )
-    .unwrap();
-    let got_out = down(dev, &out);
-    // In-scope rows against the CPU; out-of-scope rows must be bit-for-bit the base.
-    assert_close(&format!("lora out {sfx}"), &got_out, &want, tol::<T>());
-    for (bb, &s) in in_scope.iter().enumerate() {
-        if !s {
-            let r = bb * seq * d_out..(bb + 1) * seq * d_out;
-            assert_eq!(
-                &got_out[r.clone()],
-                &base[r],
-                "lora out-of-scope sequence {bb} touched ({sfx})"
-            );
-        }
-    }
-    let got_shrink = down(dev, &shrink);
-    let per_seq = k * seq * rank;
-    for (bb, &s) in in_scope.iter().enumerate() {
-        let r = bb * per_seq..(bb + 1) * per_seq;
-        let t = if T::SUFFIX == "f32" {
-            (1e-5, 1e-5)
-        } else {
-            (1e-2, 1e-2)
-        };
-        if s {
-            assert_close(
-                &format!("lora shrink seq {bb} {sfx}"),
-                &got_shrink[r.clone()],
-                &shrink_ref[r],
-                t,
-            );
-        } else {
-            assert!(
-                got_shrink[r].iter().all(|&v| v == 0.0),
-                "out-of-scope shrink must be zero"
-            );
-        }
-    }
-
-    // Backward, accumulating into random initial gradients.
-    let dout = quant::<T>(&rand_vec(&mut rng, batch * seq * d_out, -1.0, 1.0));
-    let da0 = rand_vec(&mut rng, n_experts * d_in * rank, -0.1, 0.1);
-    let db0 = rand_vec(&mut rng, n_experts * rank * d_out, -0.1, 0.1);
-    let dx0 = quant::<T>(&rand_vec(&mut rng, batch * seq * d_in, -0.1, 0.1));
-    let (mut da_ref, mut db_ref, mut dx_ref) = (da0.clone(), db0.clone(), dx0.clone());
-    let mut dg_ref = vec![0.0; batch * k];
-    ops::molora_backward(
-        shape,
-        &x,
-        &a,
-        &b,
-        &experts,
-        &gates,
-        &in_scope,
-        &shrink_ref,
-        &dout,
-        &mut da_ref,
-        &mut db_ref,
-        &mut dg_ref,
-        Some(&mut dx_ref),
-    );
-    let (mut da, mut db) = (up::<f32>(dev, &da0), up::<f32>(dev, &db0));
-    let mut dgates = poison::<f32>(dev, batch * k);
-    let mut dx = up::<T>(dev, &dx0);
-    let mut dh = poison::<f32>(dev, batch * k * seq * rank);
-    let grads = lora::LoraGrads {
-        da: &mut da,
-        db: &mut db,
-        dgates: &mut dgates,
-        dx: Some(&mut dx),
-    };
-    lora::lora_backward::<T, _, _>(
-        dev,
-        site,
-        &xd,
-        &ad,
-        &bd,
-        &ed,
-        &gd,
-        Some(&sd),
-        None::<&CudaSlice<u32>>,
-        &shrink,
-        &up::<T>(dev, &dout),
-        &mut dh,
-        grads,
-    )
-    .unwrap();
     let t32 = if T::SUFFIX == "f32" {
         (1e-5, 1e-4)
     } else {
         tol::<T>()
     };
-    assert_close(&format!("lora dA {sfx}"), &down(dev, &da), &da_ref, t32);
-    assert_close(&format!("lora dB {sfx}"), &down(dev, &db), &db_ref, t32);
-    assert_close(
-        &format!("lora dgates {sfx}"),
-        &down(dev, &dgates),
-        &dg_ref,
-        t32,
-    );
-    assert_close(
-        &format!("lora dx {sfx}"),
-        &down(dev, &dx),
-        &dx_ref,
-        tol::<T>(),
-    );
+    let t_shrink = if T::SUFFIX == "f32" {
+        (1e-5, 1e-5)
+    } else {
+        (1e-2, 1e-2)
+    };
 
-    // Answer rows: each sequence's rows before its first row are left alone (from row 0, from
-    // the middle, and none at all where the first row is past the end). The CPU twin is the
-    // mixture of the input with those rows zeroed (what the CPU's answer windows train).
-    let first_row: Vec<u32> = (0..batch)
+    // Every row of a sequence (no first rows passed), then answer rows: each sequence's rows
+    // before its first row are left alone (from the middle, from row 0, and none at all where
+    // the first row is past the end). The CPU twin is the mixture of the input with those rows
+    // zeroed (what the CPU's answer windows train); out-of-scope sequences stay the base.
+    let answer_rows: Vec<u32> = (0..batch)
         .map(|b| [seq / 2, 0, seq + 1, 0][b % 4] as u32)
         .collect();
-    assert!(first_row.contains(&0) && first_row.iter().any(|&f| f as usize >= seq));
-    let zero_before = |v: &[f32], width: usize| -> Vec<f32> {
-        let mut v = v.to_vec();
-        for (b, &f) in first_row.iter().enumerate() {
-            let rows = (f as usize).min(seq);
-            v[b * seq * width..(b * seq + rows) * width].fill(0.0);
-        }
-        v
-    };
-    let fd = dev.upload(&first_row).unwrap();
-    let mut want = base.clone();
-    let mut shrink_ref = vec![0.0; batch * k * seq * rank];
-    ops::molora_forward(
-        shape,
-        &zero_before(&x, d_in),
-        &a,
-        &b,
-        &experts,
-        &gates,
-        &in_scope,
-        &mut want,
-        Some(&mut shrink_ref),
-    );
-    let mut shrink = poison::<f32>(dev, batch * k * seq * rank);
-    let mut out = up::<T>(dev, &base);
-    lora::lora_forward::<T, CudaSlice<f32>>(
-        dev,
-        site,
-        &xd,
-        &ad,
-        &bd,
-        &ed,
-        &gd,
-        Some(&sd),
-        Some(&fd),
-        Some(&mut shrink),
-        &mut out,
-    )
-    .unwrap();
-    let got_out = down(dev, &out);
-    assert_close(
-        &format!("lora out answer rows {sfx}"),
-        &got_out,
-        &want,
-        tol::<T>(),
-    );
-    let got_shrink = down(dev, &shrink);
-    for (bb, &f) in first_row.iter().enumerate() {
-        let rows = (f as usize).min(seq);
-        let kept = bb * seq * d_out..(bb * seq + rows) * d_out;
-        assert_eq!(
-            &got_out[kept.clone()],
-            &base[kept],
-            "lora rows before sequence {bb}'s first row touched ({sfx})"
+    assert!(answer_rows.contains(&0) && answer_rows.iter().any(|&f| f as usize >= seq));
+    for first_row in [vec![0; batch], answer_rows] {
+        let fd = first_row
+            .iter()
+            .any(|&f| f > 0)
+            .then(|| dev.upload(&first_row).unwrap());
+        let what = if fd.is_some() { " answer rows" } else { "" };
+        let zero_before = |v: &[f32], width: usize| -> Vec<f32> {
+            let mut v = v.to_vec();
+            for (b, &f) in first_row.iter().enumerate() {
+                let rows = (f as usize).min(seq);
+                v[b * seq * width..(b * seq + rows) * width].fill(0.0);
+            }
+            v
+        };
+
+        let mut want = base.clone();
+        let mut shrink_ref = vec![0.0; batch * k * seq * rank];
+        ops::molora_forward(
+            shape,
+            &zero_before(&x, d_in),
+            &a,
+            &b,
+            &experts,
+            &gates,
+            &in_scope,
+            &mut want,
+            Some(&mut shrink_ref),
         );
-        for j in 0..k {
-            let at = ((bb * k + j) * seq) * rank;
-            assert!(
-                got_shrink[at..at + rows * rank].iter().all(|&v| v == 0.0),
-                "shrink before sequence {bb}'s first row must be zero ({sfx})"
+        let mut shrink = poison::<f32>(dev, batch * k * seq * rank);
+        let mut out = up::<T>(dev, &base);
+        lora::lora_forward::<T, CudaSlice<f32>>(
+            dev,
+            site,
+            &xd,
+            &ad,
+            &bd,
+            &ed,
+            &gd,
+            Some(&sd),
+            fd.as_ref(),
+            Some(&mut shrink),
+            &mut out,
+        )
+        .unwrap();
+        let got_out = down(dev, &out);
+        assert_close(
+            &format!("lora out{what} {sfx}"),
+            &got_out,
+            &want,
+            tol::<T>(),
+        );
+        let got_shrink = down(dev, &shrink);
+        for bb in 0..batch {
+            // The rows the experts leave alone must be bit for bit the base, their shrink zero.
+            let untouched = if in_scope[bb] {
+                (first_row[bb] as usize).min(seq)
+            } else {
+                seq
+            };
+            let kept = bb * seq * d_out..(bb * seq + untouched) * d_out;
+            assert_eq!(
+                &got_out[kept.clone()],
+                &base[kept],
+                "lora rows before sequence {bb}'s first row or out of its scope touched{what} ({sfx})"
             );
+            for j in 0..k {
+                let at = ((bb * k + j) * seq) * rank;
+                assert!(
+                    got_shrink[at..at + untouched * rank]
+                        .iter()
+                        .all(|&v| v == 0.0),
+                    "shrink of sequence {bb}'s untouched rows must be zero{what} ({sfx})"
+                );
+                let rest = at + untouched * rank..at + seq * rank;
+                assert_close(
+                    &format!("lora shrink seq {bb}{what} {sfx}"),
+                    &got_shrink[rest.clone()],
+                    &shrink_ref[rest],
+                    t_shrink,
+                );
+            }
         }
-    }
-    let (mut da_ref, mut db_ref, mut dx_ref) = (da0.clone(), db0.clone(), dx0.clone());
-    let mut dg_ref = vec![0.0; batch * k];
-    ops::molora_backward(
-        shape,
-        &zero_before(&x, d_in),
-        &a,
-        &b,
-        &experts,
-        &gates,
-        &in_scope,
-        &shrink_ref,
-        &zero_before(&dout, d_out),
-        &mut da_ref,
-        &mut db_ref,
-        &mut dg_ref,
-        Some(&mut dx_ref),
-    );
-    let (mut da, mut db) = (up::<f32>(dev, &da0), up::<f32>(dev, &db0));
-    let mut dgates = poison::<f32>(dev, batch * k);
-    let mut dx = up::<T>(dev, &dx0);
-    let mut dh = poison::<f32>(dev, batch * k * seq * rank);
-    lora::lora_backward::<T, _, _>(
-        dev,
-        site,
-        &xd,
-        &ad,
-        &bd,
-        &ed,
-        &gd,
-        Some(&sd),
-        Some(&fd),
-        &shrink,
-        &up::<T>(dev, &dout),
-        &mut dh,
-        lora::LoraGrads {
-            da: &mut da,
-            db: &mut db,
-            dgates: &mut dgates,
-            dx: Some(&mut dx),
-        },
-    )
-    .unwrap();
-    for (what, got, want, t) in [
-        ("dA", down(dev, &da), da_ref, t32),
-        ("dB", down(dev, &db), db_ref, t32),
-        ("dgates", down(dev, &dgates), dg_ref, t32),
-        ("dx", down(dev, &dx), dx_ref, tol::<T>()),
-    ] {
-        assert_close(&format!("lora {what} answer rows {sfx}"), &got, &want, t);
+
+        // Backward, accumulating into random initial gradients.
+        let (mut da_ref, mut db_ref, mut dx_ref) = (da0.clone(), db0.clone(), dx0.clone());
+        let mut dg_ref = vec![0.0; batch * k];
+        ops::molora_backward(
+            shape,
+            &zero_before(&x, d_in),
+            &a,
+            &b,
+            &experts,
+            &gates,
+            &in_scope,
+            &shrink_ref,
+            &zero_before(&dout, d_out),
+            &mut da_ref,
+            &mut db_ref,
+            &mut dg_ref,
+            Some(&mut dx_ref),
+        );
+        let (mut da, mut db) = (up::<f32>(dev, &da0), up::<f32>(dev, &db0));
+        let mut dgates = poison::<f32>(dev, batch * k);
+        let mut dx = up::<T>(dev, &dx0);
+        let mut dh = poison::<f32>(dev, batch * k * seq * rank);
+        lora::lora_backward::<T, _, _>(
+            dev,
+            site,
+            &xd,
+            &ad,
+            &bd,
+            &ed,
+            &gd,
+            Some(&sd),
+            fd.as_ref(),
+            &shrink,
+            &up::<T>(dev, &dout),
+            &mut dh,
+            lora::LoraGrads {
+                da: &mut da,
+                db: &mut db,
+                dgates: &mut dgates,
+                dx: Some(&mut dx),
+            },
+        )
+        .unwrap();
+        for (grad, got, want, t) in [
+            ("dA", down(dev, &da), da_ref, t32),
+            ("dB", down(dev, &db), db_ref, t32),
+            ("dgates", down(dev, &dgates), dg_ref, t32),
+            ("dx", down(dev, &dx), dx_ref, tol::<T>()),
+        ] {
+            assert_close(&format!("lora {grad}{what} {sfx}"), &got, &want, t);
+        }
     }
 
     // Training mode: no scope mask means every sequence is in scope.
