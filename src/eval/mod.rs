@@ -129,6 +129,34 @@ pub fn score_pairs_on<F: Forward<Report = Routed> + ?Sized>(
     Ok(out)
 }
 
+/// `scorer.score_pairs` with the pairs sent shortest first, so that each padded batch holds
+/// pairs of about one length (a short probe padded to a long rephrasing costs every row it
+/// pads), and the scores returned in the pairs' own order.
+fn score_by_length(
+    scorer: &mut dyn PairScorer,
+    edited: bool,
+    pairs: &[(&[u32], &[u32])],
+) -> Result<Vec<Scored>> {
+    let mut order: Vec<usize> = (0..pairs.len()).collect();
+    order.sort_by_key(|&i| (pairs[i].0.len() + pairs[i].1.len(), i));
+    let sorted: Vec<(&[u32], &[u32])> = order.iter().map(|&i| pairs[i]).collect();
+    let scored = scorer.score_pairs(edited, &sorted)?;
+    anyhow::ensure!(
+        scored.len() == pairs.len(),
+        "{} scores for {} pairs",
+        scored.len(),
+        pairs.len()
+    );
+    let mut out: Vec<Option<Scored>> = (0..pairs.len()).map(|_| None).collect();
+    for (s, &i) in scored.into_iter().zip(&order) {
+        out[i] = Some(s);
+    }
+    Ok(out
+        .into_iter()
+        .map(|s| s.expect("every pair scored"))
+        .collect())
+}
+
 /// ELDER on the CPU forward, one prompt call at a time: each call gets an inference adapter over
 /// its prompt rows, which reports what it decided ([`Routed`]). `None`: the base model.
 pub struct ElderRequest<'a> {
@@ -523,7 +551,10 @@ impl Evaluator {
             argmax: s.argmax.clone(),
             base_argmax: None,
         };
-        for (s, e) in scorer.score_pairs(true, &edit_pairs)?.iter().zip(edits) {
+        for (s, e) in score_by_length(scorer, true, &edit_pairs)?
+            .iter()
+            .zip(edits)
+        {
             let accuracy = token_accuracy(&s.argmax, &e.target);
             self.rel.add(accuracy, s);
             self.detail(|| item(&e.id, "edit", None, 0, accuracy, s));
@@ -540,8 +571,7 @@ impl Evaluator {
             .iter()
             .map(|(e, i)| (&e.rephrases[*i][..], &e.target[..]))
             .collect();
-        for (s, (e, i)) in scorer
-            .score_pairs(true, &reph_pairs)?
+        for (s, (e, i)) in score_by_length(scorer, true, &reph_pairs)?
             .iter()
             .zip(&reph_owners)
         {
@@ -554,8 +584,8 @@ impl Evaluator {
             .iter()
             .map(|(e, i)| (&e.locality[*i].0[..], &e.locality[*i].1[..]))
             .collect();
-        let edited = scorer.score_pairs(true, &loc_pairs)?;
-        let base = scorer.score_pairs(false, &loc_pairs)?;
+        let edited = score_by_length(scorer, true, &loc_pairs)?;
+        let base = score_by_length(scorer, false, &loc_pairs)?;
         for ((e, b), (owner, i)) in edited.iter().zip(&base).zip(&loc_owners) {
             let accuracy = token_accuracy(&e.argmax, &b.argmax);
             self.loc.add(accuracy, e);
@@ -696,5 +726,48 @@ impl Metrics {
             ));
         }
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Scores each pair with its prompt as the argmax, and notes the lengths it was sent.
+    struct Echo {
+        sent: Vec<usize>,
+    }
+
+    impl PairScorer for Echo {
+        fn score_pairs(&mut self, _: bool, pairs: &[(&[u32], &[u32])]) -> Result<Vec<Scored>> {
+            self.sent
+                .extend(pairs.iter().map(|(p, c)| p.len() + c.len()));
+            Ok(pairs
+                .iter()
+                .map(|(p, _)| Scored {
+                    argmax: p.to_vec(),
+                    logprobs: Vec::new(),
+                    in_scope: false,
+                    distance: None,
+                    similarity: None,
+                    matched_edit: None,
+                    relation_similarity: None,
+                    gated: false,
+                    asked: Vec::new(),
+                })
+                .collect())
+        }
+    }
+
+    #[test]
+    fn pairs_are_sent_shortest_first_and_scored_in_their_own_order() {
+        let prompts: Vec<Vec<u32>> = vec![vec![1; 9], vec![2; 3], vec![3; 12], vec![4; 3], vec![5]];
+        let pairs: Vec<(&[u32], &[u32])> = prompts.iter().map(|p| (&p[..], &[7u32][..])).collect();
+        let mut echo = Echo { sent: Vec::new() };
+        let scored = score_by_length(&mut echo, true, &pairs).unwrap();
+        assert_eq!(echo.sent, [2, 4, 4, 10, 13]);
+        let got: Vec<&[u32]> = scored.iter().map(|s| &s.argmax[..]).collect();
+        let want: Vec<&[u32]> = prompts.iter().map(|p| &p[..]).collect();
+        assert_eq!(got, want);
     }
 }
