@@ -2,6 +2,7 @@
 //! models, for every trainable tensor of every MoLoRA layer (experts and routers), with the guided
 //! loss on. A wrong gradient anywhere between the loss and the first MoLoRA layer shows up here.
 
+use elder::backend::cpu::ops::Routing;
 use elder::elder::config::{AllocationMode, ElderConfig};
 use elder::elder::molora::Elder;
 use elder::elder::trainer::{preset_allocation, EditExample, PreparedBatch};
@@ -219,6 +220,20 @@ fn fused_head_loss_matches_the_unfused_head_llama() {
     check_fused_head(Arch::Llama);
 }
 
+/// Per MoLoRA layer, each sequence's preset experts with gate 1 (the stored allocation).
+fn preset_routing(elder: &Elder, batch: &[EditExample]) -> Vec<Routing> {
+    let allocations: Vec<Vec<Vec<u32>>> = batch
+        .iter()
+        .map(|e| preset_allocation(&elder.cfg, &e.knowledge_id))
+        .collect();
+    elder.fixed_routing(
+        &allocations
+            .iter()
+            .map(|a| Some(a.as_slice()))
+            .collect::<Vec<_>>(),
+    )
+}
+
 /// Experts under the stored allocation acting on the answer rows (`expert_rows = "answer"`), on
 /// each architecture's MLP projection.
 fn stored_answer_elder(model: &Model) -> Elder {
@@ -247,16 +262,7 @@ fn check_answer_window(arch: Arch) {
         target: vec![4, 19],
         knowledge_id: "c".into(),
     });
-    let allocations: Vec<Vec<Vec<u32>>> = batch
-        .iter()
-        .map(|e| preset_allocation(&elder.cfg, &e.knowledge_id))
-        .collect();
-    let routing = elder.fixed_routing(
-        &allocations
-            .iter()
-            .map(|a| Some(a.as_slice()))
-            .collect::<Vec<_>>(),
-    );
+    let routing = preset_routing(&elder, &batch);
     let n_targets: usize = batch.iter().map(|e| e.target.len()).sum();
     let weights: Vec<f32> = (0..n_targets).map(|i| 0.5 + 0.1 * i as f32).collect();
     let answer_from: Vec<usize> = batch.iter().map(|e| e.prompt.len() - 1).collect();
@@ -341,7 +347,6 @@ fn check_retain(arch: Arch, windowed: bool) {
         knowledge_id: "c".into(),
     });
     let keep = [true, false, true];
-    let allocation = |e: &EditExample| preset_allocation(&elder.cfg, &e.knowledge_id);
     let weights_of = |b: &[EditExample]| -> Vec<f32> {
         b.iter()
             .flat_map(|e| e.target.iter().map(|&t| 0.25 + 0.01 * t as f32))
@@ -355,13 +360,7 @@ fn check_retain(arch: Arch, windowed: bool) {
         }
     };
     let run = |prepared: &mut PreparedBatch, b: &[EditExample]| {
-        let allocations: Vec<_> = b.iter().map(allocation).collect();
-        let routing = elder.fixed_routing(
-            &allocations
-                .iter()
-                .map(|a| Some(a.as_slice()))
-                .collect::<Vec<_>>(),
-        );
+        let routing = preset_routing(&elder, b);
         let answer_from: Vec<usize> = b.iter().map(|e| e.prompt.len() - 1).collect();
         let options = RowOptions {
             answer_from: (!windowed).then_some(answer_from.as_slice()),
@@ -456,13 +455,7 @@ fn check_buckets(arch: Arch, windowed: bool) {
         } else {
             PreparedBatch::weighted(&model, &elder, b, weights_of(b)).unwrap()
         };
-        let allocations = allocations_of(b);
-        let routing = elder.fixed_routing(
-            &allocations
-                .iter()
-                .map(|a| Some(a.as_slice()))
-                .collect::<Vec<_>>(),
-        );
+        let routing = preset_routing(&elder, b);
         prepared.loss_and_grads_routed(&model, &elder, &routing, RowOptions::default())
     };
     let close = |a: f32, b: f32| (a - b).abs() <= 1e-5 + 1e-4 * a.abs().max(b.abs());

@@ -123,6 +123,17 @@ struct LengthBucket {
     routing: Vec<Routing>,
 }
 
+/// Where each sequence's target rows start among the batch's (and, last, their total), from
+/// each sequence's number of target rows.
+fn row_starts(target_lens: &[usize]) -> Vec<usize> {
+    let mut starts = Vec::with_capacity(target_lens.len() + 1);
+    starts.push(0);
+    for t in target_lens {
+        starts.push(starts.last().expect("starts at 0") + t);
+    }
+    starts
+}
+
 /// Adds gradients `g` into `acc` (the same pool's).
 fn add_grads(acc: &mut [MoloraLayer], g: &[MoloraLayer]) {
     for (acc, g) in acc.iter_mut().zip(g) {
@@ -130,10 +141,8 @@ fn add_grads(acc: &mut [MoloraLayer], g: &[MoloraLayer]) {
             (&mut acc.a, &g.a),
             (&mut acc.b, &g.b),
             (&mut acc.w_r, &g.w_r),
-        ]
-        .into_iter()
-        .chain([(&mut acc.b_r, &g.b_r)])
-        {
+            (&mut acc.b_r, &g.b_r),
+        ] {
             assert_eq!(x.len(), y.len(), "gradients of different pools");
             x.iter_mut().zip(y).for_each(|(x, y)| *x += y);
         }
@@ -180,16 +189,13 @@ impl StoredSteps for CpuSteps<'_> {
 
     fn prepare(&mut self, work: Elder, batch: &StoredBatch) -> anyhow::Result<()> {
         let target_lens: Vec<usize> = batch.examples.iter().map(|e| e.target.len()).collect();
+        let first_row = row_starts(&target_lens);
         anyhow::ensure!(
-            batch.weights.len() == target_lens.iter().sum::<usize>(),
+            batch.weights.len() == first_row[target_lens.len()],
             "{} weights for {} target rows",
             batch.weights.len(),
-            target_lens.iter().sum::<usize>()
+            first_row[target_lens.len()]
         );
-        let mut first_row = vec![0usize; target_lens.len() + 1];
-        for (i, t) in target_lens.iter().enumerate() {
-            first_row[i + 1] = first_row[i] + t;
-        }
         let lens: Vec<usize> = batch
             .examples
             .iter()
@@ -254,10 +260,7 @@ impl StoredSteps for CpuSteps<'_> {
         let model = self.model;
         let b = self.batch()?;
         let cfg = &b.work.cfg;
-        let mut first_row = vec![0usize; b.target_lens.len() + 1];
-        for (i, t) in b.target_lens.iter().enumerate() {
-            first_row[i + 1] = first_row[i] + t;
-        }
+        let first_row = row_starts(&b.target_lens);
         let total = first_row[b.target_lens.len()];
         let mut out = RowLosses {
             loss: vec![0.0; total],
