@@ -7,6 +7,7 @@
 #    (6 MoLoRA layers on down_proj from block 22, query at block 21) in both.
 #  Each edit also PyTorch done well (bench_torch_edit.py --done-well --compile: selected experts only,
 #  the frozen prefix cached, the head on the target rows, torch.compile on the trained blocks).
+# The default preset's edit stream against PyTorch done well: tools/bench_stream_compare.sh.
 # Needs the torch venv (tools/setup_torch.sh) at $TORCH_VENV (default .venv-torch).
 # Usage: tools/bench_cpu_compare.sh [threads]   (prints medians and ratios; criterion reports in target/criterion)
 set -euo pipefail
