@@ -115,6 +115,8 @@ class PerSequenceLoRA(nn.Module):
 
 
 def run_blocks(model, blocks, hidden, position_ids):
+    """transformers' own blocks; with no attention mask its SDPA path is causal, and right padding
+    never reaches a real row."""
     cos_sin = model.model.rotary_emb(hidden, position_ids)
     for block in blocks:
         out = block(hidden, attention_mask=None, position_ids=position_ids, position_embeddings=cos_sin)
