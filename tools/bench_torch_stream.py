@@ -280,7 +280,9 @@ def train_batch(model, lora_layers, state, batch, args, check: bool) -> dict:
     done = torch.zeros(n_edits, dtype=torch.bool)
     stopped_at = torch.full((n_edits,), -1)
     iterations = 0
-    first_loss = last_loss = None
+    # Each edit's mean target-row loss, kept at its last value once it stops (as the engine's).
+    edit_loss = torch.zeros(n_edits)
+    first_loss = None
     state["lora"] = True
     for it in range(args.iterations):
         state["edit"] = seq_edit[alive_seq]
@@ -290,18 +292,17 @@ def train_batch(model, lora_layers, state, batch, args, check: bool) -> dict:
         tgt = targets[alive_row]
         ce = F.cross_entropy(logits, tgt, reduction="none")
         edit_of_row = row_edit[alive_row]
-        loss = (ce / rows_per_edit[edit_of_row]).sum()
+        row_loss = ce / rows_per_edit[edit_of_row]
+        loss = row_loss.sum()
         with torch.no_grad():
             ok = (logits.argmax(-1) == tgt) & (ce < args.stop_loss)
             bad = torch.zeros(n_edits, dtype=torch.long).index_add_(0, edit_of_row, (~ok).long())
             learned = (bad == 0) & ~done
-            mean_loss = float(loss) / n_edits
+            edit_loss[~done] = torch.zeros(n_edits).index_add_(0, edit_of_row, row_loss)[~done]
         if first_loss is None:
-            first_loss = mean_loss
-        last_loss = mean_loss
-        # Edits not in the batch any more count as learned.
-        present = torch.zeros(n_edits, dtype=torch.bool).index_fill_(0, edit_of_row.unique(), True)
-        if bool((learned | ~present).all()):
+            first_loss = float(edit_loss.mean())
+        # The edits stopped earlier have left the batch.
+        if bool((learned | done).all()):
             stopped_at[learned] = it
             break
         # A learned edit's rows still give gradients this step, but only to its own experts,
@@ -325,7 +326,7 @@ def train_batch(model, lora_layers, state, batch, args, check: bool) -> dict:
         "padded_width": width,
         "edit_iterations": stopped_at.tolist(),
         "first_loss": first_loss,
-        "last_loss": last_loss,
+        "last_loss": float(edit_loss.mean()),
     }
 
 
