@@ -283,6 +283,15 @@ enum StateAction {
         #[arg(long)]
         to: u64,
     },
+    /// Write the current generation's tensors (experts, routers, key store) whole, as one
+    /// safetensors file any safetensors reader opens: a state keeps them as a chain of files,
+    /// each commit's changes on the ones before.
+    Export {
+        dir: PathBuf,
+        /// The file to write (atomically).
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -592,6 +601,15 @@ fn state_command(action: StateAction) -> Result<ExitCode> {
                 dir.display(),
                 m.generation,
                 m.applied_edit_ids.len()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        StateAction::Export { dir, out } => {
+            let (generation, tensors) = state::export(&dir, &out)?;
+            println!(
+                "{}: generation {generation}'s {tensors} tensors written to {}",
+                dir.display(),
+                out.display()
             );
             Ok(ExitCode::SUCCESS)
         }

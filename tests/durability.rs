@@ -209,16 +209,32 @@ fn a_full_disk_fails_cleanly_and_a_damaged_generation_rolls_back() {
         at > 1 && (at as usize) < EDITS,
         "stopped at generation {at}"
     );
-    // Only the last two generations' files: nothing of the failed one, no temp files.
+    // Only the last two generations' files and the earlier tensors files their chains extend:
+    // nothing of the failed one, no temp files.
     let names: Vec<String> = std::fs::read_dir(&state)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    let previous: Value = serde_json::from_slice(
+        &std::fs::read(state.join(format!("manifest-{:06}.json", at - 1))).unwrap(),
+    )
+    .unwrap();
+    let chains: Vec<String> = [manifest(&state), previous]
+        .iter()
+        .flat_map(|m| {
+            m["files"]["earlier_experts"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
+        .map(|f| f["name"].as_str().unwrap().to_string())
         .collect();
     for name in &names {
         assert!(
             name == "manifest.json"
                 || name.contains(&format!("{at:06}"))
-                || name.contains(&format!("{:06}", at - 1)),
+                || name.contains(&format!("{:06}", at - 1))
+                || chains.contains(name),
             "{name} left behind at generation {at}: {names:?}"
         );
     }
@@ -247,4 +263,14 @@ fn a_full_disk_fails_cleanly_and_a_damaged_generation_rolls_back() {
 
     assert!(edit(&f.model, &f.edits, &state).status().unwrap().success());
     assert_same_as_uninterrupted(&f, &state, "a full disk, damage and a rollback");
+
+    // The tensors, whole, in one file outside the state.
+    let out = f.tmp.path().join("exported.safetensors");
+    let (ok, text) = state_cli(&["export", "--out", out.to_str().unwrap()], &state);
+    assert!(ok, "{text}");
+    let tensors = elder::elder::state::parse_experts(&std::fs::read(&out).unwrap()).unwrap();
+    assert!(
+        !tensors.is_empty() && tensors.iter().all(|t| !t.name.contains('@')),
+        "{text}"
+    );
 }

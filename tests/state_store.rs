@@ -455,3 +455,150 @@ fn a_damaged_newest_generation_rolls_back_to_the_previous_one() {
     assert_eq!(again.tensors(), sorted(tensors).as_slice());
     assert!(state::verify(dir.path()).unwrap().current_intact());
 }
+
+/// The tensors of an edit stream mostly grow by rows: a commit writes only what changed (a
+/// segment on the files before it, state format 4), the state opens whole at every generation,
+/// the chain restarts with a whole file as its segments outgrow it, and exactly the files the
+/// current and previous generations read are kept.
+#[test]
+fn growing_tensors_commit_as_segments() {
+    let mut rng = ChaCha8Rng::seed_from_u64(31);
+    let dir = tempfile::tempdir().unwrap();
+    let mut state = EditState::create(dir.path(), config(), "fp").unwrap();
+    let random = |rng: &mut ChaCha8Rng, name: &str, shape: Vec<usize>| {
+        let n = shape.iter().product();
+        NamedTensor {
+            name: name.to_string(),
+            shape,
+            data: (0..n).map(|_| rng.gen_range(-1.0f32..1.0)).collect(),
+        }
+    };
+    let mut tensors = vec![
+        random(&mut rng, "experts", vec![1, 256]),
+        random(&mut rng, "mean", vec![16]),
+        random(&mut rng, "router", vec![4, 16]),
+    ];
+    let mut book = random_codebook(&mut rng, None, 1);
+    let mut committed = Vec::new();
+    let mut experts_bytes = Vec::new();
+    let mut chain_lengths = Vec::new();
+    for generation in 1..=20u64 {
+        if generation > 1 {
+            let row = random(&mut rng, "row", vec![1, 256]);
+            tensors[0].shape[0] += 1;
+            tensors[0].data.extend(row.data);
+            if generation % 5 == 0 {
+                tensors[1] = random(&mut rng, "mean", vec![16]);
+            }
+            book = random_codebook(&mut rng, Some(&book), 1);
+        }
+        let id = format!("e{generation}");
+        state
+            .commit(&tensors, &book, id.as_bytes(), &ids(&[&id]))
+            .unwrap();
+        committed.push(sorted(tensors.clone()));
+        let reopened = EditState::open(dir.path(), &config(), "fp").unwrap();
+        assert_eq!(reopened.tensors(), committed.last().unwrap().as_slice());
+        let files = reopened.manifest().files.clone().unwrap();
+        experts_bytes.push(fs::metadata(dir.path().join(&files.experts)).unwrap().len());
+        chain_lengths.push(files.earlier_experts.len());
+
+        // Kept: what generation N and N - 1 read, and nothing else.
+        let mut needed = vec!["manifest.json".to_string()];
+        let mut kept = vec![reopened.manifest().clone()];
+        let copy = format!("manifest-{:06}.json", generation - 1);
+        let text = fs::read_to_string(dir.path().join(copy)).unwrap();
+        kept.push(state::parse_manifest_text(&text).unwrap());
+        for m in &kept {
+            needed.push(format!("manifest-{:06}.json", m.generation));
+            let Some(f) = m.files.as_ref() else { continue };
+            needed.extend(f.earlier_experts.iter().map(|e| e.name.clone()));
+            needed.extend([f.experts.clone(), f.codebook.clone()]);
+            needed.extend(f.memory.clone());
+        }
+        needed.sort();
+        needed.dedup();
+        assert_eq!(file_names(dir.path()), needed, "generation {generation}");
+    }
+    eprintln!("experts file bytes {experts_bytes:?}, earlier files {chain_lengths:?}");
+    // One row is 1 KiB: a segment holds about that, a whole file every row so far.
+    let whole = |g: usize| 64 + 1024 * g as u64 + 64 * 4;
+    for (i, (&bytes, &earlier)) in experts_bytes.iter().zip(&chain_lengths).enumerate() {
+        if earlier == 0 {
+            assert!(bytes >= whole(i + 1) - 64, "generation {}: {bytes}", i + 1);
+        } else {
+            let mean_changed = (i + 1) % 5 == 0;
+            assert!(
+                bytes < 1024 + 512 + if mean_changed { 128 } else { 0 },
+                "generation {}: a segment of {bytes} bytes",
+                i + 1
+            );
+        }
+    }
+    // The chain restarts as its segments outgrow its first file: whole files at generations 1,
+    // 3, 7 and 14 (the first file about doubles each time; a segment's header of about 140
+    // bytes brings the fourth one commit early).
+    let restarts: Vec<usize> = chain_lengths
+        .iter()
+        .enumerate()
+        .filter(|(_, &n)| n == 0)
+        .map(|(i, _)| i + 1)
+        .collect();
+    assert_eq!(restarts, [1, 3, 7, 14], "{chain_lengths:?}");
+
+    // A flipped byte in the chain's first file (a generation written long ago) is refused by
+    // name, by opening and by verify; rolling back to the previous generation (which shares it)
+    // is refused too, and restoring the byte opens again.
+    let first = state.manifest().files.as_ref().unwrap().earlier_experts[0]
+        .name
+        .clone();
+    assert_eq!(first, "experts-000014.safetensors");
+    let path = dir.path().join(&first);
+    let good = fs::read(&path).unwrap();
+    let mut bad = good.clone();
+    let at = good.len() - 3;
+    bad[at] ^= 4;
+    fs::write(&path, &bad).unwrap();
+    let err = format!(
+        "{:#}",
+        EditState::open(dir.path(), &config(), "fp").unwrap_err()
+    );
+    assert!(err.contains(&format!("{first} is damaged")), "{err}");
+    let report = state::verify(dir.path()).unwrap();
+    assert!(!report.current_intact());
+    assert_eq!(report.newest_intact(), None, "{report:?}");
+    assert!(state::rollback(dir.path(), 19).is_err());
+    fs::write(&path, &good).unwrap();
+
+    // Rolling back to the previous generation opens its tensors; the next commit goes on.
+    state::rollback(dir.path(), 19).unwrap();
+    let mut back = EditState::open(dir.path(), &config(), "fp").unwrap();
+    assert_eq!(back.tensors(), committed[18].as_slice());
+    let book = random_codebook(&mut rng, back.codebook(), 1);
+    back.commit(&tensors, &book, b"again", &ids(&["e20b"]))
+        .unwrap();
+    let again = EditState::open(dir.path(), &config(), "fp").unwrap();
+    assert_eq!(again.tensors(), committed[19].as_slice());
+    assert!(state::verify(dir.path()).unwrap().current_intact());
+    // Exported whole: one file any safetensors reader opens, equal to the committed tensors.
+    let out = dir.path().join("export").join("all.safetensors");
+    fs::create_dir_all(out.parent().unwrap()).unwrap();
+    assert_eq!(state::export(dir.path(), &out).unwrap(), (20, 3));
+    let exported = state::parse_experts(&fs::read(&out).unwrap()).unwrap();
+    assert_eq!(exported, committed[19]);
+
+    // A commit that drops a tensor starts a new chain (a segment cannot remove one).
+    let mut back = again;
+    let book = random_codebook(&mut rng, back.codebook(), 1);
+    back.commit(&tensors[..2], &book, b"fewer", &ids(&["e21"]))
+        .unwrap();
+    let fewer = EditState::open(dir.path(), &config(), "fp").unwrap();
+    assert!(fewer
+        .manifest()
+        .files
+        .as_ref()
+        .unwrap()
+        .earlier_experts
+        .is_empty());
+    assert_eq!(fewer.tensors(), sorted(tensors[..2].to_vec()).as_slice());
+}

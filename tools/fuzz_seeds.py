@@ -79,6 +79,18 @@ def seed_safetensors():
     put("safetensors", "experts.safetensors", experts)
     put("state_experts", "small.safetensors", experts)
     put("state_experts", "f16.safetensors", safetensors([("x", "F16", [2], struct.pack("<2e", 1, 2))]))
+    # A format-4 segment: rows appended to a tensor (`NAME@FIRST_ROW`), one that does not continue
+    # it, one with no row number.
+    segment = safetensors(
+        [
+            ("layer0.A", "F32", [2, 4], f32s(range(8))),
+            ("layer0.A@2", "F32", [1, 4], f32s(range(4))),
+            ("layer0.B@3", "F32", [1, 2], f32s(range(2))),
+            ("keys@x", "F32", [1], f32s([1.0])),
+        ],
+        metadata={"format": "elder-edit-state generation 2"},
+    )
+    put("state_experts", "segment.safetensors", segment)
 
 
 # --- GGUF ----------------------------------------------------------------------------------

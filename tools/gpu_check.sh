@@ -93,6 +93,8 @@ JSONL
     edit cpu f32 state-cpu >"$smoke/edit-cpu.json" &&
       edit cuda f32 state-cuda >"$smoke/edit-cuda.json" &&
       edit cuda f32 state-cuda >"$smoke/edit-resume.json" &&
+      "$BUNDLE/elder" state export "$smoke/state-cpu" --out "$smoke/experts-cpu.safetensors" &&
+      "$BUNDLE/elder" state export "$smoke/state-cuda" --out "$smoke/experts-cuda.safetensors" &&
       python3 -c '
 import glob, json, os, sys
 cpu, cuda, resume, scpu, scuda = sys.argv[1:6]
@@ -105,8 +107,8 @@ latest = lambda d, pat: sorted(glob.glob(os.path.join(d, pat)))[-1]
 try:
     import numpy as np
     from safetensors.numpy import load_file
-    ea = load_file(latest(scpu, "experts-*.safetensors"))
-    eb = load_file(latest(scuda, "experts-*.safetensors"))
+    ea = load_file(os.path.join(os.path.dirname(scpu), "experts-cpu.safetensors"))
+    eb = load_file(os.path.join(os.path.dirname(scuda), "experts-cuda.safetensors"))
     diff = max(float(np.abs(ea[k] - eb[k]).max()) for k in ea)
     print("experts max |cpu - cuda|", diff)
     ok = ok and ea.keys() == eb.keys() and diff <= 2e-3

@@ -10,6 +10,7 @@ pub mod memory;
 pub mod molora;
 pub mod persist;
 pub mod plan;
+pub mod segments;
 pub mod state;
 pub mod train_stored;
 pub mod trainer;

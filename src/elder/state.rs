@@ -5,7 +5,10 @@
 //!   manifest.json                 the commit point: config, base-model fingerprint, applied ids,
 //!                                 and the names + SHA-256 of the current generation's files
 //!   experts-000042.safetensors    caller-named f32 tensors (experts' A/B, routers' W_r/b_r,
-//!                                 the key store's keys)
+//!                                 the key store's keys): whole, or (format 4) a segment with
+//!                                 what generation 42 changed on the earlier files of its chain
+//!                                 (`files.earlier_experts`, kept while a kept generation reads
+//!                                 them; see `elder::segments`)
 //!   codebook-000042.bin           the deferral codebook (see `Codebook::to_bytes`)
 //!   memory-000042.jsonl           the caller's record of the applied edits (opaque bytes here;
 //!                                 `elder::memory`: training fields and allocations)
@@ -18,10 +21,14 @@
 //! Format 2 added the memory file; a format-1 state (no memory) is read as one whose memory is
 //! empty, and its next commit writes format 2. Format 3 added the manifest's own checksum
 //! (`manifest_sha256`, over the manifest's bytes with that value blank) and the kept previous
-//! generation; older formats open unchanged and are upgraded by their next commit.
+//! generation; older formats open unchanged and are upgraded by their next commit. Format 4 writes
+//! a generation's tensors as a segment on the files before it (`segments`): a commit of a few
+//! edits writes their rows, not the whole state; its manifest lists the chain. An older build
+//! refuses a format-4 state by its version instead of reading part of its tensors.
 //!
 //! A commit writes generation N+1's files under new names (each atomically, fsynced), then
-//! atomically replaces `manifest.json` to point at them, then deletes generations older than N.
+//! atomically replaces `manifest.json` to point at them, then deletes the files that neither
+//! generation N+1 nor N reads.
 //! A crash before the manifest rename leaves the old manifest pointing at intact old files; a
 //! crash after it leaves the new state plus some garbage that the next commit removes. Readers
 //! therefore see the old or the new state, never a mix. A commit that fails (a full disk)
@@ -32,24 +39,24 @@
 //! Optimiser state is not stored: ELDER uses a fresh Adam per edit batch.
 //! One writer at a time: two processes committing to the same directory are not coordinated.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, ensure, Context, Result};
-use safetensors::{Dtype, SafeTensors};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use super::codebook::Codebook;
+use super::segments;
 use crate::util::atomic::{is_atomic_temp_file, sync_dir, write_atomic};
 
 /// Bumped whenever the layout of the directory or the manifest changes incompatibly.
-pub const STATE_FORMAT_VERSION: u32 = 3;
+pub const STATE_FORMAT_VERSION: u32 = 4;
 /// Older formats this build still reads (and upgrades on the next commit).
-const READABLE_FORMATS: &[u32] = &[1, 2, 3];
+const READABLE_FORMATS: &[u32] = &[1, 2, 3, 4];
 pub const MANIFEST_FILE: &str = "manifest.json";
 /// Per-generation copies of the manifest: `manifest-000042.json`.
 const MANIFEST_PREFIX: &str = "manifest-";
@@ -93,8 +100,14 @@ pub struct Manifest {
 /// The data files of one generation, relative to the state directory.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GenerationFiles {
+    /// The generation's own tensors file: whole, or (format 4) a segment on top of
+    /// `earlier_experts` (see [`segments`]).
     pub experts: String,
     pub experts_sha256: String,
+    /// Format 4: the chain's earlier files, oldest (the whole one) first; empty when `experts`
+    /// is whole.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub earlier_experts: Vec<FileSum>,
     pub codebook: String,
     pub codebook_sha256: String,
     /// Absent in format 1.
@@ -102,6 +115,13 @@ pub struct GenerationFiles {
     pub memory: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory_sha256: Option<String>,
+}
+
+/// A file of the state and its SHA-256.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileSum {
+    pub name: String,
+    pub sha256: String,
 }
 
 /// An open edit-state directory and the last committed state, loaded in memory.
@@ -265,7 +285,11 @@ impl EditState {
         applied: Vec<String>,
     ) -> Result<()> {
         let generation = self.manifest.generation + 1;
-        let written = write_generation_files(&self.dir, generation, tensors, codebook, memory)
+        let written = self
+            .experts_file(tensors, generation)
+            .and_then(|(experts, earlier)| {
+                write_generation_files(&self.dir, generation, &experts, earlier, codebook, memory)
+            })
             .and_then(|files| {
                 let mut manifest = self.manifest.clone();
                 manifest.format_version = STATE_FORMAT_VERSION;
@@ -285,7 +309,7 @@ impl EditState {
                 // clean (best effort: the error is the news).
                 let committed = read_manifest(&self.dir).is_ok_and(|m| m.generation == generation);
                 if !committed {
-                    let _ = remove_stale_files(&self.dir, self.manifest.generation);
+                    let _ = remove_stale_files(&self.dir, &self.manifest);
                 }
                 return Err(e.context(format!(
                     "commit of generation {generation} to {} failed; the state stays at \
@@ -304,8 +328,46 @@ impl EditState {
         self.memory = memory.to_vec();
         // The new state is already durable; leftovers only waste disk, so a failed cleanup is
         // not an error (the next commit retries).
-        let _ = remove_stale_files(&self.dir, generation);
+        let _ = remove_stale_files(&self.dir, &self.manifest);
         Ok(())
+    }
+
+    /// The new generation's tensors file and the earlier files of its chain: a segment of what
+    /// changed since the committed tensors while [`segments::extend_chain`] allows one, else a
+    /// whole file (and no earlier files).
+    fn experts_file(
+        &self,
+        tensors: &[NamedTensor],
+        generation: u64,
+    ) -> Result<(Vec<u8>, Vec<FileSum>)> {
+        if let Some(files) = &self.manifest.files {
+            let mut chain = files.earlier_experts.clone();
+            chain.push(FileSum {
+                name: files.experts.clone(),
+                sha256: files.experts_sha256.clone(),
+            });
+            // A file that cannot be measured (removed by hand) ends the chain: the next whole
+            // file does not need it.
+            let sizes: Option<Vec<u64>> = chain
+                .iter()
+                .map(|f| fs::metadata(self.dir.join(&f.name)).ok().map(|m| m.len()))
+                .collect();
+            if let (Some(sizes), Some(pieces)) = (sizes, segments::changes(&self.tensors, tensors))
+            {
+                let segment = segments::serialize(&pieces, generation)?;
+                let earlier_segments = sizes[1..].iter().sum();
+                if segments::extend_chain(
+                    chain.len(),
+                    sizes[0],
+                    earlier_segments,
+                    segment.len() as u64,
+                ) {
+                    return Ok((segment, chain));
+                }
+            }
+        }
+        let whole = segments::serialize(&segments::whole(tensors), generation)?;
+        Ok((whole, Vec::new()))
     }
 
     pub fn dir(&self) -> &Path {
@@ -363,6 +425,13 @@ impl EditState {
                 names.insert(tensor.name.as_str()),
                 "commit: tensor {:?} given twice",
                 tensor.name
+            );
+            ensure!(
+                !tensor.name.contains(segments::ROWS_MARK),
+                "commit: tensor name {:?} contains {:?}, which marks appended rows in a state's \
+                 files",
+                tensor.name,
+                segments::ROWS_MARK
             );
             let elements: usize = tensor.shape.iter().product();
             ensure!(
@@ -426,19 +495,20 @@ fn generation_of(name: &str) -> Option<u64> {
 fn write_generation_files(
     dir: &Path,
     generation: u64,
-    tensors: &[NamedTensor],
+    experts_bytes: &[u8],
+    earlier_experts: Vec<FileSum>,
     codebook: &Codebook,
     memory: &[u8],
 ) -> Result<GenerationFiles> {
     let [experts, codebook_name, memory_name, _] = generation_file_names(generation);
-    let experts_bytes = serialize_tensors(tensors, generation)?;
-    write_atomic(&dir.join(&experts), &experts_bytes)?;
+    write_atomic(&dir.join(&experts), experts_bytes)?;
     let codebook_bytes = codebook.to_bytes();
     write_atomic(&dir.join(&codebook_name), &codebook_bytes)?;
     write_atomic(&dir.join(&memory_name), memory)?;
     Ok(GenerationFiles {
         experts,
-        experts_sha256: sha256_hex(&experts_bytes),
+        experts_sha256: sha256_hex(experts_bytes),
+        earlier_experts,
         codebook: codebook_name,
         codebook_sha256: sha256_hex(&codebook_bytes),
         memory: Some(memory_name),
@@ -446,38 +516,19 @@ fn write_generation_files(
     })
 }
 
-fn serialize_tensors(tensors: &[NamedTensor], generation: u64) -> Result<Vec<u8>> {
-    let bytes: Vec<(&str, Vec<u8>, &[usize])> = tensors
-        .iter()
-        .map(|t| {
-            let raw = t.data.iter().flat_map(|v| v.to_le_bytes()).collect();
-            (t.name.as_str(), raw, t.shape.as_slice())
-        })
-        .collect();
-    let mut views = Vec::with_capacity(bytes.len());
-    for (name, raw, shape) in &bytes {
-        let view = safetensors::tensor::TensorView::new(Dtype::F32, shape.to_vec(), raw)
-            .with_context(|| format!("tensor {name:?} with shape {shape:?}"))?;
-        views.push((*name, view));
-    }
-    // One metadata entry only: safetensors writes its metadata map in HashMap order, which
-    // changes from run to run, and a state must be byte-identical for identical edits (its
-    // sha256 sits in the manifest). The generation travels inside the one value.
-    let metadata = HashMap::from([(
-        "format".to_string(),
-        format!("elder-edit-state generation {generation}"),
-    )]);
-    safetensors::tensor::serialize(views, Some(metadata)).context("serialising expert tensors")
-}
-
 fn load_generation(
     dir: &Path,
     manifest: &Manifest,
     files: &GenerationFiles,
 ) -> Result<(Vec<NamedTensor>, Option<Codebook>, Vec<u8>)> {
-    let experts_bytes = read_verified(dir, &files.experts, &files.experts_sha256)?;
-    let tensors = deserialize_tensors(&experts_bytes)
-        .with_context(|| format!("reading {}", dir.join(&files.experts).display()))?;
+    let mut chain = Vec::new();
+    for file in experts_chain(files) {
+        let bytes = read_verified(dir, &file.name, &file.sha256)?;
+        let entries = segments::read(&bytes)
+            .with_context(|| format!("reading {}", dir.join(&file.name).display()))?;
+        chain.push((dir.join(&file.name).display().to_string(), entries));
+    }
+    let tensors = segments::assemble(chain)?;
     let codebook_bytes = read_verified(dir, &files.codebook, &files.codebook_sha256)?;
     let codebook = Codebook::from_bytes(&codebook_bytes)
         .with_context(|| format!("reading {}", dir.join(&files.codebook).display()))?;
@@ -560,7 +611,11 @@ pub fn install_generation(
                 manifest.generation,
                 sha256_hex(bytes)
             );
-            write_atomic(&dir.join(name), bytes)?;
+            // The earlier files of a tensors chain are usually here already, as shipped.
+            let path = dir.join(name);
+            if fs::read(&path).ok().as_deref() != Some(bytes.as_slice()) {
+                write_atomic(&path, bytes)?;
+            }
         }
     }
     write_atomic(
@@ -568,16 +623,29 @@ pub fn install_generation(
         manifest_text.as_bytes(),
     )?;
     write_atomic(&dir.join(MANIFEST_FILE), manifest_text.as_bytes())?;
-    let _ = remove_stale_files(dir, manifest.generation);
+    let _ = remove_stale_files(dir, &manifest);
     Ok(manifest.generation)
 }
 
-/// Each data file a generation names, with its checksum.
+/// The files of a generation's tensors chain, oldest first (the generation's own last).
+fn experts_chain(files: &GenerationFiles) -> Vec<FileSum> {
+    let mut chain = files.earlier_experts.clone();
+    chain.push(FileSum {
+        name: files.experts.clone(),
+        sha256: files.experts_sha256.clone(),
+    });
+    chain
+}
+
+/// Each data file a generation names, with its checksum (the tensors chain first).
 fn named_sums(files: &GenerationFiles) -> Vec<(&str, &str)> {
-    let mut out = vec![
-        (files.experts.as_str(), files.experts_sha256.as_str()),
-        (files.codebook.as_str(), files.codebook_sha256.as_str()),
-    ];
+    let mut out: Vec<(&str, &str)> = files
+        .earlier_experts
+        .iter()
+        .map(|f| (f.name.as_str(), f.sha256.as_str()))
+        .collect();
+    out.push((files.experts.as_str(), files.experts_sha256.as_str()));
+    out.push((files.codebook.as_str(), files.codebook_sha256.as_str()));
     if let (Some(m), Some(s)) = (&files.memory, &files.memory_sha256) {
         out.push((m.as_str(), s.as_str()));
     }
@@ -590,33 +658,10 @@ pub fn parse_manifest_text(text: &str) -> Result<Manifest> {
     parse_manifest(Path::new(MANIFEST_FILE), text)
 }
 
-/// Reads an experts file's bytes (`experts-NNNNNN.safetensors`) as opening a state does.
+/// Reads an experts file's bytes (`experts-NNNNNN.safetensors`) as opening a state does: its
+/// entries as stored (see [`segments`]), sorted by name.
 pub fn parse_experts(bytes: &[u8]) -> Result<Vec<NamedTensor>> {
-    deserialize_tensors(bytes)
-}
-
-fn deserialize_tensors(bytes: &[u8]) -> Result<Vec<NamedTensor>> {
-    let file = SafeTensors::deserialize(bytes).context("not a valid safetensors file")?;
-    let mut tensors = Vec::new();
-    for (name, view) in file.tensors() {
-        ensure!(
-            view.dtype() == Dtype::F32,
-            "tensor {name:?}: expected dtype F32, found {:?}",
-            view.dtype()
-        );
-        let data = view
-            .data()
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
-        tensors.push(NamedTensor {
-            name,
-            shape: view.shape().to_vec(),
-            data,
-        });
-    }
-    tensors.sort_by(|a, b| a.name.cmp(&b.name));
-    Ok(tensors)
+    segments::read(bytes)
 }
 
 fn read_verified(dir: &Path, name: &str, expected_sha256: &str) -> Result<Vec<u8>> {
@@ -630,6 +675,13 @@ fn read_verified(dir: &Path, name: &str, expected_sha256: &str) -> Result<Vec<u8
         path.display()
     );
     Ok(bytes)
+}
+
+/// A kept generation's manifest copy (`manifest-NNNNNN.json`), checked.
+fn read_manifest_copy(dir: &Path, generation: u64) -> Result<Manifest> {
+    let path = dir.join(manifest_copy_name(generation));
+    let text = fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    parse_manifest(&path, &text)
 }
 
 fn read_manifest(dir: &Path) -> Result<Manifest> {
@@ -719,13 +771,24 @@ fn write_manifest(dir: &Path, manifest: &Manifest) -> Result<Manifest> {
     Ok(blank)
 }
 
-/// Deletes the files of generations other than `current` and the one before it (kept whole, to
-/// roll back to), and temp files of interrupted writes.
-fn remove_stale_files(dir: &Path, current: u64) -> Result<()> {
+/// Deletes what neither the `current` generation nor the one before it (kept whole, to roll
+/// back to) needs, and temp files of interrupted writes. Their own files stay, and so do the
+/// earlier files their tensors chains extend (named by their manifests).
+fn remove_stale_files(dir: &Path, current: &Manifest) -> Result<()> {
+    let generation = current.generation;
+    let mut needed: HashSet<String> = HashSet::new();
+    let previous = generation
+        .checked_sub(1)
+        .and_then(|g| read_manifest_copy(dir, g).ok());
+    for manifest in std::iter::once(current).chain(previous.as_ref()) {
+        if let Some(files) = &manifest.files {
+            needed.extend(named_sums(files).into_iter().map(|(n, _)| n.to_string()));
+        }
+    }
     for entry in fs::read_dir(dir)? {
         let name = entry?.file_name().to_string_lossy().into_owned();
         let stale = match generation_of(&name) {
-            Some(g) => g != current && g + 1 != current,
+            Some(g) => g != generation && g + 1 != generation && !needed.contains(&name),
             None => is_atomic_temp_file(&name),
         };
         if stale {
@@ -898,6 +961,23 @@ pub fn rollback(dir: &Path, generation: u64) -> Result<Manifest> {
     Ok(manifest)
 }
 
+/// Writes the current generation's tensors of the state in `dir` whole, as one safetensors file
+/// at `out` (atomically), every file they are read from checked first. Returns the generation
+/// and the number of tensors.
+pub fn export(dir: &Path, out: &Path) -> Result<(u64, usize)> {
+    let manifest = read_manifest(dir)?;
+    let files = manifest.files.as_ref().with_context(|| {
+        format!(
+            "edit state {} has no committed generation to export",
+            dir.display()
+        )
+    })?;
+    let (tensors, _, _) = load_generation(dir, &manifest, files)?;
+    let bytes = segments::serialize(&segments::whole(&tensors), manifest.generation)?;
+    write_atomic(out, &bytes)?;
+    Ok((manifest.generation, tensors.len()))
+}
+
 /// Lists where two configs differ as "path: state has X, requested Y" (objects are compared key
 /// by key; anything else as a whole).
 pub fn config_differences(path: &str, stored: &Value, requested: &Value, out: &mut Vec<String>) {
@@ -969,13 +1049,15 @@ mod tests {
     #[test]
     fn expert_files_are_byte_deterministic() {
         let tensors = [tensor("b", &[3], 2.0), tensor("a", &[2, 2], 1.0)];
-        let first = serialize_tensors(&tensors, 7).unwrap();
+        let serialize =
+            |generation| segments::serialize(&segments::whole(&tensors), generation).unwrap();
+        let first = serialize(7);
         for _ in 0..16 {
-            assert_eq!(serialize_tensors(&tensors, 7).unwrap(), first);
+            assert_eq!(serialize(7), first);
         }
-        let back = deserialize_tensors(&first).unwrap();
+        let back = segments::read(&first).unwrap();
         assert_eq!(back.len(), 2);
-        assert_ne!(serialize_tensors(&tensors, 8).unwrap(), first);
+        assert_ne!(serialize(8), first);
     }
 
     /// A crash after step 1 (new data files written, manifest not yet replaced) must leave the
@@ -990,10 +1072,13 @@ mod tests {
             .commit(&old, &codebook(&[5]), b"m1", &["e1".into()])
             .unwrap();
 
+        let tensors = [tensor("a", &[2, 3], 9.0)];
+        let experts = segments::serialize(&segments::whole(&tensors), 2).unwrap();
         write_generation_files(
             dir.path(),
             2,
-            &[tensor("a", &[2, 3], 9.0)],
+            &experts,
+            Vec::new(),
             &codebook(&[5, 6]),
             b"m2",
         )

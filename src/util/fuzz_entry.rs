@@ -10,7 +10,7 @@ use anyhow::{Context, Result};
 use crate::data::{parse_edits_lenient, DataFormat};
 use crate::elder::codebook::Codebook;
 use crate::elder::config::{ElderConfig, Preset};
-use crate::elder::{memory, state};
+use crate::elder::{memory, segments, state};
 use crate::model::config::{Arch, ModelConfig};
 use crate::model::gguf::dequant::{dequantize, GgmlType};
 use crate::model::gguf::parse::GgufFile;
@@ -146,9 +146,16 @@ pub fn state_codebook(data: &[u8]) -> Result<()> {
     Ok(())
 }
 
-/// An edit state's `experts-NNNNNN.safetensors`.
+/// An edit state's `experts-NNNNNN.safetensors`, read as a chain's segment on top of itself
+/// (format 4: its appended rows continue what the file before holds).
 pub fn state_experts(data: &[u8]) -> Result<()> {
-    state::parse_experts(data)?;
+    let entries = state::parse_experts(data)?;
+    let whole: Vec<_> = entries
+        .iter()
+        .filter(|t| !t.name.contains(segments::ROWS_MARK))
+        .cloned()
+        .collect();
+    let _ = segments::assemble(vec![("base".into(), whole), ("segment".into(), entries)]);
     Ok(())
 }
 
