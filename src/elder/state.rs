@@ -592,7 +592,8 @@ pub fn generation_files(dir: &Path) -> Result<(String, Vec<StateFile>)> {
 /// Makes a shipped generation (the manifest's text and its files, as [`generation_files`] gave
 /// them) the current state of `dir`, with a commit's protocol: every file checked against the
 /// manifest's checksums, written atomically, then the manifest (the commit point), then older
-/// generations removed. Returns the installed generation.
+/// generations removed. Files already in `dir` with the shipped bytes (the earlier files of a
+/// tensors chain, usually) are not written again. Returns the installed generation.
 pub fn install_generation(
     dir: &Path,
     manifest_text: &str,
@@ -600,6 +601,7 @@ pub fn install_generation(
 ) -> Result<u64> {
     let manifest = parse_manifest(Path::new(MANIFEST_FILE), manifest_text)?;
     fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut to_write = Vec::new();
     if let Some(names) = &manifest.files {
         for (name, sum) in named_sums(names) {
             let (_, bytes) = files.iter().find(|(n, _)| n == name).with_context(|| {
@@ -611,12 +613,30 @@ pub fn install_generation(
                 manifest.generation,
                 sha256_hex(bytes)
             );
-            // The earlier files of a tensors chain are usually here already, as shipped.
-            let path = dir.join(name);
-            if fs::read(&path).ok().as_deref() != Some(bytes.as_slice()) {
-                write_atomic(&path, bytes)?;
+            if fs::read(dir.join(name)).ok().as_deref() != Some(bytes.as_slice()) {
+                to_write.push((name, bytes));
             }
         }
+    }
+    // A chain may name an earlier generation's file that this folder holds with other bytes (a
+    // local commit that was never published, then replaced by another leader's). If the local
+    // current generation reads that file, it goes first: a crash mid-install then leaves no
+    // current generation (the published one is installed again), never a manifest whose file
+    // changed under it.
+    if let Ok(local) = read_manifest(dir) {
+        let local_names: HashSet<&str> = local
+            .files
+            .as_ref()
+            .map(|f| named_sums(f).into_iter().map(|(n, _)| n).collect())
+            .unwrap_or_default();
+        if to_write.iter().any(|(n, _)| local_names.contains(n)) {
+            fs::remove_file(dir.join(MANIFEST_FILE))
+                .with_context(|| format!("removing {}", dir.join(MANIFEST_FILE).display()))?;
+            sync_dir(dir)?;
+        }
+    }
+    for (name, bytes) in to_write {
+        write_atomic(&dir.join(name), bytes)?;
     }
     write_atomic(
         &dir.join(manifest_copy_name(manifest.generation)),
@@ -1133,6 +1153,83 @@ mod tests {
         fs::write(&path, serde_json::to_string(&v).unwrap()).unwrap();
         let e = EditState::open(dir.path(), &config, "fp").unwrap_err();
         assert!(format!("{e:#}").contains("format_version Some(9)"), "{e:#}");
+    }
+
+    /// The generation `state` has committed, shipped as a replica receives it.
+    fn shipped(dir: &Path) -> (String, Vec<(String, Vec<u8>)>) {
+        let (text, files) = generation_files(dir).unwrap();
+        (text, files.into_iter().map(|f| (f.name, f.bytes)).collect())
+    }
+
+    fn inode(path: &Path) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        fs::metadata(path).unwrap().ino()
+    }
+
+    /// Installing a chain writes only the files a folder lacks; where a folder's own unpublished
+    /// generation used a name with other bytes, its manifest goes before the file changes, so a
+    /// failed install leaves no current generation rather than one whose file changed under it.
+    #[test]
+    fn installs_write_what_is_missing_and_never_change_a_current_file() {
+        let config = json!({"experts": 4});
+        let leader = tempfile::tempdir().unwrap();
+        let mut state = EditState::create(leader.path(), config.clone(), "fp").unwrap();
+        let grown = |rows: usize, seed: f32| vec![tensor("a", &[rows, 64], seed)];
+        let commit = |state: &mut EditState, rows, id: &str| {
+            let book = codebook(&(0..rows as u64).collect::<Vec<_>>());
+            state
+                .commit(&grown(rows, 1.0), &book, id.as_bytes(), &[id.into()])
+                .unwrap();
+        };
+        commit(&mut state, 4, "e1");
+        commit(&mut state, 5, "e2");
+        let replica = tempfile::tempdir().unwrap();
+        let (text, files) = shipped(leader.path());
+        assert_eq!(
+            files.len(),
+            4,
+            "a chain of two, the codebook and the memory"
+        );
+        assert_eq!(
+            install_generation(replica.path(), &text, &files).unwrap(),
+            2
+        );
+        let first = replica.path().join("experts-000001.safetensors");
+        let before = inode(&first);
+        commit(&mut state, 6, "e3");
+        let (text, files) = shipped(leader.path());
+        install_generation(replica.path(), &text, &files).unwrap();
+        assert_eq!(
+            inode(&first),
+            before,
+            "an unchanged chain file was written again"
+        );
+        let opened = EditState::open(replica.path(), &config, "fp").unwrap();
+        assert_eq!(opened.tensors(), grown(6, 1.0).as_slice());
+
+        // A folder whose own generation 2 differs (never published): installing generation 3
+        // must replace its experts-000002; the write of experts-000003 fails here (a folder sits
+        // at its name), and the folder is left with no current generation.
+        let diverged = tempfile::tempdir().unwrap();
+        let mut own = EditState::create(diverged.path(), config.clone(), "fp").unwrap();
+        commit(&mut own, 4, "e1");
+        own.commit(
+            &grown(5, 3.0),
+            &codebook(&[0, 1, 2, 3, 4]),
+            b"x",
+            &["e2".into()],
+        )
+        .unwrap();
+        let own_experts = &own.manifest().files.as_ref().unwrap().experts;
+        assert_eq!(own_experts, "experts-000002.safetensors");
+        fs::create_dir(diverged.path().join("experts-000003.safetensors")).unwrap();
+        assert!(install_generation(diverged.path(), &text, &files).is_err());
+        assert!(!diverged.path().join(MANIFEST_FILE).exists());
+        fs::remove_dir(diverged.path().join("experts-000003.safetensors")).unwrap();
+        install_generation(diverged.path(), &text, &files).unwrap();
+        let opened = EditState::open(diverged.path(), &config, "fp").unwrap();
+        assert_eq!(opened.tensors(), grown(6, 1.0).as_slice());
+        assert_eq!(opened.applied_ids(), ["e1", "e2", "e3"]);
     }
 
     #[test]
