@@ -98,6 +98,19 @@ impl ChunkIndex {
         self.files.push(bytes);
     }
 
+    /// [`ChunkIndex::add_file`], and the chunks of the file's chunk list (a file unchanged in
+    /// the next generation is shipped with the same list: a replica has that at hand too).
+    pub fn add_file_with_list(&mut self, bytes: Vec<u8>) {
+        let cut = cut(&bytes);
+        self.add_list_of(&cut);
+        self.add_cut_file(bytes, cut);
+    }
+
+    /// Adds the chunks of the chunk list of a file cut as `cut`.
+    pub fn add_list_of(&mut self, cut: &Cut) {
+        self.add_file(list_bytes(cut.iter().map(|(d, _)| *d)));
+    }
+
     /// Adds one chunk fetched as `d`, refused unless its bytes have that digest.
     pub fn add_chunk(&mut self, d: Digest, bytes: Vec<u8>) -> Result<()> {
         if digest(&bytes) != d {
@@ -259,6 +272,19 @@ mod tests {
         assert!(next.missing(&list).is_empty());
         assert_eq!(next.assemble(&list).unwrap(), new);
         assert_eq!(next.added_bytes(), 0);
+        // The file's chunk list is shipped as chunks too: an index of the files a replica has
+        // holds those of their lists as well.
+        let list_chunks: Vec<Digest> = cut(&list_bytes(list.iter().copied()))
+            .into_iter()
+            .map(|(d, _)| d)
+            .collect();
+        assert!(!next.missing(&list_chunks).is_empty());
+        let mut with_lists = ChunkIndex::default();
+        with_lists.add_file_with_list(new.clone());
+        assert!(with_lists.missing(&list_chunks).is_empty());
+        assert!(with_lists.missing(&list).is_empty());
+        next.add_list_of(&cut(&new));
+        assert!(next.missing(&list_chunks).is_empty());
         assert!(parse_list(&[0u8; 33]).is_err());
         assert_eq!(from_hex(&to_hex(&list[0])).unwrap(), list[0]);
         assert!(from_hex("xy").is_err());

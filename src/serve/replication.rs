@@ -654,7 +654,10 @@ impl Nats {
             .zip(cuts.into_iter().chain([manifest_cut]))
         {
             match cut {
-                Some(cut) => next.add_cut_file(bytes, cut),
+                Some(cut) => {
+                    next.add_list_of(&cut);
+                    next.add_cut_file(bytes, cut)
+                }
                 None => next.add_file(bytes),
             }
         }
@@ -775,9 +778,9 @@ fn local_chunks(dir: &Path, cached: Option<LocalChunks>) -> ChunkIndex {
     let mut index = ChunkIndex::default();
     if let Ok((manifest, files)) = state::generation_files(dir) {
         for f in files {
-            index.add_file(f.bytes);
+            index.add_file_with_list(f.bytes);
         }
-        index.add_file(manifest.into_bytes());
+        index.add_file_with_list(manifest.into_bytes());
     }
     index
 }
