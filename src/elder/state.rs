@@ -341,11 +341,7 @@ impl EditState {
         generation: u64,
     ) -> Result<(Vec<u8>, Vec<FileSum>)> {
         if let Some(files) = &self.manifest.files {
-            let mut chain = files.earlier_experts.clone();
-            chain.push(FileSum {
-                name: files.experts.clone(),
-                sha256: files.experts_sha256.clone(),
-            });
+            let chain = experts_chain(files);
             // A file that cannot be measured (removed by hand) ends the chain: the next whole
             // file does not need it.
             let sizes: Option<Vec<u64>> = chain
