@@ -543,3 +543,99 @@ fn length_buckets_train_as_one_padded_batch() {
         check_buckets(arch, false);
     }
 }
+
+/// The stored trainer's fast layout: sequences without their last target token, the last block
+/// only on the rows the head reads and the rows before them for keys and values only
+/// ([`elder::elder::last_block`]), the first MoLoRA block's frozen MLP computed once per batch.
+/// Across iterations that change the experts and a retain, the row losses, argmaxes and
+/// gradients must be those of a batch prepared afresh with every row run in full, with a
+/// one-token prompt (no rows before its answer) and sequences of other lengths in the batch.
+#[test]
+fn the_last_block_on_target_rows_trains_as_the_whole_block() {
+    use elder::elder::config::{ExpertRows, InferenceAllocation};
+    use elder::elder::trainer::RowOptions;
+    for arch in [Arch::Gpt2, Arch::Llama] {
+        let model = tiny(arch);
+        let proj = match arch {
+            Arch::Gpt2 => MlpProj::CProj,
+            Arch::Llama => MlpProj::DownProj,
+        };
+        let mut elder = elder_for(&model, proj, false);
+        elder.cfg.inference_allocation = InferenceAllocation::Stored;
+        elder.cfg.expert_rows = ExpertRows::All;
+        let mut batch = batch();
+        batch.push(EditExample {
+            prompt: vec![12],
+            target: vec![4, 19],
+            knowledge_id: "c".into(),
+        });
+        batch.push(EditExample {
+            prompt: vec![12, 30, 1, 2, 9, 44, 7],
+            target: vec![4],
+            knowledge_id: "d".into(),
+        });
+        let weights_of = |b: &[EditExample]| -> Vec<f32> {
+            b.iter()
+                .flat_map(|e| e.target.iter().map(|&t| 0.25 + 0.01 * t as f32))
+                .collect()
+        };
+        let mut split =
+            PreparedBatch::weighted(&model, &elder, &batch, weights_of(&batch)).unwrap();
+        assert!(
+            split.splits_last_block(&model, &elder),
+            "{arch:?}: no split to test"
+        );
+        let mut kept = batch.clone();
+        let mut rng = ChaCha8Rng::seed_from_u64(21);
+        for round in 0..3 {
+            if round > 0 {
+                // An optimiser step's worth of change in every expert.
+                for l in &mut elder.layers {
+                    l.b.iter_mut()
+                        .for_each(|v| *v += 0.1 * standard_normal(&mut rng));
+                }
+            }
+            if round == 2 {
+                let keep = [true, false, true, true];
+                split.retain(&keep);
+                kept = kept
+                    .into_iter()
+                    .zip(keep)
+                    .filter(|(_, k)| *k)
+                    .map(|(e, _)| e)
+                    .collect();
+            }
+            let routing = preset_routing(&elder, &kept);
+            let mut whole =
+                PreparedBatch::weighted_in_full(&model, &elder, &kept, weights_of(&kept)).unwrap();
+            assert!(!whole.splits_last_block(&model, &elder));
+            let want = whole.loss_and_grads_routed(&model, &elder, &routing, RowOptions::default());
+            let got = split.loss_and_grads_routed(&model, &elder, &routing, RowOptions::default());
+            let close = |a: f32, b: f32| (a - b).abs() <= 1e-5 + 1e-4 * a.abs().max(b.abs());
+            let (w, g) = (want.rows.unwrap(), got.rows.unwrap());
+            assert_eq!(w.argmax, g.argmax, "{arch:?} round {round}: argmax");
+            for (a, b) in w.loss.iter().zip(&g.loss) {
+                assert!(close(*a, *b), "{arch:?} round {round}: row loss {b} vs {a}");
+            }
+            let (mut diff2, mut norm2) = (0.0f64, 0.0f64);
+            for (wl, gl) in want.grads.iter().zip(&got.grads) {
+                for (a, b) in wl.a.iter().chain(&wl.b).zip(gl.a.iter().chain(&gl.b)) {
+                    assert!(close(*a, *b), "{arch:?} round {round}: gradient {b} vs {a}");
+                    diff2 += f64::from(a - b).powi(2);
+                    norm2 += f64::from(*a).powi(2);
+                }
+            }
+            assert!(
+                norm2 > 1e-6,
+                "{arch:?}: the gradients are (nearly) all zero"
+            );
+            // As a whole: the path through the earlier rows' keys and values is a small part of
+            // the gradient, which the element-wise bound alone could miss.
+            let relative = (diff2 / norm2).sqrt();
+            assert!(
+                relative < 2e-6,
+                "{arch:?} round {round}: gradient off by {relative:.2e}"
+            );
+        }
+    }
+}

@@ -6,6 +6,7 @@ pub mod codebook;
 pub mod config;
 pub mod forget;
 pub mod keystore;
+pub mod last_block;
 pub mod memory;
 pub mod molora;
 pub mod persist;

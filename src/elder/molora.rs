@@ -983,6 +983,13 @@ impl Adapter for ElderAdapter<'_> {
         }
     }
 
+    fn adapts(&self, site: Site) -> bool {
+        // Before its routing is known the adapter may still capture keys or the query anywhere.
+        self.routing.is_none()
+            || self.elder.layer_at(site).is_some()
+            || self.elder.is_query_site(site)
+    }
+
     fn backward_linear(
         &mut self,
         site: Site,

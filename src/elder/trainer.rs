@@ -19,6 +19,7 @@ use crate::model::{BatchShape, KvCache, Model, ModelConfig, NoAdapter};
 
 use super::buckets::{length_buckets, BUCKET_OVERHEAD_ROWS};
 use super::config::{AllocationMode, ElderConfig};
+use super::last_block::LastBlockRows;
 use super::molora::{Elder, ElderAdapter, MoloraLayer};
 use crate::util::stable_hash;
 
@@ -176,6 +177,20 @@ pub struct EditRows {
 impl EditRows {
     /// Checks the edits against the model (non-empty, within its positions) and lays them out.
     pub fn new(cfg: &ModelConfig, batch: &[EditExample]) -> anyhow::Result<Self> {
+        Self::laid_out(cfg, batch, false)
+    }
+
+    /// [`EditRows::new`] with each sequence ending at its last supervised row: without its last
+    /// target token, which predicts nothing the loss reads and which no earlier row attends to.
+    pub fn supervised(cfg: &ModelConfig, batch: &[EditExample]) -> anyhow::Result<Self> {
+        Self::laid_out(cfg, batch, true)
+    }
+
+    fn laid_out(
+        cfg: &ModelConfig,
+        batch: &[EditExample],
+        supervised: bool,
+    ) -> anyhow::Result<Self> {
         anyhow::ensure!(!batch.is_empty(), "empty edit batch");
         for (i, ex) in batch.iter().enumerate() {
             anyhow::ensure!(
@@ -191,7 +206,10 @@ impl EditRows {
         }
         let seqs: Vec<Vec<u32>> = batch
             .iter()
-            .map(|ex| [ex.prompt.as_slice(), &ex.target].concat())
+            .map(|ex| {
+                let fed = ex.target.len() - usize::from(supervised);
+                [ex.prompt.as_slice(), &ex.target[..fed]].concat()
+            })
             .collect();
         let (ids, shape) = pad_batch(&seqs, &vec![0; batch.len()]);
         let target_rows = target_rows(
@@ -224,6 +242,14 @@ pub struct PreparedBatch {
     cache: KvCache,
     attn_tapes: Vec<AttnTape>,
     mlp_tapes: Vec<MlpTape>,
+    /// The first MoLoRA block's MLP output projection before the experts: its input is the
+    /// frozen prefix, so with experts at that projection only it is computed once
+    /// ([`Model::mlp_half_fixed_input`]); emptied when sequences leave the batch.
+    first_mlp_out: Option<Vec<f32>>,
+    /// Run the last block only on the rows the head reads ([`LastBlockRows`]): set for weighted
+    /// batches (the stored trainer). The paper's trainer keeps the whole block, so that its
+    /// numbers stay bit for bit those it always had (a product's rounding depends on its rows).
+    split_last_block: bool,
     /// Built by [`PreparedBatch::answer_window`]: the rows are each sequence's answer window.
     windowed: bool,
 }
@@ -261,33 +287,63 @@ impl LossAndGrads {
 }
 
 impl PreparedBatch {
-    /// [`PreparedBatch::new`] with a loss weight for every target row (in batch order).
+    /// [`PreparedBatch::new`] with a loss weight for every target row (in batch order), laid out
+    /// for speed: each sequence ends at its last supervised row (the last target token is an
+    /// input no loss reads, and causal attention lets no earlier row read it) unless a delta
+    /// penalty counts every row, and the last block runs only on the rows the head reads
+    /// ([`LastBlockRows`]). The losses and gradients are those of every row run in full
+    /// ([`PreparedBatch::weighted_in_full`]) up to rounding.
     pub fn weighted(
         model: &Model,
         elder: &Elder,
         batch: &[EditExample],
         weights: Vec<f32>,
     ) -> anyhow::Result<Self> {
-        let mut p = Self::new(model, elder, batch)?;
+        let rows = if elder.cfg.delta_penalty > 0.0 {
+            EditRows::new(&model.cfg, batch)?
+        } else {
+            EditRows::supervised(&model.cfg, batch)?
+        };
+        let mut p = Self::from_rows(model, elder, rows)?.with_weights(weights)?;
+        p.split_last_block = true;
+        Ok(p)
+    }
+
+    /// [`PreparedBatch::weighted`] with every row of every sequence run through every block, as
+    /// the paper's trainer runs them: the reference the fast layout is tested against.
+    pub fn weighted_in_full(
+        model: &Model,
+        elder: &Elder,
+        batch: &[EditExample],
+        weights: Vec<f32>,
+    ) -> anyhow::Result<Self> {
+        Self::new(model, elder, batch)?.with_weights(weights)
+    }
+
+    fn with_weights(mut self, weights: Vec<f32>) -> anyhow::Result<Self> {
         anyhow::ensure!(
-            weights.len() == p.targets.len(),
+            weights.len() == self.targets.len(),
             "{} weights for {} target rows",
             weights.len(),
-            p.targets.len()
+            self.targets.len()
         );
-        p.weights = Some(weights);
-        Ok(p)
+        self.weights = Some(weights);
+        Ok(self)
     }
 
     /// Tokenized edits -> padded batch; runs the frozen prefix once.
     pub fn new(model: &Model, elder: &Elder, batch: &[EditExample]) -> anyhow::Result<Self> {
+        Self::from_rows(model, elder, EditRows::new(&model.cfg, batch)?)
+    }
+
+    fn from_rows(model: &Model, elder: &Elder, rows: EditRows) -> anyhow::Result<Self> {
         let EditRows {
             ids,
             shape,
             target_rows,
             targets,
             prompt_rows: query_rows,
-        } = EditRows::new(&model.cfg, batch)?;
+        } = rows;
 
         let first = elder.cfg.molora_blocks[0];
         let mut cache = KvCache::new(&model.cfg, shape.batch, shape.seq);
@@ -315,6 +371,8 @@ impl PreparedBatch {
             cache,
             attn_tapes: vec![AttnTape::default(); n],
             mlp_tapes: vec![MlpTape::default(); n],
+            first_mlp_out: None,
+            split_last_block: false,
             windowed: false,
         })
     }
@@ -414,6 +472,8 @@ impl PreparedBatch {
             cache,
             attn_tapes: vec![AttnTape::default(); n_layers],
             mlp_tapes: vec![MlpTape::default(); n_layers],
+            first_mlp_out: None,
+            split_last_block: false,
             windowed: true,
         })
     }
@@ -479,6 +539,7 @@ impl PreparedBatch {
         };
         self.prefix = prefix;
         self.target_rows = target_rows;
+        self.first_mlp_out = None;
         kept_rows
     }
 
@@ -486,6 +547,23 @@ impl PreparedBatch {
     /// the experts change, so no `answer_from` applies.
     pub fn is_windowed(&self) -> bool {
         self.windowed
+    }
+
+    /// Whether an iteration runs the last block only on the rows the head reads (see
+    /// [`LastBlockRows`]).
+    pub fn splits_last_block(&self, model: &Model, elder: &Elder) -> bool {
+        self.last_block_split(elder, model.cfg.num_layers).is_some()
+    }
+
+    /// The last block's split: for weighted batches of whole sequences, when the last block
+    /// holds no experts (their rows would all change) and is not the first MoLoRA block.
+    fn last_block_split(&self, elder: &Elder, n_layers: usize) -> Option<LastBlockRows> {
+        let last = n_layers - 1;
+        let blocks = &elder.cfg.molora_blocks;
+        if !self.split_last_block || blocks[0] >= last || blocks.contains(&last) {
+            return None;
+        }
+        LastBlockRows::new(&self.shape, &self.target_rows)
     }
 
     /// One forward and backward pass from the first MoLoRA block up. `presets` (`[L][B * k]`) are the
@@ -549,14 +627,18 @@ impl PreparedBatch {
         let n_layers = model.cfg.num_layers;
         let shape = &self.shape;
         let mut h = self.prefix.clone();
-        model.mlp_half(
+        model.mlp_half_fixed_input(
             first,
             &mut h,
             shape,
             adapter,
-            Some(&mut self.mlp_tapes[first]),
+            &mut self.mlp_tapes[first],
+            &mut self.first_mlp_out,
         );
-        for l in first + 1..n_layers {
+        let last = n_layers - 1;
+        let split = self.last_block_split(elder, n_layers);
+        let top = if split.is_some() { last } else { n_layers };
+        for l in first + 1..top {
             model.attn_half(
                 l,
                 &mut h,
@@ -566,21 +648,63 @@ impl PreparedBatch {
             );
             model.mlp_half(l, &mut h, shape, adapter, Some(&mut self.mlp_tapes[l]));
         }
+        // The last block on the target rows, the rows before them for keys and values only.
+        let d = model.cfg.hidden_size;
+        let (head_tape, h, head_rows) = match &split {
+            Some(split) => {
+                let kv = model.kv_half(
+                    last,
+                    &split.gather_head(&h, d),
+                    &split.head,
+                    &mut self.cache,
+                );
+                let mut tail = split.gather_tail(&h, d);
+                model.attn_half(
+                    last,
+                    &mut tail,
+                    &split.tail,
+                    &mut self.cache,
+                    Some(&mut self.attn_tapes[last]),
+                );
+                model.mlp_half(
+                    last,
+                    &mut tail,
+                    &split.tail,
+                    adapter,
+                    Some(&mut self.mlp_tapes[last]),
+                );
+                (Some(kv), tail, &split.target_rows)
+            }
+            None => (None, h, &self.target_rows),
+        };
         let mut dh = vec![0.0f32; h.len()];
         let (ce, rows) = match &self.weights {
             None => {
                 let weight = 1.0 / self.targets.len() as f32;
-                let ce =
-                    model.head_loss(&h, &self.target_rows, &self.targets, weight, &mut dh) * weight;
+                let ce = model.head_loss(&h, head_rows, &self.targets, weight, &mut dh) * weight;
                 (ce, None)
             }
             Some(w) => {
-                let rows = model.head_loss_rows(&h, &self.target_rows, &self.targets, w, &mut dh);
+                let rows = model.head_loss_rows(&h, head_rows, &self.targets, w, &mut dh);
                 let ce = rows.loss.iter().zip(w).map(|(l, w)| l * w).sum();
                 (ce, Some(rows))
             }
         };
-        for l in (first + 1..n_layers).rev() {
+        if let (Some(split), Some(kv)) = (&split, head_tape) {
+            let tail = &split.tail;
+            model.mlp_backward(last, &self.mlp_tapes[last], tail, adapter, &mut dh, true);
+            let (dk, dv) = model.attn_backward_with_earlier(
+                last,
+                &self.attn_tapes[last],
+                tail,
+                &split.head,
+                &mut dh,
+            );
+            let mut dh_head = vec![0.0f32; split.head.rows() * d];
+            model.kv_backward(last, &kv, &split.head, dk, &dv, &mut dh_head);
+            dh = split.scatter(&dh_head, &dh, d);
+        }
+        for l in (first + 1..top).rev() {
             model.mlp_backward(l, &self.mlp_tapes[l], shape, adapter, &mut dh, true);
             model.attn_backward(l, &self.attn_tapes[l], shape, &mut dh);
         }

@@ -175,4 +175,20 @@ impl<W> Mlp<W> {
             _ => None,
         }
     }
+
+    /// The projections that read the block's normed input.
+    pub fn input_projs(&self) -> &'static [MlpProj] {
+        match self {
+            Mlp::Gpt2 { .. } => &[MlpProj::CFc],
+            Mlp::Llama { .. } => &[MlpProj::GateProj, MlpProj::UpProj],
+        }
+    }
+
+    /// The projection that writes the block's output.
+    pub fn output_proj(&self) -> MlpProj {
+        match self {
+            Mlp::Gpt2 { .. } => MlpProj::CProj,
+            Mlp::Llama { .. } => MlpProj::DownProj,
+        }
+    }
 }

@@ -188,6 +188,12 @@ pub trait Adapter: Send {
         dx: Option<&mut [f32]>,
     );
 
+    /// Whether `after_linear` at `site` may change the output or read its input (true unless
+    /// the adapter says otherwise): a walk may skip the call, and work only it needs, where not.
+    fn adapts(&self, _site: Site) -> bool {
+        true
+    }
+
     /// The first block whose output this forward's [`Adapter::revise`] may want computed again
     /// (`None`, the default: it never revises). The walk keeps the hidden states entering that
     /// block, so a revision costs only the blocks from there on.
@@ -216,6 +222,9 @@ pub struct NoAdapter;
 
 impl Adapter for NoAdapter {
     fn after_linear(&mut self, _: Site, _: &BatchShape, _: &[f32], _: &mut [f32]) {}
+    fn adapts(&self, _: Site) -> bool {
+        false
+    }
     fn backward_linear(
         &mut self,
         _: Site,
@@ -237,6 +246,13 @@ pub struct AttnTape {
     k: Vec<f32>,
     v: Vec<f32>,
     probs: Vec<f32>,
+}
+
+/// What [`Model::kv_half`] saves for the backward pass.
+#[derive(Debug, Clone, Default)]
+pub struct KvTape {
+    x: Vec<f32>,
+    norm: NormSaved,
 }
 
 /// What the MLP half of a block saves for the backward pass.
@@ -292,25 +308,8 @@ impl Model {
                 v.forward(&normed, rows),
             ),
         };
-        if cfg.arch == Arch::Llama {
-            let pos = shape.positions();
-            ops::rope(
-                &mut q,
-                &pos,
-                cfg.num_heads,
-                cfg.head_dim,
-                cfg.rope_theta,
-                false,
-            );
-            ops::rope(
-                &mut k,
-                &pos,
-                cfg.num_kv_heads,
-                cfg.head_dim,
-                cfg.rope_theta,
-                false,
-            );
-        }
+        self.rope(&mut q, cfg.num_heads, shape, false);
+        self.rope(&mut k, cfg.num_kv_heads, shape, false);
         cache.store(l, shape, &k, &v);
         let attn_shape = AttnShape {
             batch: shape.batch,
@@ -348,6 +347,74 @@ impl Model {
         ops::add_inplace(h, &out);
     }
 
+    /// Llama's rotary embedding of `x` (`[rows, heads * head_dim]`) at the rows' positions, or
+    /// its inverse (for gradients); GPT-2 has none.
+    fn rope(&self, x: &mut [f32], heads: usize, shape: &BatchShape, inverse: bool) {
+        let cfg = &self.cfg;
+        if cfg.arch == Arch::Llama {
+            let pos = shape.positions();
+            ops::rope(x, &pos, heads, cfg.head_dim, cfg.rope_theta, inverse);
+        }
+    }
+
+    /// Only the keys and values of block `l`'s attention for the rows of `h`, stored in `cache`:
+    /// for rows whose own output of the block nothing reads but whose keys and values later rows
+    /// attend to (the trainer's last block, below the rows the head reads). `h` is not changed.
+    pub fn kv_half(&self, l: usize, h: &[f32], shape: &BatchShape, cache: &mut KvCache) -> KvTape {
+        let cfg = &self.cfg;
+        let blk = &self.blocks[l];
+        let rows = shape.rows();
+        let (normed, norm) = blk.norm1.forward(h);
+        let (mut k, v) = match &blk.qkv {
+            QkvProj::Fused(lin) => {
+                let (_, k, v) = split_fused_qkv(&lin.forward(&normed, rows), cfg.hidden_size);
+                (k, v)
+            }
+            QkvProj::Split { k, v, .. } => (k.forward(&normed, rows), v.forward(&normed, rows)),
+        };
+        self.rope(&mut k, cfg.num_kv_heads, shape, false);
+        cache.store(l, shape, &k, &v);
+        KvTape {
+            x: h.to_vec(),
+            norm,
+        }
+    }
+
+    /// Backward of [`Model::kv_half`]: `dk` and `dv` (`[rows, kv_dim]`, the gradients of the
+    /// stored keys and values) go back through the projections and the norm into `dh`.
+    pub fn kv_backward(
+        &self,
+        l: usize,
+        tape: &KvTape,
+        shape: &BatchShape,
+        mut dk: Vec<f32>,
+        dv: &[f32],
+        dh: &mut [f32],
+    ) {
+        let cfg = &self.cfg;
+        let blk = &self.blocks[l];
+        let rows = shape.rows();
+        self.rope(&mut dk, cfg.num_kv_heads, shape, true);
+        let mut dnormed = vec![0.0f32; rows * cfg.hidden_size];
+        match &blk.qkv {
+            QkvProj::Fused(lin) => {
+                let d = cfg.hidden_size;
+                let mut dqkv = vec![0.0f32; rows * 3 * d];
+                for (r, out) in dqkv.chunks_mut(3 * d).enumerate() {
+                    out[d..2 * d].copy_from_slice(&dk[r * d..(r + 1) * d]);
+                    out[2 * d..].copy_from_slice(&dv[r * d..(r + 1) * d]);
+                }
+                lin.backward_input(&dqkv, rows, &mut dnormed, false);
+            }
+            QkvProj::Split { k, v, .. } => {
+                k.backward_input(&dk, rows, &mut dnormed, false);
+                v.backward_input(dv, rows, &mut dnormed, true);
+            }
+        }
+        blk.norm1
+            .backward_accumulate(&tape.x, &tape.norm, &dnormed, dh);
+    }
+
     /// `h += mlp(norm2(h))` for block `l`, with the adapter applied after every projection.
     pub fn mlp_half(
         &self,
@@ -357,6 +424,68 @@ impl Model {
         adapter: &mut dyn Adapter,
         tape: Option<&mut MlpTape>,
     ) {
+        let (saved, mut out) = self.mlp_projections(l, h, shape, adapter);
+        let output = Site {
+            block: l,
+            proj: self.blocks[l].mlp.output_proj(),
+        };
+        adapter.after_linear(output, shape, &saved.act, &mut out);
+        if let Some(t) = tape {
+            *t = MlpTape {
+                x: h.to_vec(),
+                ..saved
+            };
+        }
+        ops::add_inplace(h, &out);
+    }
+
+    /// [`Model::mlp_half`] of an input that is the same at every call: the first adapted block
+    /// of a training batch, whose input the frozen blocks below computed once. When the adapter
+    /// changes only the output projection, the frozen projections run at the first call and
+    /// `frozen_out` keeps the output projection's frozen result (the tape keeps the rest); later
+    /// calls run only the adapter. The same numbers as `mlp_half` (the same operations in the
+    /// same order); `frozen_out` must be emptied whenever the input changes.
+    pub fn mlp_half_fixed_input(
+        &self,
+        l: usize,
+        h: &mut [f32],
+        shape: &BatchShape,
+        adapter: &mut dyn Adapter,
+        tape: &mut MlpTape,
+        frozen_out: &mut Option<Vec<f32>>,
+    ) {
+        let mlp = &self.blocks[l].mlp;
+        let site = |proj| Site { block: l, proj };
+        if mlp.input_projs().iter().any(|&p| adapter.adapts(site(p))) {
+            *frozen_out = None;
+            return self.mlp_half(l, h, shape, adapter, Some(tape));
+        }
+        let frozen = match frozen_out {
+            Some(out) => out,
+            None => {
+                let (saved, out) = self.mlp_projections(l, h, shape, adapter);
+                *tape = MlpTape {
+                    x: h.to_vec(),
+                    ..saved
+                };
+                frozen_out.insert(out)
+            }
+        };
+        let mut out = frozen.clone();
+        adapter.after_linear(site(mlp.output_proj()), shape, &tape.act, &mut out);
+        ops::add_inplace(h, &out);
+    }
+
+    /// Block `l`'s MLP up to its output projection: the norm, the input projections (with the
+    /// adapter), the activation and the output projection's frozen result (without it). The tape
+    /// holds all but `x`.
+    fn mlp_projections(
+        &self,
+        l: usize,
+        h: &[f32],
+        shape: &BatchShape,
+        adapter: &mut dyn Adapter,
+    ) -> (MlpTape, Vec<f32>) {
         let blk = &self.blocks[l];
         let rows = shape.rows();
         let (normed, norm_saved) = blk.norm2.forward(h);
@@ -367,8 +496,7 @@ impl Model {
                 adapter.after_linear(site(MlpProj::CFc), shape, &normed, &mut pre);
                 let mut act = pre.clone();
                 ops::gelu_new(&mut act);
-                let mut out = c_proj.forward(&act, rows);
-                adapter.after_linear(site(MlpProj::CProj), shape, &act, &mut out);
+                let out = c_proj.forward(&act, rows);
                 (pre, Vec::new(), act, out)
             }
             Mlp::Llama { gate, up, down } => {
@@ -378,22 +506,19 @@ impl Model {
                 adapter.after_linear(site(MlpProj::UpProj), shape, &normed, &mut u);
                 let mut act = vec![0.0f32; g.len()];
                 ops::silu_mul(&g, &u, &mut act);
-                let mut out = down.forward(&act, rows);
-                adapter.after_linear(site(MlpProj::DownProj), shape, &act, &mut out);
+                let out = down.forward(&act, rows);
                 (g, u, act, out)
             }
         };
-        if let Some(t) = tape {
-            *t = MlpTape {
-                x: h.to_vec(),
-                normed,
-                norm: norm_saved,
-                pre,
-                up,
-                act,
-            };
-        }
-        ops::add_inplace(h, &out);
+        let tape = MlpTape {
+            x: Vec::new(),
+            normed,
+            norm: norm_saved,
+            pre,
+            up,
+            act,
+        };
+        (tape, out)
     }
 
     /// Final norm and lm_head for the chosen rows only: `[rows.len(), vocab]`.
@@ -560,6 +685,19 @@ impl Model {
         let d = self.cfg.hidden_size;
         let mut dnormed = vec![0.0f32; rows * d];
         match &blk.mlp {
+            // The trainer's first adapted block: with the adapter at the output projection only,
+            // nothing below needs the activation's gradient.
+            _ if !need_input_grad
+                && !blk
+                    .mlp
+                    .input_projs()
+                    .iter()
+                    .any(|&p| adapter.adapts(site(p))) =>
+            {
+                let output = site(blk.mlp.output_proj());
+                adapter.backward_linear(output, shape, &tape.act, dh, None);
+                return;
+            }
             Mlp::Gpt2 { c_fc, c_proj } => {
                 let mut dact = vec![0.0f32; tape.act.len()];
                 c_proj.backward_input(dh, rows, &mut dact, false);
@@ -611,6 +749,32 @@ impl Model {
     /// dL/d(block input). Cache rows written before this call (a frozen prefix) get no gradient:
     /// nothing trainable made them.
     pub fn attn_backward(&self, l: usize, tape: &AttnTape, shape: &BatchShape, dh: &mut [f32]) {
+        self.attn_backward_rows(l, tape, shape, None, dh);
+    }
+
+    /// [`Model::attn_backward`] for a call whose cache rows before it were written by
+    /// [`Model::kv_half`] with shape `earlier`: also returns those rows' key and value gradients
+    /// (`[earlier.rows(), kv_dim]` each), for [`Model::kv_backward`].
+    pub fn attn_backward_with_earlier(
+        &self,
+        l: usize,
+        tape: &AttnTape,
+        shape: &BatchShape,
+        earlier: &BatchShape,
+        dh: &mut [f32],
+    ) -> (Vec<f32>, Vec<f32>) {
+        self.attn_backward_rows(l, tape, shape, Some(earlier), dh)
+            .expect("earlier rows asked for")
+    }
+
+    fn attn_backward_rows(
+        &self,
+        l: usize,
+        tape: &AttnTape,
+        shape: &BatchShape,
+        earlier: Option<&BatchShape>,
+        dh: &mut [f32],
+    ) -> Option<(Vec<f32>, Vec<f32>)> {
         let cfg = &self.cfg;
         let blk = &self.blocks[l];
         let rows = shape.rows();
@@ -641,6 +805,12 @@ impl Model {
             &mut dk,
             &mut dv,
         );
+        let earlier_grads = earlier.map(|e| {
+            (
+                this_calls_rows(&dk, e, capacity, cfg.kv_dim()),
+                this_calls_rows(&dv, e, capacity, cfg.kv_dim()),
+            )
+        });
         let (mut dk, dv) = if shape.start.iter().all(|&s| s == 0) && capacity == shape.seq {
             // The cache rows are exactly this call's rows.
             (dk, dv)
@@ -650,25 +820,8 @@ impl Model {
                 this_calls_rows(&dv, shape, capacity, cfg.kv_dim()),
             )
         };
-        if cfg.arch == Arch::Llama {
-            let pos = shape.positions();
-            ops::rope(
-                &mut dq,
-                &pos,
-                cfg.num_heads,
-                cfg.head_dim,
-                cfg.rope_theta,
-                true,
-            );
-            ops::rope(
-                &mut dk,
-                &pos,
-                cfg.num_kv_heads,
-                cfg.head_dim,
-                cfg.rope_theta,
-                true,
-            );
-        }
+        self.rope(&mut dq, cfg.num_heads, shape, true);
+        self.rope(&mut dk, cfg.num_kv_heads, shape, true);
         let mut dnormed = vec![0.0f32; rows * cfg.hidden_size];
         match &blk.qkv {
             QkvProj::Fused(lin) => {
@@ -689,6 +842,7 @@ impl Model {
         }
         blk.norm1
             .backward_accumulate(&tape.x, &tape.norm, &dnormed, dh);
+        earlier_grads
     }
 }
 
