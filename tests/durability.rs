@@ -62,7 +62,16 @@ struct Fixture {
     model: PathBuf,
     edits: PathBuf,
     reference: PathBuf,
+    /// From the start of the uninterrupted run to its first commit (start-up and one edit).
+    first_commit: Duration,
     whole_run: Duration,
+}
+
+/// How many edits the state's manifest lists, if it has one to read.
+fn applied(state: &Path) -> Option<usize> {
+    let bytes = std::fs::read(state.join("manifest.json")).ok()?;
+    let manifest: Value = serde_json::from_slice(&bytes).ok()?;
+    Some(manifest["applied_edit_ids"].as_array()?.len())
 }
 
 fn fixture() -> Fixture {
@@ -96,13 +105,25 @@ fn fixture() -> Fixture {
     std::fs::write(&edits, lines.join("\n") + "\n").unwrap();
     let reference = tmp.path().join("uninterrupted");
     let started = Instant::now();
-    assert!(edit(&model, &edits, &reference).status().unwrap().success());
+    let mut child = edit(&model, &edits, &reference).spawn().unwrap();
+    let mut first_commit = None;
+    let status = loop {
+        if first_commit.is_none() && applied(&reference).is_some_and(|n| n > 0) {
+            first_commit = Some(started.elapsed());
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    assert!(status.success());
     let whole_run = started.elapsed();
     Fixture {
         tmp,
         model,
         edits,
         reference,
+        first_commit: first_commit.unwrap_or(whole_run),
         whole_run,
     }
 }
@@ -135,8 +156,13 @@ fn kill_9_at_random_points_then_resume_equals_an_uninterrupted_run() {
     let (mut kills, mut progress) = (0, Vec::new());
     while kills < KILLS {
         let mut child = edit(&f.model, &f.edits, &crashed).spawn().unwrap();
-        // Start-up plus up to a few edits' time: twelve kills cover about half the stream.
-        let wait = Duration::from_millis(50) + f.whole_run.mul_f64(rng.gen_range(0.0..0.06));
+        // Around the first commit (start-up and one edit, measured: a fraction of the whole run
+        // would miss it where start-up dominates) plus up to a few edits' time: some kills land
+        // before the first commit, most a commit or two after it, and twelve cover about a
+        // third of the stream.
+        let rest = f.whole_run.saturating_sub(f.first_commit);
+        let wait = f.first_commit.mul_f64(rng.gen_range(0.7..1.0))
+            + rest.mul_f64(rng.gen_range(0.0..0.08));
         std::thread::sleep(wait);
         if child.try_wait().unwrap().is_some() {
             break; // finished the stream before the kill

@@ -8,28 +8,28 @@
 
 use crate::model::BatchShape;
 
-/// A full batch's rows split for its last block: each sequence's `head` (rows `0..from[b]`, keys
-/// and values only) and `tail` (its target rows `from[b]..=last target`, the whole block).
+/// A full batch's rows split for its last block: each sequence's `context` (rows `0..from[b]`,
+/// keys and values only) and `answer` (its target rows `from[b]..=last target`, the whole block).
 #[derive(Debug, Clone, PartialEq)]
 pub struct LastBlockRows {
-    pub head: BatchShape,
-    pub tail: BatchShape,
-    /// The target rows in the tail's layout (`[tail.batch * tail.seq]`), in the batch's order.
+    pub context: BatchShape,
+    pub answer: BatchShape,
+    /// The target rows in the answer's layout (`[answer.batch * answer.seq]`), in the batch's order.
     pub target_rows: Vec<usize>,
     /// The padded length of the full batch the split was made from.
     full_seq: usize,
 }
 
 impl LastBlockRows {
-    /// The split of `shape` (a batch of whole sequences: every `start` 0) whose head reads
+    /// The split of `shape` (a batch of whole sequences: every `start` 0) whose LM head reads
     /// `target_rows` (indices into `[shape.batch * shape.seq]`). `None` when the batch is not of
-    /// whole sequences or the tail would be as large as the batch.
+    /// whole sequences or the answer would be as large as the batch.
     pub fn new(shape: &BatchShape, target_rows: &[usize]) -> Option<Self> {
         if shape.start.iter().any(|&s| s != 0) || shape.seq == 0 {
             return None;
         }
         let seq = shape.seq;
-        // Each sequence's first and one-past-last target offset (none: an empty tail at its end).
+        // Each sequence's first and one-past-last target offset (none: an empty answer at its end).
         let mut span: Vec<(usize, usize)> = shape.valid.iter().map(|&v| (v, v)).collect();
         let mut seen = vec![false; shape.batch];
         for &r in target_rows {
@@ -43,57 +43,56 @@ impl LastBlockRows {
             }
         }
         let from: Vec<usize> = span.iter().map(|s| s.0).collect();
-        let tail_valid: Vec<usize> = span.iter().map(|s| s.1 - s.0).collect();
-        let head = BatchShape {
+        let answer_valid: Vec<usize> = span.iter().map(|s| s.1 - s.0).collect();
+        let context = BatchShape {
             batch: shape.batch,
             seq: from.iter().copied().max().unwrap_or(0).max(1),
             valid: from.clone(),
             start: vec![0; shape.batch],
         };
-        let tail = BatchShape {
+        let answer = BatchShape {
             batch: shape.batch,
-            seq: tail_valid.iter().copied().max().unwrap_or(0).max(1),
-            valid: tail_valid,
+            seq: answer_valid.iter().copied().max().unwrap_or(0).max(1),
+            valid: answer_valid,
             start: from,
         };
-        // The head's rows cost only their keys and values (about 6% of a row's work in
-        // SmolLM2's block), so the split pays whenever the tail is smaller than the batch.
-        if tail.rows() >= shape.rows() {
+        // The context's rows cost only their keys and values (about 6% of a row's work in
+        // SmolLM2's block), so the split pays whenever the answer is smaller than the batch.
+        if answer.rows() >= shape.rows() {
             return None;
         }
         let target_rows = target_rows
             .iter()
-            .map(|&r| (r / seq) * tail.seq + (r % seq - tail.start[r / seq]))
+            .map(|&r| (r / seq) * answer.seq + (r % seq - answer.start[r / seq]))
             .collect();
         Some(LastBlockRows {
-            head,
-            tail,
+            context,
+            answer,
             target_rows,
             full_seq: seq,
         })
     }
 
-    /// The head's rows of `h` (`[full rows, d]`) in the head's layout.
-    pub fn gather_head(&self, h: &[f32], d: usize) -> Vec<f32> {
-        gather(h, d, self.full_seq, &self.head, |_| 0)
+    /// The context's rows of `h` (`[full rows, d]`) in the context's layout.
+    pub fn gather_context(&self, h: &[f32], d: usize) -> Vec<f32> {
+        gather(h, d, self.full_seq, &self.context, |_| 0)
     }
 
-    /// The tail's rows of `h` in the tail's layout.
-    pub fn gather_tail(&self, h: &[f32], d: usize) -> Vec<f32> {
-        gather(h, d, self.full_seq, &self.tail, |b| self.tail.start[b])
+    /// The answer's rows of `h` in the answer's layout.
+    pub fn gather_answer(&self, h: &[f32], d: usize) -> Vec<f32> {
+        gather(h, d, self.full_seq, &self.answer, |b| self.answer.start[b])
     }
 
-    /// The full batch's gradient (`[full rows, d]`) from the head's and the tail's: rows in
+    /// The full batch's gradient (`[full rows, d]`) from the context's and the answer's: rows in
     /// neither get zero.
-    pub fn scatter(&self, head: &[f32], tail: &[f32], d: usize) -> Vec<f32> {
-        let mut out = vec![0.0f32; self.head.batch * self.full_seq * d];
-        for (part, src, from) in [(&self.head, head, None), (&self.tail, tail, Some(()))] {
-            for b in 0..part.batch {
-                let at = from.map_or(0, |_| self.tail.start[b]);
-                let n = part.valid[b] * d;
-                out[(b * self.full_seq + at) * d..][..n]
-                    .copy_from_slice(&src[b * part.seq * d..][..n]);
-            }
+    pub fn scatter(&self, context: &[f32], answer: &[f32], d: usize) -> Vec<f32> {
+        let mut out = vec![0.0f32; self.context.batch * self.full_seq * d];
+        for b in 0..self.context.batch {
+            let row = b * self.full_seq;
+            let n = self.context.valid[b] * d;
+            out[row * d..][..n].copy_from_slice(&context[b * self.context.seq * d..][..n]);
+            let (at, n) = (row + self.answer.start[b], self.answer.valid[b] * d);
+            out[at * d..][..n].copy_from_slice(&answer[b * self.answer.seq * d..][..n]);
         }
         out
     }
@@ -133,21 +132,21 @@ mod tests {
         // Sequence 0: 6 rows, targets at 3 and 4; sequence 1: 4 rows, target at 2.
         let s = shape(&[6, 4], 6);
         let split = LastBlockRows::new(&s, &[3, 4, 6 + 2]).unwrap();
-        assert_eq!(split.head.valid, vec![3, 2]);
-        assert_eq!(split.head.seq, 3);
-        assert_eq!(split.tail.valid, vec![2, 1]);
-        assert_eq!(split.tail.start, vec![3, 2]);
-        assert_eq!(split.tail.seq, 2);
+        assert_eq!(split.context.valid, vec![3, 2]);
+        assert_eq!(split.context.seq, 3);
+        assert_eq!(split.answer.valid, vec![2, 1]);
+        assert_eq!(split.answer.start, vec![3, 2]);
+        assert_eq!(split.answer.seq, 2);
         assert_eq!(split.target_rows, vec![0, 1, 2]);
 
         let d = 2;
         let h: Vec<f32> = (0..s.rows() * d).map(|x| x as f32).collect();
-        let head = split.gather_head(&h, d);
-        let tail = split.gather_tail(&h, d);
-        // Row 1 of sequence 1 is full row 7; the tail's first row of sequence 1 is full row 8.
-        assert_eq!(&head[(3 + 1) * d..][..d], &h[7 * d..][..d]);
-        assert_eq!(&tail[2 * d..][..d], &h[8 * d..][..d]);
-        let back = split.scatter(&head, &tail, d);
+        let context = split.gather_context(&h, d);
+        let answer = split.gather_answer(&h, d);
+        // Row 1 of sequence 1 is full row 7; the answer's first row of sequence 1 is full row 8.
+        assert_eq!(&context[(3 + 1) * d..][..d], &h[7 * d..][..d]);
+        assert_eq!(&answer[2 * d..][..d], &h[8 * d..][..d]);
+        let back = split.scatter(&context, &answer, d);
         for row in 0..s.rows() {
             let (b, i) = (row / 6, row % 6);
             let kept = i < [5, 3][b];
@@ -164,7 +163,7 @@ mod tests {
     fn no_split_for_windows_or_when_nothing_is_saved() {
         let mut s = shape(&[3], 3);
         assert!(LastBlockRows::new(&s, &[0, 1, 2]).is_none());
-        // Padding: the tail's longest sequence sets its length.
+        // Padding: the answer's longest sequence sets its length.
         let s2 = shape(&[2, 2], 2);
         assert!(LastBlockRows::new(&s2, &[0, 1, 3]).is_none());
         s.start = vec![4];

@@ -650,30 +650,30 @@ impl PreparedBatch {
         }
         // The last block on the target rows, the rows before them for keys and values only.
         let d = model.cfg.hidden_size;
-        let (head_tape, h, head_rows) = match &split {
+        let (context_kv, h, loss_rows) = match &split {
             Some(split) => {
                 let kv = model.kv_half(
                     last,
-                    &split.gather_head(&h, d),
-                    &split.head,
+                    &split.gather_context(&h, d),
+                    &split.context,
                     &mut self.cache,
                 );
-                let mut tail = split.gather_tail(&h, d);
+                let mut answer = split.gather_answer(&h, d);
                 model.attn_half(
                     last,
-                    &mut tail,
-                    &split.tail,
+                    &mut answer,
+                    &split.answer,
                     &mut self.cache,
                     Some(&mut self.attn_tapes[last]),
                 );
                 model.mlp_half(
                     last,
-                    &mut tail,
-                    &split.tail,
+                    &mut answer,
+                    &split.answer,
                     adapter,
                     Some(&mut self.mlp_tapes[last]),
                 );
-                (Some(kv), tail, &split.target_rows)
+                (Some(kv), answer, &split.target_rows)
             }
             None => (None, h, &self.target_rows),
         };
@@ -681,28 +681,28 @@ impl PreparedBatch {
         let (ce, rows) = match &self.weights {
             None => {
                 let weight = 1.0 / self.targets.len() as f32;
-                let ce = model.head_loss(&h, head_rows, &self.targets, weight, &mut dh) * weight;
+                let ce = model.head_loss(&h, loss_rows, &self.targets, weight, &mut dh) * weight;
                 (ce, None)
             }
             Some(w) => {
-                let rows = model.head_loss_rows(&h, head_rows, &self.targets, w, &mut dh);
+                let rows = model.head_loss_rows(&h, loss_rows, &self.targets, w, &mut dh);
                 let ce = rows.loss.iter().zip(w).map(|(l, w)| l * w).sum();
                 (ce, Some(rows))
             }
         };
-        if let (Some(split), Some(kv)) = (&split, head_tape) {
-            let tail = &split.tail;
-            model.mlp_backward(last, &self.mlp_tapes[last], tail, adapter, &mut dh, true);
+        if let (Some(split), Some(kv)) = (&split, context_kv) {
+            let answer = &split.answer;
+            model.mlp_backward(last, &self.mlp_tapes[last], answer, adapter, &mut dh, true);
             let (dk, dv) = model.attn_backward_with_earlier(
                 last,
                 &self.attn_tapes[last],
-                tail,
-                &split.head,
+                answer,
+                &split.context,
                 &mut dh,
             );
-            let mut dh_head = vec![0.0f32; split.head.rows() * d];
-            model.kv_backward(last, &kv, &split.head, dk, &dv, &mut dh_head);
-            dh = split.scatter(&dh_head, &dh, d);
+            let mut dh_context = vec![0.0f32; split.context.rows() * d];
+            model.kv_backward(last, &kv, &split.context, dk, &dv, &mut dh_context);
+            dh = split.scatter(&dh_context, &dh, d);
         }
         for l in (first + 1..top).rev() {
             model.mlp_backward(l, &self.mlp_tapes[l], shape, adapter, &mut dh, true);
