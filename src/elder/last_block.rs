@@ -6,6 +6,7 @@
 //! target row not at all. For a batch of full sequences that is most rows: a geo edit's three
 //! sequences are about 42 rows, of which about 9 are target rows.
 
+use crate::model::transformer::sequence_rows;
 use crate::model::BatchShape;
 
 /// A full batch's rows split for its last block: each sequence's `context` (rows `0..from[b]`,
@@ -75,12 +76,12 @@ impl LastBlockRows {
 
     /// The context's rows of `h` (`[full rows, d]`) in the context's layout.
     pub fn gather_context(&self, h: &[f32], d: usize) -> Vec<f32> {
-        gather(h, d, self.full_seq, &self.context, |_| 0)
+        sequence_rows(h, &self.context, self.full_seq, d)
     }
 
     /// The answer's rows of `h` in the answer's layout.
     pub fn gather_answer(&self, h: &[f32], d: usize) -> Vec<f32> {
-        gather(h, d, self.full_seq, &self.answer, |b| self.answer.start[b])
+        sequence_rows(h, &self.answer, self.full_seq, d)
     }
 
     /// The full batch's gradient (`[full rows, d]`) from the context's and the answer's: rows in
@@ -96,22 +97,6 @@ impl LastBlockRows {
         }
         out
     }
-}
-
-/// Each sequence's `part.valid[b]` rows of `h` from row `from(b)` on, in `part`'s padded layout.
-fn gather(
-    h: &[f32],
-    d: usize,
-    full_seq: usize,
-    part: &BatchShape,
-    from: impl Fn(usize) -> usize,
-) -> Vec<f32> {
-    let mut out = vec![0.0f32; part.rows() * d];
-    for b in 0..part.batch {
-        let n = part.valid[b] * d;
-        out[b * part.seq * d..][..n].copy_from_slice(&h[(b * full_seq + from(b)) * d..][..n]);
-    }
-    out
 }
 
 #[cfg(test)]

@@ -395,24 +395,55 @@ impl Model {
         let blk = &self.blocks[l];
         let rows = shape.rows();
         self.rope(&mut dk, cfg.num_kv_heads, shape, true);
-        let mut dnormed = vec![0.0f32; rows * cfg.hidden_size];
-        match &blk.qkv {
+        let dnormed = self.qkv_input_grad(l, rows, None, &dk, dv);
+        blk.norm1
+            .backward_accumulate(&tape.x, &tape.norm, &dnormed, dh);
+    }
+
+    /// The gradient of block `l`'s normed attention input from those of its queries (`None`:
+    /// the queries were not computed, [`Model::kv_half`]), keys and values, each `[rows, width]`
+    /// and already through the inverse rotary embedding.
+    fn qkv_input_grad(
+        &self,
+        l: usize,
+        rows: usize,
+        dq: Option<&[f32]>,
+        dk: &[f32],
+        dv: &[f32],
+    ) -> Vec<f32> {
+        let d = self.cfg.hidden_size;
+        let mut dnormed = vec![0.0f32; rows * d];
+        match &self.blocks[l].qkv {
             QkvProj::Fused(lin) => {
-                let d = cfg.hidden_size;
+                // GPT-2: one [q | k | v] projection, each part d wide.
                 let mut dqkv = vec![0.0f32; rows * 3 * d];
                 for (r, out) in dqkv.chunks_mut(3 * d).enumerate() {
+                    if let Some(dq) = dq {
+                        out[..d].copy_from_slice(&dq[r * d..(r + 1) * d]);
+                    }
                     out[d..2 * d].copy_from_slice(&dk[r * d..(r + 1) * d]);
                     out[2 * d..].copy_from_slice(&dv[r * d..(r + 1) * d]);
                 }
                 lin.backward_input(&dqkv, rows, &mut dnormed, false);
             }
-            QkvProj::Split { k, v, .. } => {
-                k.backward_input(&dk, rows, &mut dnormed, false);
+            QkvProj::Split { q, k, v } => {
+                if let Some(dq) = dq {
+                    q.backward_input(dq, rows, &mut dnormed, false);
+                }
+                k.backward_input(dk, rows, &mut dnormed, dq.is_some());
                 v.backward_input(dv, rows, &mut dnormed, true);
             }
         }
-        blk.norm1
-            .backward_accumulate(&tape.x, &tape.norm, &dnormed, dh);
+        dnormed
+    }
+
+    /// Whether the adapter acts at one of block `l`'s MLP input projections (then the MLP's
+    /// input gradient and its projections' results depend on it).
+    fn adapts_mlp_input(&self, l: usize, adapter: &dyn Adapter) -> bool {
+        let mlp = &self.blocks[l].mlp;
+        mlp.input_projs()
+            .iter()
+            .any(|&proj| adapter.adapts(Site { block: l, proj }))
     }
 
     /// `h += mlp(norm2(h))` for block `l`, with the adapter applied after every projection.
@@ -456,7 +487,7 @@ impl Model {
     ) {
         let mlp = &self.blocks[l].mlp;
         let site = |proj| Site { block: l, proj };
-        if mlp.input_projs().iter().any(|&p| adapter.adapts(site(p))) {
+        if self.adapts_mlp_input(l, adapter) {
             *frozen_out = None;
             return self.mlp_half(l, h, shape, adapter, Some(tape));
         }
@@ -684,20 +715,14 @@ impl Model {
         let site = |proj| Site { block: l, proj };
         let d = self.cfg.hidden_size;
         let mut dnormed = vec![0.0f32; rows * d];
+        // The trainer's first adapted block: with the adapter at the output projection only,
+        // nothing below needs the activation's gradient.
+        if !need_input_grad && !self.adapts_mlp_input(l, adapter) {
+            let output = site(blk.mlp.output_proj());
+            adapter.backward_linear(output, shape, &tape.act, dh, None);
+            return;
+        }
         match &blk.mlp {
-            // The trainer's first adapted block: with the adapter at the output projection only,
-            // nothing below needs the activation's gradient.
-            _ if !need_input_grad
-                && !blk
-                    .mlp
-                    .input_projs()
-                    .iter()
-                    .any(|&p| adapter.adapts(site(p))) =>
-            {
-                let output = site(blk.mlp.output_proj());
-                adapter.backward_linear(output, shape, &tape.act, dh, None);
-                return;
-            }
             Mlp::Gpt2 { c_fc, c_proj } => {
                 let mut dact = vec![0.0f32; tape.act.len()];
                 c_proj.backward_input(dh, rows, &mut dact, false);
@@ -807,8 +832,8 @@ impl Model {
         );
         let earlier_grads = earlier.map(|e| {
             (
-                this_calls_rows(&dk, e, capacity, cfg.kv_dim()),
-                this_calls_rows(&dv, e, capacity, cfg.kv_dim()),
+                sequence_rows(&dk, e, capacity, cfg.kv_dim()),
+                sequence_rows(&dv, e, capacity, cfg.kv_dim()),
             )
         });
         let (mut dk, dv) = if shape.start.iter().all(|&s| s == 0) && capacity == shape.seq {
@@ -816,47 +841,26 @@ impl Model {
             (dk, dv)
         } else {
             (
-                this_calls_rows(&dk, shape, capacity, cfg.kv_dim()),
-                this_calls_rows(&dv, shape, capacity, cfg.kv_dim()),
+                sequence_rows(&dk, shape, capacity, cfg.kv_dim()),
+                sequence_rows(&dv, shape, capacity, cfg.kv_dim()),
             )
         };
         self.rope(&mut dq, cfg.num_heads, shape, true);
         self.rope(&mut dk, cfg.num_kv_heads, shape, true);
-        let mut dnormed = vec![0.0f32; rows * cfg.hidden_size];
-        match &blk.qkv {
-            QkvProj::Fused(lin) => {
-                let d = cfg.hidden_size;
-                let mut dqkv = Vec::with_capacity(rows * 3 * d);
-                for r in 0..rows {
-                    dqkv.extend_from_slice(&dq[r * d..(r + 1) * d]);
-                    dqkv.extend_from_slice(&dk[r * d..(r + 1) * d]);
-                    dqkv.extend_from_slice(&dv[r * d..(r + 1) * d]);
-                }
-                lin.backward_input(&dqkv, rows, &mut dnormed, false);
-            }
-            QkvProj::Split { q, k, v } => {
-                q.backward_input(&dq, rows, &mut dnormed, false);
-                k.backward_input(&dk, rows, &mut dnormed, true);
-                v.backward_input(&dv, rows, &mut dnormed, true);
-            }
-        }
+        let dnormed = self.qkv_input_grad(l, rows, Some(&dq), &dk, &dv);
         blk.norm1
             .backward_accumulate(&tape.x, &tape.norm, &dnormed, dh);
         earlier_grads
     }
 }
 
-/// The rows of this call (`[B * seq, width]`, padding rows zero) out of a cache-shaped gradient
-/// `[B, capacity, width]`: each sequence's rows start at its `start`.
-fn this_calls_rows(
-    cache_grad: &[f32],
-    shape: &BatchShape,
-    capacity: usize,
-    width: usize,
-) -> Vec<f32> {
+/// The rows `shape` describes (`[B * seq, width]`, padding rows zero) out of a longer layout
+/// `[B, capacity, width]` (a cache-shaped gradient, or a batch's hidden states): each sequence's
+/// `valid` rows from its `start` on.
+pub fn sequence_rows(src: &[f32], shape: &BatchShape, capacity: usize, width: usize) -> Vec<f32> {
     let mut out = vec![0.0f32; shape.rows() * width];
     for b in 0..shape.batch {
-        let src = &cache_grad[(b * capacity + shape.start[b]) * width..];
+        let src = &src[(b * capacity + shape.start[b]) * width..];
         let n = shape.valid[b] * width;
         out[b * shape.seq * width..][..n].copy_from_slice(&src[..n]);
     }
