@@ -398,9 +398,9 @@ impl Shared {
     /// Records a unit of work's outcome: the new generation is published first (so whoever
     /// sees `committed` is served it), then the ledger and the log's outcome line.
     fn finish(&self, work: &Work, outcome: Result<u64, String>, snapshot: Option<Arc<Served>>) {
-        if let Some(s) = snapshot {
-            self.publish_served(s);
-        }
+        // The ledger's status and the served generation change under one lock, so a client that
+        // was served the new generation reads its edits as committed, and one that reads
+        // `committed` is served that generation (in either order, never one without the other).
         let mut book = self.book.lock().expect("book lock");
         match work {
             Work::Add(records) => {
@@ -419,6 +419,9 @@ impl Shared {
                 }
                 book.ledger.finish_delete(id, outcome.clone());
             }
+        }
+        if let Some(s) = snapshot {
+            self.publish_served(s);
         }
         if let Some(entry) = trainer::outcome_entry(work, &outcome) {
             if let Some(log) = &mut book.log {
