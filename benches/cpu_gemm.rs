@@ -5,7 +5,7 @@
 //! gradient (rows), a tied lm_head ([vocab, d]) on 3 and 32 rows; 12 rows (a SmolLM2 edit), 20 (the
 //! `cpu_edit` bench) and 32 (the few-row limit).
 
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use elder::backend::cpu::ops::{gemm_general, gemm_strided};
 
 struct Case {
@@ -264,5 +264,37 @@ fn bench_gemm_streamed(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_gemm, bench_gemm_cold, bench_gemm_streamed);
+/// The rate the products reach when arithmetic, not memory, is their cost: a square product and
+/// SmolLM2's block products at the row count of a batch of eight default-preset edits (about 300
+/// rows), weights in cache. Reported as GFLOP/s (criterion's elements per second are operations).
+/// `elder edit`'s summary line gives the rate its iterations ran at: the two together say how far
+/// an edit is from what these cores can compute (BENCHMARKS.md, issue 19).
+fn bench_gemm_peak(c: &mut Criterion) {
+    let cases = [
+        ("square 1024", 1024, 1024, 1024, (1024isize, 1isize)),
+        ("smollm2 up_proj fwd 312 rows", 312, 1536, 576, (1, 576)),
+        ("smollm2 down_proj fwd 312 rows", 312, 576, 1536, (1, 1536)),
+        ("smollm2 down_proj dx 312 rows", 312, 1536, 576, (1536, 1)),
+    ];
+    let mut group = c.benchmark_group("cpu_gemm_peak");
+    group.sample_size(20);
+    for (name, m, n, k, b_strides) in cases {
+        let a: Vec<f32> = (0..m * k).map(|i| (i % 97) as f32 * 0.01).collect();
+        let b: Vec<f32> = (0..n * k).map(|i| (i % 89) as f32 * 0.01).collect();
+        let mut out = vec![0.0f32; m * n];
+        group.throughput(Throughput::Elements((2 * m * n * k) as u64));
+        group.bench_function(BenchmarkId::new("gemm_strided", name), |bch| {
+            bch.iter(|| gemm_strided(m, n, k, &a, (k as isize, 1), &b, b_strides, &mut out, false))
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(
+    benches,
+    bench_gemm,
+    bench_gemm_cold,
+    bench_gemm_streamed,
+    bench_gemm_peak
+);
 criterion_main!(benches);

@@ -567,7 +567,7 @@ impl StreamSummary {
         let share = |x: f64| 100.0 * x / self.seconds;
         let t = &self.times;
         let other = self.seconds - t.prepare - t.iterations - t.keys - self.commit_seconds;
-        format!(
+        let shares = format!(
             "{:.2} edits/s; prepare {:.0}%, iterations {:.0}%, keys {:.0}%, commit {:.0}%, other {:.0}%",
             self.edits_per_second,
             share(t.prepare),
@@ -575,7 +575,29 @@ impl StreamSummary {
             share(t.keys),
             share(self.commit_seconds),
             share(other.max(0.0)),
-        )
+        );
+        match self.work_line() {
+            Some(work) => format!("{shares}; {work}"),
+            None => shares,
+        }
+    }
+
+    /// The CPU products' work per edit and the rate the iterations ran them at: "products 52.1
+    /// GFLOP per edit (iterations 45.3), 72 GFLOP/s in the iterations". `None` when the CPU
+    /// counted none (the GPU trained).
+    pub fn work_line(&self) -> Option<String> {
+        let t = &self.times;
+        let total = t.prepare_gflop + t.iterations_gflop + t.keys_gflop;
+        if self.applied == 0 || t.iterations_gflop <= 0.0 || t.iterations <= 0.0 {
+            return None;
+        }
+        let per_edit = |x: f64| x / self.applied as f64;
+        Some(format!(
+            "products {:.1} GFLOP per edit (iterations {:.1}), {:.0} GFLOP/s in the iterations",
+            per_edit(total),
+            per_edit(t.iterations_gflop),
+            t.iterations_gflop / t.iterations,
+        ))
     }
 }
 
@@ -871,11 +893,24 @@ mod tests {
             prepare: 2.0,
             iterations: 5.0,
             keys: 1.0,
+            ..EditTimes::default()
         };
         let s = summary(4, 10.0, 1.5, times);
         assert_eq!(
             s.rate_and_shares(),
             "0.40 edits/s; prepare 20%, iterations 50%, keys 10%, commit 15%, other 5%"
+        );
+        // With the CPU's products counted, their work per edit and the iterations' rate.
+        let counted = EditTimes {
+            prepare_gflop: 8.0,
+            iterations_gflop: 200.0,
+            keys_gflop: 2.0,
+            ..times
+        };
+        assert_eq!(
+            summary(4, 10.0, 1.5, counted).rate_and_shares(),
+            "0.40 edits/s; prepare 20%, iterations 50%, keys 10%, commit 15%, other 5%; \
+             products 52.5 GFLOP per edit (iterations 50.0), 40 GFLOP/s in the iterations"
         );
         // Two parts of a stream: rates and times add up over the whole.
         let both = StreamSummary::combine(&[s.clone(), summary(6, 5.0, 0.5, times)]);

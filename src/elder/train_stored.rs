@@ -23,6 +23,7 @@ use super::plan::{EditPlan, KeyText, Replay};
 use super::trainer::{
     learning_rate, Adam, EditExample, EditReport, EditTimes, PreparedBatch, RowOptions,
 };
+use crate::backend::cpu::flops::{flops_so_far, gflop_since};
 use crate::backend::cpu::in_pool;
 use crate::backend::cpu::linear_ce::RowLosses;
 use crate::backend::cpu::ops::Routing;
@@ -399,8 +400,10 @@ pub fn finish_stored_batch(
     mut report: EditReport,
 ) -> anyhow::Result<EditReport> {
     let t3 = std::time::Instant::now();
+    let flops_before_keys = flops_so_far();
     elder.add_keys(sites, plans.iter().map(|p| p.key_texts.as_slice()))?;
     report.times.keys = t3.elapsed().as_secs_f64();
+    report.times.keys_gflop = gflop_since(flops_before_keys);
     elder.memory.extend(plans.iter().map(|p| p.entry.clone()));
     elder.refresh_scope_calibration();
     Ok(report)
@@ -436,8 +439,10 @@ pub fn apply_stored_batch_on(
         }
     }
     let t0 = std::time::Instant::now();
+    let flops_at_start = flops_so_far();
     let sequences = sequences(steps, plans, replays)?;
     let t_seq = t0.elapsed();
+    let sequences_gflop = gflop_since(flops_at_start);
 
     // The pool this batch trains: the experts its sequences use, per layer, in index order.
     let used: Vec<Vec<u32>> = (0..elder.layers.len())
@@ -536,9 +541,12 @@ pub fn apply_stored_batch_on(
     let mut alive: Vec<usize> = (0..sequences.len()).collect();
     let mut group_loss = vec![0.0f32; groups];
     let t1 = std::time::Instant::now();
+    let flops_before_prepare = flops_so_far();
     steps.prepare(work, &batch)?;
     let t_prep = t1.elapsed();
+    let prepare_gflop = sequences_gflop + gflop_since(flops_before_prepare);
     let t2 = std::time::Instant::now();
+    let flops_before_iterations = flops_so_far();
     let mut report = EditReport {
         first_loss: 0.0,
         last_loss: 0.0,
@@ -625,7 +633,9 @@ pub fn apply_stored_batch_on(
     report.times = EditTimes {
         prepare: (t_seq + t_prep).as_secs_f64(),
         iterations: t2.elapsed().as_secs_f64(),
-        keys: 0.0,
+        prepare_gflop,
+        iterations_gflop: gflop_since(flops_before_iterations),
+        ..EditTimes::default()
     };
     Ok(report)
 }

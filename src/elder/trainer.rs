@@ -9,6 +9,7 @@ use std::ops::Range;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+use crate::backend::cpu::flops::{flops_so_far, gflop_since};
 use crate::backend::cpu::in_pool;
 use crate::backend::cpu::linear_ce::RowLosses;
 use crate::backend::cpu::ops::Routing;
@@ -60,6 +61,11 @@ pub struct EditTimes {
     pub iterations: f64,
     /// Reading the new edits' keys into the key store.
     pub keys: f64,
+    /// The CPU's matrix products in each part, in GFLOP (`backend::cpu::flops`; 0 for the work
+    /// a GPU did).
+    pub prepare_gflop: f64,
+    pub iterations_gflop: f64,
+    pub keys_gflop: f64,
 }
 
 impl EditTimes {
@@ -67,6 +73,9 @@ impl EditTimes {
         self.prepare += other.prepare;
         self.iterations += other.iterations;
         self.keys += other.keys;
+        self.prepare_gflop += other.prepare_gflop;
+        self.iterations_gflop += other.iterations_gflop;
+        self.keys_gflop += other.keys_gflop;
     }
 }
 
@@ -769,8 +778,11 @@ fn train_edit_batch(
 ) -> anyhow::Result<EditReport> {
     let cfg = elder.cfg.clone();
     let started = std::time::Instant::now();
+    let flops_at_start = flops_so_far();
     let mut prepared = PreparedBatch::new(model, elder, batch)?;
     let prepare = started.elapsed().as_secs_f64();
+    let prepare_gflop = gflop_since(flops_at_start);
+    let flops_after_prepare = flops_so_far();
     let mut presets = batch_presets(&cfg, batch);
     let mut adam = Adam::new(&elder.layers);
     let mut report = EditReport {
@@ -803,7 +815,9 @@ fn train_edit_batch(
     report.times = EditTimes {
         prepare,
         iterations: started.elapsed().as_secs_f64() - prepare,
-        keys: 0.0,
+        prepare_gflop,
+        iterations_gflop: gflop_since(flops_after_prepare),
+        ..EditTimes::default()
     };
     push_codes(elder, &prepared.query)?;
     Ok(report)

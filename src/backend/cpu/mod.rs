@@ -1,4 +1,5 @@
 //! The CPU reference backend.
+pub mod flops;
 pub mod linear_ce;
 pub mod ops;
 pub mod skinny;

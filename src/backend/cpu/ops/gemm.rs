@@ -156,6 +156,7 @@ fn gemm_crate(
     c: &mut [f32],
     accumulate: bool,
 ) {
+    crate::backend::cpu::flops::count_product(m, n, k);
     // SAFETY: `check_product` keep every index of A, B and C inside their slices; C does not
     // alias A or B (it is a distinct &mut borrow).
     unsafe {

@@ -299,6 +299,7 @@ pub fn gemm_serial(
     let aligned = aligned_rows_for(order, a, m, k, lda);
     let (a, lda) = aligned.as_ref().map_or((a, lda), AlignedRows::view);
     let p = product(m, n, k, a, lda, b, order, c, accumulate);
+    super::flops::count_product(m, n, k);
     if m > 0 && n > 0 {
         // SAFETY: `product` checked the buffers for all n columns; the ISA is the CPU's.
         unsafe { Isa::best().run(&p, order, 0..n) }
@@ -321,6 +322,7 @@ fn gemm_on(
     let aligned = aligned_rows_for(order, a, m, k, k);
     let (a, lda) = aligned.as_ref().map_or((a, k), AlignedRows::view);
     let p = product(m, n, k, a, lda, b, order, c, accumulate);
+    super::flops::count_product(m, n, k);
     if m == 0 || n == 0 {
         return;
     }
