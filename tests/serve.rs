@@ -399,6 +399,15 @@ fn edits_stick_are_idempotent_and_roll_back_while_queries_are_answered() {
     ] {
         assert!(text.contains(name), "{name} missing from /metrics:\n{text}");
     }
+    // The CPU trained two edits and answered queries: its products were counted.
+    let flop: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("elder_cpu_product_flop_total "))
+        .unwrap_or_else(|| panic!("no product count in /metrics:\n{text}"))
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(flop > 1e6, "{flop} product operations after two edits");
 }
 
 #[test]

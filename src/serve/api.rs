@@ -253,6 +253,9 @@ async fn ready(State(s): State<AppState>) -> Response {
 }
 
 async fn metrics_text(State(s): State<AppState>) -> Response {
+    // Read at scrape time: the count lives in the CPU backend, which knows nothing of metrics.
+    metrics::counter!("elder_cpu_product_flop_total")
+        .absolute(crate::backend::cpu::flops::flops_so_far());
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         s.metrics.render(),

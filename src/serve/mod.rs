@@ -809,6 +809,11 @@ fn describe_metrics() {
         "elder_answers_total",
         "answers (completions, scores) by scope"
     );
+    describe_counter!(
+        "elder_cpu_product_flop_total",
+        "floating-point operations of the CPU's matrix products since the server started \
+         (training and answers; a GPU's work is not counted)"
+    );
 }
 
 async fn serve(opts: ServeOptions, metrics: PrometheusHandle) -> Result<()> {
