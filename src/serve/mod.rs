@@ -395,12 +395,11 @@ impl Shared {
         }
     }
 
-    /// Records a unit of work's outcome: the new generation is published first (so whoever
-    /// sees `committed` is served it), then the ledger and the log's outcome line.
+    /// Records a unit of work's outcome: the ledger's status, the new generation served, then
+    /// the log's outcome line. The first two change under the one book lock, so a client served
+    /// the new generation reads its edits as committed and one that reads `committed` is served
+    /// that generation (never one without the other).
     fn finish(&self, work: &Work, outcome: Result<u64, String>, snapshot: Option<Arc<Served>>) {
-        // The ledger's status and the served generation change under one lock, so a client that
-        // was served the new generation reads its edits as committed, and one that reads
-        // `committed` is served that generation (in either order, never one without the other).
         let mut book = self.book.lock().expect("book lock");
         match work {
             Work::Add(records) => {
