@@ -6,7 +6,8 @@
 //! `cpu_edit` bench) and 32 (the few-row limit).
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use elder::backend::cpu::ops::{gemm_general, gemm_strided};
+use elder::backend::cpu::linear_ce::linear_cross_entropy_rows;
+use elder::backend::cpu::ops::{gemm_general, gemm_strided, Layout, MatRef};
 
 struct Case {
     name: &'static str,
@@ -275,6 +276,23 @@ fn bench_gemm_peak(c: &mut Criterion) {
         ("smollm2 up_proj fwd 312 rows", 312, 1536, 576, (1, 576)),
         ("smollm2 down_proj fwd 312 rows", 312, 576, 1536, (1, 1536)),
         ("smollm2 down_proj dx 312 rows", 312, 1536, 576, (1536, 1)),
+        // The forward over the weight's transposed copy (`backend::cpu::layout_copy`, what a
+        // layer uses from 33 rows on): B row-major, the same bits.
+        (
+            "smollm2 down_proj fwd 312 rows, transposed copy",
+            312,
+            576,
+            1536,
+            (576, 1),
+        ),
+        ("smollm2 down_proj fwd 80 rows", 80, 576, 1536, (1, 1536)),
+        (
+            "smollm2 down_proj fwd 80 rows, transposed copy",
+            80,
+            576,
+            1536,
+            (576, 1),
+        ),
     ];
     let mut group = c.benchmark_group("cpu_gemm_peak");
     group.sample_size(20);
@@ -290,11 +308,56 @@ fn bench_gemm_peak(c: &mut Criterion) {
     group.finish();
 }
 
+/// The fused head loss (SmolLM2's tied head, 49152 x 576) on the target rows of a batch of
+/// eight default edits (72 rows): every vocabulary chunk read once for all the row tiles, against
+/// the tiles one after another (what it did before; each tile's numbers are the same either way),
+/// which streamed the 113 MB head from memory once per tile of 32 rows.
+fn bench_head_loss(c: &mut Criterion) {
+    let (d, vocab, m) = (576usize, 49152usize, 72usize);
+    let w: Vec<f32> = (0..d * vocab)
+        .map(|i| ((i * 7919) % 1000) as f32 * 1e-4 - 0.05)
+        .collect();
+    let head = MatRef {
+        data: &w,
+        in_dim: d,
+        out_dim: vocab,
+        layout: Layout::OutIn,
+    };
+    let x: Vec<f32> = (0..m * d)
+        .map(|i| ((i * 104729) % 997) as f32 * 1e-3 - 0.5)
+        .collect();
+    let targets: Vec<u32> = (0..m as u32).map(|r| r * 611 % vocab as u32).collect();
+    let weights = vec![1.0f32; m];
+    let mut dx = vec![0.0f32; m * d];
+    let mut group = c.benchmark_group("cpu_head_loss");
+    group.sample_size(20);
+    group.throughput(Throughput::Elements((4 * m * d * vocab) as u64));
+    group.bench_function("72 rows, chunks read once", |b| {
+        b.iter(|| linear_cross_entropy_rows(&x, head, &targets, &weights, &mut dx))
+    });
+    group.bench_function("72 rows, tiles one after another", |b| {
+        b.iter(|| {
+            for r0 in (0..m).step_by(32) {
+                let r1 = (r0 + 32).min(m);
+                linear_cross_entropy_rows(
+                    &x[r0 * d..r1 * d],
+                    head,
+                    &targets[r0..r1],
+                    &weights[r0..r1],
+                    &mut dx[r0 * d..r1 * d],
+                );
+            }
+        })
+    });
+    group.finish();
+}
+
 criterion_group!(
     benches,
     bench_gemm,
     bench_gemm_cold,
     bench_gemm_streamed,
-    bench_gemm_peak
+    bench_gemm_peak,
+    bench_head_loss
 );
 criterion_main!(benches);

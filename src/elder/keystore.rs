@@ -30,7 +30,7 @@ use crate::backend::cpu::ops::gemm_strided;
 use crate::model::layers::Site;
 use crate::model::names::site_dims;
 
-use super::capture::SiteReader;
+use super::capture::{SiteInputs, SiteReader};
 use super::config::{Deferral, ElderConfig, KeyKind, RelationKey};
 use super::molora::Elder;
 use super::plan::KeyText;
@@ -994,6 +994,10 @@ impl KeyStore {
     }
 }
 
+/// Edits whose key reads walk the blocks together in [`Elder::add_keys`]: a batch of the default
+/// preset (8) and more, with what the walk keeps (each pass's activations and caches) small.
+const EDITS_PER_WALK: usize = 16;
+
 impl Elder {
     /// The key store's scope threshold under this config (see `scope_quantile`).
     pub fn scope_threshold(&self) -> f32 {
@@ -1185,8 +1189,11 @@ impl Elder {
     ///
     /// Only the prompt runs up to the relation site; the other variants (a prefixed prompt, the
     /// bare subject) stop at the key site, which is where most of a read's blocks went. Each
-    /// edit is read on its own, so its keys are the same bits whichever edits share its batch
-    /// (a product's rounding depends on its row count): a rebuild gives back a stream's keys.
+    /// edit is read on its own padded passes, so its keys are the same bits whichever edits share
+    /// its batch (a product's rounding depends on its row count): a rebuild gives back a
+    /// stream's keys. The passes of [`EDITS_PER_WALK`] edits walk the blocks together
+    /// ([`SiteReader::site_inputs_grouped`]): on the CPU a block's weights are then read from
+    /// memory once for all of them, not once per edit.
     pub fn add_keys<'a>(
         &mut self,
         reader: &mut dyn SiteReader,
@@ -1200,18 +1207,49 @@ impl Elder {
             .key_store
             .as_mut()
             .context("the key store has no background yet (ensure_key_store first)")?;
-        for texts in edits {
+        let edits: Vec<&[KeyText]> = edits.collect();
+        for texts in &edits {
             anyhow::ensure!(
                 texts.len() == store.variants,
                 "an edit needs {} key texts, got {}",
                 store.variants,
                 texts.len()
             );
-            let tokens = |texts: &[KeyText]| -> Vec<Vec<u32>> {
-                texts.iter().map(|t| t.tokens.clone()).collect()
-            };
-            let mut inputs = reader.site_inputs(&tokens(&texts[..1]), &sites)?;
-            inputs.extend(reader.site_inputs(&tokens(&texts[1..]), &sites[..1])?);
+        }
+        // Per edit two reads: its prompt up to the relation site, its other variants up to the
+        // key site. The reads of up to EDITS_PER_WALK edits walk the blocks together.
+        let tokens = |texts: &[KeyText]| -> Vec<Vec<u32>> {
+            texts.iter().map(|t| t.tokens.clone()).collect()
+        };
+        let mut reads: Vec<Vec<SiteInputs>> = Vec::with_capacity(edits.len());
+        for walk in edits.chunks(EDITS_PER_WALK) {
+            // Per edit: its prompt, then its other variants.
+            let texts: Vec<Vec<Vec<u32>>> = walk
+                .iter()
+                .flat_map(|texts| [tokens(&texts[..1]), tokens(&texts[1..])])
+                .collect();
+            let groups: Vec<(&[Vec<u32>], &[Site])> = texts
+                .chunks(2)
+                .flat_map(|edit| {
+                    [
+                        (edit[0].as_slice(), &sites[..]),
+                        (edit[1].as_slice(), &sites[..1]),
+                    ]
+                })
+                .collect();
+            let mut read = reader.site_inputs_grouped(&groups)?.into_iter();
+            while let (Some(mut inputs), Some(variants)) = (read.next(), read.next()) {
+                inputs.extend(variants);
+                reads.push(inputs);
+            }
+        }
+        anyhow::ensure!(
+            reads.len() == edits.len(),
+            "{} key reads for {} edits",
+            reads.len(),
+            edits.len()
+        );
+        for (texts, inputs) in edits.into_iter().zip(reads) {
             let (w, dim, span) = (store.space.width, store.space.dim, store.span);
             let mut keys = Vec::with_capacity(store.variants * span * dim);
             for (text, input) in texts.iter().zip(&inputs) {

@@ -1,7 +1,8 @@
 //! The building blocks of the frozen base model: linear projections, norms and MLPs, each with the
 //! forward and the input-gradient the ELDER trainer needs (frozen weights never get gradients).
 
-use crate::backend::cpu::ops::{self, Layout, MatRef};
+use crate::backend::cpu::layout_copy::LayoutCopy;
+use crate::backend::cpu::ops::{self, Direction, Layout, MatRef};
 
 /// A frozen linear projection `y = x W (+ b)`, W kept in its checkpoint layout. `W` is what holds
 /// a tensor: f32 values on the CPU, a tensor's name and shape in the model description
@@ -13,6 +14,8 @@ pub struct Linear<W = Vec<f32>> {
     pub in_dim: usize,
     pub out_dim: usize,
     pub layout: Layout,
+    /// The weight in its other layout, made on the first product it speeds up (CPU only).
+    pub layout_copy: LayoutCopy,
 }
 
 impl Linear {
@@ -28,7 +31,13 @@ impl Linear {
     /// `out[rows, out_dim] = x W + b`.
     pub fn forward(&self, x: &[f32], rows: usize) -> Vec<f32> {
         let mut out = vec![0.0f32; rows * self.out_dim];
-        ops::matmul(x, rows, self.mat(), &mut out, false);
+        let mat = self.mat();
+        match self.layout_copy.for_product(rows, &mat, Direction::Forward) {
+            Some(copy) => {
+                ops::matmul_on_gemm_crate(Direction::Forward, x, rows, copy, &mut out, false)
+            }
+            None => ops::matmul(x, rows, mat, &mut out, false),
+        }
         if let Some(b) = &self.bias {
             ops::add_bias(&mut out, b);
         }
@@ -37,7 +46,16 @@ impl Linear {
 
     /// `dx (+)= dy W^T`.
     pub fn backward_input(&self, dy: &[f32], rows: usize, dx: &mut [f32], accumulate: bool) {
-        ops::matmul_input_grad(dy, rows, self.mat(), dx, accumulate);
+        let mat = self.mat();
+        match self
+            .layout_copy
+            .for_product(rows, &mat, Direction::InputGrad)
+        {
+            Some(copy) => {
+                ops::matmul_on_gemm_crate(Direction::InputGrad, dy, rows, copy, dx, accumulate)
+            }
+            None => ops::matmul_input_grad(dy, rows, mat, dx, accumulate),
+        }
     }
 }
 

@@ -123,6 +123,7 @@ fn describe_block(cfg: &ModelConfig, l: usize) -> Block<TensorSpec> {
                 in_dim: i,
                 out_dim: o,
                 layout: Layout::InOut,
+                layout_copy: Default::default(),
             };
             Block {
                 norm1: norm("ln_1"),
@@ -176,6 +177,7 @@ fn out_in(weight: TensorSpec, bias: Option<TensorSpec>) -> Linear<TensorSpec> {
         in_dim,
         out_dim,
         layout: Layout::OutIn,
+        layout_copy: Default::default(),
     }
 }
 

@@ -20,6 +20,7 @@ impl<W> Linear<W> {
             in_dim: self.in_dim,
             out_dim: self.out_dim,
             layout: self.layout,
+            layout_copy: Default::default(),
         })
     }
 }

@@ -92,15 +92,8 @@ fn for_row_chunks(
     if w.layout != Layout::OutIn || !skinny::enabled() {
         return sink(unfused(x, w, targets, weights, dx));
     }
-    for ((rows, weights), (x, dx)) in targets
-        .chunks(skinny::MAX_ROWS)
-        .zip(weights.chunks(skinny::MAX_ROWS))
-        .zip(
-            x.chunks(skinny::MAX_ROWS * d)
-                .zip(dx.chunks_mut(skinny::MAX_ROWS * d)),
-        )
-    {
-        sink(fused(x, w, rows, weights, dx));
+    for rows in fused(x, w, targets, weights, dx) {
+        sink(rows);
     }
 }
 
@@ -165,28 +158,60 @@ impl Partial {
     }
 }
 
-fn fused(x: &[f32], w: MatRef, targets: &[u32], weights: &[f32], dx: &mut [f32]) -> RowLosses {
+/// The fused pass over tiles of at most [`skinny::MAX_ROWS`] rows (the few-row kernels' limit),
+/// each tile's losses in order. Every chunk of vocabulary rows is read from memory once for all
+/// the tiles, which take it in turn while it is in the cache: with one pass per tile the head
+/// was streamed from memory once per 32 target rows. Each tile folds the same chunks in the same
+/// order as alone, so its numbers do not depend on the other tiles.
+fn fused(x: &[f32], w: MatRef, targets: &[u32], weights: &[f32], dx: &mut [f32]) -> Vec<RowLosses> {
     let (d, vocab, m) = (w.in_dim, w.out_dim, targets.len());
+    let tiles: Vec<std::ops::Range<usize>> = (0..m)
+        .step_by(skinny::MAX_ROWS)
+        .map(|r0| r0..(r0 + skinny::MAX_ROWS).min(m))
+        .collect();
     let chunk = (CHUNK_BYTES / (4 * d)).max(16).min(vocab);
     let chunks = vocab.div_ceil(chunk);
     let groups = GROUPS.min(chunks);
-    let partials: Vec<Partial> = (0..groups)
+    // Per group, each tile's partial state.
+    let partials: Vec<Vec<Partial>> = (0..groups)
         .into_par_iter()
         .map(|g| {
-            let mut part = Partial::new(m, d);
-            let mut probs = vec![0.0f32; m * chunk];
+            let mut parts: Vec<Partial> = tiles.iter().map(|t| Partial::new(t.len(), d)).collect();
+            let mut probs = vec![0.0f32; skinny::MAX_ROWS.min(m) * chunk];
             for c in g * chunks / groups..(g + 1) * chunks / groups {
                 let v0 = c * chunk;
                 let v1 = (v0 + chunk).min(vocab);
-                add_chunk(&mut part, x, w, targets, v0..v1, &mut probs);
+                for (part, t) in parts.iter_mut().zip(&tiles) {
+                    let tile_x = &x[t.start * d..t.end * d];
+                    add_chunk(part, tile_x, w, &targets[t.clone()], v0..v1, &mut probs);
+                }
             }
-            part
+            parts
         })
         .collect();
+    tiles
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let parts = partials.iter().map(|group| &group[i]);
+            let dx = &mut dx[t.start * d..t.end * d];
+            finish_tile(parts, w, &targets[t.clone()], &weights[t.clone()], dx)
+        })
+        .collect()
+}
 
-    // Merge the groups in order into the first.
+/// Merges one tile's partial states, group by group in order, into its losses, argmaxes and
+/// input gradient.
+fn finish_tile<'a>(
+    partials: impl Iterator<Item = &'a Partial>,
+    w: MatRef,
+    targets: &[u32],
+    weights: &[f32],
+    dx: &mut [f32],
+) -> RowLosses {
+    let (d, m) = (w.in_dim, targets.len());
     let mut total = Partial::new(m, d);
-    for part in &partials {
+    for part in partials {
         for r in 0..m {
             total.raise_max(r, d, part.max[r]);
             let scale = (part.max[r] - total.max[r]).exp();
@@ -362,6 +387,44 @@ mod tests {
 
     /// Per-row weights scale each row's gradient alone; per-row losses and argmaxes are each row's
     /// own (fused pass and reference alike).
+    #[test]
+    fn tiles_read_together_give_each_tiles_own_bits() {
+        // The fused pass reads each vocabulary chunk once for every tile of rows; each tile
+        // must come out as it does alone (as it did when tiles ran one after another).
+        let (d, vocab) = (40, 5000);
+        let m = 2 * skinny::MAX_ROWS + 5;
+        let w_data = values(d * vocab, 3, 0.5);
+        let w = MatRef {
+            data: &w_data,
+            in_dim: d,
+            out_dim: vocab,
+            layout: Layout::OutIn,
+        };
+        let x = values(m * d, 4, 1.0);
+        let targets: Vec<u32> = (0..m as u32).map(|r| r * 37 % vocab as u32).collect();
+        let weights: Vec<f32> = (0..m).map(|r| 0.5 + r as f32 / m as f32).collect();
+        let mut dx = vec![f32::NAN; m * d];
+        let all = linear_cross_entropy_rows(&x, w, &targets, &weights, &mut dx);
+        let mut alone = RowLosses::default();
+        let mut dx_alone = vec![f32::NAN; m * d];
+        for r0 in (0..m).step_by(skinny::MAX_ROWS) {
+            let r1 = (r0 + skinny::MAX_ROWS).min(m);
+            let tile = linear_cross_entropy_rows(
+                &x[r0 * d..r1 * d],
+                w,
+                &targets[r0..r1],
+                &weights[r0..r1],
+                &mut dx_alone[r0 * d..r1 * d],
+            );
+            alone.loss.extend(tile.loss);
+            alone.argmax.extend(tile.argmax);
+        }
+        assert_eq!(all.argmax, alone.argmax);
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&all.loss), bits(&alone.loss));
+        assert_eq!(bits(&dx), bits(&dx_alone));
+    }
+
     #[test]
     fn rows_have_their_own_weight_loss_and_argmax() {
         for &(m, d, vocab) in &[(5, 32, 7000), (skinny::MAX_ROWS + 2, 16, 900)] {

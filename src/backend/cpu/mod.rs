@@ -1,5 +1,6 @@
 //! The CPU reference backend.
 pub mod flops;
+pub mod layout_copy;
 pub mod linear_ce;
 pub mod ops;
 pub mod skinny;

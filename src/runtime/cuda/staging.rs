@@ -208,6 +208,7 @@ fn split_fused_qkv<L, T: Copy, D>(
         in_dim: lin.in_dim,
         out_dim: lin.out_dim,
         layout: lin.layout,
+        layout_copy: Default::default(),
     };
     let parts = split_output_blocks(&fused, 3)?;
     drop(fused);
@@ -230,6 +231,7 @@ fn split_fused_qkv<L, T: Copy, D>(
             in_dim: part.in_dim,
             out_dim: part.out_dim,
             layout: part.layout,
+            layout_copy: Default::default(),
         });
     }
     let mut staged = staged.into_iter();
@@ -275,6 +277,7 @@ pub fn split_output_blocks<E: Copy>(
                 in_dim: i_dim,
                 out_dim: o,
                 layout: l.layout,
+                layout_copy: Default::default(),
             }
         })
         .collect())
@@ -315,6 +318,7 @@ mod tests {
             in_dim: i,
             out_dim: o,
             layout,
+            layout_copy: Default::default(),
         }
     }
 

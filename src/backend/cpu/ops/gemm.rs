@@ -24,6 +24,39 @@ impl MatRef<'_> {
     }
 }
 
+/// Which product over a frozen weight: the forward `x W` or the input gradient `dy W^T`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    Forward,
+    InputGrad,
+}
+
+impl Direction {
+    /// The layout in which this product's B is row-major (what the `gemm` crate packs fastest).
+    pub fn row_major_layout(self) -> Layout {
+        match self {
+            Direction::Forward => Layout::InOut,
+            Direction::InputGrad => Layout::OutIn,
+        }
+    }
+
+    /// `(n, k)` of the product and B's strides, for `w`.
+    fn product(self, w: &MatRef) -> (usize, usize, (isize, isize)) {
+        let (rs, cs) = w.strides();
+        match self {
+            Direction::Forward => (w.out_dim, w.in_dim, (rs, cs)),
+            Direction::InputGrad => (w.in_dim, w.out_dim, (cs, rs)),
+        }
+    }
+}
+
+/// Whether a product of `m` rows over `w` in `dir` runs on the `gemm` crate (not the few-row
+/// kernels).
+pub fn on_gemm_crate(m: usize, w: &MatRef, dir: Direction) -> bool {
+    let (n, k, b_strides) = dir.product(w);
+    skinny_order(m, n, k, (k as isize, 1), b_strides).is_none()
+}
+
 fn gemm_parallelism(flops: usize) -> gemm::Parallelism {
     // Threading a tiny product costs more than it saves.
     if flops < 1 << 18 {
@@ -213,6 +246,32 @@ pub fn matmul_input_grad(dy: &[f32], m: usize, w: MatRef, dx: &mut [f32], accumu
         w.data,
         (cs, rs),
         dx,
+        accumulate,
+    );
+}
+
+/// [`matmul`] (`dir` forward) or [`matmul_input_grad`] always on the `gemm` crate: for a weight's
+/// copy in its other layout ([`crate::backend::cpu::layout_copy`]), which must give the bits the
+/// checkpoint's layout gives there, never the few-row kernels' (another summation order).
+pub fn matmul_on_gemm_crate(
+    dir: Direction,
+    x: &[f32],
+    m: usize,
+    w: MatRef,
+    out: &mut [f32],
+    accumulate: bool,
+) {
+    let (n, k, b_strides) = dir.product(&w);
+    assert_eq!(x.len(), m * k);
+    gemm_general(
+        m,
+        n,
+        k,
+        x,
+        (k as isize, 1),
+        w.data,
+        b_strides,
+        out,
         accumulate,
     );
 }

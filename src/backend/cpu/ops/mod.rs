@@ -6,7 +6,8 @@
 //!
 //! Conventions: row-major; a "row" is one token; `d` is the row width. Matrices of frozen linear
 //! layers are described by [`MatRef`], which knows whether the weight is stored `[in, out]` (GPT-2
-//! Conv1D) or `[out, in]` (nn.Linear), so no weight is ever transposed in memory.
+//! Conv1D) or `[out, in]` (nn.Linear), so the ops never transpose a weight; a layer may keep a
+//! transposed copy for the products it speeds up (`backend::cpu::layout_copy`).
 
 pub mod adam;
 pub mod attention;
