@@ -23,7 +23,7 @@ use super::plan::{EditPlan, KeyText, Replay};
 use super::trainer::{
     learning_rate, Adam, EditExample, EditReport, EditTimes, PreparedBatch, RowOptions,
 };
-use crate::backend::cpu::flops::{flops_so_far, gflop_since};
+use crate::backend::cpu::flops::Meter;
 use crate::backend::cpu::in_pool;
 use crate::backend::cpu::linear_ce::RowLosses;
 use crate::backend::cpu::ops::Routing;
@@ -399,11 +399,10 @@ pub fn finish_stored_batch(
     plans: &[EditPlan],
     mut report: EditReport,
 ) -> anyhow::Result<EditReport> {
-    let t3 = std::time::Instant::now();
-    let flops_before_keys = flops_so_far();
+    let keys = Meter::start();
     elder.add_keys(sites, plans.iter().map(|p| p.key_texts.as_slice()))?;
-    report.times.keys = t3.elapsed().as_secs_f64();
-    report.times.keys_gflop = gflop_since(flops_before_keys);
+    report.times.keys = keys.seconds();
+    report.times.keys_gflop = keys.gflop();
     elder.memory.extend(plans.iter().map(|p| p.entry.clone()));
     elder.refresh_scope_calibration();
     Ok(report)
@@ -438,11 +437,9 @@ pub fn apply_stored_batch_on(
             );
         }
     }
-    let t0 = std::time::Instant::now();
-    let flops_at_start = flops_so_far();
+    let building = Meter::start();
     let sequences = sequences(steps, plans, replays)?;
-    let t_seq = t0.elapsed();
-    let sequences_gflop = gflop_since(flops_at_start);
+    let (sequences_seconds, sequences_gflop) = (building.seconds(), building.gflop());
 
     // The pool this batch trains: the experts its sequences use, per layer, in index order.
     let used: Vec<Vec<u32>> = (0..elder.layers.len())
@@ -540,13 +537,11 @@ pub fn apply_stored_batch_on(
     // positive loss (an edit's stays at its value when it stopped).
     let mut alive: Vec<usize> = (0..sequences.len()).collect();
     let mut group_loss = vec![0.0f32; groups];
-    let t1 = std::time::Instant::now();
-    let flops_before_prepare = flops_so_far();
+    let preparing = Meter::start();
     steps.prepare(work, &batch)?;
-    let t_prep = t1.elapsed();
-    let prepare_gflop = sequences_gflop + gflop_since(flops_before_prepare);
-    let t2 = std::time::Instant::now();
-    let flops_before_iterations = flops_so_far();
+    let prepare_seconds = sequences_seconds + preparing.seconds();
+    let prepare_gflop = sequences_gflop + preparing.gflop();
+    let iterating = Meter::start();
     let mut report = EditReport {
         first_loss: 0.0,
         last_loss: 0.0,
@@ -631,10 +626,10 @@ pub fn apply_stored_batch_on(
     }
     (report.skipped_steps, report.loss_scale) = steps.scaling()?;
     report.times = EditTimes {
-        prepare: (t_seq + t_prep).as_secs_f64(),
-        iterations: t2.elapsed().as_secs_f64(),
+        prepare: prepare_seconds,
+        iterations: iterating.seconds(),
         prepare_gflop,
-        iterations_gflop: gflop_since(flops_before_iterations),
+        iterations_gflop: iterating.gflop(),
         ..EditTimes::default()
     };
     Ok(report)

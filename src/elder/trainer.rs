@@ -9,7 +9,7 @@ use std::ops::Range;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::backend::cpu::flops::{flops_so_far, gflop_since};
+use crate::backend::cpu::flops::Meter;
 use crate::backend::cpu::in_pool;
 use crate::backend::cpu::linear_ce::RowLosses;
 use crate::backend::cpu::ops::Routing;
@@ -777,12 +777,10 @@ fn train_edit_batch(
     mut on_iteration: impl FnMut(usize, f32),
 ) -> anyhow::Result<EditReport> {
     let cfg = elder.cfg.clone();
-    let started = std::time::Instant::now();
-    let flops_at_start = flops_so_far();
+    let preparing = Meter::start();
     let mut prepared = PreparedBatch::new(model, elder, batch)?;
-    let prepare = started.elapsed().as_secs_f64();
-    let prepare_gflop = gflop_since(flops_at_start);
-    let flops_after_prepare = flops_so_far();
+    let (prepare, prepare_gflop) = (preparing.seconds(), preparing.gflop());
+    let iterating = Meter::start();
     let mut presets = batch_presets(&cfg, batch);
     let mut adam = Adam::new(&elder.layers);
     let mut report = EditReport {
@@ -814,9 +812,9 @@ fn train_edit_batch(
     }
     report.times = EditTimes {
         prepare,
-        iterations: started.elapsed().as_secs_f64() - prepare,
+        iterations: iterating.seconds(),
         prepare_gflop,
-        iterations_gflop: gflop_since(flops_after_prepare),
+        iterations_gflop: iterating.gflop(),
         ..EditTimes::default()
     };
     push_codes(elder, &prepared.query)?;

@@ -31,13 +31,8 @@ impl Linear {
     /// `out[rows, out_dim] = x W + b`.
     pub fn forward(&self, x: &[f32], rows: usize) -> Vec<f32> {
         let mut out = vec![0.0f32; rows * self.out_dim];
-        let mat = self.mat();
-        match self.layout_copy.for_product(rows, &mat, Direction::Forward) {
-            Some(copy) => {
-                ops::matmul_on_gemm_crate(Direction::Forward, x, rows, copy, &mut out, false)
-            }
-            None => ops::matmul(x, rows, mat, &mut out, false),
-        }
+        self.layout_copy
+            .run(Direction::Forward, x, rows, self.mat(), &mut out, false);
         if let Some(b) = &self.bias {
             ops::add_bias(&mut out, b);
         }
@@ -46,16 +41,8 @@ impl Linear {
 
     /// `dx (+)= dy W^T`.
     pub fn backward_input(&self, dy: &[f32], rows: usize, dx: &mut [f32], accumulate: bool) {
-        let mat = self.mat();
-        match self
-            .layout_copy
-            .for_product(rows, &mat, Direction::InputGrad)
-        {
-            Some(copy) => {
-                ops::matmul_on_gemm_crate(Direction::InputGrad, dy, rows, copy, dx, accumulate)
-            }
-            None => ops::matmul_input_grad(dy, rows, mat, dx, accumulate),
-        }
+        self.layout_copy
+            .run(Direction::InputGrad, dy, rows, self.mat(), dx, accumulate);
     }
 }
 

@@ -9,6 +9,7 @@
 //! queries while it trains (`elder serve`), their products count too.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
 
 static MULTIPLY_ADDS: AtomicU64 = AtomicU64::new(0);
 
@@ -24,6 +25,30 @@ pub fn flops_so_far() -> u64 {
 }
 
 /// The products' operations since `since` (a [`flops_so_far`] reading), in GFLOP.
-pub fn gflop_since(since: u64) -> f64 {
+fn gflop_since(since: u64) -> f64 {
     flops_so_far().saturating_sub(since) as f64 * 1e-9
+}
+
+/// A clock and the product count read together at the start of a part of the work: its seconds
+/// and its products' GFLOP so far.
+pub struct Meter {
+    started: Instant,
+    flops: u64,
+}
+
+impl Meter {
+    pub fn start() -> Self {
+        Meter {
+            started: Instant::now(),
+            flops: flops_so_far(),
+        }
+    }
+
+    pub fn seconds(&self) -> f64 {
+        self.started.elapsed().as_secs_f64()
+    }
+
+    pub fn gflop(&self) -> f64 {
+        gflop_since(self.flops)
+    }
 }

@@ -114,6 +114,23 @@ impl LayoutCopy {
         })
     }
 
+    /// The product `x W` or `dy W^T` (`dir`) over `w`: on the copy where it helps (made on first
+    /// need), else on the checkpoint's layout. The same bits either way.
+    pub fn run(
+        &self,
+        dir: Direction,
+        x: &[f32],
+        rows: usize,
+        w: MatRef,
+        out: &mut [f32],
+        accumulate: bool,
+    ) {
+        match self.for_product(rows, &w, dir) {
+            Some(copy) => ops::matmul_on_gemm_crate(dir, x, rows, copy, out, accumulate),
+            None => ops::frozen_product(dir, x, rows, w, out, accumulate),
+        }
+    }
+
     /// Whether the copy was made.
     pub fn is_made(&self) -> bool {
         matches!(self.0.get(), Some(Some(_)))

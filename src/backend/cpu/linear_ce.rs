@@ -385,8 +385,6 @@ mod tests {
         }
     }
 
-    /// Per-row weights scale each row's gradient alone; per-row losses and argmaxes are each row's
-    /// own (fused pass and reference alike).
     #[test]
     fn tiles_read_together_give_each_tiles_own_bits() {
         // The fused pass reads each vocabulary chunk once for every tile of rows; each tile
@@ -425,6 +423,8 @@ mod tests {
         assert_eq!(bits(&dx), bits(&dx_alone));
     }
 
+    /// Per-row weights scale each row's gradient alone; per-row losses and argmaxes are each row's
+    /// own (fused pass and reference alike).
     #[test]
     fn rows_have_their_own_weight_loss_and_argmax() {
         for &(m, d, vocab) in &[(5, 32, 7000), (skinny::MAX_ROWS + 2, 16, 900)] {

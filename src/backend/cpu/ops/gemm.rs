@@ -219,41 +219,47 @@ fn gemm_crate(
 
 /// `out[m, out_dim] (+)= x[m, in_dim] W`.
 pub fn matmul(x: &[f32], m: usize, w: MatRef, out: &mut [f32], accumulate: bool) {
-    assert_eq!(x.len(), m * w.in_dim);
-    gemm_strided(
-        m,
-        w.out_dim,
-        w.in_dim,
-        x,
-        (w.in_dim as isize, 1),
-        w.data,
-        w.strides(),
-        out,
-        accumulate,
-    );
+    frozen_product(Direction::Forward, x, m, w, out, accumulate);
 }
 
 /// Gradient through a frozen linear layer: `dx[m, in_dim] (+)= dy[m, out_dim] W^T`.
 pub fn matmul_input_grad(dy: &[f32], m: usize, w: MatRef, dx: &mut [f32], accumulate: bool) {
-    assert_eq!(dy.len(), m * w.out_dim);
-    let (rs, cs) = w.strides();
-    gemm_strided(
-        m,
-        w.in_dim,
-        w.out_dim,
-        dy,
-        (w.out_dim as isize, 1),
-        w.data,
-        (cs, rs),
-        dx,
-        accumulate,
-    );
+    frozen_product(Direction::InputGrad, dy, m, w, dx, accumulate);
 }
 
-/// [`matmul`] (`dir` forward) or [`matmul_input_grad`] always on the `gemm` crate: for a weight's
-/// copy in its other layout ([`crate::backend::cpu::layout_copy`]), which must give the bits the
-/// checkpoint's layout gives there, never the few-row kernels' (another summation order).
+/// A product over a frozen weight in direction `dir` ([`matmul`], [`matmul_input_grad`]), on the
+/// path [`gemm_strided`] picks for it.
+pub fn frozen_product(
+    dir: Direction,
+    x: &[f32],
+    m: usize,
+    w: MatRef,
+    out: &mut [f32],
+    accumulate: bool,
+) {
+    frozen_product_through(gemm_strided, dir, x, m, w, out, accumulate);
+}
+
+/// [`frozen_product`] always on the `gemm` crate: for a weight's copy in its other layout
+/// ([`crate::backend::cpu::layout_copy`]), which must give the bits the checkpoint's layout gives
+/// there, never the few-row kernels' (another summation order).
 pub fn matmul_on_gemm_crate(
+    dir: Direction,
+    x: &[f32],
+    m: usize,
+    w: MatRef,
+    out: &mut [f32],
+    accumulate: bool,
+) {
+    frozen_product_through(gemm_general, dir, x, m, w, out, accumulate);
+}
+
+/// `gemm_strided`'s signature: `(m, n, k, A, A's strides, B, B's strides, C, accumulate)`.
+type ProductPath =
+    fn(usize, usize, usize, &[f32], (isize, isize), &[f32], (isize, isize), &mut [f32], bool);
+
+fn frozen_product_through(
+    path: ProductPath,
     dir: Direction,
     x: &[f32],
     m: usize,
@@ -263,7 +269,7 @@ pub fn matmul_on_gemm_crate(
 ) {
     let (n, k, b_strides) = dir.product(&w);
     assert_eq!(x.len(), m * k);
-    gemm_general(
+    path(
         m,
         n,
         k,
